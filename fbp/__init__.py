@@ -1,0 +1,14 @@
+"""fbp — functional backpropagation for JAX.
+
+Every layer, activation and loss carries a hand-written backward (VJP) rule beside its
+forward; :func:`value_and_grad` composes them; :mod:`fbp.check` holds each rule to
+``jax.grad`` and finite differences.
+"""
+
+from fbp import check, losses, nn
+from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, value_and_grad, vjp
+
+__version__ = "0.1.0"
+
+__all__ = ["InputError", "Layer", "Loss", "check", "grad", "layer", "losses", "nn", "to_jax", "value_and_grad",
+           "vjp", "__version__"]

@@ -1,0 +1,304 @@
+"""Verification: every hand-written backward rule against JAX autodiff and finite differences.
+
+This is the only module of fbp that calls JAX's autodiff, and only as the independent
+reference. Each check reduces the rule to the gradient of a scalar function ``f`` of the
+differentiable inputs, built from the *plain* forward (``apply``, never a custom_vjp):
+
+=========  =========================================  ====================================
+check      f                                          fbp's side
+=========  =========================================  ====================================
+layer      ``Σ apply(params, x) ⊙ d_y`` (random d_y)  ``layer.backward(res, d_y)``
+loss       ``g · loss(pred, target)``                 ``loss.backward(res, g)``
+model      ``loss(model.apply(params, x), y)``        ``fbp.value_and_grad(model, loss)``
+=========  =========================================  ====================================
+
+and compares, leaf by leaf (every parameter path and the input cotangent ``x``):
+
+* **jax** — ``jax.grad(f)``. Error: ``max |actual - desired|`` and the normwise relative error
+  ``max |actual - desired| / max(max |actual|, max |desired|)``; the worst index is where the
+  absolute error peaks. Passes when the relative error ``<= rtol`` (default 1e-10 in float64,
+  1e-5 in float32) or the absolute error ``<= atol`` (default 0).
+* **fd** — central differences along random unit directions ``v``:
+  ``(f(θ + h v) - f(θ - h v)) / 2h`` against ``⟨actual, v⟩``, with ``h = ε^{1/3} max(1, |θ|_∞)``
+  (``ε`` the dtype's machine epsilon); error relative to ``‖actual‖₂``. Passes at ``fd_rtol``
+  (1e-6 in float64, 1e-2 in float32). Differences are meaningless at a kink: pass ``fd=False``
+  for inputs placed exactly on one.
+
+Checks run in float64 by default (inputs are cast; x64 is enabled only inside the check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fbp.core import Layer, Loss, value_and_grad
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- report
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One comparison: a leaf (``path``) of fbp's gradient against one reference."""
+
+    path: str
+    against: str  # "jax" or "fd"
+    max_abs: float
+    max_rel: float
+    worst: str
+    actual: float
+    desired: float
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The result of a check; ``str(report)`` is the table, ``report.ok`` the verdict."""
+
+    subject: str
+    dtype: str
+    rows: tuple[Row, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> tuple[Row, ...]:
+        return tuple(row for row in self.rows if not row.ok)
+
+    def __str__(self) -> str:
+        header = ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired", "")
+        lines = [(r.path, r.against, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", r.worst,
+                  f"{r.actual:+.6e}", f"{r.desired:+.6e}", "ok" if r.ok else "FAIL") for r in self.rows]
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} of {len(self.rows)} comparisons)"
+        out = [f"{self.subject}  [{self.dtype}]  {verdict}", fmt.format(*header)]
+        out += [fmt.format(*line) for line in lines]
+        return "\n".join(s.rstrip() for s in out)
+
+    def _repr_pretty_(self, printer, cycle):  # IPython / notebooks
+        printer.text(str(self))
+
+    def assert_ok(self) -> Report:
+        """Raise ``AssertionError`` with the table if any comparison failed."""
+        if not self.ok:
+            raise AssertionError("fbp.check: hand-written gradient disagrees with the reference\n" + str(self))
+        return self
+
+
+# --------------------------------------------------------------------------- helpers
+def _path_name(key_path) -> str:
+    parts = []
+    for k in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _cast(tree: PyTree, dtype) -> PyTree:
+    if dtype is None:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(dtype) if _is_float(jnp.asarray(a)) else jnp.asarray(a),
+                                  tree)
+
+
+def _defaults(dtype, rtol, fd_rtol):
+    double = jnp.dtype(dtype) == jnp.float64
+    return (1e-10 if double else 1e-5) if rtol is None else rtol, \
+           (1e-6 if double else 1e-2) if fd_rtol is None else fd_rtol
+
+
+def _compare_jax(name: str, actual, desired, rtol: float, atol: float) -> Row:
+    a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    if a.shape != d.shape:
+        return Row(name, "jax", math.inf, math.inf, f"shape {a.shape} vs {d.shape}", math.nan, math.nan, False)
+    if a.size == 0:
+        return Row(name, "jax", 0.0, 0.0, "-", 0.0, 0.0, True)
+    err = np.abs(a - d)
+    err = np.where(np.isnan(err) & ~(np.isnan(a) & np.isnan(d)), np.inf, np.nan_to_num(err, nan=0.0))
+    worst = np.unravel_index(int(np.argmax(err)), err.shape)
+    max_abs = float(err[worst])
+    scale = max(float(np.max(np.abs(np.nan_to_num(a)))), float(np.max(np.abs(np.nan_to_num(d)))))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    ok = bool(np.isfinite(max_abs) and (max_rel <= rtol or max_abs <= atol))
+    where = str(tuple(int(i) for i in worst)) if err.ndim else "()"
+    return Row(name, "jax", max_abs, max_rel, where, float(a[worst]), float(d[worst]), ok)
+
+
+def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, key, n_dirs: int,
+                fd_rtol: float) -> Row:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    theta = leaves[leaf_index]
+    eps = float(jnp.finfo(theta.dtype).eps)
+    h = eps ** (1 / 3) * max(1.0, float(jnp.max(jnp.abs(theta))) if theta.size else 1.0)
+    norm = float(jnp.linalg.norm(actual.ravel()))
+    worst = None
+    for i, k in enumerate(jax.random.split(key, n_dirs)):
+        v = jax.random.normal(k, theta.shape, theta.dtype)
+        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), jnp.finfo(theta.dtype).tiny)
+
+        def at(step):
+            moved = list(leaves)
+            moved[leaf_index] = theta + step * v
+            return float(f(jax.tree_util.tree_unflatten(treedef, moved)))
+
+        estimate = (at(h) - at(-h)) / (2 * h)
+        directional = float(jnp.vdot(actual, v))
+        err = abs(directional - estimate)
+        rel = err / norm if norm > 0 else (0.0 if err <= 10 * eps else math.inf)
+        if not math.isfinite(err):
+            rel = math.inf
+        if i == 0 or rel > worst.max_rel:
+            worst = Row(name, "fd", err, rel, f"dir {i}", directional, estimate, rel <= fd_rtol)
+    return worst
+
+
+def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, jit, rtol, atol, fd, fd_rtol,
+         fd_directions, key) -> Report:
+    """Compare ``fbp_grad(args)`` with ``jax.grad(f)(args)`` and with differences of ``f``."""
+    actual = (jax.jit(fbp_grad) if jit else fbp_grad)(args)
+    desired = jax.grad(f)(args)
+    a_paths, a_tree = jax.tree_util.tree_flatten_with_path(actual)
+    d_leaves, d_tree = jax.tree_util.tree_flatten(desired)
+    if a_tree != d_tree:
+        raise AssertionError(f"fbp.check: {subject}: the gradient's structure {a_tree} "
+                             f"differs from the parameters' {d_tree}")
+    rows = []
+    f_jit = jax.jit(f)
+    for i, ((path, a), d) in enumerate(zip(a_paths, d_leaves)):
+        name = _path_name(path).removeprefix("params/")
+        rows.append(_compare_jax(name, a, d, rtol, atol))
+        if fd and np.size(a):
+            rows.append(_compare_fd(name, f_jit, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol))
+    return Report(subject, "as given" if dtype is None else jnp.dtype(dtype).name, tuple(rows))
+
+
+def _with_precision(dtype, body: Callable[[], Report]) -> Report:
+    if dtype is not None and jnp.dtype(dtype) == jnp.float64:
+        with jax.enable_x64(True):
+            return body()
+    return body()
+
+
+def _split_differentiable(params, x):
+    """The args to differentiate: params always, ``x`` only if floating."""
+    return {"params": params, "x": x} if _is_float(x) else {"params": params}
+
+
+# --------------------------------------------------------------------------- public checks
+def layer(layer: Layer, params: PyTree, x, *, d_y=None, key=None, dtype=jnp.float64, jit: bool = False,
+          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
+          fd_directions: int = 2) -> Report:
+    """Check ``layer.backward`` (every parameter path and the input cotangent ``x``).
+
+    Args:
+        layer, params, x: the layer, its parameters and an input batch.
+        d_y: the output cotangent; default a standard normal draw from ``key``.
+        key: randomness for ``d_y`` and the difference directions (default ``PRNGKey(0)``).
+        dtype: cast floating inputs to this dtype (default float64); ``None`` keeps them.
+        jit: run fbp's forward and backward under ``jax.jit``.
+        rtol, atol, fd, fd_rtol, fd_directions: tolerances and finite-difference settings.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    def body():
+        p, xx = _cast(params, dtype), _cast(x, dtype)
+        y = jax.eval_shape(layer.apply, p, xx)
+        cot = jax.random.normal(key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
+        args = _split_differentiable(p, xx)
+
+        def f(a):
+            return jnp.vdot(layer.apply(a["params"], a.get("x", xx)), cot)
+
+        def fbp_grad(a):
+            _, res = layer.forward(a["params"], a.get("x", xx))
+            d_params, d_x = layer.backward(res, cot)
+            return {"params": d_params, "x": d_x} if "x" in a else {"params": d_params}
+
+        rt, frt = _defaults(y.dtype, rtol, fd_rtol)
+        return _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
+                    fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
+
+    return _with_precision(dtype, body)
+
+
+def loss(loss: Loss, pred, target, *, g=1.0, key=None, dtype=jnp.float64, jit: bool = False,
+         rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
+         fd_directions: int = 2) -> Report:
+    """Check ``loss.backward`` against ``jax.grad`` of ``g · loss(pred, target)``.
+
+    ``g`` is the cotangent of the value (shape ``(N,)`` for ``reduction="none"``).
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    def body():
+        p, t, gg = _cast(pred, dtype), _cast(target, dtype), _cast(jnp.asarray(g), dtype)
+        rt, frt = _defaults(p.dtype, rtol, fd_rtol)
+
+        def f(a):
+            return jnp.vdot(loss(a["pred"], t), gg) if gg.ndim else gg * loss(a["pred"], t)
+
+        def fbp_grad(a):
+            _, res = loss.forward(a["pred"], t)
+            return {"pred": loss.backward(res, gg)}
+
+        return _run(f"fbp.check.loss: {loss!r}", f, fbp_grad, {"pred": p}, dtype=dtype, jit=jit, rtol=rt, atol=atol,
+                    fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
+
+    return _with_precision(dtype, body)
+
+
+def model(model: Layer, loss: Loss, params: PyTree, x, y, *, key=None, dtype=jnp.float64, jit: bool = False,
+          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
+          fd_directions: int = 2) -> Report:
+    """Check ``fbp.value_and_grad(model, loss)`` against ``jax.grad`` of the plain composition."""
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    def body():
+        p, xx, yy = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype)
+        dt = jax.tree_util.tree_leaves(p)[0].dtype if jax.tree_util.tree_leaves(p) else xx.dtype
+        rt, frt = _defaults(dt, rtol, fd_rtol)
+        vg = value_and_grad(model, loss)
+
+        def f(a):
+            return loss(model.apply(a["params"], xx), yy)
+
+        def fbp_grad(a):
+            return {"params": vg(a["params"], xx, yy)[1]}
+
+        return _run(f"fbp.check.model: {model!r} with {loss!r}", f, fbp_grad, {"params": p}, dtype=dtype, jit=jit,
+                    rtol=rt, atol=atol, fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
+
+    return _with_precision(dtype, body)
+
+
+def assert_layer(*args, **kwargs) -> Report:
+    """:func:`layer`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    return layer(*args, **kwargs).assert_ok()
+
+
+def assert_loss(*args, **kwargs) -> Report:
+    """:func:`loss`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    return loss(*args, **kwargs).assert_ok()
+
+
+def assert_model(*args, **kwargs) -> Report:
+    """:func:`model`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    return model(*args, **kwargs).assert_ok()

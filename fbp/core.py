@@ -1,0 +1,231 @@
+"""The contracts of fbp: layers, losses and the backward transform.
+
+A **layer** is an immutable value of pure functions::
+
+    params        = layer.init(key, x)        # x: example batch (only .shape/.dtype are read)
+    y             = layer.apply(params, x)
+    y, res        = layer.forward(params, x)  # res: the residuals the backward pass needs
+    d_params, d_x = layer.backward(res, d_y)  # hand-written vector-Jacobian product
+
+The backward mirrors ``jax.custom_vjp``: for ``y = f(params, x)`` and an output cotangent
+``d_y`` it returns ``d_params = (∂y/∂params)ᵀ d_y`` and ``d_x = (∂y/∂x)ᵀ d_y``.
+
+A **loss** maps ``(pred, target)`` to a scalar (by default the mean over the batch)::
+
+    value         = loss(pred, target)
+    value, res    = loss.forward(pred, target)
+    d_pred        = loss.backward(res, g)      # g: cotangent of the value, usually 1.0
+
+The **backward transform** composes those rules and nothing else — JAX's autodiff is never
+called here (only :mod:`fbp.check` uses it, as the independent reference)::
+
+    value, grads  = fbp.value_and_grad(model, loss)(params, x, y)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- errors
+class InputError(ValueError):
+    """Bad input to a layer or loss, found at trace time.
+
+    The message names the layer (or loss), its path inside the model (``2`` is the third
+    child of a ``Serial``; nested paths read ``1/0``), the parameter path if a parameter is
+    at fault, and the shapes/dtypes expected and received.
+    """
+
+    def __init__(self, owner: str, detail: str, path: tuple[str, ...] = (), param: str | None = None):
+        self.owner, self.detail, self.path, self.param = owner, detail, tuple(path), param
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = "/".join(self.path) if self.path else "<root>"
+        text = f"{self.owner} at path '{where}': "
+        if self.param is not None:
+            text += f"parameter '{'/'.join((*self.path, self.param))}' "
+        return text + self.detail
+
+    def within(self, *prefix: str) -> InputError:
+        """The same error, seen from a parent that holds this layer at ``prefix``."""
+        return InputError(self.owner, self.detail, (*prefix, *self.path), self.param)
+
+
+@contextlib.contextmanager
+def at_path(*prefix: Any) -> Iterator[None]:
+    """Re-raise :class:`InputError` from the block with ``prefix`` prepended to its path."""
+    try:
+        yield
+    except InputError as err:
+        raise err.within(*map(str, prefix)) from None
+
+
+def describe(x: Any) -> str:
+    """``'(32, 784) float32'`` for an array-like, a short type name otherwise."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+    return type(x).__name__
+
+
+def require_floating(owner: str, x: Any, what: str = "input x") -> None:
+    """Raise :class:`InputError` unless ``x`` is a floating-point array."""
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InputError(owner, f"{what} must be a floating-point array, received {describe(x)}. "
+                                f"Cast it first, e.g. x.astype(jnp.float32).")
+
+
+def require_no_params(owner: Layer, params: PyTree) -> None:
+    """Parameter-free layers take ``{}`` (or any pytree without leaves) as params."""
+    if jax.tree_util.tree_leaves(params):
+        raise InputError(repr(owner), f"this layer has no parameters and expects {{}}, "
+                                      f"received a pytree with leaves: {jax.tree_util.tree_map(describe, params)}")
+
+
+# --------------------------------------------------------------------------- layers
+class Layer:
+    """Base class of every layer. Subclasses are frozen dataclasses (hashable, immutable).
+
+    Implement :meth:`init`, :meth:`forward` and :meth:`backward`; :meth:`apply` follows.
+    Parameter-free layers return ``{}`` from ``init`` and ``{}`` as ``d_params``.
+    """
+
+    def init(self, key: Array, x: Any) -> PyTree:
+        """Parameters for inputs shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)."""
+        raise NotImplementedError
+
+    def forward(self, params: PyTree, x: Array) -> tuple[Array, PyTree]:
+        """``(y, res)``: the output and the residuals saved for :meth:`backward`."""
+        raise NotImplementedError
+
+    def backward(self, res: PyTree, d_y: Array) -> tuple[PyTree, Array]:
+        """``(d_params, d_x)`` from the residuals and the output cotangent ``d_y``."""
+        raise NotImplementedError
+
+    def apply(self, params: PyTree, x: Array) -> Array:
+        """The output alone. Under ``jax.jit`` the unused residuals cost nothing."""
+        return self.forward(params, x)[0]
+
+    def __call__(self, params: PyTree, x: Array) -> Array:
+        return self.apply(params, x)
+
+
+def _no_params(key: Array, x: Any) -> PyTree:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionLayer(Layer):
+    """A layer made from three plain functions; see :func:`layer`."""
+
+    init_fn: Callable[[Array, Any], PyTree]
+    forward_fn: Callable[[PyTree, Array], tuple[Array, PyTree]]
+    backward_fn: Callable[[PyTree, Array], tuple[PyTree, Array]]
+    name: str = "CustomLayer"
+
+    def init(self, key, x):
+        return self.init_fn(key, x)
+
+    def forward(self, params, x):
+        return self.forward_fn(params, x)
+
+    def backward(self, res, d_y):
+        return self.backward_fn(res, d_y)
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+def layer(forward: Callable, backward: Callable, init: Callable = _no_params, *, name: str = "CustomLayer") -> Layer:
+    """Make a layer from a forward, a backward and (if it has parameters) an init.
+
+    Args:
+        forward: ``forward(params, x) -> (y, res)``, written in plain ``jax.numpy``.
+        backward: ``backward(res, d_y) -> (d_params, d_x)``; ``d_params`` has the structure
+            of ``params``.
+        init: ``init(key, x) -> params``; defaults to a parameter-free layer (``{}``).
+        name: shown in error messages and check reports.
+
+    The result composes in ``nn.Serial``, runs under ``fbp.value_and_grad`` and ``jax.jit``,
+    and is verified by ``fbp.check.layer`` exactly like a built-in layer.
+    """
+    return FunctionLayer(init, forward, backward, name)
+
+
+# --------------------------------------------------------------------------- losses
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class Loss:
+    """Base class of every loss. Subclasses are frozen dataclasses with a ``reduction`` field.
+
+    ``reduction="mean"`` averages the per-example values over the batch (axis 0), ``"sum"``
+    adds them, ``"none"`` returns them (then ``backward`` takes a ``g`` of shape ``(batch,)``).
+    """
+
+    reduction: str = "mean"
+
+    def forward(self, pred: Array, target: Array) -> tuple[Array, PyTree]:
+        raise NotImplementedError
+
+    def backward(self, res: PyTree, g: Array | float = 1.0) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, pred: Array, target: Array) -> Array:
+        return self.forward(pred, target)[0]
+
+
+# --------------------------------------------------------------------------- backward transform
+def vjp(model: Layer, params: PyTree, x: Array) -> tuple[Array, Callable[[Array], tuple[PyTree, Array]]]:
+    """``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)``, from hand-written rules."""
+    y, res = model.forward(params, x)
+    return y, lambda d_y: model.backward(res, d_y)
+
+
+def value_and_grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array], tuple[Array, PyTree]]:
+    """The backward transform: forward pass, loss, backward pass through every layer.
+
+    Returns ``f(params, x, y) -> (value, grads)``, equal to
+    ``jax.value_and_grad(lambda p: loss(model.apply(p, x), y))(params)`` but computed only by
+    the layers' and the loss's own backward rules. ``f`` is pure: jit it, vmap it
+    (per-example gradients) or run it inside ``lax.scan``.
+    """
+
+    def value_and_grad_fn(params: PyTree, x: Array, y: Array) -> tuple[Array, PyTree]:
+        pred, res = model.forward(params, x)
+        value, loss_res = loss.forward(pred, y)
+        d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))
+        d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
+        return value, d_params
+
+    return value_and_grad_fn
+
+
+def grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array], PyTree]:
+    """Like :func:`value_and_grad` but returns only the gradients (same structure as params)."""
+    f = value_and_grad(model, loss)
+    return lambda params, x, y: f(params, x, y)[1]
+
+
+def to_jax(model: Layer) -> Callable[[PyTree, Array], Array]:
+    """``f(params, x) = model.apply(params, x)`` with fbp's backward registered via custom_vjp.
+
+    Use it to drop an fbp model (including one with a replaced backward, such as feedback
+    alignment) into code that differentiates with ``jax.grad``.
+    """
+
+    @jax.custom_vjp
+    def f(params, x):
+        return model.apply(params, x)
+
+    f.defvjp(lambda params, x: model.forward(params, x), model.backward)
+    return f

@@ -1,0 +1,215 @@
+"""Activation layers, each forward with its hand-written backward right beneath it.
+
+Every activation is parameter-free (params ``{}``, d_params ``{}``). For elementwise
+``y = f(x)`` the backward is ``d_x = f'(x) * d_y``; written, where it is cheaper, in terms of
+the saved output ``y`` (sigmoid, tanh, ReLU), so the residual is the array the next layer
+keeps anyway.
+
+Conventions at kinks follow ``jax.grad`` of the same ``jnp`` forward, so results agree
+exactly:
+
+* ``ReLU``: forward ``where(x > 0, x, 0)``; derivative **0 at x = 0** (as ``jax.nn.relu``).
+* ``LeakyReLU``: forward ``where(x >= 0, x, slope * x)``; derivative **1 at x = 0**
+  (as ``jax.nn.leaky_relu``).
+* ``ELU``: forward ``where(x > 0, x, alpha * expm1(x))``; derivative **alpha at x = 0**.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import Layer, require_floating, require_no_params
+
+
+class Activation(Layer):
+    """A parameter-free layer ``y = f(x)``; subclasses write ``_forward`` and ``_backward``."""
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        return self._forward(x)
+
+    def backward(self, res, d_y):
+        return {}, self._backward(res, d_y)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Identity(Activation):
+    """``y = x``;  ``d_x = d_y``."""
+
+    def _forward(self, x):
+        return x, ()
+
+    def _backward(self, res, d_y):
+        return d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Sigmoid(Activation):
+    """``y = 1 / (1 + e^{-x})``;  ``d_x = y (1 - y) d_y``."""
+
+    def _forward(self, x):
+        y = jax.nn.sigmoid(x)
+        return y, y
+
+    def _backward(self, y, d_y):
+        return y * (1 - y) * d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Tanh(Activation):
+    """``y = tanh x``;  ``d_x = (1 - y²) d_y``."""
+
+    def _forward(self, x):
+        y = jnp.tanh(x)
+        return y, y
+
+    def _backward(self, y, d_y):
+        return (1 - y * y) * d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ReLU(Activation):
+    """``y = max(x, 0)``;  ``d_x = [y > 0] d_y`` (0 at x = 0, as ``jax.nn.relu``)."""
+
+    def _forward(self, x):
+        y = jnp.where(x > 0, x, jnp.zeros_like(x))
+        return y, y
+
+    def _backward(self, y, d_y):
+        return jnp.where(y > 0, d_y, jnp.zeros_like(d_y))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LeakyReLU(Activation):
+    """``y = x if x >= 0 else a x``;  ``d_x = (1 if x >= 0 else a) d_y`` (1 at x = 0)."""
+
+    negative_slope: float = 0.01
+
+    def _forward(self, x):
+        return jnp.where(x >= 0, x, self.negative_slope * x), x
+
+    def _backward(self, x, d_y):
+        return jnp.where(x >= 0, d_y, self.negative_slope * d_y)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ELU(Activation):
+    """``y = x if x > 0 else α (e^x - 1)``;  ``d_x = (1 if x > 0 else α e^x) d_y``."""
+
+    alpha: float = 1.0
+
+    def _forward(self, x):
+        negative = self.alpha * jnp.expm1(jnp.where(x > 0, jnp.zeros_like(x), x))
+        return jnp.where(x > 0, x, negative), x
+
+    def _backward(self, x, d_y):
+        return jnp.where(x > 0, d_y, self.alpha * jnp.exp(jnp.where(x > 0, jnp.zeros_like(x), x)) * d_y)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GELU(Activation):
+    """Gaussian error linear unit (Hendrycks & Gimpel, 2016).
+
+    Exact: ``y = x Φ(x)``;  ``d_x = (Φ(x) + x φ(x)) d_y``, with ``Φ(x) = ½ erfc(-x/√2)``.
+
+    Approximate (default, as ``jax.nn.gelu``): with ``u = √(2/π) (x + 0.044715 x³)`` and
+    ``t = tanh u``, ``y = ½ x (1 + t)`` and
+    ``d_x = (½ (1 + t) + ½ x (1 - t²) √(2/π) (1 + 3·0.044715 x²)) d_y``.
+    """
+
+    approximate: bool = True
+
+    def _forward(self, x):
+        if self.approximate:
+            t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+            return 0.5 * x * (1 + t), (x, t)
+        cdf = 0.5 * lax.erfc(-x / math.sqrt(2.0))
+        return x * cdf, (x, cdf)
+
+    def _backward(self, res, d_y):
+        x, aux = res
+        if self.approximate:
+            t = aux
+            du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+            return (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du_dx) * d_y
+        pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return (aux + x * pdf) * d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Softplus(Activation):
+    """``y = log(1 + e^x)`` (as ``logaddexp(x, 0)``, stable);  ``d_x = σ(x) d_y``."""
+
+    def _forward(self, x):
+        return jnp.logaddexp(x, jnp.zeros_like(x)), x
+
+    def _backward(self, x, d_y):
+        return jax.nn.sigmoid(x) * d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SiLU(Activation):
+    """Swish/SiLU: ``y = x σ(x)``;  ``d_x = σ(x) (1 + x (1 - σ(x))) d_y``."""
+
+    def _forward(self, x):
+        s = jax.nn.sigmoid(x)
+        return x * s, (x, s)
+
+    def _backward(self, res, d_y):
+        x, s = res
+        return s * (1 + x * (1 - s)) * d_y
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Softmax(Activation):
+    """``y_i = e^{x_i} / Σ_j e^{x_j}`` along ``axis`` (shifted by the max, stable).
+
+    Jacobian ``∂y_i/∂x_j = y_i (δ_ij - y_j)``, so ``d_x = y ⊙ (d_y - Σ_j d_y_j y_j)``.
+    For classification prefer logits with ``CategoricalCrossEntropy(from_logits=True)``.
+    """
+
+    axis: int = -1
+
+    def _forward(self, x):
+        e = jnp.exp(x - lax.stop_gradient(x.max(axis=self.axis, keepdims=True)))
+        y = e / e.sum(axis=self.axis, keepdims=True)
+        return y, y
+
+    def _backward(self, y, d_y):
+        return y * (d_y - (d_y * y).sum(axis=self.axis, keepdims=True))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LogSoftmax(Activation):
+    """``y_i = x_i - log Σ_j e^{x_j}`` along ``axis`` (log-sum-exp, stable).
+
+    ``∂y_i/∂x_j = δ_ij - softmax_j``, so ``d_x = d_y - e^{y} Σ_i d_y_i``.
+    """
+
+    axis: int = -1
+
+    def _forward(self, x):
+        shifted = x - lax.stop_gradient(x.max(axis=self.axis, keepdims=True))
+        y = shifted - jnp.log(jnp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        return y, y
+
+    def _backward(self, y, d_y):
+        return d_y - jnp.exp(y) * d_y.sum(axis=self.axis, keepdims=True)

@@ -1,0 +1,102 @@
+"""Dense (fully connected) layer.
+
+Forward, for ``x`` of shape ``(..., n_in)``::
+
+    y = x @ w + b                 w: (n_in, n_out), b: (n_out,)
+
+Backward, with every leading axis of ``x`` flattened into one batch axis of size ``m``
+(``X: (m, n_in)``, ``D = d_y: (m, n_out)``)::
+
+    d_w = Xᵀ D                    one 2-D matmul over the whole batch (the fastest form)
+    d_b = Σ_rows D
+    d_x = D wᵀ                    reshaped back to x's shape
+
+Residuals: ``(x, w)`` — the input and the kernel, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from fbp.core import InputError, Layer, describe, require_floating
+from fbp.nn import init as initializers
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Layer):
+    """``y = x @ w + b`` over the last axis of ``x``.
+
+    Args:
+        features: output width ``n_out``.
+        use_bias: add the bias ``b``.
+        kernel_init: initializer of ``w`` (default Glorot uniform, as in Keras).
+        bias_init: initializer of ``b`` (default zeros).
+
+    Params: ``{"w": (n_in, n_out), "b": (n_out,)}`` (no ``"b"`` when ``use_bias=False``).
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Callable = initializers.glorot_uniform
+    bias_init: Callable = initializers.zeros
+
+    def __post_init__(self):
+        if not isinstance(self.features, int) or self.features < 1:
+            raise ValueError(f"Dense: features must be a positive int, got {self.features!r}")
+
+    def __repr__(self) -> str:
+        return f"Dense(features={self.features}{'' if self.use_bias else ', use_bias=False'})"
+
+    def init(self, key, x):
+        self._check_input(x)
+        k_w, k_b = jax.random.split(key)
+        n_in, dtype = x.shape[-1], x.dtype
+        params = {"w": self.kernel_init(k_w, (n_in, self.features), dtype)}
+        if self.use_bias:
+            params["b"] = self.bias_init(k_b, (self.features,), dtype)
+        return params
+
+    def forward(self, params, x):
+        self._check_input(x)
+        self._check_params(params, x)
+        y = x @ params["w"]
+        if self.use_bias:
+            y = y + params["b"]
+        return y, (x, params["w"])
+
+    def backward(self, res, d_y):
+        x, w = res
+        x2 = x.reshape(-1, x.shape[-1])
+        d_y2 = d_y.reshape(-1, d_y.shape[-1])
+        d_params = {"w": x2.T @ d_y2}
+        if self.use_bias:
+            d_params["b"] = d_y2.sum(axis=0)
+        d_x = (d_y2 @ w.T).reshape(x.shape)
+        return d_params, d_x
+
+    # ------------------------------------------------------------------ validation
+    def _check_input(self, x):
+        require_floating(repr(self), x)
+        if x.ndim < 1:
+            raise InputError(repr(self), f"input x must have at least one axis (..., n_in), received {describe(x)}")
+
+    def _check_params(self, params, x):
+        expected = {"w": (x.shape[-1], self.features)}
+        if self.use_bias:
+            expected["b"] = (self.features,)
+        if not hasattr(params, "keys") or set(params.keys()) != set(expected):
+            got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
+        for name, shape in expected.items():
+            value = params[name]
+            if not hasattr(value, "shape") or tuple(value.shape) != shape:
+                hint = ""
+                if name == "w" and hasattr(value, "shape") and value.ndim == 2 and value.shape[1] == self.features:
+                    hint = (f" — the input x {describe(x)} has width {x.shape[-1]} but the kernel expects "
+                            f"{value.shape[0]}; check the input width or re-init the params")
+                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), "
+                                             f"received {describe(value)}{hint}", param=name)
+            require_floating(repr(self), value, what=f"parameter '{name}'")
