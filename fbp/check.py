@@ -174,19 +174,19 @@ def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, 
          fd_directions, key) -> Report:
     """Compare ``fbp_grad(args)`` with ``jax.grad(f)(args)`` and with differences of ``f``."""
     actual = (jax.jit(fbp_grad) if jit else fbp_grad)(args)
-    desired = jax.grad(f)(args)
+    desired = jax.jit(jax.grad(f))(args)
+    f = jax.jit(f)
     a_paths, a_tree = jax.tree_util.tree_flatten_with_path(actual)
     d_leaves, d_tree = jax.tree_util.tree_flatten(desired)
     if a_tree != d_tree:
         raise AssertionError(f"fbp.check: {subject}: the gradient's structure {a_tree} "
                              f"differs from the parameters' {d_tree}")
     rows = []
-    f_jit = jax.jit(f)
     for i, ((path, a), d) in enumerate(zip(a_paths, d_leaves)):
         name = _path_name(path).removeprefix("params/")
         rows.append(_compare_jax(name, a, d, rtol, atol))
         if fd and np.size(a):
-            rows.append(_compare_fd(name, f_jit, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol))
+            rows.append(_compare_fd(name, f, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol))
     return Report(subject, "as given" if dtype is None else jnp.dtype(dtype).name, tuple(rows))
 
 
@@ -239,17 +239,22 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, key=None, dtype=jnp.floa
     return _with_precision(dtype, body)
 
 
-def loss(loss: Loss, pred, target, *, g=1.0, key=None, dtype=jnp.float64, jit: bool = False,
+def loss(loss: Loss, pred, target, *, g=None, key=None, dtype=jnp.float64, jit: bool = False,
          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
          fd_directions: int = 2) -> Report:
     """Check ``loss.backward`` against ``jax.grad`` of ``g · loss(pred, target)``.
 
-    ``g`` is the cotangent of the value (shape ``(N,)`` for ``reduction="none"``).
+    ``g`` is the cotangent of the value: default 1.0, or for ``reduction="none"`` a standard
+    normal draw of shape ``(N,)``.
     """
     key = jax.random.PRNGKey(0) if key is None else key
 
     def body():
-        p, t, gg = _cast(pred, dtype), _cast(target, dtype), _cast(jnp.asarray(g), dtype)
+        p, t = _cast(pred, dtype), _cast(target, dtype)
+        if g is None:
+            gg = jax.random.normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
+        else:
+            gg = _cast(jnp.asarray(g), dtype)
         rt, frt = _defaults(p.dtype, rtol, fd_rtol)
 
         def f(a):
