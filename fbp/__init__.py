@@ -2,7 +2,7 @@
 
 Every layer, activation and loss carries a hand-written backward (VJP) rule beside its
 forward; :func:`value_and_grad` composes them; :mod:`fbp.check` holds each rule to
-``jax.grad`` and finite differences.
+JAX's ``grad`` and finite differences.
 """
 
 from fbp import check, losses, nn

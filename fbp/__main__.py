@@ -19,17 +19,18 @@ def _check(args: argparse.Namespace) -> int:
             print("\n" + str(report))
     failed = [r for r in reports if not r.ok]
     rows = sum(len(r.rows) for r in reports)
-    print(f"\n{len(reports) - len(failed)} of {len(reports)} rules pass ({rows} comparisons against jax.grad "
+    print(f"\n{len(reports) - len(failed)} of {len(reports)} rules pass ({rows} comparisons against JAX's grad "
           f"and finite differences, {args.dtype}{', jit' if args.jit else ''}).")
     return 1 if failed else 0
 
 
 def summary_table(reports) -> str:
-    """One line per rule: the worst relative error against jax.grad and against differences."""
+    """One line per rule: the worst relative error against JAX's grad and against differences."""
     header = ("rule", "vs jax: max rel err", "vs finite diff: max rel err", "")
     lines = []
     for r in reports:
-        worst = {kind: max((row.max_rel for row in r.rows if row.against == kind), default=0.0) for kind in ("jax", "fd")}
+        worst = {kind: max((row.max_rel for row in r.rows if row.against == kind), default=0.0)
+                 for kind in ("jax", "fd")}
         name = r.subject.split(": ", 1)[1]
         lines.append((name if len(name) <= 70 else name[:67] + "...", f"{worst['jax']:.1e}", f"{worst['fd']:.1e}",
                       "ok" if r.ok else "FAIL"))
@@ -41,7 +42,8 @@ def summary_table(reports) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fbp", description="fbp: functional backpropagation for JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_check = sub.add_parser("check", help="verify every built-in backward rule against jax.grad and finite differences")
+    p_check = sub.add_parser("check", help="verify every built-in backward rule against JAX's grad and "
+                                           "finite differences")
     p_check.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p_check.add_argument("--jit", action="store_true", help="run fbp's rules under jax.jit")
     p_check.add_argument("-v", "--verbose", action="store_true", help="print every comparison, not only failures")

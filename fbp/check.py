@@ -115,8 +115,11 @@ def _is_float(x) -> bool:
 def _cast(tree: PyTree, dtype) -> PyTree:
     if dtype is None:
         return jax.tree_util.tree_map(jnp.asarray, tree)
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(dtype) if _is_float(jnp.asarray(a)) else jnp.asarray(a),
-                                  tree)
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if _is_float(a) else a
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def _defaults(dtype, rtol, fd_rtol):
@@ -154,7 +157,7 @@ def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, k
         v = jax.random.normal(k, theta.shape, theta.dtype)
         v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), jnp.finfo(theta.dtype).tiny)
 
-        def at(step):
+        def at(step, v=v):
             moved = list(leaves)
             moved[leaf_index] = theta + step * v
             return float(f(jax.tree_util.tree_unflatten(treedef, moved)))

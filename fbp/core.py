@@ -195,7 +195,7 @@ def value_and_grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array],
     """The backward transform: forward pass, loss, backward pass through every layer.
 
     Returns ``f(params, x, y) -> (value, grads)``, equal to
-    ``jax.value_and_grad(lambda p: loss(model.apply(p, x), y))(params)`` but computed only by
+    JAX's ``value_and_grad(lambda p: loss(model.apply(p, x), y))(params)`` but computed only by
     the layers' and the loss's own backward rules. ``f`` is pure: jit it, vmap it
     (per-example gradients) or run it inside ``lax.scan``.
     """
@@ -220,7 +220,7 @@ def to_jax(model: Layer) -> Callable[[PyTree, Array], Array]:
     """``f(params, x) = model.apply(params, x)`` with fbp's backward registered via custom_vjp.
 
     Use it to drop an fbp model (including one with a replaced backward, such as feedback
-    alignment) into code that differentiates with ``jax.grad``.
+    alignment) into code that differentiates with JAX's ``grad``.
     """
 
     @jax.custom_vjp

@@ -14,12 +14,12 @@ The backward ``loss.backward(res, g)`` returns ``g · ∂value/∂pred``: for ``
 per-element derivative ``e'`` times ``g / (N K)``, with ``K`` the number of values averaged per
 example; for ``"none"``, ``g`` has shape ``(N,)``.
 
-Kinks follow ``jax.grad`` of the same forward: MAE's derivative at ``pred == target`` is
-**+1** (``jax.grad(jnp.abs)(0.) == 1``); Huber at ``|pred - target| == delta`` takes the
+Kinks follow JAX's ``grad`` of the same forward: MAE's derivative at ``pred == target`` is
+**+1** (JAX's ``grad(jnp.abs)(0.) == 1``); Huber at ``|pred - target| == delta`` takes the
 quadratic branch (both branches have slope ``±delta`` there); Hinge's and MulticlassHinge's
 ``max(0, m)`` is written ``where(m > 0, m, 0)``, so the derivative **at the margin is 0**.
 Probabilities are clipped to ``[eps, 1 - eps]`` (``eps = 1e-7``) before their log; outside
-that range the derivative is 0, as ``jax.grad`` gives for the clipped expression.
+that range the derivative is 0, as JAX's ``grad`` gives for the clipped expression.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _weight(g, shape, reduction, dtype):
 
 
 def _clip_probability(p):
-    """``p`` clipped to ``[EPS, 1 - EPS]``, written with ``where`` so ``jax.grad`` is 1 inside."""
+    """``p`` clipped to ``[EPS, 1 - EPS]``, written with ``where`` so JAX's ``grad`` is 1 inside."""
     return jnp.where(p < EPS, EPS, jnp.where(p > 1 - EPS, 1 - EPS, p))
 
 

@@ -5,7 +5,7 @@ Every activation is parameter-free (params ``{}``, d_params ``{}``). For element
 the saved output ``y`` (sigmoid, tanh, ReLU), so the residual is the array the next layer
 keeps anyway.
 
-Conventions at kinks follow ``jax.grad`` of the same ``jnp`` forward, so results agree
+Conventions at kinks follow JAX's ``grad`` of the same ``jnp`` forward, so results agree
 exactly:
 
 * ``ReLU``: forward ``where(x > 0, x, 0)``; derivative **0 at x = 0** (as ``jax.nn.relu``).

@@ -1,0 +1,108 @@
+"""The checker: it passes correct rules, catches wrong ones, and reports paths and errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import fbp
+from fbp import catalog, losses, nn
+from fbp.__main__ import main
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class WrongTanh(nn.Tanh):
+    """Deliberately wrong: d tanh = 1 - y instead of 1 - y²."""
+
+    def _backward(self, y, d_y):
+        return (1 - y) * d_y
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseWithTransposedBiasBug(nn.Dense):
+    """Deliberately wrong: the bias gradient averages instead of sums over the batch."""
+
+    def backward(self, res, d_y):
+        d_params, d_x = super().backward(res, d_y)
+        return {**d_params, "b": d_params["b"] / d_y.shape[0]}, d_x
+
+
+def test_catches_a_wrong_activation_rule():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    report = fbp.check.layer(WrongTanh(), {}, x)
+    assert not report.ok
+    assert {row.against for row in report.failures} == {"jax", "fd"}
+    assert all(row.path == "x" for row in report.failures)
+    with pytest.raises(AssertionError, match="disagrees with the reference"):
+        report.assert_ok()
+
+
+def test_catches_a_wrong_parameter_rule_and_names_its_path():
+    model = nn.Serial(nn.Dense(3), nn.Tanh(), DenseWithTransposedBiasBug(2))
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+    y = jax.random.randint(jax.random.PRNGKey(1), (5,), 0, 2)
+    report = fbp.check.model(model, losses.CategoricalCrossEntropy(from_logits=True),
+                             model.init(jax.random.PRNGKey(2), x), x, y)
+    assert {row.path for row in report.failures} == {"2/b"}
+    assert "FAIL" in str(report) and "2/b" in str(report)
+
+
+def test_catches_an_error_of_one_part_in_a_million_in_float64():
+    class Nudged(nn.Sigmoid):
+        def _backward(self, y, d_y):
+            return y * (1 - y) * d_y * (1 + 1e-6)
+
+    report = fbp.check.layer(dataclasses.dataclass(frozen=True, repr=False)(Nudged)(), {}, jnp.ones((2, 2)), fd=False)
+    assert not report.ok and 5e-7 < report.rows[0].max_rel < 2e-6
+
+
+def test_catches_a_wrong_loss_rule():
+    @dataclasses.dataclass(frozen=True)
+    class WrongMSE(losses.MSE):
+        def backward(self, res, g=1.0):
+            return super().backward(res, g) / 2  # forgot the 2 in d(r²)
+
+    report = fbp.check.loss(WrongMSE(), jnp.ones((3, 2)), jnp.zeros((3, 2)))
+    assert not report.ok and report.rows[0].path == "pred"
+
+
+def test_report_table_columns():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    text = str(fbp.check.layer(nn.Dense(2), nn.Dense(2).init(jax.random.PRNGKey(1), x), x))
+    header = text.splitlines()[1]
+    for column in ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired"):
+        assert column in header
+    assert "[float64]  PASS" in text.splitlines()[0]
+    assert {line.split()[0] for line in text.splitlines()[2:]} == {"w", "b", "x"}
+
+
+def test_float64_is_enabled_only_inside_the_check():
+    report = fbp.check.layer(nn.Tanh(), {}, jnp.ones((2, 2)))
+    assert report.dtype == "float64" and jnp.ones(1).dtype == jnp.float32
+
+
+def test_every_builtin_rule_passes():
+    reports = catalog.run()
+    assert reports and all(r.ok for r in reports), "\n\n".join(str(r) for r in reports if not r.ok)
+    covered = {type(r) for r, _ in catalog.layers()} | {type(case[0]) for case in catalog.losses_cases(
+        jax.random.PRNGKey(0))}
+    public = {getattr(nn, n) for n in nn.__all__} | {getattr(losses, n) for n in losses.__all__}
+    concrete = {c for c in public if isinstance(c, type) and c.__module__.startswith("fbp.") and c not in
+                (nn.Layer, nn.Activation, nn.FunctionLayer, losses.Loss)}
+    assert concrete <= covered, f"not in the catalogue: {concrete - covered}"
+
+
+def test_cli_check_prints_the_table_and_exits_zero(capsys):
+    assert main(["check", "--dtype", "float32", "--jit"]) == 0
+    out = capsys.readouterr().out
+    assert "vs jax: max rel err" in out and "Dense(features=7)" in out and "rules pass" in out
+
+
+def test_cli_check_exits_nonzero_on_a_wrong_rule(monkeypatch, capsys):
+    original = catalog.layers
+    monkeypatch.setattr(catalog, "layers", lambda: original()[:1] + [(WrongTanh(), (3, 2))])
+    monkeypatch.setattr(catalog, "losses_cases", lambda key: [])
+    monkeypatch.setattr(catalog, "models", lambda: [])
+    assert main(["check"]) == 1
+    assert "FAIL" in capsys.readouterr().out
