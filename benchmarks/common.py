@@ -1,0 +1,52 @@
+"""Shared timing harness: interleaved rounds in one process, medians and ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def block(tree):
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, tree)
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 15, reps: int = 10) -> dict[str, float]:
+    """Median seconds per call of each candidate; every round runs all candidates, in rotating order."""
+    for fn in candidates.values():  # compile and warm up
+        block(fn())
+        block(fn())
+    samples = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = candidates[name]
+            start = time.perf_counter()
+            for _ in range(reps):
+                out = fn()
+            block(out)
+            samples[name].append((time.perf_counter() - start) / reps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def temp_bytes(jitted, *args) -> int | None:
+    """XLA's compiled temporary-buffer size for ``jitted(*args)``, if the backend reports it."""
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+        return int(analysis.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements memory_analysis
+        return None
+
+
+def report(title: str, times: dict[str, float], memory: dict[str, int | None], baseline: str) -> None:
+    print(f"\n{title}  [{jax.devices()[0].platform}: {jax.devices()[0].device_kind}]")
+    for name, t in times.items():
+        mem = memory.get(name)
+        mem_text = f"{mem / 2**20:8.1f} MiB temp" if mem is not None else "   n/a temp"
+        print(f"  {name:<28} median {t * 1e3:8.2f} ms/step   {mem_text}")
+    for name, t in times.items():
+        if name != baseline:
+            ratio_mem = (memory[name] / memory[baseline]) if memory.get(name) and memory.get(baseline) else float("nan")
+            print(f"  ratio {name} / {baseline}: time {t / times[baseline]:.3f}   temp memory {ratio_mem:.3f}")
