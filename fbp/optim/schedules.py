@@ -1,0 +1,100 @@
+"""Learning-rate schedules: ``schedule(step) -> value``, pure and jittable; names as in optax.
+
+A schedule goes wherever a learning rate goes (``adam(learning_rate=cosine_decay_schedule(...))``);
+the value used at the last update is kept in the optimizer state, see
+:func:`fbp.optim.learning_rate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+
+from fbp.optim.base import require
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def constant_schedule(value: float) -> Schedule:
+    """``η_t = value``."""
+    return lambda step: jnp.full((), value, jnp.float32)
+
+
+def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
+    """Linear from ``init_value`` to ``end_value`` over ``transition_steps`` after ``transition_begin``."""
+    require(transition_steps > 0, f"linear_schedule: transition_steps must be > 0, got {transition_steps}")
+
+    def schedule(step):
+        t = jnp.clip(step - transition_begin, 0, transition_steps)
+        return (init_value - end_value) * (1 - t / transition_steps) + end_value
+
+    return schedule
+
+
+def exponential_decay(init_value: float, transition_steps: int, decay_rate: float, transition_begin: int = 0,
+                      staircase: bool = False, end_value: float | None = None) -> Schedule:
+    """``η_t = η_0 · r^{(t - t_0)/T}`` (``floor`` of the exponent if ``staircase``), then bounded by ``end_value``."""
+    require(transition_steps > 0, f"exponential_decay: transition_steps must be > 0, got {transition_steps}")
+    require(decay_rate > 0, f"exponential_decay: decay_rate must be > 0, got {decay_rate}")
+
+    def schedule(step):
+        p = jnp.maximum(step - transition_begin, 0) / transition_steps
+        value = init_value * decay_rate ** (jnp.floor(p) if staircase else p)
+        if end_value is not None:
+            value = jnp.maximum(value, end_value) if decay_rate < 1 else jnp.minimum(value, end_value)
+        return value
+
+    return schedule
+
+
+def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[int, float] | None = None) -> Schedule:
+    """``η_t = η_0 · Π_{b ≤ t} scale_b``: at each boundary step the rate is multiplied by its scale."""
+    items = sorted((boundaries_and_scales or {}).items())
+    for boundary, scale in items:
+        require(scale >= 0, f"piecewise_constant_schedule: scales must be >= 0, got {scale} at step {boundary}")
+
+    def schedule(step):
+        value = jnp.asarray(init_value, jnp.float32)
+        for boundary, scale in items:
+            value = jnp.where(step >= boundary, value * scale, value)
+        return value
+
+    return schedule
+
+
+def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
+    """Loshchilov & Hutter (2017): ``η_t = η_0 ((1-α) (½ (1 + cos(π min(t,T)/T)))^p + α)``."""
+    require(decay_steps > 0, f"cosine_decay_schedule: decay_steps must be > 0, got {decay_steps}")
+
+    def schedule(step):
+        t = jnp.minimum(step, decay_steps)
+        cosine = 0.5 * (1 + jnp.cos(math.pi * t / decay_steps))
+        return init_value * ((1 - alpha) * cosine**exponent + alpha)
+
+    return schedule
+
+
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Run ``schedules[i]`` from ``boundaries[i-1]``, each seeing the steps since its start."""
+
+    def schedule(step):
+        value = schedules[0](step)
+        for boundary, nxt in zip(boundaries, schedules[1:]):
+            value = jnp.where(step >= boundary, nxt(step - boundary), value)
+        return value
+
+    return schedule
+
+
+def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_steps: int, decay_steps: int,
+                                 end_value: float = 0.0, exponent: float = 1.0) -> Schedule:
+    """Linear warm-up from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine decay
+    to ``end_value`` at ``decay_steps`` (counted from step 0, warm-up included), as optax."""
+    require(decay_steps > warmup_steps, "warmup_cosine_decay_schedule: decay_steps must exceed warmup_steps")
+    require(peak_value > 0, f"warmup_cosine_decay_schedule: peak_value must be > 0, got {peak_value}")
+    warmup = linear_schedule(init_value, peak_value, max(warmup_steps, 1))
+    decay = cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha=end_value / peak_value,
+                                  exponent=exponent)
+    return join_schedules([warmup, decay], [warmup_steps])

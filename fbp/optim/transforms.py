@@ -1,0 +1,294 @@
+"""The building blocks optimizers are chained from; each docstring carries its update equation.
+
+Notation: ``g`` the incoming update (the gradient at the start of a chain), ``t`` the step
+count after increment (1 at the first update), ``θ`` the parameters. All operations are
+leafwise over the pytree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp.optim.base import EmptyState, GradientTransformation, global_norm, increment, require, zeros_like
+
+PyTree = Any
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+tree_map = jax.tree_util.tree_map
+
+
+def _nonneg(name: str, value: float, owner: str) -> None:
+    if not callable(value):
+        require(value >= 0, f"{owner}: {name} must be >= 0, got {value}")
+
+
+def _unit(name: str, value: float, owner: str, closed: bool) -> None:
+    ok = 0 <= value <= 1 if closed else 0 <= value < 1
+    require(ok, f"{owner}: {name} must be in [0, 1{']' if closed else ')'}, got {value}")
+
+
+def _stateless(fn: Callable[[PyTree, PyTree], PyTree]) -> GradientTransformation:
+    return GradientTransformation(lambda params: EmptyState(), lambda u, state, params=None: (fn(u, params), state))
+
+
+def _needs_params(params, owner: str) -> None:
+    if params is None:
+        raise ValueError(f"{owner} needs the parameters: call update(grads, state, params)")
+
+
+# --------------------------------------------------------------------------- scaling
+def scale(step_size: float) -> GradientTransformation:
+    """``u ← step_size · g``."""
+    return _stateless(lambda u, params: tree_map(lambda g: step_size * g, u))
+
+
+class ScaleByLearningRateState(NamedTuple):
+    """``count``: updates so far; ``learning_rate``: the rate used at the last update (for logging)."""
+
+    count: jax.Array
+    learning_rate: jax.Array
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
+    """``u ← -η_t · g`` (``+η_t g`` with ``flip_sign=False``); ``η_t = learning_rate(t - 1)`` for a schedule.
+
+    A schedule is evaluated at the number of updates made before this one (0 at the first
+    update), as in optax.
+    """
+    _nonneg("learning_rate", learning_rate, "scale_by_learning_rate")
+    sign = -1.0 if flip_sign else 1.0
+
+    def init(params):
+        return ScaleByLearningRateState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates = tree_map(lambda g: (sign * lr * g).astype(g.dtype), updates)
+        return updates, ScaleByLearningRateState(increment(state.count), jnp.asarray(lr, jnp.float32))
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- momentum
+class TraceState(NamedTuple):
+    trace: PyTree
+
+
+def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+    """Momentum (Polyak, 1964); Nesterov's form as in Sutskever et al. (2013).
+
+    ``m ← decay · m + g``;  ``u ← m`` (heavy ball) or ``u ← g + decay · m`` (Nesterov).
+    """
+    _unit("momentum (decay)", decay, "trace", closed=True)
+
+    def update(updates, state, params=None):
+        m = tree_map(lambda g, t: decay * t + g, updates, state.trace)
+        out = tree_map(lambda g, t: g + decay * t, updates, m) if nesterov else m
+        return out, TraceState(m)
+
+    return GradientTransformation(lambda params: TraceState(zeros_like(params)), update)
+
+
+# --------------------------------------------------------------------------- adaptive scalings
+class ScaleByRssState(NamedTuple):
+    sum_of_squares: PyTree
+
+
+def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> GradientTransformation:
+    """AdaGrad's scaling (Duchi, Hazan & Singer, 2011).
+
+    ``s ← s + g²`` (``s₀ = initial_accumulator_value``);  ``u ← g / sqrt(s + eps)`` where
+    ``s > 0``, else 0 — eps inside the square root, as optax.
+    """
+    _nonneg("initial_accumulator_value", initial_accumulator_value, "scale_by_rss")
+    _nonneg("eps", eps, "scale_by_rss")
+
+    def update(updates, state, params=None):
+        s = tree_map(lambda g, a: a + g * g, updates, state.sum_of_squares)
+        out = tree_map(lambda g, a: jnp.where(a > 0, g * jax.lax.rsqrt(a + eps), 0.0).astype(g.dtype), updates, s)
+        return out, ScaleByRssState(s)
+
+    init = lambda params: ScaleByRssState(tree_map(lambda p: jnp.full_like(p, initial_accumulator_value), params))
+    return GradientTransformation(init, update)
+
+
+class ScaleByRmsState(NamedTuple):
+    count: jax.Array
+    nu: PyTree
+
+
+def _rms_scale(g, nu, eps, eps_in_sqrt):
+    return g * jax.lax.rsqrt(nu + eps) if eps_in_sqrt else g / (jnp.sqrt(nu) + eps)
+
+
+def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, eps_in_sqrt: bool = True,
+                 bias_correction: bool = False) -> GradientTransformation:
+    """RMSProp's scaling (Tieleman & Hinton, 2012, lecture 6.5).
+
+    ``ν ← decay · ν + (1 - decay) g²`` (``ν₀ = initial_scale``); with ``bias_correction``,
+    ``ν̂ = ν / (1 - decayᵗ)``, else ``ν̂ = ν``. ``u ← g / sqrt(ν̂ + eps)`` — optax's default
+    puts eps **inside** the square root, unlike the lecture's ``g / (sqrt(ν) + eps)``, which
+    ``eps_in_sqrt=False`` gives.
+    """
+    _unit("decay", decay, "scale_by_rms", closed=True)
+    _nonneg("eps", eps, "scale_by_rms")
+
+    def update(updates, state, params=None):
+        count = increment(state.count)
+        nu = tree_map(lambda g, n: decay * n + (1 - decay) * g * g, updates, state.nu)
+        nu_hat = tree_map(lambda n: n / (1 - decay**count), nu) if bias_correction else nu
+        return tree_map(lambda g, n: _rms_scale(g, n, eps, eps_in_sqrt), updates, nu_hat), ScaleByRmsState(count, nu)
+
+    init = lambda params: ScaleByRmsState(jnp.zeros((), jnp.int32),
+                                          tree_map(lambda p: jnp.full_like(p, initial_scale), params))
+    return GradientTransformation(init, update)
+
+
+class ScaleByStddevState(NamedTuple):
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, eps_in_sqrt: bool = True,
+                    bias_correction: bool = False) -> GradientTransformation:
+    """Centered RMSProp (Graves, 2013): divide by an estimate of the gradient's standard deviation.
+
+    ``μ ← decay · μ + (1 - decay) g``;  ``ν ← decay · ν + (1 - decay) g²``;
+    ``u ← g / sqrt(ν̂ - μ̂² + eps)`` (hats: optional bias correction; eps placement as in
+    :func:`scale_by_rms`).
+    """
+    _unit("decay", decay, "scale_by_stddev", closed=True)
+    _nonneg("eps", eps, "scale_by_stddev")
+
+    def update(updates, state, params=None):
+        count = increment(state.count)
+        mu = tree_map(lambda g, m: decay * m + (1 - decay) * g, updates, state.mu)
+        nu = tree_map(lambda g, n: decay * n + (1 - decay) * g * g, updates, state.nu)
+        correct = (lambda x: x / (1 - decay**count)) if bias_correction else (lambda x: x)
+        out = tree_map(lambda g, m, n: _rms_scale(g, correct(n) - correct(m) ** 2, eps, eps_in_sqrt), updates, mu, nu)
+        return out, ScaleByStddevState(count, mu, nu)
+
+    init = lambda params: ScaleByStddevState(jnp.zeros((), jnp.int32), zeros_like(params),
+                                             tree_map(lambda p: jnp.full_like(p, initial_scale), params))
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdamState(NamedTuple):
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *,
+                  nesterov: bool = False) -> GradientTransformation:
+    """Adam's scaling (Kingma & Ba, 2015); Nesterov variant NAdam (Dozat, 2016) as in optax.
+
+    ``m ← b1 m + (1-b1) g``;  ``v ← b2 v + (1-b2) g²``;  ``m̂ = m / (1 - b1ᵗ)``,
+    ``v̂ = v / (1 - b2ᵗ)``;  ``u ← m̂ / (sqrt(v̂ + eps_root) + eps)``.
+    Nesterov: ``m̂ = b1 m / (1 - b1^{t+1}) + (1 - b1) g / (1 - b1ᵗ)``.
+    """
+    _unit("b1", b1, "scale_by_adam", closed=False)
+    _unit("b2", b2, "scale_by_adam", closed=False)
+    _nonneg("eps", eps, "scale_by_adam")
+    _nonneg("eps_root", eps_root, "scale_by_adam")
+
+    def update(updates, state, params=None):
+        count = increment(state.count)
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+        nu = tree_map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, state.nu)
+        c = count
+        if nesterov:
+            mu_hat = tree_map(lambda g, m: b1 * m / (1 - b1 ** (c + 1)) + (1 - b1) * g / (1 - b1**c), updates, mu)
+        else:
+            mu_hat = tree_map(lambda m: m / (1 - b1**c), mu)
+        nu_hat = tree_map(lambda v: v / (1 - b2**c), nu)
+        out = tree_map(lambda m, v: (m / (jnp.sqrt(v + eps_root) + eps)).astype(m.dtype), mu_hat, nu_hat)
+        return out, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(lambda params: ScaleByAdamState(jnp.zeros((), jnp.int32), zeros_like(params),
+                                                                  zeros_like(params)), update)
+
+
+# --------------------------------------------------------------------------- regularisation
+def _masked(fn, mask):
+    """Apply ``fn(g, θ)`` where ``mask`` (a pytree of bools or a callable on params) is True."""
+
+    def apply(updates, params):
+        m = mask(params) if callable(mask) else mask
+        if m is None:
+            return tree_map(fn, updates, params)
+        return tree_map(lambda g, p, keep: fn(g, p) if keep else g, updates, params, m)
+
+    return apply
+
+
+def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
+    """Decoupled weight decay (Loshchilov & Hutter, 2019): ``u ← u + λ θ``, placed after the
+    adaptive scaling; ``mask`` (pytree of bools, or a function of params) limits it, e.g. to kernels."""
+    _nonneg("weight_decay", weight_decay, "add_decayed_weights")
+    fn = _masked(lambda g, p: g + weight_decay * p, mask)
+
+    def update(updates, state, params=None):
+        _needs_params(params, "add_decayed_weights")
+        return fn(updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def add_l2_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
+    """L2 penalty ``(λ/2) ‖θ‖²`` added to the loss, i.e. ``g ← g + λ θ`` before any scaling."""
+    _nonneg("coefficient", coefficient, "add_l2_penalty")
+    fn = _masked(lambda g, p: g + coefficient * p, mask)
+
+    def update(updates, state, params=None):
+        _needs_params(params, "add_l2_penalty")
+        return fn(updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
+    """L1 penalty ``λ ‖θ‖₁``: ``g ← g + λ sign(θ)`` (subgradient 0 at θ = 0)."""
+    _nonneg("coefficient", coefficient, "add_l1_penalty")
+    fn = _masked(lambda g, p: g + coefficient * jnp.sign(p), mask)
+
+    def update(updates, state, params=None):
+        _needs_params(params, "add_l1_penalty")
+        return fn(updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+# --------------------------------------------------------------------------- clipping
+def clip(max_delta: float) -> GradientTransformation:
+    """Clip by value: ``u ← clip(g, -max_delta, max_delta)``."""
+    _nonneg("max_delta", max_delta, "clip")
+    return _stateless(lambda u, params: tree_map(lambda g: jnp.clip(g, -max_delta, max_delta), u))
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """``global_norm``: the norm of the last incoming update, kept so it can be logged; a
+    non-finite value means the gradients overflowed (the updates are then non-finite too)."""
+
+    global_norm: jax.Array
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Pascanu, Mikolov & Bengio (2013): ``u ← g · min(1, max_norm / ‖g‖)``, ``‖g‖`` over all leaves.
+
+    All-zero gradients pass through unchanged (no 0/0). A non-finite norm is not hidden: the
+    updates become NaN and the state's ``global_norm`` records it.
+    """
+    require(max_norm > 0, f"clip_by_global_norm: max_norm must be > 0, got {max_norm}")
+
+    def update(updates, state, params=None):
+        norm = global_norm(updates)
+        factor = jnp.where(norm <= max_norm, 1.0, max_norm / jnp.where(norm > 0, norm, 1.0))
+        factor = jnp.where(jnp.isfinite(norm), factor, jnp.nan)
+        return tree_map(lambda g: (g * factor).astype(g.dtype), updates), ClipByGlobalNormState(norm)
+
+    return GradientTransformation(lambda params: ClipByGlobalNormState(jnp.zeros((), jnp.float32)), update)
