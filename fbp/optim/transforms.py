@@ -226,41 +226,34 @@ def _masked(fn, mask):
     return apply
 
 
+def _add_term(term: Callable[[jax.Array], jax.Array], mask: Any, owner: str) -> GradientTransformation:
+    """``u ← u + term(θ)`` where ``mask`` allows; needs the params."""
+    fn = _masked(lambda g, p: g + term(p), mask)
+
+    def update(updates, state, params=None):
+        _needs_params(params, owner)
+        return fn(updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
 def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
     """Decoupled weight decay (Loshchilov & Hutter, 2019): ``u ← u + λ θ``, placed after the
     adaptive scaling; ``mask`` (pytree of bools, or a function of params) limits it, e.g. to kernels."""
     _nonneg("weight_decay", weight_decay, "add_decayed_weights")
-    fn = _masked(lambda g, p: g + weight_decay * p, mask)
-
-    def update(updates, state, params=None):
-        _needs_params(params, "add_decayed_weights")
-        return fn(updates, params), state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return _add_term(lambda p: weight_decay * p, mask, "add_decayed_weights")
 
 
 def add_l2_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
     """L2 penalty ``(λ/2) ‖θ‖²`` added to the loss, i.e. ``g ← g + λ θ`` before any scaling."""
     _nonneg("coefficient", coefficient, "add_l2_penalty")
-    fn = _masked(lambda g, p: g + coefficient * p, mask)
-
-    def update(updates, state, params=None):
-        _needs_params(params, "add_l2_penalty")
-        return fn(updates, params), state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return _add_term(lambda p: coefficient * p, mask, "add_l2_penalty")
 
 
 def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
     """L1 penalty ``λ ‖θ‖₁``: ``g ← g + λ sign(θ)`` (subgradient 0 at θ = 0)."""
     _nonneg("coefficient", coefficient, "add_l1_penalty")
-    fn = _masked(lambda g, p: g + coefficient * jnp.sign(p), mask)
-
-    def update(updates, state, params=None):
-        _needs_params(params, "add_l1_penalty")
-        return fn(updates, params), state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return _add_term(lambda p: coefficient * jnp.sign(p), mask, "add_l1_penalty")
 
 
 # --------------------------------------------------------------------------- clipping
