@@ -1,4 +1,4 @@
-"""The command line: ``python -m fbp check``."""
+"""The command line: ``python -m fbp check`` and ``python -m fbp train``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,86 @@ def summary_table(reports) -> str:
     return "\n".join(fmt.format(*line).rstrip() for line in [header, *lines])
 
 
+ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "gelu": "GELU", "silu": "SiLU", "elu": "ELU",
+               "leaky_relu": "LeakyReLU", "softplus": "Softplus"}
+LOSSES = {"cce": ("CategoricalCrossEntropy", {"from_logits": True}), "hinge": ("MulticlassHinge", {}),
+          "mse": ("MSE", {})}
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov", "adagrad", "rmsprop")
+
+
+def _optimizer(name: str, lr: float):
+    from fbp import optim
+
+    if name in ("momentum", "nesterov"):
+        return optim.sgd(lr, momentum=0.9, nesterov=name == "nesterov")
+    return getattr(optim, name)(lr)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from fbp import check, data, losses, nn, train
+
+    ds = data.load_digits(test_fraction=0.2, seed=args.seed)
+    init = nn.init.he_normal if args.activation in ("relu", "leaky_relu", "elu", "gelu", "silu") \
+        else nn.init.glorot_uniform
+    layers = []
+    for width in args.hidden:
+        layers += [nn.Dense(width, kernel_init=init), getattr(nn, ACTIVATIONS[args.activation])()]
+    model = nn.Serial(*layers, nn.Dense(10))
+    loss_name, loss_kwargs = LOSSES[args.loss]
+    loss = getattr(losses, loss_name)(**loss_kwargs)
+    y_train, y_test = ds.y_train, ds.y_test
+    if args.loss == "mse":  # regression onto one-hot targets
+        y_train, y_test = jax.nn.one_hot(y_train, 10), jax.nn.one_hot(y_test, 10)
+    key = jax.random.PRNGKey(args.seed)
+    params = model.init(key, ds.x_train)
+    print(f"digits: {len(ds.x_train)} train / {len(ds.x_test)} test, 64 features, 10 classes")
+    print(f"model: {model!r}\nloss: {loss!r}   optimizer: {args.optimizer}(learning_rate={args.lr})   "
+          f"batch size: {args.batch_size or 'full'}   epochs: {args.epochs}")
+    result = train.fit(model, loss, _optimizer(args.optimizer, args.lr), params, ds.x_train, y_train,
+                       key=jax.random.fold_in(key, 1), epochs=args.epochs, batch_size=args.batch_size,
+                       validation_split=0.1, progress=not args.no_progress, scan_epochs=True, num_classes=None,
+                       early_stopping=train.EarlyStopping("val_loss", patience=args.patience)
+                       if args.patience else None)
+    metrics = train.evaluate(model, loss, result.params, ds.x_test, y_test)
+    print(f"trained {result.epochs_run} epochs" + (f", best epoch {result.best_epoch + 1}"
+                                                   if result.best_epoch is not None else ""))
+    print(f"test loss: {metrics['loss']:.4f}")
+    print(f"test accuracy: {metrics['accuracy']:.3f}")
+    report = check.model(model, loss, result.params, jnp.asarray(ds.x_test[:32]), jnp.asarray(y_test[:32]))
+    worst = max(row.max_rel for row in report.rows if row.against == "jax")
+    print(f"gradient check of the trained model vs JAX autodiff (float64, {len(report.rows)} comparisons): "
+          f"{'PASS' if report.ok else 'FAIL'}, worst relative error {worst:.1e}")
+    if args.plot:
+        _plot(result.history, args.plot)
+        print(f"learning curves written to {args.plot}")
+    return 0 if report.ok else 1
+
+
+def _plot(history, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in ("loss", "val_loss"):
+        if name in history:
+            axes[0].plot(range(1, len(history[name]) + 1), history[name], label=name)
+    for name in ("accuracy", "val_accuracy"):
+        if name in history:
+            axes[1].plot(range(1, len(history[name]) + 1), history[name], label=name)
+    for ax, title in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fbp", description="fbp: functional backpropagation for JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,7 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--jit", action="store_true", help="run fbp's rules under jax.jit")
     p_check.add_argument("-v", "--verbose", action="store_true", help="print every comparison, not only failures")
     p_check.set_defaults(run=_check)
+    p_train = sub.add_parser("train", help="train an MLP on the bundled digits, then verify its gradients")
+    p_train.add_argument("--hidden", type=int, nargs="+", default=[128], help="hidden layer widths")
+    p_train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
+    p_train.add_argument("--loss", choices=sorted(LOSSES), default="cce")
+    p_train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p_train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p_train.add_argument("--batch-size", type=int, default=32, help="0 = the whole training set (batch GD)")
+    p_train.add_argument("--epochs", type=int, default=40)
+    p_train.add_argument("--patience", type=int, default=8, help="early-stopping patience on val_loss; 0 = off")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--plot", metavar="PATH", help="write learning curves to this PNG")
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.set_defaults(run=_train)
     args = parser.parse_args(argv)
+    if getattr(args, "batch_size", None) == 0:
+        args.batch_size = None
     return args.run(args)
 
 

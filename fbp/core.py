@@ -191,6 +191,19 @@ def vjp(model: Layer, params: PyTree, x: Array) -> tuple[Array, Callable[[Array]
     return y, lambda d_y: model.backward(res, d_y)
 
 
+def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y: Array):
+    """``(value, grads, pred)``: one forward pass, the loss, one backward pass.
+
+    The building block of :func:`value_and_grad` for callers that also need the prediction
+    (metrics in a training step) without a second forward pass.
+    """
+    pred, res = model.forward(params, x)
+    value, loss_res = loss.forward(pred, y)
+    d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))
+    d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
+    return value, d_params, pred
+
+
 def value_and_grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array], tuple[Array, PyTree]]:
     """The backward transform: forward pass, loss, backward pass through every layer.
 
@@ -201,10 +214,7 @@ def value_and_grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array],
     """
 
     def value_and_grad_fn(params: PyTree, x: Array, y: Array) -> tuple[Array, PyTree]:
-        pred, res = model.forward(params, x)
-        value, loss_res = loss.forward(pred, y)
-        d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))
-        d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
+        value, d_params, _ = value_grad_and_output(model, loss, params, x, y)
         return value, d_params
 
     return value_and_grad_fn
