@@ -106,3 +106,17 @@ def test_cli_check_exits_nonzero_on_a_wrong_rule(monkeypatch, capsys):
     monkeypatch.setattr(catalog, "models", lambda: [])
     assert main(["check"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_train_main_job(tmp_path):
+    import subprocess
+    import sys
+
+    plot = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, "-m", "fbp", "train", "--no-progress", "--plot", str(plot)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.split("test accuracy: ")[1].split()[0])
+    assert accuracy >= 0.97
+    assert "vs JAX autodiff" in result.stdout and "PASS" in result.stdout
+    assert plot.stat().st_size > 1000
