@@ -18,3 +18,38 @@ def test_xor_learns_and_prints_the_truth_table():
     rows = [line.split("|") for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [(r[0].split(), int(r[1]), int(r[3])) for r in rows] == [
         (["0", "0"], 0, 0), (["0", "1"], 1, 1), (["1", "0"], 1, 1), (["1", "1"], 0, 0)]
+
+
+def test_digits_mlp_reaches_97_percent():
+    result = run("digits_mlp.py", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split("test accuracy: ")[1].split()[0]) >= 0.97
+
+
+def test_symmetry_1986_finds_the_mirror_solution():
+    result = run("symmetry_1986.py", "--seeds", "8", "--sweeps", "3000")
+    assert result.returncode == 0, result.stderr
+    solved = int(result.stdout.split(" of 8 seeds solve")[0].split()[-1])
+    assert solved >= 2
+    ratios = [line.split("ratio ")[1].split("   ")[0] for line in result.stdout.splitlines() if "ratio " in line]
+    for ratio in ratios:
+        a, b, c = (float(v) for v in ratio.split(" : "))
+        assert a == 1.0 and abs(b - 2) < 0.2 and abs(c - 4) < 0.4
+    sums = [float(line.split("mirror sum ")[1]) for line in result.stdout.splitlines() if "mirror sum " in line]
+    assert sums and max(sums) < 0.05
+
+
+def test_regression_losses_robust_losses_beat_mse_under_outliers():
+    result = run("regression_losses.py", "--epochs", "300")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: float(line.split()[-2]) for line in result.stdout.splitlines()
+            if line.startswith(("MSE ", "MAE ", "Huber"))}
+    assert rows["MAE"] < rows["MSE"] and rows["Huber(delta=1)"] < rows["MSE"]
+
+
+def test_optimizers_example_runs_every_optimizer_and_plots(tmp_path):
+    result = run("optimizers.py", "--epochs", "5", "--plot", str(tmp_path / "o.png"))
+    assert result.returncode == 0, result.stderr
+    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW"):
+        assert f"\n{name} " in result.stdout
+    assert (tmp_path / "o.png").stat().st_size > 1000
