@@ -19,6 +19,7 @@ per epoch instead of one per step — much faster for small models); the numbers
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -76,15 +77,18 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
 
 
 def _indexed_step(model, loss, optimizer):
-    """The step the fit loop runs: gathers its batch by index, returns loss sum and correct count."""
+    """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
+    epoch's summed loss and correct count (no host round trip per step)."""
 
-    def step(carry, x, y, idx):
-        params, opt_state = carry
+    def step(carry, x, y, batches, i):
+        params, opt_state, loss_sum, correct = carry
+        idx = batches[i]
         xb, yb = x[idx], y[idx]
         value, grads, pred = value_grad_and_output(model, loss, params, xb, yb)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        stats = (value * idx.shape[0], correct_count(pred, yb, loss))
-        return (apply_updates(params, updates), opt_state), stats
+        loss_sum = loss_sum + value.astype(jnp.float32) * idx.shape[0]
+        correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
+        return apply_updates(params, updates), opt_state, loss_sum, correct
 
     return step
 
@@ -167,10 +171,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     classify = isinstance(loss, CLASSIFICATION) if metrics is None else "accuracy" in metrics
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
-    step = _indexed_step(model, loss, optimizer)
-    step_jit = jax.jit(step)
-    scan_jit = jax.jit(lambda carry, x, y, idx: jax.lax.scan(lambda c, i: step(c, x, y, i), carry, idx))
-    evaluate_jit = jax.jit(lambda p, xv, yv: _eval_stats(model, loss, p, xv, yv))
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer)
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
@@ -181,20 +182,16 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     epochs_run = 0
     for epoch in epoch_range:
         start = time.perf_counter()
-        batches = fdata.batch_indices(n, batch_size, key=jax.random.fold_in(key, epoch) if shuffle else None)
-        full = [b for b in batches if b.shape[0] == batches[0].shape[0]]
-        rest = batches[len(full):]
-        stats = []  # device scalars, summed once per epoch (no sync per step)
-        if scan_epochs and len(full) > 1:
-            carry, (sums, hits) = scan_jit(carry, x, y, jnp.stack(full))
-            stats.append((sums.sum(), hits.sum()))
-            todo = rest
+        full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
+        carry = (*carry[:2], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        if scan_epochs and full.shape[0] > 1:
+            carry = scan_jit(carry, x, y, full)
         else:
-            todo = batches
-        for idx in todo:
-            carry, s_c = step_jit(carry, x, y, idx)
-            stats.append(s_c)
-        loss_sum, correct = (float(sum(parts)) for parts in zip(*stats))
+            for i in range(full.shape[0]):
+                carry = step_jit(carry, x, y, full, i)
+        if rest is not None:
+            carry = step_jit(carry, x, y, rest, 0)
+        loss_sum, correct = float(carry[2]), float(carry[3])
         record = {"loss": loss_sum / n}
         if classify:
             record["accuracy"] = correct / _examples_from(y, loss)
@@ -231,6 +228,40 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         bar.close()
     params = best_params if (early_stopping is not None and early_stopping.restore_best) else carry[0]
     return FitResult(params, carry[1], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run)
+
+
+def _epoch_batches(n: int, batch_size: int | None, key):
+    """One epoch's indices as ``(full, rest)``: ``full`` is ``(num_full_batches, size)``,
+    ``rest`` is ``(1, n mod size)`` or None — made with one reshape, no per-batch host work."""
+    size = n if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (the whole data set), got {batch_size}")
+    order = jnp.arange(n) if key is None else jax.random.permutation(key, n)
+    k = n // size
+    full = order[:k * size].reshape(k, size)
+    return full, (order[k * size:][None] if n % size else None)
+
+
+def _build(model, loss, optimizer):
+    step = _indexed_step(model, loss, optimizer)
+    def scan_epoch(carry, x, y, batches):
+        body = lambda c, i: (step(c, x, y, batches, i), None)
+        return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
+
+    return (jax.jit(step), jax.jit(scan_epoch),
+            jax.jit(lambda p, xv, yv: _eval_stats(model, loss, p, xv, yv)))
+
+
+_build_cached = functools.lru_cache(maxsize=32)(_build)
+
+
+def _compiled(model, loss, optimizer):
+    """The jitted epoch pieces, cached per (model, loss, optimizer) so a second ``fit`` with the
+    same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
+    try:
+        return _build_cached(model, loss, optimizer)
+    except TypeError:  # an unhashable user layer: build afresh
+        return _build(model, loss, optimizer)
 
 
 def _eval_stats(model, loss, params, x, y):
