@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import Layer, Loss, value_and_grad
+from fbp.core import Layer, Loss, run_forward, value_grad_and_output
 
 PyTree = Any
 
@@ -206,51 +206,54 @@ def _split_differentiable(params, x):
 
 
 # --------------------------------------------------------------------------- public checks
-def layer(layer: Layer, params: PyTree, x, *, d_y=None, key=None, dtype=jnp.float64, jit: bool = False,
-          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
-          fd_directions: int = 2) -> Report:
+def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, train: bool = False, seed: int = 0,
+          dtype=jnp.float64, jit: bool = False, rtol: float | None = None, atol: float = 0.0, fd: bool = True,
+          fd_rtol: float | None = None, fd_directions: int = 2) -> Report:
     """Check ``layer.backward`` (every parameter path and the input cotangent ``x``).
 
     Args:
         layer, params, x: the layer, its parameters and an input batch.
-        d_y: the output cotangent; default a standard normal draw from ``key``.
-        key: randomness for ``d_y`` and the difference directions (default ``PRNGKey(0)``).
+        d_y: the output cotangent; default a standard normal draw (from ``seed``).
+        state, key, train: the forward's context, for contextual layers (BatchNorm, Dropout):
+            the reference differentiates ``apply`` with the same state, key and mode.
+        seed: randomness of the check itself (``d_y`` and the difference directions).
         dtype: cast floating inputs to this dtype (default float64); ``None`` keeps them.
         jit: run fbp's forward and backward under ``jax.jit``.
         rtol, atol, fd, fd_rtol, fd_directions: tolerances and finite-difference settings.
     """
-    key = jax.random.PRNGKey(0) if key is None else key
+    check_key = jax.random.PRNGKey(seed)
 
     def body():
-        p, xx = _cast(params, dtype), _cast(x, dtype)
-        y = jax.eval_shape(layer.apply, p, xx)
-        cot = jax.random.normal(key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
+        p, xx, ss = _cast(params, dtype), _cast(x, dtype), _cast(state, dtype)
+        ctx = {"state": ss, "key": key, "train": train}
+        y = jax.eval_shape(lambda p_, x_: layer.apply(p_, x_, **ctx), p, xx)
+        cot = jax.random.normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
         args = _split_differentiable(p, xx)
 
         def f(a):
-            return jnp.vdot(layer.apply(a["params"], a.get("x", xx)), cot)
+            return jnp.vdot(layer.apply(a["params"], a.get("x", xx), **ctx), cot)
 
         def fbp_grad(a):
-            _, res = layer.forward(a["params"], a.get("x", xx))
+            _, res = run_forward(layer, a["params"], a.get("x", xx), **ctx)
             d_params, d_x = layer.backward(res, cot)
             return {"params": d_params, "x": d_x} if "x" in a else {"params": d_params}
 
         rt, frt = _defaults(y.dtype, rtol, fd_rtol)
         return _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
-                    fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
+                    fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
 
     return _with_precision(dtype, body)
 
 
-def loss(loss: Loss, pred, target, *, g=None, key=None, dtype=jnp.float64, jit: bool = False,
+def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, jit: bool = False,
          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
          fd_directions: int = 2) -> Report:
     """Check ``loss.backward`` against ``jax.grad`` of ``g · loss(pred, target)``.
 
     ``g`` is the cotangent of the value: default 1.0, or for ``reduction="none"`` a standard
-    normal draw of shape ``(N,)``.
+    normal draw of shape ``(N,)`` (from ``seed``).
     """
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.PRNGKey(seed)
 
     def body():
         p, t = _cast(pred, dtype), _cast(target, dtype)
@@ -273,26 +276,28 @@ def loss(loss: Loss, pred, target, *, g=None, key=None, dtype=jnp.float64, jit: 
     return _with_precision(dtype, body)
 
 
-def model(model: Layer, loss: Loss, params: PyTree, x, y, *, key=None, dtype=jnp.float64, jit: bool = False,
-          rtol: float | None = None, atol: float = 0.0, fd: bool = True, fd_rtol: float | None = None,
-          fd_directions: int = 2) -> Report:
-    """Check ``fbp.value_and_grad(model, loss)`` against ``jax.grad`` of the plain composition."""
-    key = jax.random.PRNGKey(0) if key is None else key
+def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=None, train: bool = True,
+          seed: int = 0, dtype=jnp.float64, jit: bool = False, rtol: float | None = None, atol: float = 0.0,
+          fd: bool = True, fd_rtol: float | None = None, fd_directions: int = 2) -> Report:
+    """Check fbp's backward transform against ``jax.grad`` of the plain composition
+    ``loss(model.apply(params, x, state=state, key=key, train=train), y)`` (training mode by
+    default, as ``fbp.value_and_grad``)."""
+    check_key = jax.random.PRNGKey(seed)
 
     def body():
-        p, xx, yy = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype)
+        p, xx, yy, ss = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype), _cast(state, dtype)
+        ctx = {"state": ss, "key": key, "train": train}
         dt = jax.tree_util.tree_leaves(p)[0].dtype if jax.tree_util.tree_leaves(p) else xx.dtype
         rt, frt = _defaults(dt, rtol, fd_rtol)
-        vg = value_and_grad(model, loss)
 
         def f(a):
-            return loss(model.apply(a["params"], xx), yy)
+            return loss(model.apply(a["params"], xx, **ctx), yy)
 
         def fbp_grad(a):
-            return {"params": vg(a["params"], xx, yy)[1]}
+            return {"params": value_grad_and_output(model, loss, a["params"], xx, yy, **ctx)[1]}
 
         return _run(f"fbp.check.model: {model!r} with {loss!r}", f, fbp_grad, {"params": p}, dtype=dtype, jit=jit,
-                    rtol=rt, atol=atol, fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
+                    rtol=rt, atol=atol, fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
 
     return _with_precision(dtype, body)
 

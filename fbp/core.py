@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,38 @@ class Layer:
 
     Implement :meth:`init`, :meth:`forward` and :meth:`backward`; :meth:`apply` follows.
     Parameter-free layers return ``{}`` from ``init`` and ``{}`` as ``d_params``.
+
+    **State and randomness** (BatchNorm's running statistics, Dropout's masks) are explicit.
+    A layer that needs them sets ``contextual = True`` and takes keyword arguments::
+
+        y, res = layer.forward(params, x, state=state, key=key, train=True)
+        state  = layer.next_state(state, res)     # e.g. running averages from saved batch stats
+        state0 = layer.init_state(params)         # {} for layers without state
+
+    Combinators pass each child its own part of ``state`` and its own key (split once per
+    child), and call a non-contextual child as plain ``forward(params, x)`` — so a stateless,
+    deterministic layer or model never sees a state, a key or a mode.
     """
+
+    contextual: ClassVar[bool] = False
+
+    @property
+    def has_state(self) -> bool:
+        """Whether this layer (or a child) keeps state between steps."""
+        return False
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether this layer (or a child) draws random numbers in training mode."""
+        return False
+
+    def init_state(self, params: PyTree) -> PyTree:
+        """The initial state (``{}`` unless the layer keeps state)."""
+        return {}
+
+    def next_state(self, state: PyTree, res: PyTree) -> PyTree:
+        """The state after a forward pass whose residuals are ``res`` (unchanged by default)."""
+        return state
 
     def init(self, key: Array, x: Any) -> PyTree:
         """Parameters for inputs shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)."""
@@ -111,12 +142,22 @@ class Layer:
         """``(d_params, d_x)`` from the residuals and the output cotangent ``d_y``."""
         raise NotImplementedError
 
-    def apply(self, params: PyTree, x: Array) -> Array:
-        """The output alone. Under ``jax.jit`` the unused residuals cost nothing."""
-        return self.forward(params, x)[0]
+    def apply(self, params: PyTree, x: Array, *, state: PyTree = None, key: Array | None = None,
+              train: bool = False) -> Array:
+        """The output alone (evaluation mode unless ``train``). Under ``jax.jit`` the unused
+        residuals cost nothing."""
+        return run_forward(self, params, x, state=state, key=key, train=train)[0]
 
-    def __call__(self, params: PyTree, x: Array) -> Array:
-        return self.apply(params, x)
+    def __call__(self, params: PyTree, x: Array, **context) -> Array:
+        return self.apply(params, x, **context)
+
+
+def run_forward(layer: Layer, params: PyTree, x: Array, *, state: PyTree = None, key: Array | None = None,
+                train: bool = False) -> tuple[Array, PyTree]:
+    """``layer.forward`` with the context passed only to layers that take it."""
+    if layer.contextual:
+        return layer.forward(params, x, state=state, key=key, train=train)
+    return layer.forward(params, x)
 
 
 def _no_params(key: Array, x: Any) -> PyTree:
@@ -185,45 +226,63 @@ class Loss:
 
 
 # --------------------------------------------------------------------------- backward transform
-def vjp(model: Layer, params: PyTree, x: Array) -> tuple[Array, Callable[[Array], tuple[PyTree, Array]]]:
-    """``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)``, from hand-written rules."""
-    y, res = model.forward(params, x)
+def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Callable[[Array], tuple[PyTree, Array]]]:
+    """``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)``, from hand-written rules.
+
+    ``context``: ``state``, ``key``, ``train`` for contextual models (default: evaluation mode).
+    """
+    y, res = run_forward(model, params, x, **context)
     return y, lambda d_y: model.backward(res, d_y)
 
 
-def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y: Array):
-    """``(value, grads, pred)``: one forward pass, the loss, one backward pass.
+def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y: Array, *, state: PyTree = None,
+                          key: Array | None = None, train: bool = True):
+    """``(value, grads, pred, new_state)``: one forward pass, the loss, one backward pass.
 
     The building block of :func:`value_and_grad` for callers that also need the prediction
-    (metrics in a training step) without a second forward pass.
+    (metrics in a training step) or the model's state. Training mode by default;
+    ``new_state`` is None when ``state`` is None.
     """
-    pred, res = model.forward(params, x)
+    pred, res = run_forward(model, params, x, state=state, key=key, train=train)
     value, loss_res = loss.forward(pred, y)
     d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))
     d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
-    return value, d_params, pred
+    return value, d_params, pred, (None if state is None else model.next_state(state, res))
 
 
-def value_and_grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array], tuple[Array, PyTree]]:
+def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """The backward transform: forward pass, loss, backward pass through every layer.
 
-    Returns ``f(params, x, y) -> (value, grads)``, equal to
-    JAX's ``value_and_grad(lambda p: loss(model.apply(p, x), y))(params)`` but computed only by
-    the layers' and the loss's own backward rules. ``f`` is pure: jit it, vmap it
-    (per-example gradients) or run it inside ``lax.scan``.
-    """
+    Returns ``f(params, x, y, *, key=None) -> (value, grads)``, equal to
+    JAX's ``value_and_grad(lambda p: loss(model.apply(p, x, key=key, train=True), y))(params)``
+    but computed only by the layers' and the loss's own backward rules. ``f`` is pure: jit it,
+    vmap it (per-example gradients) or run it inside ``lax.scan``. ``key`` is needed only by
+    models with random layers (Dropout).
 
-    def value_and_grad_fn(params: PyTree, x: Array, y: Array) -> tuple[Array, PyTree]:
-        value, d_params, _ = value_grad_and_output(model, loss, params, x, y)
+    With ``has_state=True`` (models with BatchNorm): ``f(params, state, x, y, *, key=None)
+    -> (value, grads, new_state)``.
+    """
+    if has_state:
+        def value_and_grad_with_state(params, state, x, y, *, key=None):
+            value, d_params, _, new_state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+            return value, d_params, new_state
+
+        return value_and_grad_with_state
+
+    def value_and_grad_fn(params: PyTree, x: Array, y: Array, *, key: Array | None = None) -> tuple[Array, PyTree]:
+        value, d_params, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
         return value, d_params
 
     return value_and_grad_fn
 
 
-def grad(model: Layer, loss: Loss) -> Callable[[PyTree, Array, Array], PyTree]:
-    """Like :func:`value_and_grad` but returns only the gradients (same structure as params)."""
-    f = value_and_grad(model, loss)
-    return lambda params, x, y: f(params, x, y)[1]
+def grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
+    """Like :func:`value_and_grad` without the value: ``grads`` (same structure as params), or
+    ``(grads, new_state)`` with ``has_state=True``."""
+    f = value_and_grad(model, loss, has_state=has_state)
+    if has_state:
+        return lambda *args, **kwargs: f(*args, **kwargs)[1:]
+    return lambda *args, **kwargs: f(*args, **kwargs)[1]
 
 
 def to_jax(model: Layer) -> Callable[[PyTree, Array], Array]:

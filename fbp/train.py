@@ -55,9 +55,9 @@ def correct_count(pred, target, loss: Loss) -> jax.Array:
     return jnp.sum(predicted == actual)
 
 
-def evaluate(model: Layer, loss: Loss, params: PyTree, x, y) -> dict[str, float]:
-    """``{"loss": ..., "accuracy": ...}`` (accuracy for classification losses only)."""
-    pred = jax.jit(model.apply)(params, jnp.asarray(x))
+def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = None) -> dict[str, float]:
+    """``{"loss": ..., "accuracy": ...}`` in evaluation mode (accuracy for classification losses)."""
+    pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, jnp.asarray(x))
     out = {"loss": float(loss(pred, jnp.asarray(y)))}
     if isinstance(loss, CLASSIFICATION):
         out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / _examples_from(y, loss)
@@ -65,30 +65,40 @@ def evaluate(model: Layer, loss: Loss, params: PyTree, x, y) -> dict[str, float]
 
 
 # --------------------------------------------------------------------------- the step
-def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True) -> Callable:
-    """``step(params, opt_state, x, y) -> (params, opt_state, loss_value)``, jitted by default."""
+def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
+              has_state: bool = False) -> Callable:
+    """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
+    by default; ``key`` only for models with random layers. With ``has_state=True``:
+    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``."""
 
-    def step(params, opt_state, x, y):
-        value, grads, _ = value_grad_and_output(model, loss, params, x, y)
+    def step(params, opt_state, x, y, *, key=None):
+        value, grads, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), opt_state, value
 
-    return jax.jit(step) if jit else step
+    def step_with_state(params, state, opt_state, x, y, *, key=None):
+        value, grads, _, state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return apply_updates(params, updates), state, opt_state, value
+
+    chosen = step_with_state if has_state else step
+    return jax.jit(chosen) if jit else chosen
 
 
 def _indexed_step(model, loss, optimizer):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step)."""
 
-    def step(carry, x, y, batches, i):
-        params, opt_state, loss_sum, correct = carry
-        idx = batches[i]
+    def step(carry, x, y, batches, row, epoch_key, step_number):
+        params, state, opt_state, loss_sum, correct = carry
+        idx = batches[row]
         xb, yb = x[idx], y[idx]
-        value, grads, pred = value_grad_and_output(model, loss, params, xb, yb)
+        key = jax.random.fold_in(epoch_key, step_number) if model.needs_key else None
+        value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         loss_sum = loss_sum + value.astype(jnp.float32) * idx.shape[0]
         correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
-        return apply_updates(params, updates), opt_state, loss_sum, correct
+        return apply_updates(params, updates), state, opt_state, loss_sum, correct
 
     return step
 
@@ -113,13 +123,15 @@ class EarlyStopping(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What :func:`fit` returns; ``history`` maps metric names to one value per epoch run."""
+    """What :func:`fit` returns; ``history`` maps metric names to one value per epoch run;
+    ``state`` is the model's state (None for stateless models)."""
 
     params: PyTree
     opt_state: PyTree
     history: dict[str, np.ndarray]
     best_epoch: int | None
     epochs_run: int
+    state: PyTree = None
 
 
 def _progress(epochs: int, enabled: bool):
@@ -137,7 +149,7 @@ def _progress(epochs: int, enabled: bool):
 def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyTree, x, y, *, key,
         epochs: int = 10, batch_size: int | None = 32, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
-        progress: bool = True, opt_state: PyTree = None, num_classes: int | None = None,
+        progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
@@ -147,6 +159,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             ``(x, y)`` (chosen with ``key``).
         early_stopping: an :class:`EarlyStopping`; needs validation data for ``val_*`` monitors.
         scan_epochs: run each epoch's full batches inside one ``lax.scan``.
+        state: the model's state (BatchNorm); default ``model.init_state(params)`` for models
+            that keep state. Random layers get ``fold_in(epoch key, step)``: a fresh key per step.
         progress: show a tqdm bar (when tqdm is installed).
         num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``.
         log_every: print a line every this many epochs (0: never).
@@ -176,32 +190,35 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
     history: dict[str, list[float]] = {}
-    best, best_epoch, best_params, waited = None, None, params, 0
+    best, best_epoch, best_params, best_state, waited = None, None, params, state, 0
     epoch_range, bar = _progress(epochs, progress)
-    carry = (params, opt_state)
+    if model.has_state and state is None:
+        state = model.init_state(params)
+    carry = (params, state, opt_state)
     epochs_run = 0
     for epoch in epoch_range:
         start = time.perf_counter()
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
-        carry = (*carry[:2], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
+        carry = (*carry[:3], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
         if scan_epochs and full.shape[0] > 1:
-            carry = scan_jit(carry, x, y, full)
+            carry = scan_jit(carry, x, y, full, epoch_key)
         else:
             for i in range(full.shape[0]):
-                carry = step_jit(carry, x, y, full, i)
+                carry = step_jit(carry, x, y, full, i, epoch_key, i)
         if rest is not None:
-            carry = step_jit(carry, x, y, rest, 0)
-        loss_sum, correct = float(carry[2]), float(carry[3])
+            carry = step_jit(carry, x, y, rest, 0, epoch_key, full.shape[0])
+        loss_sum, correct = float(carry[3]), float(carry[4])
         record = {"loss": loss_sum / n}
         if classify:
             record["accuracy"] = correct / _examples_from(y, loss)
         if validation_data is not None:
-            v_loss, v_correct = evaluate_jit(carry[0], x_val, y_val)
+            v_loss, v_correct = evaluate_jit(carry[0], carry[1], x_val, y_val)
             record["val_loss"] = float(v_loss)
             if classify:
                 record["val_accuracy"] = float(v_correct) / _examples_from(y_val, loss)
         try:
-            record["learning_rate"] = float(read_learning_rate(carry[1]))
+            record["learning_rate"] = float(read_learning_rate(carry[2]))
         except ValueError:
             pass
         record["seconds"] = time.perf_counter() - start
@@ -219,15 +236,17 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                 raise ValueError(f"early stopping monitors {early_stopping.monitor!r}, not among {sorted(record)}")
             value = record[early_stopping.monitor]
             if best is None or early_stopping.better(value, best):
-                best, best_epoch, best_params, waited = value, epoch, carry[0], 0
+                best, best_epoch, best_params, best_state, waited = value, epoch, carry[0], carry[1], 0
             else:
                 waited += 1
                 if waited >= early_stopping.patience:
                     break
     if bar is not None:
         bar.close()
-    params = best_params if (early_stopping is not None and early_stopping.restore_best) else carry[0]
-    return FitResult(params, carry[1], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run)
+    restore = early_stopping is not None and early_stopping.restore_best
+    params, state = (best_params, best_state) if restore else carry[:2]
+    return FitResult(params, carry[2], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run,
+                     state)
 
 
 def _epoch_batches(n: int, batch_size: int | None, key):
@@ -244,12 +263,12 @@ def _epoch_batches(n: int, batch_size: int | None, key):
 
 def _build(model, loss, optimizer):
     step = _indexed_step(model, loss, optimizer)
-    def scan_epoch(carry, x, y, batches):
-        body = lambda c, i: (step(c, x, y, batches, i), None)
+    def scan_epoch(carry, x, y, batches, epoch_key):
+        body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
 
     return (jax.jit(step), jax.jit(scan_epoch),
-            jax.jit(lambda p, xv, yv: _eval_stats(model, loss, p, xv, yv)))
+            jax.jit(lambda p, s, xv, yv: _eval_stats(model, loss, p, s, xv, yv)))
 
 
 _build_cached = functools.lru_cache(maxsize=32)(_build)
@@ -264,8 +283,8 @@ def _compiled(model, loss, optimizer):
         return _build(model, loss, optimizer)
 
 
-def _eval_stats(model, loss, params, x, y):
-    pred = model.apply(params, x)
+def _eval_stats(model, loss, params, state, x, y):
+    pred = model.apply(params, x, state=state)
     return loss(pred, y), correct_count(pred, y, loss)
 
 

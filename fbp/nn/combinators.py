@@ -17,7 +17,22 @@ import dataclasses
 
 import jax
 
-from fbp.core import InputError, Layer, at_path
+from fbp.core import InputError, Layer, at_path, run_forward
+
+
+def split_key(key, n: int) -> list:
+    """One key per child (``None`` for all when no key is given)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def child_states(layer, state, n: int) -> list:
+    """Each child's part of a combinator's state (``None`` for all when no state is given)."""
+    if state is None:
+        return [None] * n
+    if not isinstance(state, (tuple, list)) or len(state) != n:
+        raise InputError(repr(layer), f"expects state as a tuple with one entry per child ({n}), received "
+                                      f"{type(state).__name__}; make it with model.init_state(params)")
+    return list(state)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -25,6 +40,7 @@ class Serial(Layer):
     """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``."""
 
     layers: tuple[Layer, ...]
+    contextual = True
 
     def __init__(self, *layers: Layer):
         for i, child in enumerate(layers):
@@ -45,12 +61,30 @@ class Serial(Layer):
             params.append(p)
         return tuple(params)
 
-    def forward(self, params, x):
+    @property
+    def has_state(self):
+        return any(child.has_state for child in self.layers)
+
+    @property
+    def needs_key(self):
+        return any(child.needs_key for child in self.layers)
+
+    def init_state(self, params):
+        return tuple(child.init_state(p) for child, p in zip(self.layers, params))
+
+    def next_state(self, state, res):
+        if state is None:
+            return None
+        return tuple(child.next_state(s, r) for child, s, r in zip(self.layers, state, res))
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
         self._check_params(params)
+        n = len(self.layers)
         residuals = []
-        for i, (child, p) in enumerate(zip(self.layers, params)):
+        for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, state, n),
+                                                 split_key(key, n))):
             with at_path(i):
-                x, res = child.forward(p, x)
+                x, res = run_forward(child, p, x, state=s, key=k, train=train)
             residuals.append(res)
         return x, tuple(residuals)
 
