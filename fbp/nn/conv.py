@@ -1,0 +1,270 @@
+"""Convolutions on channels-last inputs (NWC, NHWC): Conv1D, Conv2D, ConvTranspose2D.
+
+Every convolution here is one general dilated convolution ``y = conv(x, w)`` with window
+strides ``s``, explicit padding ``(lo, hi)``, input (lhs) dilation ``a`` and kernel (rhs)
+dilation ``d``, and ``G`` feature groups; a transposed convolution is the case ``s = 1``,
+``a = strides``. Its two vector-Jacobian products are convolutions too (the rules JAX's own
+``conv_general_dilated`` transpose uses, written out here):
+
+* ``d_x`` — convolve ``d_y`` with the spatially **flipped** kernel whose input and output
+  channels are swapped within each group, strides and input dilation exchanged
+  (``window_strides = a``, ``lhs_dilation = s``), padding ``lo' = k_d - 1 - lo`` and
+  ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
+* ``d_w`` — correlate the input with ``d_y``: the batch axis becomes the contracted feature
+  axis (dimension numbers ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``,
+  ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
+  batch groups.
+
+Residuals: ``(x, w)``. Kernel layout ``(*kernel_size, in_channels / G, features)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import InputError, Layer, describe, require_floating
+from fbp.nn import init as initializers
+
+Padding = str | Sequence[tuple[int, int]]
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+
+
+def _tuple(value, n: int, name: str) -> tuple[int, ...]:
+    out = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(out) != n or not all(isinstance(v, int) and v >= 1 for v in out):
+        raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
+    return out
+
+
+def _dilate(size: int, factor: int) -> int:
+    return 0 if size == 0 else 1 + factor * (size - 1)
+
+
+def specs(n: int) -> tuple[str, str, str]:
+    """Dimension numbers of an ``n``-D channels-last convolution: ``("NHWC", "HWIO", "NHWC")``."""
+    s = _SPATIAL[n]
+    return f"N{s}C", f"{s}IO", f"N{s}C"
+
+
+def conv(x, w, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """The forward: one general dilated convolution, channels last."""
+    lhs, rhs, out = specs(x.ndim - 2)
+    return lax.conv_general_dilated(x, w, strides, pads, lhs_dilation, rhs_dilation, (lhs, rhs, out),
+                                    feature_group_count=groups)
+
+
+def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """``d_x`` of :func:`conv`: a convolution of ``d_y`` with the flipped, channel-swapped kernel."""
+    n = len(strides)
+    k = w.shape[:n]
+    in_sizes, out_sizes = x_shape[1:-1], d_y.shape[1:-1]
+    new_pads = []
+    for i in range(n):
+        k_d = _dilate(k[i], rhs_dilation[i])
+        lo = k_d - 1 - pads[i][0]
+        hi = _dilate(in_sizes[i], lhs_dilation[i]) + k_d - 1 - _dilate(out_sizes[i], strides[i]) - lo
+        new_pads.append((lo, hi))
+    c_in_g, c_out = w.shape[-2], w.shape[-1]
+    # (..., I, G, O/G) -> (..., G, I, O/G) -> (..., G*I, O/G): per group, swap input and output channels
+    wt = w.reshape(*k, c_in_g, groups, c_out // groups)
+    wt = jnp.moveaxis(wt, n + 1, n).reshape(*k, groups * c_in_g, c_out // groups)
+    wt = jnp.flip(wt, axis=tuple(range(n)))
+    s = _SPATIAL[n]
+    return lax.conv_general_dilated(d_y, wt, lhs_dilation, new_pads, strides, rhs_dilation,
+                                    (f"N{s}C", f"{s}OI", f"N{s}C"), feature_group_count=groups)
+
+
+def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """``d_w`` of :func:`conv`: the input correlated with ``d_y`` over batch and space."""
+    n = len(strides)
+    in_sizes, out_sizes = x.shape[1:-1], d_y.shape[1:-1]
+    new_pads = []
+    for i in range(n):
+        k_d = _dilate(kernel_shape[i], rhs_dilation[i])
+        hi = _dilate(out_sizes[i], strides[i]) - _dilate(in_sizes[i], lhs_dilation[i]) + k_d - 1 - pads[i][0]
+        new_pads.append((pads[i][0], hi))
+    s = _SPATIAL[n]
+    return lax.conv_general_dilated(x, d_y, rhs_dilation, new_pads, lhs_dilation, strides,
+                                    (f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups)
+
+
+# --------------------------------------------------------------------------- layers
+@dataclasses.dataclass(frozen=True)
+class _ConvBase(Layer):
+    """Shared fields and checks; subclasses fix the rank and how strides/padding map onto
+    the general convolution."""
+
+    features: int
+    kernel_size: int | tuple[int, ...]
+    strides: int | tuple[int, ...] = 1
+    padding: Padding = "SAME"
+    dilation: int | tuple[int, ...] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = initializers.glorot_uniform
+    bias_init: Callable = initializers.zeros
+    rank: ClassVar[int] = 2
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if not isinstance(self.features, int) or self.features < 1:
+            raise ValueError(f"{name}: features must be a positive int, got {self.features!r}")
+        _tuple(self.kernel_size, self.rank, f"{name}: kernel_size")
+        _tuple(self.strides, self.rank, f"{name}: strides")
+        _tuple(self.dilation, self.rank, f"{name}: dilation")
+        if self.features % self.feature_group_count:
+            raise ValueError(f"{name}: features ({self.features}) must be divisible by feature_group_count "
+                             f"({self.feature_group_count})")
+        if isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or {self.rank} (lo, hi) pairs, "
+                             f"got {self.padding!r}")
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {f}={getattr(self, f)!r}" for f in ("strides", "padding", "dilation", "feature_group_count")
+                        if getattr(self, f) != {"strides": 1, "padding": "SAME", "dilation": 1,
+                                                "feature_group_count": 1}[f])
+        return f"{type(self).__name__}(features={self.features}, kernel_size={self.kernel_size!r}{extra})"
+
+    @property
+    def _k(self):
+        return _tuple(self.kernel_size, self.rank, "kernel_size")
+
+    def _check_input(self, x):
+        require_floating(repr(self), x)
+        expected = "N" + _SPATIAL[self.rank] + "C"
+        if x.ndim != self.rank + 2:
+            raise InputError(repr(self), f"input x must have rank {self.rank + 2} ({expected}, channels last), "
+                                         f"received {describe(x)}")
+        if x.shape[-1] % self.feature_group_count:
+            raise InputError(repr(self), f"input channels ({x.shape[-1]}) must be divisible by feature_group_count "
+                                         f"({self.feature_group_count}); input x {describe(x)}")
+
+    def _kernel_shape(self, x):
+        return (*self._k, x.shape[-1] // self.feature_group_count, self.features)
+
+    def init(self, key, x):
+        self._check_input(x)
+        k_w, k_b = jax.random.split(key)
+        params = {"w": self.kernel_init(k_w, self._kernel_shape(x), x.dtype)}
+        if self.use_bias:
+            params["b"] = self.bias_init(k_b, (self.features,), x.dtype)
+        return params
+
+    def _check_params(self, params, x):
+        expected = {"w": self._kernel_shape(x)}
+        if self.use_bias:
+            expected["b"] = (self.features,)
+        if not hasattr(params, "keys") or set(params.keys()) != set(expected):
+            got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
+        for name, shape in expected.items():
+            if tuple(getattr(params[name], "shape", ())) != shape:
+                hint = ""
+                if name == "w" and params[name].ndim == len(shape):
+                    hint = (f" — the kernel expects {params[name].shape[-2] * self.feature_group_count} input "
+                            f"channels, the input has {x.shape[-1]}")
+                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
+                                             f"{describe(params[name])}{hint}", param=name)
+
+    def _geometry(self, x):
+        """(strides, pads, lhs_dilation, rhs_dilation) of the general convolution for input x."""
+        raise NotImplementedError
+
+    def forward(self, params, x):
+        self._check_input(x)
+        self._check_params(params, x)
+        strides, pads, lhs_dil, rhs_dil = self._geometry(x)
+        y = conv(x, params["w"], strides, pads, lhs_dil, rhs_dil, self.feature_group_count)
+        if self.use_bias:
+            y = y + params["b"]
+        return y, (x, params["w"])
+
+    def backward(self, res, d_y):
+        x, w = res
+        strides, pads, lhs_dil, rhs_dil = self._geometry(x)
+        g = self.feature_group_count
+        d_params = {"w": conv_kernel_grad(x, d_y, w.shape, strides, pads, lhs_dil, rhs_dil, g)}
+        if self.use_bias:
+            d_params["b"] = d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
+        return d_params, conv_input_grad(d_y, w, x.shape, strides, pads, lhs_dil, rhs_dil, g)
+
+
+class _Conv(_ConvBase):
+    def _geometry(self, x):
+        strides, dilation = _tuple(self.strides, self.rank, "strides"), _tuple(self.dilation, self.rank, "dilation")
+        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation)]
+        spatial = x.shape[1:-1]
+        if isinstance(self.padding, str):
+            pads = lax.padtype_to_pads(spatial, k_d, strides, self.padding)
+        else:
+            pads = [tuple(p) for p in self.padding]
+            if len(pads) != self.rank:
+                raise InputError(repr(self), f"padding needs {self.rank} (lo, hi) pairs, got {self.padding!r}")
+        for size, (lo, hi), k in zip(spatial, pads, k_d):
+            if size + lo + hi < k:
+                raise InputError(repr(self), f"the (dilated) window {tuple(k_d)} is larger than the padded input "
+                                             f"{tuple(s + a + b for s, (a, b) in zip(spatial, pads))}; "
+                                             f"input x {describe(x)}")
+        return strides, [tuple(p) for p in pads], (1,) * self.rank, dilation
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Conv1D(_Conv):
+    """1-D convolution over ``(N, W, C)``; ``y[n, w, o] = Σ_{k, c} x[n, s·w + d·k - lo, c] w[k, c, o] + b[o]``."""
+
+    rank: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Conv2D(_Conv):
+    """2-D convolution over ``(N, H, W, C)`` (cross-correlation, as every deep-learning library).
+
+    Args:
+        features: output channels. kernel_size, strides, dilation: an int or a pair.
+        padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), (lo, hi))``.
+        feature_group_count: ``G`` groups (``G = C`` is a depthwise convolution).
+    Params: ``{"w": (kh, kw, C / G, features), "b": (features,)}``.
+    """
+
+    rank: ClassVar[int] = 2
+
+
+def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
+    """Padding of the dilated-input convolution that makes a transposed convolution (as
+    ``lax.conv_transpose``): SAME gives output size ``n·s``, VALID ``n·s + max(k - s, 0)``."""
+    if padding == "SAME":
+        total = k + s - 2
+        lo = k - 1 if s > k - 1 else -(-total // 2)
+    else:
+        total = k + s - 2 + max(k - s, 0)
+        lo = k - 1
+    return lo, total - lo
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ConvTranspose2D(_ConvBase):
+    """Transposed 2-D convolution (``lax.conv_transpose`` semantics, kernel not flipped): the
+    input is dilated by ``strides`` and convolved with stride 1. ``"SAME"`` multiplies the
+    spatial size by ``strides``. Params: ``{"w": (kh, kw, C, features), "b": (features,)}``."""
+
+    rank: ClassVar[int] = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_group_count != 1:
+            raise ValueError("ConvTranspose2D: feature_group_count must be 1")
+
+    def _geometry(self, x):
+        strides, dilation = _tuple(self.strides, 2, "strides"), _tuple(self.dilation, 2, "dilation")
+        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation)]
+        if isinstance(self.padding, str):
+            pads = [_transpose_padding(k, s, self.padding) for k, s in zip(k_d, strides)]
+        else:
+            pads = [tuple(p) for p in self.padding]
+        return (1, 1), pads, strides, dilation
