@@ -1,0 +1,184 @@
+"""Normalisation: BatchNorm, LayerNorm, GroupNorm — each ``y = γ x̂ + β`` with
+``x̂ = (x - μ) / sqrt(σ² + ε)`` over some axes, and the full backward through μ and σ².
+
+With ``m`` the number of values each statistic averages, ``g = γ d_y`` and means ``⟨·⟩`` over
+those same axes::
+
+    d_x = (g - ⟨g⟩ - x̂ ⟨g x̂⟩) / sqrt(σ² + ε)
+    d_γ = Σ d_y x̂          d_β = Σ d_y         (sums over every axis but the channel axis)
+
+(Ioffe & Szegedy, 2015, eq. after Alg. 1, rearranged.) In evaluation mode BatchNorm uses its
+running averages, which are constants: ``d_x = γ d_y / sqrt(σ²_run + ε)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import InputError, Layer, describe, require_floating
+from fbp.nn import init as initializers
+
+
+def _scale_bias_init(x):
+    c = x.shape[-1]
+    return {"scale": initializers.ones(None, (c,), x.dtype), "bias": initializers.zeros(None, (c,), x.dtype)}
+
+
+def _check(owner, params, x, min_rank=2):
+    require_floating(repr(owner), x)
+    if x.ndim < min_rank:
+        raise InputError(repr(owner), f"input x must have rank >= {min_rank} (N, ..., C), received {describe(x)}")
+    c = x.shape[-1]
+    for name in ("scale", "bias"):
+        value = params.get(name) if hasattr(params, "get") else None
+        if value is None or tuple(value.shape) != (c,):
+            raise InputError(repr(owner), f"expected shape ({c},) for {c} channels (input x {describe(x)}), "
+                                          f"received {describe(value) if value is not None else 'nothing'}",
+                             param=name)
+
+
+def _normalize(x, axes, epsilon):
+    mean = x.mean(axis=axes, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    inv = lax.rsqrt(var + epsilon)
+    return centered * inv, inv, mean, var
+
+
+def _normalize_backward(x_hat, inv, g, axes):
+    """``d_x`` of ``x̂`` given ``g = ∂L/∂x̂``; statistics over ``axes``."""
+    return inv * (g - g.mean(axis=axes, keepdims=True) - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
+
+
+def _param_grads(x_hat, d_y):
+    channels = x_hat.shape[-1]
+    return {"scale": (d_y * x_hat).reshape(-1, channels).sum(0), "bias": d_y.reshape(-1, channels).sum(0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm(Layer):
+    """Batch normalisation over every axis but the last (channels).
+
+    Training (``train=True``): batch statistics, full backward through them; the running
+    averages are updated by ``next_state``: ``μ_run ← m μ_run + (1 - m) μ_batch`` (same for the
+    biased batch variance), ``m = momentum``. Evaluation: the running averages.
+
+    Params ``{"scale": (C,), "bias": (C,)}``; state ``{"mean": (C,), "var": (C,)}``.
+    """
+
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    contextual = True
+
+    def __post_init__(self):
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {self.momentum}")
+        if not self.epsilon > 0:
+            raise ValueError(f"BatchNorm: epsilon must be > 0, got {self.epsilon}")
+
+    @property
+    def has_state(self):
+        return True
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return _scale_bias_init(x)
+
+    def init_state(self, params):
+        return {"mean": jnp.zeros_like(params["scale"]), "var": jnp.ones_like(params["scale"])}
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        _check(self, params, x)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            x_hat, inv, mean, var = _normalize(x, axes, self.epsilon)
+            stats = (mean.reshape(-1), var.reshape(-1))
+        else:
+            if state is None:
+                raise InputError(repr(self), "evaluation mode (train=False) needs the running statistics: pass "
+                                             "state=model.init_state(params) (updated by training), or train=True")
+            inv = lax.rsqrt(state["var"] + self.epsilon)
+            x_hat = (x - state["mean"]) * inv
+            stats = None
+        y = params["scale"] * x_hat + params["bias"]
+        return y, (x_hat, inv, params["scale"], stats)
+
+    def backward(self, res, d_y):
+        x_hat, inv, scale, stats = res
+        g = d_y * scale
+        if stats is None:  # evaluation: statistics are constants
+            d_x = g * inv
+        else:
+            d_x = _normalize_backward(x_hat, inv, g, tuple(range(x_hat.ndim - 1)))
+        return _param_grads(x_hat, d_y), d_x
+
+    def next_state(self, state, res):
+        stats = res[3]
+        if state is None or stats is None:
+            return state
+        m = self.momentum
+        return {"mean": m * state["mean"] + (1 - m) * stats[0], "var": m * state["var"] + (1 - m) * stats[1]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNorm(Layer):
+    """Layer normalisation (Ba, Kiros & Hinton, 2016) over the last axis, per example and
+    position; same in training and evaluation. Params ``{"scale": (C,), "bias": (C,)}``."""
+
+    epsilon: float = 1e-5
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return _scale_bias_init(x)
+
+    def forward(self, params, x):
+        _check(self, params, x, min_rank=1)
+        x_hat, inv, _, _ = _normalize(x, (-1,), self.epsilon)
+        return params["scale"] * x_hat + params["bias"], (x_hat, inv, params["scale"])
+
+    def backward(self, res, d_y):
+        x_hat, inv, scale = res
+        return _param_grads(x_hat, d_y), _normalize_backward(x_hat, inv, d_y * scale, (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNorm(Layer):
+    """Group normalisation (Wu & He, 2018): channels split into ``num_groups`` groups;
+    statistics per example and group, over the spatial axes and the group's channels.
+    Params ``{"scale": (C,), "bias": (C,)}``."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    def __post_init__(self):
+        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise ValueError(f"GroupNorm: num_groups must be a positive int, got {self.num_groups!r}")
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return _scale_bias_init(x)
+
+    def _grouped(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise InputError(repr(self), f"channels ({c}) must be divisible by num_groups ({self.num_groups}); "
+                                         f"input x {describe(x)}")
+        return x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+
+    def forward(self, params, x):
+        _check(self, params, x)
+        xg = self._grouped(x)
+        axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
+        x_hat, inv, _, _ = _normalize(xg, axes, self.epsilon)
+        x_hat = x_hat.reshape(x.shape)
+        return params["scale"] * x_hat + params["bias"], (x_hat, inv, params["scale"])
+
+    def backward(self, res, d_y):
+        x_hat, inv, scale = res
+        xg_hat, g = self._grouped(x_hat), self._grouped(d_y * scale)
+        axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
+        d_x = _normalize_backward(xg_hat, inv, g, axes).reshape(x_hat.shape)
+        return _param_grads(x_hat, d_y), d_x

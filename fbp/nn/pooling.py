@@ -1,0 +1,225 @@
+"""Pooling and shape layers: MaxPool2D, AvgPool2D, GlobalAvgPool, Flatten, Reshape.
+
+Pooling windows slide over the two spatial axes of ``(N, H, W, C)``. Each window's elements
+are gathered along a new axis — by one reshape when the windows tile the input
+(``strides == window``), else by one strided slice per window offset — and reduced there.
+
+**Max-pool ties** follow JAX's ``grad`` of that same forward (``max`` over an axis): the
+gradient of a window is **split equally among its tied maxima** (``d_x = [x = y] d_y / count``).
+Overlapping windows add their shares. **Average pooling** with ``"SAME"`` padding averages
+over the valid (unpadded) cells only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.nn.conv import _tuple
+
+
+def _geometry(owner, x, window, strides, padding):
+    """Output size and per-axis ``(lo, hi)`` padding that makes the padded input exactly
+    ``s (o - 1) + k`` long (``hi`` may be negative: VALID drops a remainder)."""
+    if x.ndim != 4:
+        raise InputError(repr(owner), f"input x must have rank 4 (NHWC), received {describe(x)}")
+    spatial = x.shape[1:3]
+    if isinstance(padding, str):
+        base = lax.padtype_to_pads(spatial, window, strides, padding)
+    else:
+        base = [tuple(p) for p in padding]
+    out, pads = [], []
+    for n, k, s, (lo, hi) in zip(spatial, window, strides, base):
+        if n + lo + hi < k:
+            raise InputError(repr(owner), f"window {tuple(window)} is larger than the padded input "
+                                          f"{tuple(a + b + c for a, (b, c) in zip(spatial, base))}; input x {describe(x)}")
+        o = (n + lo + hi - k) // s + 1
+        out.append(o)
+        pads.append((lo, s * (o - 1) + k - n - lo))
+    return tuple(out), pads
+
+
+def _pad(x, pads, value):
+    return lax.pad(x, jnp.asarray(value, x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+
+
+def _unpad(d, pads):
+    return lax.pad(d, jnp.zeros((), d.dtype), [(0, 0, 0), (-pads[0][0], -pads[0][1], 0),
+                                               (-pads[1][0], -pads[1][1], 0), (0, 0, 0)])
+
+
+def _gather(xp, window, strides, out):
+    """Window elements along axis 0: shape ``(kh·kw, N, oh, ow, C)``."""
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out
+    return jnp.stack([xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                      for i in range(kh) for j in range(kw)])
+
+
+def _scatter(parts, padded_shape, window, strides, out):
+    """The transpose of :func:`_gather`: add each offset's part back where it came from."""
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out
+    d = jnp.zeros(padded_shape, parts.dtype)
+    for idx, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
+        d = d.at[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :].add(parts[idx])
+    return d
+
+
+def _tiles(xp, window, out):
+    """Windows as axes 2 and 4 when they tile the input: ``(N, oh, kh, ow, kw, C)``."""
+    return xp.reshape(xp.shape[0], out[0], window[0], out[1], window[1], xp.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool(Layer):
+    window: int | tuple[int, int]
+    strides: int | tuple[int, int] | None = None
+    padding: str | tuple = "VALID"
+
+    def __post_init__(self):
+        _tuple(self.window, 2, f"{type(self).__name__}: window")
+        if self.strides is not None:
+            _tuple(self.strides, 2, f"{type(self).__name__}: strides")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window={self.window!r}, strides={self.strides!r}, padding={self.padding!r})"
+
+    @property
+    def _window(self):
+        return _tuple(self.window, 2, "window")
+
+    @property
+    def _strides(self):
+        return self._window if self.strides is None else _tuple(self.strides, 2, "strides")
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def _prepare(self, params, x):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        out, pads = _geometry(self, x, self._window, self._strides, self.padding)
+        return out, pads, self._strides == self._window
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class MaxPool2D(_Pool):
+    """``y = max`` over each window (padding counts as -inf).
+    ``d_x = Σ_windows [x = y] d_y / (number of tied maxima)``."""
+
+    def forward(self, params, x):
+        out, pads, tiled = self._prepare(params, x)
+        xp = _pad(x, pads, -jnp.inf)
+        if tiled:
+            t = _tiles(xp, self._window, out)
+            y = t.max(axis=(2, 4))
+            mask = t == y[:, :, None, :, None, :]
+        else:
+            g = _gather(xp, self._window, self._strides, out)
+            y = g.max(axis=0)
+            mask = g == y
+        return y, (mask, pads, xp.shape)
+
+    def backward(self, res, d_y):
+        mask, pads, padded_shape = res
+        if mask.ndim == 6:
+            share = mask * (d_y / mask.sum(axis=(2, 4)))[:, :, None, :, None, :]
+            d_xp = share.reshape(padded_shape)
+        else:
+            share = mask * (d_y / mask.sum(axis=0))
+            d_xp = _scatter(share, padded_shape, self._window, self._strides, d_y.shape[1:3])
+        return {}, _unpad(d_xp, pads)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class AvgPool2D(_Pool):
+    """``y = Σ_window x / count``, with ``count`` the window's valid (unpadded) cells;
+    ``d_x = Σ_windows d_y / count``."""
+
+    def forward(self, params, x):
+        out, pads, tiled = self._prepare(params, x)
+        xp = _pad(x, pads, 0.0)
+        ones = _pad(jnp.ones((1, *x.shape[1:3], 1), x.dtype), pads, 0.0)
+        if tiled:
+            count = _tiles(ones, self._window, out).sum(axis=(2, 4))
+            y = _tiles(xp, self._window, out).sum(axis=(2, 4)) / count
+        else:
+            count = _gather(ones, self._window, self._strides, out).sum(axis=0)
+            y = _gather(xp, self._window, self._strides, out).sum(axis=0) / count
+        return y, (count, pads, xp.shape, tiled)
+
+    def backward(self, res, d_y):
+        count, pads, padded_shape, tiled = res
+        share = d_y / count
+        if tiled:
+            kh, kw = self._window
+            d_xp = jnp.broadcast_to(share[:, :, None, :, None, :], (share.shape[0], share.shape[1], kh, share.shape[2],
+                                                                      kw, share.shape[3])).reshape(padded_shape)
+        else:
+            parts = jnp.broadcast_to(share, (math.prod(self._window), *share.shape))
+            d_xp = _scatter(parts, padded_shape, self._window, self._strides, d_y.shape[1:3])
+        return {}, _unpad(d_xp, pads)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAvgPool(Layer):
+    """Mean over every axis between batch and channels: ``(N, ..., C) -> (N, C)``;
+    ``d_x = d_y / (number of averaged positions)``, broadcast back."""
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        if x.ndim < 3:
+            raise InputError(repr(self), f"input x needs spatial axes (N, ..., C), received {describe(x)}")
+        return x.mean(axis=tuple(range(1, x.ndim - 1))), x.shape
+
+    def backward(self, shape, d_y):
+        count = math.prod(shape[1:-1])
+        return {}, jnp.broadcast_to((d_y / count).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1]), shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten(Layer):
+    """``(N, ...) -> (N, prod(...))``; the backward reshapes back."""
+
+    def init(self, key, x):
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        if x.ndim < 1:
+            raise InputError(repr(self), f"input x needs a batch axis, received {describe(x)}")
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(self, shape, d_y):
+        return {}, d_y.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape(Layer):
+    """``(N, ...) -> (N, *shape)`` (one entry of ``shape`` may be -1); the backward reshapes back."""
+
+    shape: tuple[int, ...]
+
+    def init(self, key, x):
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        target = (x.shape[0], *self.shape)
+        known = math.prod(s for s in self.shape if s != -1)
+        size = math.prod(x.shape[1:])
+        if (-1 in self.shape and size % max(known, 1)) or (-1 not in self.shape and known != size):
+            raise InputError(repr(self), f"cannot reshape input x {describe(x)} to (N, *{tuple(self.shape)})")
+        return x.reshape(target), x.shape
+
+    def backward(self, shape, d_y):
+        return {}, d_y.reshape(shape)
