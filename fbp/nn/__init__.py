@@ -16,10 +16,17 @@ from fbp.nn.activations import (
     Softplus,
     Tanh,
 )
-from fbp.nn.combinators import Serial
+from fbp.nn.combinators import Parallel, Residual, Serial
+from fbp.nn.conv import Conv1D, Conv2D, ConvTranspose2D
 from fbp.nn.dense import Dense
+from fbp.nn.dropout import Dropout
+from fbp.nn.embedding import Embedding
+from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
+from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
 
 __all__ = [
-    "Activation", "Dense", "ELU", "FunctionLayer", "GELU", "Identity", "Layer", "LeakyReLU",
-    "LogSoftmax", "ReLU", "Serial", "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "init", "layer",
+    "Activation", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "ConvTranspose2D", "Dense", "Dropout", "ELU",
+    "Embedding", "Flatten", "FunctionLayer", "GELU", "GlobalAvgPool", "GroupNorm", "Identity", "Layer", "LayerNorm",
+    "LeakyReLU", "LogSoftmax", "MaxPool2D", "Parallel", "ReLU", "Reshape", "Residual", "Serial", "SiLU", "Sigmoid",
+    "Softmax", "Softplus", "Tanh", "init", "layer",
 ]

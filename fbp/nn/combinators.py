@@ -1,5 +1,11 @@
 """Combinators: layers built from layers. A network is itself a layer.
 
+* ``Serial(f_1, ..., f_n)``: composition (below).
+* ``Residual(block, projection=None)``: ``y = x + block(x)`` (or ``projection(x) + block(x)``);
+  ``d_x = d_y + block.backward(d_y)`` — the identity path carries the gradient unchanged.
+* ``Parallel(f_1, ..., f_n)``: every branch sees ``x``; outputs concatenated on the last axis;
+  ``d_x = Σ_i f_i.backward(d_y_i)`` with ``d_y`` split back into the branches' widths.
+
 ``Serial(f_1, ..., f_n)`` computes ``y = f_n(... f_1(x))``. Its backward is the chain rule
 applied right to left — backpropagation::
 
@@ -16,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, at_path, run_forward
+from fbp.core import InputError, Layer, at_path, describe, run_forward
 
 
 def split_key(key, n: int) -> list:
@@ -57,7 +64,8 @@ class Serial(Layer):
         for i, (child, child_key) in enumerate(zip(self.layers, keys)):
             with at_path(i):
                 p = child.init(child_key, x)
-                x = jax.eval_shape(child.apply, p, x)  # the next layer's input: shape only
+                # the next layer's input, shape only (evaluation mode, initial state)
+                x = jax.eval_shape(lambda p_, x_, c=child: c.apply(p_, x_, state=c.init_state(p_)), p, x)
             params.append(p)
         return tuple(params)
 
@@ -101,3 +109,132 @@ class Serial(Layer):
             raise InputError("Serial", f"expects params as a tuple with one entry per layer "
                                        f"({len(self.layers)} entries), received {got}. "
                                        f"Did you init a different model?")
+
+
+def _ctx_children(layer, children, params, state, key):
+    """(child, params, state, key) per child of a dict-structured combinator."""
+    names = list(children)
+    states = {n: None for n in names} if state is None else state
+    keys = dict(zip(names, split_key(key, len(names))))
+    return [(n, children[n], params[n], states.get(n), keys[n]) for n in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual(Layer):
+    """``y = x + block(x)``, or ``y = projection(x) + block(x)`` when the shapes differ
+    (e.g. ``projection=Dense(width)`` or a 1×1 ``Conv2D``). Params
+    ``{"block": ..., "projection": ...}`` (paths ``block/0/w``)."""
+
+    block: Layer
+    projection: Layer | None = None
+    contextual = True
+
+    def _children(self):
+        return {"block": self.block} if self.projection is None else {"block": self.block,
+                                                                      "projection": self.projection}
+
+    @property
+    def has_state(self):
+        return any(c.has_state for c in self._children().values())
+
+    @property
+    def needs_key(self):
+        return any(c.needs_key for c in self._children().values())
+
+    def init(self, key, x):
+        keys = split_key(key, 2)
+        params = {}
+        for (name, child), k in zip(self._children().items(), keys):
+            with at_path(name):
+                params[name] = child.init(k, x)
+        return params
+
+    def init_state(self, params):
+        return {name: child.init_state(params[name]) for name, child in self._children().items()}
+
+    def next_state(self, state, res):
+        if state is None:
+            return None
+        return {name: child.next_state(state[name], res[0][name]) for name, child in self._children().items()}
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        outs, residuals = {}, {}
+        for name, child, p, s, k in _ctx_children(self, self._children(), params, state, key):
+            with at_path(name):
+                outs[name], residuals[name] = run_forward(child, p, x, state=s, key=k, train=train)
+        skip = outs.get("projection", x)
+        if skip.shape != outs["block"].shape:
+            raise InputError(repr(self), f"the block maps x {describe(x)} to {describe(outs['block'])}; add a "
+                                         f"projection (e.g. Residual(block, projection=Dense(...))) so shapes match")
+        return skip + outs["block"], (residuals,)
+
+    def backward(self, res, d_y):
+        (residuals,) = res
+        d_params = {}
+        d_params["block"], d_x = self.block.backward(residuals["block"], d_y)
+        if self.projection is None:
+            return d_params, d_x + d_y
+        d_params["projection"], d_skip = self.projection.backward(residuals["projection"], d_y)
+        return d_params, d_x + d_skip
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Parallel(Layer):
+    """Branches applied to the same input, outputs concatenated along the last axis."""
+
+    layers: tuple[Layer, ...]
+    contextual = True
+
+    def __init__(self, *layers: Layer):
+        Serial(*layers)  # same argument checks
+        object.__setattr__(self, "layers", tuple(layers))
+
+    @property
+    def has_state(self):
+        return any(c.has_state for c in self.layers)
+
+    @property
+    def needs_key(self):
+        return any(c.needs_key for c in self.layers)
+
+    def init(self, key, x):
+        params = []
+        for i, (child, k) in enumerate(zip(self.layers, split_key(key, len(self.layers)))):
+            with at_path(i):
+                params.append(child.init(k, x))
+        return tuple(params)
+
+    def init_state(self, params):
+        return tuple(child.init_state(p) for child, p in zip(self.layers, params))
+
+    def next_state(self, state, res):
+        if state is None:
+            return None
+        return tuple(child.next_state(s, r) for child, s, r in zip(self.layers, state, res[0]))
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        n = len(self.layers)
+        if not isinstance(params, (tuple, list)) or len(params) != n:
+            raise InputError("Parallel", f"expects params as a tuple with one entry per branch ({n})")
+        outs, residuals = [], []
+        for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, state, n),
+                                                 split_key(key, n))):
+            with at_path(i):
+                y, r = run_forward(child, p, x, state=s, key=k, train=train)
+            outs.append(y)
+            residuals.append(r)
+        if len({y.shape[:-1] for y in outs}) > 1:
+            raise InputError("Parallel", "branch outputs must agree on every axis but the last, got "
+                                         + ", ".join(describe(y) for y in outs))
+        return jnp.concatenate(outs, axis=-1), (tuple(residuals), tuple(y.shape[-1] for y in outs))
+
+    def backward(self, res, d_y):
+        residuals, widths = res
+        d_params, d_x = [], None
+        start = 0
+        for child, r, w in zip(self.layers, residuals, widths):
+            dp, dx = child.backward(r, d_y[..., start:start + w])
+            start += w
+            d_params.append(dp)
+            d_x = dx if d_x is None else d_x + dx
+        return tuple(d_params), d_x

@@ -35,8 +35,9 @@ def _geometry(owner, x, window, strides, padding):
     out, pads = [], []
     for n, k, s, (lo, hi) in zip(spatial, window, strides, base):
         if n + lo + hi < k:
-            raise InputError(repr(owner), f"window {tuple(window)} is larger than the padded input "
-                                          f"{tuple(a + b + c for a, (b, c) in zip(spatial, base))}; input x {describe(x)}")
+            padded = tuple(a + b + c for a, (b, c) in zip(spatial, base))
+            raise InputError(repr(owner), f"window {tuple(window)} is larger than the padded input {padded}; "
+                                          f"input x {describe(x)}")
         o = (n + lo + hi - k) // s + 1
         out.append(o)
         pads.append((lo, s * (o - 1) + k - n - lo))

@@ -1,0 +1,52 @@
+"""Dropout (Srivastava et al., 2014), inverted: ``rate`` is the probability of dropping.
+
+Training: ``m ~ Bernoulli(1 - rate)`` elementwise, ``y = m x / (1 - rate)`` (so E[y] = x) and
+``d_x = m d_y / (1 - rate)``; the residual is the mask. Evaluation: the identity. The key is
+explicit: a model gets one key per step and ``Serial`` splits it per layer, so no mask is
+ever reused across steps or layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import InputError, Layer, require_floating, require_no_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout(Layer):
+    """Drop each element with probability ``rate`` in training; identity in evaluation."""
+
+    rate: float
+    contextual = True
+
+    def __post_init__(self):
+        if not 0 <= self.rate < 1:
+            raise ValueError(f"Dropout: rate (the probability of dropping) must be in [0, 1), got {self.rate}")
+
+    @property
+    def needs_key(self):
+        return self.rate > 0
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        if not train or self.rate == 0:
+            return x, None
+        if key is None:
+            raise InputError(repr(self), "training mode needs a random key: pass key=... to value_and_grad / apply "
+                                         "(fbp.train.fit passes a fresh one every step)")
+        keep = jax.random.bernoulli(key, 1 - self.rate, x.shape)
+        return jnp.where(keep, x / (1 - self.rate), jnp.zeros_like(x)), keep
+
+    def backward(self, keep, d_y):
+        if keep is None:
+            return {}, d_y
+        return {}, jnp.where(keep, d_y / (1 - self.rate), jnp.zeros_like(d_y))
