@@ -25,11 +25,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def summary_table(reports) -> str:
-    """One line per rule: the worst relative error against JAX's grad and against differences."""
+    """One line per rule: the worst judged error (relative, or absolute on the gradient's scale
+    for leaves whose gradient is zero) against JAX's grad and against finite differences."""
     header = ("rule", "vs jax: max rel err", "vs finite diff: max rel err", "")
     lines = []
     for r in reports:
-        worst = {kind: max((row.max_rel for row in r.rows if row.against == kind), default=0.0)
+        worst = {kind: max((row.error for row in r.rows if row.against == kind), default=0.0)
                  for kind in ("jax", "fd")}
         name = r.subject.split(": ", 1)[1]
         lines.append((name if len(name) <= 70 else name[:67] + "...", f"{worst['jax']:.1e}", f"{worst['fd']:.1e}",

@@ -12,7 +12,7 @@ from fbp import check, losses, nn
 
 
 def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
-    """(layer, input shape) for every built-in layer."""
+    """(layer, input shape) for every built-in layer; see :func:`contextual_layers` too."""
     return [
         (nn.Dense(7), (5, 4)),
         (nn.Dense(3, use_bias=False), (2, 3, 4)),
@@ -30,6 +30,38 @@ def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
         (nn.Softmax(axis=0), (5, 4)),
         (nn.LogSoftmax(), (5, 4)),
         (nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(3), nn.LogSoftmax()), (6, 4)),
+        (nn.Conv1D(4, 3, strides=2), (2, 9, 3)),
+        (nn.Conv2D(4, 3), (2, 6, 5, 3)),
+        (nn.Conv2D(6, (3, 2), strides=2, padding="VALID", dilation=(1, 2), feature_group_count=3), (2, 7, 8, 3)),
+        (nn.ConvTranspose2D(3, 3, strides=2), (2, 4, 3, 2)),
+        (nn.MaxPool2D(2), (2, 6, 5, 3)),
+        (nn.MaxPool2D(3, strides=2, padding="SAME"), (2, 7, 6, 2)),
+        (nn.AvgPool2D(2), (2, 6, 4, 3)),
+        (nn.AvgPool2D(3, strides=1, padding="SAME"), (2, 5, 4, 2)),
+        (nn.GlobalAvgPool(), (2, 4, 3, 5)),
+        (nn.Flatten(), (2, 3, 2, 2)),
+        (nn.Reshape((3, -1)), (2, 12)),
+        (nn.LayerNorm(), (3, 4, 6)),
+        (nn.GroupNorm(2), (2, 3, 3, 4)),
+        (nn.Residual(nn.Serial(nn.Dense(4), nn.Tanh())), (3, 4)),
+        (nn.Residual(nn.Dense(2), projection=nn.Dense(2)), (3, 4)),
+        (nn.Parallel(nn.Dense(2), nn.Sigmoid()), (3, 4)),
+    ]
+
+
+def contextual_layers() -> list[tuple[nn.Layer, tuple[int, ...], dict]]:
+    """(layer, input shape, forward context) for layers with state, randomness or integer input.
+
+    ``context`` may hold ``train`` and ``key``; ``"state": True`` asks for ``init_state``;
+    ``"vocab": V`` asks for integer ids in ``[0, V)`` as input.
+    """
+    return [
+        (nn.BatchNorm(), (8, 5), {"train": True, "state": True}),
+        (nn.BatchNorm(), (2, 3, 3, 4), {"train": False, "state": True}),
+        (nn.Dropout(0.3), (4, 6), {"train": True, "key": 7}),
+        (nn.Embedding(7, 3), (2, 5), {"vocab": 7}),
+        (nn.Serial(nn.Conv2D(4, 3), nn.BatchNorm(), nn.ReLU(), nn.Dropout(0.25), nn.MaxPool2D(2), nn.Flatten(),
+                   nn.Dense(3)), (4, 6, 6, 2), {"train": True, "state": True, "key": 3}),
     ]
 
 
@@ -82,6 +114,20 @@ def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]
         k_x, k_p = jax.random.split(jax.random.fold_in(key, i))
         x = jax.random.normal(k_x, shape)
         reports.append(check.layer(layer, layer.init(k_p, x), x, dtype=dtype, jit=jit))
+    for i, (layer, shape, opts) in enumerate(contextual_layers()):
+        k_x, k_p, k_s = jax.random.split(jax.random.fold_in(key, 500 + i), 3)
+        if "vocab" in opts:
+            x = jax.random.randint(k_x, shape, 0, opts["vocab"])
+        else:
+            x = 1 + 2 * jax.random.normal(k_x, shape)
+        params = layer.init(k_p, x)
+        state = None
+        if opts.get("state"):  # a non-trivial running state
+            state = jax.tree_util.tree_map(lambda a, k=k_s: a + 0.5 * jax.random.uniform(k, a.shape),
+                                           layer.init_state(params))
+        reports.append(check.layer(layer, params, x, state=state, train=opts.get("train", False),
+                                   key=jax.random.PRNGKey(opts["key"]) if "key" in opts else None,
+                                   dtype=dtype, jit=jit))
     for loss, pred, target in losses_cases(jax.random.fold_in(key, 1000)):
         reports.append(check.loss(loss, pred, target, dtype=dtype, jit=jit))
     for i, (model, loss, shape, classes) in enumerate(models()):

@@ -58,6 +58,7 @@ class Row:
     actual: float
     desired: float
     ok: bool
+    error: float = math.nan  # what is judged: min(relative error, absolute error / gradient scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _compare_jax(name: str, actual, desired, rtol: float, atol: float) -> Row:
     if a.shape != d.shape:
         return Row(name, "jax", math.inf, math.inf, f"shape {a.shape} vs {d.shape}", math.nan, math.nan, False)
     if a.size == 0:
-        return Row(name, "jax", 0.0, 0.0, "-", 0.0, 0.0, True)
+        return Row(name, "jax", 0.0, 0.0, "-", 0.0, 0.0, True, 0.0)
     err = np.abs(a - d)
     err = np.where(np.isnan(err) & ~(np.isnan(a) & np.isnan(d)), np.inf, np.nan_to_num(err, nan=0.0))
     worst = np.unravel_index(int(np.argmax(err)), err.shape)
@@ -143,8 +144,9 @@ def _compare_jax(name: str, actual, desired, rtol: float, atol: float) -> Row:
     scale = max(float(np.max(np.abs(np.nan_to_num(a)))), float(np.max(np.abs(np.nan_to_num(d)))))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     ok = bool(np.isfinite(max_abs) and (max_rel <= rtol or max_abs <= atol))
+    error = min(max_rel, max_abs * rtol / atol) if atol > 0 else max_rel
     where = str(tuple(int(i) for i in worst)) if err.ndim else "()"
-    return Row(name, "jax", max_abs, max_rel, where, float(a[worst]), float(d[worst]), ok)
+    return Row(name, "jax", max_abs, max_rel, where, float(a[worst]), float(d[worst]), ok, error)
 
 
 def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, key, n_dirs: int,
@@ -171,7 +173,9 @@ def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, k
         if not math.isfinite(err):
             rel = math.inf
         if i == 0 or rel > worst.max_rel:
-            worst = Row(name, "fd", err, rel, f"dir {i}", directional, estimate, rel <= fd_rtol or err <= fd_atol)
+            error = min(rel, err * fd_rtol / fd_atol) if fd_atol > 0 else rel
+            worst = Row(name, "fd", err, rel, f"dir {i}", directional, estimate, rel <= fd_rtol or err <= fd_atol,
+                        error)
     return worst
 
 

@@ -85,8 +85,8 @@ def test_float64_is_enabled_only_inside_the_check():
 def test_every_builtin_rule_passes():
     reports = catalog.run()
     assert reports and all(r.ok for r in reports), "\n\n".join(str(r) for r in reports if not r.ok)
-    covered = {type(r) for r, _ in catalog.layers()} | {type(case[0]) for case in catalog.losses_cases(
-        jax.random.PRNGKey(0))}
+    covered = {type(r) for r, _ in catalog.layers()} | {type(c[0]) for c in catalog.contextual_layers()} | {
+        type(case[0]) for case in catalog.losses_cases(jax.random.PRNGKey(0))}
     public = {getattr(nn, n) for n in nn.__all__} | {getattr(losses, n) for n in losses.__all__}
     concrete = {c for c in public if isinstance(c, type) and c.__module__.startswith("fbp.") and c not in
                 (nn.Layer, nn.Activation, nn.FunctionLayer, losses.Loss)}
@@ -104,6 +104,7 @@ def test_cli_check_exits_nonzero_on_a_wrong_rule(monkeypatch, capsys):
     monkeypatch.setattr(catalog, "layers", lambda: original()[:1] + [(WrongTanh(), (3, 2))])
     monkeypatch.setattr(catalog, "losses_cases", lambda key: [])
     monkeypatch.setattr(catalog, "models", lambda: [])
+    monkeypatch.setattr(catalog, "contextual_layers", lambda: [])
     assert main(["check"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

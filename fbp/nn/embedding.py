@@ -33,6 +33,9 @@ class Embedding(Layer):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
 
+    def __repr__(self) -> str:
+        return f"Embedding(vocab={self.vocab}, features={self.features})"
+
     def _check_ids(self, x):
         if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer):
             raise InputError(repr(self), f"input must be integer ids in [0, {self.vocab}), received {describe(x)}")
