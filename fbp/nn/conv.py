@@ -150,6 +150,7 @@ class _ConvBase(Layer):
 
     def init(self, key, x):
         self._check_input(x)
+        self._geometry(x)  # raises if the window does not fit
         k_w, k_b = jax.random.split(key)
         params = {"w": self.kernel_init(k_w, self._kernel_shape(x), x.dtype)}
         if self.use_bias:

@@ -54,3 +54,46 @@ def test_non_layer_argument():
 def test_init_errors_carry_the_path():
     with pytest.raises(fbp.InputError, match=r"Dense\(features=2\) at path '1'.*at least one axis"):
         nn.Serial(nn.Identity(), nn.Dense(2)).init(jax.random.PRNGKey(0), jnp.ones(()))
+
+
+def test_residual_and_parallel_match_jax(dtype, jit):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 6), dtype)
+    for layer in (nn.Residual(nn.Serial(nn.Dense(6), nn.Tanh())), nn.Residual(nn.Dense(3), projection=nn.Dense(3)),
+                  nn.Parallel(nn.Dense(2), nn.Tanh(), nn.Serial(nn.Dense(3), nn.ReLU()))):
+        fbp.check.assert_layer(layer, layer.init(jax.random.PRNGKey(1), x), x, dtype=dtype, jit=jit)
+
+
+def test_residual_passes_the_gradient_through_the_identity():
+    block = nn.Dense(4, kernel_init=nn.init.zeros)
+    layer = nn.Residual(block)
+    x = jnp.ones((2, 4))
+    _, d_x = layer.backward(layer.forward(layer.init(jax.random.PRNGKey(0), x), x)[1], jnp.ones((2, 4)))
+    np.testing.assert_array_equal(d_x, 1.0)  # a zero block still passes d_y unchanged
+
+
+def test_residual_shape_mismatch_suggests_projection():
+    layer = nn.Residual(nn.Dense(3))
+    with pytest.raises(fbp.InputError, match="add a projection"):
+        layer.init(jax.random.PRNGKey(0), jnp.ones((2, 4))) and layer.apply(
+            layer.init(jax.random.PRNGKey(0), jnp.ones((2, 4))), jnp.ones((2, 4)))
+
+
+def test_stateful_random_model_end_to_end():
+    model = nn.Serial(nn.Conv2D(4, 3), nn.BatchNorm(), nn.ReLU(), nn.Dropout(0.25),
+                      nn.Residual(nn.Serial(nn.Conv2D(4, 3), nn.BatchNorm())), nn.GlobalAvgPool(), nn.Dense(3))
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 5, 2))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    params = model.init(jax.random.PRNGKey(1), x)
+    state = model.init_state(params)
+    assert model.has_state and model.needs_key
+    np.testing.assert_array_equal(state[1]["mean"], jnp.zeros(4))
+    np.testing.assert_array_equal(state[1]["var"], jnp.ones(4))
+    loss = fbp.losses.CategoricalCrossEntropy(from_logits=True)
+    fbp.check.assert_model(model, loss, params, x, y, state=state, key=jax.random.PRNGKey(2))
+    value, grads, new_state = jax.jit(fbp.value_and_grad(model, loss, has_state=True))(
+        params, state, x, y, key=jax.random.PRNGKey(2))
+    assert not np.allclose(new_state[1]["mean"], state[1]["mean"])
+    assert new_state[4]["block"][1]["var"].shape == (4,)
+    # a stateless deterministic model still needs nothing
+    plain = nn.Serial(nn.Dense(3))
+    assert not plain.has_state and not plain.needs_key
