@@ -85,7 +85,7 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     return jax.jit(chosen) if jit else chosen
 
 
-def _indexed_step(model, loss, optimizer):
+def _indexed_step(model, loss, optimizer, augment=None):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step)."""
 
@@ -93,7 +93,10 @@ def _indexed_step(model, loss, optimizer):
         params, state, opt_state, loss_sum, correct = carry
         idx = batches[row]
         xb, yb = x[idx], y[idx]
-        key = jax.random.fold_in(epoch_key, step_number) if model.needs_key else None
+        step_key = jax.random.fold_in(epoch_key, step_number)
+        if augment is not None:
+            xb = augment(jax.random.fold_in(step_key, 1), xb)
+        key = step_key if model.needs_key else None
         value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         loss_sum = loss_sum + value.astype(jnp.float32) * idx.shape[0]
@@ -150,7 +153,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         epochs: int = 10, batch_size: int | None = 32, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
-        shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None) -> FitResult:
+        shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
+        augment: Callable | None = None) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -164,6 +168,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         progress: show a tqdm bar (when tqdm is installed).
         num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``.
         log_every: print a line every this many epochs (0: never).
+        augment: ``fn(key, x_batch) -> x_batch`` (see :mod:`fbp.augment`), applied to every
+            training batch with a fresh key; never to validation data.
         metrics: names to record; default ``loss`` plus ``accuracy`` for classification losses.
 
     Returns:
@@ -185,7 +191,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     classify = isinstance(loss, CLASSIFICATION) if metrics is None else "accuracy" in metrics
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer)
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment)
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
@@ -261,8 +267,8 @@ def _epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer):
-    step = _indexed_step(model, loss, optimizer)
+def _build(model, loss, optimizer, augment):
+    step = _indexed_step(model, loss, optimizer, augment)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
@@ -274,13 +280,13 @@ def _build(model, loss, optimizer):
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer):
-    """The jitted epoch pieces, cached per (model, loss, optimizer) so a second ``fit`` with the
-    same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
+def _compiled(model, loss, optimizer, augment=None):
+    """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
+    with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
     try:
-        return _build_cached(model, loss, optimizer)
+        return _build_cached(model, loss, optimizer, augment)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer)
+        return _build(model, loss, optimizer, augment)
 
 
 def _eval_stats(model, loss, params, state, x, y):

@@ -1,0 +1,70 @@
+"""Data augmentation: pure, keyed functions of a batch ``(N, H, W, C)``.
+
+Each is ``fn(key, x) -> x`` — pass one to ``fbp.train.fit(..., augment=fn)`` and every
+training step augments its batch with a fresh key (never the validation data).
+``compose(f, g)`` chains several with split keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import InputError, describe
+
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _images(x, name):
+    if x.ndim != 4:
+        raise InputError(name, f"expects a batch of images (N, H, W, C), received {describe(x)}")
+
+
+def random_crop(padding: int) -> Augment:
+    """Zero-pad each image by ``padding`` on every side, then crop a random ``H×W`` window
+    (per example): shifts of up to ``±padding`` pixels."""
+    if padding < 0:
+        raise ValueError(f"random_crop: padding must be >= 0, got {padding}")
+
+    def fn(key, x):
+        _images(x, "random_crop")
+        n, h, w, c = x.shape
+        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+        crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+        return jax.vmap(crop)(xp, offsets)
+
+    return fn
+
+
+def horizontal_flip(probability: float = 0.5) -> Augment:
+    """Mirror each image left-right with ``probability`` (per example)."""
+    if not 0 <= probability <= 1:
+        raise ValueError(f"horizontal_flip: probability must be in [0, 1], got {probability}")
+
+    def fn(key, x):
+        _images(x, "horizontal_flip")
+        flip = jax.random.bernoulli(key, probability, (x.shape[0], 1, 1, 1))
+        return jnp.where(flip, x[:, :, ::-1, :], x)
+
+    return fn
+
+
+def gaussian_noise(stddev: float) -> Augment:
+    """Add ``N(0, stddev²)`` noise to every value (any shape)."""
+    if stddev < 0:
+        raise ValueError(f"gaussian_noise: stddev must be >= 0, got {stddev}")
+    return lambda key, x: x + stddev * jax.random.normal(key, x.shape, x.dtype)
+
+
+def compose(*augments: Augment) -> Augment:
+    """Apply ``augments`` in order, each with its own key."""
+
+    def fn(key, x):
+        for f, k in zip(augments, jax.random.split(key, max(len(augments), 1))):
+            x = f(k, x)
+        return x
+
+    return fn
