@@ -26,7 +26,10 @@ def test_conv2d_geometries_match_jax(config):
     (nn.Conv1D(6, 5, padding="VALID", feature_group_count=3), (2, 9, 3)),
     (nn.ConvTranspose2D(3, 3, strides=2), (2, 4, 5, 2)), (nn.ConvTranspose2D(2, (2, 3), strides=(3, 1),
                                                                           padding="VALID"), (1, 3, 4, 3)),
-    (nn.Conv2D(4, 3, use_bias=False, feature_group_count=4), (2, 6, 6, 4))])
+    (nn.Conv2D(4, 3, use_bias=False, feature_group_count=4), (2, 6, 6, 4)),
+    # wide patches (taps x channels > 64): the kernel gradient loops over offsets
+    (nn.Conv2D(5, 3, strides=2, dilation=2), (2, 9, 8, 16)), (nn.Conv1D(3, 5, strides=3, padding="VALID"), (2, 17, 16)),
+    (nn.Conv2D(4, (3, 2), padding=((2, 0), (1, 3)), strides=(1, 2)), (2, 7, 7, 40))])
 def test_conv_layers_match_jax(layer, shape, dtype, jit):
     x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
     fbp.check.assert_layer(layer, layer.init(jax.random.PRNGKey(1), x), x, dtype=dtype, jit=jit)
