@@ -53,3 +53,9 @@ def test_optimizers_example_runs_every_optimizer_and_plots(tmp_path):
     for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW"):
         assert f"\n{name} " in result.stdout
     assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+def test_digits_cnn_reaches_98_5_percent():
+    result = run("digits_cnn.py", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split("test accuracy: ")[1].split()[0]) >= 0.985

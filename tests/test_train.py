@@ -114,3 +114,31 @@ def test_diverging_run_stops_instead_of_training_on_nan():
     result = train.fit(model, losses.MSE(), optim.sgd(50.0), model.init(jax.random.PRNGKey(1), x), x, y,
                        key=jax.random.PRNGKey(2), epochs=200, batch_size=None, progress=False)
     assert result.epochs_run < 200 and not np.isfinite(result.history["loss"][-1])
+
+
+def test_fit_carries_batch_norm_state_and_dropout_keys_and_augments():
+    from fbp import augment
+
+    model = nn.Serial(nn.Conv2D(4, 3), nn.BatchNorm(momentum=0.5), nn.ReLU(), nn.Dropout(0.2), nn.GlobalAvgPool(),
+                      nn.Dense(2))
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 5, 5, 1))
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype(jnp.int32)
+    params = model.init(jax.random.PRNGKey(1), x)
+    seen = []
+
+    def spy(key, xb):
+        seen.append(xb.shape)
+        return augment.gaussian_noise(0.01)(key, xb)
+
+    result = train.fit(model, losses.CategoricalCrossEntropy(from_logits=True), optim.adam(0.01),
+                       params, x, y, key=jax.random.PRNGKey(2), epochs=3, batch_size=8, progress=False,
+                       validation_data=(x, y), augment=spy)
+    assert result.state is not None and not np.allclose(result.state[1]["mean"], 0.0)
+    assert seen  # traced into the step
+    ev = train.evaluate(model, losses.CategoricalCrossEntropy(from_logits=True), result.params, x, y,
+                        state=result.state)
+    np.testing.assert_allclose(ev["loss"], result.history["val_loss"][-1], rtol=1e-5)
+    step = train.make_step(model, losses.CategoricalCrossEntropy(from_logits=True), optim.sgd(0.1), has_state=True)
+    p2, s2, _, value = step(params, model.init_state(params), optim.sgd(0.1).init(params), x, y,
+                            key=jax.random.PRNGKey(0))
+    assert jnp.isfinite(value) and s2[1]["var"].shape == (4,)
