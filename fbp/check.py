@@ -197,6 +197,8 @@ def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, 
     rows = []
     for i, ((path, a), d) in enumerate(zip(a_paths, d_leaves)):
         name = _path_name(path).removeprefix("params/")
+        name = "x" if name == "x/0" and len(a_paths) and not any(
+            _path_name(q).startswith("x/1") for q, _ in a_paths) else name
         rows.append(_compare_jax(name, a, d, rtol, atol))
         if fd and np.size(a):
             rows.append(_compare_fd(name, f, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol,
@@ -211,9 +213,29 @@ def _with_precision(dtype, body: Callable[[], Report]) -> Report:
     return body()
 
 
-def _split_differentiable(params, x):
-    """The args to differentiate: params always, ``x`` only if floating."""
-    return {"params": params, "x": x} if _is_float(x) else {"params": params}
+class _Inputs:
+    """The floating leaves of a layer's input pytree (``x``, or ``(x, h0)``, or ``(x, mask)``):
+    those are differentiated; integer and boolean leaves (ids, masks) are held fixed."""
+
+    def __init__(self, x):
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(x)
+        self.floating = [i for i, leaf in enumerate(self.leaves) if _is_float(leaf)]
+
+    def args(self, params):
+        if not self.floating:
+            return {"params": params}
+        return {"params": params, "x": [self.leaves[i] for i in self.floating]}
+
+    def rebuild(self, a):
+        leaves = list(self.leaves)
+        for j, i in enumerate(self.floating):
+            leaves[i] = a["x"][j]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def select(self, d_x):
+        """fbp's input cotangent, restricted to the floating leaves (None marks the others)."""
+        leaves = jax.tree_util.tree_flatten(d_x, is_leaf=lambda v: v is None)[0]
+        return [leaves[i] for i in self.floating]
 
 
 # --------------------------------------------------------------------------- public checks
@@ -239,15 +261,16 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         ctx = {"state": ss, "key": key, "train": train}
         y = jax.eval_shape(lambda p_, x_: layer.apply(p_, x_, **ctx), p, xx)
         cot = jax.random.normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
-        args = _split_differentiable(p, xx)
+        inputs = _Inputs(xx)
+        args = inputs.args(p)
 
         def f(a):
-            return jnp.vdot(layer.apply(a["params"], a.get("x", xx), **ctx), cot)
+            return jnp.vdot(layer.apply(a["params"], inputs.rebuild(a), **ctx), cot)
 
         def fbp_grad(a):
-            _, res = run_forward(layer, a["params"], a.get("x", xx), **ctx)
+            _, res = run_forward(layer, a["params"], inputs.rebuild(a), **ctx)
             d_params, d_x = layer.backward(res, cot)
-            return {"params": d_params, "x": d_x} if "x" in a else {"params": d_params}
+            return {"params": d_params, "x": inputs.select(d_x)} if "x" in a else {"params": d_params}
 
         rt, frt = _defaults(y.dtype, rtol, fd_rtol)
         return _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,

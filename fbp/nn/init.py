@@ -111,3 +111,18 @@ def uniform(scale: float = 1e-2) -> Initializer:
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -scale, scale)
+
+
+def orthogonal(scale: float = 1.0) -> Initializer:
+    """A (semi-)orthogonal matrix times ``scale`` (Saxe et al., 2014), from the QR decomposition
+    of a Gaussian matrix with the signs of R's diagonal fixed — the usual recurrent-kernel init."""
+
+    def initializer(key, shape, dtype=jnp.float32):
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), jnp.float32)
+        q, r = jnp.linalg.qr(a)
+        q = q * jnp.sign(jnp.diag(r))
+        q = q if rows >= cols else q.T
+        return (scale * q[:rows, :cols]).reshape(shape).astype(dtype)
+
+    return initializer

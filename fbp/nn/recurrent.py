@@ -1,0 +1,285 @@
+"""Recurrent layers with hand-written backpropagation through time: SimpleRNN, LSTM, GRU.
+
+Inputs are ``(batch, time, features)``; the output is the whole hidden sequence
+``(batch, time, hidden)``. An initial state may be passed with the input: ``(x, h0)`` for
+SimpleRNN and GRU, ``(x, (h0, c0))`` for LSTM; then the input cotangent has the same shape,
+``(d_x, d_h0)`` or ``(d_x, (d_h0, d_c0))``. Without it the state starts at zero.
+
+How the backward is organised (the same for all three):
+
+1. The input projection of every time step is one matmul before the forward scan:
+   ``A = x W_x + b`` for all ``t`` at once.
+2. The reverse scan (``lax.scan(..., reverse=True)``) carries only the cotangents of the
+   recurrent state, and at each step emits the cotangent of the pre-activations ``dA_t`` (and,
+   for the GRU, of the recurrent projection).
+3. After the scan, every weight gradient is **one large matmul over all time steps**:
+   ``d_W_x = Xᵀ dA``, ``d_W_h = H_prevᵀ dA``, ``d_b = Σ dA``, ``d_x = dA W_xᵀ`` — instead of
+   accumulating ``T`` small outer products inside the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.nn import init as initializers
+
+
+def _sigmoid(z):
+    return jax.nn.sigmoid(z)
+
+
+def _flat(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recurrent(Layer):
+    hidden: int
+    kernel_init: Callable = initializers.glorot_uniform
+    recurrent_init: Callable = initializers.orthogonal()
+    gates: int = dataclasses.field(default=1, init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"{type(self).__name__}: hidden must be a positive int, got {self.hidden!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(hidden={self.hidden})"
+
+    def _split(self, inputs):
+        """``(x, carry or None)``, validated."""
+        x, carry = inputs if isinstance(inputs, tuple) else (inputs, None)
+        require_floating(repr(self), x)
+        if x.ndim != 3:
+            raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
+        if carry is not None:
+            for c in jax.tree_util.tree_leaves(carry):
+                if tuple(c.shape) != (x.shape[0], self.hidden):
+                    raise InputError(repr(self), f"initial state must be ({x.shape[0]}, {self.hidden}), "
+                                                 f"received {describe(c)}")
+        return x, carry
+
+    def init(self, key, inputs):
+        x, _ = self._split(inputs)
+        k1, k2 = jax.random.split(key)
+        g, h = self.gates, self.hidden
+        return {"w_x": self.kernel_init(k1, (x.shape[-1], g * h), x.dtype),
+                "w_h": jnp.concatenate([self.recurrent_init(k, (h, h), x.dtype)
+                                        for k in jax.random.split(k2, g)], axis=1),
+                "b": self._bias_init(x.dtype)}
+
+    def _bias_init(self, dtype):
+        return jnp.zeros((self.gates * self.hidden,), dtype)
+
+    def _check_params(self, params, x):
+        g, h = self.gates, self.hidden
+        expected = {"w_x": (x.shape[-1], g * h), "w_h": (h, g * h), "b": (g * h,), **self._extra_params()}
+        if not hasattr(params, "keys") or set(params) != set(expected):
+            got = sorted(params) if hasattr(params, "keys") else type(params).__name__
+            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
+                                             f"{describe(params[name])}", param=name)
+
+    def _extra_params(self):
+        return {}
+
+    def _projected(self, params, x):
+        """``x W_x + b`` for every step, time-major ``(T, B, G·H)``: one matmul."""
+        return jnp.einsum("btf,fg->tbg", x, params["w_x"]) + params["b"]
+
+    def _weight_grads(self, x, w_x, d_a, h_prev):
+        """The post-scan matmuls: ``d_W_x``, ``d_b``, ``d_W_h`` and ``d_x`` from time-major ``d_a``."""
+        d_a_bt = d_a.swapaxes(0, 1)  # (B, T, G·H), rows aligned with x
+        return ({"w_x": _flat(x).T @ _flat(d_a_bt), "b": _flat(d_a).sum(0), "w_h": _flat(h_prev).T @ _flat(d_a)},
+                d_a_bt @ w_x.T)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SimpleRNN(_Recurrent):
+    """Elman RNN: ``h_t = tanh(x_t W_x + h_{t-1} W_h + b)``.
+
+    Backward, with ``dh_t = d_y_t + dh_{t+1} W_hᵀ``-style carry: ``dA_t = dh_t ⊙ (1 - h_t²)``,
+    carry ``dA_t W_hᵀ`` to step ``t - 1``. Params ``w_x (F, H)``, ``w_h (H, H)``, ``b (H,)``.
+    """
+
+    def forward(self, params, inputs):
+        x, h0 = self._split(inputs)
+        self._check_params(params, x)
+        h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype) if h0 is None else h0
+        w_h = params["w_h"]
+
+        def step(h, a_t):
+            h = jnp.tanh(a_t + h @ w_h)
+            return h, h
+
+        _, hs = lax.scan(step, h0, self._projected(params, x))
+        return hs.swapaxes(0, 1), (x, h0, hs, params["w_x"], w_h, isinstance(inputs, tuple))
+
+    def backward(self, res, d_y):
+        x, h0, hs, w_x, w_h, has_carry = res
+
+        def step(dh_next, inp):
+            dy_t, h_t = inp
+            d_a = (dy_t + dh_next) * (1 - h_t * h_t)
+            return d_a @ w_h.T, d_a
+
+        d_h0, d_a = lax.scan(step, jnp.zeros_like(h0), (d_y.swapaxes(0, 1), hs), reverse=True)
+        h_prev = jnp.concatenate([h0[None], hs[:-1]])
+        d_params, d_x = self._weight_grads(x, w_x, d_a, h_prev)
+        return d_params, ((d_x, d_h0) if has_carry else d_x)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LSTM(_Recurrent):
+    """Long short-term memory (Hochreiter & Schmidhuber, 1997; forget gate: Gers et al., 2000).
+
+    Gates in the order ``i, f, g, o`` (as PyTorch): ``[a_i, a_f, a_g, a_o] = x_t W_x + h_{t-1} W_h + b``,
+    ``i = σ(a_i)``, ``f = σ(a_f)``, ``g = tanh(a_g)``, ``o = σ(a_o)``, ``c_t = f c_{t-1} + i g``,
+    ``h_t = o tanh(c_t)``. The forget-gate bias starts at 1 (Jozefowicz et al., 2015).
+
+    Backward step (``dh = d_y_t + carry_h``): ``do = dh tanh(c_t)``,
+    ``dc = dh o (1 - tanh²c_t) + carry_c``, ``di = dc g``, ``dg = dc i``, ``df = dc c_{t-1}``;
+    ``dA = [di i(1-i), df f(1-f), dg (1-g²), do o(1-o)]``; carries ``dA W_hᵀ`` and ``dc f``.
+    Params ``w_x (F, 4H)``, ``w_h (H, 4H)``, ``b (4H,)``.
+    """
+
+    gates: int = dataclasses.field(default=4, init=False, repr=False)
+
+    def _bias_init(self, dtype):
+        h = self.hidden
+        return jnp.zeros((4 * h,), dtype).at[h:2 * h].set(1.0)
+
+    def _split(self, inputs):
+        x, carry = super()._split(inputs)
+        if carry is not None and (not isinstance(carry, tuple) or len(carry) != 2):
+            raise InputError(repr(self), "the initial state of an LSTM is a pair (h0, c0)")
+        return x, carry
+
+    def forward(self, params, inputs):
+        x, carry = self._split(inputs)
+        self._check_params(params, x)
+        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        h0, c0 = (zeros, zeros) if carry is None else carry
+        w_h, hd = params["w_h"], self.hidden
+
+        def step(hc, a_t):
+            h, c = hc
+            a = a_t + h @ w_h
+            i, f, o = _sigmoid(a[:, :hd]), _sigmoid(a[:, hd:2 * hd]), _sigmoid(a[:, 3 * hd:])
+            g = jnp.tanh(a[:, 2 * hd:3 * hd])
+            c = f * c + i * g
+            h = o * jnp.tanh(c)
+            return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+
+        _, (hs, cs, gates) = lax.scan(step, (h0, c0), self._projected(params, x))
+        return hs.swapaxes(0, 1), (x, h0, c0, hs, cs, gates, params["w_x"], w_h, carry is not None)
+
+    def backward(self, res, d_y):
+        x, h0, c0, hs, cs, gates, w_x, w_h, has_carry = res
+        hd = self.hidden
+        c_prev = jnp.concatenate([c0[None], cs[:-1]])
+
+        def step(carry, inp):
+            dh_next, dc_next = carry
+            dy_t, c_t, cp_t, gate_t = inp
+            i, f, g, o = (gate_t[:, k * hd:(k + 1) * hd] for k in range(4))
+            tc = jnp.tanh(c_t)
+            dh = dy_t + dh_next
+            dc = dh * o * (1 - tc * tc) + dc_next
+            d_a = jnp.concatenate([dc * g * i * (1 - i), dc * cp_t * f * (1 - f), dc * i * (1 - g * g),
+                                   dh * tc * o * (1 - o)], axis=-1)
+            return (d_a @ w_h.T, dc * f), d_a
+
+        init = (jnp.zeros_like(h0), jnp.zeros_like(c0))
+        (d_h0, d_c0), d_a = lax.scan(step, init, (d_y.swapaxes(0, 1), cs, c_prev, gates), reverse=True)
+        h_prev = jnp.concatenate([h0[None], hs[:-1]])
+        d_params, d_x = self._weight_grads(x, w_x, d_a, h_prev)
+        return d_params, ((d_x, (d_h0, d_c0)) if has_carry else d_x)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GRU(_Recurrent):
+    """Gated recurrent unit (Cho et al., 2014), in the "reset after" form of PyTorch and cuDNN.
+
+    With ``A = x_t W_x + b`` and ``R = h_{t-1} W_h + b_h`` split into ``z, r, n`` parts:
+    ``z = σ(A_z + R_z)``, ``r = σ(A_r + R_r)``, ``n = tanh(A_n + r R_n)``,
+    ``h_t = (1 - z) n + z h_{t-1}``.
+
+    Backward step (``dh = d_y_t + carry``): ``dn = dh (1 - z)``, ``dz = dh (h_{t-1} - n)``,
+    ``da_n = dn (1 - n²)``, ``da_z = dz z(1-z)``, ``da_r = da_n R_n r(1-r)``;
+    ``dA = [da_z, da_r, da_n]``, ``dR = [da_z, da_r, da_n r]``; carry ``dh z + dR W_hᵀ``.
+    Params ``w_x (F, 3H)``, ``w_h (H, 3H)``, ``b (3H,)``, ``b_h (3H,)``.
+    """
+
+    gates: int = dataclasses.field(default=3, init=False, repr=False)
+
+    def init(self, key, inputs):
+        params = super().init(key, inputs)
+        return {**params, "b_h": jnp.zeros_like(params["b"])}
+
+    def _extra_params(self):
+        return {"b_h": (3 * self.hidden,)}
+
+    def forward(self, params, inputs):
+        x, h0 = self._split(inputs)
+        self._check_params(params, x)
+        h0 = jnp.zeros((x.shape[0], self.hidden), x.dtype) if h0 is None else h0
+        w_h, b_h, hd = params["w_h"], params["b_h"], self.hidden
+
+        def step(h, a_t):
+            r_all = h @ w_h + b_h
+            z = _sigmoid(a_t[:, :hd] + r_all[:, :hd])
+            r = _sigmoid(a_t[:, hd:2 * hd] + r_all[:, hd:2 * hd])
+            n = jnp.tanh(a_t[:, 2 * hd:] + r * r_all[:, 2 * hd:])
+            h_new = (1 - z) * n + z * h
+            return h_new, (h_new, jnp.concatenate([z, r, n, r_all[:, 2 * hd:]], axis=-1))
+
+        _, (hs, parts) = lax.scan(step, h0, self._projected(params, x))
+        return hs.swapaxes(0, 1), (x, h0, hs, parts, params["w_x"], w_h, isinstance(inputs, tuple))
+
+    def backward(self, res, d_y):
+        x, h0, hs, parts, w_x, w_h, has_carry = res
+        hd = self.hidden
+        h_prev = jnp.concatenate([h0[None], hs[:-1]])
+
+        def step(dh_next, inp):
+            dy_t, hp_t, part = inp
+            z, r, n, r_n = (part[:, k * hd:(k + 1) * hd] for k in range(4))
+            dh = dy_t + dh_next
+            da_n = dh * (1 - z) * (1 - n * n)
+            da_z = dh * (hp_t - n) * z * (1 - z)
+            da_r = da_n * r_n * r * (1 - r)
+            d_r_all = jnp.concatenate([da_z, da_r, da_n * r], axis=-1)
+            return dh * z + d_r_all @ w_h.T, (jnp.concatenate([da_z, da_r, da_n], axis=-1), d_r_all)
+
+        d_h0, (d_a, d_r) = lax.scan(step, jnp.zeros_like(h0), (d_y.swapaxes(0, 1), h_prev, parts), reverse=True)
+        d_params, d_x = self._weight_grads(x, w_x, d_a, h_prev)
+        d_params["w_h"] = _flat(h_prev).T @ _flat(d_r)  # the recurrent projection has its own cotangent
+        d_params["b_h"] = _flat(d_r).sum(0)
+        return d_params, ((d_x, d_h0) if has_carry else d_x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LastStep(Layer):
+    """``(batch, time, features) -> (batch, features)``: the final time step;
+    ``d_x`` is zero except at ``t = T - 1``."""
+
+    def init(self, key, x):
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        if x.ndim != 3:
+            raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
+        return x[:, -1], x.shape
+
+    def backward(self, shape, d_y):
+        return {}, jnp.zeros(shape, d_y.dtype).at[:, -1].set(d_y)
