@@ -46,6 +46,16 @@ def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
         (nn.Residual(nn.Serial(nn.Dense(4), nn.Tanh())), (3, 4)),
         (nn.Residual(nn.Dense(2), projection=nn.Dense(2)), (3, 4)),
         (nn.Parallel(nn.Dense(2), nn.Sigmoid()), (3, 4)),
+        (nn.SimpleRNN(4), (2, 5, 3)),
+        (nn.LSTM(4), (2, 5, 3)),
+        (nn.GRU(4), (2, 5, 3)),
+        (nn.LastStep(), (2, 5, 3)),
+        (nn.MultiHeadAttention(2), (2, 5, 8)),
+        (nn.MultiHeadAttention(2, causal=True), (2, 5, 8)),
+        (nn.TransformerBlock(2, 16), (2, 5, 8)),
+        (nn.LearnedPositionalEmbedding(8), (2, 5, 4)),
+        (nn.SinusoidalPositionalEmbedding(), (2, 5, 4)),
+        (nn.Serial(nn.LSTM(6), nn.GRU(5), nn.LastStep(), nn.Dense(2)), (2, 4, 3)),
     ]
 
 

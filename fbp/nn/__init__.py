@@ -16,6 +16,12 @@ from fbp.nn.activations import (
     Softplus,
     Tanh,
 )
+from fbp.nn.attention import (
+    LearnedPositionalEmbedding,
+    MultiHeadAttention,
+    SinusoidalPositionalEmbedding,
+    TransformerBlock,
+)
 from fbp.nn.combinators import Parallel, Residual, Serial
 from fbp.nn.conv import Conv1D, Conv2D, ConvTranspose2D
 from fbp.nn.dense import Dense
@@ -23,10 +29,13 @@ from fbp.nn.dropout import Dropout
 from fbp.nn.embedding import Embedding
 from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
+from fbp.nn.recurrent import GRU, LSTM, LastStep, SimpleRNN
 
 __all__ = [
     "Activation", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "ConvTranspose2D", "Dense", "Dropout", "ELU",
     "Embedding", "Flatten", "FunctionLayer", "GELU", "GlobalAvgPool", "GroupNorm", "Identity", "Layer", "LayerNorm",
     "LeakyReLU", "LogSoftmax", "MaxPool2D", "Parallel", "ReLU", "Reshape", "Residual", "Serial", "SiLU", "Sigmoid",
     "Softmax", "Softplus", "Tanh", "init", "layer",
+    "GRU", "LSTM", "LastStep", "LearnedPositionalEmbedding", "MultiHeadAttention", "SimpleRNN",
+    "SinusoidalPositionalEmbedding", "TransformerBlock",
 ]

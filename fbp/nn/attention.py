@@ -1,0 +1,244 @@
+"""Attention: multi-head self-attention, a pre-LayerNorm transformer block, positional embeddings.
+
+Self-attention over ``x (B, T, d)`` with ``h`` heads of width ``k = d / h``::
+
+    Q, K, V = x W_q + b_q, x W_k + b_k, x W_v + b_v          (split into heads: (B, h, T, k))
+    S = Q Kᵀ / √k,  masked with -∞ where a key may not be seen (causal, padding)
+    P = softmax(S) along the keys,   O = P V,   y = O W_o + b_o   (heads merged back to (B, T, d))
+
+Backward, written out: ``dO = d_y W_oᵀ``; ``dP = dO Vᵀ``, ``dV = Pᵀ dO``;
+``dS = P ⊙ (dP - Σ_keys dP ⊙ P)`` (softmax's Jacobian; masked entries have P = 0 and get
+nothing); ``dQ = dS K / √k``, ``dK = dSᵀ Q / √k``. Every weight gradient is one 2-D matmul
+over all ``B·T`` rows, ``W_grad = x_flatᵀ dQ_flat``, and ``d_x = dQ W_qᵀ + dK W_kᵀ + dV W_vᵀ``.
+
+A padding mask travels with the input: ``apply(params, (x, mask))`` with ``mask (B, T)`` True
+for real tokens; the input cotangent is then ``(d_x, None)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.nn import init as initializers
+from fbp.nn.activations import GELU
+from fbp.nn.dense import Dense
+from fbp.nn.norm import LayerNorm
+
+_NAMES = ("q", "k", "v", "o")
+
+
+def _split_input(owner, inputs):
+    x, mask = inputs if isinstance(inputs, tuple) else (inputs, None)
+    require_floating(repr(owner), x)
+    if x.ndim != 3:
+        raise InputError(repr(owner), f"input x must be (batch, time, model_dim), received {describe(x)}")
+    if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+        raise InputError(repr(owner), f"padding mask must be (batch, time) = {tuple(x.shape[:2])}, "
+                                      f"received {describe(mask)}")
+    return x, mask
+
+
+def _flat(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiHeadAttention(Layer):
+    """Multi-head self-attention (Vaswani et al., 2017); model width taken from the input.
+
+    Params ``{"w_q", "w_k", "w_v", "w_o": (d, d), "b_q", "b_k", "b_v", "b_o": (d,)}``.
+    ``causal=True`` lets step ``t`` attend only to steps ``<= t``.
+    """
+
+    num_heads: int
+    causal: bool = False
+    kernel_init: Callable = initializers.glorot_uniform
+
+    def __post_init__(self):
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {self.num_heads!r}")
+
+    def init(self, key, inputs):
+        x, _ = _split_input(self, inputs)
+        d = self._width(x)
+        keys = jax.random.split(key, 4)
+        params = {f"w_{n}": self.kernel_init(k, (d, d), x.dtype) for n, k in zip(_NAMES, keys)}
+        params.update({f"b_{n}": jnp.zeros((d,), x.dtype) for n in _NAMES})
+        return params
+
+    def _width(self, x):
+        d = x.shape[-1]
+        if d % self.num_heads:
+            raise InputError(repr(self), f"model_dim {d} must be divisible by num_heads {self.num_heads}")
+        return d
+
+    def _heads(self, a):  # (B, T, d) -> (B, h, T, k)
+        b, t, d = a.shape
+        return a.reshape(b, t, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
+
+    @staticmethod
+    def _merge(a):  # (B, h, T, k) -> (B, T, d)
+        b, h, t, k = a.shape
+        return a.transpose(0, 2, 1, 3).reshape(b, t, h * k)
+
+    def _allowed(self, t, mask):
+        """Boolean (B or 1, 1, T, T): may query i see key j?"""
+        allowed = jnp.ones((1, 1, t, t), bool)
+        if self.causal:
+            allowed = allowed & jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
+        return allowed
+
+    def forward(self, params, inputs):
+        x, mask = _split_input(self, inputs)
+        d = self._width(x)
+        for name in _NAMES:
+            for p, shape in ((f"w_{name}", (d, d)), (f"b_{name}", (d,))):
+                if p not in params or tuple(params[p].shape) != shape:
+                    raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
+                                                 f"{describe(params[p]) if p in params else 'nothing'}", param=p)
+        q, k, v = (self._heads(x @ params[f"w_{n}"] + params[f"b_{n}"]) for n in "qkv")
+        scale = 1.0 / math.sqrt(d // self.num_heads)
+        s = jnp.einsum("bhqk,bhjk->bhqj", q, k) * scale
+        s = jnp.where(self._allowed(x.shape[1], mask), s, jnp.finfo(s.dtype).min)
+        s = s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+        e = jnp.exp(s)
+        p = e / e.sum(axis=-1, keepdims=True)
+        o = self._merge(jnp.einsum("bhqj,bhjk->bhqk", p, v))
+        y = o @ params["w_o"] + params["b_o"]
+        res = (x, q, k, v, p, o, scale, {n: params[f"w_{n}"] for n in _NAMES}, isinstance(inputs, tuple))
+        return y, res
+
+    def backward(self, res, d_y):
+        x, q, k, v, p, o, scale, w, has_mask = res
+        d_o = self._heads(d_y @ w["o"].T)
+        d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
+        d_v = jnp.einsum("bhqj,bhqk->bhjk", p, d_o)
+        d_s = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True)) * scale
+        d_q = jnp.einsum("bhqj,bhjk->bhqk", d_s, k)
+        d_k = jnp.einsum("bhqj,bhqk->bhjk", d_s, q)
+        x2 = _flat(x)
+        grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": _flat(d_y).sum(0)}
+        d_x = 0
+        for name, d in (("q", d_q), ("k", d_k), ("v", d_v)):
+            d2 = _flat(self._merge(d))
+            grads[f"w_{name}"] = x2.T @ d2
+            grads[f"b_{name}"] = d2.sum(0)
+            d_x = d_x + d2 @ w[name].T
+        d_x = d_x.reshape(x.shape)
+        return grads, ((d_x, None) if has_mask else d_x)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerBlock(Layer):
+    """Pre-LayerNorm transformer block: ``h = x + MHA(LN(x))``, ``y = h + W₂ GELU(W₁ LN(h))``.
+
+    The backward runs the pieces' own rules in reverse; each residual adds its skip
+    cotangent. Params ``{"ln1", "attention", "ln2", "mlp_in", "mlp_out"}``. Accepts ``x`` or
+    ``(x, padding_mask)`` like :class:`MultiHeadAttention`.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    causal: bool = False
+
+    def _parts(self, d):
+        return {"ln1": LayerNorm(), "attention": MultiHeadAttention(self.num_heads, self.causal),
+                "ln2": LayerNorm(), "mlp_in": Dense(self.mlp_dim), "gelu": GELU(), "mlp_out": Dense(d)}
+
+    def init(self, key, inputs):
+        x, mask = _split_input(self, inputs)
+        parts = self._parts(x.shape[-1])
+        keys = dict(zip(parts, jax.random.split(key, len(parts))))
+        hidden = jax.ShapeDtypeStruct((*x.shape[:-1], self.mlp_dim), x.dtype)
+        example = {"attention": inputs, "mlp_out": hidden}
+        return {name: parts[name].init(keys[name], example.get(name, x)) for name in parts if name != "gelu"}
+
+    def forward(self, params, inputs):
+        x, mask = _split_input(self, inputs)
+        parts = self._parts(x.shape[-1])
+        a_in, r_ln1 = parts["ln1"].forward(params["ln1"], x)
+        a, r_att = parts["attention"].forward(params["attention"], a_in if mask is None else (a_in, mask))
+        h = x + a
+        m, r_ln2 = parts["ln2"].forward(params["ln2"], h)
+        m, r_in = parts["mlp_in"].forward(params["mlp_in"], m)
+        m, r_gelu = parts["gelu"].forward({}, m)
+        m, r_out = parts["mlp_out"].forward(params["mlp_out"], m)
+        res = (r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, x.shape[-1], mask is not None)
+        return h + m, res
+
+    def backward(self, res, d_y):
+        r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
+        parts = self._parts(d)
+        grads = {}
+        grads["mlp_out"], g = parts["mlp_out"].backward(r_out, d_y)
+        _, g = parts["gelu"].backward(r_gelu, g)
+        grads["mlp_in"], g = parts["mlp_in"].backward(r_in, g)
+        grads["ln2"], g = parts["ln2"].backward(r_ln2, g)
+        d_h = d_y + g
+        grads["attention"], g = parts["attention"].backward(r_att, d_h)
+        if has_mask:
+            g = g[0]
+        grads["ln1"], g = parts["ln1"].backward(r_ln1, g)
+        d_x = d_h + g
+        return grads, ((d_x, None) if has_mask else d_x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedPositionalEmbedding(Layer):
+    """``y[:, t] = x[:, t] + P[t]`` with a learned table ``P (max_len, d)``;
+    ``d_P[t] = Σ_batch d_y[:, t]`` for ``t < T``, ``d_x = d_y``."""
+
+    max_len: int
+    embedding_init: Callable = initializers.normal(0.02)
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {"table": self.embedding_init(key, (self.max_len, x.shape[-1]), x.dtype)}
+
+    def forward(self, params, x):
+        require_floating(repr(self), x)
+        if x.ndim != 3 or x.shape[1] > self.max_len:
+            raise InputError(repr(self), f"input must be (batch, time <= {self.max_len}, d), received {describe(x)}")
+        table = params["table"]
+        return x + table[: x.shape[1]], table.shape
+
+    def backward(self, shape, d_y):
+        d_table = jnp.zeros(shape, d_y.dtype).at[: d_y.shape[1]].set(d_y.sum(0))
+        return {"table": d_table}, d_y
+
+
+def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
+    """``PE[t, 2i] = sin(t / 10000^{2i/d})``, ``PE[t, 2i+1] = cos(...)`` (Vaswani et al., 2017)."""
+    position = jnp.arange(length, dtype=jnp.float32)[:, None]
+    rate = jnp.exp(-math.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    table = jnp.zeros((length, d), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(position * rate))
+    table = table.at[:, 1::2].set(jnp.cos(position * rate[: d // 2]))
+    return table.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinusoidalPositionalEmbedding(Layer):
+    """``y = x + PE`` with the fixed sinusoidal table; no parameters; ``d_x = d_y``."""
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        if x.ndim != 3:
+            raise InputError(repr(self), f"input must be (batch, time, d), received {describe(x)}")
+        return x + sinusoidal_table(x.shape[1], x.shape[2], x.dtype), None
+
+    def backward(self, res, d_y):
+        return {}, d_y
