@@ -59,3 +59,9 @@ def test_digits_cnn_reaches_98_5_percent():
     result = run("digits_cnn.py", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.split("test accuracy: ")[1].split()[0]) >= 0.985
+
+
+def test_transformer_learns_to_reverse_digits():
+    result = run("transformer_sequence.py", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split("test token accuracy: ")[1].split()[0]) >= 0.99

@@ -97,9 +97,10 @@ class _Recurrent(Layer):
 
     def _weight_grads(self, x, w_x, d_a, h_prev):
         """The post-scan matmuls: ``d_W_x``, ``d_b``, ``d_W_h`` and ``d_x`` from time-major ``d_a``."""
-        d_a_bt = d_a.swapaxes(0, 1)  # (B, T, G·H), rows aligned with x
-        return ({"w_x": _flat(x).T @ _flat(d_a_bt), "b": _flat(d_a).sum(0), "w_h": _flat(h_prev).T @ _flat(d_a)},
-                d_a_bt @ w_x.T)
+        x_tm = x.swapaxes(0, 1)  # time-major like d_a; x is the narrow one, so it is the one moved
+        d_x = (d_a @ w_x.T).swapaxes(0, 1)
+        return ({"w_x": _flat(x_tm).T @ _flat(d_a), "b": _flat(d_a).sum(0), "w_h": _flat(h_prev).T @ _flat(d_a)},
+                d_x)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
