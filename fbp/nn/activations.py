@@ -138,20 +138,21 @@ class GELU(Activation):
     approximate: bool = True
 
     def _forward(self, x):
+        return x * self._gate(x), x  # the residual is x alone: the gate is recomputed (cheap, no memory)
+
+    def _gate(self, x):
+        """``½ (1 + t)`` (approximate) or ``Φ(x)`` (exact)."""
+        if self.approximate:
+            return 0.5 * (1 + jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)))
+        return 0.5 * lax.erfc(-x / math.sqrt(2.0))
+
+    def _backward(self, x, d_y):
         if self.approximate:
             t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
-            return 0.5 * x * (1 + t), (x, t)
-        cdf = 0.5 * lax.erfc(-x / math.sqrt(2.0))
-        return x * cdf, (x, cdf)
-
-    def _backward(self, res, d_y):
-        x, aux = res
-        if self.approximate:
-            t = aux
             du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
             return (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du_dx) * d_y
         pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        return (aux + x * pdf) * d_y
+        return (self._gate(x) + x * pdf) * d_y
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
