@@ -84,6 +84,22 @@ def require_floating(owner: str, x: Any, what: str = "input x") -> None:
                                 f"Cast it first, e.g. x.astype(jnp.float32).")
 
 
+def check_params(owner: str, params: Any, expected: dict[str, tuple[int, ...]], x: Any,
+                 hint: Callable[[str, Any], str] | None = None) -> None:
+    """Raise :class:`InputError` unless ``params`` is a dict with exactly the ``expected`` keys,
+    each a floating array of the expected shape; ``hint(name, value)`` may add advice."""
+    if not hasattr(params, "keys") or set(params.keys()) != set(expected):
+        got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+        raise InputError(owner, f"params must be a dict with keys {sorted(expected)}, received {got}")
+    for name, shape in expected.items():
+        value = params[name]
+        if tuple(getattr(value, "shape", ())) != tuple(shape) or not hasattr(value, "shape"):
+            extra = hint(name, value) if hint is not None and hasattr(value, "shape") else ""
+            raise InputError(owner, f"expected shape {tuple(shape)} (input x {describe(x)}), received "
+                                    f"{describe(value)}{extra}", param=name)
+        require_floating(owner, value, what=f"parameter '{name}'")
+
+
 def require_no_params(owner: Layer, params: PyTree) -> None:
     """Parameter-free layers take ``{}`` (or any pytree without leaves) as params."""
     if jax.tree_util.tree_leaves(params):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, describe, require_floating
+from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 
 Padding = str | Sequence[tuple[int, int]]
@@ -204,17 +204,14 @@ class _ConvBase(Layer):
         expected = {"w": self._kernel_shape(x)}
         if self.use_bias:
             expected["b"] = (self.features,)
-        if not hasattr(params, "keys") or set(params.keys()) != set(expected):
-            got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
-            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
-        for name, shape in expected.items():
-            if tuple(getattr(params[name], "shape", ())) != shape:
-                hint = ""
-                if name == "w" and params[name].ndim == len(shape):
-                    hint = (f" — the kernel expects {params[name].shape[-2] * self.feature_group_count} input "
-                            f"channels, the input has {x.shape[-1]}")
-                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
-                                             f"{describe(params[name])}{hint}", param=name)
+
+        def hint(name, value):
+            if name == "w" and value.ndim == len(expected["w"]):
+                return (f" — the kernel expects {value.shape[-2] * self.feature_group_count} input "
+                        f"channels, the input has {x.shape[-1]}")
+            return ""
+
+        check_params(repr(self), params, expected, x, hint)
 
     def _geometry(self, x):
         """(strides, pads, lhs_dilation, rhs_dilation) of the general convolution for input x."""

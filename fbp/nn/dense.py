@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import jax
 
-from fbp.core import InputError, Layer, describe, require_floating
+from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 
 
@@ -87,16 +87,11 @@ class Dense(Layer):
         expected = {"w": (x.shape[-1], self.features)}
         if self.use_bias:
             expected["b"] = (self.features,)
-        if not hasattr(params, "keys") or set(params.keys()) != set(expected):
-            got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
-            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
-        for name, shape in expected.items():
-            value = params[name]
-            if not hasattr(value, "shape") or tuple(value.shape) != shape:
-                hint = ""
-                if name == "w" and hasattr(value, "shape") and value.ndim == 2 and value.shape[1] == self.features:
-                    hint = (f" — the input x {describe(x)} has width {x.shape[-1]} but the kernel expects "
-                            f"{value.shape[0]}; check the input width or re-init the params")
-                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), "
-                                             f"received {describe(value)}{hint}", param=name)
-            require_floating(repr(self), value, what=f"parameter '{name}'")
+
+        def hint(name, value):
+            if name == "w" and value.ndim == 2 and value.shape[1] == self.features:
+                return (f" — the input x {describe(x)} has width {x.shape[-1]} but the kernel expects "
+                        f"{value.shape[0]}; check the input width or re-init the params")
+            return ""
+
+        check_params(repr(self), params, expected, x, hint)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.core import InputError, Layer, check_params, describe, require_floating, require_no_params
 from fbp.nn import init as initializers
 
 
@@ -81,13 +81,7 @@ class _Recurrent(Layer):
     def _check_params(self, params, x):
         g, h = self.gates, self.hidden
         expected = {"w_x": (x.shape[-1], g * h), "w_h": (h, g * h), "b": (g * h,), **self._extra_params()}
-        if not hasattr(params, "keys") or set(params) != set(expected):
-            got = sorted(params) if hasattr(params, "keys") else type(params).__name__
-            raise InputError(repr(self), f"params must be a dict with keys {sorted(expected)}, received {got}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
-                                             f"{describe(params[name])}", param=name)
+        check_params(repr(self), params, expected, x)
 
     def _extra_params(self):
         return {}
