@@ -176,6 +176,23 @@ def run_forward(layer: Layer, params: PyTree, x: Array, *, state: PyTree = None,
     return layer.forward(params, x)
 
 
+class ParameterFree(Layer):
+    """A layer without parameters on floating input: subclasses write ``_forward(x) -> (y, res)``
+    and ``_backward(res, d_y) -> d_x``; params and ``d_params`` are ``{}``."""
+
+    def init(self, key, x):
+        require_floating(repr(self), x)
+        return {}
+
+    def forward(self, params, x):
+        require_no_params(self, params)
+        require_floating(repr(self), x)
+        return self._forward(x)
+
+    def backward(self, res, d_y):
+        return {}, self._backward(res, d_y)
+
+
 def _no_params(key: Array, x: Any) -> PyTree:
     return {}
 

@@ -23,23 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import Layer, require_floating, require_no_params
+from fbp.core import ParameterFree
 
 
-class Activation(Layer):
+class Activation(ParameterFree):
     """A parameter-free layer ``y = f(x)``; subclasses write ``_forward`` and ``_backward``."""
-
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {}
-
-    def forward(self, params, x):
-        require_no_params(self, params)
-        require_floating(repr(self), x)
-        return self._forward(x)
-
-    def backward(self, res, d_y):
-        return {}, self._backward(res, d_y)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.core import InputError, Layer, ParameterFree, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.activations import GELU
 from fbp.nn.dense import Dense
@@ -226,19 +226,13 @@ def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
 
 
 @dataclasses.dataclass(frozen=True)
-class SinusoidalPositionalEmbedding(Layer):
+class SinusoidalPositionalEmbedding(ParameterFree):
     """``y = x + PE`` with the fixed sinusoidal table; no parameters; ``d_x = d_y``."""
 
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {}
-
-    def forward(self, params, x):
-        require_no_params(self, params)
-        require_floating(repr(self), x)
+    def _forward(self, x):
         if x.ndim != 3:
             raise InputError(repr(self), f"input must be (batch, time, d), received {describe(x)}")
         return x + sinusoidal_table(x.shape[1], x.shape[2], x.dtype), None
 
-    def backward(self, res, d_y):
-        return {}, d_y
+    def _backward(self, res, d_y):
+        return d_y

@@ -18,7 +18,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, describe, require_floating, require_no_params
+from fbp.core import InputError, Layer, ParameterFree, describe, require_floating, require_no_params
 from fbp.nn.conv import _tuple
 
 
@@ -167,24 +167,18 @@ class AvgPool2D(_Pool):
 
 
 @dataclasses.dataclass(frozen=True)
-class GlobalAvgPool(Layer):
+class GlobalAvgPool(ParameterFree):
     """Mean over every axis between batch and channels: ``(N, ..., C) -> (N, C)``;
     ``d_x = d_y / (number of averaged positions)``, broadcast back."""
 
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {}
-
-    def forward(self, params, x):
-        require_no_params(self, params)
-        require_floating(repr(self), x)
+    def _forward(self, x):
         if x.ndim < 3:
             raise InputError(repr(self), f"input x needs spatial axes (N, ..., C), received {describe(x)}")
         return x.mean(axis=tuple(range(1, x.ndim - 1))), x.shape
 
-    def backward(self, shape, d_y):
+    def _backward(self, shape, d_y):
         count = math.prod(shape[1:-1])
-        return {}, jnp.broadcast_to((d_y / count).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1]), shape)
+        return jnp.broadcast_to((d_y / count).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1]), shape)
 
 
 @dataclasses.dataclass(frozen=True)
