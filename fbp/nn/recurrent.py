@@ -198,6 +198,11 @@ class LSTM(_Recurrent):
         _, (hs, c_prev, gates) = lax.scan(step, (h0, c0), self._time_major(x))
         return hs.swapaxes(0, 1), (x, h0, hs, c_prev, gates, params["w_x"], w_h, carry is not None)
 
+    @staticmethod
+    def _cell_grads(dc, c_prev, i, f, g):
+        """``(dA_i, dA_f, dA_g)`` from the cell-state cotangent ``dc`` of a step."""
+        return dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g)
+
     def backward(self, res, d_y):
         x, h0, hs, c_prev, gates, w_x, w_h, has_carry = res
 
@@ -207,12 +212,18 @@ class LSTM(_Recurrent):
             tc = jnp.tanh(f * cp_t + i * g)
             dh = _at(d_y, t) + dh_next
             dc = dh * o * (1 - tc * tc) + dc_next
-            d_a = (dc * g * i * (1 - i), dc * cp_t * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o))
-            return (jnp.concatenate(d_a, axis=-1) @ w_h.T, dc * f), d_a
+            da_o = dh * tc * o * (1 - o)
+            d_a = jnp.concatenate([*self._cell_grads(dc, cp_t, i, f, g), da_o], axis=-1)
+            return (d_a @ w_h.T, dc * f), (dc, da_o)
 
         init = (jnp.zeros_like(h0), jnp.zeros_like(h0))
         steps = jnp.arange(d_y.shape[1])
-        (d_h0, d_c0), d_a = lax.scan(step, init, (steps, c_prev, gates), reverse=True)
+        (d_h0, d_c0), (dc, da_o) = lax.scan(step, init, (steps, c_prev, gates), reverse=True)
+        # the loop emits two (T, B, H) arrays, not four: the i, f, g blocks are recomputed from dc
+        # over all steps at once (cheap, vectorised) — the reverse loop's peak memory is two
+        # sequence-sized arrays lower and it writes half as much
+        i, f, g, _ = gates
+        d_a = (*self._cell_grads(dc, c_prev, i, f, g), da_o)
         d_params, d_x = self._weight_grads(x, w_x, d_a, h0, hs)
         return d_params, ((d_x, (d_h0, d_c0)) if has_carry else d_x)
 
@@ -260,7 +271,6 @@ class GRU(_Recurrent):
 
     def backward(self, res, d_y):
         x, h0, hs, parts, w_x, w_h, has_carry = res
-        hd = self.hidden
         h_prev = jnp.concatenate([h0[None], hs[:-1]])
 
         def step(dh_next, inp):
