@@ -120,13 +120,19 @@ class GELU(Activation):
 
     Approximate (default, as ``jax.nn.gelu``): with ``u = √(2/π) (x + 0.044715 x³)`` and
     ``t = tanh u``, ``y = ½ x (1 + t)`` and
-    ``d_x = (½ (1 + t) + ½ x (1 - t²) √(2/π) (1 + 3·0.044715 x²)) d_y``.
+    ``d_x = (½ (1 + t) + ½ x (1 - t²) u') d_y``, ``u' = √(2/π) (1 + 3·0.044715 x²)``.
+
+    The residual is ``x`` alone. The backward evaluates the gate through a *different* function
+    than the forward — ``s = σ(2u)``, so ``½ (1 + t) = s`` and ``½ (1 - t²) = 2 s (1 - s)``; for the
+    exact form ``Φ`` via ``erf`` instead of ``erfc`` — because XLA merges a recomputation that is
+    written identically with the forward's value and keeps that ``(B, T, mlp_dim)`` array alive
+    until the backward (measured: 8 MiB of the transformer benchmark's step).
     """
 
     approximate: bool = True
 
     def _forward(self, x):
-        return x * self._gate(x), x  # the residual is x alone: the gate is recomputed (cheap, no memory)
+        return x * self._gate(x), x
 
     def _gate(self, x):
         """``½ (1 + t)`` (approximate) or ``Φ(x)`` (exact)."""
@@ -136,11 +142,11 @@ class GELU(Activation):
 
     def _backward(self, x, d_y):
         if self.approximate:
-            t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+            s = jax.nn.sigmoid(2 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
             du_dx = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
-            return (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du_dx) * d_y
+            return (s + 2 * x * s * (1 - s) * du_dx) * d_y
         pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        return (self._gate(x) + x * pdf) * d_y
+        return (0.5 * (1 + lax.erf(x / math.sqrt(2.0))) + x * pdf) * d_y
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -7,8 +7,8 @@ Self-attention over ``x (B, T, d)`` with ``h`` heads of width ``k = d / h``::
     P = softmax(S) along the keys,   O = P V,   y = O W_o + b_o   (heads merged back to (B, T, d))
 
 Backward, written out: ``dO = d_y W_oᵀ``; ``dP = dO Vᵀ``, ``dV = Pᵀ dO``;
-``dS = P ⊙ (dP - Σ_keys dP ⊙ P)`` (softmax's Jacobian; masked entries have P = 0 and get
-nothing); ``dQ = dS K / √k``, ``dK = dSᵀ Q / √k``. Every weight gradient is one 2-D matmul
+``dS = P ⊙ (dP - Σ_keys dP ⊙ P) / √k`` (softmax's Jacobian; masked entries have P = 0 and get
+nothing); ``dQ = dS K``, ``dK = dSᵀ Q``. Every weight gradient is one 2-D matmul
 over all ``B·T`` rows, ``W_grad = x_flatᵀ dQ_flat``, and ``d_x = dQ W_qᵀ + dK W_kᵀ + dV W_vᵀ``.
 
 A padding mask travels with the input: ``apply(params, (x, mask))`` with ``mask (B, T)`` True
@@ -88,7 +88,10 @@ class MultiHeadAttention(Layer):
         return a.transpose(0, 2, 1, 3).reshape(b, t, h * k)
 
     def _allowed(self, t, mask):
-        """Boolean (B or 1, 1, T, T): may query i see key j?"""
+        """Boolean (B or 1, 1, T, T): may query i see key j? ``None`` when every key is allowed (then
+        no mask is applied: a constant all-allowed mask made XLA keep a 4 MiB fill array alive)."""
+        if not self.causal and mask is None:
+            return None
         allowed = jnp.ones((1, 1, t, t), bool)
         if self.causal:
             allowed = allowed & jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -106,8 +109,11 @@ class MultiHeadAttention(Layer):
                                                  f"{describe(params[p]) if p in params else 'nothing'}", param=p)
         q, k, v = (self._heads(x @ params[f"w_{n}"] + params[f"b_{n}"]) for n in "qkv")
         scale = 1.0 / math.sqrt(d // self.num_heads)
-        s = jnp.einsum("bhqk,bhjk->bhqj", q, k) * scale
-        s = jnp.where(self._allowed(x.shape[1], mask), s, jnp.finfo(s.dtype).min)
+        q = q * scale  # scaled before the (B, h, T, T) product: scaling S made XLA keep a 4 MiB fill array
+        s = jnp.einsum("bhqk,bhjk->bhqj", q, k)
+        allowed = self._allowed(x.shape[1], mask)
+        if allowed is not None:
+            s = jnp.where(allowed, s, jnp.finfo(s.dtype).min)
         s = s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
         e = jnp.exp(s)
         p = e / e.sum(axis=-1, keepdims=True)
@@ -121,8 +127,8 @@ class MultiHeadAttention(Layer):
         d_o = self._heads(d_y @ w["o"].T)
         d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
         d_v = jnp.einsum("bhqj,bhqk->bhjk", p, d_o)
-        d_s = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True)) * scale
-        d_q = jnp.einsum("bhqj,bhjk->bhqk", d_s, k)
+        d_s = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True))
+        d_q = jnp.einsum("bhqj,bhjk->bhqk", d_s, k) * scale  # q in the residuals is already scaled
         d_k = jnp.einsum("bhqj,bhqk->bhjk", d_s, q)
         x2 = _flat(x)
         grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": _flat(d_y).sum(0)}
