@@ -6,10 +6,15 @@
 * Transformer block: T=128, B=16, d=256, 4 heads, MLP 1024 (pre-LN, GELU), mean over time ->
   Dense 10, cross-entropy.
 
+When PyTorch is installed, its eager step joins the same interleaved rounds (``torch_peers.py``),
+from the same weights. Every candidate is also timed as a forward pass alone, which splits its
+step into forward and backward + update ("where the time goes").
+
 Run: ``python benchmarks/bench_sequence.py [--only lstm|transformer]``.
 """
 
 import argparse
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +46,41 @@ def fbp_step_fn(model):
     return step
 
 
+def jax_step_fn(loss):
+    @jax.jit
+    def step(p, x, y):
+        value, grads = jax.value_and_grad(loss)(p, x, y)
+        return sgd(p, grads), value
+
+    return step
+
+
+def compare(title, params, x, y, candidates, baseline, torch_peer, rounds):
+    """``candidates``: name -> (jitted step, jitted loss). Times steps and forwards interleaved,
+    checks all report the same loss, prints ratios and the forward / backward split."""
+    calls = {n: (lambda s=s: s(params, x, y)) for n, (s, _) in candidates.items()}
+    calls.update({f"{n} forward": (lambda f=f: f(params, x, y)) for n, (_, f) in candidates.items()})
+    if torch_peer is not None:
+        step, forward = torch_peer
+        calls["torch eager"], calls["torch eager forward"] = step, forward
+    values = [float(c()[1]) for n, c in calls.items() if n in candidates]
+    if torch_peer is not None:
+        values.append(float(calls["torch eager forward"]()))
+    assert max(values) - min(values) < 1e-4 * abs(values[0]), values
+    times = interleaved(calls, rounds, 3)
+    steps = {n: t for n, t in times.items() if not n.endswith(" forward")}
+    memory = {n: temp_bytes(s, params, x, y) for n, (s, _) in candidates.items()}
+    report(title, steps, memory, baseline=baseline)
+    print("  where the time goes (ms): forward | backward + update | step")
+    for name, t in steps.items():
+        fwd = times[f"{name} forward"]
+        print(f"    {name:<28} {fwd * 1e3:8.2f} | {(t - fwd) * 1e3:8.2f} | {t * 1e3:8.2f}")
+
+
+def torch_available():
+    return importlib.util.find_spec("torch") is not None
+
+
 # --------------------------------------------------------------------------- LSTM
 def lstm_jax(p, x, hoisted):
     w_x, w_h, b = p["w_x"], p["w_h"], p["b"]
@@ -68,26 +108,18 @@ def lstm_bench(rounds):
     model = nn.Serial(nn.LSTM(256), nn.LastStep(), nn.Dense(10))
     params = model.init(jax.random.PRNGKey(2), x)
 
-    def make_jax(hoisted):
-        def loss(p, x, y):
-            h = lstm_jax(p[0], x, hoisted)
-            return ce(h @ p[2]["w"] + p[2]["b"], y)
+    def jax_loss(hoisted):
+        return lambda p, x, y: ce(lstm_jax(p[0], x, hoisted) @ p[2]["w"] + p[2]["b"], y)
 
-        @jax.jit
-        def step(p, x, y):
-            value, grads = jax.value_and_grad(loss)(p, x, y)
-            return sgd(p, grads), value
-
-        return step
-
-    steps = {"jax (projection in scan)": make_jax(False), "jax (projection hoisted)": make_jax(True),
-             "fbp": fbp_step_fn(model)}
-    values = [float(s(params, x, y)[1]) for s in steps.values()]
-    assert max(values) - min(values) < 1e-4 * abs(values[0]), values
-    times = interleaved({n: (lambda s=s: s(params, x, y)) for n, s in steps.items()}, rounds, 3)
-    memory = {n: temp_bytes(s, params, x, y) for n, s in steps.items()}
-    report("LSTM T=64 B=64 in=32 hidden=256 -> Dense 10, one jitted SGD step", times, memory,
-           baseline="jax (projection in scan)")
+    candidates = {"jax (projection in scan)": (jax_step_fn(jax_loss(False)), jax.jit(jax_loss(False))),
+                  "jax (projection hoisted)": (jax_step_fn(jax_loss(True)), jax.jit(jax_loss(True))),
+                  "fbp": (fbp_step_fn(model), jax.jit(lambda p, x, y: LOSS(model.apply(p, x), y)))}
+    peer = None
+    if torch_available():
+        import torch_peers
+        peer = torch_peers.lstm(params, x, y, LR)
+    compare("LSTM T=64 B=64 in=32 hidden=256 -> Dense 10, one SGD step", params, x, y, candidates,
+            "jax (projection in scan)", peer, rounds)
 
 
 # --------------------------------------------------------------------------- transformer
@@ -120,18 +152,14 @@ def transformer_bench(rounds):
     def loss(p, x, y):
         return ce(block_jax(p[0], x).mean(axis=1) @ p[2]["w"] + p[2]["b"], y)
 
-    @jax.jit
-    def jax_step(p, x, y):
-        value, grads = jax.value_and_grad(loss)(p, x, y)
-        return sgd(p, grads), value
-
-    steps = {"jax.value_and_grad": jax_step, "fbp": fbp_step_fn(model)}
-    values = [float(s(params, x, y)[1]) for s in steps.values()]
-    assert abs(values[0] - values[1]) < 1e-4 * abs(values[0]), values
-    times = interleaved({n: (lambda s=s: s(params, x, y)) for n, s in steps.items()}, rounds, 3)
-    memory = {n: temp_bytes(s, params, x, y) for n, s in steps.items()}
-    report("Transformer block T=128 B=16 d=256 4 heads MLP 1024 -> mean -> Dense 10, one jitted SGD step", times,
-           memory, baseline="jax.value_and_grad")
+    candidates = {"jax.value_and_grad": (jax_step_fn(loss), jax.jit(loss)),
+                  "fbp": (fbp_step_fn(model), jax.jit(lambda p, x, y: LOSS(model.apply(p, x), y)))}
+    peer = None
+    if torch_available():
+        import torch_peers
+        peer = torch_peers.transformer(params, x, y, LR, heads=4)
+    compare("Transformer block T=128 B=16 d=256 4 heads MLP 1024 -> mean -> Dense 10, one SGD step", params, x, y,
+            candidates, "jax.value_and_grad", peer, rounds)
 
 
 def main(argv=None):

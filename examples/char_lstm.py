@@ -51,11 +51,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stride", type=int, default=16, help="characters between training windows")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     text, chars, ids = load()
-    x, y = windows(ids, stride=16)
+    x, y = windows(ids, stride=args.stride)
     print(f"text: {len(text)} characters, vocabulary {len(chars)}, {len(x)} windows of {WINDOW}")
     model = nn.Serial(nn.Embedding(len(chars), 64, embedding_init=nn.init.normal(0.3)), nn.LSTM(args.hidden),
                       nn.Dense(len(chars)))
@@ -68,8 +69,9 @@ def main(argv=None):
     print("training loss (bits/char) by epoch: " + " ".join(f"{b:.2f}" for b in bits[:: max(1, len(bits) // 10)]))
     print(f"first epoch {bits[0]:.2f} bits/char -> last epoch {bits[-1]:.2f} bits/char "
           f"(uniform over the vocabulary: {math.log2(len(chars)):.2f})")
-    for prompt in ("We hold these truths", "Four score and"):
-        print("\nsample:", sample(model, result.params, chars, prompt, 160, jax.random.fold_in(key, 2)))
+    for n, prompt in enumerate(("We hold these truths", "Four score and", "Shall I compare thee")):
+        # a key per prompt: with one shared key, the same random draws make the samples converge
+        print("\nsample:", sample(model, result.params, chars, prompt, 160, jax.random.fold_in(key, 2 + n)))
     return bits
 
 

@@ -10,12 +10,20 @@ How the backward is organised (the same for all three):
 1. The forward scan computes ``A_t = x_t W_x + b`` inside each step (measured here: hoisting
    it out as one ``(T·B, F) × (F, G·H)`` matmul made the forward slower on CPU — the big
    time-major intermediate costs more than it saves).
-2. The reverse scan (``lax.scan(..., reverse=True)``) carries only the cotangents of the
-   recurrent state, and at each step emits the cotangent of the pre-activations ``dA_t`` (and,
-   for the GRU, of the recurrent projection).
-3. After the scan, every weight gradient is **one large matmul over all time steps**:
-   ``d_W_x = Xᵀ dA``, ``d_W_h = H_prevᵀ dA``, ``d_b = Σ dA``, ``d_x = dA W_xᵀ`` — instead of
-   accumulating ``T`` small outer products inside the loop.
+2. The forward emits each gate as its own ``(T, B, H)`` array, and the reverse scan
+   (``lax.scan(..., reverse=True)``) carries only the cotangents of the recurrent state and
+   emits the pre-activation cotangents ``dA_t`` as separate per-gate arrays too (slicing gates
+   out of one ``(T, B, G·H)`` array made the LSTM's reverse loop 1.47× slower on CPU).
+   The LSTM loop emits only ``dc_t`` and ``dA_o``; the ``i, f, g`` blocks are
+   ``dc ⊙ (gate derivative)`` and are recomputed after the loop over all steps at once — two
+   sequence-sized arrays fewer at the memory peak, half the writes inside the loop.
+3. After the scan, every weight gradient is **one large matmul over all time steps** (one per
+   gate block): ``d_W_x = Xᵀ dA``, ``d_W_h = H_prevᵀ dA``, ``d_b = Σ dA``, ``d_x = dA W_xᵀ`` —
+   instead of accumulating ``T`` small outer products inside the loop.
+
+Measured (``benchmarks/bench_sequence.py``, LSTM T=64, B=64, in 32, hidden 256, 2-core CPU): the
+separate gate arrays took the step from 0.99 to 0.84 of the fastest ``jax.value_and_grad`` form,
+emitting ``(dc, dA_o)`` took its XLA temp memory from 0.90 to 0.74.
 """
 
 from __future__ import annotations
@@ -193,8 +201,7 @@ class LSTM(_Recurrent):
             return (h, c), (h, c_prev, (i, f, g, o))
 
         # residuals: the cell state *before* each step (c_t is recomputed exactly as f c_{t-1} + i g)
-        # and the four gates as separate (T, B, H) arrays — slicing them out of one (T, B, 4H) array
-        # inside the reverse scan made its step 40% slower on CPU.
+        # and the four gates as separate (T, B, H) arrays (module docstring, point 2).
         _, (hs, c_prev, gates) = lax.scan(step, (h0, c0), self._time_major(x))
         return hs.swapaxes(0, 1), (x, h0, hs, c_prev, gates, params["w_x"], w_h, carry is not None)
 
