@@ -14,9 +14,9 @@ How the backward is organised (the same for all three):
    (``lax.scan(..., reverse=True)``) carries only the cotangents of the recurrent state and
    emits the pre-activation cotangents ``dA_t`` as separate per-gate arrays too (slicing gates
    out of one ``(T, B, G·H)`` array made the LSTM's reverse loop 1.47× slower on CPU).
-   The LSTM loop emits only ``dc_t`` and ``dA_o``; the ``i, f, g`` blocks are
-   ``dc ⊙ (gate derivative)`` and are recomputed after the loop over all steps at once — two
-   sequence-sized arrays fewer at the memory peak, half the writes inside the loop.
+   The LSTM loop emits only ``dc_t`` and ``dA_o``, the GRU loop only ``dh_t``; the other
+   blocks are ``dc`` (``dh``) times gate derivatives and are recomputed after the loop over all
+   steps at once — fewer sequence-sized arrays at the memory peak, fewer writes in the loop.
 3. After the scan, every weight gradient is **one large matmul over all time steps** (one per
    gate block): ``d_W_x = Xᵀ dA``, ``d_W_h = H_prevᵀ dA``, ``d_b = Σ dA``, ``d_x = dA W_xᵀ`` —
    instead of accumulating ``T`` small outer products inside the loop.
@@ -105,13 +105,18 @@ class _Recurrent(Layer):
         return x.swapaxes(0, 1)
 
     @staticmethod
-    def _recurrent_grad(h0, hs, d_r):
-        """``Σ_t h_{t-1}ᵀ dR_t`` as one matmul per gate block: the shifted hidden sequence (``H``
-        wide) is built, not a shifted copy of the ``G·H``-wide ``dR``."""
-        h_prev = _flat(jnp.concatenate([h0[None], hs[:-1]])).T
+    def _shifted(h0, hs):
+        """``(h_0 … h_{T-1})``, the state entering each step (``H`` wide — the shifted copy is of
+        the hidden sequence, never of the ``G·H``-wide cotangents)."""
+        return jnp.concatenate([h0[None], hs[:-1]])
+
+    @staticmethod
+    def _recurrent_grad(h_prev, d_r):
+        """``Σ_t h_{t-1}ᵀ dR_t`` as one matmul per gate block over all ``T·B`` rows."""
+        h_prev = _flat(h_prev).T
         return jnp.concatenate([h_prev @ _flat(d) for d in d_r], axis=1)
 
-    def _weight_grads(self, x, w_x, d_a, h0, hs):
+    def _weight_grads(self, x, w_x, d_a, h_prev):
         """The post-scan matmuls: ``d_W_x``, ``d_b``, ``d_W_h`` and ``d_x`` from the time-major gate
         cotangents ``d_a`` — a tuple of ``(T, B, H)`` blocks, one per gate, never concatenated into
         one ``(T, B, G·H)`` array (that copy would be the largest temporary of the step)."""
@@ -120,7 +125,7 @@ class _Recurrent(Layer):
         d_x = sum(d @ w_x[:, k * h:(k + 1) * h].T for k, d in enumerate(d_a)).swapaxes(0, 1)
         return ({"w_x": jnp.concatenate([x_t @ _flat(d) for d in d_a], axis=1),
                  "b": jnp.concatenate([_flat(d).sum(0) for d in d_a]),
-                 "w_h": self._recurrent_grad(h0, hs, d_a)}, d_x)
+                 "w_h": self._recurrent_grad(h_prev, d_a)}, d_x)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -153,7 +158,7 @@ class SimpleRNN(_Recurrent):
             return d_a @ w_h.T, d_a
 
         d_h0, d_a = lax.scan(step, jnp.zeros_like(h0), (jnp.arange(d_y.shape[1]), hs), reverse=True)
-        d_params, d_x = self._weight_grads(x, w_x, (d_a,), h0, hs)
+        d_params, d_x = self._weight_grads(x, w_x, (d_a,), self._shifted(h0, hs))
         return d_params, ((d_x, d_h0) if has_carry else d_x)
 
 
@@ -231,7 +236,7 @@ class LSTM(_Recurrent):
         # sequence-sized arrays lower and it writes half as much
         i, f, g, _ = gates
         d_a = (*self._cell_grads(dc, c_prev, i, f, g), da_o)
-        d_params, d_x = self._weight_grads(x, w_x, d_a, h0, hs)
+        d_params, d_x = self._weight_grads(x, w_x, d_a, self._shifted(h0, hs))
         return d_params, ((d_x, (d_h0, d_c0)) if has_carry else d_x)
 
 
@@ -276,24 +281,29 @@ class GRU(_Recurrent):
         _, (hs, parts) = lax.scan(step, h0, self._time_major(x))
         return hs.swapaxes(0, 1), (x, h0, hs, parts, params["w_x"], w_h, isinstance(inputs, tuple))
 
+    @staticmethod
+    def _gate_grads(dh, h_prev, z, r, n, r_n):
+        """``(dA_z, dA_r, dA_n, dR_n)`` from the hidden-state cotangent ``dh`` of a step."""
+        da_n = dh * (1 - z) * (1 - n * n)
+        return dh * (h_prev - n) * z * (1 - z), da_n * r_n * r * (1 - r), da_n, da_n * r
+
     def backward(self, res, d_y):
         x, h0, hs, parts, w_x, w_h, has_carry = res
-        h_prev = jnp.concatenate([h0[None], hs[:-1]])
+        h_prev = self._shifted(h0, hs)
 
         def step(dh_next, inp):
             t, hp_t, (z, r, n, r_n) = inp
             dh = _at(d_y, t) + dh_next
-            da_n = dh * (1 - z) * (1 - n * n)
-            da_z = dh * (hp_t - n) * z * (1 - z)
-            da_r = da_n * r_n * r * (1 - r)
-            dr_n = da_n * r
-            return dh * z + jnp.concatenate([da_z, da_r, dr_n], axis=-1) @ w_h.T, (da_z, da_r, da_n, dr_n)
+            da_z, da_r, _, dr_n = self._gate_grads(dh, hp_t, z, r, n, r_n)
+            return dh * z + jnp.concatenate([da_z, da_r, dr_n], axis=-1) @ w_h.T, dh
 
         steps = jnp.arange(d_y.shape[1])
-        d_h0, (da_z, da_r, da_n, dr_n) = lax.scan(step, jnp.zeros_like(h0), (steps, h_prev, parts), reverse=True)
-        d_params, d_x = self._weight_grads(x, w_x, (da_z, da_r, da_n), h0, hs)
+        d_h0, dh = lax.scan(step, jnp.zeros_like(h0), (steps, h_prev, parts), reverse=True)
+        # the loop emits dh alone; the four blocks are recomputed from it over all steps at once
+        da_z, da_r, da_n, dr_n = self._gate_grads(dh, h_prev, *parts)
+        d_params, d_x = self._weight_grads(x, w_x, (da_z, da_r, da_n), h_prev)
         d_r = (da_z, da_r, dr_n)  # the recurrent projection's cotangent differs in the n block
-        d_params["w_h"] = self._recurrent_grad(h0, hs, d_r)
+        d_params["w_h"] = self._recurrent_grad(h_prev, d_r)
         d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
         return d_params, ((d_x, d_h0) if has_carry else d_x)
 
