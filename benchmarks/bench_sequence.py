@@ -71,7 +71,7 @@ def compare(title, params, x, y, candidates, baseline, torch_peer, rounds):
     steps = {n: t for n, t in times.items() if not n.endswith(" forward")}
     memory = {n: temp_bytes(s, params, x, y) for n, (s, _) in candidates.items()}
     report(title, steps, memory, baseline=baseline)
-    print("  where the time goes (ms): forward | backward + update | step")
+    print("  where the time goes (ms): forward (inference: saves no residuals) | backward + update | step")
     for name, t in steps.items():
         fwd = times[f"{name} forward"]
         print(f"    {name:<28} {fwd * 1e3:8.2f} | {(t - fwd) * 1e3:8.2f} | {t * 1e3:8.2f}")
