@@ -116,16 +116,17 @@ class _Recurrent(Layer):
         h_prev = _flat(h_prev).T
         return jnp.concatenate([h_prev @ _flat(d) for d in d_r], axis=1)
 
-    def _weight_grads(self, x, w_x, d_a, h_prev):
+    def _weight_grads(self, x, w_x, d_a, h_prev, d_r=None):
         """The post-scan matmuls: ``d_W_x``, ``d_b``, ``d_W_h`` and ``d_x`` from the time-major gate
         cotangents ``d_a`` — a tuple of ``(T, B, H)`` blocks, one per gate, never concatenated into
-        one ``(T, B, G·H)`` array (that copy would be the largest temporary of the step)."""
+        one ``(T, B, G·H)`` array (that copy would be the largest temporary of the step). ``d_r``:
+        the recurrent projection's cotangent where it differs from ``d_a`` (GRU)."""
         x_t = _flat(x.swapaxes(0, 1)).T  # time-major like d_a; x is the narrow one, so it is the one moved
         h = self.hidden
         d_x = sum(d @ w_x[:, k * h:(k + 1) * h].T for k, d in enumerate(d_a)).swapaxes(0, 1)
         return ({"w_x": jnp.concatenate([x_t @ _flat(d) for d in d_a], axis=1),
                  "b": jnp.concatenate([_flat(d).sum(0) for d in d_a]),
-                 "w_h": self._recurrent_grad(h_prev, d_a)}, d_x)
+                 "w_h": self._recurrent_grad(h_prev, d_a if d_r is None else d_r)}, d_x)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -301,9 +302,8 @@ class GRU(_Recurrent):
         d_h0, dh = lax.scan(step, jnp.zeros_like(h0), (steps, h_prev, parts), reverse=True)
         # the loop emits dh alone; the four blocks are recomputed from it over all steps at once
         da_z, da_r, da_n, dr_n = self._gate_grads(dh, h_prev, *parts)
-        d_params, d_x = self._weight_grads(x, w_x, (da_z, da_r, da_n), h_prev)
         d_r = (da_z, da_r, dr_n)  # the recurrent projection's cotangent differs in the n block
-        d_params["w_h"] = self._recurrent_grad(h_prev, d_r)
+        d_params, d_x = self._weight_grads(x, w_x, (da_z, da_r, da_n), h_prev, d_r)
         d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
         return d_params, ((d_x, d_h0) if has_carry else d_x)
 
