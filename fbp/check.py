@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import Layer, Loss, run_forward, value_grad_and_output
+from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
 
 PyTree = Any
 
@@ -99,16 +99,7 @@ class Report:
 
 
 # --------------------------------------------------------------------------- helpers
-def _path_name(key_path) -> str:
-    parts = []
-    for k in key_path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+_path_name = path_name
 
 
 def _is_float(x) -> bool:
@@ -181,29 +172,65 @@ def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, k
 
 def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, jit, rtol, atol, fd, fd_rtol,
          fd_directions, key) -> Report:
-    """Compare ``fbp_grad(args)`` with ``jax.grad(f)(args)`` and with differences of ``f``."""
+    """Compare ``fbp_grad(args)`` with ``jax.grad(f)(args)`` and with differences of ``f``.
+
+    A leaf that fbp's rule leaves out (``None``, a missing key) or returns in another shape is
+    a failed row (``worst index`` says what is wrong), never a crash inside the comparison."""
     actual = (jax.jit(fbp_grad) if jit else fbp_grad)(args)
     desired = jax.jit(jax.grad(f))(args)
     f = jax.jit(f)
-    a_paths, a_tree = jax.tree_util.tree_flatten_with_path(actual)
-    d_leaves, d_tree = jax.tree_util.tree_flatten(desired)
-    if a_tree != d_tree:
-        raise AssertionError(f"fbp.check: {subject}: the gradient's structure {a_tree} "
-                             f"differs from the parameters' {d_tree}")
+    d_paths = jax.tree_util.tree_flatten_with_path(desired)[0]
+    a_items = {_path_name(p): a for p, a in
+               jax.tree_util.tree_flatten_with_path(actual, is_leaf=lambda v: v is None)[0]}
+    d_names = [_path_name(p) for p, _ in d_paths]
     # A leaf whose gradient is (nearly) zero next to the others — a bias before a BatchNorm —
     # carries only rounding noise of the size of the whole gradient: judge it on that scale.
-    scale = max((float(jnp.max(jnp.abs(d))) for d in d_leaves if np.size(d)), default=0.0)
+    scale = max((float(jnp.max(jnp.abs(d))) for _, d in d_paths if np.size(d)), default=0.0)
     atol = rtol * scale if atol is None else atol
+    single_x = "x/0" in d_names and not any(n.startswith("x/1") for n in d_names)
     rows = []
-    for i, ((path, a), d) in enumerate(zip(a_paths, d_leaves)):
-        name = _path_name(path).removeprefix("params/")
-        name = "x" if name == "x/0" and len(a_paths) and not any(
-            _path_name(q).startswith("x/1") for q, _ in a_paths) else name
+    for i, (path_text, (_, d)) in enumerate(zip(d_names, d_paths, strict=True)):
+        name = path_text.removeprefix("params/")
+        name = "x" if name == "x/0" and single_x else name
+        a = a_items.get(path_text, _MISSING)
+        if a is _MISSING or a is None or not hasattr(a, "shape"):
+            what = "missing" if a is _MISSING else ("None" if a is None else type(a).__name__)
+            rows.append(Row(name, "jax", math.inf, math.inf, f"fbp returned {what}", math.nan, math.nan, False,
+                            math.inf))
+            continue
         rows.append(_compare_jax(name, a, d, rtol, atol))
-        if fd and np.size(a):
+        if fd and np.size(a) and tuple(a.shape) == tuple(np.shape(d)):
             rows.append(_compare_fd(name, f, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol,
                                     fd_rtol * scale))
+    for path_text, a in a_items.items():
+        if path_text not in d_names and a is not None:
+            rows.append(Row(path_text.removeprefix("params/"), "jax", math.inf, math.inf,
+                            "fbp returned a leaf with no parameter", math.nan, math.nan, False, math.inf))
     return Report(subject, "as given" if dtype is None else jnp.dtype(dtype).name, tuple(rows))
+
+
+_MISSING = object()
+
+
+def _check_settings(dtype, tolerances: dict[str, float | None], fd_directions: int) -> None:
+    """Refuse settings that would make a verdict meaningless."""
+    if dtype is not None:
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise ValueError(f"fbp.check: dtype must be a floating dtype (jnp.float64, the default, or jnp.float32) "
+                             f"or None to keep the inputs' own, got {jnp.dtype(dtype).name}")
+        _refuse_half(jnp.dtype(dtype))
+    for name, value in tolerances.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"fbp.check: {name} must be a finite number >= 0, got {value!r}")
+    if isinstance(fd_directions, bool) or not isinstance(fd_directions, int) or fd_directions < 1:
+        raise ValueError(f"fbp.check: fd_directions must be an int >= 1, got {fd_directions!r}")
+
+
+def _refuse_half(dtype) -> None:
+    if jnp.dtype(dtype).itemsize < 4:
+        raise ValueError(f"fbp.check: cannot judge gradients in {jnp.dtype(dtype).name}: its rounding (eps "
+                         f"{float(jnp.finfo(dtype).eps):.1e}) swamps both references, and finite differences need "
+                         f"more digits. Check in float64 (the default) or float32: the rules are the same code")
 
 
 def _with_precision(dtype, body: Callable[[], Report]) -> Report:
@@ -254,12 +281,14 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         jit: run fbp's forward and backward under ``jax.jit``.
         rtol, atol, fd, fd_rtol, fd_directions: tolerances and finite-difference settings.
     """
+    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 
     def body():
         p, xx, ss = _cast(params, dtype), _cast(x, dtype), _cast(state, dtype)
         ctx = {"state": ss, "key": key, "train": train}
         y = jax.eval_shape(lambda p_, x_: layer.apply(p_, x_, **ctx), p, xx)
+        _refuse_half(y.dtype)
         cot = jax.random.normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
         inputs = _Inputs(xx)
         args = inputs.args(p)
@@ -287,10 +316,13 @@ def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, 
     ``g`` is the cotangent of the value: default 1.0, or for ``reduction="none"`` a standard
     normal draw of shape ``(N,)`` (from ``seed``).
     """
+    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     key = jax.random.PRNGKey(seed)
 
     def body():
         p, t = _cast(pred, dtype), _cast(target, dtype)
+        require_floating(f"fbp.check.loss: {loss!r}", p, what="prediction")
+        _refuse_half(p.dtype)
         if g is None:
             gg = jax.random.normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
         else:
@@ -316,12 +348,14 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
     """Check fbp's backward transform against ``jax.grad`` of the plain composition
     ``loss(model.apply(params, x, state=state, key=key, train=train), y)`` (training mode by
     default, as ``fbp.value_and_grad``)."""
+    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 
     def body():
         p, xx, yy, ss = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype), _cast(state, dtype)
         ctx = {"state": ss, "key": key, "train": train}
         dt = jax.tree_util.tree_leaves(p)[0].dtype if jax.tree_util.tree_leaves(p) else xx.dtype
+        _refuse_half(dt)
         rt, frt = _defaults(dt, rtol, fd_rtol)
 
         def f(a):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -100,6 +100,36 @@ def check_params(owner: str, params: Any, expected: dict[str, tuple[int, ...]], 
         require_floating(owner, value, what=f"parameter '{name}'")
 
 
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` holds values (not a tracer inside ``jit``/``vmap``): checks on values run only then."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def require_key(owner: str, key: Any, what: str = "key") -> None:
+    """Raise :class:`InputError` unless ``key`` is a JAX PRNG key (``jax.random.key(0)`` or the raw
+    ``jax.random.PRNGKey(0)``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype is not None and dtype == jnp.uint32 and getattr(key, "ndim", 0) >= 1 and key.shape[-1] in (2, 4):
+        return
+    raise InputError(owner, f"{what} must be a JAX random key, e.g. jax.random.key(0) or jax.random.PRNGKey(0), "
+                            f"received {describe(key) if dtype is not None else repr(key)}")
+
+
+def path_name(key_path) -> str:
+    """``'1/block/w'`` for a key path from ``jax.tree_util.tree_flatten_with_path``."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
 def require_no_params(owner: Layer, params: PyTree) -> None:
     """Parameter-free layers take ``{}`` (or any pytree without leaves) as params."""
     if jax.tree_util.tree_leaves(params):
@@ -137,6 +167,10 @@ class Layer:
     def needs_key(self) -> bool:
         """Whether this layer (or a child) draws random numbers in training mode."""
         return False
+
+    def children(self) -> dict[str, Layer]:
+        """The layers this one is composed of, by their entry in its params; ``{}`` for a leaf layer."""
+        return {}
 
     def init_state(self, params: PyTree) -> PyTree:
         """The initial state (``{}`` unless the layer keeps state)."""
@@ -235,6 +269,69 @@ def layer(forward: Callable, backward: Callable, init: Callable = _no_params, *,
     return FunctionLayer(init, forward, backward, name)
 
 
+# --------------------------------------------------------------------------- walking a model
+def children(layer: Layer) -> dict[str, Layer]:
+    """A combinator's children by the name of their entry in its params (``{"0": ..., "1": ...}`` for
+    ``Serial``/``Parallel``, ``{"block": ...}`` for ``Residual``); ``{}`` for a leaf layer."""
+    own = getattr(layer, "children", None)
+    return dict(own()) if callable(own) else {}
+
+
+def leaf_layers(model: Layer, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, Layer]]:
+    """``(path, layer)`` for every leaf layer, in forward order; paths as in errors and check reports."""
+    kids = children(model)
+    if not kids:
+        yield "/".join(prefix), model
+    for name, child in kids.items():
+        yield from leaf_layers(child, (*prefix, name))
+
+
+def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]]:
+    """The deepest layer on ``parts`` (a parameter path) and the path to it."""
+    node, taken = model, []
+    for part in parts:
+        kids = children(node)
+        if part not in kids:
+            break
+        node = kids[part]
+        taken.append(part)
+    return node, tuple(taken)
+
+
+def check_gradient_structure(model: Layer, params: PyTree, d_params: PyTree) -> None:
+    """Raise :class:`InputError` naming the layer and path where ``d_params`` (from the backward
+    rules) does not mirror ``params``: a missing or extra entry, another container, another shape.
+
+    It compares tree structures and shapes only, so under ``jit`` it runs once, at trace time.
+    """
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(d_params)
+    if p_def == g_def and all(getattr(g, "shape", None) == getattr(p, "shape", ()) for (_, p), (_, g)
+                              in zip(p_leaves, g_leaves)):
+        return
+    p_paths = {path_name(k): v for k, v in p_leaves}
+    g_paths = {path_name(k): v for k, v in g_leaves}
+    missing = [k for k in p_paths if k not in g_paths]
+    extra = [k for k in g_paths if k not in p_paths]
+    if missing or extra:
+        first = (missing or extra)[0]
+        detail = (f"the backward returned d_params that do not mirror the params: missing {missing}, "
+                  f"unexpected {extra}")
+    else:
+        shapes = [k for k in p_paths if getattr(g_paths[k], "shape", None) != getattr(p_paths[k], "shape", ())]
+        if shapes:
+            first = shapes[0]
+            detail = (f"the backward returned d_params['{first}'] of {describe(g_paths[first])} for a "
+                      f"parameter of {describe(p_paths[first])}")
+        else:
+            first = next(iter(p_paths), "")
+            detail = (f"the backward returned d_params in other containers than the params: "
+                      f"{g_def} for {p_def}")
+    owner, at = layer_at(model, first.split("/") if first else ())
+    raise InputError(repr(owner), detail + ". d_params must have exactly the structure and shapes of params "
+                                           "(use {} for a parameter-free layer)", path=at)
+
+
 # --------------------------------------------------------------------------- losses
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -263,9 +360,24 @@ def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Calla
     """``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)``, from hand-written rules.
 
     ``context``: ``state``, ``key``, ``train`` for contextual models (default: evaluation mode).
+    The pullback takes a ``d_y`` of ``y``'s shape and dtype; anything else raises
+    :class:`InputError`.
     """
     y, res = run_forward(model, params, x, **context)
-    return y, lambda d_y: model.backward(res, d_y)
+
+    def pullback(d_y):
+        y_leaves, y_def = jax.tree_util.tree_flatten(y)
+        d_leaves, d_def = jax.tree_util.tree_flatten(d_y)
+        if y_def != d_def or any(getattr(d, "shape", None) != a.shape or getattr(d, "dtype", None) != a.dtype
+                                 for a, d in zip(y_leaves, d_leaves)):
+            raise InputError(repr(model), f"the pullback needs d_y shaped like the output y "
+                                          f"{jax.tree_util.tree_map(describe, y)}, received "
+                                          f"{jax.tree_util.tree_map(describe, d_y)}")
+        d_params, d_x = model.backward(res, d_y)
+        check_gradient_structure(model, params, d_params)
+        return d_params, d_x
+
+    return y, pullback
 
 
 def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y: Array, *, state: PyTree = None,
@@ -280,7 +392,26 @@ def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y:
     value, loss_res = loss.forward(pred, y)
     d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))
     d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
+    check_gradient_structure(model, params, d_params)  # trace time only: structure and shapes
     return value, d_params, pred, (None if state is None else model.next_state(state, res))
+
+
+def require_state_mode(model: Layer, has_state: bool, caller: str) -> None:
+    """Refuse ``has_state=False`` for a model that keeps state: its new state would be lost."""
+    if model.has_state and not has_state:
+        paths = [p or "<root>" for p, leaf in leaf_layers(model) if leaf.has_state]
+        raise InputError(repr(model), f"{caller} without has_state=True would throw away the new state of "
+                                      f"the stateful layers at {paths} (e.g. BatchNorm's running statistics). "
+                                      f"Use {caller}(..., has_state=True) and pass state=model.init_state(params) "
+                                      f"in, then keep the new state it returns")
+
+
+def require_state(model: Layer, state: PyTree, caller: str) -> None:
+    """Refuse ``state=None`` where ``has_state=True`` promises a new state back."""
+    if state is None:
+        raise InputError(repr(model), f"{caller} with has_state=True needs the model's state as its second "
+                                      f"argument: f(params, state, x, y) with state = model.init_state(params) "
+                                      f"(then the state each call returns); received None")
 
 
 def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
@@ -293,10 +424,13 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Call
     models with random layers (Dropout).
 
     With ``has_state=True`` (models with BatchNorm): ``f(params, state, x, y, *, key=None)
-    -> (value, grads, new_state)``.
+    -> (value, grads, new_state)``. A model that keeps state raises :class:`InputError` without
+    ``has_state=True`` (its new running statistics would be lost silently).
     """
+    require_state_mode(model, has_state, "fbp.value_and_grad")
     if has_state:
         def value_and_grad_with_state(params, state, x, y, *, key=None):
+            require_state(model, state, "fbp.value_and_grad")
             value, d_params, _, new_state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
             return value, d_params, new_state
 

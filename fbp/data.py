@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -57,6 +58,9 @@ def train_test_split(x, y, test_fraction: float = 0.2, *, key) -> tuple[np.ndarr
     validate(x, y)
     order = np.asarray(jax.random.permutation(key, x.shape[0]))
     n_test = max(1, int(round(test_fraction * x.shape[0])))
+    if n_test >= x.shape[0]:
+        raise ValueError(f"holding out {test_fraction} of {x.shape[0]} examples leaves no examples to train on "
+                         f"({n_test} held out): use a smaller fraction or more data")
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
 
@@ -143,8 +147,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (plain or ``.gz``): magic ``0x0000``, a type byte, the number of
     dimensions, the big-endian int32 sizes, then the data in row-major order."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # truncated or corrupt compressed data
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex() if raw else 'missing'})")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]

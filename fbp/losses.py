@@ -20,6 +20,16 @@ quadratic branch (both branches have slope ``±delta`` there); Hinge's and Multi
 ``max(0, m)`` is written ``where(m > 0, m, 0)``, so the derivative **at the margin is 0**.
 Probabilities are clipped to ``[eps, 1 - eps]`` (``eps = 1e-7``) before their log; outside
 that range the derivative is 0, as JAX's ``grad`` gives for the clipped expression.
+
+**Bad values.** Each loss knows its conventions: integer labels in ``[0, C)``, probabilities
+and binary targets in ``[0, 1]``, hinge labels in ``{-1, +1}``, one-hot rows for the
+multiclass hinge, non-negative soft targets. On concrete arrays (outside ``jit``) a value
+that breaks them raises :class:`~fbp.core.InputError` naming the first bad entry and the fix.
+Under ``jit``/``vmap`` values cannot be inspected at trace time, so an example with a bad
+target or prediction gets a **NaN** loss (and NaN gradients) instead of a silent wrong number:
+``fbp.train.fit`` then stops with a ``stop_reason`` (and it validates every target before
+training anyway). :meth:`check_target` runs the target checks alone, e.g. on a whole data set.
+An empty batch raises (its mean would be NaN).
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from fbp.core import REDUCTIONS, InputError, Loss, describe, require_floating
+from fbp.core import REDUCTIONS, InputError, Loss, describe, is_concrete, require_floating
 
 EPS = 1e-7
 
@@ -71,18 +82,45 @@ def _inside_clip(p):
 
 
 def _relu(m):
-    return jnp.where(m > 0, m, jnp.zeros_like(m))
+    """``max(0, m)`` as ``where(m > 0, m, 0 · m)``: JAX's derivative is 0 at the margin, and a NaN
+    ``m`` (a target poisoned under jit) stays NaN instead of becoming 0."""
+    return jnp.where(m > 0, m, 0 * m)
 
 
 class _Base(Loss):
+    classification = False  # whether fit records accuracy for this loss
+
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"{type(self).__name__}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
-    def _check_pred(self, pred):
+    def _check_pred(self, pred, min_rank=1):
         require_floating(repr(self), pred, what="prediction")
-        if pred.ndim < 1:
-            raise InputError(repr(self), f"prediction needs a batch axis (N, ...), received {describe(pred)}")
+        if pred.ndim < min_rank:
+            shape = "(N, ...)" if min_rank == 1 else "(N, ..., classes)"
+            raise InputError(repr(self), f"prediction needs a batch axis {shape}, received {describe(pred)}; "
+                                         f"for a single example add one with x[None]")
+        if pred.shape[0] == 0:
+            raise InputError(repr(self), f"the batch is empty: prediction {describe(pred)} (the mean over no "
+                                         f"examples is NaN)")
+
+    def check_target(self, target, pred_shape) -> None:
+        """Raise :class:`InputError` if ``target`` cannot go with predictions of ``pred_shape``
+        (shape, dtype, and — for concrete arrays — the loss's value conventions)."""
+        self._target(jax.ShapeDtypeStruct(tuple(pred_shape), jnp.float32), target)
+
+    def _values_ok(self, valid, values, what: str, fix: str):
+        """``None`` when ``valid`` (a boolean array) is concrete and all True — raise naming the
+        first bad entry when it is not; under jit return ``valid`` for :func:`_poison`."""
+        if not is_concrete(valid):
+            return valid
+        valid = np.asarray(valid)
+        if not valid.all():
+            bad = np.argwhere(~valid)
+            index = tuple(int(i) for i in bad[0])
+            found = f"found {np.asarray(values)[index]} at" if is_concrete(values) else "a bad value at"
+            raise InputError(repr(self), f"{what}; {found} index {index} ({len(bad)} such entries in all). {fix}")
+        return None
 
     def _same_shape(self, pred, target):
         """Check and cast an elementwise target: same shape as the prediction."""
@@ -92,17 +130,39 @@ class _Base(Loss):
                                          f"received {describe(target)} (prediction {describe(pred)})")
         return jnp.asarray(target).astype(pred.dtype)
 
+    def _target(self, pred, target):
+        return self._same_shape(pred, target)
+
     def _class_target(self, pred, target):
-        """One-hot/soft target of pred's shape, or integer labels of shape pred.shape[:-1]."""
-        self._check_pred(pred)
+        """One-hot/soft target of pred's shape, or integer labels of shape pred.shape[:-1];
+        out-of-range labels raise on concrete input and give a NaN target row under jit."""
+        self._check_pred(pred, min_rank=2)
         shape = tuple(getattr(target, "shape", ()))
+        classes = pred.shape[-1]
         if hasattr(target, "dtype") and jnp.issubdtype(target.dtype, jnp.integer) and shape == tuple(pred.shape[:-1]):
-            return jax.nn.one_hot(target, pred.shape[-1], dtype=pred.dtype)
-        if shape != tuple(pred.shape):
+            ok = self._values_ok((target >= 0) & (target < classes), target,
+                                 f"integer labels must lie in [0, {classes}) for {classes} classes (the last "
+                                 f"axis of the prediction {describe(pred)})",
+                                 "Check the labels, or give the model's last layer one output per class")
+            t = jax.nn.one_hot(target, classes, dtype=pred.dtype)
+            return t if ok is None else _poison(t, ok[..., None])
+        if shape != tuple(pred.shape) or not jnp.issubdtype(getattr(target, "dtype", jnp.int32), jnp.floating):
             raise InputError(repr(self), f"target must be one-hot/probabilities of the prediction's shape "
                                          f"{tuple(pred.shape)} or integer labels of shape {tuple(pred.shape[:-1])}, "
                                          f"received {describe(target)}")
         return jnp.asarray(target).astype(pred.dtype)
+
+    def _probabilities_ok(self, pred, t):
+        """For ``from_logits=False``: predictions must be probabilities in [0, 1]."""
+        ok = self._values_ok((pred >= 0) & (pred <= 1), pred, "with from_logits=False the predictions must be "
+                             "probabilities in [0, 1]", "End the model with Sigmoid/Softmax, or pass raw scores "
+                             "with from_logits=True (recommended: fused and stable)")
+        return t if ok is None else _poison(t, ok)
+
+
+def _poison(t, ok):
+    """``t`` with NaN where ``ok`` is False (broadcast): under jit a bad value makes the loss NaN."""
+    return jnp.where(ok, t, jnp.nan).astype(t.dtype)
 
 
 # --------------------------------------------------------------------------- regression
@@ -179,9 +239,18 @@ class BinaryCrossEntropy(_Base):
 
     from_logits: bool = False
     reduction: str = "mean"
+    classification = True
+
+    def _target(self, pred, target):
+        t = self._same_shape(pred, target)
+        ok = self._values_ok((t >= 0) & (t <= 1), t, "binary targets must lie in [0, 1]",
+                             "For labels in {-1, +1} use (y + 1) / 2, or the Hinge loss")
+        return t if ok is None else _poison(t, ok)
 
     def forward(self, pred, target):
-        t = self._same_shape(pred, target)
+        t = self._target(pred, target)
+        if not self.from_logits:
+            t = self._probabilities_ok(pred, t)
         if self.from_logits:
             e = jnp.logaddexp(pred, jnp.zeros_like(pred)) - t * pred
         else:
@@ -195,7 +264,7 @@ class BinaryCrossEntropy(_Base):
             d_e = jax.nn.sigmoid(pred) - t
         else:
             p = _clip_probability(pred)
-            d_e = jnp.where(_inside_clip(pred), (1 - t) / (1 - p) - t / p, 0)
+            d_e = jnp.where(_inside_clip(pred), (1 - t) / (1 - p) - t / p, 0 * t)  # 0 * t: a NaN target stays NaN
         return d_e * _weight(g, pred.shape, self.reduction, pred.dtype)
 
 
@@ -207,15 +276,22 @@ class Hinge(_Base):
     """
 
     reduction: str = "mean"
+    classification = True
+
+    def _target(self, pred, target):
+        t = self._same_shape(pred, target)
+        ok = self._values_ok((t == 1) | (t == -1), t, "hinge labels must be -1 or +1",
+                             "Convert labels y in {0, 1} with 2 * y - 1")
+        return t if ok is None else _poison(t, ok)
 
     def forward(self, pred, target):
-        t = self._same_shape(pred, target)
+        t = self._target(pred, target)
         m = 1 - t * pred
         return _reduce(_relu(m), self.reduction), (t, m > 0)
 
     def backward(self, res, g=1.0):
         t, active = res
-        return jnp.where(active, -t, 0) * _weight(g, t.shape, self.reduction, t.dtype)
+        return jnp.where(active, -t, 0 * t) * _weight(g, t.shape, self.reduction, t.dtype)
 
 
 # --------------------------------------------------------------------------- multiclass
@@ -223,8 +299,8 @@ class Hinge(_Base):
 class CategoricalCrossEntropy(_Base):
     """Cross-entropy ``c = -Σ_k t_k log q_k`` over the last (class) axis.
 
-    Targets: one-hot or soft probabilities of the prediction's shape, or integer labels of
-    shape ``pred.shape[:-1]`` (labels outside ``[0, C)`` give an all-zero target row).
+    Targets: one-hot or soft (non-negative) probabilities of the prediction's shape, or integer
+    labels of shape ``pred.shape[:-1]`` in ``[0, C)`` (see the module's "Bad values").
 
     ``from_logits=True`` (recommended): ``log q = log_softmax(z)`` computed by log-sum-exp,
     fused, so ``∂c/∂z = softmax(z) Σ_k t_k - t`` (``= softmax(z) - t`` for one-hot targets).
@@ -234,9 +310,20 @@ class CategoricalCrossEntropy(_Base):
 
     from_logits: bool = False
     reduction: str = "mean"
+    classification = True
+
+    def _target(self, pred, target):
+        t = self._class_target(pred, target)
+        if jnp.issubdtype(getattr(target, "dtype", jnp.int32), jnp.floating):
+            ok = self._values_ok(t >= 0, t, "soft targets must be non-negative (probabilities)",
+                                 "Pass one-hot rows, probabilities, or integer labels")
+            t = t if ok is None else _poison(t, ok)
+        return t
 
     def forward(self, pred, target):
-        t = self._class_target(pred, target)
+        t = self._target(pred, target)
+        if not self.from_logits:
+            t = self._probabilities_ok(pred, t)
         if self.from_logits:
             shifted = pred - lax.stop_gradient(pred.max(axis=-1, keepdims=True))
             log_q = shifted - jnp.log(jnp.exp(shifted).sum(axis=-1, keepdims=True))
@@ -251,7 +338,7 @@ class CategoricalCrossEntropy(_Base):
         if self.from_logits:
             d_c = jnp.exp(aux) * t.sum(axis=-1, keepdims=True) - t
         else:
-            d_c = jnp.where(_inside_clip(aux), -t / _clip_probability(aux), 0)
+            d_c = jnp.where(_inside_clip(aux), -t / _clip_probability(aux), 0 * t)
         return d_c * _weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
 
 
@@ -266,16 +353,27 @@ class MulticlassHinge(_Base):
     """
 
     reduction: str = "mean"
+    classification = True
+
+    def _target(self, pred, target):
+        t = self._class_target(pred, target)
+        if jnp.issubdtype(getattr(target, "dtype", jnp.int32), jnp.floating):
+            row_ok = jnp.all((t == 0) | (t == 1), axis=-1) & (t.sum(axis=-1) == 1)
+            ok = self._values_ok(row_ok, t.sum(axis=-1), "targets must be one-hot rows (a single 1, the rest 0); "
+                                 "a row that is not sums to the value shown",
+                                 "Pass integer labels, or one-hot rows")
+            t = t if ok is None else _poison(t, ok[..., None])
+        return t
 
     def forward(self, pred, target):
-        t = self._class_target(pred, target)
+        t = self._target(pred, target)
         m = pred - (t * pred).sum(axis=-1, keepdims=True) + 1
         c = ((1 - t) * _relu(m)).sum(axis=-1)
         return _reduce(c, self.reduction), (t, m > 0)
 
     def backward(self, res, g=1.0):
         t, active = res
-        a = jnp.where(active, 1 - t, 0)
+        a = jnp.where(active, 1 - t, 0 * t)
         d_c = a - t * a.sum(axis=-1, keepdims=True)
         return d_c * _weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
 

@@ -19,9 +19,11 @@ per epoch instead of one per step — much faster for small models); the numbers
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,13 +33,12 @@ import numpy as np
 
 from fbp import data as fdata
 from fbp import losses as flosses
-from fbp.core import Layer, Loss, value_grad_and_output
+from fbp.core import InputError, Layer, Loss, require_key, require_state, require_state_mode, value_grad_and_output
 from fbp.optim import GradientTransformation, apply_updates
 from fbp.optim import learning_rate as read_learning_rate
+from fbp.optim.base import require_number
 
 PyTree = Any
-CLASSIFICATION = (flosses.CategoricalCrossEntropy, flosses.BinaryCrossEntropy, flosses.Hinge,
-                  flosses.MulticlassHinge)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -59,7 +60,7 @@ def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = 
     """``{"loss": ..., "accuracy": ...}`` in evaluation mode (accuracy for classification losses)."""
     pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, jnp.asarray(x))
     out = {"loss": float(loss(pred, jnp.asarray(y)))}
-    if isinstance(loss, CLASSIFICATION):
+    if getattr(loss, "classification", False):
         out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / _examples_from(y, loss)
     return out
 
@@ -69,7 +70,9 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
               has_state: bool = False) -> Callable:
     """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
     by default; ``key`` only for models with random layers. With ``has_state=True``:
-    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``."""
+    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
+    (a model that keeps state must use it: its new state would otherwise be lost)."""
+    require_state_mode(model, has_state, "fbp.train.make_step")
 
     def step(params, opt_state, x, y, *, key=None):
         value, grads, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
@@ -77,6 +80,7 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
         return apply_updates(params, updates), opt_state, value
 
     def step_with_state(params, state, opt_state, x, y, *, key=None):
+        require_state(model, state, "fbp.train.make_step")
         value, grads, _, state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), state, opt_state, value
@@ -107,11 +111,17 @@ def _indexed_step(model, loss, optimizer, augment=None):
 
 
 # --------------------------------------------------------------------------- early stopping
-class EarlyStopping(NamedTuple):
+MODES = ("auto", "min", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
-    ``mode="auto"`` maximises metrics named ``*accuracy`` and minimises the rest; with
-    ``restore_best`` the returned params are those of the best epoch.
+    ``mode="auto"`` maximises metrics named ``*accuracy`` and minimises the rest; ``"min"`` and
+    ``"max"`` say it outright. With ``restore_best`` the returned params are those of the best
+    epoch. A non-finite value is never an improvement. ``fit`` checks ``monitor`` against the
+    metrics it will record before it trains.
     """
 
     monitor: str = "val_loss"
@@ -120,14 +130,35 @@ class EarlyStopping(NamedTuple):
     mode: str = "auto"
     restore_best: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.monitor, str):
+            raise TypeError(f"EarlyStopping: monitor must be a metric name such as 'val_loss', got {self.monitor!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"EarlyStopping: mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be an int >= 1 (epochs without improvement), "
+                             f"got {self.patience!r}")
+        require_number("EarlyStopping", "min_delta", self.min_delta, low=0.0)
+
+    @property
+    def maximise(self) -> bool:
+        return self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("accuracy"))
+
     def better(self, value: float, best: float) -> bool:
-        maximise = self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("accuracy"))
-        return value > best + self.min_delta if maximise else value < best - self.min_delta
+        if not math.isfinite(value):
+            return False
+        return value > best + self.min_delta if self.maximise else value < best - self.min_delta
 
 
 class FitResult(NamedTuple):
     """What :func:`fit` returns; ``history`` maps metric names to one value per epoch run;
-    ``state`` is the model's state (None for stateless models)."""
+    ``state`` is the model's state (None for stateless models).
+
+    ``stop_reason`` says why training ended: ``"completed N epochs"``, ``"early stopping: ..."``
+    or ``"non-finite: ..."`` (which metric turned NaN/inf, at which epoch; then ``params``,
+    ``opt_state`` and ``state`` are those of the last epoch that ended finite, or the best
+    epoch's under early stopping, and ``diverged`` is True).
+    """
 
     params: PyTree
     opt_state: PyTree
@@ -135,6 +166,11 @@ class FitResult(NamedTuple):
     best_epoch: int | None
     epochs_run: int
     state: PyTree = None
+    stop_reason: str = ""
+
+    @property
+    def diverged(self) -> bool:
+        return self.stop_reason.startswith("non-finite")
 
 
 def _progress(epochs: int, enabled: bool):
@@ -146,6 +182,89 @@ def _progress(epochs: int, enabled: bool):
         return range(epochs), None
     bar = tqdm(range(epochs), unit="epoch", leave=True)
     return bar, bar
+
+
+# --------------------------------------------------------------------------- checks before training
+def _require_int(name: str, value, low: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        extra = " or None" if none_ok else ""
+        raise ValueError(f"fit: {name} must be an int >= {low}{extra}, got {value!r}")
+
+
+def _check_arguments(key, epochs, batch_size, validation_split, early_stopping, log_every, metrics) -> None:
+    require_key("fit", key)
+    _require_int("epochs", epochs, 1)
+    _require_int("batch_size", batch_size, 1, none_ok=True)
+    _require_int("log_every", log_every, 0)
+    require_number("fit", "validation_split", validation_split, low=0.0, high=1.0, high_open=True)
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(f"fit: early_stopping must be an fbp.train.EarlyStopping, got {type(early_stopping).__name__}")
+    if metrics is not None and (isinstance(metrics, str) or not set(metrics) <= {"loss", "accuracy"}):
+        raise ValueError(f"fit: metrics must be a list drawn from ['loss', 'accuracy'], got {metrics!r}")
+
+
+def _output_shape(model: Layer, params: PyTree, state: PyTree, x) -> tuple[int, ...]:
+    """The model's output shape for the whole of ``x`` (evaluation mode; nothing is computed)."""
+    spec = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x[:0]).dtype)
+    out = jax.eval_shape(lambda p, s, xx: model.apply(p, xx, state=s), params, state, spec)
+    return tuple(out.shape)
+
+
+def _check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> None:
+    """Everything that would otherwise fail (or silently mislead) after an epoch has trained:
+    targets against the model's output (label ranges, conventions), validation data against the
+    training data, probabilities for ``from_logits=False``."""
+    pred_shape = _output_shape(model, params, state, x)
+    with _named("training data"):
+        loss.check_target(y, pred_shape)
+    if x_val is not None:
+        for what, a, b in (("features", x, x_val), ("targets", y, y_val)):
+            if np.shape(a)[1:] != np.shape(b)[1:]:
+                raise ValueError(f"fit: validation {what} have shape {np.shape(b)}, training {what} {np.shape(a)}: "
+                                 f"they must agree on every axis after the first")
+        with _named("validation data"):
+            loss.check_target(y_val, (len(y_val), *pred_shape[1:]))
+    if getattr(loss, "from_logits", True) is False:
+        sample = jnp.asarray(x[:256])
+        pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, sample)
+        with _named("the model's initial predictions"):
+            loss.forward(pred, jnp.asarray(y[:256]))
+
+
+class _named:
+    """Prefix an :class:`InputError` raised inside the block with what was being checked."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, InputError):
+            raise InputError(err.owner, f"{self.what}: {err.detail}", err.path, err.param) from None
+        return False
+
+
+def _recorded_metrics(classify: bool, validation: bool) -> list[str]:
+    names = ["loss"] + (["accuracy"] if classify else [])
+    return names + [f"val_{n}" for n in names] * validation + ["learning_rate", "seconds"]
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf))
+                                                        for leaf in jax.tree_util.tree_leaves(tree)
+                                                        if jnp.issubdtype(leaf.dtype, jnp.inexact)] or [True])))
+
+
+def _nonfinite_reason(record: dict[str, float], carry, epoch: int) -> str | None:
+    for name in ("loss", "val_loss"):
+        if name in record and not math.isfinite(record[name]):
+            return f"non-finite: {name} is {record[name]} at epoch {epoch + 1}"
+    if not bool(_all_finite(carry[:2])):
+        return f"non-finite: parameters or model state hold NaN/inf after epoch {epoch + 1} (loss {record['loss']:.4g})"
+    return None
 
 
 # --------------------------------------------------------------------------- fit
@@ -166,29 +285,51 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         state: the model's state (BatchNorm); default ``model.init_state(params)`` for models
             that keep state. Random layers get ``fold_in(epoch key, step)``: a fresh key per step.
         progress: show a tqdm bar (when tqdm is installed).
-        num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``.
+        num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``
+            (they are always checked against the model's output width).
         log_every: print a line every this many epochs (0: never).
         augment: ``fn(key, x_batch) -> x_batch`` (see :mod:`fbp.augment`), applied to every
             training batch with a fresh key; never to validation data.
-        metrics: names to record; default ``loss`` plus ``accuracy`` for classification losses.
+        metrics: names to record, from ``["loss", "accuracy"]``; default ``loss`` plus
+            ``accuracy`` for classification losses (validation metrics follow).
+
+    Before the first step every argument, the targets (against the model's output and the
+    loss's conventions) and the validation data are checked, so nothing fails after an epoch
+    has trained. If the loss, the validation loss, the parameters or the model state turn
+    NaN/inf, training stops with a ``RuntimeWarning``; the result then holds the last finite
+    epoch's params (the best epoch's under early stopping) and says why in ``stop_reason``.
 
     Returns:
         :class:`FitResult` with the final (or best, with early stopping) params and a history
         of ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate`` and
-        ``seconds`` per epoch, as NumPy arrays.
+        ``seconds`` per epoch, as NumPy arrays, and ``stop_reason``.
     """
+    _check_arguments(key, epochs, batch_size, validation_split, early_stopping, log_every, metrics)
     fdata.validate(x, y, num_classes=num_classes, name="training data")
     if validation_data is None and validation_split:
         x, y, x_val, y_val = fdata.train_test_split(x, y, validation_split, key=jax.random.fold_in(key, 2**31 - 1))
         validation_data = (x_val, y_val)
     if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("fit: validation_data must be a pair (x_val, y_val)")
         fdata.validate(*validation_data, num_classes=num_classes, name="validation data")
     if early_stopping and early_stopping.monitor.startswith("val_") and validation_data is None:
         raise ValueError(f"early stopping monitors {early_stopping.monitor!r} but there is no validation data: "
                          f"pass validation_data or validation_split")
+    n = int(np.shape(x)[0])
+    if n == 0:
+        raise ValueError("fit: the training data is empty" + (" after the validation split" if validation_split
+                                                             else ""))
+    classify = getattr(loss, "classification", False) if metrics is None else "accuracy" in metrics
+    recorded = _recorded_metrics(classify, validation_data is not None)
+    if early_stopping is not None and early_stopping.monitor not in recorded:
+        raise ValueError(f"early stopping monitors {early_stopping.monitor!r}, but this fit records only "
+                         f"{recorded[:-2]}" + ("" if classify else " (accuracy is recorded for classification "
+                                                                    "losses only)"))
+    if model.has_state and state is None:
+        state = model.init_state(params)
+    _check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    n = int(x.shape[0])
-    classify = isinstance(loss, CLASSIFICATION) if metrics is None else "accuracy" in metrics
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
     step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment)
@@ -198,10 +339,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     history: dict[str, list[float]] = {}
     best, best_epoch, best_params, best_state, waited = None, None, params, state, 0
     epoch_range, bar = _progress(epochs, progress)
-    if model.has_state and state is None:
-        state = model.init_state(params)
     carry = (params, state, opt_state)
-    epochs_run = 0
+    good = carry  # the last carry that ended an epoch with everything finite
+    epochs_run, stop_reason = 0, f"completed {epochs} epochs"
     for epoch in epoch_range:
         start = time.perf_counter()
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
@@ -235,24 +375,34 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
         if log_every and (epoch + 1) % log_every == 0:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "seconds"))
-        if not all(math.isfinite(v) for k, v in record.items() if k.endswith("loss")):
-            break  # diverged: stop rather than train on NaN; the history shows it
+        reason = _nonfinite_reason(record, carry, epoch)
+        if reason is not None:  # diverged: stop rather than train on NaN, and keep what was finite
+            stop_reason = reason
+            kept = f"the best epoch's ({best_epoch + 1})" if early_stopping is not None and best_epoch is not None \
+                and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
+            warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
+                          f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=2)
+            carry = good
+            break
+        good = carry[:3]
         if early_stopping is not None:
-            if early_stopping.monitor not in record:
-                raise ValueError(f"early stopping monitors {early_stopping.monitor!r}, not among {sorted(record)}")
             value = record[early_stopping.monitor]
-            if best is None or early_stopping.better(value, best):
+            if (best is None and math.isfinite(value)) or (best is not None and early_stopping.better(value, best)):
                 best, best_epoch, best_params, best_state, waited = value, epoch, carry[0], carry[1], 0
             else:
                 waited += 1
                 if waited >= early_stopping.patience:
+                    stop_reason = (f"early stopping: {early_stopping.monitor} did not improve for "
+                                   f"{early_stopping.patience} epochs (best epoch {best_epoch + 1})"
+                                   if best_epoch is not None else
+                                   f"early stopping: {early_stopping.monitor} was never finite")
                     break
     if bar is not None:
         bar.close()
-    restore = early_stopping is not None and early_stopping.restore_best
+    restore = early_stopping is not None and early_stopping.restore_best and best_epoch is not None
     params, state = (best_params, best_state) if restore else carry[:2]
     return FitResult(params, carry[2], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run,
-                     state)
+                     state, stop_reason)
 
 
 def _epoch_batches(n: int, batch_size: int | None, key):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, ParameterFree, describe, require_floating
+from fbp.core import InputError, Layer, ParameterFree, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.activations import GELU
 from fbp.nn.dense import Dense
@@ -38,9 +38,12 @@ def _split_input(owner, inputs):
     require_floating(repr(owner), x)
     if x.ndim != 3:
         raise InputError(repr(owner), f"input x must be (batch, time, model_dim), received {describe(x)}")
-    if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-        raise InputError(repr(owner), f"padding mask must be (batch, time) = {tuple(x.shape[:2])}, "
-                                      f"received {describe(mask)}")
+    if mask is not None and (not hasattr(mask, "dtype") or mask.dtype != jnp.bool_
+                             or tuple(mask.shape) != tuple(x.shape[:2])):
+        raise InputError(repr(owner), f"padding mask must be boolean (batch, time) = {tuple(x.shape[:2])}, True "
+                                      f"for real tokens; received {describe(mask)}"
+                                      + ("; convert it with mask > 0 (or mask.astype(bool))"
+                                         if hasattr(mask, "dtype") and mask.dtype != jnp.bool_ else ""))
     return x, mask
 
 
@@ -59,6 +62,9 @@ class MultiHeadAttention(Layer):
     num_heads: int
     causal: bool = False
     kernel_init: Callable = initializers.glorot_uniform
+
+    def __repr__(self) -> str:
+        return f"MultiHeadAttention(num_heads={self.num_heads}{', causal=True' if self.causal else ''})"
 
     def __post_init__(self):
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
@@ -213,6 +219,7 @@ class LearnedPositionalEmbedding(Layer):
         require_floating(repr(self), x)
         if x.ndim != 3 or x.shape[1] > self.max_len:
             raise InputError(repr(self), f"input must be (batch, time <= {self.max_len}, d), received {describe(x)}")
+        check_params(repr(self), params, {"table": (self.max_len, x.shape[-1])}, x)
         table = params["table"]
         return x + table[: x.shape[1]], table.shape
 

@@ -58,6 +58,9 @@ class Serial(Layer):
     def __repr__(self) -> str:
         return f"Serial({', '.join(map(repr, self.layers))})"
 
+    def children(self):
+        return {str(i): child for i, child in enumerate(self.layers)}
+
     def init(self, key, x):
         keys = jax.random.split(key, max(len(self.layers), 1))
         params = []
@@ -103,12 +106,23 @@ class Serial(Layer):
         return tuple(d_params), d_y
 
     def _check_params(self, params):
-        if not isinstance(params, (tuple, list)) or len(params) != len(self.layers):
-            got = f"a {type(params).__name__} of {len(params)} entries" if isinstance(params, (tuple, list)) \
-                else f"a {type(params).__name__}"
-            raise InputError("Serial", f"expects params as a tuple with one entry per layer "
-                                       f"({len(self.layers)} entries), received {got}. "
-                                       f"Did you init a different model?")
+        _require_tuple(self, params, "layer")
+
+
+def _require_tuple(layer, params, entry: str) -> None:
+    """Serial's and Parallel's params: a tuple with one entry per child (a list is refused: the
+    gradients come back as a tuple, and an optimizer state made from a list would not match them)."""
+    n = len(layer.layers)
+    if isinstance(params, tuple) and len(params) == n:
+        return
+    if isinstance(params, list) and len(params) == n:
+        raise InputError(repr(layer), f"expects params as a tuple with one entry per {entry}, received a list; "
+                                      f"convert it with tuple(params) (the gradients are a tuple, and an "
+                                      f"optimizer state made from a list would not match them)")
+    got = f"a {type(params).__name__} of {len(params)} entries" if isinstance(params, (tuple, list)) \
+        else f"a {type(params).__name__}"
+    raise InputError(repr(layer), f"expects params as a tuple with one entry per {entry} ({n} entries), "
+                                  f"received {got}. Did you init a different model?")
 
 
 def _ctx_children(layer, children, params, state, key):
@@ -129,37 +143,44 @@ class Residual(Layer):
     projection: Layer | None = None
     contextual = True
 
-    def _children(self):
+    def children(self):
         return {"block": self.block} if self.projection is None else {"block": self.block,
                                                                       "projection": self.projection}
 
     @property
     def has_state(self):
-        return any(c.has_state for c in self._children().values())
+        return any(c.has_state for c in self.children().values())
 
     @property
     def needs_key(self):
-        return any(c.needs_key for c in self._children().values())
+        return any(c.needs_key for c in self.children().values())
 
     def init(self, key, x):
         keys = split_key(key, 2)
         params = {}
-        for (name, child), k in zip(self._children().items(), keys):
+        for (name, child), k in zip(self.children().items(), keys):
             with at_path(name):
                 params[name] = child.init(k, x)
         return params
 
     def init_state(self, params):
-        return {name: child.init_state(params[name]) for name, child in self._children().items()}
+        return {name: child.init_state(params[name]) for name, child in self.children().items()}
 
     def next_state(self, state, res):
         if state is None:
             return None
-        return {name: child.next_state(state[name], res[0][name]) for name, child in self._children().items()}
+        return {name: child.next_state(state[name], res[0][name]) for name, child in self.children().items()}
 
     def forward(self, params, x, *, state=None, key=None, train=False):
+        if not hasattr(params, "keys") or set(params.keys()) != set(self.children()):
+            got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+            raise InputError(repr(self), f"expects params as a dict with keys {sorted(self.children())}, received "
+                                         f"{got}. Did you init a different model?")
+        if state is not None and (not hasattr(state, "keys") or set(state.keys()) != set(self.children())):
+            raise InputError(repr(self), f"expects state as a dict with keys {sorted(self.children())}; make it "
+                                         f"with model.init_state(params)")
         outs, residuals = {}, {}
-        for name, child, p, s, k in _ctx_children(self, self._children(), params, state, key):
+        for name, child, p, s, k in _ctx_children(self, self.children(), params, state, key):
             with at_path(name):
                 outs[name], residuals[name] = run_forward(child, p, x, state=s, key=k, train=train)
         skip = outs.get("projection", x)
@@ -189,6 +210,9 @@ class Parallel(Layer):
         Serial(*layers)  # same argument checks
         object.__setattr__(self, "layers", tuple(layers))
 
+    def children(self):
+        return {str(i): child for i, child in enumerate(self.layers)}
+
     @property
     def has_state(self):
         return any(c.has_state for c in self.layers)
@@ -214,8 +238,7 @@ class Parallel(Layer):
 
     def forward(self, params, x, *, state=None, key=None, train=False):
         n = len(self.layers)
-        if not isinstance(params, (tuple, list)) or len(params) != n:
-            raise InputError("Parallel", f"expects params as a tuple with one entry per branch ({n})")
+        _require_tuple(self, params, "branch")
         outs, residuals = [], []
         for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, state, n),
                                                  split_key(key, n))):

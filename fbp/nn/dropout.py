@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, require_floating, require_no_params
+from fbp.core import InputError, Layer, require_floating, require_key, require_no_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Dropout(Layer):
         if key is None:
             raise InputError(repr(self), "training mode needs a random key: pass key=... to value_and_grad / apply "
                                          "(fbp.train.fit passes a fresh one every step)")
+        require_key(repr(self), key)
         keep = jax.random.bernoulli(key, 1 - self.rate, x.shape)
         return jnp.where(keep, x / (1 - self.rate), jnp.zeros_like(x)), keep
 

@@ -4,6 +4,12 @@
 rows that were read: ``d_table = zeros.at[ids].add(d_y)`` (rows read twice get both
 contributions). Integer ids have no cotangent; ``d_x`` is ``None``, so an Embedding is the
 first layer of a model.
+
+Ids must lie in ``[0, vocab)``. On concrete ids (outside ``jit``) one outside raises
+:class:`~fbp.core.InputError`. Under ``jit``/``vmap`` the ids cannot be inspected, and JAX's
+gather would silently clamp them (reading the last row, negative ones wrapping) while the
+scatter drops them; instead such an id reads a row of **NaN** — so the loss turns NaN and
+``fbp.train.fit`` stops with a ``stop_reason`` — and contributes no gradient.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
-from fbp.core import InputError, Layer, describe
+from fbp.core import InputError, Layer, describe, is_concrete
 from fbp.nn import init as initializers
 
 
@@ -50,9 +57,20 @@ class Embedding(Layer):
         if table is None or tuple(table.shape) != (self.vocab, self.features):
             raise InputError(repr(self), f"expected shape ({self.vocab}, {self.features}), received "
                                          f"{describe(table) if table is not None else 'nothing'}", param="table")
-        return table[x], (x, table)
+        valid = (x >= 0) & (x < self.vocab)
+        if is_concrete(valid):
+            if not bool(np.all(valid)):
+                bad = np.argwhere(~np.asarray(valid))
+                index = tuple(int(i) for i in bad[0])
+                found = np.asarray(x)[index] if is_concrete(x) else "an id"
+                raise InputError(repr(self), f"ids must lie in [0, {self.vocab}); found {found} at index {index} "
+                                             f"({len(bad)} such ids in all). Check the tokenizer's vocabulary size")
+            return table[x], (x, table)
+        y = jnp.where(valid[..., None], table[jnp.clip(x, 0, self.vocab - 1)], jnp.nan).astype(table.dtype)
+        return y, (jnp.where(valid, x, self.vocab), table)  # out of range: an index the scatter drops
 
     def backward(self, res, d_y):
         ids, table = res
-        d_table = jnp.zeros(table.shape, d_y.dtype).at[ids.reshape(-1)].add(d_y.reshape(-1, table.shape[1]))
+        d_table = jnp.zeros(table.shape, d_y.dtype).at[ids.reshape(-1)].add(d_y.reshape(-1, table.shape[1]),
+                                                                             mode="drop")
         return {"table": d_table.astype(table.dtype)}, None

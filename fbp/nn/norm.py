@@ -14,6 +14,7 @@ running averages, which are constants: ``d_x = γ d_y / sqrt(σ²_run + ε)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -92,8 +93,14 @@ class BatchNorm(Layer):
 
     def forward(self, params, x, *, state=None, key=None, train=False):
         _check(self, params, x)
+        if state is not None:
+            self._check_state(state, x)
         axes = tuple(range(x.ndim - 1))
         if train:
+            if math.prod(x.shape[:-1]) < 2:
+                raise InputError(repr(self), f"training mode needs more than one value per channel to compute "
+                                             f"batch statistics, received x {describe(x)} (the output would be all "
+                                             f"zeros; PyTorch raises too). Use a batch of 2 or more, or train=False")
             x_hat, inv, mean, var = _normalize(x, axes, self.epsilon)
             stats = (mean.reshape(-1), var.reshape(-1))
         else:
@@ -105,6 +112,16 @@ class BatchNorm(Layer):
             stats = None
         y = params["scale"] * x_hat + params["bias"]
         return y, (x_hat, inv, params["scale"], stats)
+
+    def _check_state(self, state, x):
+        c = x.shape[-1]
+        for name in ("mean", "var"):
+            value = state.get(name) if hasattr(state, "get") else None
+            if value is None or tuple(getattr(value, "shape", ())) != (c,):
+                got = describe(value) if value is not None else "nothing"
+                raise InputError(repr(self), f"state '{name}' must have shape ({c},) for {c} channels (input x "
+                                             f"{describe(x)}), received {got}: a state from another model? Make it "
+                                             f"with model.init_state(params)")
 
     def backward(self, res, d_y):
         x_hat, inv, scale, stats = res
@@ -136,6 +153,9 @@ class LayerNorm(Layer):
 
     def forward(self, params, x):
         _check(self, params, x, min_rank=1)
+        if x.shape[-1] < 2:
+            raise InputError(repr(self), f"normalising over a single feature makes every output equal to the bias "
+                                         f"and every input gradient zero; received x {describe(x)}")
         x_hat, inv, _, _ = _normalize(x, (-1,), self.epsilon)
         return params["scale"] * x_hat + params["bias"], (x_hat, inv, params["scale"])
 
@@ -171,6 +191,9 @@ class GroupNorm(Layer):
     def forward(self, params, x):
         _check(self, params, x)
         xg = self._grouped(x)
+        if math.prod(xg.shape[1:-2]) * xg.shape[-1] < 2:
+            raise InputError(repr(self), f"each group holds a single value (input x {describe(x)}, {self.num_groups} "
+                                         f"groups): every output would equal the bias. Use fewer groups")
         axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
         x_hat, inv, _, _ = _normalize(xg, axes, self.epsilon)
         x_hat = x_hat.reshape(x.shape)

@@ -13,11 +13,16 @@ checkpoint like params.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fbp.core import path_name
 
 PyTree = Any
 
@@ -35,18 +40,27 @@ class EmptyState(NamedTuple):
 
 def identity() -> GradientTransformation:
     """Pass the updates through unchanged."""
-    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+    return transformation("identity", lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
 
 
 def chain(*transformations: GradientTransformation) -> GradientTransformation:
     """Apply ``transformations`` in order; e.g. ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale(-lr))``."""
+    for i, t in enumerate(transformations):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain: argument {i} must be a GradientTransformation (e.g. fbp.optim.scale_by_adam()), "
+                            f"got {type(t).__name__}")
 
     def init(params):
         return tuple(t.init(params) for t in transformations)
 
     def update(updates, state, params=None):
+        if not isinstance(state, tuple) or len(state) != len(transformations):
+            got = f"a tuple of {len(state)}" if isinstance(state, tuple) else f"a {type(state).__name__}"
+            raise ValueError(f"chain of {len(transformations)} transformations: the optimizer state must be a tuple "
+                             f"of {len(transformations)} states, received {got} — a state from another optimizer? "
+                             f"Make it with opt.init(params)")
         new_state = []
-        for t, s in zip(transformations, state):
+        for t, s in zip(transformations, state, strict=True):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
@@ -54,17 +68,86 @@ def chain(*transformations: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+    return type(x).__name__
+
+
+def _mismatch(reference: PyTree, other: PyTree) -> str | None:
+    """``None`` if ``other`` has ``reference``'s tree structure and leaf shapes, else what differs."""
+    r_leaves, r_def = jax.tree_util.tree_flatten_with_path(reference)
+    o_leaves, o_def = jax.tree_util.tree_flatten_with_path(other)
+    if r_def == o_def:
+        for (path, r), (_, o) in zip(r_leaves, o_leaves, strict=True):
+            if tuple(getattr(o, "shape", ())) != tuple(getattr(r, "shape", ())):
+                return f"at '{path_name(path)}' expected {_describe(r)}, received {_describe(o)}"
+        return None
+    r_paths = [path_name(p) for p, _ in r_leaves]
+    o_paths = [path_name(p) for p, _ in o_leaves]
+    missing = [p for p in r_paths if p not in o_paths]
+    extra = [p for p in o_paths if p not in r_paths]
+    if missing or extra:
+        return f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}" \
+               f"{' ...' if len(extra) > 5 else ''}"
+    return f"other containers: expected {r_def}, received {o_def}"
+
+
+def transformation(name: str, init: Callable[[PyTree], PyTree], update: Callable[..., tuple[PyTree, PyTree]]
+                   ) -> GradientTransformation:
+    """A :class:`GradientTransformation` whose ``update`` first checks that ``state`` is what
+    ``init`` makes for parameters shaped like the updates (and that ``params``, when given, has
+    their structure). The check compares structures and shapes only: under ``jit`` it runs once,
+    at trace time, and names the transformation and the first path that differs."""
+
+    def checked_update(updates, state, params=None):
+        expected = jax.eval_shape(init, updates)
+        problem = _mismatch(expected, state)
+        if problem is not None:
+            raise ValueError(f"{name}: the optimizer state does not match the gradients ({problem}). Was it made "
+                             f"by another optimizer, or from another params tree? Make it with opt.init(params)")
+        if params is not None:
+            problem = _mismatch(params, updates)
+            if problem is not None:
+                raise ValueError(f"{name}: the gradients do not match the params ({problem})")
+        return update(updates, state, params)
+
+    return GradientTransformation(init, checked_update)
+
+
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
-    """``params + updates``, leaf by leaf, keeping each parameter's dtype."""
+    """``params + updates``, leaf by leaf, keeping each parameter's dtype.
+
+    ``updates`` must have the structure and leaf shapes of ``params`` (no broadcasting: an update
+    that would change a parameter's shape raises ``ValueError``).
+    """
+    problem = _mismatch(params, updates)
+    if problem is not None:
+        raise ValueError(f"apply_updates: the updates do not match the params ({problem}); a parameter must keep "
+                         f"its shape")
     return jax.tree_util.tree_map(lambda p, u: (p + u).astype(jnp.asarray(p).dtype), params, updates)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
-    """``sqrt(Σ_leaves Σ x²)``, the Euclidean norm of all leaves together."""
+    """``sqrt(Σ_leaves Σ x²)``, the Euclidean norm of all leaves together.
+
+    Computed overflow-safely as ``m · sqrt(Σ (x / m)²)`` with ``m`` the largest magnitude, so
+    finite leaves whose squares overflow (3e19 in float32) still give a finite norm when it
+    is representable; a NaN or inf entry gives a non-finite norm.
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros(())
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+    largest, scaled = _scaled_sum_of_squares(leaves)
+    return largest * jnp.sqrt(scaled)
+
+
+def _scaled_sum_of_squares(leaves):
+    """``(m, Σ (x / m)²)`` with ``m = max |x|`` (``m`` is 1 when every entry is 0)."""
+    largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
+                                             for x in leaves])
+    m = jnp.where(largest > 0, largest, jnp.ones_like(largest))
+    return largest, sum(jnp.sum(jnp.square(x / m.astype(x.dtype))) for x in leaves)
 
 
 def increment(count: jax.Array) -> jax.Array:
@@ -81,3 +164,28 @@ def require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition`` (for hyperparameter validation)."""
     if not condition:
         raise ValueError(message)
+
+
+def require_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False,
+                   high: float | None = None, high_open: bool = False) -> float:
+    """``value`` as a float, after checking it is a finite real number within the bounds given;
+    raises ``TypeError`` for a non-number (a string, say) and ``ValueError`` otherwise. A traced
+    scalar (a hyperparameter swept under ``vmap``/``jit``) cannot be checked and passes as it is."""
+    if isinstance(value, jax.core.Tracer) and value.shape == ():
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) and not (
+            hasattr(value, "shape") and getattr(value, "shape", None) == ()):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    bounds = ""
+    if low is not None or high is not None:
+        bounds = f" in {'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                 f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+    ok = math.isfinite(number)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
+    return number

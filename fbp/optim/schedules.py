@@ -12,19 +12,22 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
-from fbp.optim.base import require
+from fbp.optim.base import require, require_number
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
 def constant_schedule(value: float) -> Schedule:
     """``η_t = value``."""
+    require_number("constant_schedule", "value", value)
     return lambda step: jnp.full((), value, jnp.float32)
 
 
 def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """Linear from ``init_value`` to ``end_value`` over ``transition_steps`` after ``transition_begin``."""
     require(transition_steps > 0, f"linear_schedule: transition_steps must be > 0, got {transition_steps}")
+    require_number("linear_schedule", "init_value", init_value)
+    require_number("linear_schedule", "end_value", end_value)
 
     def schedule(step):
         t = jnp.clip(step - transition_begin, 0, transition_steps)
@@ -37,7 +40,10 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
                       staircase: bool = False, end_value: float | None = None) -> Schedule:
     """``η_t = η_0 · r^{(t - t_0)/T}`` (``floor`` of the exponent if ``staircase``), then bounded by ``end_value``."""
     require(transition_steps > 0, f"exponential_decay: transition_steps must be > 0, got {transition_steps}")
-    require(decay_rate > 0, f"exponential_decay: decay_rate must be > 0, got {decay_rate}")
+    require_number("exponential_decay", "decay_rate", decay_rate, low=0.0, low_open=True)
+    require_number("exponential_decay", "init_value", init_value)
+    if end_value is not None:
+        require_number("exponential_decay", "end_value", end_value)
 
     def schedule(step):
         p = jnp.maximum(step - transition_begin, 0) / transition_steps
@@ -52,8 +58,9 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
 def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[int, float] | None = None) -> Schedule:
     """``η_t = η_0 · Π_{b ≤ t} scale_b``: at each boundary step the rate is multiplied by its scale."""
     items = sorted((boundaries_and_scales or {}).items())
+    require_number("piecewise_constant_schedule", "init_value", init_value)
     for boundary, scale in items:
-        require(scale >= 0, f"piecewise_constant_schedule: scales must be >= 0, got {scale} at step {boundary}")
+        require_number("piecewise_constant_schedule", f"the scale at step {boundary}", scale, low=0.0)
 
     def schedule(step):
         value = jnp.asarray(init_value, jnp.float32)
@@ -67,6 +74,8 @@ def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[i
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Loshchilov & Hutter (2017): ``η_t = η_0 ((1-α) (½ (1 + cos(π min(t,T)/T)))^p + α)``."""
     require(decay_steps > 0, f"cosine_decay_schedule: decay_steps must be > 0, got {decay_steps}")
+    for name, value in (("init_value", init_value), ("alpha", alpha), ("exponent", exponent)):
+        require_number("cosine_decay_schedule", name, value)
 
     def schedule(step):
         t = jnp.minimum(step, decay_steps)
@@ -93,7 +102,9 @@ def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_st
     """Linear warm-up from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine decay
     to ``end_value`` at ``decay_steps`` (counted from step 0, warm-up included), as optax."""
     require(decay_steps > warmup_steps, "warmup_cosine_decay_schedule: decay_steps must exceed warmup_steps")
-    require(peak_value > 0, f"warmup_cosine_decay_schedule: peak_value must be > 0, got {peak_value}")
+    require_number("warmup_cosine_decay_schedule", "peak_value", peak_value, low=0.0, low_open=True)
+    require_number("warmup_cosine_decay_schedule", "init_value", init_value)
+    require_number("warmup_cosine_decay_schedule", "end_value", end_value)
     warmup = linear_schedule(init_value, peak_value, max(warmup_steps, 1))
     decay = cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha=end_value / peak_value,
                                   exponent=exponent)

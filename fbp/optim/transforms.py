@@ -12,8 +12,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fbp.optim.base import EmptyState, GradientTransformation, global_norm, increment, require, zeros_like
+from fbp.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    _scaled_sum_of_squares,
+    increment,
+    require_number,
+    transformation,
+    zeros_like,
+)
 
 PyTree = Any
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -21,17 +30,41 @@ tree_map = jax.tree_util.tree_map
 
 
 def _nonneg(name: str, value: float, owner: str) -> None:
-    if not callable(value):
-        require(value >= 0, f"{owner}: {name} must be >= 0, got {value}")
+    require_number(owner, name, value, low=0.0)
 
 
 def _unit(name: str, value: float, owner: str, closed: bool) -> None:
-    ok = 0 <= value <= 1 if closed else 0 <= value < 1
-    require(ok, f"{owner}: {name} must be in [0, 1{']' if closed else ')'}, got {value}")
+    require_number(owner, name, value, low=0.0, high=1.0, high_open=not closed)
 
 
-def _stateless(fn: Callable[[PyTree, PyTree], PyTree]) -> GradientTransformation:
-    return GradientTransformation(lambda params: EmptyState(), lambda u, state, params=None: (fn(u, params), state))
+SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def check_rate(owner: str, name: str, value: ScalarOrSchedule) -> None:
+    """A learning rate: a finite number >= 0, or a schedule whose values at the steps in
+    :data:`SCHEDULE_PROBES` (0 to a million) are finite and >= 0 (a negative rate would be silent
+    gradient ascent). Between and beyond those steps a schedule is not checked: its value is
+    recorded in the optimizer state, and a non-finite one shows as non-finite parameters, which
+    ``fbp.train.fit`` reports."""
+    if not callable(value):
+        require_number(owner, name, value, low=0.0)
+        return
+    for step in SCHEDULE_PROBES:
+        try:
+            out = value(jnp.asarray(step, jnp.int32))
+        except Exception as err:  # a schedule that cannot run eagerly on a step count
+            raise ValueError(f"{owner}: the {name} schedule failed on step {step}: {err}") from err
+        out = np.asarray(out)
+        if out.shape != () or not np.issubdtype(out.dtype, np.number):
+            raise ValueError(f"{owner}: the {name} schedule must return a scalar, returned {out.shape} {out.dtype} "
+                             f"at step {step}")
+        if not (np.isfinite(out) and out >= 0):
+            raise ValueError(f"{owner}: the {name} schedule gives {float(out)} at step {step}; it must stay finite "
+                             f"and >= 0 (a negative rate ascends the loss)")
+
+
+def _stateless(name: str, fn: Callable[[PyTree, PyTree], PyTree]) -> GradientTransformation:
+    return transformation(name, lambda params: EmptyState(), lambda u, state, params=None: (fn(u, params), state))
 
 
 def _needs_params(params, owner: str) -> None:
@@ -42,7 +75,8 @@ def _needs_params(params, owner: str) -> None:
 # --------------------------------------------------------------------------- scaling
 def scale(step_size: float) -> GradientTransformation:
     """``u ← step_size · g``."""
-    return _stateless(lambda u, params: tree_map(lambda g: step_size * g, u))
+    require_number("scale", "step_size", step_size)
+    return _stateless("scale", lambda u, params: tree_map(lambda g: step_size * g, u))
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -58,7 +92,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     A schedule is evaluated at the number of updates made before this one (0 at the first
     update), as in optax.
     """
-    _nonneg("learning_rate", learning_rate, "scale_by_learning_rate")
+    check_rate("scale_by_learning_rate", "learning_rate", learning_rate)
     sign = -1.0 if flip_sign else 1.0
 
     def init(params):
@@ -69,7 +103,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         updates = tree_map(lambda g: (sign * lr * g).astype(g.dtype), updates)
         return updates, ScaleByLearningRateState(increment(state.count), jnp.asarray(lr, jnp.float32))
 
-    return GradientTransformation(init, update)
+    return transformation("scale_by_learning_rate", init, update)
 
 
 # --------------------------------------------------------------------------- momentum
@@ -89,7 +123,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         out = tree_map(lambda g, t: g + decay * t, updates, m) if nesterov else m
         return out, TraceState(m)
 
-    return GradientTransformation(lambda params: TraceState(zeros_like(params)), update)
+    return transformation("trace", lambda params: TraceState(zeros_like(params)), update)
 
 
 # --------------------------------------------------------------------------- adaptive scalings
@@ -112,7 +146,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> G
         return out, ScaleByRssState(s)
 
     init = lambda params: ScaleByRssState(tree_map(lambda p: jnp.full_like(p, initial_accumulator_value), params))
-    return GradientTransformation(init, update)
+    return transformation("scale_by_rss", init, update)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -134,7 +168,8 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0
     ``eps_in_sqrt=False`` gives.
     """
     _unit("decay", decay, "scale_by_rms", closed=True)
-    _nonneg("eps", eps, "scale_by_rms")
+    require_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)  # eps = 0 turns a zero gradient into 0/0
+    _nonneg("initial_scale", initial_scale, "scale_by_rms")
 
     def update(updates, state, params=None):
         count = increment(state.count)
@@ -144,7 +179,7 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0
 
     init = lambda params: ScaleByRmsState(jnp.zeros((), jnp.int32),
                                           tree_map(lambda p: jnp.full_like(p, initial_scale), params))
-    return GradientTransformation(init, update)
+    return transformation("scale_by_rms", init, update)
 
 
 class ScaleByStddevState(NamedTuple):
@@ -162,7 +197,8 @@ def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float 
     :func:`scale_by_rms`).
     """
     _unit("decay", decay, "scale_by_stddev", closed=True)
-    _nonneg("eps", eps, "scale_by_stddev")
+    require_number("scale_by_stddev", "eps", eps, low=0.0, low_open=True)
+    _nonneg("initial_scale", initial_scale, "scale_by_stddev")
 
     def update(updates, state, params=None):
         count = increment(state.count)
@@ -174,7 +210,7 @@ def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float 
 
     init = lambda params: ScaleByStddevState(jnp.zeros((), jnp.int32), zeros_like(params),
                                              tree_map(lambda p: jnp.full_like(p, initial_scale), params))
-    return GradientTransformation(init, update)
+    return transformation("scale_by_stddev", init, update)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -195,6 +231,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     _unit("b2", b2, "scale_by_adam", closed=False)
     _nonneg("eps", eps, "scale_by_adam")
     _nonneg("eps_root", eps_root, "scale_by_adam")
+    if eps == 0 and eps_root == 0:
+        raise ValueError("scale_by_adam: eps and eps_root are both 0, so a zero gradient gives 0/0 = NaN; "
+                         "keep eps > 0 (default 1e-8)")
 
     def update(updates, state, params=None):
         count = increment(state.count)
@@ -209,8 +248,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         out = tree_map(lambda m, v: (m / (jnp.sqrt(v + eps_root) + eps)).astype(m.dtype), mu_hat, nu_hat)
         return out, ScaleByAdamState(count, mu, nu)
 
-    return GradientTransformation(lambda params: ScaleByAdamState(jnp.zeros((), jnp.int32), zeros_like(params),
-                                                                  zeros_like(params)), update)
+    init = lambda params: ScaleByAdamState(jnp.zeros((), jnp.int32), zeros_like(params), zeros_like(params))
+    return transformation("scale_by_adam", init, update)
 
 
 # --------------------------------------------------------------------------- regularisation
@@ -234,7 +273,7 @@ def _add_term(term: Callable[[jax.Array], jax.Array], mask: Any, owner: str) -> 
         _needs_params(params, owner)
         return fn(updates, params), state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return transformation(owner, lambda params: EmptyState(), update)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
@@ -260,7 +299,7 @@ def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformati
 def clip(max_delta: float) -> GradientTransformation:
     """Clip by value: ``u ← clip(g, -max_delta, max_delta)``."""
     _nonneg("max_delta", max_delta, "clip")
-    return _stateless(lambda u, params: tree_map(lambda g: jnp.clip(g, -max_delta, max_delta), u))
+    return _stateless("clip", lambda u, params: tree_map(lambda g: jnp.clip(g, -max_delta, max_delta), u))
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -273,15 +312,26 @@ class ClipByGlobalNormState(NamedTuple):
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Pascanu, Mikolov & Bengio (2013): ``u ← g · min(1, max_norm / ‖g‖)``, ``‖g‖`` over all leaves.
 
-    All-zero gradients pass through unchanged (no 0/0). A non-finite norm is not hidden: the
-    updates become NaN and the state's ``global_norm`` records it.
+    Overflow-safe: with ``m = max |g|`` the factor is ``min(1, (max_norm / m) / sqrt(Σ (g/m)²))``,
+    so finite gradients whose squares overflow (3e19 in float32) are still clipped to a finite
+    update of norm ``max_norm``. All-zero gradients pass through unchanged (no 0/0). A gradient
+    holding NaN or inf is not hidden: the updates become NaN and the state's ``global_norm``
+    records it.
     """
-    require(max_norm > 0, f"clip_by_global_norm: max_norm must be > 0, got {max_norm}")
+    require_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
     def update(updates, state, params=None):
-        norm = global_norm(updates)
-        factor = jnp.where(norm <= max_norm, 1.0, max_norm / jnp.where(norm > 0, norm, 1.0))
-        factor = jnp.where(jnp.isfinite(norm), factor, jnp.nan)
-        return tree_map(lambda g: (g * factor).astype(g.dtype), updates), ClipByGlobalNormState(norm)
+        leaves = jax.tree_util.tree_leaves(updates)
+        if not leaves:
+            return updates, ClipByGlobalNormState(jnp.zeros((), jnp.float32))
+        largest, scaled = _scaled_sum_of_squares(leaves)
+        root = jnp.sqrt(scaled)
+        norm = largest * root  # may be inf in the dtype: the factor below never forms it
+        shrink = (max_norm / jnp.where(largest > 0, largest, 1.0)) / jnp.where(root > 0, root, 1.0)
+        factor = jnp.where(norm <= max_norm, 1.0, shrink)
+        factor = jnp.where(jnp.isfinite(largest), factor, jnp.nan)
+        new = tree_map(lambda g: (g * factor.astype(g.dtype)).astype(g.dtype), updates)
+        return new, ClipByGlobalNormState(norm.astype(jnp.float32))
 
-    return GradientTransformation(lambda params: ClipByGlobalNormState(jnp.zeros((), jnp.float32)), update)
+    return transformation("clip_by_global_norm", lambda params: ClipByGlobalNormState(jnp.zeros((), jnp.float32)),
+                          update)

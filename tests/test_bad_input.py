@@ -1,0 +1,431 @@
+"""Hardening: no silent wrong result, and a clear error for every bad input (issue 9).
+
+Each test feeds one bad or unusual input and asserts either the exception type *and* that the
+message names what a user must fix, or the specified behaviour (finite params, a stop reason, a
+warning, a NaN instead of a silent number under jit). Sections follow the package's modules.
+"""
+
+import gzip
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import check, data, losses, nn, optim, train
+from fbp.__main__ import main as cli
+from fbp.core import InputError
+
+KEY = jax.random.PRNGKey(0)
+MLP = nn.Serial(nn.Dense(8), nn.ReLU(), nn.Dense(3))
+CCE = losses.CategoricalCrossEntropy(from_logits=True)
+BN_MODEL = nn.Serial(nn.Dense(4), nn.BatchNorm(), nn.ReLU(), nn.Dense(2))
+
+
+def _blobs(n=40, classes=3):
+    x = jax.random.normal(KEY, (n, 2))
+    y = jnp.arange(n) % classes
+    return x + jax.nn.one_hot(y, 2 if classes <= 2 else classes)[:, :2] * 2, y
+
+
+X, Y = _blobs()
+PARAMS = MLP.init(KEY, X)
+
+
+class CountingOptimizer:
+    """sgd whose ``init`` counts its calls: ``fit`` calls it only once every check has passed,
+    so ``calls == 0`` after a raise means the error came before any training."""
+
+    def __init__(self, lr=0.1):
+        self.calls, self.inner = 0, optim.sgd(lr)
+
+    def __call__(self):
+        def init(params):
+            self.calls += 1
+            return self.inner.init(params)
+
+        return optim.GradientTransformation(init, self.inner.update)
+
+
+def _fit(model=MLP, loss=CCE, params=PARAMS, x=X, y=Y, opt=None, **kw):
+    kw.setdefault("key", jax.random.PRNGKey(1))
+    kw.setdefault("progress", False)
+    return train.fit(model, loss, opt if opt is not None else optim.sgd(0.1), params, x, y, **kw)
+
+
+def _leaves_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _same(a, b):
+    return all(np.array_equal(p, q) for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                                                    strict=True))
+
+
+# --------------------------------------------------------------------------- 1. a diverging fit
+def test_diverging_fit_warns_records_why_and_returns_the_initial_params():
+    with pytest.warns(RuntimeWarning, match="non-finite: loss is nan at epoch 1"):
+        result = _fit(opt=optim.sgd(1e30), epochs=5)
+    assert result.diverged and result.stop_reason.startswith("non-finite: loss")
+    assert result.epochs_run == 1 and _leaves_finite(result.params) and _same(result.params, PARAMS)
+
+
+def test_diverging_fit_returns_the_last_finite_epoch():
+    x = jax.random.normal(KEY, (32, 4))
+    y = 3 * x.sum(axis=1, keepdims=True)
+    model = nn.Dense(1)
+    params = model.init(KEY, x)
+    kw = dict(model=model, loss=losses.MSE(), params=params, x=x, y=y, batch_size=None)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = _fit(opt=optim.sgd(10.0), epochs=200, **kw)
+    assert result.diverged and 1 < result.epochs_run < 200 and _leaves_finite(result.params)
+    last_finite = result.epochs_run - 1
+    assert np.isfinite(result.history["loss"][:last_finite]).all()
+    again = _fit(opt=optim.sgd(10.0), epochs=last_finite, **kw)  # deterministic: the same run, stopped in time
+    assert not again.diverged and _same(result.params, again.params) and _same(result.opt_state, again.opt_state)
+
+
+def test_nan_validation_metric_is_never_an_improvement():
+    stop = train.EarlyStopping("val_loss")
+    assert not stop.better(float("nan"), 1.0) and not stop.better(float("inf"), 1.0)
+    assert not train.EarlyStopping("val_accuracy").better(float("nan"), 0.5)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = _fit(opt=optim.sgd(1e30), epochs=5, validation_split=0.25, early_stopping=stop)
+    assert result.diverged and result.best_epoch is None and _same(result.params, PARAMS)
+
+
+def test_cli_reports_divergence_and_exits_nonzero(capsys):
+    with pytest.warns(RuntimeWarning):
+        code = cli(["train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--hidden", "8", "--no-progress",
+                    "--patience", "0"])
+    out = capsys.readouterr()
+    assert code == 1 and "diverged" in out.err and "non-finite" in out.out
+
+
+# --------------------------------------------------------------------------- 2. clipping exploding gradients
+def test_clip_by_global_norm_survives_gradients_whose_squares_overflow():
+    grads = {"w": jnp.full((4, 3), 3e19, jnp.float32), "b": jnp.full((3,), -1e30, jnp.float32)}
+    clip = optim.clip_by_global_norm(1.0)
+    updates, state = jax.jit(clip.update)(grads, clip.init(grads))
+    assert _leaves_finite(updates) and np.isfinite(float(optim.global_norm(grads)))
+    np.testing.assert_allclose(float(optim.global_norm(updates)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(float(state.global_norm), float(np.sqrt(3 * 1e60 + 12 * 9e38)), rtol=1e-5)
+    # direction kept: the clipped update is the gradient scaled by one positive factor
+    np.testing.assert_allclose(np.asarray(updates["w"]) / np.asarray(updates["b"][0]), 3e19 / -1e30, rtol=1e-5)
+    # a NaN gradient is not hidden
+    bad = {"w": grads["w"].at[0, 0].set(jnp.nan), "b": grads["b"]}
+    assert not _leaves_finite(clip.update(bad, clip.init(bad))[0])
+
+
+# --------------------------------------------------------------------------- 3. early stopping settings
+@pytest.mark.parametrize("kwargs, match", [({"mode": "Max"}, "mode must be one of"), ({"mode": "bogus"}, "mode"),
+                                           ({"patience": 0}, "patience"), ({"min_delta": -1.0}, "min_delta"),
+                                           ({"min_delta": float("nan")}, "min_delta")])
+def test_early_stopping_validates_its_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train.EarlyStopping("val_loss", **kwargs)
+
+
+def test_early_stopping_monitor_is_checked_before_training():
+    opt = CountingOptimizer()
+    x, y = X, jnp.ones((len(X), 3))
+    with pytest.raises(ValueError, match=r"monitors 'accuracy'.*records only \['loss'\].*classification"):
+        _fit(loss=losses.MSE(), y=y, opt=opt(), early_stopping=train.EarlyStopping("accuracy"))
+    with pytest.raises(ValueError, match="monitors 'val_acc'"):
+        _fit(opt=opt(), validation_split=0.25, early_stopping=train.EarlyStopping("val_acc"))
+    assert opt.calls == 0
+
+
+# --------------------------------------------------------------------------- 4. labels out of range
+@pytest.mark.parametrize("loss", [CCE, losses.CategoricalCrossEntropy(), losses.MulticlassHinge()],
+                         ids=["cce-logits", "cce-probs", "multiclass-hinge"])
+def test_out_of_range_labels_raise_eagerly_and_give_nan_under_jit(loss):
+    pred = jax.nn.softmax(jax.random.normal(KEY, (4, 3)))
+    for labels in (jnp.array([0, 1, 3, 2]), jnp.array([0, -1, 1, 2])):
+        with pytest.raises(InputError, match=r"labels must lie in \[0, 3\).*index \((1|2),\)"):
+            loss(pred, labels)
+        value = jax.jit(loss)(pred, labels)
+        grad = jax.jit(lambda p, t: loss.backward(loss.forward(p, t)[1]))(pred, labels)
+        assert np.isnan(float(value)) and np.isnan(np.asarray(grad)).any()
+    assert np.isfinite(float(jax.jit(loss)(pred, jnp.array([0, 1, 2, 2]))))
+
+
+def test_fit_checks_labels_against_the_model_output_width():
+    opt = CountingOptimizer()
+    with pytest.raises(InputError, match=r"training data: .*labels must lie in \[0, 3\)"):
+        _fit(y=Y.at[5].set(3), opt=opt())  # no num_classes: the model's 3 outputs decide
+    with pytest.raises(InputError, match=r"validation data: .*labels must lie in \[0, 3\)"):
+        _fit(opt=opt(), validation_data=(X[:4], jnp.array([0, 1, 2, 7])))
+    assert opt.calls == 0
+
+
+# --------------------------------------------------------------------------- 5. target conventions
+@pytest.mark.parametrize("loss, pred, target, match", [
+    (losses.BinaryCrossEntropy(from_logits=True), jnp.zeros((3, 1)), jnp.array([[1.0], [5.0], [0.0]]),
+     r"binary targets must lie in \[0, 1\]; found 5.0"),
+    (losses.BinaryCrossEntropy(from_logits=False), jnp.array([[0.5], [1.7], [0.1]]), jnp.ones((3, 1)),
+     r"probabilities in \[0, 1\]; found 1.7.*from_logits=True"),
+    (losses.Hinge(), jnp.zeros((3, 1)), jnp.array([[1.0], [0.0], [1.0]]), r"-1 or \+1.*2 \* y - 1"),
+    (losses.CategoricalCrossEntropy(from_logits=False), jnp.array([[0.5, 1.5], [0.2, 0.8]]), jnp.array([0, 1]),
+     "probabilities"),
+    (losses.CategoricalCrossEntropy(from_logits=True), jnp.zeros((2, 2)), jnp.array([[1.0, 0.0], [-0.5, 1.5]]),
+     "non-negative"),
+    (losses.MulticlassHinge(), jnp.zeros((2, 2)), jnp.array([[1.0, 0.0], [0.5, 0.5]]), "one-hot"),
+])
+def test_targets_of_the_wrong_convention(loss, pred, target, match):
+    with pytest.raises(InputError, match=match):
+        loss(pred, target)
+    assert np.isnan(float(jax.jit(loss)(pred, target)))  # under jit: NaN, never a plausible number
+
+
+def test_fit_refuses_hinge_labels_and_raw_scores_before_training():
+    opt = CountingOptimizer()
+    model = nn.Dense(1)
+    y01 = (X[:, :1] > 0).astype(jnp.float32)
+    params = model.init(KEY, X)
+    with pytest.raises(InputError, match=r"2 \* y - 1"):
+        _fit(model=model, loss=losses.Hinge(), params=params, y=y01, opt=opt())
+    with pytest.raises(InputError, match="initial predictions: .*probabilities"):  # a Dense ends the model: no sigmoid
+        _fit(model=model, loss=losses.BinaryCrossEntropy(), params=params, y=y01, opt=opt())
+    assert opt.calls == 0
+
+
+# --------------------------------------------------------------------------- 6. state thrown away
+def test_stateless_transforms_refuse_a_model_with_state():
+    with pytest.raises(InputError, match=r"has_state=True.*\['1'\].*init_state"):
+        fbp.value_and_grad(BN_MODEL, CCE)
+    with pytest.raises(InputError, match="has_state=True"):
+        train.make_step(BN_MODEL, CCE, optim.sgd(0.1))
+    params = BN_MODEL.init(KEY, X)
+    with pytest.raises(InputError, match="needs the model's state.*received None"):
+        fbp.value_and_grad(BN_MODEL, CCE, has_state=True)(params, None, X, Y % 2)
+    with pytest.raises(InputError, match="needs the model's state"):
+        step = train.make_step(BN_MODEL, CCE, optim.sgd(0.1), has_state=True)
+        step(params, None, optim.sgd(0.1).init(params), X, Y % 2)
+
+
+# --------------------------------------------------------------------------- 7. shapes and empty input
+def test_apply_updates_never_broadcasts_or_drops_keys():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"at 'w' expected \(3,\).*received \(2, 3\)"):
+        optim.apply_updates(params, {"w": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"missing \['w'\], unexpected \['v'\]"):
+        optim.apply_updates(params, {"v": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['v'\]"):
+        optim.apply_updates(params, {"w": jnp.ones(3), "v": jnp.ones(3)})
+
+
+def test_empty_batch_raises():
+    with pytest.raises(InputError, match="batch is empty"):
+        fbp.value_and_grad(MLP, CCE)(PARAMS, X[:0], Y[:0])
+    with pytest.raises(ValueError, match="empty"):
+        _fit(x=X[:0], y=Y[:0])
+
+
+def test_normalising_over_a_single_value_raises():
+    params = BN_MODEL.init(KEY, X)
+    with pytest.raises(InputError, match="more than one value per channel.*PyTorch"):
+        fbp.value_and_grad(BN_MODEL, CCE, has_state=True)(params, BN_MODEL.init_state(params), X[:1], Y[:1] % 2)
+    ln = nn.LayerNorm()
+    with pytest.raises(InputError, match="single feature"):
+        ln.apply(ln.init(KEY, X[:, :1]), X[:, :1])
+    gn = nn.GroupNorm(num_groups=4)
+    x4 = jnp.ones((2, 4))
+    with pytest.raises(InputError, match="single value"):
+        gn.apply(gn.init(KEY, x4), x4)
+
+
+# --------------------------------------------------------------------------- 8. hyperparameters
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: optim.sgd(float("inf")), ValueError, "learning_rate must be a finite number"),
+    (lambda: optim.adam(float("nan")), ValueError, "learning_rate"),
+    (lambda: optim.scale(float("nan")), ValueError, "step_size"),
+    (lambda: optim.adam(1e-3, eps=0.0), ValueError, "0/0"),
+    (lambda: optim.rmsprop(1e-3, eps=0.0), ValueError, "eps"),
+    (lambda: optim.adamw(1e-3, weight_decay=float("inf")), ValueError, "weight_decay"),
+    (lambda: optim.sgd(lambda step: jnp.nan * step), ValueError, "schedule gives nan at step 0"),
+    (lambda: optim.sgd(optim.linear_schedule(0.1, -0.1, 100)), ValueError, "gives -0.1.* at step 100.*negative"),
+    (lambda: optim.linear_schedule(float("nan"), 0.0, 10), ValueError, "init_value"),
+    (lambda: optim.sgd("0.1"), TypeError, "learning_rate must be a number, got str"),
+    (lambda: optim.clip_by_global_norm(float("nan")), ValueError, "max_norm"),
+])
+def test_hyperparameters_are_validated(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_a_traced_learning_rate_is_accepted():  # hyperparameter sweeps under vmap
+    def one(lr):
+        opt = optim.sgd(lr)
+        return opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}))[0]["w"]
+
+    np.testing.assert_allclose(jax.vmap(one)(jnp.array([0.1, 0.2]))[:, 0], [-0.1, -0.2], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- 9. a user's backward of the wrong structure
+def _user_dense(backward_grads):
+    def forward(p, x):
+        return x @ p["w"] + p["b"], (x, p["w"])
+
+    def backward(res, d_y):
+        x, w = res
+        return backward_grads(x, d_y), d_y @ w.T
+
+    return fbp.layer(forward, backward, lambda k, x: {"w": jnp.ones((x.shape[-1], 3)), "b": jnp.zeros(3)},
+                     name="MyDense")
+
+
+@pytest.mark.parametrize("grads, match", [
+    (lambda x, d: {"w": x.T @ d}, r"missing \['1/b'\]"),
+    (lambda x, d: {"w": x.T @ d, "b": d.sum(0), "c": d.sum(0)}, r"unexpected \['1/c'\]"),
+    (lambda x, d: {"w": x.T @ d, "b": d}, r"d_params\['1/b'\] of \(40, 3\).*\(3,\)"),
+])
+def test_a_backward_whose_d_params_do_not_mirror_params_is_named(grads, match):
+    model = nn.Serial(nn.Tanh(), _user_dense(grads))
+    params = model.init(KEY, X)
+    for f in (fbp.value_and_grad(model, CCE), jax.jit(fbp.value_and_grad(model, CCE))):
+        with pytest.raises(InputError, match=r"MyDense\(\) at path '1': .*" + match):
+            f(params, X, Y)
+
+
+# --------------------------------------------------------------------------- 10. smaller cases
+def test_check_refuses_half_precision_bad_tolerances_and_integer_dtypes():
+    dense = nn.Dense(3)
+    params = dense.init(KEY, X)
+    with pytest.raises(ValueError, match="float16.*float64"):
+        check.layer(dense, params, X, dtype=jnp.float16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        check.model(MLP, CCE, jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), PARAMS),
+                    X.astype(jnp.bfloat16), Y, dtype=None)
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        check.layer(dense, params, X, rtol=-1.0)
+    with pytest.raises(ValueError, match="fd_directions"):
+        check.loss(CCE, X[:, :2], Y % 2, fd_directions=0)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype.*int32"):
+        check.layer(dense, params, X, dtype=jnp.int32)
+    with pytest.raises(InputError, match="floating-point.*int32"):  # the layer's own refusal comes through
+        check.layer(dense, params, X.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"batch_size": 2.5}, "batch_size must be an int"),
+                                           ({"batch_size": 0}, "batch_size"), ({"epochs": -3}, "epochs"),
+                                           ({"epochs": 0}, "epochs"), ({"validation_split": 1.5}, "validation_split"),
+                                           ({"key": 0}, "random key"), ({"key": None}, "random key"),
+                                           ({"metrics": ["acc"]}, "metrics")])
+def test_fit_arguments_are_validated(kwargs, match):
+    opt = CountingOptimizer()
+    with pytest.raises((ValueError, TypeError), match=match):
+        _fit(opt=opt(), **kwargs)
+    assert opt.calls == 0
+
+
+def test_embedding_ids_out_of_range():
+    emb = nn.Embedding(5, 3)
+    params = emb.init(KEY, jnp.zeros(2, jnp.int32))
+    for ids in (jnp.array([1, 7]), jnp.array([1, -1])):
+        with pytest.raises(InputError, match=r"ids must lie in \[0, 5\); found (7|-1) at index \(1,\)"):
+            emb.apply(params, ids)
+    ids = jnp.array([1, 7, -1, 4])
+    y = np.asarray(jax.jit(emb.apply)(params, ids))  # under jit: a NaN row, not the clamped last row
+    assert np.isfinite(y[[0, 3]]).all() and np.isnan(y[[1, 2]]).all()
+    d_table = jax.jit(lambda p, i: emb.backward(emb.forward(p, i)[1], jnp.ones((4, 3)))[0]["table"])(params, ids)
+    np.testing.assert_array_equal(d_table.sum(axis=1), [0, 3, 0, 0, 3])  # the bad ids add nothing, anywhere
+
+
+# --------------------------------------------------------------------------- tracebacks that named nothing of ours
+def test_validation_split_that_leaves_nothing_to_train_on():
+    with pytest.raises(ValueError, match="leaves no examples to train on"):
+        _fit(validation_split=0.99)
+
+
+def test_batch_norm_state_from_another_width():
+    params = BN_MODEL.init(KEY, X)
+    other = nn.Serial(nn.Dense(6), nn.BatchNorm(), nn.ReLU(), nn.Dense(2))
+    state = other.init_state(other.init(KEY, X))
+    with pytest.raises(InputError, match=r"BatchNorm.* at path '1': state 'mean' must have shape \(4,\).*\(6,\)"):
+        BN_MODEL.apply(params, X, state=state)
+
+
+def test_optimizer_state_from_another_optimizer_or_params_tree():
+    adam = optim.adam(1e-3)
+    with pytest.raises(ValueError, match="scale_by_adam: the optimizer state does not match.*opt.init"):
+        adam.update(PARAMS, optim.sgd(0.1).init(PARAMS), PARAMS)
+    with pytest.raises(ValueError, match="chain of 2 transformations.*tuple of 2"):
+        adam.update(PARAMS, optim.sgd(0.1, momentum=0.9).init(PARAMS)[0], PARAMS)
+    other = nn.Serial(nn.Dense(5), nn.Tanh(), nn.Dense(3)).init(KEY, X)
+    with pytest.raises(ValueError, match=r"at 'mu/0/b' expected \(8,\).*\(5,\)"):
+        jax.jit(adam.update)(PARAMS, adam.init(other), PARAMS)
+
+
+def test_params_as_a_list():
+    with pytest.raises(InputError, match=r"received a list; convert it with tuple\(params\)"):
+        fbp.value_and_grad(MLP, CCE)(list(PARAMS), X, Y)
+
+
+def test_a_single_unbatched_example():
+    with pytest.raises(InputError, match=r"batch axis.*\(3,\).*x\[None\]"):
+        fbp.value_and_grad(MLP, CCE)(PARAMS, X[0], Y[0])
+
+
+def test_float_padding_mask():
+    mha = nn.MultiHeadAttention(2)
+    x = jnp.ones((2, 3, 4))
+    params = mha.init(KEY, x)
+    with pytest.raises(InputError, match=r"mask must be boolean.*float32.*mask > 0"):
+        mha.apply(params, (x, jnp.ones((2, 3))))
+    assert "function" not in repr(mha)  # error owners print no addresses
+
+
+def test_pullback_with_a_wrong_d_y():
+    y, pullback = fbp.vjp(MLP, PARAMS, X)
+    with pytest.raises(InputError, match=r"d_y shaped like the output y \(40, 3\) float32, received \(40, 2\)"):
+        pullback(jnp.ones((40, 2)))
+    with pytest.raises(InputError, match="received \\(40, 3\\) int32"):
+        pullback(jnp.ones((40, 3), jnp.int32))
+
+
+def test_check_reports_a_wrong_shape_or_missing_leaf_as_a_failure():
+    for grads, worst in ((lambda x, d: {"w": jnp.zeros(1), "b": d.sum(0)}, "shape (1,) vs (2, 3)"),
+                         (lambda x, d: {"w": None, "b": d.sum(0)}, "fbp returned None")):
+        layer = _user_dense(grads)
+        report = check.layer(layer, layer.init(KEY, X), X)
+        assert not report.ok and [row.worst for row in report.failures] == [worst]
+        assert "w" in str(report) and "FAIL" in str(report)
+
+
+def test_dropout_needs_a_real_key():
+    drop = nn.Dropout(0.5)
+    with pytest.raises(InputError, match="random key.*received 0"):
+        drop.apply({}, X, key=0, train=True)
+    with pytest.raises(InputError, match="needs a random key"):
+        drop.apply({}, X, key=None, train=True)
+
+
+def test_cli_refuses_bad_values_before_training(tmp_path, capsys):
+    for argv in (["--hidden", "-5"], ["--lr", "-1"], ["--lr", "nan"], ["--batch-size", "-3"], ["--epochs", "0"],
+                 ["--plot", str(tmp_path / "missing" / "curves.png")]):
+        with pytest.raises(SystemExit) as exc:
+            cli(["train", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage:" in err and argv[0] in err
+
+
+def test_read_idx_names_a_corrupt_or_truncated_gzip(tmp_path):
+    raw = b"\x00\x00\x08\x01" + struct.pack(">i", 50) + bytes(range(50))
+    packed = gzip.compress(raw)
+    truncated, corrupt = tmp_path / "truncated-idx1-ubyte.gz", tmp_path / "corrupt-idx1-ubyte.gz"
+    truncated.write_bytes(packed[: len(packed) // 2])
+    corrupt.write_bytes(b"\x1f\x8b" + bytes(40))
+    for path in (truncated, corrupt):
+        with pytest.raises(ValueError, match=f"{path.name}: corrupt or truncated gzip"):
+            data.read_idx(path)
+
+
+def test_wrong_width_validation_data_is_refused_before_training():
+    opt = CountingOptimizer()
+    with pytest.raises(ValueError, match=r"validation features have shape \(4, 5\), training features \(40, 2\)"):
+        _fit(opt=opt(), validation_data=(jnp.ones((4, 5)), Y[:4]))
+    assert opt.calls == 0
