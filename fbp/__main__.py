@@ -130,7 +130,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"test loss: {metrics['loss']:.4f}")
     print(f"test accuracy: {metrics['accuracy']:.3f}")
     report = check.model(model, loss, result.params, jnp.asarray(ds.x_test[:32]), jnp.asarray(y_test[:32]))
-    worst = {kind: max((row.error for row in report.rows if row.against == kind), default=0.0) for kind in ("jax", "fd")}
+    worst = {kind: max((row.error for row in report.rows if row.against == kind), default=0.0)
+             for kind in ("jax", "fd")}
     print(f"gradient check of the trained model vs JAX autodiff and finite differences (float64, {len(report.rows)} "
           f"comparisons): {'PASS' if report.ok else 'FAIL'}, worst relative error {worst['jax']:.1e} (jax), "
           f"{worst['fd']:.1e} (finite differences)")

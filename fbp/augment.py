@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, describe
+from fbp.core import InputError, describe, require_number
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -25,8 +25,8 @@ def _images(x, name):
 def random_crop(padding: int) -> Augment:
     """Zero-pad each image by ``padding`` on every side, then crop a random ``H×W`` window
     (per example): shifts of up to ``±padding`` pixels."""
-    if padding < 0:
-        raise ValueError(f"random_crop: padding must be >= 0, got {padding}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"random_crop: padding must be an int >= 0 (pixels), got {padding!r}")
 
     def fn(key, x):
         _images(x, "random_crop")
@@ -41,8 +41,7 @@ def random_crop(padding: int) -> Augment:
 
 def horizontal_flip(probability: float = 0.5) -> Augment:
     """Mirror each image left-right with ``probability`` (per example)."""
-    if not 0 <= probability <= 1:
-        raise ValueError(f"horizontal_flip: probability must be in [0, 1], got {probability}")
+    require_number("horizontal_flip", "probability", probability, low=0.0, high=1.0)
 
     def fn(key, x):
         _images(x, "horizontal_flip")
@@ -54,8 +53,7 @@ def horizontal_flip(probability: float = 0.5) -> Augment:
 
 def gaussian_noise(stddev: float) -> Augment:
     """Add ``N(0, stddev²)`` noise to every value (any shape)."""
-    if stddev < 0:
-        raise ValueError(f"gaussian_noise: stddev must be >= 0, got {stddev}")
+    require_number("gaussian_noise", "stddev", stddev, low=0.0)
     return lambda key, x: x + stddev * jax.random.normal(key, x.shape, x.dtype)
 
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Array = jax.Array
@@ -128,6 +130,31 @@ def path_name(key_path) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
+
+
+def require_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False,
+                   high: float | None = None, high_open: bool = False) -> float:
+    """``value`` as a float, after checking it is a finite real number within the bounds given;
+    raises ``TypeError`` for a non-number (a string, say) and ``ValueError`` otherwise. A traced
+    scalar (a hyperparameter swept under ``vmap``/``jit``) cannot be checked and passes as it is."""
+    if isinstance(value, jax.core.Tracer) and value.shape == ():
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) and not (
+            hasattr(value, "shape") and getattr(value, "shape", None) == ()):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    bounds = ""
+    if low is not None or high is not None:
+        bounds = f" in {'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                 f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+    ok = math.isfinite(number)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
+    return number
 
 
 def require_no_params(owner: Layer, params: PyTree) -> None:
@@ -298,38 +325,41 @@ def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]
     return node, tuple(taken)
 
 
+def tree_mismatch(reference: PyTree, other: PyTree) -> tuple[str, str] | None:
+    """``None`` if ``other`` has ``reference``'s tree structure and leaf shapes; else
+    ``(path, what differs)`` with the first path at fault. Structures and shapes only: free under
+    ``jit`` after tracing."""
+    r_leaves, r_def = jax.tree_util.tree_flatten_with_path(reference)
+    o_leaves, o_def = jax.tree_util.tree_flatten_with_path(other)
+    if r_def == o_def:
+        for (path, r), (_, o) in zip(r_leaves, o_leaves, strict=True):
+            if tuple(getattr(o, "shape", ())) != tuple(getattr(r, "shape", ())):
+                return path_name(path), f"at '{path_name(path)}' expected {describe(r)}, received {describe(o)}"
+        return None
+    r_paths = [path_name(p) for p, _ in r_leaves]
+    o_paths = [path_name(p) for p, _ in o_leaves]
+    missing = [p for p in r_paths if p not in o_paths]
+    extra = [p for p in o_paths if p not in r_paths]
+    if missing or extra:
+        more = lambda items: f"{items[:5]}{' ...' if len(items) > 5 else ''}"
+        return (missing or extra)[0], f"missing {more(missing)}, unexpected {more(extra)}"
+    return (r_paths or [""])[0], f"other containers: expected {r_def}, received {o_def}"
+
+
 def check_gradient_structure(model: Layer, params: PyTree, d_params: PyTree) -> None:
     """Raise :class:`InputError` naming the layer and path where ``d_params`` (from the backward
     rules) does not mirror ``params``: a missing or extra entry, another container, another shape.
 
     It compares tree structures and shapes only, so under ``jit`` it runs once, at trace time.
     """
-    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
-    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(d_params)
-    if p_def == g_def and all(getattr(g, "shape", None) == getattr(p, "shape", ()) for (_, p), (_, g)
-                              in zip(p_leaves, g_leaves)):
+    problem = tree_mismatch(params, d_params)
+    if problem is None:
         return
-    p_paths = {path_name(k): v for k, v in p_leaves}
-    g_paths = {path_name(k): v for k, v in g_leaves}
-    missing = [k for k in p_paths if k not in g_paths]
-    extra = [k for k in g_paths if k not in p_paths]
-    if missing or extra:
-        first = (missing or extra)[0]
-        detail = (f"the backward returned d_params that do not mirror the params: missing {missing}, "
-                  f"unexpected {extra}")
-    else:
-        shapes = [k for k in p_paths if getattr(g_paths[k], "shape", None) != getattr(p_paths[k], "shape", ())]
-        if shapes:
-            first = shapes[0]
-            detail = (f"the backward returned d_params['{first}'] of {describe(g_paths[first])} for a "
-                      f"parameter of {describe(p_paths[first])}")
-        else:
-            first = next(iter(p_paths), "")
-            detail = (f"the backward returned d_params in other containers than the params: "
-                      f"{g_def} for {p_def}")
+    first, detail = problem
     owner, at = layer_at(model, first.split("/") if first else ())
-    raise InputError(repr(owner), detail + ". d_params must have exactly the structure and shapes of params "
-                                           "(use {} for a parameter-free layer)", path=at)
+    raise InputError(repr(owner), f"the backward returned d_params that do not mirror the params ({detail}). "
+                                  f"d_params must have exactly the structure and shapes of params (use {{}} for a "
+                                  f"parameter-free layer)", path=at)
 
 
 # --------------------------------------------------------------------------- losses
@@ -388,6 +418,9 @@ def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y:
     (metrics in a training step) or the model's state. Training mode by default;
     ``new_state`` is None when ``state`` is None.
     """
+    if getattr(loss, "reduction", "mean") == "none":
+        raise InputError(repr(loss), "the backward transform differentiates a scalar: use reduction='mean' (or "
+                                     "'sum'); for per-example values and gradients, jax.vmap a mean-reduced loss")
     pred, res = run_forward(model, params, x, state=state, key=key, train=train)
     value, loss_res = loss.forward(pred, y)
     d_pred = loss.backward(loss_res, jnp.ones((), dtype=value.dtype))

@@ -103,7 +103,8 @@ def _indexed_step(model, loss, optimizer, augment=None):
         key = step_key if model.needs_key else None
         value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        loss_sum = loss_sum + value.astype(jnp.float32) * idx.shape[0]
+        per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
+        loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
         return apply_updates(params, updates), state, opt_state, loss_sum, correct
 
@@ -302,9 +303,12 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     Returns:
         :class:`FitResult` with the final (or best, with early stopping) params and a history
         of ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate`` and
-        ``seconds`` per epoch, as NumPy arrays, and ``stop_reason``.
+        ``seconds`` per epoch, as NumPy arrays, and ``stop_reason``. ``loss`` and ``val_loss``
+        are means per example for ``reduction="mean"`` and ``"sum"`` alike.
     """
     _check_arguments(key, epochs, batch_size, validation_split, early_stopping, log_every, metrics)
+    if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
+        raise ValueError(f"fit: {loss!r} returns one value per example; fit needs reduction='mean' or 'sum'")
     fdata.validate(x, y, num_classes=num_classes, name="training data")
     if validation_data is None and validation_split:
         x, y, x_val, y_val = fdata.train_test_split(x, y, validation_split, key=jax.random.fold_in(key, 2**31 - 1))
@@ -440,8 +444,11 @@ def _compiled(model, loss, optimizer, augment=None):
 
 
 def _eval_stats(model, loss, params, state, x, y):
+    """The loss per example (whatever the loss's reduction, as the training history) and the
+    correct count, in evaluation mode."""
     pred = model.apply(params, x, state=state)
-    return loss(pred, y), correct_count(pred, y, loss)
+    value = loss(pred, y)
+    return (value / x.shape[0] if loss.reduction == "sum" else value), correct_count(pred, y, loss)
 
 
 def _examples_from(y, loss) -> int:

@@ -130,7 +130,7 @@ def test_early_stopping_validates_its_settings(kwargs, match):
 
 def test_early_stopping_monitor_is_checked_before_training():
     opt = CountingOptimizer()
-    x, y = X, jnp.ones((len(X), 3))
+    y = jnp.ones((len(X), 3))
     with pytest.raises(ValueError, match=r"monitors 'accuracy'.*records only \['loss'\].*classification"):
         _fit(loss=losses.MSE(), y=y, opt=opt(), early_stopping=train.EarlyStopping("accuracy"))
     with pytest.raises(ValueError, match="monitors 'val_acc'"):
@@ -256,6 +256,18 @@ def test_hyperparameters_are_validated(make, error, match):
         make()
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.LeakyReLU(float("nan")), "negative_slope"), (lambda: nn.ELU(float("inf")), "alpha"),
+    (lambda: nn.BatchNorm(epsilon=float("inf")), "epsilon"), (lambda: nn.Dropout(float("nan")), "rate"),
+    (lambda: fbp.augment.gaussian_noise(float("nan")), "stddev"), (lambda: fbp.augment.random_crop(2.5), "padding"),
+    (lambda: fbp.augment.horizontal_flip(float("nan")), "probability"),
+    (lambda: data.batch_indices(10, 2.5), "batch_size must be an int"),
+])
+def test_sibling_hyperparameters_of_layers_and_data_are_validated(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_a_traced_learning_rate_is_accepted():  # hyperparameter sweeps under vmap
     def one(lr):
         opt = optim.sgd(lr)
@@ -264,7 +276,7 @@ def test_a_traced_learning_rate_is_accepted():  # hyperparameter sweeps under vm
     np.testing.assert_allclose(jax.vmap(one)(jnp.array([0.1, 0.2]))[:, 0], [-0.1, -0.2], rtol=1e-6)
 
 
-# --------------------------------------------------------------------------- 9. a user's backward of the wrong structure
+# ----------------------------------------------------------------------- 9. a user's backward of the wrong structure
 def _user_dense(backward_grads):
     def forward(p, x):
         return x @ p["w"] + p["b"], (x, p["w"])
@@ -280,7 +292,7 @@ def _user_dense(backward_grads):
 @pytest.mark.parametrize("grads, match", [
     (lambda x, d: {"w": x.T @ d}, r"missing \['1/b'\]"),
     (lambda x, d: {"w": x.T @ d, "b": d.sum(0), "c": d.sum(0)}, r"unexpected \['1/c'\]"),
-    (lambda x, d: {"w": x.T @ d, "b": d}, r"d_params\['1/b'\] of \(40, 3\).*\(3,\)"),
+    (lambda x, d: {"w": x.T @ d, "b": d}, r"at '1/b' expected \(3,\) float32, received \(40, 3\)"),
 ])
 def test_a_backward_whose_d_params_do_not_mirror_params_is_named(grads, match):
     model = nn.Serial(nn.Tanh(), _user_dense(grads))
@@ -321,6 +333,19 @@ def test_fit_arguments_are_validated(kwargs, match):
     assert opt.calls == 0
 
 
+def test_losses_that_are_not_scalars_or_sums():
+    per_example = losses.CategoricalCrossEntropy(from_logits=True, reduction="none")
+    with pytest.raises(InputError, match="differentiates a scalar.*reduction='mean'"):
+        fbp.value_and_grad(MLP, per_example)(PARAMS, X, Y)
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        _fit(loss=per_example)
+    # "sum" trains on the summed objective, and the history still reads as a mean per example
+    summed = _fit(loss=losses.CategoricalCrossEntropy(from_logits=True, reduction="sum"), opt=optim.sgd(0.0),
+                  epochs=1, validation_data=(X, Y))
+    value = float(CCE(MLP.apply(PARAMS, X), Y))
+    np.testing.assert_allclose([summed.history["loss"][0], summed.history["val_loss"][0]], value, rtol=1e-5)
+
+
 def test_embedding_ids_out_of_range():
     emb = nn.Embedding(5, 3)
     params = emb.init(KEY, jnp.zeros(2, jnp.int32))
@@ -359,9 +384,15 @@ def test_optimizer_state_from_another_optimizer_or_params_tree():
         jax.jit(adam.update)(PARAMS, adam.init(other), PARAMS)
 
 
-def test_params_as_a_list():
+def test_params_as_a_list_or_of_another_combinator():
     with pytest.raises(InputError, match=r"received a list; convert it with tuple\(params\)"):
         fbp.value_and_grad(MLP, CCE)(list(PARAMS), X, Y)
+    residual = nn.Residual(nn.Dense(2))
+    with pytest.raises(InputError, match=r"Residual.*params as a dict with keys \['block'\]"):
+        residual.apply({"projection": {}}, X)
+    parallel = nn.Parallel(nn.Dense(2), nn.Dense(3))
+    with pytest.raises(InputError, match="one entry per branch"):
+        parallel.apply((PARAMS[0],), X)
 
 
 def test_a_single_unbatched_example():

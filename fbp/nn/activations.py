@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import ParameterFree
+from fbp.core import ParameterFree, require_number
 
 
 class Activation(ParameterFree):
@@ -87,6 +87,9 @@ class LeakyReLU(Activation):
 
     negative_slope: float = 0.01
 
+    def __post_init__(self):
+        require_number("LeakyReLU", "negative_slope", self.negative_slope)
+
     def _forward(self, x):
         return jnp.where(x >= 0, x, self.negative_slope * x), x
 
@@ -99,6 +102,9 @@ class ELU(Activation):
     """``y = x if x > 0 else α (e^x - 1)``;  ``d_x = (1 if x > 0 else α e^x) d_y``."""
 
     alpha: float = 1.0
+
+    def __post_init__(self):
+        require_number("ELU", "alpha", self.alpha)
 
     def _forward(self, x):
         negative = self.alpha * jnp.expm1(jnp.where(x > 0, jnp.zeros_like(x), x))

@@ -19,7 +19,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, describe, require_floating
+from fbp.core import InputError, Layer, describe, require_floating, require_number
 from fbp.nn import init as initializers
 
 
@@ -77,8 +77,7 @@ class BatchNorm(Layer):
     def __post_init__(self):
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {self.momentum}")
-        if not self.epsilon > 0:
-            raise ValueError(f"BatchNorm: epsilon must be > 0, got {self.epsilon}")
+        require_number("BatchNorm", "epsilon", self.epsilon, low=0.0, low_open=True)
 
     @property
     def has_state(self):

@@ -14,15 +14,13 @@ checkpoint like params.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fbp.core import path_name
+from fbp.core import require_number, tree_mismatch  # noqa: F401  (require_number: re-exported)
 
 PyTree = Any
 
@@ -68,29 +66,9 @@ def chain(*transformations: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _describe(x) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
-    return type(x).__name__
-
-
 def _mismatch(reference: PyTree, other: PyTree) -> str | None:
-    """``None`` if ``other`` has ``reference``'s tree structure and leaf shapes, else what differs."""
-    r_leaves, r_def = jax.tree_util.tree_flatten_with_path(reference)
-    o_leaves, o_def = jax.tree_util.tree_flatten_with_path(other)
-    if r_def == o_def:
-        for (path, r), (_, o) in zip(r_leaves, o_leaves, strict=True):
-            if tuple(getattr(o, "shape", ())) != tuple(getattr(r, "shape", ())):
-                return f"at '{path_name(path)}' expected {_describe(r)}, received {_describe(o)}"
-        return None
-    r_paths = [path_name(p) for p, _ in r_leaves]
-    o_paths = [path_name(p) for p, _ in o_leaves]
-    missing = [p for p in r_paths if p not in o_paths]
-    extra = [p for p in o_paths if p not in r_paths]
-    if missing or extra:
-        return f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}" \
-               f"{' ...' if len(extra) > 5 else ''}"
-    return f"other containers: expected {r_def}, received {o_def}"
+    problem = tree_mismatch(reference, other)
+    return None if problem is None else problem[1]
 
 
 def transformation(name: str, init: Callable[[PyTree], PyTree], update: Callable[..., tuple[PyTree, PyTree]]
@@ -164,28 +142,3 @@ def require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition`` (for hyperparameter validation)."""
     if not condition:
         raise ValueError(message)
-
-
-def require_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False,
-                   high: float | None = None, high_open: bool = False) -> float:
-    """``value`` as a float, after checking it is a finite real number within the bounds given;
-    raises ``TypeError`` for a non-number (a string, say) and ``ValueError`` otherwise. A traced
-    scalar (a hyperparameter swept under ``vmap``/``jit``) cannot be checked and passes as it is."""
-    if isinstance(value, jax.core.Tracer) and value.shape == ():
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) and not (
-            hasattr(value, "shape") and getattr(value, "shape", None) == ()):
-        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
-    number = float(value)
-    bounds = ""
-    if low is not None or high is not None:
-        bounds = f" in {'(' if low_open else '['}{'-inf' if low is None else low}, " \
-                 f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
-    ok = math.isfinite(number)
-    if ok and low is not None:
-        ok = number > low if low_open else number >= low
-    if ok and high is not None:
-        ok = number < high if high_open else number <= high
-    if not ok:
-        raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
-    return number

@@ -260,6 +260,9 @@ def _masked(fn, mask):
         m = mask(params) if callable(mask) else mask
         if m is None:
             return tree_map(fn, updates, params)
+        if jax.tree_util.tree_structure(m) != jax.tree_util.tree_structure(params):
+            raise ValueError(f"the mask must be a pytree of bools shaped like the params: "
+                             f"{jax.tree_util.tree_structure(params)}, received {jax.tree_util.tree_structure(m)}")
         return tree_map(lambda g, p, keep: fn(g, p) if keep else g, updates, params, m)
 
     return apply
