@@ -74,7 +74,7 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None (the whole data set), got {batch_size!r}")
+        raise ValueError(f"batch_size must be >= 1 (an int) or None (the whole data set), got {batch_size!r}")
     size = n if batch_size is None else int(batch_size)
     order = jnp.arange(n) if key is None else jax.random.permutation(key, n)
     return [order[i:i + size] for i in range(0, n, size)]

@@ -261,7 +261,7 @@ def test_hyperparameters_are_validated(make, error, match):
     (lambda: nn.BatchNorm(epsilon=float("inf")), "epsilon"), (lambda: nn.Dropout(float("nan")), "rate"),
     (lambda: fbp.augment.gaussian_noise(float("nan")), "stddev"), (lambda: fbp.augment.random_crop(2.5), "padding"),
     (lambda: fbp.augment.horizontal_flip(float("nan")), "probability"),
-    (lambda: data.batch_indices(10, 2.5), "batch_size must be an int"),
+    (lambda: data.batch_indices(10, 2.5), r"batch_size must be >= 1 \(an int\)"),
 ])
 def test_sibling_hyperparameters_of_layers_and_data_are_validated(make, match):
     with pytest.raises(ValueError, match=match):
@@ -404,7 +404,7 @@ def test_float_padding_mask():
     mha = nn.MultiHeadAttention(2)
     x = jnp.ones((2, 3, 4))
     params = mha.init(KEY, x)
-    with pytest.raises(InputError, match=r"mask must be boolean.*float32.*mask > 0"):
+    with pytest.raises(InputError, match=r"mask must be \(batch, time\) = \(2, 3\) booleans.*float32.*mask > 0"):
         mha.apply(params, (x, jnp.ones((2, 3))))
     assert "function" not in repr(mha)  # error owners print no addresses
 

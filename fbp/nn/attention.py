@@ -40,7 +40,7 @@ def _split_input(owner, inputs):
         raise InputError(repr(owner), f"input x must be (batch, time, model_dim), received {describe(x)}")
     if mask is not None and (not hasattr(mask, "dtype") or mask.dtype != jnp.bool_
                              or tuple(mask.shape) != tuple(x.shape[:2])):
-        raise InputError(repr(owner), f"padding mask must be boolean (batch, time) = {tuple(x.shape[:2])}, True "
+        raise InputError(repr(owner), f"padding mask must be (batch, time) = {tuple(x.shape[:2])} booleans, True "
                                       f"for real tokens; received {describe(mask)}"
                                       + ("; convert it with mask > 0 (or mask.astype(bool))"
                                          if hasattr(mask, "dtype") and mask.dtype != jnp.bool_ else ""))

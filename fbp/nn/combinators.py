@@ -112,17 +112,17 @@ class Serial(Layer):
 def _require_tuple(layer, params, entry: str) -> None:
     """Serial's and Parallel's params: a tuple with one entry per child (a list is refused: the
     gradients come back as a tuple, and an optimizer state made from a list would not match them)."""
-    n = len(layer.layers)
+    n, owner = len(layer.layers), type(layer).__name__  # the class name: a whole model's repr is long
     if isinstance(params, tuple) and len(params) == n:
         return
     if isinstance(params, list) and len(params) == n:
-        raise InputError(repr(layer), f"expects params as a tuple with one entry per {entry}, received a list; "
-                                      f"convert it with tuple(params) (the gradients are a tuple, and an "
-                                      f"optimizer state made from a list would not match them)")
+        raise InputError(owner, f"expects params as a tuple with one entry per {entry}, received a list; convert "
+                                f"it with tuple(params) (the gradients are a tuple, and an optimizer state made from "
+                                f"a list would not match them)")
     got = f"a {type(params).__name__} of {len(params)} entries" if isinstance(params, (tuple, list)) \
         else f"a {type(params).__name__}"
-    raise InputError(repr(layer), f"expects params as a tuple with one entry per {entry} ({n} entries), "
-                                  f"received {got}. Did you init a different model?")
+    raise InputError(owner, f"expects params as a tuple with one entry per {entry} ({n} entries), received {got}. "
+                            f"Did you init a different model?")
 
 
 def _ctx_children(layer, children, params, state, key):
