@@ -218,15 +218,19 @@ def _check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> 
     targets against the model's output (label ranges, conventions), validation data against the
     training data, probabilities for ``from_logits=False``."""
     pred_shape = _output_shape(model, params, state, x)
+    check_target = getattr(loss, "check_target", None)  # a user's own Loss may not have one
+    if check_target is None:
+        def check_target(target, shape):  # shapes only: trace the loss on an abstract prediction
+            jax.eval_shape(loss.forward, jax.ShapeDtypeStruct(shape, jnp.float32), jnp.asarray(target))
     with _named("training data"):
-        loss.check_target(y, pred_shape)
+        check_target(y, pred_shape)
     if x_val is not None:
         for what, a, b in (("features", x, x_val), ("targets", y, y_val)):
             if np.shape(a)[1:] != np.shape(b)[1:]:
                 raise ValueError(f"fit: validation {what} have shape {np.shape(b)}, training {what} {np.shape(a)}: "
                                  f"they must agree on every axis after the first")
         with _named("validation data"):
-            loss.check_target(y_val, (len(y_val), *pred_shape[1:]))
+            check_target(y_val, (len(y_val), *pred_shape[1:]))
     if getattr(loss, "from_logits", True) is False:
         sample = jnp.asarray(x[:256])
         pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, sample)

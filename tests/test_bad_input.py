@@ -346,6 +346,25 @@ def test_losses_that_are_not_scalars_or_sums():
     np.testing.assert_allclose([summed.history["loss"][0], summed.history["val_loss"][0]], value, rtol=1e-5)
 
 
+def test_fit_takes_a_users_own_loss_without_check_target():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfSquares(fbp.Loss):  # subclasses the bare contract: no check_target, no classification flag
+        def forward(self, pred, target):
+            diff = pred - target
+            return 0.5 * jnp.mean(jnp.sum(diff * diff, axis=-1)), diff
+
+        def backward(self, res, g=1.0):
+            return g * res / res.shape[0]
+
+    y = jax.nn.one_hot(Y, 3)
+    result = _fit(loss=HalfSquares(), y=y, epochs=2)
+    assert result.stop_reason == "completed 2 epochs" and "accuracy" not in result.history
+    with pytest.raises(TypeError):  # a wrong target shape fails before training, inside the user's own forward
+        _fit(loss=HalfSquares(), y=y[:, :2], epochs=1)
+
+
 def test_embedding_ids_out_of_range():
     emb = nn.Embedding(5, 3)
     params = emb.init(KEY, jnp.zeros(2, jnp.int32))
