@@ -33,7 +33,8 @@ import numpy as np
 
 from fbp import data as fdata
 from fbp import losses as flosses
-from fbp.core import InputError, Layer, Loss, require_key, require_state, require_state_mode, value_grad_and_output
+from fbp import preflight
+from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
 from fbp.optim import GradientTransformation, apply_updates
 from fbp.optim import learning_rate as read_learning_rate
 from fbp.optim.base import require_number
@@ -185,79 +186,6 @@ def _progress(epochs: int, enabled: bool):
     return bar, bar
 
 
-# --------------------------------------------------------------------------- checks before training
-def _require_int(name: str, value, low: int, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        extra = " or None" if none_ok else ""
-        raise ValueError(f"fit: {name} must be an int >= {low}{extra}, got {value!r}")
-
-
-def _check_arguments(key, epochs, batch_size, validation_split, early_stopping, log_every, metrics) -> None:
-    require_key("fit", key)
-    _require_int("epochs", epochs, 1)
-    _require_int("batch_size", batch_size, 1, none_ok=True)
-    _require_int("log_every", log_every, 0)
-    require_number("fit", "validation_split", validation_split, low=0.0, high=1.0, high_open=True)
-    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
-        raise TypeError(f"fit: early_stopping must be an fbp.train.EarlyStopping, got {type(early_stopping).__name__}")
-    if metrics is not None and (isinstance(metrics, str) or not set(metrics) <= {"loss", "accuracy"}):
-        raise ValueError(f"fit: metrics must be a list drawn from ['loss', 'accuracy'], got {metrics!r}")
-
-
-def _output_shape(model: Layer, params: PyTree, state: PyTree, x) -> tuple[int, ...]:
-    """The model's output shape for the whole of ``x`` (evaluation mode; nothing is computed)."""
-    spec = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x[:0]).dtype)
-    out = jax.eval_shape(lambda p, s, xx: model.apply(p, xx, state=s), params, state, spec)
-    return tuple(out.shape)
-
-
-def _check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> None:
-    """Everything that would otherwise fail (or silently mislead) after an epoch has trained:
-    targets against the model's output (label ranges, conventions), validation data against the
-    training data, probabilities for ``from_logits=False``."""
-    pred_shape = _output_shape(model, params, state, x)
-    check_target = getattr(loss, "check_target", None)  # a user's own Loss may not have one
-    if check_target is None:
-        def check_target(target, shape):  # shapes only: trace the loss on an abstract prediction
-            jax.eval_shape(loss.forward, jax.ShapeDtypeStruct(shape, jnp.float32), jnp.asarray(target))
-    with _named("training data"):
-        check_target(y, pred_shape)
-    if x_val is not None:
-        for what, a, b in (("features", x, x_val), ("targets", y, y_val)):
-            if np.shape(a)[1:] != np.shape(b)[1:]:
-                raise ValueError(f"fit: validation {what} have shape {np.shape(b)}, training {what} {np.shape(a)}: "
-                                 f"they must agree on every axis after the first")
-        with _named("validation data"):
-            check_target(y_val, (len(y_val), *pred_shape[1:]))
-    if getattr(loss, "from_logits", True) is False:
-        sample = jnp.asarray(x[:256])
-        pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, sample)
-        with _named("the model's initial predictions"):
-            loss.forward(pred, jnp.asarray(y[:256]))
-
-
-class _named:
-    """Prefix an :class:`InputError` raised inside the block with what was being checked."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, InputError):
-            raise InputError(err.owner, f"{self.what}: {err.detail}", err.path, err.param) from None
-        return False
-
-
-def _recorded_metrics(classify: bool, validation: bool) -> list[str]:
-    names = ["loss"] + (["accuracy"] if classify else [])
-    return names + [f"val_{n}" for n in names] * validation + ["learning_rate", "seconds"]
-
-
 _all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf))
                                                         for leaf in jax.tree_util.tree_leaves(tree)
                                                         if jnp.issubdtype(leaf.dtype, jnp.inexact)] or [True])))
@@ -310,10 +238,12 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         ``seconds`` per epoch, as NumPy arrays, and ``stop_reason``. ``loss`` and ``val_loss``
         are means per example for ``reduction="mean"`` and ``"sum"`` alike.
     """
-    _check_arguments(key, epochs, batch_size, validation_split, early_stopping, log_every, metrics)
-    if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
-        raise ValueError(f"fit: {loss!r} returns one value per example; fit needs reduction='mean' or 'sum'")
+    preflight.check_arguments(loss, key, epochs, batch_size, validation_split, log_every, metrics)
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(f"fit: early_stopping must be an fbp.train.EarlyStopping, got {type(early_stopping).__name__}")
     fdata.validate(x, y, num_classes=num_classes, name="training data")
+    if np.shape(x)[0] == 0:
+        raise ValueError("fit: the training data is empty")
     if validation_data is None and validation_split:
         x, y, x_val, y_val = fdata.train_test_split(x, y, validation_split, key=jax.random.fold_in(key, 2**31 - 1))
         validation_data = (x_val, y_val)
@@ -321,22 +251,14 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("fit: validation_data must be a pair (x_val, y_val)")
         fdata.validate(*validation_data, num_classes=num_classes, name="validation data")
-    if early_stopping and early_stopping.monitor.startswith("val_") and validation_data is None:
-        raise ValueError(f"early stopping monitors {early_stopping.monitor!r} but there is no validation data: "
-                         f"pass validation_data or validation_split")
     n = int(np.shape(x)[0])
-    if n == 0:
-        raise ValueError("fit: the training data is empty" + (" after the validation split" if validation_split
-                                                             else ""))
     classify = getattr(loss, "classification", False) if metrics is None else "accuracy" in metrics
-    recorded = _recorded_metrics(classify, validation_data is not None)
-    if early_stopping is not None and early_stopping.monitor not in recorded:
-        raise ValueError(f"early stopping monitors {early_stopping.monitor!r}, but this fit records only "
-                         f"{recorded[:-2]}" + ("" if classify else " (accuracy is recorded for classification "
-                                                                    "losses only)"))
+    if early_stopping is not None:
+        recorded = preflight.recorded_metrics(classify, validation_data is not None)
+        preflight.check_monitor(early_stopping.monitor, recorded, classify)
     if model.has_state and state is None:
         state = model.init_state(params)
-    _check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
+    preflight.check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
     x, y = jnp.asarray(x), jnp.asarray(y)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 

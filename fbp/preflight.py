@@ -1,0 +1,98 @@
+"""What :func:`fbp.train.fit` checks before its first step, so that nothing fails — or silently
+misleads — after an epoch has trained: the arguments, the targets against the model's output
+and the loss's conventions, the validation data against the training data, and the
+early-stopping monitor against the metrics ``fit`` will record."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fbp.core import InputError, Layer, Loss, require_key, require_number
+
+PyTree = Any
+
+
+def _require_int(name: str, value, low: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        extra = " or None" if none_ok else ""
+        raise ValueError(f"fit: {name} must be an int >= {low}{extra}, got {value!r}")
+
+
+def check_arguments(loss: Loss, key, epochs, batch_size, validation_split, log_every,
+                    metrics: Sequence[str] | None) -> None:
+    """The scalar arguments of ``fit``, its key, and a loss that reduces to one number."""
+    require_key("fit", key)
+    _require_int("epochs", epochs, 1)
+    _require_int("batch_size", batch_size, 1, none_ok=True)
+    _require_int("log_every", log_every, 0)
+    require_number("fit", "validation_split", validation_split, low=0.0, high=1.0, high_open=True)
+    if metrics is not None and (isinstance(metrics, str) or not set(metrics) <= {"loss", "accuracy"}):
+        raise ValueError(f"fit: metrics must be a list drawn from ['loss', 'accuracy'], got {metrics!r}")
+    if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
+        raise ValueError(f"fit: {loss!r} returns one value per example; fit needs reduction='mean' or 'sum'")
+
+
+def recorded_metrics(classify: bool, validation: bool) -> list[str]:
+    """The names ``fit`` records in its history, in order."""
+    names = ["loss"] + (["accuracy"] if classify else [])
+    return names + [f"val_{n}" for n in names] * validation + ["learning_rate", "seconds"]
+
+
+def check_monitor(monitor: str, recorded: list[str], classify: bool) -> None:
+    """An early-stopping monitor must be among the metrics ``fit`` records."""
+    if monitor in recorded:
+        return
+    if monitor.startswith("val_") and not any(name.startswith("val_") for name in recorded):
+        raise ValueError(f"early stopping monitors {monitor!r} but there is no validation data: "
+                         f"pass validation_data or validation_split")
+    raise ValueError(f"early stopping monitors {monitor!r}, but this fit records only {recorded[:-2]}"
+                     + ("" if classify else " (accuracy is recorded for classification losses only)"))
+
+
+def _output_shape(model: Layer, params: PyTree, state: PyTree, x) -> tuple[int, ...]:
+    """The model's output shape for the whole of ``x`` (evaluation mode; nothing is computed)."""
+    spec = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x[:0]).dtype)
+    out = jax.eval_shape(lambda p, s, xx: model.apply(p, xx, state=s), params, state, spec)
+    return tuple(out.shape)
+
+
+def check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> None:
+    """Targets against the model's output (label ranges, conventions), validation data against
+    the training data, and probabilities for ``from_logits=False`` (the initial predictions on up
+    to 256 examples)."""
+    pred_shape = _output_shape(model, params, state, x)
+    check_target = getattr(loss, "check_target", None)  # a user's own Loss may not have one
+    if check_target is None:
+        def check_target(target, shape):  # shapes only: trace the loss on an abstract prediction
+            jax.eval_shape(loss.forward, jax.ShapeDtypeStruct(shape, jnp.float32), jnp.asarray(target))
+    with _named("training data"):
+        check_target(y, pred_shape)
+    if x_val is not None:
+        for what, a, b in (("features", x, x_val), ("targets", y, y_val)):
+            if np.shape(a)[1:] != np.shape(b)[1:]:
+                raise ValueError(f"fit: validation {what} have shape {np.shape(b)}, training {what} {np.shape(a)}: "
+                                 f"they must agree on every axis after the first")
+        with _named("validation data"):
+            check_target(y_val, (len(y_val), *pred_shape[1:]))
+    if getattr(loss, "from_logits", True) is False:
+        sample = jnp.asarray(x[:256])
+        pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, sample)
+        with _named("the model's initial predictions"):
+            loss.forward(pred, jnp.asarray(y[:256]))
+
+
+@contextlib.contextmanager
+def _named(what: str) -> Iterator[None]:
+    """Prefix an :class:`InputError` raised inside the block with what was being checked."""
+    try:
+        yield
+    except InputError as err:
+        raise InputError(err.owner, f"{what}: {err.detail}", err.path, err.param) from None
