@@ -99,9 +99,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------- helpers
-_path_name = path_name
-
-
 def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
@@ -170,6 +167,9 @@ def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, k
     return worst
 
 
+_MISSING = object()  # a parameter path fbp's gradient has no entry for
+
+
 def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, jit, rtol, atol, fd, fd_rtol,
          fd_directions, key) -> Report:
     """Compare ``fbp_grad(args)`` with ``jax.grad(f)(args)`` and with differences of ``f``.
@@ -180,9 +180,9 @@ def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, 
     desired = jax.jit(jax.grad(f))(args)
     f = jax.jit(f)
     d_paths = jax.tree_util.tree_flatten_with_path(desired)[0]
-    a_items = {_path_name(p): a for p, a in
+    a_items = {path_name(p): a for p, a in
                jax.tree_util.tree_flatten_with_path(actual, is_leaf=lambda v: v is None)[0]}
-    d_names = [_path_name(p) for p, _ in d_paths]
+    d_names = [path_name(p) for p, _ in d_paths]
     # A leaf whose gradient is (nearly) zero next to the others — a bias before a BatchNorm —
     # carries only rounding noise of the size of the whole gradient: judge it on that scale.
     scale = max((float(jnp.max(jnp.abs(d))) for _, d in d_paths if np.size(d)), default=0.0)
@@ -207,9 +207,6 @@ def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, 
             rows.append(Row(path_text.removeprefix("params/"), "jax", math.inf, math.inf,
                             "fbp returned a leaf with no parameter", math.nan, math.nan, False, math.inf))
     return Report(subject, "as given" if dtype is None else jnp.dtype(dtype).name, tuple(rows))
-
-
-_MISSING = object()
 
 
 def _check_settings(dtype, tolerances: dict[str, float | None], fd_directions: int) -> None:

@@ -34,10 +34,9 @@ import numpy as np
 from fbp import data as fdata
 from fbp import losses as flosses
 from fbp import preflight
-from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
+from fbp.core import Layer, Loss, require_number, require_state, require_state_mode, value_grad_and_output
 from fbp.optim import GradientTransformation, apply_updates
 from fbp.optim import learning_rate as read_learning_rate
-from fbp.optim.base import require_number
 
 PyTree = Any
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import require_number, tree_mismatch  # noqa: F401  (require_number: re-exported)
+from fbp.core import tree_mismatch
 
 PyTree = Any
 

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
-from fbp.optim.base import require, require_number
+from fbp.core import require_number
+from fbp.optim.base import require
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp.core import require_number
 from fbp.optim.base import (
     EmptyState,
     GradientTransformation,
     _scaled_sum_of_squares,
     increment,
-    require_number,
     transformation,
     zeros_like,
 )
