@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
+from fbp.credit import deviations, reference_model
 
 PyTree = Any
 
@@ -68,6 +69,7 @@ class Report:
     subject: str
     dtype: str
     rows: tuple[Row, ...]
+    notes: tuple[str, ...] = ()  # paths whose rule deviates from the gradient by design, and how
 
     @property
     def ok(self) -> bool:
@@ -84,7 +86,7 @@ class Report:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} of {len(self.rows)} comparisons)"
-        out = [f"{self.subject}  [{self.dtype}]  {verdict}", fmt.format(*header)]
+        out = [f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, fmt.format(*header)]
         out += [fmt.format(*line) for line in lines]
         return "\n".join(s.rstrip() for s in out)
 
@@ -237,6 +239,19 @@ def _with_precision(dtype, body: Callable[[], Report]) -> Report:
     return body()
 
 
+def _by_design(model: Layer) -> tuple[Layer, tuple[str, ...]]:
+    """The model the reference differentiates, and the report's notes: a layer whose rule deviates
+    from the gradient by design (feedback alignment, a straight-through estimator, a cotangent
+    hook) is differentiated through its ``reference_apply`` — its own equation in plain JAX."""
+    found = deviations(model)
+    if not found:
+        return model, ()
+    notes = tuple(f"  by design at path '{path or '<root>'}': {layer.deviation} — reference: JAX's gradient of the "
+                  f"rule's own equation (reference_apply), not of the plain forward" for path, layer in found)
+    return reference_model(model), (*notes, "  finite differences skipped: the rule is not the derivative of the "
+                                             "forward")
+
+
 class _Inputs:
     """The floating leaves of a layer's input pytree (``x``, or ``(x, h0)``, or ``(x, mask)``):
     those are differentiated; integer and boolean leaves (ids, masks) are held fixed."""
@@ -289,9 +304,10 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         cot = jax.random.normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
         inputs = _Inputs(xx)
         args = inputs.args(p)
+        reference, notes = _by_design(layer)
 
         def f(a):
-            return jnp.vdot(layer.apply(a["params"], inputs.rebuild(a), **ctx), cot)
+            return jnp.vdot(reference.apply(a["params"], inputs.rebuild(a), **ctx), cot)
 
         def fbp_grad(a):
             _, res = run_forward(layer, a["params"], inputs.rebuild(a), **ctx)
@@ -299,8 +315,9 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
             return {"params": d_params, "x": inputs.select(d_x)} if "x" in a else {"params": d_params}
 
         rt, frt = _defaults(y.dtype, rtol, fd_rtol)
-        return _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
-                    fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
+        report = _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
+                      fd=fd and not notes, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
+        return dataclasses.replace(report, notes=notes)
 
     return _with_precision(dtype, body)
 
@@ -344,7 +361,11 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
           fd: bool = True, fd_rtol: float | None = None, fd_directions: int = 2) -> Report:
     """Check fbp's backward transform against ``jax.grad`` of the plain composition
     ``loss(model.apply(params, x, state=state, key=key, train=train), y)`` (training mode by
-    default, as ``fbp.value_and_grad``)."""
+    default, as ``fbp.value_and_grad``).
+
+    Layers that deviate from the gradient by design (:mod:`fbp.credit`, :mod:`fbp.nn.hooks`,
+    :mod:`fbp.nn.quantize`) are differentiated through their own equations (``reference_apply``);
+    the report names their paths (``report.notes``) and skips finite differences."""
     _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 
@@ -354,15 +375,17 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
         dt = jax.tree_util.tree_leaves(p)[0].dtype if jax.tree_util.tree_leaves(p) else xx.dtype
         _refuse_half(dt)
         rt, frt = _defaults(dt, rtol, fd_rtol)
+        reference, notes = _by_design(model)
 
         def f(a):
-            return loss(model.apply(a["params"], xx, **ctx), yy)
+            return loss(reference.apply(a["params"], xx, **ctx), yy)
 
         def fbp_grad(a):
             return {"params": value_grad_and_output(model, loss, a["params"], xx, yy, **ctx)[1]}
 
-        return _run(f"fbp.check.model: {model!r} with {loss!r}", f, fbp_grad, {"params": p}, dtype=dtype, jit=jit,
-                    rtol=rt, atol=atol, fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
+        report = _run(f"fbp.check.model: {model!r} with {loss!r}", f, fbp_grad, {"params": p}, dtype=dtype, jit=jit,
+                      rtol=rt, atol=atol, fd=fd and not notes, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
+        return dataclasses.replace(report, notes=notes)
 
     return _with_precision(dtype, body)
 

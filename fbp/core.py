@@ -84,6 +84,13 @@ class Layer:
         """The layers this one is composed of, by their entry in its params; ``{}`` for a leaf layer."""
         return {}
 
+    def replace_children(self, kids: dict[str, Layer]) -> Layer:
+        """This layer with its children replaced by ``kids`` (same names). A combinator that
+        defines :meth:`children` defines this too, so tools can rebuild a model around its leaves."""
+        if kids:
+            raise NotImplementedError(f"{type(self).__name__} lists children but does not implement replace_children")
+        return self
+
     def init_state(self, params: PyTree) -> PyTree:
         """The initial state (``{}`` unless the layer keeps state)."""
         return {}
@@ -196,6 +203,39 @@ def leaf_layers(model: Layer, prefix: tuple[str, ...] = ()) -> Iterator[tuple[st
         yield "/".join(prefix), model
     for name, child in kids.items():
         yield from leaf_layers(child, (*prefix, name))
+
+
+def transform_layers(model: Layer, fn: Callable[[str, Layer], Layer | None], prefix: tuple[str, ...] = ()) -> Layer:
+    """Rebuild ``model`` top-down: ``fn(path, layer)`` returns a replacement (which is kept as is,
+    not walked further) or ``None`` (keep the layer, and rebuild its children the same way).
+
+    This is how tools wrap or swap layers without the user rebuilding the model: telemetry probes
+    every leaf, :mod:`fbp.credit` swaps Dense for its feedback-alignment twin at chosen paths.
+    """
+    replaced = fn("/".join(prefix), model)
+    if replaced is not None:
+        return replaced
+    kids = children(model)
+    if not kids:
+        return model
+    return model.replace_children({name: transform_layers(child, fn, (*prefix, name)) for name, child in kids.items()})
+
+
+def child_params(params: PyTree, name: str) -> PyTree:
+    """A child's entry in its combinator's params: ``params[int(name)]`` for a tuple, else ``params[name]``."""
+    return params[int(name)] if isinstance(params, (tuple, list)) else params[name]
+
+
+def map_leaf_params(model: Layer, params: PyTree, fn: Callable[[str, Layer, PyTree], PyTree],
+                    prefix: tuple[str, ...] = ()) -> PyTree:
+    """``params`` with every leaf layer's entry replaced by ``fn(path, leaf, leaf_params)``; the
+    combinators' containers (tuples, dicts) are kept."""
+    kids = children(model)
+    if not kids:
+        return fn("/".join(prefix), model, params)
+    new = {name: map_leaf_params(child, child_params(params, name), fn, (*prefix, name))
+           for name, child in kids.items()}
+    return tuple(new[str(i)] for i in range(len(new))) if isinstance(params, (tuple, list)) else new
 
 
 def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]]:

@@ -27,8 +27,10 @@ from fbp.nn.conv import Conv1D, Conv2D, ConvTranspose2D
 from fbp.nn.dense import Dense
 from fbp.nn.dropout import Dropout
 from fbp.nn.embedding import Embedding
+from fbp.nn.hooks import GradientReversal, MapCotangent, ScaleGradient, StopGradient
 from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
+from fbp.nn.quantize import QuantizeWeights, Round, Sign
 from fbp.nn.recurrent import GRU, LSTM, LastStep, SimpleRNN
 
 __all__ = [
@@ -38,4 +40,5 @@ __all__ = [
     "Softmax", "Softplus", "Tanh", "init", "layer",
     "GRU", "LSTM", "LastStep", "LearnedPositionalEmbedding", "MultiHeadAttention", "SimpleRNN",
     "SinusoidalPositionalEmbedding", "TransformerBlock",
+    "GradientReversal", "MapCotangent", "QuantizeWeights", "Round", "ScaleGradient", "Sign", "StopGradient",
 ]

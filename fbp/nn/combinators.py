@@ -19,6 +19,7 @@ kernel of the third layer and its path in reports and errors is ``2/w``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -60,6 +61,9 @@ class Serial(Layer):
 
     def children(self):
         return {str(i): child for i, child in enumerate(self.layers)}
+
+    def replace_children(self, kids):
+        return _with_layers(self, kids)
 
     def init(self, key, x):
         keys = jax.random.split(key, max(len(self.layers), 1))
@@ -109,6 +113,14 @@ class Serial(Layer):
         _require_tuple(self, params, "layer")
 
 
+def _with_layers(layer, kids):
+    """A copy of a tuple-of-children combinator (and of any subclass, its other fields kept)
+    with ``layers`` replaced by ``kids`` (``{"0": ..., "1": ...}``)."""
+    new = copy.copy(layer)
+    object.__setattr__(new, "layers", tuple(kids[str(i)] for i in range(len(layer.layers))))
+    return new
+
+
 def _require_tuple(layer, params, entry: str) -> None:
     """Serial's and Parallel's params: a tuple with one entry per child (a list is refused: the
     gradients come back as a tuple, and an optimizer state made from a list would not match them)."""
@@ -146,6 +158,9 @@ class Residual(Layer):
     def children(self):
         return {"block": self.block} if self.projection is None else {"block": self.block,
                                                                       "projection": self.projection}
+
+    def replace_children(self, kids):
+        return dataclasses.replace(self, **kids)
 
     @property
     def has_state(self):
@@ -212,6 +227,9 @@ class Parallel(Layer):
 
     def children(self):
         return {str(i): child for i, child in enumerate(self.layers)}
+
+    def replace_children(self, kids):
+        return _with_layers(self, kids)
 
     @property
     def has_state(self):

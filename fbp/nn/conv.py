@@ -239,6 +239,12 @@ class _ConvBase(Layer):
             d_params["b"] = d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
         return d_params, conv_input_grad(d_y, w, x.shape, strides, pads, lhs_dil, rhs_dil, g)
 
+    def swap_kernel(self, res, kernel):
+        """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its
+        place, so ``backward(res', d_y)`` sends ``d_x`` through ``kernel`` (:mod:`fbp.credit`)."""
+        x, w = res
+        return w, (x, kernel)
+
 
 class _Conv(_ConvBase):
     def _geometry(self, x):

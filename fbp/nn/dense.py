@@ -77,6 +77,12 @@ class Dense(Layer):
         d_x = (d_y2 @ w.T).reshape(x.shape)
         return d_params, d_x
 
+    def swap_kernel(self, res, kernel):
+        """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its
+        place — so ``backward(res', d_y)`` sends ``d_x = d_y kernelᵀ`` (feedback alignment, :mod:`fbp.credit`)."""
+        x, w = res
+        return w, (x, kernel)
+
     # ------------------------------------------------------------------ validation
     def _check_input(self, x):
         require_floating(repr(self), x)
