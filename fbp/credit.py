@@ -113,6 +113,12 @@ class _Exact(Layer):
     def has_state(self):
         return self.layer.has_state
 
+    def children(self):
+        return children(self.layer)
+
+    def replace_children(self, kids):
+        return _Exact(self.layer.replace_children(kids))
+
     def forward(self, params, x, **context):
         return run_forward(self.layer, params, x, **context)
 

@@ -1,0 +1,107 @@
+"""Where a NaN or inf first appears: forward order, then the loss, then backward order.
+
+:func:`find_nonfinite` runs one forward and one backward pass with :mod:`fbp.telemetry`'s probes
+(the same pass as training, every rule fbp's own) and reads, per leaf layer, how many entries
+of its output, of the cotangent arriving at its output and of its parameter gradient are not
+finite. The first layer in forward order whose *output* holds one is where the forward pass
+broke (its input was finite: the layer before it was checked first); if the forward pass and the
+loss are finite, the first layer in backward order whose output cotangent or parameter gradient
+holds one is where the backward pass broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import Layer, Loss, leaf_layers
+from fbp.telemetry import floating_leaves, Instrumented
+
+STAGES = ("forward", "loss", "backward")
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFiniteReport:
+    """Where the first NaN/inf is. ``path`` is None when everything is finite.
+
+    Attributes:
+        path: the leaf layer's path (``"2"``, ``"1/block/0"``), ``"<loss>"`` for the loss, or None.
+        stage: ``"forward"``, ``"loss"`` or ``"backward"`` (None when all is finite).
+        quantity: ``"output"``, ``"output cotangent"``, ``"parameter gradient"``, ``"value"`` or
+            ``"prediction cotangent"``.
+        layer: the layer's (or loss's) repr.
+        count: how many entries are NaN/inf.
+        inputs_finite: whether the inputs ``x`` were finite, and ``params_finite`` the parameters.
+    """
+
+    path: str | None
+    stage: str | None
+    quantity: str | None
+    layer: str | None
+    count: int = 0
+    inputs_finite: bool = True
+    params_finite: bool = True
+
+    def __bool__(self) -> bool:  # truthy when something was found
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return "find_nonfinite: every output, cotangent and gradient is finite"
+        entries = f"{self.count} NaN/inf entr{'y' if self.count == 1 else 'ies'}"
+        if self.stage == "loss":
+            text = (f"find_nonfinite: every layer's output is finite, but the loss {self.layer} gives a non-finite "
+                    f"{self.quantity} ({entries}) — check the targets and the loss's conventions")
+        else:
+            text = (f"find_nonfinite: the first non-finite value appears in the {self.stage} pass, in the "
+                    f"{self.quantity} of the layer at path '{self.path}' ({self.layer}): {entries}")
+        if not self.inputs_finite:
+            text += "; note: the input x already holds NaN/inf"
+        if not self.params_finite:
+            text += "; note: the parameters already hold NaN/inf (the update before this batch diverged)"
+        return text
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(a))) for a in floating_leaves(tree))
+
+
+def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, key=None,
+                   train: bool = True) -> NonFiniteReport:
+    """Run ``model`` forward and backward on ``(x, y)`` and report where a NaN/inf first appears.
+
+    ``state``, ``key``, ``train``: the forward's context, as for ``fbp.value_and_grad`` (training
+    mode by default). Runs jitted; returns a :class:`NonFiniteReport` (``str()`` is readable).
+    """
+    inst = Instrumented.of(model, alignment=False)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if model.has_state and state is None:
+        state = model.init_state(params)
+
+    @jax.jit
+    def run(params, state, x, y, key):
+        value, _, pred, _, stats = inst.run(loss, params, x, y, state=state, key=key, train=train, detail=True)
+        _, loss_res = loss.forward(pred, y)
+        d_pred = loss.backward(loss_res, jnp.ones((), value.dtype))
+        return value, jnp.sum(~jnp.isfinite(d_pred)), stats
+
+    value, bad_d_pred, stats = jax.device_get(run(params, state, x, y, key))
+    context = {"inputs_finite": _all_finite(x), "params_finite": _all_finite(params)}
+    leaves = list(leaf_layers(model))
+    for path, layer in leaves:
+        if stats[path]["nonfinite_out"] > 0:
+            return NonFiniteReport(path, "forward", "output", repr(layer), int(stats[path]["nonfinite_out"]),
+                                   **context)
+    if not math.isfinite(float(value)):
+        return NonFiniteReport("<loss>", "loss", "value", repr(loss), 1, **context)
+    if bad_d_pred > 0:
+        return NonFiniteReport("<loss>", "loss", "prediction cotangent", repr(loss), int(bad_d_pred), **context)
+    for path, layer in reversed(leaves):
+        for quantity, name in (("output cotangent", "nonfinite_d_out"), ("parameter gradient", "nonfinite_d_params")):
+            if stats[path][name] > 0:
+                return NonFiniteReport(path, "backward", quantity, repr(layer), int(stats[path][name]), **context)
+    return NonFiniteReport(None, None, None, None, 0, **context)
