@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import Layer, Loss, leaf_layers
-from fbp.telemetry import floating_leaves, Instrumented
+from fbp.telemetry import Instrumented, floating_leaves
 
 STAGES = ("forward", "loss", "backward")
 
@@ -45,6 +45,7 @@ class NonFiniteReport:
     count: int = 0
     inputs_finite: bool = True
     params_finite: bool = True
+    pred_absmax: float = math.nan
 
     def __bool__(self) -> bool:  # truthy when something was found
         return self.path is not None
@@ -54,8 +55,9 @@ class NonFiniteReport:
             return "find_nonfinite: every output, cotangent and gradient is finite"
         entries = f"{self.count} NaN/inf entr{'y' if self.count == 1 else 'ies'}"
         if self.stage == "loss":
-            text = (f"find_nonfinite: every layer's output is finite, but the loss {self.layer} gives a non-finite "
-                    f"{self.quantity} ({entries}) — check the targets and the loss's conventions")
+            text = (f"find_nonfinite: every layer's output is finite (largest prediction |{self.pred_absmax:.3g}|), but "
+                    f"the loss {self.layer} gives a non-finite {self.quantity} ({entries}) — an overflow from huge "
+                    f"predictions (lower the learning rate, clip gradients) or targets outside the loss's conventions")
         else:
             text = (f"find_nonfinite: the first non-finite value appears in the {self.stage} pass, in the "
                     f"{self.quantity} of the layer at path '{self.path}' ({self.layer}): {entries}")
@@ -87,11 +89,12 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
         value, _, pred, _, stats = inst.run(loss, params, x, y, state=state, key=key, train=train, detail=True)
         _, loss_res = loss.forward(pred, y)
         d_pred = loss.backward(loss_res, jnp.ones((), value.dtype))
-        return value, jnp.sum(~jnp.isfinite(d_pred)), stats
+        return value, jnp.sum(~jnp.isfinite(d_pred)), jnp.max(jnp.abs(pred)), stats
 
-    value, bad_d_pred, stats = jax.device_get(run(params, state, x, y, key))
-    context = {"inputs_finite": _all_finite(x), "params_finite": _all_finite(params)}
+    value, bad_d_pred, pred_absmax, stats = jax.device_get(run(params, state, x, y, key))
     leaves = list(leaf_layers(model))
+    context = {"inputs_finite": _all_finite(x), "params_finite": _all_finite(params),
+               "pred_absmax": float(pred_absmax)}
     for path, layer in leaves:
         if stats[path]["nonfinite_out"] > 0:
             return NonFiniteReport(path, "forward", "output", repr(layer), int(stats[path]["nonfinite_out"]),

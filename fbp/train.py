@@ -19,7 +19,6 @@ per epoch instead of one per step — much faster for small models); the numbers
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -34,9 +33,11 @@ import numpy as np
 from fbp import data as fdata
 from fbp import losses as flosses
 from fbp import preflight
-from fbp.core import Layer, Loss, require_number, require_state, require_state_mode, value_grad_and_output
+from fbp import telemetry as ftelemetry
+from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
 from fbp.optim import GradientTransformation, apply_updates
 from fbp.optim import learning_rate as read_learning_rate
+from fbp.stopping import MODES, EarlyStopping  # noqa: F401  (fbp.train.EarlyStopping is the public name)
 
 PyTree = Any
 
@@ -89,68 +90,35 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     return jax.jit(chosen) if jit else chosen
 
 
-def _indexed_step(model, loss, optimizer, augment=None):
+def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
-    epoch's summed loss and correct count (no host round trip per step)."""
+    epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
+    the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
+    probed = ftelemetry.Instrumented.of(model, None) if telemetry else None
 
     def step(carry, x, y, batches, row, epoch_key, step_number):
-        params, state, opt_state, loss_sum, correct = carry
+        params, state, opt_state, loss_sum, correct, stat_sum = carry
         idx = batches[row]
         xb, yb = x[idx], y[idx]
         step_key = jax.random.fold_in(epoch_key, step_number)
         if augment is not None:
             xb = augment(jax.random.fold_in(step_key, 1), xb)
         key = step_key if model.needs_key else None
-        value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
+        if probed is None:
+            value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
+        else:
+            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key)
+            stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
-        return apply_updates(params, updates), state, opt_state, loss_sum, correct
+        return apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum
 
     return step
 
 
-# --------------------------------------------------------------------------- early stopping
-MODES = ("auto", "min", "max")
-
-
-@dataclasses.dataclass(frozen=True)
-class EarlyStopping:
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
-
-    ``mode="auto"`` maximises metrics named ``*accuracy`` and minimises the rest; ``"min"`` and
-    ``"max"`` say it outright. With ``restore_best`` the returned params are those of the best
-    epoch. A non-finite value is never an improvement. ``fit`` checks ``monitor`` against the
-    metrics it will record before it trains.
-    """
-
-    monitor: str = "val_loss"
-    patience: int = 5
-    min_delta: float = 0.0
-    mode: str = "auto"
-    restore_best: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.monitor, str):
-            raise TypeError(f"EarlyStopping: monitor must be a metric name such as 'val_loss', got {self.monitor!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"EarlyStopping: mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an int >= 1 (epochs without improvement), "
-                             f"got {self.patience!r}")
-        require_number("EarlyStopping", "min_delta", self.min_delta, low=0.0)
-
-    @property
-    def maximise(self) -> bool:
-        return self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("accuracy"))
-
-    def better(self, value: float, best: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        return value > best + self.min_delta if self.maximise else value < best - self.min_delta
-
-
+# --------------------------------------------------------------------------- the result
 class FitResult(NamedTuple):
     """What :func:`fit` returns; ``history`` maps metric names to one value per epoch run;
     ``state`` is the model's state (None for stateless models).
@@ -159,6 +127,10 @@ class FitResult(NamedTuple):
     or ``"non-finite: ..."`` (which metric turned NaN/inf, at which epoch; then ``params``,
     ``opt_state`` and ``state`` are those of the last epoch that ended finite, or the best
     epoch's under early stopping, and ``diverged`` is True).
+
+    ``telemetry`` (``fit(..., telemetry=True)``): ``{path: {stat: array over epochs}}`` with
+    :mod:`fbp.telemetry`'s statistics, each the mean over the epoch's steps (``nonfinite``: the
+    sum); plot it with :func:`fbp.telemetry.plot_gradient_flow`.
     """
 
     params: PyTree
@@ -168,6 +140,7 @@ class FitResult(NamedTuple):
     epochs_run: int
     state: PyTree = None
     stop_reason: str = ""
+    telemetry: dict[str, dict[str, np.ndarray]] | None = None
 
     @property
     def diverged(self) -> bool:
@@ -205,7 +178,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
-        augment: Callable | None = None) -> FitResult:
+        augment: Callable | None = None, telemetry: bool = False) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -224,12 +197,16 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             training batch with a fresh key; never to validation data.
         metrics: names to record, from ``["loss", "accuracy"]``; default ``loss`` plus
             ``accuracy`` for classification losses (validation metrics follow).
+        telemetry: record per-layer statistics from every step's own pass (:mod:`fbp.telemetry`)
+            in ``result.telemetry``.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
     has trained. If the loss, the validation loss, the parameters or the model state turn
     NaN/inf, training stops with a ``RuntimeWarning``; the result then holds the last finite
-    epoch's params (the best epoch's under early stopping) and says why in ``stop_reason``.
+    epoch's params (the best epoch's under early stopping) and says why in ``stop_reason``, and
+    fit prints where the first NaN/inf appeared (:func:`fbp.debug.find_nonfinite`, run on the
+    step of that epoch where the loss first turned non-finite).
 
     Returns:
         :class:`FitResult` with the final (or best, with early stopping) params and a history
@@ -261,11 +238,15 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     x, y = jnp.asarray(x), jnp.asarray(y)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment)
+    if not isinstance(telemetry, bool):
+        raise TypeError(f"fit: telemetry must be True or False, got {telemetry!r}")
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry)
+    zero_stats = _zero_stats(model, loss, params, state, x, y, batch_size) if telemetry else {}
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
     history: dict[str, list[float]] = {}
+    stat_history: dict[str, dict[str, list[float]]] = {}
     best, best_epoch, best_params, best_state, waited = None, None, params, state, 0
     epoch_range, bar = _progress(epochs, progress)
     carry = (params, state, opt_state)
@@ -275,7 +256,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         start = time.perf_counter()
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
-        carry = (*carry[:3], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        start_carry = carry = (*carry[:3], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
         if scan_epochs and full.shape[0] > 1:
             carry = scan_jit(carry, x, y, full, epoch_key)
         else:
@@ -299,6 +280,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         record["seconds"] = time.perf_counter() - start
         for name, value in record.items():
             history.setdefault(name, []).append(value)
+        if telemetry:
+            _record_stats(stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
         epochs_run = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
@@ -311,6 +294,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                 and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
             warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
                           f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=2)
+            print(_locate(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
             carry = good
             break
         good = carry[:3]
@@ -330,8 +314,44 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         bar.close()
     restore = early_stopping is not None and early_stopping.restore_best and best_epoch is not None
     params, state = (best_params, best_state) if restore else carry[:2]
+    telemetry_history = {path: {k: np.asarray(v) for k, v in stats.items()} for path, stats in stat_history.items()}
     return FitResult(params, carry[2], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run,
-                     state, stop_reason)
+                     state, stop_reason, telemetry_history if telemetry else None)
+
+
+def _zero_stats(model, loss, params, state, x, y, batch_size):
+    """Zeros shaped like one step's telemetry (the accumulator in the carry)."""
+    size = np.shape(x)[0] if batch_size is None else min(batch_size, np.shape(x)[0])
+    key = jax.random.PRNGKey(0) if model.needs_key else None
+    run = ftelemetry.Instrumented.of(model, None).run
+    shapes = jax.eval_shape(lambda p, s, xb, yb: run(loss, p, xb, yb, state=s, key=key)[4], params, state,
+                            x[:size], y[:size])
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def _record_stats(stat_history, stat_sum, steps: int) -> None:
+    """Append one epoch's means (sums for ``nonfinite``) to ``stat_history``."""
+    for path, stats in jax.device_get(stat_sum).items():
+        for name, value in stats.items():
+            stat_history.setdefault(path, {}).setdefault(name, []).append(
+                float(value) if name == "nonfinite" else float(value) / steps)
+
+
+def _locate(model, loss, step_jit, carry, x, y, full, rest, epoch_key):
+    """Replay the diverged epoch from its start to the first step whose loss is not finite, and
+    report where its NaN/inf first appears (:func:`fbp.debug.find_nonfinite`; augmentation not replayed)."""
+    from fbp.debug import find_nonfinite
+
+    batches = [(full, i, i) for i in range(full.shape[0])] + ([(rest, 0, full.shape[0])] if rest is not None else [])
+    for rows, i, number in batches:
+        after = step_jit(carry, x, y, rows, i, epoch_key, number)
+        last = number == batches[-1][2]
+        if not math.isfinite(float(after[3])) or last:  # the loss of this step, or else the params it left
+            at = carry if not math.isfinite(float(after[3])) else after
+            idx = rows[i]
+            key = jax.random.fold_in(epoch_key, number) if model.needs_key else None
+            return find_nonfinite(model, loss, at[0], x[idx], y[idx], state=at[1], key=key)
+        carry = after
 
 
 def _epoch_batches(n: int, batch_size: int | None, key):
@@ -346,8 +366,8 @@ def _epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer, augment):
-    step = _indexed_step(model, loss, optimizer, augment)
+def _build(model, loss, optimizer, augment, telemetry=False):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
@@ -359,13 +379,13 @@ def _build(model, loss, optimizer, augment):
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer, augment=None):
+def _compiled(model, loss, optimizer, augment=None, telemetry=False):
     """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
     with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
     try:
-        return _build_cached(model, loss, optimizer, augment)
+        return _build_cached(model, loss, optimizer, augment, telemetry)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment)
+        return _build(model, loss, optimizer, augment, telemetry)
 
 
 def _eval_stats(model, loss, params, state, x, y):
