@@ -240,6 +240,7 @@ def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=path or "<root>")
     if log:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(stat)
     ax.set_title(f"{stat} per layer (path), epoch means")
