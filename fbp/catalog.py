@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fbp import check, losses, nn
+from fbp import check, credit, losses, nn
 
 
 def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
@@ -56,6 +56,15 @@ def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
         (nn.LearnedPositionalEmbedding(8), (2, 5, 4)),
         (nn.SinusoidalPositionalEmbedding(), (2, 5, 4)),
         (nn.Serial(nn.LSTM(6), nn.GRU(5), nn.LastStep(), nn.Dense(2)), (2, 4, 3)),
+        # rules that deviate from the gradient by design, checked against their own equations
+        (nn.ScaleGradient(0.5), (5, 4)),
+        (nn.GradientReversal(2.0), (5, 4)),
+        (nn.StopGradient(), (5, 4)),
+        (nn.MapCotangent(jnp.tanh, name="tanh"), (5, 4)),
+        (nn.Sign(), (5, 4)),
+        (nn.Round(ste="hardtanh"), (5, 4)),
+        (nn.QuantizeWeights(nn.Dense(3), nn.Sign(ste="identity")), (5, 4)),
+        (credit.SignSymmetry(nn.Conv2D(4, 3)), (2, 6, 5, 3)),
     ]
 
 
@@ -72,6 +81,8 @@ def contextual_layers() -> list[tuple[nn.Layer, tuple[int, ...], dict]]:
         (nn.Embedding(7, 3), (2, 5), {"vocab": 7}),
         (nn.Serial(nn.Conv2D(4, 3), nn.BatchNorm(), nn.ReLU(), nn.Dropout(0.25), nn.MaxPool2D(2), nn.Flatten(),
                    nn.Dense(3)), (4, 6, 6, 2), {"train": True, "state": True, "key": 3}),
+        (credit.FeedbackAlignment(nn.Dense(5)), (6, 4), {"state": True}),
+        (credit.FeedbackAlignment(nn.Conv1D(3, 3)), (2, 7, 2), {"state": True}),
     ]
 
 
@@ -113,6 +124,9 @@ def models() -> list[tuple[nn.Layer, losses.Loss, tuple[int, ...], int]]:
         (nn.Serial(nn.Dense(16), nn.Tanh(), nn.Dense(16), nn.ReLU(), nn.Dense(5)),
          losses.CategoricalCrossEntropy(from_logits=True), (8, 6), 5),
         (nn.Serial(nn.Dense(2), nn.Sigmoid(), nn.Dense(1), nn.Sigmoid()), losses.MSE(), (4, 2), 0),
+        (credit.direct_feedback_alignment(nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(6), nn.ReLU(), nn.Dense(3)),
+                                          jax.ShapeDtypeStruct((8, 5), jnp.float32)),
+         losses.CategoricalCrossEntropy(from_logits=True), (8, 5), 3),
     ]
 
 
@@ -144,5 +158,7 @@ def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]
         k_x, k_y, k_p = jax.random.split(jax.random.fold_in(key, 2000 + i), 3)
         x = jax.random.normal(k_x, shape)
         y = _labels(k_y, shape[0], classes) if classes else jax.random.uniform(k_y, (shape[0], 1))
-        reports.append(check.model(model, loss, model.init(k_p, x), x, y, dtype=dtype, jit=jit))
+        params = model.init(k_p, x)
+        state = model.init_state(params) if model.has_state else None
+        reports.append(check.model(model, loss, params, x, y, state=state, dtype=dtype, jit=jit))
     return reports

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Layer, Loss, leaf_layers
+from fbp.core import Layer, Loss, leaf_layers, path_name
 from fbp.telemetry import Instrumented, floating_leaves
 
 STAGES = ("forward", "loss", "backward")
@@ -35,7 +35,8 @@ class NonFiniteReport:
             ``"prediction cotangent"``.
         layer: the layer's (or loss's) repr.
         count: how many entries are NaN/inf.
-        inputs_finite: whether the inputs ``x`` were finite, and ``params_finite`` the parameters.
+        inputs_finite: whether the inputs ``x`` were finite.
+        nonfinite_params: the parameter paths (``"2/w"``) that already hold NaN/inf.
     """
 
     path: str | None
@@ -44,8 +45,12 @@ class NonFiniteReport:
     layer: str | None
     count: int = 0
     inputs_finite: bool = True
-    params_finite: bool = True
+    nonfinite_params: tuple[str, ...] = ()
     pred_absmax: float = math.nan
+
+    @property
+    def params_finite(self) -> bool:
+        return not self.nonfinite_params
 
     def __bool__(self) -> bool:  # truthy when something was found
         return self.path is not None
@@ -64,7 +69,7 @@ class NonFiniteReport:
         if not self.inputs_finite:
             text += "; note: the input x already holds NaN/inf"
         if not self.params_finite:
-            text += "; note: the parameters already hold NaN/inf (the update before this batch diverged)"
+            text += f"; note: the parameters {list(self.nonfinite_params)} already hold NaN/inf"
         return text
 
 
@@ -93,7 +98,8 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
 
     value, bad_d_pred, pred_absmax, stats = jax.device_get(run(params, state, x, y, key))
     leaves = list(leaf_layers(model))
-    context = {"inputs_finite": _all_finite(x), "params_finite": _all_finite(params),
+    bad = tuple(path_name(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if not _all_finite(leaf))
+    context = {"inputs_finite": _all_finite(x), "nonfinite_params": bad,
                "pred_absmax": float(pred_absmax)}
     for path, layer in leaves:
         if stats[path]["nonfinite_out"] > 0:

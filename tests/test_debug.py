@@ -23,7 +23,7 @@ def test_forward_localised_to_the_first_layer_whose_output_breaks():
     params[2] = {"w": params[2]["w"].at[1, 1].set(jnp.inf), "b": params[2]["b"]}
     report = debug.find_nonfinite(MODEL, CCE, tuple(params), X, Y)
     assert (report.path, report.stage, report.quantity) == ("2", "forward", "output")
-    assert report.count == 6 and not report.params_finite and "Dense(features=8)" in str(report)
+    assert report.count == 6 and report.nonfinite_params == ("2/w",) and "Dense(features=8)" in str(report)
     x = X.at[0, 0].set(jnp.nan)
     report = debug.find_nonfinite(MODEL, CCE, PARAMS, x, Y)
     assert report.path == "0" and not report.inputs_finite

@@ -74,3 +74,35 @@ def test_char_lstm_loss_falls_and_samples():
     first, last = float(line.split()[2]), float(line.split()[7])
     assert last < first - 1.0
     assert result.stdout.count("sample: ") == 3
+
+
+def _accuracies(stdout):
+    return {line.split(":")[0]: float(line.split("test accuracy ")[1].split()[0])
+            for line in stdout.splitlines() if "test accuracy " in line}
+
+
+def test_feedback_alignment_learns_with_every_rule_and_aligns():
+    result = run("feedback_alignment.py", "--epochs", "15")
+    assert result.returncode == 0, result.stderr
+    accuracy = _accuracies(result.stdout)
+    assert set(accuracy) == {"BP", "FA", "uSF", "DFA"}
+    assert accuracy["BP"] >= 0.95 and min(accuracy.values()) >= 0.9, accuracy
+    fa = next(line for line in result.stdout.splitlines() if line.startswith("FA:"))
+    angles = [float(a) for a in fa.split("last epoch: ")[1].split()[1::2]]
+    assert len(angles) == 3 and max(angles[:2]) < 85 and angles[2] < 1  # hidden layers aligned; top layer exact
+
+
+def test_binary_mlp_learns_with_exactly_binary_weights_and_activations():
+    result = run("binary_mlp.py", "--epochs", "15")
+    assert result.returncode == 0, result.stderr
+    accuracy = _accuracies(result.stdout)
+    assert accuracy["binary"] >= 0.85 and accuracy["real-valued"] >= 0.95, accuracy
+    assert "exactly ±1: True" in result.stdout
+
+
+def test_gradient_reversal_adapts_to_the_target_domain():
+    result = run("gradient_reversal.py")
+    assert result.returncode == 0, result.stderr
+    found = {line.split(":")[0]: float(line.split("target accuracy ")[1])
+             for line in result.stdout.splitlines() if "target accuracy" in line}
+    assert found["with gradient reversal"] > found["without gradient reversal"] + 0.05, found
