@@ -10,5 +10,5 @@ from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, value_and_gra
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Layer", "Loss", "augment", "check", "credit", "data", "debug", "grad", "layer", "losses", "nn",
-           "optim", "telemetry", "to_jax", "train", "value_and_grad", "vjp", "__version__"]
+__all__ = ["InputError", "Layer", "Loss", "augment", "check", "credit", "data", "debug", "grad", "layer", "losses",
+           "nn", "optim", "telemetry", "to_jax", "train", "value_and_grad", "vjp", "__version__"]

@@ -60,9 +60,10 @@ class NonFiniteReport:
             return "find_nonfinite: every output, cotangent and gradient is finite"
         entries = f"{self.count} NaN/inf entr{'y' if self.count == 1 else 'ies'}"
         if self.stage == "loss":
-            text = (f"find_nonfinite: every layer's output is finite (largest prediction |{self.pred_absmax:.3g}|), but "
-                    f"the loss {self.layer} gives a non-finite {self.quantity} ({entries}) — an overflow from huge "
-                    f"predictions (lower the learning rate, clip gradients) or targets outside the loss's conventions")
+            text = (f"find_nonfinite: every layer's output is finite (largest prediction "
+                    f"|{self.pred_absmax:.3g}|), but the loss {self.layer} gives a non-finite {self.quantity} "
+                    f"({entries}) — an overflow from huge predictions (lower the learning rate, clip gradients) "
+                    f"or targets outside the loss's conventions")
         else:
             text = (f"find_nonfinite: the first non-finite value appears in the {self.stage} pass, in the "
                     f"{self.quantity} of the layer at path '{self.path}' ({self.layer}): {entries}")

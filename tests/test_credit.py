@@ -79,7 +79,8 @@ def test_direct_feedback_alignment_is_its_equation(jit):
         assert ws[0].shape == grads[0]["w"].shape
 
 
-@pytest.mark.parametrize("make", [lambda m, x: credit.feedback_alignment(m, seed=3), lambda m, x: credit.sign_symmetry(m),
+@pytest.mark.parametrize("make", [lambda m, x: credit.feedback_alignment(m, seed=3),
+                                  lambda m, x: credit.sign_symmetry(m),
                                   lambda m, x: credit.direct_feedback_alignment(m, x)], ids=["fa", "usf", "dfa"])
 def test_check_model_names_the_deviating_paths_and_passes(make):
     cnn = nn.Serial(nn.Conv2D(3, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(6), nn.Tanh(), nn.Dense(3))
