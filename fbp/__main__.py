@@ -98,6 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from fbp import check, data, losses, nn, train
+    from fbp.telemetry import GRADIENT_FLOW
 
     ds = data.load_digits(test_fraction=0.2, seed=args.seed)
     init = nn.init.he_normal if args.activation in ("relu", "leaky_relu", "elu", "gelu", "silu") \
@@ -124,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
                        key=jax.random.fold_in(key, 1), epochs=args.epochs, batch_size=args.batch_size,
                        validation_split=0.1, progress=not args.no_progress, scan_epochs=True, num_classes=None,
                        early_stopping=train.EarlyStopping("val_loss", patience=args.patience)
-                       if args.patience else None, telemetry=bool(args.plot_gradients))
+                       if args.patience else None, telemetry=GRADIENT_FLOW if args.plot_gradients else False)
     metrics = train.evaluate(model, loss, result.params, ds.x_test, y_test, state=result.state)
     print(f"trained {result.epochs_run} epochs" + (f", best epoch {result.best_epoch + 1}"
                                                    if result.best_epoch is not None else "")

@@ -85,7 +85,7 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
     ``state``, ``key``, ``train``: the forward's context, as for ``fbp.value_and_grad`` (training
     mode by default). Runs jitted; returns a :class:`NonFiniteReport` (``str()`` is readable).
     """
-    inst = Instrumented.of(model, alignment=False)
+    inst = Instrumented.of(model, alignment=False, input_cotangents=True)
     x, y = jnp.asarray(x), jnp.asarray(y)
     if model.has_state and state is None:
         state = model.init_state(params)

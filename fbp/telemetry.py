@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,32 +50,62 @@ PyTree = Any
 STATS = ("out_mean", "out_std", "out_absmax", "out_zero_fraction", "d_out_norm", "d_in_norm", "param_norm",
          "d_params_norm", "nonfinite")
 DETAIL = ("nonfinite_out", "nonfinite_d_out", "nonfinite_d_params")  # what fbp.debug reads
+GRADIENT_FLOW = ("d_out_norm", "d_in_norm", "param_norm", "d_params_norm")  # none reads a layer's output
 
 
 def floating_leaves(tree) -> list:
     return [a for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
 
 
+def _sum_sq(a) -> jax.Array:
+    ft = jnp.result_type(float)
+    return jnp.sum(jnp.square(a.astype(ft)))
+
+
 def _norm(tree) -> jax.Array:
     ft = jnp.result_type(float)
-    return jnp.sqrt(sum((jnp.sum(jnp.square(a.astype(ft))) for a in floating_leaves(tree)), jnp.zeros((), ft)))
+    return jnp.sqrt(sum((_sum_sq(a) for a in floating_leaves(tree)), jnp.zeros((), ft)))
+
+
+def _count_nonfinite(leaves, witness) -> jax.Array:
+    """How many entries of ``leaves`` are NaN/inf. ``witness`` (their sum of squares) is finite
+    whenever they all are, so the counting pass runs only when it is not (``lax.cond``; under
+    ``vmap`` both branches run and the answer is the same)."""
+    ft = jnp.result_type(float)
+
+    def count(leaves):
+        return sum((jnp.sum(~jnp.isfinite(a)).astype(ft) for a in leaves), jnp.zeros((), ft))
+
+    return jax.lax.cond(jnp.isfinite(witness), lambda leaves: jnp.zeros((), ft), count, leaves)
 
 
 def _nonfinite(tree) -> jax.Array:
+    leaves = floating_leaves(tree)
     ft = jnp.result_type(float)
-    return sum((jnp.sum(~jnp.isfinite(a)).astype(ft) for a in floating_leaves(tree)), jnp.zeros((), ft))
+    return _count_nonfinite(leaves, sum((_sum_sq(a) for a in leaves), jnp.zeros((), ft)))
 
 
-def _output_stats(y) -> dict[str, jax.Array]:
+def _output_stats(y, want: frozenset[str]) -> dict[str, jax.Array]:
+    """The wanted ones of: mean, standard deviation (``sqrt(E[y²] - mean²)``, clamped at 0: no
+    second pass that waits for the mean), max |y|, the fraction of zeros, the non-finite count."""
     ft = jnp.result_type(float)
-    leaves = [a.astype(ft) for a in floating_leaves(y)]
+    zero = jnp.zeros((), ft)
+    leaves = [a for a in floating_leaves(y) if a.size]
     n = max(sum(a.size for a in leaves), 1)
-    mean = sum(jnp.sum(a) for a in leaves) / n
-    return {"out_mean": mean,
-            "out_std": jnp.sqrt(sum(jnp.sum(jnp.square(a - mean)) for a in leaves) / n),
-            "out_absmax": jnp.max(jnp.asarray([jnp.max(jnp.abs(a)) if a.size else 0.0 for a in leaves] or [0.0])),
-            "out_zero_fraction": sum(jnp.sum(a == 0).astype(ft) for a in leaves) / n,
-            "nonfinite_out": _nonfinite(leaves)}
+    out = {}
+    total = sum((jnp.sum(a, dtype=ft) for a in leaves), zero) if want & {"out_mean", "out_std"} else None
+    total_sq = sum((_sum_sq(a) for a in leaves), zero) if want & {"out_std", "nonfinite_out"} else None
+    if "out_mean" in want:
+        out["out_mean"] = total / n
+    if "out_std" in want:
+        out["out_std"] = jnp.sqrt(jnp.maximum(total_sq / n - (total / n) ** 2, 0))
+    if "out_absmax" in want:
+        out["out_absmax"] = jnp.max(jnp.asarray([jnp.max(jnp.abs(a)).astype(ft) for a in leaves] or [zero]))
+    if "out_zero_fraction" in want:  # counted in int32: exact up to 2**31 entries
+        out["out_zero_fraction"] = sum((jnp.sum(a == 0, dtype=jnp.int32) for a in leaves), 0).astype(ft) / n
+    if "nonfinite_out" in want:
+        out["nonfinite_out"] = _count_nonfinite(leaves, total_sq)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +114,9 @@ class _Probe(Layer):
     d_params ``(∂L/∂θ, stats)`` — so they travel through every combinator untouched."""
 
     layer: Layer
+    want: frozenset = frozenset(STATS)  # the statistics to compute (with "nonfinite": its three parts)
+    skip_d_out: bool = False  # the cotangent at this layer's output is one training never computes
+    skip_d_in: bool = False  # likewise the one at its input
     contextual = True
 
     @property
@@ -100,28 +133,71 @@ class _Probe(Layer):
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
         y, res = run_forward(self.layer, inner_params, x, state=state, key=key, train=train)
-        return y, (res, _output_stats(y), _norm(inner_params))
+        param_norm = _norm(inner_params) if "param_norm" in self.want else None
+        return y, (res, _output_stats(y, self.want), param_norm)
 
     def backward(self, res, d_y):
         inner, out, param_norm = res
         d_params, d_x = self.layer.backward(inner, d_y)
-        stats = {**{k: v for k, v in out.items()}, "d_out_norm": _norm(d_y), "d_in_norm": _norm(d_x),
-                 "param_norm": param_norm, "d_params_norm": _norm(d_params),
-                 "nonfinite_d_out": _nonfinite(d_y), "nonfinite_d_params": _nonfinite(d_params)}
-        stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
-        return (d_params, stats), d_x
+        want, ft = self.want, jnp.result_type(float)
+        nan, zero = jnp.full((), jnp.nan, ft), jnp.zeros((), ft)
+        stats = dict(out)
+        if want & {"d_out_norm", "nonfinite_d_out"}:
+            d_out_sq = nan if self.skip_d_out else sum((_sum_sq(a) for a in floating_leaves(d_y)), zero)
+            if "d_out_norm" in want:
+                stats["d_out_norm"] = jnp.sqrt(d_out_sq)
+            if "nonfinite_d_out" in want:
+                stats["nonfinite_d_out"] = zero if self.skip_d_out else _count_nonfinite(floating_leaves(d_y),
+                                                                                         d_out_sq)
+        if "d_in_norm" in want:
+            stats["d_in_norm"] = nan if self.skip_d_in else _norm(d_x)
+        if "param_norm" in want:
+            stats["param_norm"] = param_norm
+        if want & {"d_params_norm", "nonfinite_d_params"}:
+            d_params_norm = _norm(d_params)
+            if "d_params_norm" in want:
+                stats["d_params_norm"] = d_params_norm
+            if "nonfinite_d_params" in want:
+                stats["nonfinite_d_params"] = _count_nonfinite(floating_leaves(d_params), d_params_norm)
+        if "nonfinite" in want:
+            stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
+        return (d_params, {k: stats[k] for k in sorted(want)}), d_x
 
 
-_SLOTS = (*STATS, *DETAIL)
+def _wanted(names) -> frozenset:
+    """The statistics to compute: ``names`` (default all of STATS), with the parts "nonfinite" adds."""
+    chosen = STATS if names is None else tuple([names] if isinstance(names, str) else names)
+    unknown = [n for n in chosen if n not in STATS]
+    if unknown or not chosen:
+        raise ValueError(f"telemetry: stats must be a non-empty selection of {STATS}, got {names!r}")
+    return frozenset(chosen) | (frozenset(DETAIL) if "nonfinite" in chosen else frozenset())
 
 
-def probe(model: Layer) -> Layer:
-    """``model`` with every leaf layer wrapped in a probe (same paths, same forward)."""
-    return transform_layers(model, lambda path, layer: None if children(layer) else _Probe(layer))
+def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | None = None) -> Layer:
+    """``model`` with every leaf layer wrapped in a probe (same paths, same forward) computing the
+    statistics ``want``; ``skip[path]`` = (skip_d_out, skip_d_in) for cotangents not to compute."""
+    skip = skip or {}
+    return transform_layers(model, lambda path, layer: None if children(layer) else
+                            _Probe(layer, want, *skip.get(path, (False, False))))
 
 
-def _with_slots(model: Layer, params: PyTree) -> PyTree:
-    slots = {name: jnp.zeros((), jnp.result_type(float)) for name in _SLOTS}
+def input_side(model: Layer, params: PyTree) -> dict[str, tuple[bool, bool]]:
+    """The leaves whose cotangents training never computes, as ``{path: (no d_out, no d_in)}``:
+    every leaf before the first one with parameters (forward order) sends its ``d_x`` toward the
+    model's input only, and the first one with parameters has no use for its own ``d_x`` — XLA
+    removes those computations from a training step (the input gradient of the first Dense or
+    convolution: one more matmul or convolution), and so does telemetry unless asked."""
+    skip: dict[str, tuple[bool, bool]] = {}
+    for path, p in _leaf_entries(model, params):
+        has_params = bool(floating_leaves(p))
+        skip[path] = (not has_params, True)
+        if has_params:
+            break
+    return skip
+
+
+def _with_slots(model: Layer, params: PyTree, want: frozenset) -> PyTree:
+    slots = {name: jnp.zeros((), jnp.result_type(float)) for name in sorted(want)}
     return map_leaf_params(model, params, lambda path, leaf, p: (p, slots))
 
 
@@ -146,40 +222,44 @@ def _angle(rule, exact) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Instrumented:
-    """A model with its probed twin, and — if it has rules that deviate from the gradient — the
-    probed exact twin whose backward runs on the same residuals."""
+    """A model, and — if it has rules that deviate from the gradient — its exact twin, whose
+    backward runs on the residuals of the model's forward. ``run`` probes both at trace time."""
 
     model: Layer
-    probed: Layer
     exact: Layer | None
+    input_cotangents: bool = False
+    want: frozenset = frozenset(STATS) | frozenset(DETAIL)
 
     @classmethod
-    def of(cls, model: Layer, alignment: bool | None) -> Instrumented:
+    def of(cls, model: Layer, alignment: bool | None, input_cotangents: bool = False, stats=None) -> Instrumented:
         exact = exact_model(model) if alignment is not False else None
         if alignment and exact is None:
             raise InputError(repr(model), "alignment angles need layers with an exact VJP beside their rule "
                                           "(fbp.credit, fbp.nn.hooks); this model has none, or has a quantiser "
                                           "whose true derivative is zero")
-        return cls(model, probe(model), None if exact is None else probe(exact))
+        return cls(model, exact, input_cotangents, _wanted(stats))
 
     def run(self, loss: Loss, params, x, y, *, state=None, key=None, train=True, detail=False):
         """``(value, grads, pred, new_state, stats)`` from one forward and one backward pass."""
         if getattr(loss, "reduction", "mean") == "none":
             raise InputError(repr(loss), "telemetry differentiates a scalar loss: use reduction='mean' or 'sum'")
-        pred, res = run_forward(self.probed, _with_slots(self.model, params), x, state=state, key=key, train=train)
+        skip = {} if self.input_cotangents else input_side(self.model, params)
+        want = self.want | (frozenset(DETAIL) if detail else frozenset())
+        probed = probe(self.model, want, skip)
+        pred, res = run_forward(probed, _with_slots(self.model, params, want), x, state=state, key=key, train=train)
         value, loss_res = loss.forward(pred, y)
         d_pred = loss.backward(loss_res, jnp.ones((), value.dtype))
-        grads, stats = _split(self.model, self.probed.backward(res, d_pred)[0])
+        grads, stats = _split(self.model, probed.backward(res, d_pred)[0])
         check_gradient_structure(self.model, params, grads)
         if self.exact is not None:
-            exact_grads, _ = _split(self.model, self.exact.backward(res, d_pred)[0])
+            exact_grads, _ = _split(self.model, probe(self.exact, want, skip).backward(res, d_pred)[0])
             grads_at = dict(_leaf_entries(self.model, grads))
             for path, g_exact in _leaf_entries(self.model, exact_grads):
                 if floating_leaves(g_exact):
                     stats[path]["alignment_angle"] = _angle(grads_at[path], g_exact)
         if not detail:
             stats = {path: {k: v for k, v in s.items() if k not in DETAIL} for path, s in stats.items()}
-        new_state = None if state is None else self.probed.next_state(state, res)
+        new_state = None if state is None else probed.next_state(state, res)
         return value, grads, pred, new_state, stats
 
 
@@ -189,8 +269,8 @@ def _leaf_entries(model: Layer, params: PyTree) -> list[tuple[str, PyTree]]:
     return out
 
 
-def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False,
-                         alignment: bool | None = None) -> Callable:
+def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, alignment: bool | None = None,
+                         input_cotangents: bool = False, stats: Sequence[str] | None = None) -> Callable:
     """Like :func:`fbp.value_and_grad`, plus per-layer statistics from the same pass.
 
     Returns ``f(params, x, y, *, key=None) -> (value, grads, stats)``; with ``has_state=True``,
@@ -199,9 +279,18 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False,
     layer's path and every name in :data:`STATS` (module docstring). ``alignment``: add
     ``alignment_angle`` per layer with parameters (default: whenever the model has rules that
     deviate from the gradient and an exact VJP for each; ``False``: never; ``True``: required).
+
+    Telemetry computes nothing that training does not already compute: the cotangents below the
+    first layer with parameters (toward the input ``x``; for a model starting with a Dense, the
+    first Dense's ``d_in_norm``) are NaN unless ``input_cotangents=True``, which adds their
+    computation (the input gradient of that layer: one more matmul or convolution).
+
+    ``stats``: compute only these names from :data:`STATS` (default: all). Each statistic is a
+    pass over an output or a cotangent; on a CPU, where a convolutional step is bound by memory
+    traffic, choosing the ones you plot makes telemetry cheaper (``benchmarks/bench_toolkit.py``).
     """
     require_state_mode(model, has_state, "fbp.telemetry.value_grad_and_stats")
-    inst = Instrumented.of(model, alignment)
+    inst = Instrumented.of(model, alignment, input_cotangents, stats)
     if has_state:
         def with_state(params, state, x, y, *, key=None):
             require_state(model, state, "fbp.telemetry.value_grad_and_stats")

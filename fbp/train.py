@@ -94,7 +94,7 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
-    probed = ftelemetry.Instrumented.of(model, None) if telemetry else None
+    probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
 
     def step(carry, x, y, batches, row, epoch_key, step_number):
         params, state, opt_state, loss_sum, correct, stat_sum = carry
@@ -178,7 +178,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
-        augment: Callable | None = None, telemetry: bool = False) -> FitResult:
+        augment: Callable | None = None, telemetry: bool | Sequence[str] = False) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -198,7 +198,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         metrics: names to record, from ``["loss", "accuracy"]``; default ``loss`` plus
             ``accuracy`` for classification losses (validation metrics follow).
         telemetry: record per-layer statistics from every step's own pass (:mod:`fbp.telemetry`)
-            in ``result.telemetry``.
+            in ``result.telemetry``: ``True`` for all of them, or a list of names.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
@@ -239,9 +239,13 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
     if not isinstance(telemetry, bool):
-        raise TypeError(f"fit: telemetry must be True or False, got {telemetry!r}")
+        if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
+            raise TypeError(f"fit: telemetry must be True, False or a list of statistic names from "
+                            f"{ftelemetry.STATS}, got {telemetry!r}")
+        ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
+        telemetry = tuple(telemetry)
     step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry)
-    zero_stats = _zero_stats(model, loss, params, state, x, y, batch_size) if telemetry else {}
+    zero_stats = _zero_stats(model, loss, params, state, x, y, batch_size, telemetry) if telemetry else {}
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
@@ -319,11 +323,15 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                      state, stop_reason, telemetry_history if telemetry else None)
 
 
-def _zero_stats(model, loss, params, state, x, y, batch_size):
+def _stat_names(telemetry):
+    return None if telemetry is True else telemetry
+
+
+def _zero_stats(model, loss, params, state, x, y, batch_size, telemetry):
     """Zeros shaped like one step's telemetry (the accumulator in the carry)."""
     size = np.shape(x)[0] if batch_size is None else min(batch_size, np.shape(x)[0])
     key = jax.random.PRNGKey(0) if model.needs_key else None
-    run = ftelemetry.Instrumented.of(model, None).run
+    run = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)).run
     shapes = jax.eval_shape(lambda p, s, xb, yb: run(loss, p, xb, yb, state=s, key=key)[4], params, state,
                             x[:size], y[:size])
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)

@@ -97,7 +97,7 @@ def test_every_statistic_equals_its_independent_reference(dtype, use_jit):
 
 def _statistics_match(dtype, use_jit):
     x, y, params = _data(dtype)
-    f = telemetry.value_grad_and_stats(MODEL, CCE)
+    f = telemetry.value_grad_and_stats(MODEL, CCE, input_cotangents=True)
     value, grads, stats = (jax.jit(f) if use_jit else f)(params, x, y)
     ref = reference(MODEL, CCE, params, x, y, train=True)
     tol = 1e-10 if dtype == jnp.float64 else 2e-5
@@ -118,6 +118,20 @@ def _statistics_match(dtype, use_jit):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
+def test_cotangents_training_never_computes_are_nan_unless_asked():
+    model = nn.Serial(nn.Reshape((2, 3)), nn.Flatten(), nn.Dense(5), nn.Tanh(), nn.Dense(4))
+    x, y, _ = _data(jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x)
+    lean = telemetry.value_grad_and_stats(model, CCE)(params, x, y)[2]
+    full = telemetry.value_grad_and_stats(model, CCE, input_cotangents=True)(params, x, y)[2]
+    nan = {(path, k) for path, s in lean.items() for k, v in s.items() if np.isnan(v)}
+    assert nan == {("0", "d_out_norm"), ("0", "d_in_norm"), ("1", "d_out_norm"), ("1", "d_in_norm"),
+                   ("2", "d_in_norm")}
+    for path, s in lean.items():
+        for k, v in s.items():
+            assert np.isfinite(full[path][k]) and ((path, k) in nan or v == full[path][k])
+
+
 def test_the_reference_catches_a_wrong_backward():
     """A layer whose d_x is 1 % off changes the telemetry below it: the reference sees it."""
 
@@ -130,7 +144,7 @@ def test_the_reference_catches_a_wrong_backward():
         model = nn.Serial(nn.Dense(8), Skewed(), nn.Dense(3))
         x, y = jax.random.normal(jax.random.PRNGKey(0), (6, 5)), jnp.arange(6) % 3
         params = model.init(jax.random.PRNGKey(1), x)
-        stats = telemetry.value_grad_and_stats(model, CCE)(params, x, y)[2]
+        stats = telemetry.value_grad_and_stats(model, CCE, input_cotangents=True)(params, x, y)[2]
         ref = reference(model, CCE, params, x, y, train=True)
         assert float(stats["0"]["d_out_norm"]) == pytest.approx(1.01 * norm(ref["0"][1]), rel=1e-12)
         assert float(stats["2"]["d_out_norm"]) == pytest.approx(norm(ref["2"][1]), rel=1e-12)
@@ -194,7 +208,7 @@ def test_fit_records_each_epoch_and_the_plot_draws_it(tmp_path):
     first = telemetry.value_grad_and_stats(MODEL, CCE)(params, x, y)[2]  # batch GD: epoch 1 = one step
     for path, s in first.items():
         for k, v in s.items():
-            assert result.telemetry[path][k][0] == pytest.approx(float(v), rel=1e-5, abs=1e-7), (path, k)
+            assert result.telemetry[path][k][0] == pytest.approx(float(v), rel=1e-5, abs=1e-7, nan_ok=True), (path, k)
     fig = telemetry.plot_gradient_flow(result.telemetry)
     fig.savefig(tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 1000
