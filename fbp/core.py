@@ -218,7 +218,14 @@ def transform_layers(model: Layer, fn: Callable[[str, Layer], Layer | None], pre
     kids = children(model)
     if not kids:
         return model
-    return model.replace_children({name: transform_layers(child, fn, (*prefix, name)) for name, child in kids.items()})
+    new = {name: transform_layers(child, fn, (*prefix, name)) for name, child in kids.items()}
+    try:
+        return model.replace_children(new)
+    except NotImplementedError:
+        raise InputError(repr(model), f"{type(model).__name__} lists children() but has no replace_children(kids), "
+                                      f"so tools that wrap its layers (telemetry, fbp.credit) cannot rebuild it; "
+                                      f"add replace_children returning a copy with the children {sorted(kids)} "
+                                      f"replaced", path=prefix) from None
 
 
 def child_params(params: PyTree, name: str) -> PyTree:

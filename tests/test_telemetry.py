@@ -28,7 +28,8 @@ class _Perturbed(Layer):
 
     def forward(self, params, x, **context):
         p, e = params
-        return self.layer.apply(p, x + e["in"], **context) + e["out"], None
+        x = x if jnp.issubdtype(x.dtype, jnp.integer) else x + e["in"]  # ids have no cotangent
+        return self.layer.apply(p, x, **context) + e["out"], None
 
 
 def reference(model, loss, params, x, y, **context):
@@ -130,6 +131,48 @@ def test_cotangents_training_never_computes_are_nan_unless_asked():
     for path, s in lean.items():
         for k, v in s.items():
             assert np.isfinite(full[path][k]) and ((path, k) in nan or v == full[path][k])
+
+
+def test_every_layer_family_in_a_sequence_model():
+    """Embedding, LSTM, attention, a transformer block and pooling over time, probed alike."""
+    with jax.enable_x64(True):
+        model = nn.Serial(nn.Embedding(11, 8), nn.LearnedPositionalEmbedding(6), nn.TransformerBlock(2, 16),
+                          nn.LSTM(8), nn.MultiHeadAttention(2), nn.LastStep(), nn.Dense(3))
+        x = jax.random.randint(jax.random.PRNGKey(0), (4, 6), 0, 11)
+        y = jnp.arange(4) % 3
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
+        _, grads, stats = telemetry.value_grad_and_stats(model, CCE, input_cotangents=True)(params, x, y)
+        ref = reference(model, CCE, params, x, y, train=True)
+        for path, (_, d_out, d_in, d_params) in ref.items():
+            assert float(stats[path]["d_out_norm"]) == pytest.approx(norm(d_out), rel=1e-10), path
+            assert float(stats[path]["d_params_norm"]) == pytest.approx(norm(d_params), rel=1e-10, abs=1e-300), path
+            if path != "0":  # the Embedding's input is integer ids
+                assert float(stats[path]["d_in_norm"]) == pytest.approx(norm(d_in), rel=1e-10), path
+
+
+def test_a_combinator_without_replace_children_gets_a_clear_error():
+    @dataclasses.dataclass(frozen=True)
+    class Pair(Layer):
+        a: Layer
+        b: Layer
+
+        def children(self):
+            return {"a": self.a, "b": self.b}
+
+    with pytest.raises(InputError, match=r"at path '1'.*no replace_children"):
+        telemetry.probe(nn.Serial(nn.Dense(2), Pair(nn.Dense(2), nn.Tanh())), frozenset(telemetry.STATS))
+
+
+def test_cli_plots_gradient_flow_under_each_rule(tmp_path, capsys):
+    from fbp.__main__ import main
+
+    for rule in ("dfa", "usf"):
+        path = tmp_path / f"{rule}.png"
+        code = main(["train", "--epochs", "2", "--hidden", "16", "16", "--rule", rule, "--patience", "0",
+                     "--no-progress", "--plot-gradients", str(path)])
+        out = capsys.readouterr().out
+        assert code == 0 and path.stat().st_size > 1000, out
+        assert "gradient flow" in out and "finite differences: skipped" in out
 
 
 def test_the_reference_catches_a_wrong_backward():
