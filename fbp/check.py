@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
-from fbp.credit import deviations, reference_model
+from fbp.deviation import deviations, reference_model
 
 PyTree = Any
 

@@ -19,12 +19,9 @@ decay included — can touch them, and a checkpoint that saves the state saves t
 ``has_state=True`` (``fit`` does this by itself). Sign symmetry needs no state: ``B`` is read
 from the current ``W``.
 
-**The deviation protocol** (how :mod:`fbp.check` and :mod:`fbp.telemetry` see these layers):
-``deviation`` (a class attribute) says how the rule departs from the gradient;
-``reference_apply(params, x, **context)`` is a plain-JAX function with the same value whose JAX
-gradient *is* the rule (the check's independent reference); ``exact_backward(res, d_y)`` is the
-true VJP from the same residuals (the alignment angle's reference). Layers in
-:mod:`fbp.nn.hooks` and :mod:`fbp.nn.quantize` follow it too; a user's own layer can.
+Every layer here follows :mod:`fbp.deviation`'s protocol (``deviation``, ``reference_apply``,
+``exact_backward``), so :mod:`fbp.check` verifies it against its own equation and
+:mod:`fbp.telemetry` measures its angle to the true gradient.
 
 References:
     Lillicrap, Cownden, Tweed & Akerman, "Random synaptic feedback weights support error
@@ -43,100 +40,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import (
-    InputError,
-    Layer,
-    children,
-    describe,
-    leaf_layers,
-    run_forward,
-    transform_layers,
-)
+from fbp.core import InputError, Layer, describe, leaf_layers, run_forward, transform_layers
+from fbp.deviation import surrogate_apply
 from fbp.nn.combinators import Serial, child_states, split_key
 
 _sg = jax.lax.stop_gradient
-
-
-# --------------------------------------------------------------------------- the deviation protocol
-def deviates(layer: Layer) -> bool:
-    """Whether ``layer``'s backward departs from the gradient by design (it has a ``deviation``)."""
-    return bool(getattr(layer, "deviation", ""))
-
-
-def deviations(model: Layer, prefix: tuple[str, ...] = ()) -> list[tuple[str, Layer]]:
-    """``(path, layer)`` for every layer in ``model`` whose rule deviates by design (outermost first)."""
-    if deviates(model):
-        return [("/".join(prefix), model)]
-    return [item for name, child in children(model).items() for item in deviations(child, (*prefix, name))]
-
-
-def surrogate_apply(layer: Layer, params, x, **context):
-    """``layer``'s output from plain JAX: its ``reference_apply`` if it deviates (so JAX's gradient
-    is the rule), else its ``apply`` — the reference :mod:`fbp.check` differentiates."""
-    if deviates(layer):
-        return layer.reference_apply(params, x, **context)
-    return layer.apply(params, x, **context) if layer.contextual else run_forward(layer, params, x)[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reference(Layer):
-    """A deviating layer seen through its ``reference_apply`` (only ever differentiated by JAX)."""
-
-    layer: Layer
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    @property
-    def needs_key(self):
-        return self.layer.needs_key
-
-    def forward(self, params, x, *, state=None, key=None, train=False):
-        return self.layer.reference_apply(params, x, state=state, key=key, train=train), None
-
-
-def reference_model(model: Layer) -> Layer:
-    """``model`` with every deviating layer replaced by its reference (for ``jax.grad``)."""
-    return transform_layers(model, lambda path, layer: _Reference(layer) if deviates(layer) else None)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Exact(Layer):
-    """A deviating layer with its forward kept and its backward replaced by the exact VJP."""
-
-    layer: Layer
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    def children(self):
-        return children(self.layer)
-
-    def replace_children(self, kids):
-        return _Exact(self.layer.replace_children(kids))
-
-    def forward(self, params, x, **context):
-        return run_forward(self.layer, params, x, **context)
-
-    def backward(self, res, d_y):
-        return self.layer.exact_backward(res, d_y)
-
-    def next_state(self, state, res):
-        return self.layer.next_state(state, res)
-
-
-def exact_model(model: Layer) -> Layer | None:
-    """``model`` with every deviating layer's backward replaced by its exact VJP — same forward,
-    same residuals, so it can run backward on the residuals of ``model``'s forward. ``None`` if a
-    deviating layer has no exact VJP (a quantiser: its true derivative is zero)."""
-    found = deviations(model)
-    if not found or not all(hasattr(layer, "exact_backward") for _, layer in found):
-        return None
-    return transform_layers(model, lambda path, layer: _Exact(layer) if deviates(layer) else None)
 
 
 # --------------------------------------------------------------------------- feedback alignment

@@ -44,7 +44,7 @@ from fbp.core import (
     run_forward,
     transform_layers,
 )
-from fbp.credit import exact_model
+from fbp.deviation import exact_model
 
 PyTree = Any
 STATS = ("out_mean", "out_std", "out_absmax", "out_zero_fraction", "d_out_norm", "d_in_norm", "param_norm",

@@ -1,0 +1,101 @@
+"""The deviation protocol: how a rule that is not the gradient *by design* tells the tools so.
+
+A layer whose backward departs from the derivative of its forward on purpose — feedback
+alignment (:mod:`fbp.credit`), a straight-through estimator (:mod:`fbp.nn.quantize`), a cotangent
+hook (:mod:`fbp.nn.hooks`), or a user's own — declares:
+
+* ``deviation`` (a class attribute): one line saying how the rule departs from the gradient;
+* ``reference_apply(params, x, **context)``: a plain-JAX function with the layer's value whose
+  JAX gradient *is* the rule, written from the rule's own equation (typically with
+  ``stop_gradient``). :mod:`fbp.check` differentiates it as the independent reference, names the
+  path as deviating by design, and skips finite differences (the rule is not a derivative);
+* optionally ``exact_backward(res, d_y)``: the true VJP from the same residuals.
+  :mod:`fbp.telemetry` runs it to measure each layer's angle between the rule and the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fbp.core import Layer, children, run_forward, transform_layers
+
+
+def deviates(layer: Layer) -> bool:
+    """Whether ``layer``'s backward departs from the gradient by design (it has a ``deviation``)."""
+    return bool(getattr(layer, "deviation", ""))
+
+
+def deviations(model: Layer, prefix: tuple[str, ...] = ()) -> list[tuple[str, Layer]]:
+    """``(path, layer)`` for every layer in ``model`` whose rule deviates by design (outermost first)."""
+    if deviates(model):
+        return [("/".join(prefix), model)]
+    return [item for name, child in children(model).items() for item in deviations(child, (*prefix, name))]
+
+
+def surrogate_apply(layer: Layer, params, x, **context):
+    """``layer``'s output from plain JAX: its ``reference_apply`` if it deviates (so JAX's gradient
+    is the rule), else its ``apply`` — the reference :mod:`fbp.check` differentiates."""
+    if deviates(layer):
+        return layer.reference_apply(params, x, **context)
+    return layer.apply(params, x, **context) if layer.contextual else run_forward(layer, params, x)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference(Layer):
+    """A deviating layer seen through its ``reference_apply`` (only ever differentiated by JAX)."""
+
+    layer: Layer
+    contextual = True
+
+    @property
+    def has_state(self):
+        return self.layer.has_state
+
+    @property
+    def needs_key(self):
+        return self.layer.needs_key
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        return self.layer.reference_apply(params, x, state=state, key=key, train=train), None
+
+
+def reference_model(model: Layer) -> Layer:
+    """``model`` with every deviating layer replaced by its reference (for ``jax.grad``)."""
+    return transform_layers(model, lambda path, layer: _Reference(layer) if deviates(layer) else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exact(Layer):
+    """A deviating layer with its forward kept and its backward replaced by the exact VJP."""
+
+    layer: Layer
+    contextual = True
+
+    @property
+    def has_state(self):
+        return self.layer.has_state
+
+    def children(self):
+        return children(self.layer)
+
+    def replace_children(self, kids):
+        return _Exact(self.layer.replace_children(kids))
+
+    def forward(self, params, x, **context):
+        return run_forward(self.layer, params, x, **context)
+
+    def backward(self, res, d_y):
+        return self.layer.exact_backward(res, d_y)
+
+    def next_state(self, state, res):
+        return self.layer.next_state(state, res)
+
+
+def exact_model(model: Layer) -> Layer | None:
+    """``model`` with every deviating layer's backward replaced by its exact VJP — same forward,
+    same residuals, so it can run backward on the residuals of ``model``'s forward. ``None`` if a
+    deviating layer has no exact VJP (a quantiser: its true derivative is zero)."""
+    found = deviations(model)
+    if not found or not all(hasattr(layer, "exact_backward") for _, layer in found):
+        return None
+    return transform_layers(model, lambda path, layer: _Exact(layer) if deviates(layer) else None)
