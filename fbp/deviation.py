@@ -60,7 +60,7 @@ class _Reference(Layer):
 
 
 def reference_model(model: Layer) -> Layer:
-    """``model`` with every deviating layer replaced by its reference (for ``jax.grad``)."""
+    """``model`` with every deviating layer replaced by its reference (for JAX's autodiff in fbp.check)."""
     return transform_layers(model, lambda path, layer: _Reference(layer) if deviates(layer) else None)
 
 

@@ -1,6 +1,6 @@
 """Cotangent hooks: layers whose forward is the identity and whose backward changes ``d_y``.
 
-They deviate from ``jax.grad`` **by design** (``deviation`` says how). Each has a
+They deviate from JAX's gradient **by design** (``deviation`` says how). Each has a
 ``reference_apply`` — a plain ``jax.numpy`` function with the same value whose JAX gradient is
 the rule — so :mod:`fbp.check` verifies the rule against its own equation, and names the path
 as deviating when it checks a whole model.

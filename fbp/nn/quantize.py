@@ -2,7 +2,7 @@
 
 A quantiser's true derivative is zero almost everywhere, so backpropagation through it would
 stop learning. A straight-through estimator (STE) uses a surrogate derivative instead — it
-deviates from ``jax.grad`` **by design**::
+deviates from JAX's gradient **by design**::
 
     Sign:   y = +1 if x >= 0 else -1        (0 maps to +1: outputs are exactly binary)
     Round:  y = round(x)                    (halves to even, as jnp.round)
