@@ -1,0 +1,297 @@
+"""Per-example gradients, their norms and first-order statistics, from one backward pass.
+
+The backward pass of a batch already holds, at every layer, the layer's input ``x`` and the
+cotangent ``g = ∂L/∂y`` at its output, one row per example. Per-example quantities are built
+from them where each layer's rule runs — no ``vmap(grad)`` over the whole model, no second pass:
+
+* **Dense** on ``(B, n_in)``: ``∇_w ℓ_b = x_b g_bᵀ``, so ``‖∇_w ℓ_b‖ = ‖x_b‖ ‖g_b‖`` — the norm
+  without the gradient. With positions (``(B, T, n_in)``, weights shared over ``T``):
+  ``∇_w ℓ_b = Σ_t x_bt g_btᵀ`` and ``‖∇_w ℓ_b‖² = Σ_{t,s} (x_bt·x_bs)(g_bt·g_bs)``, the *ghost
+  norm* from two ``T×T`` Gram matrices (Li et al., 2022), used when ``T² (n_in + n_out)`` is
+  smaller than materialising ``T n_in n_out`` (mixed ghost clipping, Bu et al., 2023).
+* **Embedding**: ``‖∇ ℓ_b‖² = Σ_{t,s} [id_bt = id_bs] (g_bt·g_bs)`` (ghost) or the scatter.
+* **Every other layer** (convolutions, norms, recurrent, attention, a user's own): the layer's own
+  rules run on each example alone — ``vmap`` over a batch-of-one forward and backward of *that
+  layer only*, from its input and its output cotangent. A user's layer may instead define
+  ``per_example_grads(res, d_y)`` returning ``d_params`` with a leading batch axis.
+* **BatchNorm in training mode** couples the examples of a batch (its statistics are the batch's):
+  per-example gradients are not defined, and it raises, suggesting GroupNorm or LayerNorm.
+
+Scaling: ``grads[b]`` is the gradient of the loss on example ``b`` alone (a batch of one), as
+``jax.vmap(jax.grad(...))`` of the per-example loss; ``values`` are the per-example losses.
+
+References:
+    Goodfellow, "Efficient Per-Example Gradient Computations", 2015. Li, Tramèr, Liang &
+    Hashimoto, "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022.
+    Bu, Wang, Zha & Karypis, "Differentially Private Optimization on Large Model at Small Cost",
+    ICML 2023. Dangel, Kunstner & Hennig, "BackPACK: Packing more into Backprop", ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import (
+    InputError,
+    Layer,
+    Loss,
+    children,
+    map_leaf_params,
+    require_state,
+    require_state_mode,
+    run_forward,
+    transform_layers,
+)
+from fbp.nn.dense import Dense
+from fbp.nn.embedding import Embedding
+from fbp.nn.norm import BatchNorm
+
+PyTree = Any
+MODES = ("grads", "norms", "clip")
+
+
+def _has_params(params) -> bool:
+    return any(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree_util.tree_leaves(params))
+
+
+def _batched(d_y):
+    return jax.tree_util.tree_leaves(d_y)[0].shape[0]
+
+
+# --------------------------------------------------------------------------- per-layer rules
+def _dense_grads(layer: Dense, x, d_y):
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    out = {"w": jnp.einsum("bti,btj->bij", x3, g3)}
+    if layer.use_bias:
+        out["b"] = g3.sum(axis=1)
+    return out
+
+
+def _dense_sq_norms(layer: Dense, x, d_y) -> tuple[jax.Array, str]:
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    t, n_in, n_out = x3.shape[1], x3.shape[2], g3.shape[2]
+    bias = jnp.sum(jnp.square(g3.sum(axis=1)), axis=1) if layer.use_bias else 0.0
+    if t == 1:
+        return jnp.sum(jnp.square(x3[:, 0]), 1) * jnp.sum(jnp.square(g3[:, 0]), 1) + bias, "norms ‖x‖‖g‖"
+    if t * t * (n_in + n_out) < t * n_in * n_out:
+        gram = jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", g3, g3)
+        return jnp.sum(gram, axis=(1, 2)) + bias, f"ghost norm (T={t})"
+    w = jnp.einsum("bti,btj->bij", x3, g3)
+    return jnp.sum(jnp.square(w), axis=(1, 2)) + bias, f"materialised (T={t})"
+
+
+def _embedding_sq_norms(layer: Embedding, ids, d_y) -> tuple[jax.Array, str]:
+    ids2 = ids.reshape(ids.shape[0], -1)
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    t = ids2.shape[1]
+    if t * t < layer.vocab:
+        same = (ids2[:, :, None] == ids2[:, None, :]).astype(g3.dtype)
+        return jnp.sum(same * jnp.einsum("btd,bsd->bts", g3, g3), axis=(1, 2)), f"ghost norm (T={t})"
+    table = _embedding_grads(layer, ids, d_y)["table"]
+    return jnp.sum(jnp.square(table), axis=(1, 2)), f"materialised (T={t})"
+
+
+def _embedding_grads(layer: Embedding, ids, d_y):
+    ids2 = ids.reshape(ids.shape[0], -1)
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    one = jax.vmap(lambda i, g: jnp.zeros((layer.vocab, g.shape[-1]), g.dtype).at[i].add(g, mode="drop"))
+    return {"table": one(ids2, g3)}
+
+
+def _fallback_grads(layer: Layer, params, x, d_y, context):
+    """The layer's own forward and backward on each example alone (a batch of one)."""
+
+    def one(x_b, d_y_b):
+        add = lambda a: a[None]  # noqa: E731
+        _, res = run_forward(layer, params, jax.tree_util.tree_map(add, x_b), **context)
+        return layer.backward(res, jax.tree_util.tree_map(add, d_y_b))[0]
+
+    return jax.vmap(one)(x, d_y)
+
+
+def _sq_norm(tree) -> jax.Array:
+    leaves = [a for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1) for a in leaves)
+
+
+# --------------------------------------------------------------------------- the probe
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PerExample(Layer):
+    """``layer`` with per-example quantities returned beside its gradient (through d_params)."""
+
+    layer: Layer
+    path: str
+    mode: str
+    choices: dict = dataclasses.field(default_factory=dict)  # path -> method, filled at trace time
+    contextual = True
+
+    @property
+    def has_state(self):
+        return self.layer.has_state
+
+    @property
+    def needs_key(self):
+        return self.layer.needs_key
+
+    def next_state(self, state, res):
+        return self.layer.next_state(state, res[0])
+
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        inner_params, _ = params
+        if train and isinstance(self.layer, BatchNorm):
+            raise InputError(repr(self.layer), "BatchNorm in training mode mixes the examples of a batch (its "
+                                               "statistics are the batch's), so per-example gradients are not "
+                                               "defined; use GroupNorm or LayerNorm", path=tuple(self.path.split("/")))
+        context = {"state": state, "key": key, "train": train} if self.layer.contextual else {}
+        y, res = run_forward(self.layer, inner_params, x, **context)
+        return y, (res, inner_params, x, context)
+
+    def backward(self, res, d_y):
+        inner, params, x, context = res
+        d_params, d_x = self.layer.backward(inner, d_y)
+        if not _has_params(params):
+            return (d_params, None), d_x
+        own = getattr(self.layer, "per_example_grads", None)
+        norms_only = self.mode in ("norms", "clip")
+        if norms_only and isinstance(self.layer, Dense):
+            sq, how = _dense_sq_norms(self.layer, x, d_y)
+        elif norms_only and isinstance(self.layer, Embedding):
+            sq, how = _embedding_sq_norms(self.layer, x, d_y)
+        else:
+            if isinstance(self.layer, Dense):
+                per, how = _dense_grads(self.layer, x, d_y), "outer products"
+            elif isinstance(self.layer, Embedding):
+                per, how = _embedding_grads(self.layer, x, d_y), "scatter per example"
+            elif callable(own):
+                per, how = own(inner, d_y), "the layer's per_example_grads"
+            else:
+                per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
+            if self.mode == "grads":
+                self.choices[self.path] = how
+                return (d_params, per), d_x
+            sq, how = _sq_norm(per), f"materialised ({how})"
+        self.choices[self.path] = how
+        if self.mode == "clip":  # book-keeping: what the clipped sum's second step reads
+            return (d_params, {"sq": sq, "res": inner, "d_y": d_y}), d_x
+        return (d_params, sq), d_x
+
+
+def _probe(model: Layer, mode: str, choices: dict) -> Layer:
+    return transform_layers(model, lambda path, layer: None if children(layer) else
+                            _PerExample(layer, path, mode, choices))
+
+
+def _split(model, d_probed):
+    found: dict[str, Any] = {}
+
+    def take(path, leaf, d):
+        if d[1] is not None:
+            found[path] = d[1]
+        return d[0]
+
+    return map_leaf_params(model, d_probed, take), found
+
+
+def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=None, train: bool = True):
+    """One forward and one backward pass with per-example probes.
+
+    Returns ``(values, grads, per, choices, new_state)``: per-example losses ``(B,)``; the summed
+    gradient ``Σ_b ∇ℓ_b``; ``per[path]``: per-example gradients (``mode="grads"``), squared norms
+    (``"norms"``) or ``{"res", "d_y"}`` (``"cotangents"``) for every leaf with parameters;
+    ``choices[path]``: how each was computed.
+    """
+    if mode not in MODES:
+        raise ValueError(f"per_example.run: mode must be one of {MODES}, got {mode!r}")
+    if not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
+        raise InputError(repr(loss), "per-example quantities need a loss with a reduction field (its per-example "
+                                     "values come from reduction='none')")
+    each = dataclasses.replace(loss, reduction="none")
+    choices: dict[str, str] = {}
+    probed = _probe(model, mode, choices)
+    slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
+    pred, res = run_forward(probed, slotted, x, state=state, key=key, train=train)
+    values, loss_res = each.forward(pred, y)
+    d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))  # Σ_b of per-example losses
+    grads, per = _split(model, probed.backward(res, d_pred)[0])
+    new_state = None if state is None else probed.next_state(state, res)
+    return values, grads, per, choices, new_state
+
+
+def _api(model, loss, has_state, caller, body):
+    require_state_mode(model, has_state, caller)
+    if has_state:
+        def with_state(params, state, x, y, *, key=None):
+            require_state(model, state, caller)
+            return body(params, x, y, state=state, key=key)
+
+        return with_state
+    return lambda params, x, y, *, key=None: body(params, x, y, key=key)
+
+
+def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
+    """``f(params, x, y, *, key=None) -> (values, grads)``: ``values`` the per-example losses
+    ``(B,)``; every leaf of ``grads`` has a leading batch axis and ``grads[b]`` is the gradient
+    of the loss on example ``b`` alone. With ``has_state=True``: ``f(params, state, x, y, ...)``."""
+
+    def body(params, x, y, **context):
+        values, _, per, _, _ = run(model, loss, params, x, y, mode="grads", **context)
+        return values, _stacked(model, params, values, per)
+
+    return _api(model, loss, has_state, "fbp.per_example.grads", body)
+
+
+def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: bool = False) -> Callable:
+    """``f(params, x, y, *, key=None) -> (values, norms)``: the L2 norm over all parameters of each
+    example's gradient, ``(B,)``, without materialising per-example gradients where a cheaper route
+    exists (module docstring). ``per_layer=True`` returns ``(values, norms, layer_norms, choices)``:
+    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters, ``choices[path]`` how
+    each was computed."""
+
+    def body(params, x, y, **context):
+        values, _, per, choices, _ = run(model, loss, params, x, y, mode="norms", **context)
+        total = sum(per.values(), jnp.zeros(values.shape, values.dtype))
+        norms = jnp.sqrt(total)
+        if per_layer:
+            return values, norms, {path: jnp.sqrt(sq) for path, sq in per.items()}, dict(choices)
+        return values, norms
+
+    return _api(model, loss, has_state, "fbp.per_example.grad_norms", body)
+
+
+def _stacked(model, params, values, per):
+    """``per`` (by leaf path) as a pytree shaped like params, with a leading batch axis."""
+    def leaf(path, layer, p):
+        if path in per:
+            return per[path]
+        return jax.tree_util.tree_map(lambda a: jnp.zeros((values.shape[0], *a.shape), a.dtype), p)
+
+    return map_leaf_params(model, params, leaf)
+
+
+def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
+    """``f(params, x, y, *, key=None) -> Σ_b (∇ℓ_b)²`` elementwise, shaped like params (BackPACK's
+    SumGradSquared, for the per-example losses ``ℓ_b``)."""
+    per_example = grads(model, loss, has_state=has_state)
+
+    def f(*args, **kwargs):
+        return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a), axis=0), per_example(*args, **kwargs)[1])
+
+    return f
+
+
+def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
+    """``f(params, x, y, *, key=None) -> (1/B) Σ_b (∇ℓ_b - ḡ)²`` elementwise, ``ḡ`` the mean
+    per-example gradient (BackPACK's Variance, for the per-example losses)."""
+    per_example = grads(model, loss, has_state=has_state)
+
+    def f(*args, **kwargs):
+        return jax.tree_util.tree_map(lambda a: jnp.var(a, axis=0), per_example(*args, **kwargs)[1])
+
+    return f
