@@ -5,10 +5,26 @@ forward; :func:`value_and_grad` composes them; :mod:`fbp.check` holds each rule 
 JAX's ``grad`` and finite differences.
 """
 
-from fbp import augment, check, credit, data, debug, deviation, losses, nn, optim, telemetry, train
+from fbp import (
+    accounting,
+    augment,
+    check,
+    credit,
+    data,
+    debug,
+    deviation,
+    losses,
+    nn,
+    optim,
+    per_example,
+    privacy,
+    telemetry,
+    train,
+)
 from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, value_and_grad, vjp
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Layer", "Loss", "augment", "check", "credit", "data", "debug", "deviation", "grad", "layer",
-           "losses", "nn", "optim", "telemetry", "to_jax", "train", "value_and_grad", "vjp", "__version__"]
+__all__ = ["InputError", "Layer", "Loss", "accounting", "augment", "check", "credit", "data", "debug", "deviation",
+           "grad", "layer", "losses", "nn", "optim", "per_example", "privacy", "telemetry", "to_jax", "train",
+           "value_and_grad", "vjp", "__version__"]

@@ -115,3 +115,19 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
             if stats[path][name] > 0:
                 return NonFiniteReport(path, "backward", quantity, repr(layer), int(stats[path][name]), **context)
     return NonFiniteReport(None, None, None, None, 0, **context)
+
+
+def replay_epoch(model: Layer, loss: Loss, step, carry, x, y, full, rest, epoch_key) -> NonFiniteReport:
+    """Replay an epoch of ``fit`` (its jitted ``step``, from the ``carry`` it started with) to the
+    first step whose loss is not finite, and :func:`find_nonfinite` on that step's params and batch
+    (or, if no loss turned non-finite, on the params the last step left). Augmentation is not replayed."""
+    batches = [(full, i, i) for i in range(full.shape[0])] + ([(rest, 0, full.shape[0])] if rest is not None else [])
+    for rows, i, number in batches:
+        after = step(carry, x, y, rows, i, epoch_key, number)
+        last = number == batches[-1][2]
+        if not math.isfinite(float(after[3])) or last:  # the loss of this step, or else the params it left
+            at = carry if not math.isfinite(float(after[3])) else after
+            idx = rows[i]
+            key = jax.random.fold_in(epoch_key, number) if model.needs_key else None
+            return find_nonfinite(model, loss, at[0], x[idx], y[idx], state=at[1], key=key)
+        carry = after

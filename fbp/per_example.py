@@ -148,7 +148,7 @@ class _PerExample(Layer):
         if train and isinstance(self.layer, BatchNorm):
             raise InputError(repr(self.layer), "BatchNorm in training mode mixes the examples of a batch (its "
                                                "statistics are the batch's), so per-example gradients are not "
-                                               "defined; use GroupNorm or LayerNorm", path=tuple(self.path.split("/")))
+                                               "defined; use GroupNorm or LayerNorm")
         context = {"state": state, "key": key, "train": train} if self.layer.contextual else {}
         y, res = run_forward(self.layer, inner_params, x, **context)
         return y, (res, inner_params, x, context)
@@ -199,13 +199,14 @@ def _split(model, d_probed):
     return map_leaf_params(model, d_probed, take), found
 
 
-def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=None, train: bool = True):
+def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=None, train: bool = True,
+        with_pred: bool = False):
     """One forward and one backward pass with per-example probes.
 
     Returns ``(values, grads, per, choices, new_state)``: per-example losses ``(B,)``; the summed
     gradient ``Σ_b ∇ℓ_b``; ``per[path]``: per-example gradients (``mode="grads"``), squared norms
     (``"norms"``) or ``{"res", "d_y"}`` (``"cotangents"``) for every leaf with parameters;
-    ``choices[path]``: how each was computed.
+    ``choices[path]``: how each was computed. ``with_pred`` appends the model's output.
     """
     if mode not in MODES:
         raise ValueError(f"per_example.run: mode must be one of {MODES}, got {mode!r}")
@@ -221,7 +222,7 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))  # Σ_b of per-example losses
     grads, per = _split(model, probed.backward(res, d_pred)[0])
     new_state = None if state is None else probed.next_state(state, res)
-    return values, grads, per, choices, new_state
+    return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
 def _api(model, loss, has_state, caller, body):
@@ -250,19 +251,33 @@ def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
 def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> (values, norms)``: the L2 norm over all parameters of each
     example's gradient, ``(B,)``, without materialising per-example gradients where a cheaper route
-    exists (module docstring). ``per_layer=True`` returns ``(values, norms, layer_norms, choices)``:
-    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters, ``choices[path]`` how
-    each was computed."""
+    exists (module docstring). ``per_layer=True`` returns ``(values, norms, layer_norms)``:
+    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters. :func:`routes` says how
+    each layer's norm is computed."""
 
     def body(params, x, y, **context):
-        values, _, per, choices, _ = run(model, loss, params, x, y, mode="norms", **context)
-        total = sum(per.values(), jnp.zeros(values.shape, values.dtype))
-        norms = jnp.sqrt(total)
+        values, _, per, _, _ = run(model, loss, params, x, y, mode="norms", **context)
+        norms = jnp.sqrt(sum(per.values(), jnp.zeros(values.shape, values.dtype)))
         if per_layer:
-            return values, norms, {path: jnp.sqrt(sq) for path, sq in per.items()}, dict(choices)
+            return values, norms, {path: jnp.sqrt(sq) for path, sq in per.items()}
         return values, norms
 
     return _api(model, loss, has_state, "fbp.per_example.grad_norms", body)
+
+
+def routes(model: Layer, loss: Loss, params, x, y, *, mode: str = "norms", **context) -> dict[str, str]:
+    """How :func:`grad_norms` (``mode="norms"``) or :func:`grads` (``"grads"``) computes each leaf's
+    per-example quantity for inputs shaped like ``x``: ``{"0": "norms ‖x‖‖g‖", "2": "ghost norm
+    (T=64)", "3/block": "materialised (vmap of the layer's rules)", ...}``. Traces only (nothing runs)."""
+    found: dict[str, str] = {}
+
+    def trace(params, x, y):
+        out = run(model, loss, params, x, y, mode=mode, **context)
+        found.update(out[3])
+        return out[0]
+
+    jax.eval_shape(trace, params, x, y)
+    return found
 
 
 def _stacked(model, params, values, per):

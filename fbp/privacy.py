@@ -24,6 +24,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -42,8 +43,9 @@ def _weights(norms, l2_clip, mask):
     return scale if mask is None else scale * mask.astype(scale.dtype)
 
 
-def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, **context):
-    values, grads, per, _, _ = per_example.run(model, loss, params, x, y, mode="clip", **context)
+def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, **context):
+    values, grads, per, _, _, pred = per_example.run(model, loss, params, x, y, mode="clip", with_pred=True,
+                                                     **context)
     norms = jnp.sqrt(sum((p["sq"] for p in per.values()), jnp.zeros(values.shape, values.dtype)))
     c = _weights(norms, l2_clip, mask)
     leaves = dict(leaf_layers(model))
@@ -55,7 +57,8 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, **context):
                                      per[path]["d_y"])
         return leaves[path].backward(per[path]["res"], d_y)[0]
 
-    return values, map_leaf_params(model, grads, clipped), norms
+    out = values, map_leaf_params(model, grads, clipped), norms
+    return (*out, pred) if with_pred else out
 
 
 def _api(model, has_state, caller, body):
@@ -102,3 +105,94 @@ def private_grad(model: Layer, loss: Loss, l2_clip: float, noise_multiplier: flo
         return values, jax.tree_util.tree_unflatten(treedef, noisy), norms
 
     return f
+
+
+# --------------------------------------------------------------------------- training (fit(privacy=...))
+SAMPLING = ("poisson", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD settings for ``fit(..., privacy=DPSGD(l2_clip=1.0, noise_multiplier=1.1))``.
+
+    ``fit``'s ``batch_size`` is the *expected* batch size ``B̄``; the sampling rate is
+    ``q = B̄ / n`` and an epoch is ``n // B̄`` steps. ``sampling="poisson"`` (the analysed one):
+    every example joins each step's batch independently with probability ``q``; under ``jit`` the
+    batch is a fixed buffer of ``max_batch`` rows with a mask (the buffer holds ``B̄`` plus 6
+    standard deviations; a draw larger than that — probability below 1e-9 — loses its extra
+    examples). ``sampling="fixed"``: shuffled disjoint batches of ``B̄``, accounted as sampling
+    without replacement (common practice, an approximation of what shuffling does). ``fit``
+    records ``epsilon`` at ``delta`` after every epoch (``accountant`` "rdp" or "pld").
+    """
+
+    l2_clip: float
+    noise_multiplier: float
+    delta: float = 1e-5
+    sampling: str = "poisson"
+    accountant: str = "rdp"
+
+    def __post_init__(self):
+        require_number("DPSGD", "l2_clip", self.l2_clip, low=0, low_open=True)
+        require_number("DPSGD", "noise_multiplier", self.noise_multiplier, low=0)
+        require_number("DPSGD", "delta", self.delta, low=0, low_open=True, high=1, high_open=True)
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"DPSGD: sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        from fbp.accounting import ACCOUNTANTS
+
+        if self.accountant not in ACCOUNTANTS or (self.sampling == "fixed" and self.accountant != "rdp"):
+            raise ValueError(f"DPSGD: accountant must be one of {ACCOUNTANTS} ('rdp' for fixed sampling), "
+                             f"got {self.accountant!r}")
+
+    def epsilon(self, n: int, batch_size: int, steps: int) -> float:
+        from fbp.accounting import epsilon
+
+        return epsilon(self.noise_multiplier, batch_size / n, steps, self.delta, accountant=self.accountant,
+                       dataset_size=n if self.sampling == "fixed" else None)
+
+
+def max_batch(n: int, batch_size: int) -> int:
+    """The buffer for a Poisson batch of expected size ``B̄``: ``B̄ + 6σ + 1`` (at most ``n``)."""
+    q = batch_size / n
+    return min(n, math.ceil(batch_size + 6 * math.sqrt(n * q * (1 - q)) + 1))
+
+
+def poisson_batch(key, n: int, rate: float, size: int):
+    """``(idx, mask)``: each of ``n`` examples chosen with probability ``rate``; the chosen ones
+    first (in index order) in a buffer of ``size`` rows, ``mask`` marking them."""
+    chosen = jax.random.uniform(key, (n,)) < rate
+    idx = jnp.argsort(~chosen, stable=True)[:size]
+    return idx, chosen[idx]
+
+
+def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch_size: int, correct_count,
+                 augment=None):
+    """The step ``fit`` runs under DP-SGD, with the signature of its plain step; the carry's last
+    entry counts the examples actually sampled this epoch."""
+    from fbp.optim import apply_updates
+
+    rate, size = batch_size / n, max_batch(n, batch_size)
+
+    def step(carry, x, y, batches, row, epoch_key, step_number):
+        params, state, opt_state, loss_sum, correct, seen = carry
+        step_key = jax.random.fold_in(epoch_key, step_number)
+        if spec.sampling == "poisson":
+            idx, mask = poisson_batch(jax.random.fold_in(step_key, 1), n, rate, size)
+        else:
+            idx = batches[row]
+            mask = jnp.ones(idx.shape, bool)
+        key = step_key if model.needs_key else None
+        xb = x[idx] if augment is None else augment(jax.random.fold_in(step_key, 3), x[idx])
+        values, grads, _, pred = _clipped(model, loss, spec.l2_clip, params, xb, y[idx], mask=mask,
+                                          with_pred=True, key=key, state=state)
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        keys = jax.random.split(jax.random.fold_in(step_key, 2), max(len(leaves), 1))
+        sigma = spec.noise_multiplier * spec.l2_clip
+        noisy = [(g + sigma * jax.random.normal(k, g.shape, g.dtype)) / batch_size for g, k in zip(leaves, keys)]
+        updates, opt_state = optimizer.update(jax.tree_util.tree_unflatten(treedef, noisy), opt_state, params)
+        weights = mask.astype(jnp.float32)
+        loss_sum = loss_sum + jnp.sum(values.astype(jnp.float32) * weights)
+        correct = correct + correct_count(pred, y[idx], loss, where=mask).astype(jnp.int32)
+        return apply_updates(params, updates), state, opt_state, loss_sum, correct, {"examples": seen["examples"]
+                                                                                     + jnp.sum(weights)}
+
+    return step

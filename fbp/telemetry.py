@@ -306,6 +306,24 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, a
     return without_state
 
 
+def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=None):
+    """Zeros shaped like one training step's statistics (``fit``'s accumulator over an epoch)."""
+    size = jnp.shape(x)[0] if batch_size is None else min(batch_size, jnp.shape(x)[0])
+    key = jax.random.PRNGKey(0) if model.needs_key else None
+    run = Instrumented.of(model, None, stats=stats).run
+    shapes = jax.eval_shape(lambda p, s, xb, yb: run(loss, p, xb, yb, state=s, key=key)[4], params, state,
+                            x[:size], y[:size])
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def record_epoch(stat_history: dict, stat_sum, steps: int) -> None:
+    """Append one epoch's means (sums for ``nonfinite``) to ``stat_history``."""
+    for path, stats in jax.device_get(stat_sum).items():
+        for name, value in stats.items():
+            stat_history.setdefault(path, {}).setdefault(name, []).append(
+                float(value) if name == "nonfinite" else float(value) / steps)
+
+
 def leaf_paths(model: Layer) -> list[str]:
     """The paths ``stats`` is keyed by, in forward order."""
     return [path for path, _ in leaf_layers(model)]

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp import data as fdata
+from fbp import debug as fdebug
 from fbp import losses as flosses
 from fbp import preflight
+from fbp import privacy as fprivacy
 from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
 from fbp.optim import GradientTransformation, apply_updates
@@ -43,18 +45,21 @@ PyTree = Any
 
 
 # --------------------------------------------------------------------------- metrics
-def correct_count(pred, target, loss: Loss) -> jax.Array:
+def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
     """How many predictions are right: argmax over classes, or a threshold for one output.
 
     The threshold is 0 for logits and hinge scores, 0.5 for probabilities; hinge labels are ±1.
+    ``where`` (``(B,)`` booleans) counts only those examples.
     """
     if pred.ndim >= 2 and pred.shape[-1] > 1:
         labels = target if jnp.issubdtype(target.dtype, jnp.integer) else jnp.argmax(target, axis=-1)
-        return jnp.sum(jnp.argmax(pred, axis=-1) == labels)
-    logits = getattr(loss, "from_logits", False) or isinstance(loss, flosses.Hinge)
-    predicted = pred > (0.0 if logits else 0.5)
-    actual = target > (0.0 if isinstance(loss, flosses.Hinge) else 0.5)
-    return jnp.sum(predicted == actual)
+        right = jnp.argmax(pred, axis=-1) == labels
+    else:
+        logits = getattr(loss, "from_logits", False) or isinstance(loss, flosses.Hinge)
+        right = (pred > (0.0 if logits else 0.5)) == (target > (0.0 if isinstance(loss, flosses.Hinge) else 0.5))
+    if where is not None:
+        right = right & where.reshape(where.shape + (1,) * (right.ndim - 1))
+    return jnp.sum(right)
 
 
 def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = None) -> dict[str, float]:
@@ -178,7 +183,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
-        augment: Callable | None = None, telemetry: bool | Sequence[str] = False) -> FitResult:
+        augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
+        privacy: fprivacy.DPSGD | None = None) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -199,6 +205,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             ``accuracy`` for classification losses (validation metrics follow).
         telemetry: record per-layer statistics from every step's own pass (:mod:`fbp.telemetry`)
             in ``result.telemetry``: ``True`` for all of them, or a list of names.
+        privacy: train with DP-SGD (:class:`fbp.privacy.DPSGD`): per-example clipping in one
+            backward pass, Gaussian noise, Poisson sampling with expected batch ``batch_size``;
+            the history gains ``epsilon`` (at the spec's ``delta``) after every epoch.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
@@ -244,8 +253,12 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                             f"{ftelemetry.STATS}, got {telemetry!r}")
         ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
         telemetry = tuple(telemetry)
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry)
-    zero_stats = _zero_stats(model, loss, params, state, x, y, batch_size, telemetry) if telemetry else {}
+    private = None
+    if privacy is not None:
+        private = _private_setting(privacy, batch_size, telemetry, n)
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private)
+    zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, _stat_names(telemetry)) \
+        if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
@@ -259,6 +272,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     for epoch in epoch_range:
         start = time.perf_counter()
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
+        if privacy is not None:  # Poisson batches are drawn inside the step; fixed ones drop the rest
+            full, rest = (jnp.zeros((n // batch_size, 1), jnp.int32) if privacy.sampling == "poisson" else full), None
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
         start_carry = carry = (*carry[:3], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
         if scan_epochs and full.shape[0] > 1:
@@ -269,9 +284,12 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         if rest is not None:
             carry = step_jit(carry, x, y, rest, 0, epoch_key, full.shape[0])
         loss_sum, correct = float(carry[3]), float(carry[4])
-        record = {"loss": loss_sum / n}
+        seen = float(carry[5]["examples"]) if privacy is not None else n  # Poisson: how many were drawn
+        record = {"loss": loss_sum / max(seen, 1)}
         if classify:
-            record["accuracy"] = correct / _examples_from(y, loss)
+            record["accuracy"] = correct / max(seen * _examples_from(y, loss) / n, 1)
+        if privacy is not None:
+            record["epsilon"] = privacy.epsilon(n, batch_size, (epoch + 1) * (n // batch_size))
         if validation_data is not None:
             v_loss, v_correct = evaluate_jit(carry[0], carry[1], x_val, y_val)
             record["val_loss"] = float(v_loss)
@@ -285,7 +303,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         for name, value in record.items():
             history.setdefault(name, []).append(value)
         if telemetry:
-            _record_stats(stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
+            ftelemetry.record_epoch(stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
         epochs_run = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
@@ -298,7 +316,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                 and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
             warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
                           f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=2)
-            print(_locate(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
+            print(fdebug.replay_epoch(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
             carry = good
             break
         good = carry[:3]
@@ -327,41 +345,6 @@ def _stat_names(telemetry):
     return None if telemetry is True else telemetry
 
 
-def _zero_stats(model, loss, params, state, x, y, batch_size, telemetry):
-    """Zeros shaped like one step's telemetry (the accumulator in the carry)."""
-    size = np.shape(x)[0] if batch_size is None else min(batch_size, np.shape(x)[0])
-    key = jax.random.PRNGKey(0) if model.needs_key else None
-    run = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)).run
-    shapes = jax.eval_shape(lambda p, s, xb, yb: run(loss, p, xb, yb, state=s, key=key)[4], params, state,
-                            x[:size], y[:size])
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-
-def _record_stats(stat_history, stat_sum, steps: int) -> None:
-    """Append one epoch's means (sums for ``nonfinite``) to ``stat_history``."""
-    for path, stats in jax.device_get(stat_sum).items():
-        for name, value in stats.items():
-            stat_history.setdefault(path, {}).setdefault(name, []).append(
-                float(value) if name == "nonfinite" else float(value) / steps)
-
-
-def _locate(model, loss, step_jit, carry, x, y, full, rest, epoch_key):
-    """Replay the diverged epoch from its start to the first step whose loss is not finite, and
-    report where its NaN/inf first appears (:func:`fbp.debug.find_nonfinite`; augmentation not replayed)."""
-    from fbp.debug import find_nonfinite
-
-    batches = [(full, i, i) for i in range(full.shape[0])] + ([(rest, 0, full.shape[0])] if rest is not None else [])
-    for rows, i, number in batches:
-        after = step_jit(carry, x, y, rows, i, epoch_key, number)
-        last = number == batches[-1][2]
-        if not math.isfinite(float(after[3])) or last:  # the loss of this step, or else the params it left
-            at = carry if not math.isfinite(float(after[3])) else after
-            idx = rows[i]
-            key = jax.random.fold_in(epoch_key, number) if model.needs_key else None
-            return find_nonfinite(model, loss, at[0], x[idx], y[idx], state=at[1], key=key)
-        carry = after
-
-
 def _epoch_batches(n: int, batch_size: int | None, key):
     """One epoch's indices as ``(full, rest)``: ``full`` is ``(num_full_batches, size)``,
     ``rest`` is ``(1, n mod size)`` or None — made with one reshape, no per-batch host work."""
@@ -374,8 +357,20 @@ def _epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer, augment, telemetry=False):
-    step = _indexed_step(model, loss, optimizer, augment, telemetry)
+def _private_setting(privacy, batch_size, telemetry, n):
+    if not isinstance(privacy, fprivacy.DPSGD):
+        raise TypeError(f"fit: privacy must be an fbp.privacy.DPSGD, got {type(privacy).__name__}")
+    if batch_size is None or batch_size > n:
+        raise ValueError(f"fit: DP-SGD needs an expected batch_size between 1 and the {n} training examples, "
+                         f"got {batch_size}")
+    if telemetry:
+        raise ValueError("fit: telemetry and privacy cannot be combined (telemetry would read the unclipped pass)")
+    return privacy, n, int(batch_size)
+
+
+def _build(model, loss, optimizer, augment, telemetry=False, private=None):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry) if private is None else \
+        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
@@ -387,13 +382,13 @@ def _build(model, loss, optimizer, augment, telemetry=False):
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer, augment=None, telemetry=False):
+def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None):
     """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
     with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
     try:
-        return _build_cached(model, loss, optimizer, augment, telemetry)
+        return _build_cached(model, loss, optimizer, augment, telemetry, private)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment, telemetry)
+        return _build(model, loss, optimizer, augment, telemetry, private)
 
 
 def _eval_stats(model, loss, params, state, x, y):
