@@ -106,3 +106,11 @@ def test_gradient_reversal_adapts_to_the_target_domain():
     found = {line.split(":")[0]: float(line.split("target accuracy ")[1])
              for line in result.stdout.splitlines() if "target accuracy" in line}
     assert found["with gradient reversal"] > found["without gradient reversal"] + 0.05, found
+
+
+def test_dp_digits_spends_exactly_its_budget():
+    result = run("dp_digits.py", "--epochs", "12", "--epsilons", "8")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": test accuracy ") for line in result.stdout.splitlines() if "test accuracy" in line)
+    assert float(lines["non-private"].split()[0]) >= 0.95
+    assert float(lines["epsilon 8.0"].split()[0]) >= 0.8 and "spent ε = 8.00" in lines["epsilon 8.0"]

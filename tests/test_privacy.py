@@ -1,0 +1,120 @@
+"""DP-SGD: clipped sums against vmap(grad) references, noise statistics, accounting, errors."""
+
+import math
+
+import dp_accounting as dp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import accounting, losses, nn, optim, privacy, train
+
+CCE = losses.CategoricalCrossEntropy(from_logits=True)
+MODELS = {
+    "mlp": (nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(3)), (6, 5)),
+    "cnn": (nn.Serial(nn.Conv2D(4, 3), nn.ReLU(), nn.LayerNorm(), nn.Flatten(), nn.Dense(3)), (5, 6, 6, 2)),
+    "rnn": (nn.Serial(nn.Dense(6), nn.LSTM(5), nn.LastStep(), nn.Dense(3)), (4, 7, 3)),
+}
+
+
+def _per_example(model, params, x, y):
+    return jax.jit(jax.vmap(lambda xb, yb: jax.grad(lambda p: CCE(model.apply(p, xb[None]), yb[None]))(params)))(x, y)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_clipped_sum_is_the_sum_of_clipped_per_example_gradients(name):
+    with jax.enable_x64(True):
+        model, shape = MODELS[name]
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        y = jnp.arange(shape[0]) % 3
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
+        per = _per_example(model, params, x, y)
+        norms = jnp.sqrt(sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, 1) for a in jax.tree_util.tree_leaves(per)))
+        clip = float(jnp.median(norms))
+        mask = jnp.arange(shape[0]) != 1  # a padded row of a Poisson batch counts for nothing
+        weights = jnp.minimum(1, clip / norms) * mask
+        expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, 1), per)
+        values, grads, got_norms = jax.jit(privacy.clipped_grad(model, CCE, clip))(params, x, y, mask=mask)
+        np.testing.assert_allclose(got_norms, norms, rtol=1e-10)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        # no clipping and no noise: the plain gradient of the summed loss
+        _, unclipped, _ = privacy.clipped_grad(model, CCE, math.inf)(params, x, y)
+        _, plain = fbp.value_and_grad(model, CCE)(params, x, y)
+        for a, b in zip(jax.tree_util.tree_leaves(unclipped), jax.tree_util.tree_leaves(plain)):
+            np.testing.assert_allclose(a, shape[0] * b, rtol=1e-10, atol=1e-12)
+        _, noiseless, _ = privacy.private_grad(model, CCE, 1e6, 0.0, shape[0])(params, x, y,
+                                                                              noise_key=jax.random.PRNGKey(0))
+        for a, b in zip(jax.tree_util.tree_leaves(noiseless), jax.tree_util.tree_leaves(plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_is_reproducible_and_has_the_stated_statistics():
+    model = nn.Serial(nn.Dense(200), nn.Tanh(), nn.Dense(64))
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 64))
+    y = jnp.arange(16) % 64
+    params = model.init(jax.random.PRNGKey(1), x)
+    clip, sigma, size = 0.5, 1.3, 16.0
+    f = jax.jit(privacy.private_grad(model, CCE, clip, sigma, size))
+    _, a, _ = f(params, x, y, noise_key=jax.random.PRNGKey(7))
+    _, b, _ = f(params, x, y, noise_key=jax.random.PRNGKey(7))
+    _, c, _ = f(params, x, y, noise_key=jax.random.PRNGKey(8))
+    _, clean, _ = privacy.clipped_grad(model, CCE, clip)(params, x, y)
+    assert all(np.array_equal(u, v) for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert not np.allclose(a[0]["w"], c[0]["w"])
+    z = np.concatenate([np.ravel((u * size - v) / (sigma * clip)) for u, v in
+                        zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(clean))])
+    assert z.size > 25000 and abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+
+
+def test_epsilon_equals_dp_accounting_and_calibration_round_trips():
+    event = dp.SelfComposedDpEvent(dp.PoissonSampledDpEvent(0.01, dp.GaussianDpEvent(1.1)), 1000)
+    for name, acc in (("rdp", dp.rdp.RdpAccountant()), ("pld", dp.pld.PLDAccountant())):
+        acc.compose(event)
+        assert accounting.epsilon(1.1, 0.01, 1000, 1e-5, accountant=name) == pytest.approx(acc.get_epsilon(1e-5))
+    sigma = accounting.calibrate_noise(2.0, 1e-5, 0.01, 1000)
+    assert accounting.epsilon(sigma, 0.01, 1000, 1e-5) == pytest.approx(2.0, rel=1e-3)
+    assert accounting.epsilon(0.0, 0.01, 10, 1e-5) == math.inf
+
+
+def test_poisson_batches_and_fit_with_privacy():
+    idx, mask = privacy.poisson_batch(jax.random.PRNGKey(0), 1000, 0.05, privacy.max_batch(1000, 50))
+    counts = jax.vmap(lambda k: privacy.poisson_batch(k, 1000, 0.05, 100)[1].sum())(
+        jax.random.split(jax.random.PRNGKey(1), 400))
+    assert abs(float(counts.mean()) - 50) < 1.5 and bool(jnp.all(idx[:int(mask.sum())] < 1000))
+    assert bool(jnp.all(mask[:int(mask.sum())])) and not bool(jnp.any(mask[int(mask.sum()):]))
+    x = jax.random.normal(jax.random.PRNGKey(0), (200, 5))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    model = nn.Serial(nn.Dense(16), nn.ReLU(), nn.Dense(2))
+    params = model.init(jax.random.PRNGKey(1), x)
+    for sampling in ("poisson", "fixed"):
+        spec = privacy.DPSGD(l2_clip=1.0, noise_multiplier=0.8, sampling=sampling)
+        result = train.fit(model, CCE, optim.adam(1e-2), params, x, y, key=jax.random.PRNGKey(2), epochs=4,
+                           batch_size=20, progress=False, privacy=spec, scan_epochs=sampling == "poisson")
+        eps = result.history["epsilon"]
+        assert eps.shape == (4,) and np.all(np.diff(eps) > 0)
+        assert eps[-1] == pytest.approx(spec.epsilon(200, 20, 40))
+        assert result.history["accuracy"][-1] > 0.7
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="l2_clip"):
+        privacy.DPSGD(l2_clip=0.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        privacy.DPSGD(l2_clip=1.0, noise_multiplier=-0.1)
+    with pytest.raises(ValueError, match="delta"):
+        privacy.DPSGD(l2_clip=1.0, noise_multiplier=1.0, delta=1.0)
+    with pytest.raises(ValueError, match="l2_clip"):
+        privacy.clipped_grad(nn.Dense(2), CCE, -1.0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        accounting.epsilon(1.0, 1.5, 10, 1e-5)
+    x, y = jnp.ones((10, 3)), jnp.zeros(10, jnp.int32)
+    model = nn.Serial(nn.Dense(2))
+    with pytest.raises(ValueError, match="expected batch_size"):
+        train.fit(model, CCE, optim.sgd(0.1), model.init(jax.random.PRNGKey(0), x), x, y, key=jax.random.PRNGKey(0),
+                  batch_size=None, privacy=privacy.DPSGD(1.0, 1.0), progress=False)
+    with pytest.raises(TypeError, match="DPSGD"):
+        train.fit(model, CCE, optim.sgd(0.1), model.init(jax.random.PRNGKey(0), x), x, y, key=jax.random.PRNGKey(0),
+                  privacy={"l2_clip": 1.0}, progress=False)
