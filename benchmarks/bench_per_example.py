@@ -1,0 +1,112 @@
+"""Per-example gradient norms and the DP-SGD step: fbp against JAX's vmap(grad) idiom.
+
+Workloads (float32, softmax cross-entropy): the MLP 784-1024-1024-1024-10 (batch 256) and the
+CNN (28×28×1, two 3×3 convolutions, batch 128) of bench_mlp.py / bench_cnn.py.
+
+Candidates, each one jitted call on the same params and batch:
+  * ``step``: fbp's non-private SGD step (``fbp.value_and_grad``);
+  * ``dp``: fbp's DP-SGD step — per-example norms and the clipped sum in one backward pass
+    (``fbp.privacy.private_grad``: book-keeping), Gaussian noise, SGD;
+  * ``vmap-dp``: the JAX idiom — ``vmap(grad)`` per-example gradients of the plain model,
+    norms, clipping, sum, noise, SGD;
+  * ``norms`` / ``vmap-norms``: the per-example norms alone.
+
+Run: ``python benchmarks/bench_per_example.py [--runs K]``: medians per run, ratio ranges over
+runs, XLA's temp memory, and fbp's per-layer choice (``per_example.routes``).
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from common import interleaved, temp_bytes
+
+import fbp
+from fbp import losses, nn, per_example, privacy
+
+CCE = losses.CategoricalCrossEntropy(from_logits=True)
+LR, CLIP, SIGMA = 1e-2, 1.0, 1.0
+
+
+def mlp():
+    layers = []
+    for width in (1024, 1024, 1024):
+        layers += [nn.Dense(width, kernel_init=nn.init.he_normal), nn.ReLU()]
+    return nn.Serial(*layers, nn.Dense(10)), (256, 784)
+
+
+def cnn():
+    return nn.Serial(nn.Reshape((28, 28, 1)), nn.Conv2D(32, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Conv2D(64, 3),
+                     nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(10)), (128, 784)
+
+
+def sgd(params, grads):
+    return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
+
+
+def candidates(model, batch):
+    vg = fbp.value_and_grad(model, CCE)
+    dp = privacy.private_grad(model, CCE, CLIP, SIGMA, batch)
+    norms = per_example.grad_norms(model, CCE)
+
+    def per_example_grads(params, x, y):
+        return jax.vmap(lambda xb, yb: jax.grad(lambda p: CCE(model.apply(p, xb[None]), yb[None]))(params))(x, y)
+
+    def vmap_norms(params, x, y):
+        g = per_example_grads(params, x, y)
+        return jnp.sqrt(sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, 1) for a in jax.tree_util.tree_leaves(g)))
+
+    def vmap_dp(params, x, y, key):
+        g = per_example_grads(params, x, y)
+        n = jnp.sqrt(sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, 1) for a in jax.tree_util.tree_leaves(g)))
+        c = jnp.minimum(1.0, CLIP / n)
+        leaves, treedef = jax.tree_util.tree_flatten(g)
+        keys = jax.random.split(key, len(leaves))
+        noisy = [(jnp.tensordot(c, a, 1) + SIGMA * CLIP * jax.random.normal(k, a.shape[1:])) / batch
+                 for a, k in zip(leaves, keys)]
+        return sgd(params, jax.tree_util.tree_unflatten(treedef, noisy))
+
+    return {
+        "step": jax.jit(lambda p, x, y, k: sgd(p, vg(p, x, y)[1])),
+        "dp": jax.jit(lambda p, x, y, k: sgd(p, dp(p, x, y, noise_key=k)[1])),
+        "vmap-dp": jax.jit(vmap_dp),
+        "norms": jax.jit(lambda p, x, y, k: norms(p, x, y)[1]),
+        "vmap-norms": jax.jit(lambda p, x, y, k: vmap_norms(p, x, y)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    for name, build in (("MLP", mlp), ("CNN", cnn)):
+        model, shape = build()
+        kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(kx, shape)
+        y = jax.random.randint(ky, (shape[0],), 0, 10)
+        params = model.init(kp, x)
+        fns = candidates(model, shape[0])
+        inputs = (params, x, y, jax.random.PRNGKey(3))
+        calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}
+        memory = {k: temp_bytes(f, *inputs) for k, f in fns.items()}
+        print(f"\n{name}, batch {shape[0]}  [{jax.devices()[0].platform}]")
+        print("  fbp's route per layer: " + ", ".join(f"{p}: {r}" for p, r in
+                                                     per_example.routes(model, CCE, params, x, y).items()))
+        print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))
+        ratios = {"dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
+        for run in range(args.runs):
+            t = interleaved(calls, rounds=args.rounds, reps=args.reps)
+            print(f"  run {run + 1}: " + "   ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
+            for key in ratios:
+                a, b = key.split(" / ")
+                ratios[key].append(t[a] / t[b])
+        for key, values in ratios.items():
+            print(f"  ratio {key}: {min(values):.2f} – {max(values):.2f}")
+        if memory.get("dp") and memory.get("step"):
+            print(f"  temp memory dp / step: {memory['dp'] / memory['step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
