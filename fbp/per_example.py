@@ -9,6 +9,8 @@ from them where each layer's rule runs — no ``vmap(grad)`` over the whole mode
   ``∇_w ℓ_b = Σ_t x_bt g_btᵀ`` and ``‖∇_w ℓ_b‖² = Σ_{t,s} (x_bt·x_bs)(g_bt·g_bs)``, the *ghost
   norm* from two ``T×T`` Gram matrices (Li et al., 2022), used when ``T² (n_in + n_out)`` is
   smaller than materialising ``T n_in n_out`` (mixed ghost clipping, Bu et al., 2023).
+* **Conv1D/Conv2D** (ungrouped): the same with positions = output pixels and ``x_bt`` the im2col
+  patch under each (``‖∇_w ℓ_b‖²`` by ghost norm or by the ``(taps·C_in) × C_out`` matrix).
 * **Embedding**: ``‖∇ ℓ_b‖² = Σ_{t,s} [id_bt = id_bs] (g_bt·g_bs)`` (ghost) or the scatter.
 * **Every other layer** (convolutions, norms, recurrent, attention, a user's own): the layer's own
   rules run on each example alone — ``vmap`` over a batch-of-one forward and backward of *that
@@ -47,6 +49,7 @@ from fbp.core import (
     run_forward,
     transform_layers,
 )
+from fbp.nn.conv import _Conv, conv_patches
 from fbp.nn.dense import Dense
 from fbp.nn.embedding import Embedding
 from fbp.nn.norm import BatchNorm
@@ -64,18 +67,33 @@ def _batched(d_y):
 
 
 # --------------------------------------------------------------------------- per-layer rules
-def _dense_grads(layer: Dense, x, d_y):
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
-    out = {"w": jnp.einsum("bti,btj->bij", x3, g3)}
+def _positions(layer: Layer, x, d_y):
+    """``(X, G, kernel_shape)`` with ``X: (B, T, n_in)``, ``G: (B, T, n_out)`` such that the layer's
+    kernel gradient for example ``b`` is ``X_bᵀ G_b`` (reshaped to the kernel) — Dense (positions:
+    every axis between batch and features) and ungrouped convolutions (positions: output pixels,
+    ``X`` the im2col patches); ``None`` for other layers."""
+    if isinstance(layer, Dense):
+        return (x.reshape(x.shape[0], -1, x.shape[-1]), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1]),
+                (x.shape[-1], d_y.shape[-1]))
+    if isinstance(layer, _Conv) and layer.feature_group_count == 1:
+        strides, pads, lhs_dilation, rhs_dilation = layer._geometry(x)
+        if all(a == 1 for a in lhs_dilation):
+            shape = layer._kernel_shape(x)
+            patches = conv_patches(x, shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
+            return patches, d_y.reshape(d_y.shape[0], -1, d_y.shape[-1]), shape
+    return None
+
+
+def _positions_grads(layer, xg):
+    x3, g3, shape = xg
+    out = {"w": jnp.einsum("bti,btj->bij", x3, g3).reshape((x3.shape[0], *shape))}
     if layer.use_bias:
         out["b"] = g3.sum(axis=1)
     return out
 
 
-def _dense_sq_norms(layer: Dense, x, d_y) -> tuple[jax.Array, str]:
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+def _positions_sq_norms(layer, xg) -> tuple[jax.Array, str]:
+    x3, g3, _ = xg
     t, n_in, n_out = x3.shape[1], x3.shape[2], g3.shape[2]
     bias = jnp.sum(jnp.square(g3.sum(axis=1)), axis=1) if layer.use_bias else 0.0
     if t == 1:
@@ -160,13 +178,14 @@ class _PerExample(Layer):
             return (d_params, None), d_x
         own = getattr(self.layer, "per_example_grads", None)
         norms_only = self.mode in ("norms", "clip")
-        if norms_only and isinstance(self.layer, Dense):
-            sq, how = _dense_sq_norms(self.layer, x, d_y)
+        xg = _positions(self.layer, x, d_y)
+        if norms_only and xg is not None:
+            sq, how = _positions_sq_norms(self.layer, xg)
         elif norms_only and isinstance(self.layer, Embedding):
             sq, how = _embedding_sq_norms(self.layer, x, d_y)
         else:
-            if isinstance(self.layer, Dense):
-                per, how = _dense_grads(self.layer, x, d_y), "outer products"
+            if xg is not None:
+                per, how = _positions_grads(self.layer, xg), "outer products over positions"
             elif isinstance(self.layer, Embedding):
                 per, how = _embedding_grads(self.layer, x, d_y), "scatter per example"
             elif callable(own):

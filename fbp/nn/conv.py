@@ -137,6 +137,21 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
     return lax.map(one, jnp.array(offsets, jnp.int32)).reshape(kernel_shape)
 
 
+def conv_patches(x, kernel_shape, strides, pads, rhs_dilation, out_spatial):
+    """The im2col patches of an ungrouped convolution without input dilation, per example:
+    ``(N, prod(out), taps·C_in)``, ordered like ``w.reshape(-1, C_out)`` — so the kernel gradient
+    of example ``b`` is ``patches[b]ᵀ d_y[b]`` (used for per-example gradients, :mod:`fbp.per_example`)."""
+    n = len(strides)
+    taps, c_in = kernel_shape[:n], kernel_shape[-2]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    windows = []
+    for offset in itertools.product(*(range(k) for k in taps)):
+        index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                      for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial))
+        windows.append(xp[(slice(None), *index, slice(None))].reshape(x.shape[0], -1, c_in))
+    return jnp.concatenate(windows, axis=-1)
+
+
 # --------------------------------------------------------------------------- layers
 @dataclasses.dataclass(frozen=True)
 class _ConvBase(Layer):
