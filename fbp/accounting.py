@@ -15,6 +15,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 from fbp.validation import require_number
@@ -28,6 +30,19 @@ def _library():
     except ImportError as err:  # pragma: no cover - the privacy extra is installed with the tests
         raise ImportError("privacy accounting needs Google's dp-accounting: pip install -e \".[privacy]\"") from err
     return dp_accounting
+
+
+@contextlib.contextmanager
+def _quiet():
+    """dp-accounting logs (absl) every fractional Rényi order it cannot evaluate at small σ and
+    then leaves out; the result is still a valid bound. Keep those lines out of the user's output."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check(sample_rate, steps, delta, accountant):
@@ -68,7 +83,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     dp = _library()
     acc = _fresh(dp, accountant, replace_one=dataset_size is not None)
     acc.compose(_event(dp, sigma, sample_rate, steps, dataset_size))
-    return float(acc.get_epsilon(delta))
+    with _quiet():
+        return float(acc.get_epsilon(delta))
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, *,
@@ -77,6 +93,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     _check(sample_rate, steps, delta, accountant)
     require_number("calibrate_noise", "target_epsilon", target_epsilon, low=0, low_open=True)
     dp = _library()
-    return float(dp.calibrate_dp_mechanism(lambda: _fresh(dp, accountant),
-                                           lambda sigma: _event(dp, sigma, sample_rate, steps),
-                                           target_epsilon, delta))
+    with _quiet():
+        return float(dp.calibrate_dp_mechanism(lambda: _fresh(dp, accountant),
+                                               lambda sigma: _event(dp, sigma, sample_rate, steps),
+                                               target_epsilon, delta))
