@@ -92,17 +92,19 @@ def _positions_grads(layer, xg):
     return out
 
 
-def _positions_sq_norms(layer, xg) -> tuple[jax.Array, str]:
+def _positions_sq_norms(layer, xg) -> tuple[jax.Array, str, Any]:
+    """``(squared norms, route, per-example grads or None)``: the grads come back when the route
+    materialised them anyway, so a clipped sum can reuse them instead of a second rule."""
     x3, g3, _ = xg
     t, n_in, n_out = x3.shape[1], x3.shape[2], g3.shape[2]
     bias = jnp.sum(jnp.square(g3.sum(axis=1)), axis=1) if layer.use_bias else 0.0
     if t == 1:
-        return jnp.sum(jnp.square(x3[:, 0]), 1) * jnp.sum(jnp.square(g3[:, 0]), 1) + bias, "norms ‖x‖‖g‖"
+        return jnp.sum(jnp.square(x3[:, 0]), 1) * jnp.sum(jnp.square(g3[:, 0]), 1) + bias, "norms ‖x‖‖g‖", None
     if t * t * (n_in + n_out) < t * n_in * n_out:
         gram = jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", g3, g3)
-        return jnp.sum(gram, axis=(1, 2)) + bias, f"ghost norm (T={t})"
-    w = jnp.einsum("bti,btj->bij", x3, g3)
-    return jnp.sum(jnp.square(w), axis=(1, 2)) + bias, f"materialised (T={t})"
+        return jnp.sum(gram, axis=(1, 2)) + bias, f"ghost norm (T={t})", None
+    per = _positions_grads(layer, xg)
+    return _sq_norm(per), f"materialised (T={t})", per
 
 
 def _embedding_sq_norms(layer: Embedding, ids, d_y) -> tuple[jax.Array, str]:
@@ -179,8 +181,9 @@ class _PerExample(Layer):
         own = getattr(self.layer, "per_example_grads", None)
         norms_only = self.mode in ("norms", "clip")
         xg = _positions(self.layer, x, d_y)
+        per = None
         if norms_only and xg is not None:
-            sq, how = _positions_sq_norms(self.layer, xg)
+            sq, how, per = _positions_sq_norms(self.layer, xg)
         elif norms_only and isinstance(self.layer, Embedding):
             sq, how = _embedding_sq_norms(self.layer, x, d_y)
         else:
@@ -198,7 +201,8 @@ class _PerExample(Layer):
             sq, how = _sq_norm(per), f"materialised ({how})"
         self.choices[self.path] = how
         if self.mode == "clip":  # book-keeping: what the clipped sum's second step reads
-            return (d_params, {"sq": sq, "res": inner, "d_y": d_y}), d_x
+            kept = {"sq": sq, "res": inner, "d_y": d_y} if per is None else {"sq": sq, "per": per}
+            return (d_params, kept), d_x
         return (d_params, sq), d_x
 
 

@@ -12,7 +12,8 @@ norms from the layer's input and output cotangent (``‖x_b‖‖g_b‖`` for a 
 positions) and keeps the residuals and the cotangent it already holds. With the total norms
 known, each layer's clipped sum is its own weight-gradient rule applied once more to the
 rescaled cotangent, ``backward(res, c ⊙ d_y)`` — for a Dense ``xᵀ diag(c) g`` — because a
-layer's parameter gradient is linear in its output cotangent and a sum over examples. No
+layer's parameter gradient is linear in its output cotangent and a sum over examples (where the
+norm's route materialised the per-example gradients anyway, they are weighed directly). No
 per-example gradient is materialised where the norm has a cheaper route, and the cotangents are
 not propagated a second time.
 
@@ -53,6 +54,8 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, 
     def clipped(path, leaf, d_params):
         if path not in per:
             return d_params
+        if "per" in per[path]:  # the norm's route materialised the per-example gradients: weigh them
+            return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), per[path]["per"])
         d_y = jax.tree_util.tree_map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
                                      per[path]["d_y"])
         return leaves[path].backward(per[path]["res"], d_y)[0]
