@@ -20,7 +20,7 @@ from them where each layer's rule runs — no ``vmap(grad)`` over the whole mode
   per-example gradients are not defined, and it raises, suggesting GroupNorm or LayerNorm.
 
 Scaling: ``grads[b]`` is the gradient of the loss on example ``b`` alone (a batch of one), as
-``jax.vmap(jax.grad(...))`` of the per-example loss; ``values`` are the per-example losses.
+JAX's vmap of grad of the per-example loss; ``values`` are the per-example losses.
 
 References:
     Goodfellow, "Efficient Per-Example Gradient Computations", 2015. Li, Tramèr, Liang &
