@@ -19,29 +19,13 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from common import interleaved, temp_bytes
+from common import cnn_workload, interleaved, mlp_workload, sgd, temp_bytes
 
 import fbp
-from fbp import losses, nn, per_example, privacy
+from fbp import losses, per_example, privacy
 
 CCE = losses.CategoricalCrossEntropy(from_logits=True)
-LR, CLIP, SIGMA = 1e-2, 1.0, 1.0
-
-
-def mlp():
-    layers = []
-    for width in (1024, 1024, 1024):
-        layers += [nn.Dense(width, kernel_init=nn.init.he_normal), nn.ReLU()]
-    return nn.Serial(*layers, nn.Dense(10)), (256, 784)
-
-
-def cnn():
-    return nn.Serial(nn.Reshape((28, 28, 1)), nn.Conv2D(32, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Conv2D(64, 3),
-                     nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(10)), (128, 784)
-
-
-def sgd(params, grads):
-    return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
+CLIP, SIGMA = 1.0, 1.0
 
 
 def candidates(model, batch):
@@ -81,7 +65,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
-    for name, build in (("MLP", mlp), ("CNN", cnn)):
+    for name, build in (("MLP", mlp_workload), ("CNN", cnn_workload)):
         model, shape = build()
         kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(kx, shape)

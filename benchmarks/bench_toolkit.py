@@ -22,29 +22,12 @@ the ratio ranges over runs (these machines are noisy: quote ranges).
 import argparse
 
 import jax
-from common import interleaved
+from common import cnn_workload, interleaved, mlp_workload, sgd
 
 import fbp
-from fbp import credit, losses, nn, telemetry
+from fbp import credit, losses, telemetry
 
-LR = 1e-2
 CCE = losses.CategoricalCrossEntropy(from_logits=True)
-
-
-def mlp():
-    layers = []
-    for width in (1024, 1024, 1024):
-        layers += [nn.Dense(width, kernel_init=nn.init.he_normal), nn.ReLU()]
-    return nn.Serial(*layers, nn.Dense(10)), (256, 784)
-
-
-def cnn():
-    return nn.Serial(nn.Reshape((28, 28, 1)), nn.Conv2D(32, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Conv2D(64, 3),
-                     nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(10)), (128, 784)
-
-
-def sgd(params, grads):
-    return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
 
 
 def steps(model):
@@ -87,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
-    for name, build in (("MLP", mlp), ("CNN", cnn)):
+    for name, build in (("MLP", mlp_workload), ("CNN", cnn_workload)):
         model, shape = build()
         kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(kx, shape)

@@ -50,3 +50,26 @@ def report(title: str, times: dict[str, float], memory: dict[str, int | None], b
         if name != baseline:
             ratio_mem = (memory[name] / memory[baseline]) if memory.get(name) and memory.get(baseline) else float("nan")
             print(f"  ratio {name} / {baseline}: time {t / times[baseline]:.3f}   temp memory {ratio_mem:.3f}")
+
+
+# --------------------------------------------------------------------------- shared workloads
+def mlp_workload():
+    """bench_mlp.py's MLP 784-1024-1024-1024-10 (ReLU, He init) and its batch shape (256, 784)."""
+    from fbp import nn
+
+    layers = []
+    for width in (1024, 1024, 1024):
+        layers += [nn.Dense(width, kernel_init=nn.init.he_normal), nn.ReLU()]
+    return nn.Serial(*layers, nn.Dense(10)), (256, 784)
+
+
+def cnn_workload():
+    """bench_cnn.py's CNN on flat 28×28×1 input (reshaped first) and its batch shape (128, 784)."""
+    from fbp import nn
+
+    return nn.Serial(nn.Reshape((28, 28, 1)), nn.Conv2D(32, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Conv2D(64, 3),
+                     nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(10)), (128, 784)
+
+
+def sgd(params, grads, lr=1e-2):
+    return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)

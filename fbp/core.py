@@ -121,6 +121,31 @@ class Layer:
         return self.apply(params, x, **context)
 
 
+class Wrapper(Layer):
+    """A layer around one other, ``self.layer`` (a field of the subclass), whose params, state and
+    keys are the wrapped layer's and whose residuals hold the wrapped layer's first (``res[0]``).
+    Telemetry's and per-example probes, quantised weights and the checker's references build on it."""
+
+    contextual: ClassVar[bool] = True
+
+    @property
+    def has_state(self) -> bool:
+        return self.layer.has_state
+
+    @property
+    def needs_key(self) -> bool:
+        return self.layer.needs_key
+
+    def init(self, key, x):
+        return self.layer.init(key, x)
+
+    def init_state(self, params):
+        return self.layer.init_state(params)
+
+    def next_state(self, state, res):
+        return self.layer.next_state(state, res[0])
+
+
 def run_forward(layer: Layer, params: PyTree, x: Array, *, state: PyTree = None, key: Array | None = None,
                 train: bool = False) -> tuple[Array, PyTree]:
     """``layer.forward`` with the context passed only to layers that take it."""

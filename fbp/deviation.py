@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fbp.core import Layer, children, run_forward, transform_layers
+from fbp.core import Layer, Wrapper, children, run_forward, transform_layers
 
 
 def deviates(layer: Layer) -> bool:
@@ -41,19 +41,10 @@ def surrogate_apply(layer: Layer, params, x, **context):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Reference(Layer):
+class _Reference(Wrapper):
     """A deviating layer seen through its ``reference_apply`` (only ever differentiated by JAX)."""
 
     layer: Layer
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    @property
-    def needs_key(self):
-        return self.layer.needs_key
 
     def forward(self, params, x, *, state=None, key=None, train=False):
         return self.layer.reference_apply(params, x, state=state, key=key, train=train), None
@@ -65,15 +56,10 @@ def reference_model(model: Layer) -> Layer:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Exact(Layer):
+class _Exact(Wrapper):
     """A deviating layer with its forward kept and its backward replaced by the exact VJP."""
 
     layer: Layer
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
 
     def children(self):
         return children(self.layer)

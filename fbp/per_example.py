@@ -42,6 +42,7 @@ from fbp.core import (
     InputError,
     Layer,
     Loss,
+    Wrapper,
     children,
     map_leaf_params,
     require_state,
@@ -143,26 +144,13 @@ def _sq_norm(tree) -> jax.Array:
 
 # --------------------------------------------------------------------------- the probe
 @dataclasses.dataclass(frozen=True, eq=False)
-class _PerExample(Layer):
+class _PerExample(Wrapper):
     """``layer`` with per-example quantities returned beside its gradient (through d_params)."""
 
     layer: Layer
     path: str
     mode: str
     choices: dict = dataclasses.field(default_factory=dict)  # path -> method, filled at trace time
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    @property
-    def needs_key(self):
-        return self.layer.needs_key
-
-    def next_state(self, state, res):
-        return self.layer.next_state(state, res[0])
-
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
         if train and isinstance(self.layer, BatchNorm):

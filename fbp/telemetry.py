@@ -35,6 +35,7 @@ from fbp.core import (
     InputError,
     Layer,
     Loss,
+    Wrapper,
     check_gradient_structure,
     children,
     leaf_layers,
@@ -109,7 +110,7 @@ def _output_stats(y, want: frozenset[str]) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Probe(Layer):
+class _Probe(Wrapper):
     """``layer`` with its statistics returned beside its gradient: params ``(θ, slots)``,
     d_params ``(∂L/∂θ, stats)`` — so they travel through every combinator untouched."""
 
@@ -117,19 +118,6 @@ class _Probe(Layer):
     want: frozenset = frozenset(STATS)  # the statistics to compute (with "nonfinite": its three parts)
     skip_d_out: bool = False  # the cotangent at this layer's output is one training never computes
     skip_d_in: bool = False  # likewise the one at its input
-    contextual = True
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    @property
-    def needs_key(self):
-        return self.layer.needs_key
-
-    def next_state(self, state, res):
-        return self.layer.next_state(state, res[0])
-
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
         y, res = run_forward(self.layer, inner_params, x, state=state, key=key, train=train)

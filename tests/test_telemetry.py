@@ -34,7 +34,7 @@ class _Perturbed(Layer):
 
 def reference(model, loss, params, x, y, **context):
     """Per leaf path: (output, d_out, d_in, d_params) from jax.grad of the plain forward."""
-    outs = {}
+    outs, shapes = {}, {}
 
     @dataclasses.dataclass(frozen=True)
     class Record(Layer):
@@ -44,25 +44,11 @@ def reference(model, loss, params, x, y, **context):
 
         def forward(self, params, x, **context):
             y = self.layer.apply(params, x, **context)
-            outs[self.path] = y
+            outs[self.path], shapes[self.path] = y, (x.shape, y.shape, y.dtype)
             return y, None
 
-    shapes = {}
-
-    @dataclasses.dataclass(frozen=True)
-    class Shape(Layer):
-        layer: Layer
-        path: str
-        contextual = True
-
-        def forward(self, params, x, **context):
-            y = self.layer.apply(params, x, **context)
-            shapes[self.path] = (x.shape, y.shape, y.dtype)
-            return y, None
-
-    leaf = lambda cls: (lambda path, layer: None if layer.children() else cls(layer, path))  # noqa: E731
-    transform_layers(model, leaf(Shape)).apply(params, x, **context)
-    transform_layers(model, leaf(Record)).apply(params, x, **context)
+    transform_layers(model, lambda path, layer: None if layer.children() else Record(layer, path)).apply(
+        params, x, **context)
     perturbed = transform_layers(model, lambda path, layer: None if layer.children() else _Perturbed(layer))
 
     def with_e(params, e):

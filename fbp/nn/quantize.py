@@ -33,7 +33,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, ParameterFree, require_floating, run_forward
+from fbp.core import InputError, Layer, ParameterFree, Wrapper, require_floating, run_forward
 
 ESTIMATORS = ("identity", "hardtanh")
 
@@ -91,7 +91,7 @@ class Round(_Quantizer):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeWeights(Layer):
+class QuantizeWeights(Wrapper):
     """``layer`` run with its parameters ``keys`` quantised by ``quantizer`` in the forward pass.
 
     Params are ``layer``'s own (the real-valued weights the optimizer updates; the same paths).
@@ -118,23 +118,6 @@ class QuantizeWeights(Layer):
     @property
     def contextual(self):  # type: ignore[override]
         return self.layer.contextual
-
-    @property
-    def has_state(self):
-        return self.layer.has_state
-
-    @property
-    def needs_key(self):
-        return self.layer.needs_key
-
-    def init(self, key, x):
-        return self.layer.init(key, x)
-
-    def init_state(self, params):
-        return self.layer.init_state(params)
-
-    def next_state(self, state, res):
-        return self.layer.next_state(state, res[0])
 
     def _quantized(self, params, quantize):
         missing = [k for k in self.keys if not hasattr(params, "keys") or k not in params]
