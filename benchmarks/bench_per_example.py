@@ -1,7 +1,8 @@
 """Per-example gradient norms and the DP-SGD step: fbp against JAX's vmap(grad) idiom.
 
-Workloads (float32, softmax cross-entropy): the MLP 784-1024-1024-1024-10 (batch 256) and the
-CNN (28×28×1, two 3×3 convolutions, batch 128) of bench_mlp.py / bench_cnn.py.
+Workloads (float32, softmax cross-entropy): the MLP 784-1024-1024-1024-10 (batch 256), the
+CNN (28×28×1, two 3×3 convolutions, batch 128), the LSTM (hidden 256, T=64, batch 64) and the
+transformer block (d 256, T=128, batch 16) of bench_mlp.py / bench_cnn.py / bench_sequence.py.
 
 Candidates, each one jitted call on the same params and batch:
   * ``step``: fbp's non-private SGD step (``fbp.value_and_grad``);
@@ -11,7 +12,7 @@ Candidates, each one jitted call on the same params and batch:
     norms, clipping, sum, noise, SGD;
   * ``norms`` / ``vmap-norms``: the per-example norms alone.
 
-Run: ``python benchmarks/bench_per_example.py [--runs K]``: medians per run, ratio ranges over
+Run: ``python benchmarks/bench_per_example.py [--runs K] [--only mlp,cnn,lstm,transformer]``: medians per run, ratio ranges over
 runs, XLA's temp memory, and fbp's per-layer choice (``per_example.routes``).
 """
 
@@ -19,7 +20,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from common import cnn_workload, interleaved, mlp_workload, sgd, temp_bytes
+from common import cnn_workload, interleaved, lstm_workload, mlp_workload, sgd, temp_bytes, transformer_workload
 
 import fbp
 from fbp import losses, per_example, privacy
@@ -64,9 +65,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="mlp,cnn,lstm,transformer")
     args = parser.parse_args(argv)
-    for name, build in (("MLP", mlp_workload), ("CNN", cnn_workload)):
-        model, shape = build()
+    workloads = {"mlp": mlp_workload, "cnn": cnn_workload, "lstm": lstm_workload, "transformer": transformer_workload}
+    for name in args.only.split(","):
+        model, shape = workloads[name]()
         kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(kx, shape)
         y = jax.random.randint(ky, (shape[0],), 0, 10)
@@ -75,7 +78,7 @@ def main(argv=None):
         inputs = (params, x, y, jax.random.PRNGKey(3))
         calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}
         memory = {k: temp_bytes(f, *inputs) for k, f in fns.items()}
-        print(f"\n{name}, batch {shape[0]}  [{jax.devices()[0].platform}]")
+        print(f"\n{name.upper()}, batch {shape[0]}  [{jax.devices()[0].platform}]")
         print("  fbp's route per layer: " + ", ".join(f"{p}: {r}" for p, r in
                                                      per_example.routes(model, CCE, params, x, y).items()))
         print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))

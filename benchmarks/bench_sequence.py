@@ -18,7 +18,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-from common import interleaved, report, temp_bytes
+from common import interleaved, lstm_workload, report, temp_bytes, transformer_workload
 
 import fbp
 from fbp import losses, nn
@@ -103,9 +103,9 @@ def lstm_jax(p, x, hoisted):
 
 
 def lstm_bench(rounds):
-    x = jax.random.normal(jax.random.PRNGKey(0), (64, 64, 32))
-    y = jax.random.randint(jax.random.PRNGKey(1), (64,), 0, 10)
-    model = nn.Serial(nn.LSTM(256), nn.LastStep(), nn.Dense(10))
+    model, shape = lstm_workload()
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    y = jax.random.randint(jax.random.PRNGKey(1), shape[:1], 0, 10)
     params = model.init(jax.random.PRNGKey(2), x)
 
     def jax_loss(hoisted):
@@ -144,9 +144,9 @@ def block_jax(p, x, heads=4):
 
 
 def transformer_bench(rounds):
-    x = jax.random.normal(jax.random.PRNGKey(0), (16, 128, 256))
-    y = jax.random.randint(jax.random.PRNGKey(1), (16,), 0, 10)
-    model = nn.Serial(nn.TransformerBlock(4, 1024), nn.GlobalAvgPool(), nn.Dense(10))
+    model, shape = transformer_workload()
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    y = jax.random.randint(jax.random.PRNGKey(1), shape[:1], 0, 10)
     params = model.init(jax.random.PRNGKey(2), x)
 
     def loss(p, x, y):

@@ -71,5 +71,20 @@ def cnn_workload():
                      nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(10)), (128, 784)
 
 
+def lstm_workload():
+    """bench_sequence.py's LSTM (hidden 256, last step -> Dense 10) and its batch shape (64, 64, 32)."""
+    from fbp import nn
+
+    return nn.Serial(nn.LSTM(256), nn.LastStep(), nn.Dense(10)), (64, 64, 32)
+
+
+def transformer_workload():
+    """bench_sequence.py's pre-LN transformer block (d 256, 4 heads, MLP 1024), mean over time ->
+    Dense 10, and its batch shape (16, 128, 256)."""
+    from fbp import nn
+
+    return nn.Serial(nn.TransformerBlock(4, 1024), nn.GlobalAvgPool(), nn.Dense(10)), (16, 128, 256)
+
+
 def sgd(params, grads, lr=1e-2):
     return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)

@@ -50,10 +50,10 @@ from fbp.core import (
     run_forward,
     transform_layers,
 )
-from fbp.nn.conv import _Conv, conv_patches
-from fbp.nn.dense import Dense
+from fbp.nn.conv import _Conv, conv_windows
 from fbp.nn.embedding import Embedding
 from fbp.nn.norm import BatchNorm
+from fbp.nn.positions import Positions, assemble, sq_norm
 
 PyTree = Any
 MODES = ("grads", "norms", "clip")
@@ -68,44 +68,35 @@ def _batched(d_y):
 
 
 # --------------------------------------------------------------------------- per-layer rules
-def _positions(layer: Layer, x, d_y):
-    """``(X, G, kernel_shape)`` with ``X: (B, T, n_in)``, ``G: (B, T, n_out)`` such that the layer's
-    kernel gradient for example ``b`` is ``X_bᵀ G_b`` (reshaped to the kernel) — Dense (positions:
-    every axis between batch and features) and ungrouped convolutions (positions: output pixels,
-    ``X`` the im2col patches); ``None`` for other layers."""
-    if isinstance(layer, Dense):
-        return (x.reshape(x.shape[0], -1, x.shape[-1]), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1]),
-                (x.shape[-1], d_y.shape[-1]))
+def _conv_positions(layer: Layer, x, d_y) -> Positions | None:
+    """Ungrouped convolutions without input dilation as :class:`~fbp.nn.positions.Positions`
+    (positions: output pixels; one part per kernel tap, the im2col patches never concatenated);
+    ``None`` otherwise."""
+    bias = ("b",) if getattr(layer, "use_bias", False) else None
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
     if isinstance(layer, _Conv) and layer.feature_group_count == 1:
         strides, pads, lhs_dilation, rhs_dilation = layer._geometry(x)
         if all(a == 1 for a in lhs_dilation):
             shape = layer._kernel_shape(x)
-            patches = conv_patches(x, shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
-            return patches, d_y.reshape(d_y.shape[0], -1, d_y.shape[-1]), shape
+            parts = conv_windows(x, shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
+            return Positions(((("w",), parts, shape),), g3, bias)
     return None
 
 
-def _positions_grads(layer, xg):
-    x3, g3, shape = xg
-    out = {"w": jnp.einsum("bti,btj->bij", x3, g3).reshape((x3.shape[0], *shape))}
-    if layer.use_bias:
-        out["b"] = g3.sum(axis=1)
-    return out
+def _layer_positions(layer: Layer, res, x, d_y):
+    """``(groups, rest)``: the layer's weights used like a Dense over positions (a list of
+    :class:`Positions`) and its other per-example gradients (``{key: (B, ...)}``), from the
+    layer's ``per_example_positions(res, d_y)`` or the convolution rule; ``None`` if neither."""
+    own = getattr(layer, "per_example_positions", None)
+    if callable(own):
+        return own(res, d_y)
+    found = _conv_positions(layer, x, d_y)
+    return None if found is None else ([found], {})
 
 
-def _positions_sq_norms(layer, xg) -> tuple[jax.Array, str, Any]:
-    """``(squared norms, route, per-example grads or None)``: the grads come back when the route
-    materialised them anyway, so a clipped sum can reuse them instead of a second rule."""
-    x3, g3, _ = xg
-    t, n_in, n_out = x3.shape[1], x3.shape[2], g3.shape[2]
-    bias = jnp.sum(jnp.square(g3.sum(axis=1)), axis=1) if layer.use_bias else 0.0
-    if t == 1:
-        return jnp.sum(jnp.square(x3[:, 0]), 1) * jnp.sum(jnp.square(g3[:, 0]), 1) + bias, "norms ‖x‖‖g‖", None
-    if t * t * (n_in + n_out) < t * n_in * n_out:
-        gram = jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("btj,bsj->bts", g3, g3)
-        return jnp.sum(gram, axis=(1, 2)) + bias, f"ghost norm (T={t})", None
-    per = _positions_grads(layer, xg)
-    return _sq_norm(per), f"materialised (T={t})", per
+def _covers(params, groups, rest) -> bool:
+    keys = {k for g in groups for k, _, _ in g.kernels} | {g.bias for g in groups if g.bias} | set(rest)
+    return len(keys) == sum(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree_util.tree_leaves(params))
 
 
 def _embedding_sq_norms(layer: Embedding, ids, d_y) -> tuple[jax.Array, str]:
@@ -137,11 +128,6 @@ def _fallback_grads(layer: Layer, params, x, d_y, context):
     return jax.vmap(one)(x, d_y)
 
 
-def _sq_norm(tree) -> jax.Array:
-    leaves = [a for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    return sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1) for a in leaves)
-
-
 # --------------------------------------------------------------------------- the probe
 @dataclasses.dataclass(frozen=True, eq=False)
 class _PerExample(Wrapper):
@@ -166,32 +152,48 @@ class _PerExample(Wrapper):
         d_params, d_x = self.layer.backward(inner, d_y)
         if not _has_params(params):
             return (d_params, None), d_x
-        own = getattr(self.layer, "per_example_grads", None)
-        norms_only = self.mode in ("norms", "clip")
-        xg = _positions(self.layer, x, d_y)
-        per = None
-        if norms_only and xg is not None:
-            sq, how, per = _positions_sq_norms(self.layer, xg)
-        elif norms_only and isinstance(self.layer, Embedding):
-            sq, how = _embedding_sq_norms(self.layer, x, d_y)
+        found = _layer_positions(self.layer, inner, x, d_y)
+        if found is not None and not _covers(params, *found):
+            raise InputError(repr(self.layer), "per_example_positions does not cover every parameter",
+                             path=tuple(self.path.split("/")))
+        if found is not None:
+            out = self._positions(d_params, *found)
+        elif isinstance(self.layer, Embedding):
+            out = self._embedding(inner, x, d_y)
         else:
-            if xg is not None:
-                per, how = _positions_grads(self.layer, xg), "outer products over positions"
-            elif isinstance(self.layer, Embedding):
-                per, how = _embedding_grads(self.layer, x, d_y), "scatter per example"
-            elif callable(own):
-                per, how = own(inner, d_y), "the layer's per_example_grads"
-            else:
-                per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
-            if self.mode == "grads":
-                self.choices[self.path] = how
-                return (d_params, per), d_x
-            sq, how = _sq_norm(per), f"materialised ({how})"
-        self.choices[self.path] = how
+            out = self._materialised(inner, params, x, d_y, context)
+        return (d_params, out), d_x
+
+    def _positions(self, d_params, groups, rest):
+        if self.mode == "grads":
+            self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
+            return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
+        found = [g.sq_norms() for g in groups]
+        self.choices[self.path] = ", ".join(dict.fromkeys(how for _, how, _ in found)) or \
+            "materialised (the layer's per-example rule)"
+        sq = sum((s for s, _, _ in found), sq_norm(rest) if rest else 0.0)
         if self.mode == "clip":  # book-keeping: what the clipped sum's second step reads
-            kept = {"sq": sq, "res": inner, "d_y": d_y} if per is None else {"sq": sq, "per": per}
-            return (d_params, kept), d_x
-        return (d_params, sq), d_x
+            return {"sq": sq, "groups": groups, "per": [per for _, _, per in found], "rest": rest}
+        return sq
+
+    def _embedding(self, inner, ids, d_y):
+        if self.mode == "grads":
+            self.choices[self.path] = "scatter per example"
+            return _embedding_grads(self.layer, ids, d_y)
+        sq, self.choices[self.path] = _embedding_sq_norms(self.layer, ids, d_y)
+        return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
+
+    def _materialised(self, inner, params, x, d_y, context):
+        own = getattr(self.layer, "per_example_grads", None)
+        if callable(own):
+            per, how = own(inner, d_y), "the layer's per_example_grads"
+        else:
+            per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
+        if self.mode == "grads":
+            self.choices[self.path] = how
+            return per
+        self.choices[self.path] = f"materialised ({how})"
+        return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
 
 
 def _probe(model: Layer, mode: str, choices: dict) -> Layer:

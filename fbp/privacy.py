@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from fbp import per_example
 from fbp.core import Layer, Loss, leaf_layers, map_leaf_params, require_state, require_state_mode
+from fbp.nn.positions import assemble
 from fbp.validation import require_key, require_number
 
 
@@ -51,14 +52,23 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, 
     c = _weights(norms, l2_clip, mask)
     leaves = dict(leaf_layers(model))
 
+    def weigh(per):
+        return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), per)
+
     def clipped(path, leaf, d_params):
-        if path not in per:
+        kept = per.get(path)
+        if kept is None:
             return d_params
-        if "per" in per[path]:  # the norm's route materialised the per-example gradients: weigh them
-            return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), per[path]["per"])
+        if "groups" in kept:  # weights used over positions: Xᵀ (c ⊙ G), or weigh what was materialised
+            values = weigh(kept["rest"])
+            for group, materialised in zip(kept["groups"], kept["per"], strict=True):
+                values.update(group.weighted_sum(c) if materialised is None else weigh(materialised))
+            return assemble(d_params, values)
+        if "per" in kept:  # the norm's route materialised the per-example gradients: weigh them
+            return weigh(kept["per"])
         d_y = jax.tree_util.tree_map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
-                                     per[path]["d_y"])
-        return leaves[path].backward(per[path]["res"], d_y)[0]
+                                     kept["d_y"])
+        return leaves[path].backward(kept["res"], d_y)[0]
 
     out = values, map_leaf_params(model, grads, clipped), norms
     return (*out, pred) if with_pred else out

@@ -122,9 +122,16 @@ def test_a_user_layer_may_bring_its_own_rule_and_otherwise_falls_back():
             (x,) = res
             return {"s": (x * d_y).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
 
+    @dataclasses.dataclass(frozen=True)
+    class ScaleWithPositions(Scale):  # the (groups, rest) form of fbp.nn.positions
+        def per_example_positions(self, res, d_y):
+            (x,) = res
+            return [], {("s",): (x * d_y).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
     with jax.enable_x64(True):
         for layer, how in ((Scale(), "materialised (vmap of the layer's rules)"),
-                           (ScaleWithRule(), "materialised (the layer's per_example_grads)")):
+                           (ScaleWithRule(), "materialised (the layer's per_example_grads)"),
+                           (ScaleWithPositions(), "materialised (the layer's per-example rule)")):
             model = nn.Serial(nn.Dense(4), layer, nn.Dense(3))
             x, y = jax.random.normal(jax.random.PRNGKey(0), (5, 3)), jnp.arange(5) % 3
             params = model.init(jax.random.PRNGKey(1), x)
@@ -140,3 +147,34 @@ def test_batchnorm_in_training_is_refused_with_the_path():
         per_example.grads(model, CCE, has_state=True)(params, model.init_state(params), x, jnp.arange(4) % 3)
     with pytest.raises(InputError, match="has_state=True"):
         per_example.grad_norms(model, CCE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrongDense(nn.Dense):
+    """A deliberately wrong per-example rule: the cotangent of the last example is dropped."""
+
+    def per_example_positions(self, res, d_y):
+        (group,), rest = super().per_example_positions(res, d_y)
+        return [group._replace(g=group.g.at[-1].set(0))], rest
+
+
+@dataclasses.dataclass(frozen=True)
+class _PartialDense(nn.Dense):
+    def per_example_positions(self, res, d_y):
+        (group,), rest = super().per_example_positions(res, d_y)
+        return [group._replace(bias=None)], rest
+
+
+def test_the_reference_catches_a_wrong_rule_and_an_incomplete_one_is_refused():
+    with jax.enable_x64(True):
+        model = nn.Serial(nn.Dense(4), nn.Tanh(), nn.LastStep(), _WrongDense(3))
+        x, y = jax.random.normal(jax.random.PRNGKey(0), (5, 2, 3)), jnp.arange(5) % 3
+        params = model.init(jax.random.PRNGKey(1), x)
+        ref = reference(model, CCE, params, x, y)
+        with pytest.raises(AssertionError):
+            _close(per_example.grads(model, CCE)(params, x, y)[1], ref, 1e-6)
+        flat = jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), 1) for a in jax.tree_util.tree_leaves(ref)))
+        assert not np.allclose(per_example.grad_norms(model, CCE)(params, x, y)[1], flat, rtol=1e-6)
+        partial = nn.Serial(nn.Dense(4), _PartialDense(3))
+        with pytest.raises(InputError, match=r"does not cover every parameter.*at path '1'|at path '1'.*cover"):
+            per_example.grad_norms(partial, CCE)(partial.init(jax.random.PRNGKey(1), x[:, 0]), x[:, 0], y)

@@ -16,6 +16,8 @@ MODELS = {
     "mlp": (nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(3)), (6, 5)),
     "cnn": (nn.Serial(nn.Conv2D(4, 3), nn.ReLU(), nn.LayerNorm(), nn.Flatten(), nn.Dense(3)), (5, 6, 6, 2)),
     "rnn": (nn.Serial(nn.Dense(6), nn.LSTM(5), nn.LastStep(), nn.Dense(3)), (4, 7, 3)),
+    "tokens": (nn.Serial(nn.Embedding(9, 6), nn.LearnedPositionalEmbedding(5), nn.TransformerBlock(2, 12),
+                         nn.GRU(5), nn.LastStep(), nn.Dense(3)), (4, 5)),
 }
 
 
@@ -27,7 +29,8 @@ def _per_example(model, params, x, y):
 def test_clipped_sum_is_the_sum_of_clipped_per_example_gradients(name):
     with jax.enable_x64(True):
         model, shape = MODELS[name]
-        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        x = jax.random.randint(jax.random.PRNGKey(0), shape, 0, 9) if name == "tokens" else \
+            jax.random.normal(jax.random.PRNGKey(0), shape)
         y = jnp.arange(shape[0]) % 3
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
         per = _per_example(model, params, x, y)

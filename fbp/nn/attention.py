@@ -29,6 +29,7 @@ from fbp.nn import init as initializers
 from fbp.nn.activations import GELU
 from fbp.nn.dense import Dense
 from fbp.nn.norm import LayerNorm
+from fbp.nn.positions import Positions
 
 _NAMES = ("q", "k", "v", "o")
 
@@ -128,7 +129,8 @@ class MultiHeadAttention(Layer):
         res = (x, q, k, v, p, o, scale, {n: params[f"w_{n}"] for n in _NAMES}, isinstance(inputs, tuple))
         return y, res
 
-    def backward(self, res, d_y):
+    def _cotangents(self, res, d_y):
+        """``(d_q, d_k, d_v)``: the cotangents of the three input projections, ``(B, T, d)`` each."""
         x, q, k, v, p, o, scale, w, has_mask = res
         d_o = self._heads(d_y @ w["o"].T)
         d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
@@ -136,16 +138,29 @@ class MultiHeadAttention(Layer):
         d_s = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True))
         d_q = jnp.einsum("bhqj,bhjk->bhqk", d_s, k) * scale  # q in the residuals is already scaled
         d_k = jnp.einsum("bhqj,bhqk->bhjk", d_s, q)
+        return tuple(self._merge(d) for d in (d_q, d_k, d_v))
+
+    def backward(self, res, d_y):
+        x, o, w, has_mask = res[0], res[5], res[7], res[8]
         x2 = _flat(x)
         grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": _flat(d_y).sum(0)}
         d_x = 0
-        for name, d in (("q", d_q), ("k", d_k), ("v", d_v)):
-            d2 = _flat(self._merge(d))
+        for name, d in zip("qkv", self._cotangents(res, d_y), strict=True):
+            d2 = _flat(d)
             grads[f"w_{name}"] = x2.T @ d2
             grads[f"b_{name}"] = d2.sum(0)
             d_x = d_x + d2 @ w[name].T
         d_x = d_x.reshape(x.shape)
         return grads, ((d_x, None) if has_mask else d_x)
+
+    def per_example_positions(self, res, d_y):
+        """Per-example rule (:mod:`fbp.nn.positions`): each projection is used at every token —
+        ``w_q, w_k, w_v`` on the input with the cotangents of q, k, v; ``w_o`` on the heads' output."""
+        x, o = res[0], res[5]
+        d = x.shape[-1]
+        groups = [Positions((((f"w_{n}",), [x], (d, d)),), g, (f"b_{n}",))
+                  for n, g in zip("qkv", self._cotangents(res, d_y), strict=True)]
+        return groups + [Positions(((("w_o",), [o], (d, d)),), d_y, ("b_o",))], {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,20 +202,38 @@ class TransformerBlock(Layer):
         return h + m, res
 
     def backward(self, res, d_y):
+        return self._backward(res, d_y)[:2]
+
+    def _backward(self, res, d_y):
+        """``(grads, d_x, seen)``: ``seen[name] = (part, residuals, output cotangent)`` for every
+        part with parameters (what :meth:`per_example_positions` reads)."""
         r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
-        parts = self._parts(d)
-        grads = {}
-        grads["mlp_out"], g = parts["mlp_out"].backward(r_out, d_y)
+        parts, grads, seen = self._parts(d), {}, {}
+
+        def back(name, r, g):
+            seen[name] = (parts[name], r, g)
+            grads[name], g = parts[name].backward(r, g)
+            return g
+
+        g = back("mlp_out", r_out, d_y)
         _, g = parts["gelu"].backward(r_gelu, g)
-        grads["mlp_in"], g = parts["mlp_in"].backward(r_in, g)
-        grads["ln2"], g = parts["ln2"].backward(r_ln2, g)
+        g = back("ln2", r_ln2, back("mlp_in", r_in, g))
         d_h = d_y + g
-        grads["attention"], g = parts["attention"].backward(r_att, d_h)
+        g = back("attention", r_att, d_h)
         if has_mask:
             g = g[0]
-        grads["ln1"], g = parts["ln1"].backward(r_ln1, g)
-        d_x = d_h + g
-        return grads, ((d_x, None) if has_mask else d_x)
+        d_x = d_h + back("ln1", r_ln1, g)
+        return grads, ((d_x, None) if has_mask else d_x), seen
+
+    def per_example_positions(self, res, d_y):
+        """Per-example rule (:mod:`fbp.nn.positions`): its parts' own, keys under the part's name."""
+        groups, rest = [], {}
+        for name, (part, r, g) in self._backward(res, d_y)[2].items():
+            part_groups, part_rest = part.per_example_positions(r, g)
+            groups += [Positions(tuple(((name, *key), ps, shape) for key, ps, shape in grp.kernels), grp.g,
+                                 None if grp.bias is None else (name, *grp.bias)) for grp in part_groups]
+            rest.update({(name, *key): value for key, value in part_rest.items()})
+        return groups, rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +259,12 @@ class LearnedPositionalEmbedding(Layer):
     def backward(self, shape, d_y):
         d_table = jnp.zeros(shape, d_y.dtype).at[: d_y.shape[1]].set(d_y.sum(0))
         return {"table": d_table}, d_y
+
+    def per_example_positions(self, shape, d_y):
+        """Per-example rule (:mod:`fbp.nn.positions`): example ``b``'s table gradient is ``d_y[b]``
+        in the first ``T`` rows."""
+        per = jnp.zeros((d_y.shape[0], *shape), d_y.dtype).at[:, : d_y.shape[1]].set(d_y)
+        return [], {("table",): per}
 
 
 def sinusoidal_table(length: int, d: int, dtype=jnp.float32):

@@ -137,10 +137,12 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
     return lax.map(one, jnp.array(offsets, jnp.int32)).reshape(kernel_shape)
 
 
-def conv_patches(x, kernel_shape, strides, pads, rhs_dilation, out_spatial):
-    """The im2col patches of an ungrouped convolution without input dilation, per example:
-    ``(N, prod(out), taps·C_in)``, ordered like ``w.reshape(-1, C_out)`` — so the kernel gradient
-    of example ``b`` is ``patches[b]ᵀ d_y[b]`` (used for per-example gradients, :mod:`fbp.per_example`)."""
+def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> list:
+    """The im2col patches of an ungrouped convolution without input dilation, one kernel tap at a
+    time: a list of ``(N, prod(out), C_in)`` windows in the order of ``w.reshape(-1, C_out)``'s
+    rows, so the kernel gradient of example ``b`` is ``concat_k(windows[k][b]ᵀ d_y[b])``. Kept
+    apart (never concatenated into one ``taps·C_in``-wide patch matrix) so per-example gradients
+    and Gram matrices (:mod:`fbp.per_example`) need one window at a time."""
     n = len(strides)
     taps, c_in = kernel_shape[:n], kernel_shape[-2]
     xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
@@ -149,7 +151,7 @@ def conv_patches(x, kernel_shape, strides, pads, rhs_dilation, out_spatial):
         index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
                       for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial))
         windows.append(xp[(slice(None), *index, slice(None))].reshape(x.shape[0], -1, c_in))
-    return jnp.concatenate(windows, axis=-1)
+    return windows
 
 
 # --------------------------------------------------------------------------- layers

@@ -23,6 +23,7 @@ import jax
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
+from fbp.nn.positions import Positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,13 @@ class Dense(Layer):
             d_params["b"] = d_y2.sum(axis=0)
         d_x = (d_y2 @ w.T).reshape(x.shape)
         return d_params, d_x
+
+    def per_example_positions(self, res, d_y):
+        """Per-example rule (:mod:`fbp.nn.positions`): ``w`` is used at every position between the
+        batch axis and the features (one position on ``(B, n_in)`` input)."""
+        x = res[0]
+        x3, g3 = x.reshape(x.shape[0], -1, x.shape[-1]), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+        return [Positions(((("w",), [x3], (x.shape[-1], d_y.shape[-1])),), g3, ("b",) if self.use_bias else None)], {}
 
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its

@@ -59,6 +59,14 @@ def _param_grads(x_hat, d_y):
     return {"scale": (d_y * x_hat).reshape(-1, channels).sum(0), "bias": d_y.reshape(-1, channels).sum(0)}
 
 
+def _per_example_param_grads(res, d_y):
+    """Per-example ``scale``/``bias`` gradients ``(B, C)`` of a per-example normalisation
+    (LayerNorm, GroupNorm): the sums of ``d_y ⊙ x̂`` and ``d_y`` over each example's positions;
+    in :mod:`fbp.per_example`'s ``(groups, rest)`` form."""
+    x_hat, b, c = res[0], d_y.shape[0], d_y.shape[-1]
+    return [], {("scale",): (d_y * x_hat).reshape(b, -1, c).sum(1), ("bias",): d_y.reshape(b, -1, c).sum(1)}
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchNorm(Layer):
     """Batch normalisation over every axis but the last (channels).
@@ -162,6 +170,9 @@ class LayerNorm(Layer):
         x_hat, inv, scale = res
         return _param_grads(x_hat, d_y), _normalize_backward(x_hat, inv, d_y * scale, (-1,))
 
+    def per_example_positions(self, res, d_y):
+        return _per_example_param_grads(res, d_y)
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupNorm(Layer):
@@ -204,3 +215,6 @@ class GroupNorm(Layer):
         axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
         d_x = _normalize_backward(xg_hat, inv, g, axes).reshape(x_hat.shape)
         return _param_grads(x_hat, d_y), d_x
+
+    def per_example_positions(self, res, d_y):
+        return _per_example_param_grads(res, d_y)

@@ -37,6 +37,7 @@ from jax import lax
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating, require_no_params
 from fbp.nn import init as initializers
+from fbp.nn.positions import Positions, batch_major
 
 
 def _sigmoid(z):
@@ -116,6 +117,33 @@ class _Recurrent(Layer):
         h_prev = _flat(h_prev).T
         return jnp.concatenate([h_prev @ _flat(d) for d in d_r], axis=1)
 
+    def _cotangents(self, res, d_y):
+        """``(d_a, d_r, h_prev, d_carry0)``: the reverse scan's gate cotangents as time-major
+        ``(T, B, H)`` blocks (``d_r`` the recurrent projection's where it differs, else ``None``),
+        the states entering each step, and the initial state's cotangent."""
+        raise NotImplementedError
+
+    def backward(self, res, d_y):
+        x, w_x, has_carry = res[0], res[-3], res[-1]
+        d_a, d_r, h_prev, d_carry = self._cotangents(res, d_y)
+        d_params, d_x = self._weight_grads(x, w_x, d_a, h_prev, d_r)
+        if d_r is not None:
+            d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
+        return d_params, ((d_x, d_carry) if has_carry else d_x)
+
+    def per_example_positions(self, res, d_y):
+        """Per-example rule (:mod:`fbp.nn.positions`): ``W_x`` and ``W_h`` are used at every time
+        step, with inputs ``x_t`` and ``h_{t-1}`` and the gate cotangents ``dA_t`` as outputs'."""
+        x = res[0]
+        d_a, d_r, h_prev, _ = self._cotangents(res, d_y)
+        g, h_prev = batch_major(jnp.concatenate(d_a, axis=-1)), batch_major(h_prev)
+        w_x = (("w_x",), [x], (x.shape[-1], g.shape[-1]))
+        w_h = (("w_h",), [h_prev], (self.hidden, g.shape[-1]))
+        if d_r is None:
+            return [Positions((w_x, w_h), g, ("b",))], {}
+        return [Positions((w_x,), g, ("b",)), Positions((w_h,), batch_major(jnp.concatenate(d_r, axis=-1)),
+                                                         ("b_h",))], {}
+
     def _weight_grads(self, x, w_x, d_a, h_prev, d_r=None):
         """The post-scan matmuls: ``d_W_x``, ``d_b``, ``d_W_h`` and ``d_x`` from the time-major gate
         cotangents ``d_a`` — a tuple of ``(T, B, H)`` blocks, one per gate, never concatenated into
@@ -150,7 +178,7 @@ class SimpleRNN(_Recurrent):
         _, hs = lax.scan(step, h0, self._time_major(x))
         return hs.swapaxes(0, 1), (x, h0, hs, params["w_x"], w_h, isinstance(inputs, tuple))
 
-    def backward(self, res, d_y):
+    def _cotangents(self, res, d_y):
         x, h0, hs, w_x, w_h, has_carry = res
 
         def step(dh_next, inp):
@@ -159,8 +187,7 @@ class SimpleRNN(_Recurrent):
             return d_a @ w_h.T, d_a
 
         d_h0, d_a = lax.scan(step, jnp.zeros_like(h0), (jnp.arange(d_y.shape[1]), hs), reverse=True)
-        d_params, d_x = self._weight_grads(x, w_x, (d_a,), self._shifted(h0, hs))
-        return d_params, ((d_x, d_h0) if has_carry else d_x)
+        return (d_a,), None, self._shifted(h0, hs), d_h0
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -216,7 +243,7 @@ class LSTM(_Recurrent):
         """``(dA_i, dA_f, dA_g)`` from the cell-state cotangent ``dc`` of a step."""
         return dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g)
 
-    def backward(self, res, d_y):
+    def _cotangents(self, res, d_y):
         x, h0, hs, c_prev, gates, w_x, w_h, has_carry = res
 
         def step(carry, inp):
@@ -236,9 +263,7 @@ class LSTM(_Recurrent):
         # over all steps at once (cheap, vectorised) — the reverse loop's peak memory is two
         # sequence-sized arrays lower and it writes half as much
         i, f, g, _ = gates
-        d_a = (*self._cell_grads(dc, c_prev, i, f, g), da_o)
-        d_params, d_x = self._weight_grads(x, w_x, d_a, self._shifted(h0, hs))
-        return d_params, ((d_x, (d_h0, d_c0)) if has_carry else d_x)
+        return (*self._cell_grads(dc, c_prev, i, f, g), da_o), None, self._shifted(h0, hs), (d_h0, d_c0)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -288,7 +313,7 @@ class GRU(_Recurrent):
         da_n = dh * (1 - z) * (1 - n * n)
         return dh * (h_prev - n) * z * (1 - z), da_n * r_n * r * (1 - r), da_n, da_n * r
 
-    def backward(self, res, d_y):
+    def _cotangents(self, res, d_y):
         x, h0, hs, parts, w_x, w_h, has_carry = res
         h_prev = self._shifted(h0, hs)
 
@@ -302,10 +327,8 @@ class GRU(_Recurrent):
         d_h0, dh = lax.scan(step, jnp.zeros_like(h0), (steps, h_prev, parts), reverse=True)
         # the loop emits dh alone; the four blocks are recomputed from it over all steps at once
         da_z, da_r, da_n, dr_n = self._gate_grads(dh, h_prev, *parts)
-        d_r = (da_z, da_r, dr_n)  # the recurrent projection's cotangent differs in the n block
-        d_params, d_x = self._weight_grads(x, w_x, (da_z, da_r, da_n), h_prev, d_r)
-        d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
-        return d_params, ((d_x, d_h0) if has_carry else d_x)
+        # the recurrent projection's cotangent differs from the input projection's in the n block
+        return (da_z, da_r, da_n), (da_z, da_r, dr_n), h_prev, d_h0
 
 
 @dataclasses.dataclass(frozen=True)

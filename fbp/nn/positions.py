@@ -1,0 +1,117 @@
+"""Weights used like a Dense layer at many positions per example: per-example gradients, their
+norms and clipped sums from a layer's inputs and output cotangents.
+
+A weight ``W`` applied at ``T`` positions of example ``b`` (the time steps of a recurrent layer,
+the tokens of an attention projection, the output pixels of a convolution) has the
+per-example gradient
+
+.. math::  \\nabla_W \\ell_b = X_b^\\top G_b = \\sum_t x_{bt} g_{bt}^\\top,
+
+with ``X_b: (T, n_in)`` the inputs it multiplied and ``G_b: (T, n_out)`` the cotangents of its
+products. Everything per example follows from ``(X, G)``:
+
+* materialised: ``X_bᵀ G_b`` for every ``b`` — ``T·n_in·n_out`` per example;
+* the ghost norm (Li et al., 2022; Bu et al., 2023): ``‖X_bᵀ G_b‖² = Σ_{t,s} (x_t·x_s)(g_t·g_s)``
+  from two ``T × T`` Gram matrices — ``T²(n_in + n_out)`` per example, and no per-example
+  gradient ever exists;
+* a clipped (weighted) sum ``Σ_b c_b X_bᵀ G_b = Xᵀ (c ⊙ G)``: one matmul over all ``B·T`` rows.
+
+A bias beside ``W`` has the per-example gradient ``Σ_t g_bt``. Several kernels may share one
+``G`` (an LSTM's ``W_x`` and ``W_h`` both multiply into the gate pre-activations); their inputs
+then stack, ``X = [x_t, h_{t-1}]``, and so do their Gram matrices.
+
+Layers describe such weights with :class:`Positions` through a ``per_example_positions(res, d_y)``
+method (see :mod:`fbp.per_example`). Keys are tuples into the layer's params
+(``("attention", "w_q")`` for nested dicts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Positions(NamedTuple):
+    """Kernels that share one output cotangent ``g: (B, T, n_out)``.
+
+    ``kernels``: ``((key, parts, shape), ...)`` — the kernel at ``key`` (a tuple into params)
+    has the per-example gradient ``concat(parts, -1)_bᵀ g_b`` reshaped to ``shape``, every part
+    ``(B, T, n_k)`` (a convolution's kernel taps are separate parts, never concatenated).
+    ``bias``: the key of the bias whose gradient is ``Σ_t g_bt``, or ``None``."""
+
+    kernels: tuple
+    g: jax.Array
+    bias: Any = None
+
+    @property
+    def length(self) -> int:
+        return self.g.shape[1]
+
+    @property
+    def fan_in(self) -> int:
+        return sum(part.shape[-1] for _, parts, _ in self.kernels for part in parts)
+
+    def ghost_is_cheaper(self) -> bool:
+        t, n_out = self.length, self.g.shape[-1]
+        return t * t * (self.fan_in + n_out) < t * self.fan_in * n_out
+
+    def grads(self) -> dict:
+        """``{key: (B, *shape)}`` per-example gradients, materialised."""
+        b = self.g.shape[0]
+        out = {key: jnp.concatenate([jnp.einsum("bti,btj->bij", part, self.g) for part in parts], axis=1)
+                    .reshape((b, *shape)) for key, parts, shape in self.kernels}
+        if self.bias is not None:
+            out[self.bias] = self.g.sum(axis=1)
+        return out
+
+    def bias_sq_norm(self):
+        return jnp.sum(jnp.square(self.g.sum(axis=1)), axis=1) if self.bias is not None else 0.0
+
+    def sq_norms(self) -> tuple[jax.Array, str, dict | None]:
+        """``(squared norms (B,), route, per-example grads or None)``: ``‖x‖²‖g‖²`` at one position,
+        else the ghost norm or materialisation, whichever costs less for these shapes (the grads
+        come back when they were materialised, so a clipped sum can weigh them directly)."""
+        parts = [part for _, ps, _ in self.kernels for part in ps]
+        if self.length == 1:
+            x_sq = sum(jnp.sum(jnp.square(part[:, 0]), 1) for part in parts)
+            return x_sq * jnp.sum(jnp.square(self.g[:, 0]), 1) + self.bias_sq_norm(), "norms ‖x‖‖g‖", None
+        if self.ghost_is_cheaper():
+            x_gram = sum(jnp.einsum("bti,bsi->bts", part, part) for part in parts)
+            gram = x_gram * jnp.einsum("btj,bsj->bts", self.g, self.g)
+            return jnp.sum(gram, axis=(1, 2)) + self.bias_sq_norm(), f"ghost norm (T={self.length})", None
+        per = self.grads()
+        return sq_norm(per), f"materialised (T={self.length})", per
+
+    def weighted_sum(self, c) -> dict:
+        """``{key: Σ_b c_b X_bᵀ G_b}`` (and the bias ``Σ_b c_b Σ_t g_bt``) as ``Xᵀ (c ⊙ G)``."""
+        g = self.g * c.astype(self.g.dtype)[:, None, None]
+        out = {key: jnp.concatenate([jnp.einsum("bti,btj->ij", part, g) for part in parts], axis=0)
+                    .reshape(shape) for key, parts, shape in self.kernels}
+        if self.bias is not None:
+            out[self.bias] = g.sum(axis=(0, 1))
+        return out
+
+
+def sq_norm(per: dict) -> jax.Array:
+    """Σ over a dict (or pytree) of per-example arrays ``(B, ...)`` of their squared entries."""
+    leaves = [a for a in jax.tree_util.tree_leaves(per) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1) for a in leaves)
+
+
+def batch_major(a):
+    """``(T, B, ...) -> (B, T, ...)``."""
+    return a.swapaxes(0, 1)
+
+
+def assemble(template, values: dict):
+    """``template`` (a params-shaped dict) with the entries at ``values``' key tuples replaced."""
+    out = dict(template)
+    for key, value in values.items():
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) == 1:
+            out[key[0]] = value
+        else:
+            out[key[0]] = assemble(out[key[0]], {key[1:]: value})
+    return out
