@@ -4,18 +4,23 @@ The backward pass of a batch already holds, at every layer, the layer's input ``
 cotangent ``g = ∂L/∂y`` at its output, one row per example. Per-example quantities are built
 from them where each layer's rule runs — no ``vmap(grad)`` over the whole model, no second pass:
 
-* **Dense** on ``(B, n_in)``: ``∇_w ℓ_b = x_b g_bᵀ``, so ``‖∇_w ℓ_b‖ = ‖x_b‖ ‖g_b‖`` — the norm
-  without the gradient. With positions (``(B, T, n_in)``, weights shared over ``T``):
-  ``∇_w ℓ_b = Σ_t x_bt g_btᵀ`` and ``‖∇_w ℓ_b‖² = Σ_{t,s} (x_bt·x_bs)(g_bt·g_bs)``, the *ghost
-  norm* from two ``T×T`` Gram matrices (Li et al., 2022), used when ``T² (n_in + n_out)`` is
-  smaller than materialising ``T n_in n_out`` (mixed ghost clipping, Bu et al., 2023).
-* **Conv1D/Conv2D** (ungrouped): the same with positions = output pixels and ``x_bt`` the im2col
-  patch under each (``‖∇_w ℓ_b‖²`` by ghost norm or by the ``(taps·C_in) × C_out`` matrix).
+* **Weights used like a Dense at many positions** (:mod:`fbp.nn.positions`): ``∇_W ℓ_b = X_bᵀ G_b``
+  from the inputs ``X_b`` and product cotangents ``G_b`` at the ``T`` positions of example ``b``.
+  At one position the norm is ``‖x_b‖ ‖g_b‖`` — without the gradient; otherwise the *ghost norm*
+  ``Σ_{t,s} (x_bt·x_bs)(g_bt·g_bs)`` from two ``T×T`` Gram matrices (Li et al., 2022) when
+  ``T² (n_in + n_out)`` is smaller than materialising ``T n_in n_out`` (mixed ghost clipping,
+  Bu et al., 2023). Layers describe such weights by a ``per_example_positions(res, d_y)`` rule
+  beside their backward: Dense (positions: the axes between batch and features),
+  SimpleRNN/LSTM/GRU (time steps; ``[x_t, h_{t-1}]`` against the gate cotangents),
+  MultiHeadAttention (tokens; four projections), TransformerBlock (its parts'), LayerNorm,
+  GroupNorm and LearnedPositionalEmbedding (their per-example gradients directly). Ungrouped
+  convolutions use output pixels as positions and the im2col windows one kernel tap at a time.
 * **Embedding**: ``‖∇ ℓ_b‖² = Σ_{t,s} [id_bt = id_bs] (g_bt·g_bs)`` (ghost) or the scatter.
-* **Every other layer** (convolutions, norms, recurrent, attention, a user's own): the layer's own
+* **Every other layer** (grouped or transposed convolutions, a user's own): the layer's own
   rules run on each example alone — ``vmap`` over a batch-of-one forward and backward of *that
   layer only*, from its input and its output cotangent. A user's layer may instead define
-  ``per_example_grads(res, d_y)`` returning ``d_params`` with a leading batch axis.
+  ``per_example_positions`` or ``per_example_grads(res, d_y)`` (``d_params`` with a leading
+  batch axis).
 * **BatchNorm in training mode** couples the examples of a batch (its statistics are the batch's):
   per-example gradients are not defined, and it raises, suggesting GroupNorm or LayerNorm.
 

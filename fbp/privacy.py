@@ -10,12 +10,13 @@ with ``B̄`` the expected batch size (Poisson sampling) and ``σ`` the noise mul
 once; at every layer with parameters :mod:`fbp.per_example` computes the per-example squared
 norms from the layer's input and output cotangent (``‖x_b‖‖g_b‖`` for a Dense, ghost norms over
 positions) and keeps the residuals and the cotangent it already holds. With the total norms
-known, each layer's clipped sum is its own weight-gradient rule applied once more to the
-rescaled cotangent, ``backward(res, c ⊙ d_y)`` — for a Dense ``xᵀ diag(c) g`` — because a
-layer's parameter gradient is linear in its output cotangent and a sum over examples (where the
-norm's route materialised the per-example gradients anyway, they are weighed directly). No
-per-example gradient is materialised where the norm has a cheaper route, and the cotangents are
-not propagated a second time.
+known, each layer's clipped sum is ``Σ_b c_b X_bᵀ G_b = Xᵀ (c ⊙ G)`` — one matmul over the batch
+from the inputs and product cotangents the backward already holds (:mod:`fbp.nn.positions`; for
+an LSTM the gate cotangents of the one reverse scan). Where the norm's route materialised the
+per-example gradients they are weighed directly; a layer without a positions rule reruns its own
+weight-gradient rule on the rescaled cotangent, ``backward(res, c ⊙ d_y)`` (a parameter gradient
+is linear in the output cotangent and a sum over examples). No per-example gradient is
+materialised where the norm has a cheaper route, and cotangents are not propagated a second time.
 
 References:
     Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.

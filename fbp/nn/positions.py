@@ -60,7 +60,7 @@ class Positions(NamedTuple):
     def grads(self) -> dict:
         """``{key: (B, *shape)}`` per-example gradients, materialised."""
         b = self.g.shape[0]
-        out = {key: jnp.concatenate([jnp.einsum("bti,btj->bij", part, self.g) for part in parts], axis=1)
+        out = {key: _rows([jnp.einsum("bti,btj->bij", part, self.g) for part in parts], axis=1)
                     .reshape((b, *shape)) for key, parts, shape in self.kernels}
         if self.bias is not None:
             out[self.bias] = self.g.sum(axis=1)
@@ -86,12 +86,16 @@ class Positions(NamedTuple):
 
     def weighted_sum(self, c) -> dict:
         """``{key: Σ_b c_b X_bᵀ G_b}`` (and the bias ``Σ_b c_b Σ_t g_bt``) as ``Xᵀ (c ⊙ G)``."""
-        g = self.g * c.astype(self.g.dtype)[:, None, None]
-        out = {key: jnp.concatenate([jnp.einsum("bti,btj->ij", part, g) for part in parts], axis=0)
-                    .reshape(shape) for key, parts, shape in self.kernels}
+        g = (self.g * c.astype(self.g.dtype)[:, None, None]).reshape(-1, self.g.shape[-1])  # (B·T, n_out)
+        out = {key: _rows([part.reshape(-1, part.shape[-1]).T @ g for part in parts]).reshape(shape)
+               for key, parts, shape in self.kernels}
         if self.bias is not None:
-            out[self.bias] = g.sum(axis=(0, 1))
+            out[self.bias] = g.sum(axis=0)
         return out
+
+
+def _rows(blocks: list, axis: int = 0):
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=axis)
 
 
 def sq_norm(per: dict) -> jax.Array:
