@@ -6,6 +6,7 @@ early-stopping monitor against the metrics ``fit`` will record."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,18 @@ def check_arguments(loss: Loss, key, epochs, batch_size, validation_split, log_e
         raise ValueError(f"fit: metrics must be a list drawn from ['loss', 'accuracy'], got {metrics!r}")
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"fit: {loss!r} returns one value per example; fit needs reduction='mean' or 'sum'")
+
+
+def check_checkpointing(directory, every, resume, keep) -> None:
+    """``fit``'s checkpoint arguments."""
+    if directory is not None and not isinstance(directory, (str, bytes, os.PathLike)):
+        raise TypeError(f"fit: checkpoint_dir must be a path, got {type(directory).__name__}")
+    _require_int("checkpoint_every", every, 1)
+    _require_int("keep_checkpoints", keep, 1, none_ok=True)
+    if not isinstance(resume, bool):
+        raise TypeError(f"fit: resume must be True or False, got {resume!r}")
+    if resume and directory is None:
+        raise ValueError("fit: resume=True needs the checkpoint_dir to resume from")
 
 
 def recorded_metrics(classify: bool, validation: bool) -> list[str]:

@@ -19,7 +19,6 @@ per epoch instead of one per step — much faster for small models); the numbers
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import warnings
@@ -32,95 +31,19 @@ import numpy as np
 
 from fbp import data as fdata
 from fbp import debug as fdebug
-from fbp import losses as flosses
 from fbp import preflight
 from fbp import privacy as fprivacy
+from fbp import resume as fresume
 from fbp import telemetry as ftelemetry
-from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
-from fbp.optim import GradientTransformation, apply_updates
+from fbp.core import Layer, Loss
+from fbp.optim import GradientTransformation
 from fbp.optim import learning_rate as read_learning_rate
+from fbp.steps import _compiled, _epoch_batches, _examples_from, _stat_names, correct_count, evaluate, make_step
 from fbp.stopping import MODES, EarlyStopping  # noqa: F401  (fbp.train.EarlyStopping is the public name)
 
+__all__ = ["EarlyStopping", "FitResult", "correct_count", "evaluate", "fit", "make_step"]
+
 PyTree = Any
-
-
-# --------------------------------------------------------------------------- metrics
-def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
-    """How many predictions are right: argmax over classes, or a threshold for one output.
-
-    The threshold is 0 for logits and hinge scores, 0.5 for probabilities; hinge labels are ±1.
-    ``where`` (``(B,)`` booleans) counts only those examples.
-    """
-    if pred.ndim >= 2 and pred.shape[-1] > 1:
-        labels = target if jnp.issubdtype(target.dtype, jnp.integer) else jnp.argmax(target, axis=-1)
-        right = jnp.argmax(pred, axis=-1) == labels
-    else:
-        logits = getattr(loss, "from_logits", False) or isinstance(loss, flosses.Hinge)
-        right = (pred > (0.0 if logits else 0.5)) == (target > (0.0 if isinstance(loss, flosses.Hinge) else 0.5))
-    if where is not None:
-        right = right & where.reshape(where.shape + (1,) * (right.ndim - 1))
-    return jnp.sum(right)
-
-
-def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = None) -> dict[str, float]:
-    """``{"loss": ..., "accuracy": ...}`` in evaluation mode (accuracy for classification losses)."""
-    pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, jnp.asarray(x))
-    out = {"loss": float(loss(pred, jnp.asarray(y)))}
-    if getattr(loss, "classification", False):
-        out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / _examples_from(y, loss)
-    return out
-
-
-# --------------------------------------------------------------------------- the step
-def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
-              has_state: bool = False) -> Callable:
-    """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
-    by default; ``key`` only for models with random layers. With ``has_state=True``:
-    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
-    (a model that keeps state must use it: its new state would otherwise be lost)."""
-    require_state_mode(model, has_state, "fbp.train.make_step")
-
-    def step(params, opt_state, x, y, *, key=None):
-        value, grads, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return apply_updates(params, updates), opt_state, value
-
-    def step_with_state(params, state, opt_state, x, y, *, key=None):
-        require_state(model, state, "fbp.train.make_step")
-        value, grads, _, state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return apply_updates(params, updates), state, opt_state, value
-
-    chosen = step_with_state if has_state else step
-    return jax.jit(chosen) if jit else chosen
-
-
-def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
-    """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
-    epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
-    the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
-    probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
-
-    def step(carry, x, y, batches, row, epoch_key, step_number):
-        params, state, opt_state, loss_sum, correct, stat_sum = carry
-        idx = batches[row]
-        xb, yb = x[idx], y[idx]
-        step_key = jax.random.fold_in(epoch_key, step_number)
-        if augment is not None:
-            xb = augment(jax.random.fold_in(step_key, 1), xb)
-        key = step_key if model.needs_key else None
-        if probed is None:
-            value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
-        else:
-            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key)
-            stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
-        loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
-        correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
-        return apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum
-
-    return step
 
 
 # --------------------------------------------------------------------------- the result
@@ -152,14 +75,14 @@ class FitResult(NamedTuple):
         return self.stop_reason.startswith("non-finite")
 
 
-def _progress(epochs: int, enabled: bool):
+def _progress(first: int, epochs: int, enabled: bool):
     if not enabled:
-        return range(epochs), None
+        return range(first, epochs), None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the examples extra
         return range(epochs), None
-    bar = tqdm(range(epochs), unit="epoch", leave=True)
+    bar = tqdm(range(first, epochs), unit="epoch", leave=True, initial=first, total=epochs)
     return bar, bar
 
 
@@ -184,7 +107,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
         augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
-        privacy: fprivacy.DPSGD | None = None) -> FitResult:
+        privacy: fprivacy.DPSGD | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
+        resume: bool = False, keep_checkpoints: int | None = 3) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -208,6 +132,14 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         privacy: train with DP-SGD (:class:`fbp.privacy.DPSGD`): per-example clipping in one
             backward pass, Gaussian noise, Poisson sampling with expected batch ``batch_size``;
             the history gains ``epsilon`` (at the spec's ``delta``) after every epoch.
+        checkpoint_dir: save the whole run (:mod:`fbp.resume`: params, optimizer and model
+            state, history, early-stopping state) there every ``checkpoint_every`` epochs, at
+            the last epoch and when training stops early, keeping the newest
+            ``keep_checkpoints`` (:mod:`fbp.checkpoint`: pickle-free, checksummed, atomic).
+            A directory that already holds checkpoints is refused unless ``resume``.
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
+            is none). Give the same arguments and ``key``: the resumed run ends bit-identical
+            to one that was never interrupted. ``epochs`` may be raised to train longer.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
@@ -224,6 +156,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         are means per example for ``reduction="mean"`` and ``"sum"`` alike.
     """
     preflight.check_arguments(loss, key, epochs, batch_size, validation_split, log_every, metrics)
+    preflight.check_checkpointing(checkpoint_dir, checkpoint_every, resume, keep_checkpoints)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
         raise TypeError(f"fit: early_stopping must be an fbp.train.EarlyStopping, got {type(early_stopping).__name__}")
     fdata.validate(x, y, num_classes=num_classes, name="training data")
@@ -262,20 +195,17 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
 
-    history: dict[str, list[float]] = {}
-    stat_history: dict[str, dict[str, list[float]]] = {}
-    best, best_epoch, best_params, best_state, waited = None, None, params, state, 0
-    epoch_range, bar = _progress(epochs, progress)
-    carry = (params, state, opt_state)
-    good = carry  # the last carry that ended an epoch with everything finite
-    epochs_run, stop_reason = 0, f"completed {epochs} epochs"
-    for epoch in epoch_range:
+    loop = fresume.LoopState.start(params, state, opt_state)
+    if checkpoint_dir is not None:
+        loop = fresume.prepare(checkpoint_dir, loop, key, resume)
+    epoch_range, bar = _progress(loop.epoch, epochs, progress and loop.stop_reason is None)
+    for epoch in (epoch_range if loop.stop_reason is None else ()):
         start = time.perf_counter()
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
         if privacy is not None:  # Poisson batches are drawn inside the step; fixed ones drop the rest
             full, rest = (jnp.zeros((n // batch_size, 1), jnp.int32) if privacy.sampling == "poisson" else full), None
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
-        start_carry = carry = (*carry[:3], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
+        start_carry = carry = (*loop.carry, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
         if scan_epochs and full.shape[0] > 1:
             carry = scan_jit(carry, x, y, full, epoch_key)
         else:
@@ -301,60 +231,56 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             pass
         record["seconds"] = time.perf_counter() - start
         for name, value in record.items():
-            history.setdefault(name, []).append(value)
+            loop.history.setdefault(name, []).append(value)
         if telemetry:
-            ftelemetry.record_epoch(stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
-        epochs_run = epoch + 1
+            ftelemetry.record_epoch(loop.stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
+        loop.epoch = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
         if log_every and (epoch + 1) % log_every == 0:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "seconds"))
         reason = _nonfinite_reason(record, carry, epoch)
         if reason is not None:  # diverged: stop rather than train on NaN, and keep what was finite
-            stop_reason = reason
+            loop.stop_reason, loop.carry = reason, loop.good
+            best_epoch = loop.best_epoch
             kept = f"the best epoch's ({best_epoch + 1})" if early_stopping is not None and best_epoch is not None \
                 and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
             warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
                           f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=2)
             print(fdebug.replay_epoch(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
-            carry = good
+        else:
+            loop.carry = loop.good = carry[:3]
+            if early_stopping is not None:
+                _early_stopping(early_stopping, loop, record[early_stopping.monitor], epoch)
+        if checkpoint_dir is not None and (loop.epoch % checkpoint_every == 0 or loop.epoch == epochs
+                                           or loop.stop_reason is not None):
+            fresume.save(checkpoint_dir, loop, key, keep_checkpoints)
+        if loop.stop_reason is not None:
             break
-        good = carry[:3]
-        if early_stopping is not None:
-            value = record[early_stopping.monitor]
-            if (best is None and math.isfinite(value)) or (best is not None and early_stopping.better(value, best)):
-                best, best_epoch, best_params, best_state, waited = value, epoch, carry[0], carry[1], 0
-            else:
-                waited += 1
-                if waited >= early_stopping.patience:
-                    stop_reason = (f"early stopping: {early_stopping.monitor} did not improve for "
-                                   f"{early_stopping.patience} epochs (best epoch {best_epoch + 1})"
-                                   if best_epoch is not None else
-                                   f"early stopping: {early_stopping.monitor} was never finite")
-                    break
     if bar is not None:
         bar.close()
-    restore = early_stopping is not None and early_stopping.restore_best and best_epoch is not None
-    params, state = (best_params, best_state) if restore else carry[:2]
-    telemetry_history = {path: {k: np.asarray(v) for k, v in stats.items()} for path, stats in stat_history.items()}
-    return FitResult(params, carry[2], {k: np.asarray(v) for k, v in history.items()}, best_epoch, epochs_run,
-                     state, stop_reason, telemetry_history if telemetry else None)
+    restore = early_stopping is not None and early_stopping.restore_best and loop.best_epoch is not None
+    params, state = (loop.best_params, loop.best_state) if restore else loop.carry[:2]
+    telemetry_history = {path: {k: np.asarray(v) for k, v in stats.items()}
+                         for path, stats in loop.stat_history.items()}
+    return FitResult(params, loop.carry[2], {k: np.asarray(v) for k, v in loop.history.items()}, loop.best_epoch,
+                     loop.epoch, state, loop.stop_reason or f"completed {loop.epoch} epochs",
+                     telemetry_history if telemetry else None)
 
 
-def _stat_names(telemetry):
-    return None if telemetry is True else telemetry
-
-
-def _epoch_batches(n: int, batch_size: int | None, key):
-    """One epoch's indices as ``(full, rest)``: ``full`` is ``(num_full_batches, size)``,
-    ``rest`` is ``(1, n mod size)`` or None — made with one reshape, no per-batch host work."""
-    size = n if batch_size is None else int(batch_size)
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None (the whole data set), got {batch_size}")
-    order = jnp.arange(n) if key is None else jax.random.permutation(key, n)
-    k = n // size
-    full = order[:k * size].reshape(k, size)
-    return full, (order[k * size:][None] if n % size else None)
+def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, value: float, epoch: int) -> None:
+    """Record an improvement of the monitored metric, or count one more epoch without one and
+    set ``loop.stop_reason`` when patience runs out."""
+    if (loop.best is None and math.isfinite(value)) or (loop.best is not None and early_stopping.better(value,
+                                                                                                        loop.best)):
+        loop.best, loop.best_epoch, loop.best_params, loop.best_state, loop.waited = (value, epoch, *loop.carry[:2],
+                                                                                      0)
+        return
+    loop.waited += 1
+    if loop.waited >= early_stopping.patience:
+        loop.stop_reason = (f"early stopping: {early_stopping.monitor} did not improve for {early_stopping.patience} "
+                            f"epochs (best epoch {loop.best_epoch + 1})" if loop.best_epoch is not None else
+                            f"early stopping: {early_stopping.monitor} was never finite")
 
 
 def _private_setting(privacy, batch_size, telemetry, n):
@@ -368,41 +294,3 @@ def _private_setting(privacy, batch_size, telemetry, n):
     return privacy, n, int(batch_size)
 
 
-def _build(model, loss, optimizer, augment, telemetry=False, private=None):
-    step = _indexed_step(model, loss, optimizer, augment, telemetry) if private is None else \
-        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
-    def scan_epoch(carry, x, y, batches, epoch_key):
-        body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
-        return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
-
-    return (jax.jit(step), jax.jit(scan_epoch),
-            jax.jit(lambda p, s, xv, yv: _eval_stats(model, loss, p, s, xv, yv)))
-
-
-_build_cached = functools.lru_cache(maxsize=32)(_build)
-
-
-def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None):
-    """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
-    with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
-    try:
-        return _build_cached(model, loss, optimizer, augment, telemetry, private)
-    except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment, telemetry, private)
-
-
-def _eval_stats(model, loss, params, state, x, y):
-    """The loss per example (whatever the loss's reduction, as the training history) and the
-    correct count, in evaluation mode."""
-    pred = model.apply(params, x, state=state)
-    value = loss(pred, y)
-    return (value / x.shape[0] if loss.reduction == "sum" else value), correct_count(pred, y, loss)
-
-
-def _examples_from(y, loss) -> int:
-    """Number of predictions accuracy is counted over, from the target's shape."""
-    y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.integer) or isinstance(loss, (flosses.CategoricalCrossEntropy,
-                                                                  flosses.MulticlassHinge)):
-        return math.prod(y.shape if jnp.issubdtype(y.dtype, jnp.integer) else y.shape[:-1])
-    return math.prod(y.shape)

@@ -1,0 +1,160 @@
+"""The training step: one jitted update, and the pieces of an epoch that ``fit`` runs.
+
+``make_step`` is the cycle of backpropagation as one function — forward, loss, backward,
+update — jitted; :func:`fbp.train.fit` runs the indexed form of the same step (it gathers its
+batch by index from data that stays on the device, and accumulates the epoch's loss and
+correct count in its carry), one call per step or one ``lax.scan`` per epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fbp import losses as flosses
+from fbp import privacy as fprivacy
+from fbp import telemetry as ftelemetry
+from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
+from fbp.optim import GradientTransformation, apply_updates
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- metrics
+def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
+    """How many predictions are right: argmax over classes, or a threshold for one output.
+
+    The threshold is 0 for logits and hinge scores, 0.5 for probabilities; hinge labels are ±1.
+    ``where`` (``(B,)`` booleans) counts only those examples.
+    """
+    if pred.ndim >= 2 and pred.shape[-1] > 1:
+        labels = target if jnp.issubdtype(target.dtype, jnp.integer) else jnp.argmax(target, axis=-1)
+        right = jnp.argmax(pred, axis=-1) == labels
+    else:
+        logits = getattr(loss, "from_logits", False) or isinstance(loss, flosses.Hinge)
+        right = (pred > (0.0 if logits else 0.5)) == (target > (0.0 if isinstance(loss, flosses.Hinge) else 0.5))
+    if where is not None:
+        right = right & where.reshape(where.shape + (1,) * (right.ndim - 1))
+    return jnp.sum(right)
+
+
+def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = None) -> dict[str, float]:
+    """``{"loss": ..., "accuracy": ...}`` in evaluation mode (accuracy for classification losses)."""
+    pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, jnp.asarray(x))
+    out = {"loss": float(loss(pred, jnp.asarray(y)))}
+    if getattr(loss, "classification", False):
+        out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / _examples_from(y, loss)
+    return out
+
+
+# --------------------------------------------------------------------------- the step
+def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
+              has_state: bool = False) -> Callable:
+    """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
+    by default; ``key`` only for models with random layers. With ``has_state=True``:
+    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
+    (a model that keeps state must use it: its new state would otherwise be lost)."""
+    require_state_mode(model, has_state, "fbp.train.make_step")
+
+    def step(params, opt_state, x, y, *, key=None):
+        value, grads, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return apply_updates(params, updates), opt_state, value
+
+    def step_with_state(params, state, opt_state, x, y, *, key=None):
+        require_state(model, state, "fbp.train.make_step")
+        value, grads, _, state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return apply_updates(params, updates), state, opt_state, value
+
+    chosen = step_with_state if has_state else step
+    return jax.jit(chosen) if jit else chosen
+
+
+def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
+    """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
+    epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
+    the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
+    probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
+
+    def step(carry, x, y, batches, row, epoch_key, step_number):
+        params, state, opt_state, loss_sum, correct, stat_sum = carry
+        idx = batches[row]
+        xb, yb = x[idx], y[idx]
+        step_key = jax.random.fold_in(epoch_key, step_number)
+        if augment is not None:
+            xb = augment(jax.random.fold_in(step_key, 1), xb)
+        key = step_key if model.needs_key else None
+        if probed is None:
+            value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
+        else:
+            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key)
+            stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
+        loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
+        correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
+        return apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum
+
+    return step
+
+
+def _stat_names(telemetry):
+    return None if telemetry is True else telemetry
+
+
+def _epoch_batches(n: int, batch_size: int | None, key):
+    """One epoch's indices as ``(full, rest)``: ``full`` is ``(num_full_batches, size)``,
+    ``rest`` is ``(1, n mod size)`` or None — made with one reshape, no per-batch host work."""
+    size = n if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (the whole data set), got {batch_size}")
+    order = jnp.arange(n) if key is None else jax.random.permutation(key, n)
+    k = n // size
+    full = order[:k * size].reshape(k, size)
+    return full, (order[k * size:][None] if n % size else None)
+
+
+def _build(model, loss, optimizer, augment, telemetry=False, private=None):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry) if private is None else \
+        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
+    def scan_epoch(carry, x, y, batches, epoch_key):
+        body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
+        return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
+
+    return (jax.jit(step), jax.jit(scan_epoch),
+            jax.jit(lambda p, s, xv, yv: _eval_stats(model, loss, p, s, xv, yv)))
+
+
+_build_cached = functools.lru_cache(maxsize=32)(_build)
+
+
+def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None):
+    """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
+    with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
+    try:
+        return _build_cached(model, loss, optimizer, augment, telemetry, private)
+    except TypeError:  # an unhashable user layer: build afresh
+        return _build(model, loss, optimizer, augment, telemetry, private)
+
+
+def _eval_stats(model, loss, params, state, x, y):
+    """The loss per example (whatever the loss's reduction, as the training history) and the
+    correct count, in evaluation mode."""
+    pred = model.apply(params, x, state=state)
+    value = loss(pred, y)
+    return (value / x.shape[0] if loss.reduction == "sum" else value), correct_count(pred, y, loss)
+
+
+def _examples_from(y, loss) -> int:
+    """Number of predictions accuracy is counted over, from the target's shape."""
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.integer) or isinstance(loss, (flosses.CategoricalCrossEntropy,
+                                                                  flosses.MulticlassHinge)):
+        return math.prod(y.shape if jnp.issubdtype(y.dtype, jnp.integer) else y.shape[:-1])
+    return math.prod(y.shape)
