@@ -12,11 +12,16 @@ Candidates, each one jitted call on the same params and batch:
     norms, clipping, sum, noise, SGD;
   * ``norms`` / ``vmap-norms``: the per-example norms alone.
 
+When torch, Opacus and BackPACK are installed (``pip install torch opacus backpack-for-pytorch``),
+their CPU steps join the MLP and CNN rounds from the same weights (``dp_peers.py``): Opacus
+with hooks and with ghost clipping (each a DP-SGD step), and BackPACK's ``BatchL2Grad`` norms.
+
 Run: ``python benchmarks/bench_per_example.py [--runs K] [--only mlp,cnn,lstm,transformer]``: medians per run, ratio ranges over
 runs, XLA's temp memory, and fbp's per-layer choice (``per_example.routes``).
 """
 
 import argparse
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +83,20 @@ def main(argv=None):
         inputs = (params, x, y, jax.random.PRNGKey(3))
         calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}
         memory = {k: temp_bytes(f, *inputs) for k, f in fns.items()}
+        ratios = {"dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
+        if name in ("mlp", "cnn") and all(importlib.util.find_spec(m) for m in ("torch", "opacus", "backpack")):
+            import dp_peers
+
+            peers = dp_peers.candidates(getattr(dp_peers, name), params, x, y, CLIP, SIGMA)
+            calls.update(peers)
+            ratios.update({"opacus-hooks / dp": [], "opacus-ghost / dp": [], "backpack-norms / norms": []})
+            got = peers["backpack-norms"]().detach().numpy()
+            ref = jax.device_get(fns["norms"](*inputs))
+            print(f"  BackPACK's norms vs fbp's: max relative difference {abs(got / ref - 1).max():.1e}")
         print(f"\n{name.upper()}, batch {shape[0]}  [{jax.devices()[0].platform}]")
         print("  fbp's route per layer: " + ", ".join(f"{p}: {r}" for p, r in
                                                      per_example.routes(model, CCE, params, x, y).items()))
         print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))
-        ratios = {"dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
         for run in range(args.runs):
             t = interleaved(calls, rounds=args.rounds, reps=args.reps)
             print(f"  run {run + 1}: " + "   ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp import losses as flosses
+from fbp import parallel
 from fbp import privacy as fprivacy
 from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
@@ -54,11 +55,18 @@ def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = 
 
 # --------------------------------------------------------------------------- the step
 def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
-              has_state: bool = False) -> Callable:
+              has_state: bool = False, mesh=None, fsdp: bool = False) -> Callable:
     """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
     by default; ``key`` only for models with random layers. With ``has_state=True``:
     ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
-    (a model that keeps state must use it: its new state would otherwise be lost)."""
+    (a model that keeps state must use it: its new state would otherwise be lost).
+
+    ``mesh`` (:func:`fbp.parallel.data_mesh`): data parallel — the batch is split over the mesh
+    and params, model state and optimizer state are replicated (``fsdp=True``: leaves of 2¹⁸
+    elements or more are split instead, :func:`fbp.parallel.fsdp_sharding`). Inputs are placed
+    there on every call (a no-op once they are), the params, state and optimizer-state buffers
+    are donated (the arrays passed in are consumed: keep a copy to reuse them), and the step
+    compiles once. A batch the device count does not divide raises."""
     require_state_mode(model, has_state, "fbp.train.make_step")
 
     def step(params, opt_state, x, y, *, key=None):
@@ -73,10 +81,43 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
         return apply_updates(params, updates), state, opt_state, value
 
     chosen = step_with_state if has_state else step
-    return jax.jit(chosen) if jit else chosen
+    if mesh is None:
+        return jax.jit(chosen) if jit else chosen
+    if not jit:
+        raise ValueError("fbp.train.make_step: a mesh needs jit=True (the sharded step is a jitted program)")
+    return _data_parallel(chosen, mesh, fsdp, 3 if has_state else 2)
 
 
-def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
+def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callable:
+    """``step`` jitted over ``mesh``: the carried leading arguments (params, state, optimizer
+    state) replicated or FSDP-sharded and donated, the batch split over the mesh."""
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def layout(tree):
+        return parallel.fsdp_sharding(tree, mesh) if fsdp else jax.tree_util.tree_map(lambda _: rep, tree)
+
+    def inner(*args, key=None):
+        carried = args[:num_carried]
+        x, y = parallel.constrain_batch(args[num_carried:], mesh)
+        out = step(*carried, x, y, key=key)
+        return (*jax.lax.with_sharding_constraint(out[:num_carried], layout(out[:num_carried])), out[-1])
+
+    jitted = jax.jit(inner, donate_argnums=tuple(range(num_carried)))
+
+    def sharded(*args, key=None):
+        if len(args) != num_carried + 2:
+            raise TypeError(f"the data-parallel step takes {num_carried + 2} arguments, got {len(args)}")
+        x, y = args[num_carried:]
+        parallel.require_divisible(jax.tree_util.tree_leaves(x)[0].shape[0], mesh)
+        carried = tuple(parallel.place(a, layout(a)) for a in args[:num_carried])
+        return jitted(*carried, parallel.place(x, data), parallel.place(y, data),
+                      key=None if key is None else parallel.place(key, rep))
+
+    sharded.jitted = jitted  # for inspection: jitted._cache_size(), lower(...)
+    return sharded
+
+
+def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
@@ -86,6 +127,8 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False):
         params, state, opt_state, loss_sum, correct, stat_sum = carry
         idx = batches[row]
         xb, yb = x[idx], y[idx]
+        if mesh is not None:  # data parallel: each device computes on its slice of the batch
+            xb, yb = parallel.constrain_batch((xb, yb), mesh)
         step_key = jax.random.fold_in(epoch_key, step_number)
         if augment is not None:
             xb = augment(jax.random.fold_in(step_key, 1), xb)
@@ -120,8 +163,8 @@ def _epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer, augment, telemetry=False, private=None):
-    step = _indexed_step(model, loss, optimizer, augment, telemetry) if private is None else \
+def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh) if private is None else \
         fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
@@ -134,13 +177,13 @@ def _build(model, loss, optimizer, augment, telemetry=False, private=None):
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None):
+def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None):
     """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
     with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
     try:
-        return _build_cached(model, loss, optimizer, augment, telemetry, private)
+        return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment, telemetry, private)
+        return _build(model, loss, optimizer, augment, telemetry, private, mesh)
 
 
 def _eval_stats(model, loss, params, state, x, y):

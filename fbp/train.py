@@ -31,7 +31,7 @@ import numpy as np
 
 from fbp import data as fdata
 from fbp import debug as fdebug
-from fbp import preflight
+from fbp import parallel, preflight
 from fbp import privacy as fprivacy
 from fbp import resume as fresume
 from fbp import telemetry as ftelemetry
@@ -108,7 +108,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
         augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
         privacy: fprivacy.DPSGD | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
-        resume: bool = False, keep_checkpoints: int | None = 3) -> FitResult:
+        resume: bool = False, keep_checkpoints: int | None = 3, mesh=None) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -137,6 +137,11 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             the last epoch and when training stops early, keeping the newest
             ``keep_checkpoints`` (:mod:`fbp.checkpoint`: pickle-free, checksummed, atomic).
             A directory that already holds checkpoints is refused unless ``resume``.
+        mesh: data parallel over a :func:`fbp.parallel.data_mesh`: every batch is split over the
+            mesh's devices, params and optimizer and model state are replicated; the numbers
+            are those of one device (global BatchNorm statistics, the same dropout masks).
+            ``batch_size`` must be a multiple of the device count, and the last, smaller
+            batch of an epoch (``n mod batch_size`` examples) is dropped. Not with ``privacy``.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
             is none). Give the same arguments and ``key``: the resumed run ends bit-identical
             to one that was never interrupted. ``epochs`` may be raised to train longer.
@@ -189,11 +194,17 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     private = None
     if privacy is not None:
         private = _private_setting(privacy, batch_size, telemetry, n)
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private)
+    if mesh is not None:
+        x, y, params, state, opt_state = _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state,
+                                                                opt_state)
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private, mesh)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, _stat_names(telemetry)) \
         if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
     if validation_data is not None:
         x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
+    if mesh is not None:  # everything the jitted pieces read, on the mesh's devices
+        x_val, y_val, zero_stats = parallel.place((x_val, y_val, zero_stats) if validation_data is not None else
+                                                  (None, None, zero_stats), parallel.replicated(mesh))
 
     loop = fresume.LoopState.start(params, state, opt_state)
     if checkpoint_dir is not None:
@@ -204,6 +215,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
         if privacy is not None:  # Poisson batches are drawn inside the step; fixed ones drop the rest
             full, rest = (jnp.zeros((n // batch_size, 1), jnp.int32) if privacy.sampling == "poisson" else full), None
+        if mesh is not None:  # a batch the devices cannot share evenly is dropped
+            rest = None
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
         start_carry = carry = (*loop.carry, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
         if scan_epochs and full.shape[0] > 1:
@@ -281,6 +294,16 @@ def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, valu
         loop.stop_reason = (f"early stopping: {early_stopping.monitor} did not improve for {early_stopping.patience} "
                             f"epochs (best epoch {loop.best_epoch + 1})" if loop.best_epoch is not None else
                             f"early stopping: {early_stopping.monitor} was never finite")
+
+
+def _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
+    """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
+    if privacy is not None:
+        raise ValueError("fit: privacy and mesh cannot be combined yet (DP-SGD runs on one device)")
+    parallel.require_divisible(n if batch_size is None else batch_size, mesh,
+                               "fit: the training set (batch_size=None)" if batch_size is None else "fit: batch_size")
+    rep = parallel.replicated(mesh)
+    return tuple(parallel.place(t, rep) for t in (x, y, params, state, opt_state))
 
 
 def _private_setting(privacy, batch_size, telemetry, n):
