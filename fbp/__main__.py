@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from fbp import check, data, losses, nn, train
+    from fbp import check, data, losses, nn, precision, train
     from fbp.telemetry import GRADIENT_FLOW
 
     ds = data.load_digits(test_fraction=0.2, seed=args.seed)
@@ -120,12 +120,16 @@ def _train(args: argparse.Namespace) -> int:
     params = model.init(key, ds.x_train)
     print(f"digits: {len(ds.x_train)} train / {len(ds.x_test)} test, 64 features, 10 classes")
     print(f"model: {model!r}\nloss: {loss!r}   optimizer: {args.optimizer}(learning_rate={args.lr})   "
-          f"batch size: {args.batch_size or 'full'}   epochs: {args.epochs}")
-    result = train.fit(model, loss, _optimizer(args.optimizer, args.lr), params, ds.x_train, y_train,
+          f"batch size: {args.batch_size or 'full'}   epochs: {args.epochs}   precision: {args.precision}")
+    optimizer = _optimizer(args.optimizer, args.lr)
+    if args.precision == "float16":  # float16's narrow exponent: dynamic loss scaling
+        optimizer = precision.loss_scaled(optimizer)
+    result = train.fit(model, loss, optimizer, params, ds.x_train, y_train,
                        key=jax.random.fold_in(key, 1), epochs=args.epochs, batch_size=args.batch_size,
                        validation_split=0.1, progress=not args.no_progress, scan_epochs=True, num_classes=None,
                        early_stopping=train.EarlyStopping("val_loss", patience=args.patience)
-                       if args.patience else None, telemetry=GRADIENT_FLOW if args.plot_gradients else False)
+                       if args.patience else None, telemetry=GRADIENT_FLOW if args.plot_gradients else False,
+                       precision=None if args.precision == "float32" else args.precision)
     metrics = train.evaluate(model, loss, result.params, ds.x_test, y_test, state=result.state)
     print(f"trained {result.epochs_run} epochs" + (f", best epoch {result.best_epoch + 1}"
                                                    if result.best_epoch is not None else "")
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="record per-layer telemetry and plot gradient flow (d_out_norm per layer) to this PNG")
     p_train.add_argument("--rule", choices=("bp", "fa", "usf", "dfa"), default="bp",
                          help="credit assignment: backpropagation, feedback alignment, sign symmetry, direct FA")
+    p_train.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                         help="the dtype layers compute in (params stay float32; fbp.precision)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.set_defaults(run=_train)
     args = parser.parse_args(argv)

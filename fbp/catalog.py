@@ -46,6 +46,7 @@ def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
         (nn.Residual(nn.Serial(nn.Dense(4), nn.Tanh())), (3, 4)),
         (nn.Residual(nn.Dense(2), projection=nn.Dense(2)), (3, 4)),
         (nn.Parallel(nn.Dense(2), nn.Sigmoid()), (3, 4)),
+        (nn.Remat(nn.Serial(nn.Dense(5), nn.Tanh(), nn.LayerNorm(), nn.Dense(3))), (3, 4)),
         (nn.SimpleRNN(4), (2, 5, 3)),
         (nn.LSTM(4), (2, 5, 3)),
         (nn.GRU(4), (2, 5, 3)),

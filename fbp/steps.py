@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from fbp import losses as flosses
 from fbp import parallel
+from fbp import precision as fprecision
 from fbp import privacy as fprivacy
 from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
@@ -55,7 +56,7 @@ def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = 
 
 # --------------------------------------------------------------------------- the step
 def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
-              has_state: bool = False, mesh=None, fsdp: bool = False) -> Callable:
+              has_state: bool = False, mesh=None, fsdp: bool = False, precision=None) -> Callable:
     """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
     by default; ``key`` only for models with random layers. With ``has_state=True``:
     ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
@@ -66,17 +67,22 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     elements or more are split instead, :func:`fbp.parallel.fsdp_sharding`). Inputs are placed
     there on every call (a no-op once they are), the params, state and optimizer-state buffers
     are donated (the arrays passed in are consumed: keep a copy to reuse them), and the step
-    compiles once. A batch the device count does not divide raises."""
+    compiles once. A batch the device count does not divide raises.
+
+    ``precision``: a :class:`fbp.precision.Policy` (or its text, ``"bfloat16"``): layers compute
+    in ``compute``, the loss in ``output``, params and optimizer state stay in ``params``; with a
+    :func:`fbp.precision.loss_scaled` optimizer the backward is seeded with its loss scale."""
     require_state_mode(model, has_state, "fbp.train.make_step")
+    grads_of = gradient_function(model, loss, precision)
 
     def step(params, opt_state, x, y, *, key=None):
-        value, grads, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
+        value, grads, _, _ = grads_of(params, opt_state, x, y, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), opt_state, value
 
     def step_with_state(params, state, opt_state, x, y, *, key=None):
         require_state(model, state, "fbp.train.make_step")
-        value, grads, _, state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+        value, grads, _, state = grads_of(params, opt_state, x, y, state=state, key=key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return apply_updates(params, updates), state, opt_state, value
 
@@ -86,6 +92,23 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     if not jit:
         raise ValueError("fbp.train.make_step: a mesh needs jit=True (the sharded step is a jitted program)")
     return _data_parallel(chosen, mesh, fsdp, 3 if has_state else 2)
+
+
+def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
+    """``f(params, opt_state, x, y, *, state=None, key=None) -> (value, grads, pred, new_state)``:
+    one forward, loss and backward pass in full precision, or under a mixed-precision policy
+    (seeded with the loss scale an :func:`fbp.precision.loss_scaled` optimizer state holds)."""
+    if precision is None:
+        return lambda params, opt_state, x, y, **context: value_grad_and_output(model, loss, params, x, y, **context)
+    policy = fprecision.Policy.parse(precision) if isinstance(precision, str) else precision
+    if not isinstance(policy, fprecision.Policy):
+        raise TypeError(f"precision must be an fbp.precision.Policy or its text ('bfloat16'), got {precision!r}")
+
+    def f(params, opt_state, x, y, **context):
+        return fprecision.value_grad_and_output(model, loss, policy, params, x, y,
+                                                scale=fprecision.current_scale(opt_state), **context)
+
+    return f
 
 
 def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callable:
@@ -117,11 +140,12 @@ def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callab
     return sharded
 
 
-def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None):
+def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None, precision=None):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
     probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
+    grads_of = gradient_function(model, loss, precision)
 
     def step(carry, x, y, batches, row, epoch_key, step_number):
         params, state, opt_state, loss_sum, correct, stat_sum = carry
@@ -134,7 +158,7 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
             xb = augment(jax.random.fold_in(step_key, 1), xb)
         key = step_key if model.needs_key else None
         if probed is None:
-            value, grads, pred, state = value_grad_and_output(model, loss, params, xb, yb, state=state, key=key)
+            value, grads, pred, state = grads_of(params, opt_state, xb, yb, state=state, key=key)
         else:
             value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key)
             stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
@@ -163,8 +187,8 @@ def _epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None):
-    step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh) if private is None else \
+def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None, precision=None):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh, precision) if private is None else \
         fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
@@ -177,13 +201,13 @@ def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None):
+def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None, precision=None):
     """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
     with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
     try:
-        return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh)
+        return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh, precision)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment, telemetry, private, mesh)
+        return _build(model, loss, optimizer, augment, telemetry, private, mesh, precision)
 
 
 def _eval_stats(model, loss, params, state, x, y):

@@ -108,7 +108,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
         augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
         privacy: fprivacy.DPSGD | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
-        resume: bool = False, keep_checkpoints: int | None = 3, mesh=None) -> FitResult:
+        resume: bool = False, keep_checkpoints: int | None = 3, mesh=None, precision=None) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -142,6 +142,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             are those of one device (global BatchNorm statistics, the same dropout masks).
             ``batch_size`` must be a multiple of the device count, and the last, smaller
             batch of an epoch (``n mod batch_size`` examples) is dropped. Not with ``privacy``.
+        precision: mixed precision (:mod:`fbp.precision`): a ``Policy`` or its text
+            (``"bfloat16"``); pair float16 with a ``precision.loss_scaled`` optimizer.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
             is none). Give the same arguments and ``key``: the resumed run ends bit-identical
             to one that was never interrupted. ``epochs`` may be raised to train longer.
@@ -194,10 +196,13 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     private = None
     if privacy is not None:
         private = _private_setting(privacy, batch_size, telemetry, n)
+    if precision is not None and (telemetry or privacy is not None):
+        raise ValueError("fit: precision cannot be combined with telemetry or privacy yet (they run in full precision)")
     if mesh is not None:
         x, y, params, state, opt_state = _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state,
                                                                 opt_state)
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private, mesh)
+    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private, mesh,
+                                                 precision)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, _stat_names(telemetry)) \
         if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
     if validation_data is not None:

@@ -32,6 +32,7 @@ from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
 from fbp.nn.quantize import QuantizeWeights, Round, Sign
 from fbp.nn.recurrent import GRU, LSTM, LastStep, SimpleRNN
+from fbp.nn.remat import Remat
 
 __all__ = [
     "Activation", "AvgPool2D", "BatchNorm", "Conv1D", "Conv2D", "ConvTranspose2D", "Dense", "Dropout", "ELU",
@@ -41,4 +42,5 @@ __all__ = [
     "GRU", "LSTM", "LastStep", "LearnedPositionalEmbedding", "MultiHeadAttention", "SimpleRNN",
     "SinusoidalPositionalEmbedding", "TransformerBlock",
     "GradientReversal", "MapCotangent", "QuantizeWeights", "Round", "ScaleGradient", "Sign", "StopGradient",
+    "Remat",
 ]

@@ -179,6 +179,11 @@ class SiLU(Activation):
         return s * (1 + x * (1 - s)) * d_y
 
 
+def _wide(x):
+    """16-bit floats widened to float32 (softmax in a mixed-precision model, :mod:`fbp.precision`)."""
+    return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Softmax(Activation):
     """``y_i = e^{x_i} / Σ_j e^{x_j}`` along ``axis`` (shifted by the max, stable).
@@ -190,12 +195,13 @@ class Softmax(Activation):
     axis: int = -1
 
     def _forward(self, x):
-        e = jnp.exp(x - lax.stop_gradient(x.max(axis=self.axis, keepdims=True)))
+        w = _wide(x)  # 16-bit input: computed in float32 (mixed precision), returned in its dtype
+        e = jnp.exp(w - lax.stop_gradient(w.max(axis=self.axis, keepdims=True)))
         y = e / e.sum(axis=self.axis, keepdims=True)
-        return y, y
+        return y.astype(x.dtype), y
 
     def _backward(self, y, d_y):
-        return y * (d_y - (d_y * y).sum(axis=self.axis, keepdims=True))
+        return (y * (_wide(d_y) - (_wide(d_y) * y).sum(axis=self.axis, keepdims=True))).astype(d_y.dtype)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -208,9 +214,10 @@ class LogSoftmax(Activation):
     axis: int = -1
 
     def _forward(self, x):
-        shifted = x - lax.stop_gradient(x.max(axis=self.axis, keepdims=True))
+        w = _wide(x)
+        shifted = w - lax.stop_gradient(w.max(axis=self.axis, keepdims=True))
         y = shifted - jnp.log(jnp.exp(shifted).sum(axis=self.axis, keepdims=True))
-        return y, y
+        return y.astype(x.dtype), y
 
     def _backward(self, y, d_y):
-        return d_y - jnp.exp(y) * d_y.sum(axis=self.axis, keepdims=True)
+        return (_wide(d_y) - jnp.exp(y) * _wide(d_y).sum(axis=self.axis, keepdims=True)).astype(d_y.dtype)

@@ -121,9 +121,10 @@ class MultiHeadAttention(Layer):
         allowed = self._allowed(x.shape[1], mask)
         if allowed is not None:
             s = jnp.where(allowed, s, jnp.finfo(s.dtype).min)
+        s = s.astype(jnp.promote_types(s.dtype, jnp.float32))  # the softmax in at least float32
         s = s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
         e = jnp.exp(s)
-        p = e / e.sum(axis=-1, keepdims=True)
+        p = (e / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
         o = self._merge(jnp.einsum("bhqj,bhjk->bhqk", p, v))
         y = o @ params["w_o"] + params["b_o"]
         res = (x, q, k, v, p, o, scale, {n: params[f"w_{n}"] for n in _NAMES}, isinstance(inputs, tuple))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ from jax import lax
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
+from fbp.nn.dense import accumulator, weight_grad
 
 Padding = str | Sequence[tuple[int, int]]
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -94,7 +96,8 @@ def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dila
         new_pads.append((pads[i][0], hi))
     s = _SPATIAL[n]
     return lax.conv_general_dilated(x, d_y, rhs_dilation, new_pads, lhs_dilation, strides,
-                                    (f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups)
+                                    (f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups,
+                                    preferred_element_type=accumulator(x.dtype)).astype(x.dtype)
 
 
 IM2COL_MAX_WIDTH = 64  # patch width (kernel taps × input channels) up to which one im2col matmul wins
@@ -112,19 +115,14 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
     """
     n = len(strides)
     taps, c_in, c_out = kernel_shape[:n], kernel_shape[-2], kernel_shape[-1]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
     out = d_y.shape[1:-1]
-
-    def window(offset):
-        index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
-                      for o, d, s, m in zip(offset, rhs_dilation, strides, out))
-        return xp[(slice(None), *index, slice(None))].reshape(-1, c_in)
-
-    offsets = list(itertools.product(*(range(k) for k in taps)))
     d2 = d_y.reshape(-1, c_out)
-    if len(offsets) * c_in <= IM2COL_MAX_WIDTH:
-        patches = jnp.concatenate([window(o) for o in offsets], axis=-1)
-        return (patches.T @ d2).reshape(kernel_shape)
+    if math.prod(taps) * c_in <= IM2COL_MAX_WIDTH:
+        windows = conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out)
+        patches = jnp.concatenate([w.reshape(-1, c_in) for w in windows], axis=-1)
+        return weight_grad(patches.T, d2).reshape(kernel_shape)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    offsets = list(itertools.product(*(range(k) for k in taps)))
     # one offset at a time inside a loop, so only one window is ever materialised
     sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out))
 
@@ -132,7 +130,7 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
         start = tuple(jnp.asarray(v, jnp.int32) for v in (0, *(o * d for o, d in zip(offset, rhs_dilation)), 0))
         block = lax.dynamic_slice(xp, start, (xp.shape[0], *sizes, c_in))
         block = block[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
-        return block.reshape(-1, c_in).T @ d2
+        return weight_grad(block.reshape(-1, c_in).T, d2)
 
     return lax.map(one, jnp.array(offsets, jnp.int32)).reshape(kernel_shape)
 

@@ -20,10 +20,23 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.positions import Positions
+
+
+def accumulator(dtype):
+    """The dtype sums over a batch run in: float32 for 16-bit floats (mixed precision,
+    :mod:`fbp.precision`), else ``None`` (the inputs' own)."""
+    return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else None
+
+
+def weight_grad(a, b):
+    """``a @ b`` — a weight gradient, a sum over the batch — accumulated in at least float32
+    (``preferred_element_type``) and rounded once to ``a``'s dtype."""
+    return jnp.matmul(a, b, preferred_element_type=accumulator(a.dtype)).astype(a.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +85,7 @@ class Dense(Layer):
         x, w = res
         x2 = x.reshape(-1, x.shape[-1])
         d_y2 = d_y.reshape(-1, d_y.shape[-1])
-        d_params = {"w": x2.T @ d_y2}
+        d_params = {"w": weight_grad(x2.T, d_y2)}
         if self.use_bias:
             d_params["b"] = d_y2.sum(axis=0)
         d_x = (d_y2 @ w.T).reshape(x.shape)

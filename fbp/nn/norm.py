@@ -41,7 +41,14 @@ def _check(owner, params, x, min_rank=2):
                              param=name)
 
 
+def _wide(x):
+    """16-bit floats widened to float32 (statistics of a mixed-precision layer: :mod:`fbp.precision`)."""
+    return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+
+
 def _normalize(x, axes, epsilon):
+    """``(x̂, 1/σ, mean, var)``, computed in at least float32."""
+    x = _wide(x)
     mean = x.mean(axis=axes, keepdims=True)
     centered = x - mean
     var = (centered * centered).mean(axis=axes, keepdims=True)
@@ -54,9 +61,11 @@ def _normalize_backward(x_hat, inv, g, axes):
     return inv * (g - g.mean(axis=axes, keepdims=True) - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
 
 
-def _param_grads(x_hat, d_y):
-    channels = x_hat.shape[-1]
-    return {"scale": (d_y * x_hat).reshape(-1, channels).sum(0), "bias": d_y.reshape(-1, channels).sum(0)}
+def _param_grads(x_hat, d_y, dtype=None):
+    """``scale``/``bias`` gradients, summed in at least float32, in ``dtype`` (default ``d_y``'s)."""
+    channels, dtype = x_hat.shape[-1], dtype or d_y.dtype
+    return {"scale": (_wide(d_y) * x_hat).reshape(-1, channels).sum(0).astype(dtype),
+            "bias": _wide(d_y).reshape(-1, channels).sum(0).astype(dtype)}
 
 
 def _per_example_param_grads(res, d_y):
@@ -114,10 +123,10 @@ class BatchNorm(Layer):
             if state is None:
                 raise InputError(repr(self), "evaluation mode (train=False) needs the running statistics: pass "
                                              "state=model.init_state(params) (updated by training), or train=True")
-            inv = lax.rsqrt(state["var"] + self.epsilon)
-            x_hat = (x - state["mean"]) * inv
+            inv = lax.rsqrt(_wide(state["var"]) + self.epsilon)
+            x_hat = (_wide(x) - _wide(state["mean"])) * inv
             stats = None
-        y = params["scale"] * x_hat + params["bias"]
+        y = (params["scale"] * x_hat + params["bias"]).astype(x.dtype)
         return y, (x_hat, inv, params["scale"], stats)
 
     def _check_state(self, state, x):
@@ -137,7 +146,7 @@ class BatchNorm(Layer):
             d_x = g * inv
         else:
             d_x = _normalize_backward(x_hat, inv, g, tuple(range(x_hat.ndim - 1)))
-        return _param_grads(x_hat, d_y), d_x
+        return _param_grads(x_hat, d_y, scale.dtype), d_x.astype(d_y.dtype)
 
     def next_state(self, state, res):
         stats = res[3]
@@ -164,11 +173,12 @@ class LayerNorm(Layer):
             raise InputError(repr(self), f"normalising over a single feature makes every output equal to the bias "
                                          f"and every input gradient zero; received x {describe(x)}")
         x_hat, inv, _, _ = _normalize(x, (-1,), self.epsilon)
-        return params["scale"] * x_hat + params["bias"], (x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), (x_hat, inv, params["scale"])
 
     def backward(self, res, d_y):
         x_hat, inv, scale = res
-        return _param_grads(x_hat, d_y), _normalize_backward(x_hat, inv, d_y * scale, (-1,))
+        d_x = _normalize_backward(x_hat, inv, d_y * scale, (-1,)).astype(d_y.dtype)
+        return _param_grads(x_hat, d_y, scale.dtype), d_x
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)
@@ -207,14 +217,14 @@ class GroupNorm(Layer):
         axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
         x_hat, inv, _, _ = _normalize(xg, axes, self.epsilon)
         x_hat = x_hat.reshape(x.shape)
-        return params["scale"] * x_hat + params["bias"], (x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), (x_hat, inv, params["scale"])
 
     def backward(self, res, d_y):
         x_hat, inv, scale = res
         xg_hat, g = self._grouped(x_hat), self._grouped(d_y * scale)
         axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
-        d_x = _normalize_backward(xg_hat, inv, g, axes).reshape(x_hat.shape)
-        return _param_grads(x_hat, d_y), d_x
+        d_x = _normalize_backward(xg_hat, inv, g, axes).reshape(x_hat.shape).astype(d_y.dtype)
+        return _param_grads(x_hat, d_y, scale.dtype), d_x
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)
