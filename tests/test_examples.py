@@ -114,3 +114,10 @@ def test_dp_digits_spends_exactly_its_budget():
     lines = dict(line.split(": test accuracy ") for line in result.stdout.splitlines() if "test accuracy" in line)
     assert float(lines["non-private"].split()[0]) >= 0.95
     assert float(lines["epsilon 8.0"].split()[0]) >= 0.8 and "spent ε = 8.00" in lines["epsilon 8.0"]
+
+
+def test_two_processes_train_like_one_process_with_all_devices():
+    result = run("multiprocess_data_parallel.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    diff = float(result.stdout.split("max param diff vs single process: ")[1].split()[0])
+    assert diff <= 1e-5

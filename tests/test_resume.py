@@ -105,3 +105,9 @@ def test_bad_checkpoint_arguments(tmp_path):
         run(2, checkpoint_dir=tmp_path, checkpoint_every=0)
     with pytest.raises(TypeError, match="checkpoint_dir must be a path"):
         run(2, checkpoint_dir=3)
+
+
+def test_two_runs_from_one_key_are_bit_identical(uninterrupted):
+    """Determinism on CPU: shuffles, dropout and the reductions repeat exactly (on GPU see the
+    README's XLA flags for deterministic reductions)."""
+    _assert_identical(run(EPOCHS), uninterrupted)
