@@ -6,6 +6,7 @@ transformer block (d 256, T=128, batch 16) of bench_mlp.py / bench_cnn.py / benc
 
 Candidates, each one jitted call on the same params and batch:
   * ``step``: fbp's non-private SGD step (``fbp.value_and_grad``);
+  * ``clip``: fbp's clipped sum alone, as an SGD step (the DP step without its noise draw);
   * ``dp``: fbp's DP-SGD step — per-example norms and the clipped sum in one backward pass
     (``fbp.privacy.private_grad``: book-keeping), Gaussian noise, SGD;
   * ``vmap-dp``: the JAX idiom — ``vmap(grad)`` per-example gradients of the plain model,
@@ -37,6 +38,7 @@ CLIP, SIGMA = 1.0, 1.0
 def candidates(model, batch):
     vg = fbp.value_and_grad(model, CCE)
     dp = privacy.private_grad(model, CCE, CLIP, SIGMA, batch)
+    clip = privacy.clipped_grad(model, CCE, CLIP)
     norms = per_example.grad_norms(model, CCE)
 
     def per_example_grads(params, x, y):
@@ -58,6 +60,7 @@ def candidates(model, batch):
 
     return {
         "step": jax.jit(lambda p, x, y, k: sgd(p, vg(p, x, y)[1])),
+        "clip": jax.jit(lambda p, x, y, k: sgd(p, jax.tree_util.tree_map(lambda g: g / batch, clip(p, x, y)[1]))),
         "dp": jax.jit(lambda p, x, y, k: sgd(p, dp(p, x, y, noise_key=k)[1])),
         "vmap-dp": jax.jit(vmap_dp),
         "norms": jax.jit(lambda p, x, y, k: norms(p, x, y)[1]),
@@ -83,7 +86,7 @@ def main(argv=None):
         inputs = (params, x, y, jax.random.PRNGKey(3))
         calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}
         memory = {k: temp_bytes(f, *inputs) for k, f in fns.items()}
-        ratios = {"dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
+        ratios = {"clip / step": [], "dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
         if name in ("mlp", "cnn") and all(importlib.util.find_spec(m) for m in ("torch", "opacus", "backpack")):
             import dp_peers
 
@@ -106,7 +109,8 @@ def main(argv=None):
         for key, values in ratios.items():
             print(f"  ratio {key}: {min(values):.2f} – {max(values):.2f}")
         if memory.get("dp") and memory.get("step"):
-            print(f"  temp memory dp / step: {memory['dp'] / memory['step']:.2f}")
+            print(f"  temp memory clip / step: {memory['clip'] / memory['step']:.2f}   dp / step: "
+                  f"{memory['dp'] / memory['step']:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ A checkpoint of a pytree at ``step`` is a directory ``<directory>/step_<step>`` 
 * ``manifest.json`` — the structure: each leaf's path (``params/2/w``), kind (array, PRNG key,
   plain value), dtype and shape; PRNG keys as their key data with the implementation's name
   (``jax.random.key_data``); plain Python values (ints, floats, strings, ``None``, bools) in
-  the JSON itself; the SHA-256 of ``arrays.npz``; the format version and the fbp/JAX versions.
+  the JSON itself; the SHA-256 of ``arrays.npz`` and of the manifest's own content; the
+  format version and the JAX/NumPy versions.
 
 **Writes are atomic**: everything goes into a temporary sibling directory, files and
 directory are fsynced, and one ``rename`` makes the step appear — a process killed mid-save
@@ -107,6 +108,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without its own digest (so a flipped byte in the
+    structure, a step number or a plain value is caught like one in the arrays)."""
+    body = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -152,6 +160,7 @@ def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
         manifest = {"format": FORMAT, "version": VERSION, "step": int(step), "leaves": entries,
                     "sha256": {_ARRAYS: _sha256(os.path.join(tmp, _ARRAYS))},
                     "versions": {"jax": jax.__version__, "numpy": np.__version__}}
+        manifest["self_sha256"] = _manifest_digest(manifest)
         with open(os.path.join(tmp, _MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -182,6 +191,8 @@ def _read_manifest(where: str) -> dict:
         raise CheckpointError(f"{path}: not an fbp checkpoint")
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('version')!r}, this fbp reads {VERSION}")
+    if manifest.get("self_sha256") != _manifest_digest(manifest):
+        raise CheckpointError(f"{path}: checksum mismatch — the manifest is corrupt or was edited")
     return manifest
 
 

@@ -88,6 +88,11 @@ def test_a_flipped_byte_or_a_truncated_file_is_refused(tmp_path):
     _arrays(tmp_path).write_bytes(_arrays(tmp_path).read_bytes()[:200])
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         checkpoint.restore(tmp_path, tree)
+    checkpoint.save(tmp_path, tree, 1)
+    manifest = tmp_path / "step_00000001" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"step": 1', '"step": 2'))  # one edited value
+    with pytest.raises(CheckpointError, match="manifest is corrupt or was edited"):
+        checkpoint.restore(tmp_path, tree)
     (tmp_path / "step_00000001" / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable manifest"):
         checkpoint.restore(tmp_path, tree)
@@ -110,6 +115,7 @@ def test_a_pickle_payload_is_never_executed(tmp_path, monkeypatch):
     manifest_path = tmp_path / "step_00000001" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["sha256"]["arrays.npz"] = checkpoint._sha256(str(_arrays(tmp_path)))
+    manifest["self_sha256"] = checkpoint._manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="refused"):
         checkpoint.restore(tmp_path, tree)
