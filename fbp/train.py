@@ -81,7 +81,7 @@ def _progress(first: int, epochs: int, enabled: bool):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the examples extra
-        return range(epochs), None
+        return range(first, epochs), None
     bar = tqdm(range(first, epochs), unit="epoch", leave=True, initial=first, total=epochs)
     return bar, bar
 
