@@ -11,7 +11,8 @@ Candidates, each one jitted call on the same params and batch:
     (``fbp.privacy.private_grad``: book-keeping), Gaussian noise, SGD;
   * ``vmap-dp``: the JAX idiom — ``vmap(grad)`` per-example gradients of the plain model,
     norms, clipping, sum, noise, SGD;
-  * ``norms`` / ``vmap-norms``: the per-example norms alone.
+  * ``norms`` / ``vmap-norms``: the per-example norms alone;
+  * ``sgs``: BackPACK's SumGradSquared, ``Σ_b (∇ℓ_b)²`` (``per_example.sum_grad_squared``).
 
 When torch, Opacus and BackPACK are installed (``pip install torch opacus backpack-for-pytorch``),
 their CPU steps join the MLP and CNN rounds from the same weights (``dp_peers.py``): Opacus
@@ -40,6 +41,7 @@ def candidates(model, batch):
     dp = privacy.private_grad(model, CCE, CLIP, SIGMA, batch)
     clip = privacy.clipped_grad(model, CCE, CLIP)
     norms = per_example.grad_norms(model, CCE)
+    sgs = per_example.sum_grad_squared(model, CCE)
 
     def per_example_grads(params, x, y):
         return jax.vmap(lambda xb, yb: jax.grad(lambda p: CCE(model.apply(p, xb[None]), yb[None]))(params))(x, y)
@@ -65,6 +67,7 @@ def candidates(model, batch):
         "vmap-dp": jax.jit(vmap_dp),
         "norms": jax.jit(lambda p, x, y, k: norms(p, x, y)[1]),
         "vmap-norms": jax.jit(lambda p, x, y, k: vmap_norms(p, x, y)),
+        "sgs": jax.jit(lambda p, x, y, k: sgs(p, x, y)),
     }
 
 
@@ -86,7 +89,7 @@ def main(argv=None):
         inputs = (params, x, y, jax.random.PRNGKey(3))
         calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}
         memory = {k: temp_bytes(f, *inputs) for k, f in fns.items()}
-        ratios = {"clip / step": [], "dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": []}
+        ratios = {"clip / step": [], "dp / step": [], "vmap-dp / dp": [], "vmap-norms / norms": [], "sgs / step": []}
         if name in ("mlp", "cnn") and all(importlib.util.find_spec(m) for m in ("torch", "opacus", "backpack")):
             import dp_peers
 

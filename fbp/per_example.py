@@ -61,7 +61,7 @@ from fbp.nn.norm import BatchNorm
 from fbp.nn.positions import Positions, assemble, sq_norm
 
 PyTree = Any
-MODES = ("grads", "norms", "clip")
+MODES = ("grads", "norms", "clip", "sgs")
 
 
 def _has_params(params) -> bool:
@@ -97,6 +97,10 @@ def _layer_positions(layer: Layer, res, x, d_y):
         return own(res, d_y)
     found = _conv_positions(layer, x, d_y)
     return None if found is None else ([found], {})
+
+
+def _sum_squares(per):
+    return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a), axis=0), per)
 
 
 def _covers(params, groups, rest) -> bool:
@@ -170,6 +174,11 @@ class _PerExample(Wrapper):
         return (d_params, out), d_x
 
     def _positions(self, d_params, groups, rest):
+        if self.mode == "sgs":
+            self.choices[self.path] = "(x²)ᵀ(g²)" if all(g.length == 1 for g in groups) else \
+                "squares of materialised per-example gradients"
+            return assemble(d_params, {k: v for g in groups for k, v in g.sum_squares().items()} |
+                            {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()})
         if self.mode == "grads":
             self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
             return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
@@ -182,9 +191,10 @@ class _PerExample(Wrapper):
         return sq
 
     def _embedding(self, inner, ids, d_y):
-        if self.mode == "grads":
+        if self.mode in ("grads", "sgs"):
             self.choices[self.path] = "scatter per example"
-            return _embedding_grads(self.layer, ids, d_y)
+            per = _embedding_grads(self.layer, ids, d_y)
+            return per if self.mode == "grads" else _sum_squares(per)
         sq, self.choices[self.path] = _embedding_sq_norms(self.layer, ids, d_y)
         return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
 
@@ -194,9 +204,9 @@ class _PerExample(Wrapper):
             per, how = own(inner, d_y), "the layer's per_example_grads"
         else:
             per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
-        if self.mode == "grads":
+        if self.mode in ("grads", "sgs"):
             self.choices[self.path] = how
-            return per
+            return per if self.mode == "grads" else _sum_squares(per)
         self.choices[self.path] = f"materialised ({how})"
         return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
 
@@ -223,7 +233,9 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
 
     Returns ``(values, grads, per, choices, new_state)``: per-example losses ``(B,)``; the summed
     gradient ``Σ_b ∇ℓ_b``; ``per[path]``: per-example gradients (``mode="grads"``), squared norms
-    (``"norms"``) or ``{"res", "d_y"}`` (``"cotangents"``) for every leaf with parameters;
+    (``"norms"``), what the clipped sum reads (``"clip"``: the squared norms with the layer's
+    positions, materialised gradients or residuals) or ``Σ_b (∇ℓ_b)²`` (``"sgs"``) for every leaf
+    with parameters;
     ``choices[path]``: how each was computed. ``with_pred`` appends the model's output.
     """
     if mode not in MODES:
@@ -310,21 +322,32 @@ def _stacked(model, params, values, per):
 
 def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> Σ_b (∇ℓ_b)²`` elementwise, shaped like params (BackPACK's
-    SumGradSquared, for the per-example losses ``ℓ_b``)."""
-    per_example = grads(model, loss, has_state=has_state)
+    SumGradSquared, for the per-example losses ``ℓ_b``). Each layer squares its own per-example
+    gradients in the backward pass (a Dense on ``(B, n)`` as ``(x²)ᵀ(g²)``, never materialising
+    them); no per-example gradient of the whole model ever exists."""
 
-    def f(*args, **kwargs):
-        return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a), axis=0), per_example(*args, **kwargs)[1])
+    def body(params, x, y, **context):
+        return _sgs_and_sum(model, loss, params, x, y, **context)[0]
 
-    return f
+    return _api(model, loss, has_state, "fbp.per_example.sum_grad_squared", body)
 
 
 def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> (1/B) Σ_b (∇ℓ_b - ḡ)²`` elementwise, ``ḡ`` the mean
-    per-example gradient (BackPACK's Variance, for the per-example losses)."""
-    per_example = grads(model, loss, has_state=has_state)
+    per-example gradient (BackPACK's Variance, for the per-example losses): ``SGS/B - ḡ²`` from
+    the same pass (clamped at 0 against rounding)."""
 
-    def f(*args, **kwargs):
-        return jax.tree_util.tree_map(lambda a: jnp.var(a, axis=0), per_example(*args, **kwargs)[1])
+    def body(params, x, y, **context):
+        sgs, total, b = _sgs_and_sum(model, loss, params, x, y, **context)
+        return jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / b - jnp.square(g / b), 0), sgs, total)
 
-    return f
+    return _api(model, loss, has_state, "fbp.per_example.variance", body)
+
+
+def _sgs_and_sum(model, loss, params, x, y, **context):
+    values, total, per, _, _ = run(model, loss, params, x, y, mode="sgs", **context)
+
+    def leaf(path, layer, p):
+        return per[path] if path in per else jax.tree_util.tree_map(jnp.zeros_like, p)
+
+    return map_leaf_params(model, params, leaf), total, values.shape[0]

@@ -89,14 +89,18 @@ def test_float32_jit_and_cheap_routes():
     assert per_example.routes(narrow, CCE, p, long, y[:2])["0"] == "materialised (T=200)"
 
 
-def test_sum_grad_squared_and_variance_and_a_mean_or_sum_loss():
+@pytest.mark.parametrize("name", ["dense", "dense-over-positions", "embedding-transformer"])
+def test_sum_grad_squared_and_variance_and_a_mean_or_sum_loss(name):
     with jax.enable_x64(True):
-        model, params, x, y = _case("dense")
+        model, params, x, y = _case(name)
         ref = reference(model, CCE, params, x, y)
-        _close(per_example.sum_grad_squared(model, CCE)(params, x, y),
+        _close(jax.jit(per_example.sum_grad_squared(model, CCE))(params, x, y),
                jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, 0), ref), 1e-10)
-        _close(per_example.variance(model, CCE)(params, x, y), jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref),
-               1e-10)
+        _close(jax.jit(per_example.variance(model, CCE))(params, x, y),
+               jax.tree_util.tree_map(lambda g: jnp.var(g, 0), ref), 1e-9)
+        if name != "dense":
+            return
+        assert set(per_example.routes(model, CCE, params, x, y, mode="sgs").values()) == {"(x²)ᵀ(g²)"}
         summed = losses.CategoricalCrossEntropy(from_logits=True, reduction="sum")
         _close(per_example.grads(model, summed)(params, x, y)[1], ref, 1e-10)  # a batch of one: mean = sum
         _, plain = fbp.value_and_grad(model, CCE)(params, x, y)
@@ -175,6 +179,9 @@ def test_the_reference_catches_a_wrong_rule_and_an_incomplete_one_is_refused():
             _close(per_example.grads(model, CCE)(params, x, y)[1], ref, 1e-6)
         flat = jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), 1) for a in jax.tree_util.tree_leaves(ref)))
         assert not np.allclose(per_example.grad_norms(model, CCE)(params, x, y)[1], flat, rtol=1e-6)
+        with pytest.raises(AssertionError):
+            _close(per_example.sum_grad_squared(model, CCE)(params, x, y),
+                   jax.tree_util.tree_map(lambda g: jnp.sum(g ** 2, 0), ref), 1e-6)
         partial = nn.Serial(nn.Dense(4), _PartialDense(3))
         with pytest.raises(InputError, match=r"does not cover every parameter.*at path '1'|at path '1'.*cover"):
             per_example.grad_norms(partial, CCE)(partial.init(jax.random.PRNGKey(1), x[:, 0]), x[:, 0], y)

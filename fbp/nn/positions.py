@@ -84,6 +84,19 @@ class Positions(NamedTuple):
         per = self.grads()
         return sq_norm(per), f"materialised (T={self.length})", per
 
+    def sum_squares(self) -> dict:
+        """``{key: Σ_b (X_bᵀ G_b)²}`` elementwise (BackPACK's SumGradSquared). At one position it
+        is ``(x²)ᵀ (g²)`` — one matmul, no per-example gradient; otherwise the per-example
+        gradients of this layer are materialised and squared."""
+        if self.length > 1:
+            return {key: jnp.sum(jnp.square(v), axis=0) for key, v in self.grads().items()}
+        g2 = jnp.square(self.g[:, 0])
+        out = {key: _rows([jnp.square(part[:, 0]).T @ g2 for part in parts]).reshape(shape)
+               for key, parts, shape in self.kernels}
+        if self.bias is not None:
+            out[self.bias] = g2.sum(axis=0)
+        return out
+
     def weighted_sum(self, c) -> dict:
         """``{key: Σ_b c_b X_bᵀ G_b}`` (and the bias ``Σ_b c_b Σ_t g_bt``) as ``Xᵀ (c ⊙ G)``."""
         g = (self.g * c.astype(self.g.dtype)[:, None, None]).reshape(-1, self.g.shape[-1])  # (B·T, n_out)
