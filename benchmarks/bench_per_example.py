@@ -18,8 +18,9 @@ When torch, Opacus and BackPACK are installed (``pip install torch opacus backpa
 their CPU steps join the MLP and CNN rounds from the same weights (``dp_peers.py``): Opacus
 with hooks and with ghost clipping (each a DP-SGD step), and BackPACK's ``BatchL2Grad`` norms.
 
-Run: ``python benchmarks/bench_per_example.py [--runs K] [--only mlp,cnn,lstm,transformer]``: medians per run, ratio ranges over
-runs, XLA's temp memory, and fbp's per-layer choice (``per_example.routes``).
+Run: ``python benchmarks/bench_per_example.py [--runs K] [--only mlp,cnn,lstm,transformer]``:
+medians per run, ratio ranges over runs, XLA's temp memory, and fbp's per-layer choice
+(``per_example.routes``).
 """
 
 import argparse
@@ -27,7 +28,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-from common import cnn_workload, interleaved, lstm_workload, mlp_workload, sgd, temp_bytes, transformer_workload
+from common import cnn_workload, lstm_workload, mlp_workload, ratio_runs, sgd, temp_bytes, transformer_workload
 
 import fbp
 from fbp import losses, per_example, privacy
@@ -103,12 +104,7 @@ def main(argv=None):
         print("  fbp's route per layer: " + ", ".join(f"{p}: {r}" for p, r in
                                                      per_example.routes(model, CCE, params, x, y).items()))
         print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))
-        for run in range(args.runs):
-            t = interleaved(calls, rounds=args.rounds, reps=args.reps)
-            print(f"  run {run + 1}: " + "   ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
-            for key in ratios:
-                a, b = key.split(" / ")
-                ratios[key].append(t[a] / t[b])
+        ratios = ratio_runs(calls, list(ratios), args.runs, args.rounds, args.reps)
         for key, values in ratios.items():
             print(f"  ratio {key}: {min(values):.2f} – {max(values):.2f}")
         if memory.get("dp") and memory.get("step"):

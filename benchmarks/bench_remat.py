@@ -16,7 +16,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from common import interleaved, temp_bytes
+from common import ratio_runs, temp_bytes
 
 import fbp
 from fbp import losses, nn
@@ -76,14 +76,9 @@ def main(argv=None):
     if memory["fbp"]:
         print(f"  temp memory fbp-remat / fbp: {memory['fbp-remat'] / memory['fbp']:.2f}   "
               f"jax-checkpoint / jax: {memory['jax-checkpoint'] / memory['jax']:.2f}")
-    ratios = {"fbp-remat / fbp": [], "jax-checkpoint / jax": [], "fbp / jax": []}
     calls = {k: (lambda f=f, p=p: f(p, x, y)) for k, (f, p) in fns.items()}
-    for run in range(args.runs):
-        t = interleaved(calls, rounds=args.rounds, reps=args.reps)
-        print(f"  run {run + 1}: " + "   ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
-        for key in ratios:
-            a, b = key.split(" / ")
-            ratios[key].append(t[a] / t[b])
+    ratios = ratio_runs(calls, ["fbp-remat / fbp", "jax-checkpoint / jax", "fbp / jax"], args.runs, args.rounds,
+                        args.reps)
     for key, v in ratios.items():
         print(f"  time {key}: {min(v):.2f} – {max(v):.2f}")
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from common import interleaved, lstm_workload, report, temp_bytes, transformer_workload
 
 import fbp
-from fbp import losses, nn
+from fbp import losses
 
 LR = 1e-2
 LOSS = losses.CategoricalCrossEntropy(from_logits=True)

@@ -31,6 +31,20 @@ def interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 15, r
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def ratio_runs(calls: dict[str, Callable[[], object]], ratios: list[str], runs: int, rounds: int,
+               reps: int) -> dict[str, list[float]]:
+    """``runs`` rounds of :func:`interleaved`, printing each run's medians; returns, for every
+    ``"a / b"`` in ``ratios``, the list of per-run ratios of the medians."""
+    out: dict[str, list[float]] = {key: [] for key in ratios}
+    for run in range(runs):
+        t = interleaved(calls, rounds=rounds, reps=reps)
+        print(f"  run {run + 1}: " + "   ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
+        for key in ratios:
+            a, b = key.split(" / ")
+            out[key].append(t[a] / t[b])
+    return out
+
+
 def temp_bytes(jitted, *args) -> int | None:
     """XLA's compiled temporary-buffer size for ``jitted(*args)``, if the backend reports it."""
     try:

@@ -28,7 +28,6 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-
 # Opacus's hooks fire on module outputs when the input does not require a gradient (as here)
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 

@@ -36,14 +36,14 @@ def _cpu_devices(n: int) -> dict:
 def train(process_id: int, num_processes: int, port: int, out: str) -> None:
     """One process's part (or, with ``num_processes=1``, the whole): 20 data-parallel Adam steps."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                                    process_id=process_id)
-    from fbp import losses, nn, optim, parallel, train as ftrain
+    from fbp import losses, nn, optim, parallel
+    from fbp import train as ftrain
 
     mesh = parallel.data_mesh()  # every device of every process
     model = nn.Serial(nn.Dense(32), nn.Tanh(), nn.Dense(CLASSES))

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp.validation import path_name
+
 FORMAT, VERSION = "fbp-checkpoint", 1
 _STEP = re.compile(r"^step_(\d+)$")
 _ARRAYS, _MANIFEST = "arrays.npz", "manifest.json"
@@ -49,21 +51,9 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- paths
-def _path(key_path) -> str:
-    parts = []
-    for k in key_path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts) or "<root>"
-
-
 def _flatten(tree):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda a: a is None)
-    return [(_path(p), leaf) for p, leaf in leaves], treedef
+    return [(path_name(p) or "<root>", leaf) for p, leaf in leaves], treedef
 
 
 def step_directory(directory, step: int) -> str:
