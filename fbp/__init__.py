@@ -1,7 +1,7 @@
 """fbp — functional backpropagation for JAX.
 
 Every layer, activation and loss carries a hand-written backward (VJP) rule beside its
-forward; :func:`value_and_grad` composes them; :mod:`fbp.check` holds each rule to
+forward; ``value_and_grad`` composes them; ``fbp.check`` holds each rule to
 JAX's ``grad`` and finite differences.
 """
 

@@ -2,9 +2,9 @@
 
 One DP-SGD step with sampling rate ``q`` (each example joins the batch with probability ``q``)
 and noise multiplier ``σ`` is a Poisson-subsampled Gaussian mechanism; ``steps`` of them compose.
-:func:`epsilon` returns the ``ε`` of that composition at a given ``δ``, by Rényi-DP ("rdp", the
+``epsilon`` returns the ``ε`` of that composition at a given ``δ``, by Rényi-DP ("rdp", the
 moments accountant of Abadi et al., 2016, with Mironov's conversion) or by privacy-loss
-distributions ("pld", tighter); :func:`calibrate_noise` finds the smallest ``σ`` that reaches a
+distributions ("pld", tighter); ``calibrate_noise`` finds the smallest ``σ`` that reaches a
 target ``ε``. ``dp-accounting`` is an optional extra: ``pip install -e ".[privacy]"``.
 
 References:

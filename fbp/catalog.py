@@ -5,14 +5,18 @@ The test suite runs the same catalogue, so a new layer or loss is verified by ad
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp import check, credit, losses, nn
 
 
 def layers() -> list[tuple[nn.Layer, tuple[int, ...]]]:
-    """(layer, input shape) for every built-in layer; see :func:`contextual_layers` too."""
+    """(layer, input shape) for every built-in layer; see ``contextual_layers`` too."""
     return [
         (nn.Dense(7), (5, 4)),
         (nn.Dense(3, use_bias=False), (2, 3, 4)),
@@ -131,35 +135,69 @@ def models() -> list[tuple[nn.Layer, losses.Loss, tuple[int, ...], int]]:
     ]
 
 
+def _normal(key, shape):
+    """A float32 sample input drawn by NumPy from ``key`` (no random-number kernel is compiled for
+    every case's shape): a standard normal pushed 0.1 away from 0, where ReLU-like rules have their
+    kink, so that float32 finite differences (step ``ε^(1/3) ≈ 5e-3``) never straddle it."""
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    z = np.random.default_rng(seed).standard_normal(shape)
+    return jnp.asarray(z + 0.1 * np.sign(z), jnp.float32)
+
+
+def _init(layer, key, x):
+    """``layer.init`` compiled once per case (eagerly, every initializer would compile its own
+    random-number kernel per parameter shape)."""
+    return jax.jit(layer.init)(key, x)
+
+
+def checks(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[tuple[str, Callable[[], check.Report]]]:
+    """Every check of the catalogue as ``(subject, thunk)``: calling the thunk builds the case's
+    sample input and parameters and runs its check. ``run`` calls them all; the test suite runs
+    one per test, so the cases spread over its workers."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    out = []
+    for i, (layer, shape) in enumerate(layers()):
+        out.append((repr(layer), functools.partial(_check_layer, layer, shape, jax.random.fold_in(key, i), dtype, jit)))
+    for i, (layer, shape, opts) in enumerate(contextual_layers()):
+        out.append((repr(layer), functools.partial(_check_contextual, layer, shape, opts,
+                                                   jax.random.fold_in(key, 500 + i), dtype, jit)))
+    for loss, pred, target in losses_cases(jax.random.fold_in(key, 1000)):
+        out.append((repr(loss), functools.partial(check.loss, loss, pred, target, dtype=dtype, jit=jit)))
+    for i, (model, loss, shape, classes) in enumerate(models()):
+        out.append((f"{model!r} with {loss!r}", functools.partial(_check_model, model, loss, shape, classes,
+                                                                   jax.random.fold_in(key, 2000 + i), dtype, jit)))
+    return out
+
+
 def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]:
     """Check every built-in rule; returns one report per case."""
-    key = jax.random.PRNGKey(0) if key is None else key
-    reports = []
-    for i, (layer, shape) in enumerate(layers()):
-        k_x, k_p = jax.random.split(jax.random.fold_in(key, i))
-        x = jax.random.normal(k_x, shape)
-        reports.append(check.layer(layer, layer.init(k_p, x), x, dtype=dtype, jit=jit))
-    for i, (layer, shape, opts) in enumerate(contextual_layers()):
-        k_x, k_p, k_s = jax.random.split(jax.random.fold_in(key, 500 + i), 3)
-        if "vocab" in opts:
-            x = jax.random.randint(k_x, shape, 0, opts["vocab"])
-        else:
-            x = 1 + 2 * jax.random.normal(k_x, shape)
-        params = layer.init(k_p, x)
-        state = None
-        if opts.get("state"):  # a non-trivial running state
-            state = jax.tree_util.tree_map(lambda a, k=k_s: a + 0.5 * jax.random.uniform(k, a.shape),
-                                           layer.init_state(params))
-        reports.append(check.layer(layer, params, x, state=state, train=opts.get("train", False),
-                                   key=jax.random.PRNGKey(opts["key"]) if "key" in opts else None,
-                                   dtype=dtype, jit=jit))
-    for loss, pred, target in losses_cases(jax.random.fold_in(key, 1000)):
-        reports.append(check.loss(loss, pred, target, dtype=dtype, jit=jit))
-    for i, (model, loss, shape, classes) in enumerate(models()):
-        k_x, k_y, k_p = jax.random.split(jax.random.fold_in(key, 2000 + i), 3)
-        x = jax.random.normal(k_x, shape)
-        y = _labels(k_y, shape[0], classes) if classes else jax.random.uniform(k_y, (shape[0], 1))
-        params = model.init(k_p, x)
-        state = model.init_state(params) if model.has_state else None
-        reports.append(check.model(model, loss, params, x, y, state=state, dtype=dtype, jit=jit))
-    return reports
+    return [thunk() for _, thunk in checks(dtype=dtype, jit=jit, key=key)]
+
+
+def _check_layer(layer, shape, key, dtype, jit):
+    k_x, k_p = jax.random.split(key)
+    x = _normal(k_x, shape)
+    return check.layer(layer, _init(layer, k_p, x), x, dtype=dtype, jit=jit)
+
+
+def _check_contextual(layer, shape, opts, key, dtype, jit):
+    k_x, k_p, k_s = jax.random.split(key, 3)
+    if "vocab" in opts:
+        x = jax.random.randint(k_x, shape, 0, opts["vocab"])
+    else:
+        x = 1 + 2 * _normal(k_x, shape)
+    params = _init(layer, k_p, x)
+    state = None
+    if opts.get("state"):  # a non-trivial running state
+        state = jax.tree_util.tree_map(lambda a: a + 0.5 * jax.random.uniform(k_s, a.shape), layer.init_state(params))
+    return check.layer(layer, params, x, state=state, train=opts.get("train", False),
+                       key=jax.random.PRNGKey(opts["key"]) if "key" in opts else None, dtype=dtype, jit=jit)
+
+
+def _check_model(model, loss, shape, classes, key, dtype, jit):
+    k_x, k_y, k_p = jax.random.split(key, 3)
+    x = _normal(k_x, shape)
+    y = _labels(k_y, shape[0], classes) if classes else jax.random.uniform(k_y, (shape[0], 1))
+    params = _init(model, k_p, x)
+    state = model.init_state(params) if model.has_state else None
+    return check.model(model, loss, params, x, y, state=state, dtype=dtype, jit=jit)

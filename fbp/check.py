@@ -115,6 +115,16 @@ def _cast(tree: PyTree, dtype) -> PyTree:
     return jax.tree_util.tree_map(cast, tree)
 
 
+def _rng(key) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key: the check's own randomness (``d_y``, difference
+    directions) without compiling a random-number kernel for every shape."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def _standard_normal(key, shape, dtype) -> jax.Array:
+    return jnp.asarray(_rng(key).standard_normal(shape).astype(np.dtype(dtype)))
+
+
 def _defaults(dtype, rtol, fd_rtol):
     double = jnp.dtype(dtype) == jnp.float64
     return (1e-10 if double else 1e-5) if rtol is None else rtol, \
@@ -141,23 +151,31 @@ def _compare_jax(name: str, actual, desired, rtol: float, atol: float) -> Row:
 
 def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, key, n_dirs: int,
                 fd_rtol: float, fd_atol: float) -> Row:
+    """Central differences of the jitted ``f`` along ``n_dirs`` random unit directions of one leaf.
+
+    The directions and the moved points are NumPy arrays in the leaf's dtype, drawn from a
+    generator seeded by ``key`` (reproducible from the check's ``seed``), so no random-number
+    kernel is compiled for every leaf's shape."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    theta = leaves[leaf_index]
-    eps = float(jnp.finfo(theta.dtype).eps)
-    h = eps ** (1 / 3) * max(1.0, float(jnp.max(jnp.abs(theta))) if theta.size else 1.0)
-    norm = float(jnp.linalg.norm(actual.ravel()))
+    dtype = np.dtype(leaves[leaf_index].dtype)
+    theta = np.asarray(leaves[leaf_index])
+    eps = float(np.finfo(dtype).eps)
+    h = eps ** (1 / 3) * max(1.0, float(np.max(np.abs(theta))) if theta.size else 1.0)
+    actual = np.asarray(actual, dtype)
+    norm = float(np.linalg.norm(actual.ravel().astype(np.float64)))
+    rng = _rng(key)
     worst = None
-    for i, k in enumerate(jax.random.split(key, n_dirs)):
-        v = jax.random.normal(k, theta.shape, theta.dtype)
-        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), jnp.finfo(theta.dtype).tiny)
+    for i in range(n_dirs):
+        v = rng.standard_normal(theta.shape).astype(dtype)
+        v = v / max(np.linalg.norm(v.ravel()), np.finfo(dtype).tiny)
 
         def at(step, v=v):
             moved = list(leaves)
-            moved[leaf_index] = theta + step * v
+            moved[leaf_index] = (theta + dtype.type(step) * v).astype(dtype)
             return float(f(jax.tree_util.tree_unflatten(treedef, moved)))
 
         estimate = (at(h) - at(-h)) / (2 * h)
-        directional = float(jnp.vdot(actual, v))
+        directional = float(np.vdot(actual.astype(np.float64), v.astype(np.float64)))
         err = abs(directional - estimate)
         rel = err / norm if norm > 0 else (0.0 if err <= 10 * eps else math.inf)
         if not math.isfinite(err):
@@ -301,7 +319,7 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         ctx = {"state": ss, "key": key, "train": train}
         y = jax.eval_shape(lambda p_, x_: layer.apply(p_, x_, **ctx), p, xx)
         _refuse_half(y.dtype)
-        cot = jax.random.normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
+        cot = _standard_normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
         inputs = _Inputs(xx)
         args = inputs.args(p)
         reference, notes = _by_design(layer)
@@ -338,7 +356,7 @@ def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, 
         require_floating(f"fbp.check.loss: {loss!r}", p, what="prediction")
         _refuse_half(p.dtype)
         if g is None:
-            gg = jax.random.normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
+            gg = _standard_normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
         else:
             gg = _cast(jnp.asarray(g), dtype)
         rt, frt = _defaults(p.dtype, rtol, fd_rtol)
@@ -363,8 +381,8 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
     ``loss(model.apply(params, x, state=state, key=key, train=train), y)`` (training mode by
     default, as ``fbp.value_and_grad``).
 
-    Layers that deviate from the gradient by design (:mod:`fbp.credit`, :mod:`fbp.nn.hooks`,
-    :mod:`fbp.nn.quantize`) are differentiated through their own equations (``reference_apply``);
+    Layers that deviate from the gradient by design (``fbp.credit``, ``fbp.nn.hooks``,
+    ``fbp.nn.quantize``) are differentiated through their own equations (``reference_apply``);
     the report names their paths (``report.notes``) and skips finite differences."""
     _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
@@ -391,15 +409,15 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
 
 
 def assert_layer(*args, **kwargs) -> Report:
-    """:func:`layer`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``layer``, raising ``AssertionError`` with the table on any failure (for pytest)."""
     return layer(*args, **kwargs).assert_ok()
 
 
 def assert_loss(*args, **kwargs) -> Report:
-    """:func:`loss`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``loss``, raising ``AssertionError`` with the table on any failure (for pytest)."""
     return loss(*args, **kwargs).assert_ok()
 
 
 def assert_model(*args, **kwargs) -> Report:
-    """:func:`model`, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``model``, raising ``AssertionError`` with the table on any failure (for pytest)."""
     return model(*args, **kwargs).assert_ok()

@@ -19,7 +19,7 @@ leaves at most a ``.tmp-*`` directory, never a readable partial checkpoint. The 
 
 **Restores are checked** against a ``target`` pytree of the same structure (the values are
 ignored): a leaf missing or extra, or a shape or dtype that differs, raises
-:class:`CheckpointError` naming the path; a flipped byte or a truncated file fails the
+``CheckpointError`` naming the path; a flipped byte or a truncated file fails the
 checksum; nothing read from the files is ever executed.
 """
 

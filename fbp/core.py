@@ -17,7 +17,7 @@ A **loss** maps ``(pred, target)`` to a scalar (by default the mean over the bat
     d_pred        = loss.backward(res, g)      # g: cotangent of the value, usually 1.0
 
 The **backward transform** composes those rules and nothing else — JAX's autodiff is never
-called here (only :mod:`fbp.check` uses it, as the independent reference)::
+called here (only ``fbp.check`` uses it, as the independent reference)::
 
     value, grads  = fbp.value_and_grad(model, loss)(params, x, y)
 """
@@ -53,7 +53,7 @@ Array = jax.Array
 class Layer:
     """Base class of every layer. Subclasses are frozen dataclasses (hashable, immutable).
 
-    Implement :meth:`init`, :meth:`forward` and :meth:`backward`; :meth:`apply` follows.
+    Implement ``init``, ``forward`` and ``backward``; ``apply`` follows.
     Parameter-free layers return ``{}`` from ``init`` and ``{}`` as ``d_params``.
 
     **State and randomness** (BatchNorm's running statistics, Dropout's masks) are explicit.
@@ -86,7 +86,7 @@ class Layer:
 
     def replace_children(self, kids: dict[str, Layer]) -> Layer:
         """This layer with its children replaced by ``kids`` (same names). A combinator that
-        defines :meth:`children` defines this too, so tools can rebuild a model around its leaves."""
+        defines ``children`` defines this too, so tools can rebuild a model around its leaves."""
         if kids:
             raise NotImplementedError(f"{type(self).__name__} lists children but does not implement replace_children")
         return self
@@ -104,7 +104,7 @@ class Layer:
         raise NotImplementedError
 
     def forward(self, params: PyTree, x: Array) -> tuple[Array, PyTree]:
-        """``(y, res)``: the output and the residuals saved for :meth:`backward`."""
+        """``(y, res)``: the output and the residuals saved for ``backward``."""
         raise NotImplementedError
 
     def backward(self, res: PyTree, d_y: Array) -> tuple[PyTree, Array]:
@@ -154,17 +154,27 @@ def run_forward(layer: Layer, params: PyTree, x: Array, *, state: PyTree = None,
     return layer.forward(params, x)
 
 
+NO_RESIDUAL = ()
+"""The residual of a layer whose backward needs nothing (``Identity``, a hook, Dropout in evaluation):
+the empty tuple, an empty pytree that costs nothing under ``jit``."""
+
+
 class ParameterFree(Layer):
-    """A layer without parameters on floating input: subclasses write ``_forward(x) -> (y, res)``
-    and ``_backward(res, d_y) -> d_x``; params and ``d_params`` are ``{}``."""
+    """A layer without parameters: subclasses write ``_forward(x) -> (y, res)`` and
+    ``_backward(res, d_y) -> d_x``; params and ``d_params`` are ``{}``. The input must be
+    floating unless the subclass sets ``floating_only = False`` (shape layers such as Flatten)."""
+
+    floating_only: ClassVar[bool] = True
 
     def init(self, key, x):
-        require_floating(repr(self), x)
+        if self.floating_only:
+            require_floating(repr(self), x)
         return {}
 
     def forward(self, params, x):
         require_no_params(self, params)
-        require_floating(repr(self), x)
+        if self.floating_only:
+            require_floating(repr(self), x)
         return self._forward(x)
 
     def backward(self, res, d_y):
@@ -177,7 +187,7 @@ def _no_params(key: Array, x: Any) -> PyTree:
 
 @dataclasses.dataclass(frozen=True)
 class FunctionLayer(Layer):
-    """A layer made from three plain functions; see :func:`layer`."""
+    """A layer made from three plain functions; see ``layer``."""
 
     init_fn: Callable[[Array, Any], PyTree]
     forward_fn: Callable[[PyTree, Array], tuple[Array, PyTree]]
@@ -235,7 +245,7 @@ def transform_layers(model: Layer, fn: Callable[[str, Layer], Layer | None], pre
     not walked further) or ``None`` (keep the layer, and rebuild its children the same way).
 
     This is how tools wrap or swap layers without the user rebuilding the model: telemetry probes
-    every leaf, :mod:`fbp.credit` swaps Dense for its feedback-alignment twin at chosen paths.
+    every leaf, ``fbp.credit`` swaps Dense for its feedback-alignment twin at chosen paths.
     """
     replaced = fn("/".join(prefix), model)
     if replaced is not None:
@@ -283,7 +293,7 @@ def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]
 
 
 def check_gradient_structure(model: Layer, params: PyTree, d_params: PyTree) -> None:
-    """Raise :class:`InputError` naming the layer and path where ``d_params`` (from the backward
+    """Raise ``InputError`` naming the layer and path where ``d_params`` (from the backward
     rules) does not mirror ``params``: a missing or extra entry, another container, another shape.
 
     It compares tree structures and shapes only, so under ``jit`` it runs once, at trace time.
@@ -327,7 +337,7 @@ def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Calla
 
     ``context``: ``state``, ``key``, ``train`` for contextual models (default: evaluation mode).
     The pullback takes a ``d_y`` of ``y``'s shape and dtype; anything else raises
-    :class:`InputError`.
+    ``InputError``.
     """
     y, res = run_forward(model, params, x, **context)
 
@@ -350,7 +360,7 @@ def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y:
                           key: Array | None = None, train: bool = True):
     """``(value, grads, pred, new_state)``: one forward pass, the loss, one backward pass.
 
-    The building block of :func:`value_and_grad` for callers that also need the prediction
+    The building block of ``value_and_grad`` for callers that also need the prediction
     (metrics in a training step) or the model's state. Training mode by default;
     ``new_state`` is None when ``state`` is None.
     """
@@ -393,7 +403,7 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Call
     models with random layers (Dropout).
 
     With ``has_state=True`` (models with BatchNorm): ``f(params, state, x, y, *, key=None)
-    -> (value, grads, new_state)``. A model that keeps state raises :class:`InputError` without
+    -> (value, grads, new_state)``. A model that keeps state raises ``InputError`` without
     ``has_state=True`` (its new running statistics would be lost silently).
     """
     require_state_mode(model, has_state, "fbp.value_and_grad")
@@ -413,7 +423,7 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Call
 
 
 def grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
-    """Like :func:`value_and_grad` without the value: ``grads`` (same structure as params), or
+    """Like ``value_and_grad`` without the value: ``grads`` (same structure as params), or
     ``(grads, new_state)`` with ``has_state=True``."""
     f = value_and_grad(model, loss, has_state=has_state)
     if has_state:

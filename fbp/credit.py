@@ -11,7 +11,7 @@ forward pass exactly as it was. Only where credit travels changes::
 
 In every case a layer's *own* parameter gradient is its exact rule given the cotangent that
 reaches its output (``d_w = xᵀ d_y`` for Dense), so what an optimizer does with it is unchanged.
-Straight-through estimators live in :mod:`fbp.nn.quantize`, cotangent hooks in :mod:`fbp.nn.hooks`.
+Straight-through estimators live in ``fbp.nn.quantize``, cotangent hooks in ``fbp.nn.hooks``.
 
 **Where B lives.** Fixed feedback matrices are part of the model's *state* (``init_state``
 draws them from the wrapper's ``seed``), never of its params: no optimizer — decoupled weight
@@ -19,9 +19,9 @@ decay included — can touch them, and a checkpoint that saves the state saves t
 ``has_state=True`` (``fit`` does this by itself). Sign symmetry needs no state: ``B`` is read
 from the current ``W``.
 
-Every layer here follows :mod:`fbp.deviation`'s protocol (``deviation``, ``reference_apply``,
-``exact_backward``), so :mod:`fbp.check` verifies it against its own equation and
-:mod:`fbp.telemetry` measures its angle to the true gradient.
+Every layer here follows ``fbp.deviation``'s protocol (``deviation``, ``reference_apply``,
+``exact_backward``), so ``fbp.check`` verifies it against its own equation and
+``fbp.telemetry`` measures its angle to the true gradient.
 
 References:
     Lillicrap, Cownden, Tweed & Akerman, "Random synaptic feedback weights support error
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, describe, leaf_layers, run_forward, transform_layers
 from fbp.deviation import surrogate_apply
-from fbp.nn.combinators import Serial, child_states, split_key
+from fbp.nn.combinators import Serial
 
 _sg = jax.lax.stop_gradient
 
@@ -64,7 +64,7 @@ def _draw(layer: Layer, seed: int, index: int, shape, dtype):
 
 class _KernelFeedback(Layer):
     """Shared by the feedback-alignment family: wraps a layer with ``swap_kernel`` (Dense, Conv);
-    params, paths and forward are the wrapped layer's; ``d_x`` goes through :meth:`_feedback`."""
+    params, paths and forward are the wrapped layer's; ``d_x`` goes through ``_feedback``."""
 
     layer: Layer
 
@@ -211,7 +211,7 @@ def sign_symmetry(model: Layer, *, paths: Iterable[str] | None = None) -> Layer:
 @dataclasses.dataclass(frozen=True, init=False)
 class DirectFeedbackAlignment(Serial):
     """A ``Serial`` trained by direct feedback alignment (Nøkland, 2016). Make it with
-    :func:`direct_feedback_alignment`.
+    ``direct_feedback_alignment``.
 
     Forward: the Serial's. Backward, with ``e = d_y`` flattened to ``(batch, out_size)``: the
     layers run their exact rules right to left, except that the cotangent leaving each target
@@ -290,14 +290,13 @@ class DirectFeedbackAlignment(Serial):
 
     def reference_apply(self, params, x, *, state=None, key=None, train=False):
         layers, feedback = self._split(state)
-        n, h, taps = len(self.layers), x, []
-        for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, layers, n),
-                                                 split_key(key, n))):
-            if i in self.targets:  # the gradient reaching h is e B_i, and nothing flows on through h
-                flat = h.reshape(h.shape[0], -1) @ _sg(feedback[str(i)]).T
+        h, taps = x, []
+        for ctx in self.contexts(params, layers, key):
+            if int(ctx.name) in self.targets:  # the gradient reaching h is e B_i, and nothing flows on through h
+                flat = h.reshape(h.shape[0], -1) @ _sg(feedback[ctx.name]).T
                 taps.append(flat - _sg(flat))
                 h = _sg(h)
-            h = surrogate_apply(child, p, h, state=s, key=k, train=train)
+            h = surrogate_apply(ctx.layer, ctx.params, h, state=ctx.state, key=ctx.key, train=train)
         return h + sum(taps).reshape(h.shape) if taps else h
 
 

@@ -81,7 +81,7 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
 
 
 def batches(x, y, batch_size: int | None, *, key=None):
-    """Yield ``(x_batch, y_batch)`` for one epoch (see :func:`batch_indices`)."""
+    """Yield ``(x_batch, y_batch)`` for one epoch (see ``batch_indices``)."""
     for idx in batch_indices(len(x), batch_size, key=key):
         yield x[idx], y[idx]
 

@@ -1,6 +1,6 @@
 """Where a NaN or inf first appears: forward order, then the loss, then backward order.
 
-:func:`find_nonfinite` runs one forward and one backward pass with :mod:`fbp.telemetry`'s probes
+``find_nonfinite`` runs one forward and one backward pass with ``fbp.telemetry``'s probes
 (the same pass as training, every rule fbp's own) and reads, per leaf layer, how many entries
 of its output, of the cotangent arriving at its output and of its parameter gradient are not
 finite. The first layer in forward order whose *output* holds one is where the forward pass
@@ -83,7 +83,7 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
     """Run ``model`` forward and backward on ``(x, y)`` and report where a NaN/inf first appears.
 
     ``state``, ``key``, ``train``: the forward's context, as for ``fbp.value_and_grad`` (training
-    mode by default). Runs jitted; returns a :class:`NonFiniteReport` (``str()`` is readable).
+    mode by default). Runs jitted; returns a ``NonFiniteReport`` (``str()`` is readable).
     """
     inst = Instrumented.of(model, alignment=False, input_cotangents=True)
     x, y = jnp.asarray(x), jnp.asarray(y)
@@ -119,15 +119,15 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
 
 def replay_epoch(model: Layer, loss: Loss, step, carry, x, y, full, rest, epoch_key) -> NonFiniteReport:
     """Replay an epoch of ``fit`` (its jitted ``step``, from the ``carry`` it started with) to the
-    first step whose loss is not finite, and :func:`find_nonfinite` on that step's params and batch
+    first step whose loss is not finite, and ``find_nonfinite`` on that step's params and batch
     (or, if no loss turned non-finite, on the params the last step left). Augmentation is not replayed."""
     batches = [(full, i, i) for i in range(full.shape[0])] + ([(rest, 0, full.shape[0])] if rest is not None else [])
     for rows, i, number in batches:
         after = step(carry, x, y, rows, i, epoch_key, number)
         last = number == batches[-1][2]
-        if not math.isfinite(float(after[3])) or last:  # the loss of this step, or else the params it left
-            at = carry if not math.isfinite(float(after[3])) else after
+        if not math.isfinite(float(after.loss_sum)) or last:  # the loss of this step, or else the params it left
+            at = carry if not math.isfinite(float(after.loss_sum)) else after
             idx = rows[i]
             key = jax.random.fold_in(epoch_key, number) if model.needs_key else None
-            return find_nonfinite(model, loss, at[0], x[idx], y[idx], state=at[1], key=key)
+            return find_nonfinite(model, loss, at.params, x[idx], y[idx], state=at.state, key=key)
         carry = after

@@ -1,16 +1,16 @@
 """The deviation protocol: how a rule that is not the gradient *by design* tells the tools so.
 
 A layer whose backward departs from the derivative of its forward on purpose — feedback
-alignment (:mod:`fbp.credit`), a straight-through estimator (:mod:`fbp.nn.quantize`), a cotangent
-hook (:mod:`fbp.nn.hooks`), or a user's own — declares:
+alignment (``fbp.credit``), a straight-through estimator (``fbp.nn.quantize``), a cotangent
+hook (``fbp.nn.hooks``), or a user's own — declares:
 
 * ``deviation`` (a class attribute): one line saying how the rule departs from the gradient;
 * ``reference_apply(params, x, **context)``: a plain-JAX function with the layer's value whose
   JAX gradient *is* the rule, written from the rule's own equation (typically with
-  ``stop_gradient``). :mod:`fbp.check` differentiates it as the independent reference, names the
+  ``stop_gradient``). ``fbp.check`` differentiates it as the independent reference, names the
   path as deviating by design, and skips finite differences (the rule is not a derivative);
 * optionally ``exact_backward(res, d_y)``: the true VJP from the same residuals.
-  :mod:`fbp.telemetry` runs it to measure each layer's angle between the rule and the gradient.
+  ``fbp.telemetry`` runs it to measure each layer's angle between the rule and the gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def deviations(model: Layer, prefix: tuple[str, ...] = ()) -> list[tuple[str, La
 
 def surrogate_apply(layer: Layer, params, x, **context):
     """``layer``'s output from plain JAX: its ``reference_apply`` if it deviates (so JAX's gradient
-    is the rule), else its ``apply`` — the reference :mod:`fbp.check` differentiates."""
+    is the rule), else its ``apply`` — the reference ``fbp.check`` differentiates."""
     if deviates(layer):
         return layer.reference_apply(params, x, **context)
     return layer.apply(params, x, **context) if layer.contextual else run_forward(layer, params, x)[0]

@@ -24,11 +24,11 @@ that range the derivative is 0, as JAX's ``grad`` gives for the clipped expressi
 **Bad values.** Each loss knows its conventions: integer labels in ``[0, C)``, probabilities
 and binary targets in ``[0, 1]``, hinge labels in ``{-1, +1}``, one-hot rows for the
 multiclass hinge, non-negative soft targets. On concrete arrays (outside ``jit``) a value
-that breaks them raises :class:`~fbp.core.InputError` naming the first bad entry and the fix.
+that breaks them raises ``InputError`` naming the first bad entry and the fix.
 Under ``jit``/``vmap`` values cannot be inspected at trace time, so an example with a bad
 target or prediction gets a **NaN** loss (and NaN gradients) instead of a silent wrong number:
 ``fbp.train.fit`` then stops with a ``stop_reason`` (and it validates every target before
-training anyway). :meth:`check_target` runs the target checks alone, e.g. on a whole data set.
+training anyway). ``check_target`` runs the target checks alone, e.g. on a whole data set.
 An empty batch raises (its mean would be NaN).
 """
 
@@ -88,7 +88,20 @@ def _relu(m):
 
 
 class _Base(Loss):
-    classification = False  # whether fit records accuracy for this loss
+    """What training needs to know of a loss is declared here, not looked up by type:
+
+    * ``classification``: whether ``fit`` and ``evaluate`` record accuracy for it;
+    * ``class_axis``: whether the last axis of a float target is the class axis (one-hot or soft
+      rows), so one prediction is counted per row rather than per entry;
+    * ``score_threshold`` / ``label_threshold``: for a single output, a prediction counts as
+      positive above ``score_threshold`` (0 for logits and hinge scores, 0.5 for probabilities)
+      and a target above ``label_threshold`` (0 for ±1 labels, 0.5 for {0, 1}).
+    """
+
+    classification = False
+    class_axis = False
+    score_threshold = 0.5
+    label_threshold = 0.5
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -105,13 +118,13 @@ class _Base(Loss):
                                          f"examples is NaN)")
 
     def check_target(self, target, pred_shape) -> None:
-        """Raise :class:`InputError` if ``target`` cannot go with predictions of ``pred_shape``
+        """Raise ``InputError`` if ``target`` cannot go with predictions of ``pred_shape``
         (shape, dtype, and — for concrete arrays — the loss's value conventions)."""
         self._target(jax.ShapeDtypeStruct(tuple(pred_shape), jnp.float32), target)
 
     def _values_ok(self, valid, values, what: str, fix: str):
         """``None`` when ``valid`` (a boolean array) is concrete and all True — raise naming the
-        first bad entry when it is not; under jit return ``valid`` for :func:`_poison`."""
+        first bad entry when it is not; under jit return ``valid`` for ``_poison``."""
         if not is_concrete(valid):
             return valid
         valid = np.asarray(valid)
@@ -241,6 +254,10 @@ class BinaryCrossEntropy(_Base):
     reduction: str = "mean"
     classification = True
 
+    @property
+    def score_threshold(self) -> float:
+        return 0.0 if self.from_logits else 0.5
+
     def _target(self, pred, target):
         t = self._same_shape(pred, target)
         ok = self._values_ok((t >= 0) & (t <= 1), t, "binary targets must lie in [0, 1]",
@@ -277,6 +294,8 @@ class Hinge(_Base):
 
     reduction: str = "mean"
     classification = True
+    score_threshold = 0.0
+    label_threshold = 0.0
 
     def _target(self, pred, target):
         t = self._same_shape(pred, target)
@@ -311,6 +330,7 @@ class CategoricalCrossEntropy(_Base):
     from_logits: bool = False
     reduction: str = "mean"
     classification = True
+    class_axis = True
 
     def _target(self, pred, target):
         t = self._class_target(pred, target)
@@ -349,11 +369,12 @@ class MulticlassHinge(_Base):
     With scores ``z``, correct-class score ``z_y = Σ_k t_k z_k`` and margins
     ``m_j = z_j - z_y + 1``: ``c = Σ_j (1 - t_j) max(0, m_j)``.
     With ``a_j = (1 - t_j) [m_j > 0]``: ``∂c/∂z_j = a_j - t_j Σ_k a_k``.
-    Targets as for :class:`CategoricalCrossEntropy` (one-hot or integer labels).
+    Targets as for ``CategoricalCrossEntropy`` (one-hot or integer labels).
     """
 
     reduction: str = "mean"
     classification = True
+    class_axis = True
 
     def _target(self, pred, target):
         t = self._class_target(pred, target)

@@ -4,7 +4,7 @@ The backward pass of a batch already holds, at every layer, the layer's input ``
 cotangent ``g = ∂L/∂y`` at its output, one row per example. Per-example quantities are built
 from them where each layer's rule runs — no ``vmap(grad)`` over the whole model, no second pass:
 
-* **Weights used like a Dense at many positions** (:mod:`fbp.nn.positions`): ``∇_W ℓ_b = X_bᵀ G_b``
+* **Weights used like a Dense at many positions** (``fbp.nn.positions``): ``∇_W ℓ_b = X_bᵀ G_b``
   from the inputs ``X_b`` and product cotangents ``G_b`` at the ``T`` positions of example ``b``.
   At one position the norm is ``‖x_b‖ ‖g_b‖`` — without the gradient; otherwise the *ghost norm*
   ``Σ_{t,s} (x_bt·x_bs)(g_bt·g_bs)`` from two ``T×T`` Gram matrices (Li et al., 2022) when
@@ -74,7 +74,7 @@ def _batched(d_y):
 
 # --------------------------------------------------------------------------- per-layer rules
 def _conv_positions(layer: Layer, x, d_y) -> Positions | None:
-    """Ungrouped convolutions without input dilation as :class:`~fbp.nn.positions.Positions`
+    """Ungrouped convolutions without input dilation as ``Positions``
     (positions: output pixels; one part per kernel tap, the im2col patches never concatenated);
     ``None`` otherwise."""
     bias = ("b",) if getattr(layer, "use_bias", False) else None
@@ -90,7 +90,7 @@ def _conv_positions(layer: Layer, x, d_y) -> Positions | None:
 
 def _layer_positions(layer: Layer, res, x, d_y):
     """``(groups, rest)``: the layer's weights used like a Dense over positions (a list of
-    :class:`Positions`) and its other per-example gradients (``{key: (B, ...)}``), from the
+    ``Positions``) and its other per-example gradients (``{key: (B, ...)}``), from the
     layer's ``per_example_positions(res, d_y)`` or the convolution rule; ``None`` if neither."""
     own = getattr(layer, "per_example_positions", None)
     if callable(own):
@@ -282,7 +282,7 @@ def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: 
     """``f(params, x, y, *, key=None) -> (values, norms)``: the L2 norm over all parameters of each
     example's gradient, ``(B,)``, without materialising per-example gradients where a cheaper route
     exists (module docstring). ``per_layer=True`` returns ``(values, norms, layer_norms)``:
-    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters. :func:`routes` says how
+    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters. ``routes`` says how
     each layer's norm is computed."""
 
     def body(params, x, y, **context):
@@ -296,7 +296,7 @@ def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: 
 
 
 def routes(model: Layer, loss: Loss, params, x, y, *, mode: str = "norms", **context) -> dict[str, str]:
-    """How :func:`grad_norms` (``mode="norms"``) or :func:`grads` (``"grads"``) computes each leaf's
+    """How ``grad_norms`` (``mode="norms"``) or ``grads`` (``"grads"``) computes each leaf's
     per-example quantity for inputs shaped like ``x``: ``{"0": "norms ‖x‖‖g‖", "2": "ghost norm
     (T=64)", "3/block": "materialised (vmap of the layer's rules)", ...}``. Traces only (nothing runs)."""
     found: dict[str, str] = {}

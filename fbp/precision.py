@@ -1,7 +1,7 @@
 """Mixed precision: float32 master weights, layers computing in bfloat16 or float16, and
 dynamic loss scaling for float16.
 
-A :class:`Policy` has jmp's shape, ``Policy.parse("params=float32,compute=bfloat16,output=float32")``:
+A ``Policy`` has jmp's shape, ``Policy.parse("params=float32,compute=bfloat16,output=float32")``:
 
 * **params** — the dtype of the master weights the optimizer updates, and of its state;
 * **compute** — the dtype the layers run in: each step casts params, model state and the
@@ -15,7 +15,7 @@ weight-gradient matmuls of Dense and the convolutions accumulate in float32
 (``preferred_element_type``) and round once. The parameter gradients are cast to the params
 dtype before the optimizer sees them.
 
-**Loss scaling** (float16's 5-bit exponent underflows small gradients). :func:`loss_scaled`
+**Loss scaling** (float16's 5-bit exponent underflows small gradients). ``loss_scaled``
 wraps an optimizer; its state holds the scale ``S``. The step seeds the backward pass with
 ``S`` instead of 1, the wrapper divides the gradients by ``S``, and on a non-finite gradient it
 skips the step (params and inner optimizer state unchanged) and halves ``S``; after
@@ -78,7 +78,7 @@ class Policy:
 
 def value_grad_and_output(model: Layer, loss: Loss, policy: Policy, params, x, y, *, state=None, key=None,
                           train: bool = True, scale=1.0):
-    """``(value, grads, pred, new_state)`` like :func:`fbp.core.value_grad_and_output`, with the
+    """``(value, grads, pred, new_state)`` like ``fbp.core.value_grad_and_output``, with the
     layers in ``policy.compute``, the loss in ``policy.output`` and the backward seeded with
     ``scale`` (the gradients come back multiplied by it); grads and state in ``policy.params``."""
     compute = policy.cast(params, policy.compute)
@@ -100,7 +100,7 @@ class LossScaleState(NamedTuple):
 
 
 def current_scale(opt_state) -> jax.Array | float:
-    """The loss scale held in a :func:`loss_scaled` optimizer's state, else 1."""
+    """The loss scale held in a ``loss_scaled`` optimizer's state, else 1."""
     return opt_state.scale if isinstance(opt_state, LossScaleState) else 1.0
 
 

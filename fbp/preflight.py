@@ -1,4 +1,4 @@
-"""What :func:`fbp.train.fit` checks before its first step, so that nothing fails — or silently
+"""What ``fbp.train.fit`` checks before its first step, so that nothing fails — or silently
 misleads — after an epoch has trained: the arguments, the targets against the model's output
 and the loss's conventions, the validation data against the training data, and the
 early-stopping monitor against the metrics ``fit`` will record."""
@@ -53,9 +53,9 @@ def check_checkpointing(directory, every, resume, keep) -> None:
         raise ValueError("fit: resume=True needs the checkpoint_dir to resume from")
 
 
-def recorded_metrics(classify: bool, validation: bool) -> list[str]:
+def recorded_metrics(classify: bool, validation: bool, loss: bool = True) -> list[str]:
     """The names ``fit`` records in its history, in order."""
-    names = ["loss"] + (["accuracy"] if classify else [])
+    names = (["loss"] if loss else []) + (["accuracy"] if classify else [])
     return names + [f"val_{n}" for n in names] * validation + ["learning_rate", "seconds"]
 
 
@@ -104,7 +104,7 @@ def check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> N
 
 @contextlib.contextmanager
 def _named(what: str) -> Iterator[None]:
-    """Prefix an :class:`InputError` raised inside the block with what was being checked."""
+    """Prefix an ``InputError`` raised inside the block with what was being checked."""
     try:
         yield
     except InputError as err:

@@ -7,11 +7,11 @@ For per-example gradients ``g_b`` and a clipping norm ``C``, DP-SGD's update dir
 with ``B̄`` the expected batch size (Poisson sampling) and ``σ`` the noise multiplier.
 
 **One backward pass, then book-keeping** (Bu et al., 2023). The backward pass of the batch runs
-once; at every layer with parameters :mod:`fbp.per_example` computes the per-example squared
+once; at every layer with parameters ``fbp.per_example`` computes the per-example squared
 norms from the layer's input and output cotangent (``‖x_b‖‖g_b‖`` for a Dense, ghost norms over
 positions) and keeps the residuals and the cotangent it already holds. With the total norms
 known, each layer's clipped sum is ``Σ_b c_b X_bᵀ G_b = Xᵀ (c ⊙ G)`` — one matmul over the batch
-from the inputs and product cotangents the backward already holds (:mod:`fbp.nn.positions`; for
+from the inputs and product cotangents the backward already holds (``fbp.nn.positions``; for
 an LSTM the gate cotangents of the one reverse scan). Where the norm's route materialised the
 per-example gradients they are weighed directly; a layer without a positions rule reruns its own
 weight-gradient rule on the rescaled cotangent, ``backward(res, c ⊙ d_y)`` (a parameter gradient
@@ -206,7 +206,7 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
         weights = mask.astype(jnp.float32)
         loss_sum = loss_sum + jnp.sum(values.astype(jnp.float32) * weights)
         correct = correct + correct_count(pred, y[idx], loss, where=mask).astype(jnp.int32)
-        return apply_updates(params, updates), state, opt_state, loss_sum, correct, {"examples": seen["examples"]
-                                                                                     + jnp.sum(weights)}
+        return carry._replace(params=apply_updates(params, updates), opt_state=opt_state, loss_sum=loss_sum,
+                              correct=correct, stats={"examples": seen["examples"] + jnp.sum(weights)})
 
     return step

@@ -1,6 +1,6 @@
 """What ``fit`` carries from one epoch to the next, and how a run is checkpointed and resumed.
 
-Everything that decides the rest of a run is in :class:`LoopState`: params, model state and
+Everything that decides the rest of a run is in ``LoopState``: params, model state and
 optimizer state (and the last finite copy of them), the epochs completed, the history, the
 telemetry history, early stopping's best value, epoch, params, state and patience count, and
 why training stopped, if it did. The randomness is not carried: every epoch's shuffle and

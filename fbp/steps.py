@@ -1,7 +1,7 @@
 """The training step: one jitted update, and the pieces of an epoch that ``fit`` runs.
 
 ``make_step`` is the cycle of backpropagation as one function — forward, loss, backward,
-update — jitted; :func:`fbp.train.fit` runs the indexed form of the same step (it gathers its
+update — jitted; ``fbp.train.fit`` runs the indexed form of the same step (it gathers its
 batch by index from data that stays on the device, and accumulates the epoch's loss and
 correct count in its carry), one call per step or one ``lax.scan`` per epoch.
 """
@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fbp import losses as flosses
 from fbp import parallel
 from fbp import precision as fprecision
 from fbp import privacy as fprivacy
@@ -31,15 +30,16 @@ PyTree = Any
 def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
     """How many predictions are right: argmax over classes, or a threshold for one output.
 
-    The threshold is 0 for logits and hinge scores, 0.5 for probabilities; hinge labels are ±1.
+    For one output the loss declares the thresholds (``score_threshold``: 0 for logits and hinge
+    scores, 0.5 for probabilities; ``label_threshold``: 0 for ±1 labels, 0.5 for {0, 1}).
     ``where`` (``(B,)`` booleans) counts only those examples.
     """
     if pred.ndim >= 2 and pred.shape[-1] > 1:
         labels = target if jnp.issubdtype(target.dtype, jnp.integer) else jnp.argmax(target, axis=-1)
         right = jnp.argmax(pred, axis=-1) == labels
     else:
-        logits = getattr(loss, "from_logits", False) or isinstance(loss, flosses.Hinge)
-        right = (pred > (0.0 if logits else 0.5)) == (target > (0.0 if isinstance(loss, flosses.Hinge) else 0.5))
+        score = getattr(loss, "score_threshold", 0.0 if getattr(loss, "from_logits", False) else 0.5)
+        right = (pred > score) == (target > getattr(loss, "label_threshold", 0.5))
     if where is not None:
         right = right & where.reshape(where.shape + (1,) * (right.ndim - 1))
     return jnp.sum(right)
@@ -62,16 +62,16 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
     (a model that keeps state must use it: its new state would otherwise be lost).
 
-    ``mesh`` (:func:`fbp.parallel.data_mesh`): data parallel — the batch is split over the mesh
+    ``mesh`` (``fbp.parallel.data_mesh``): data parallel — the batch is split over the mesh
     and params, model state and optimizer state are replicated (``fsdp=True``: leaves of 2¹⁸
-    elements or more are split instead, :func:`fbp.parallel.fsdp_sharding`). Inputs are placed
+    elements or more are split instead, ``fbp.parallel.fsdp_sharding``). Inputs are placed
     there on every call (a no-op once they are), the params, state and optimizer-state buffers
     are donated (the arrays passed in are consumed: keep a copy to reuse them), and the step
     compiles once. A batch the device count does not divide raises.
 
-    ``precision``: a :class:`fbp.precision.Policy` (or its text, ``"bfloat16"``): layers compute
+    ``precision``: a ``fbp.precision.Policy`` (or its text, ``"bfloat16"``): layers compute
     in ``compute``, the loss in ``output``, params and optimizer state stay in ``params``; with a
-    :func:`fbp.precision.loss_scaled` optimizer the backward is seeded with its loss scale."""
+    ``fbp.precision.loss_scaled`` optimizer the backward is seeded with its loss scale."""
     require_state_mode(model, has_state, "fbp.train.make_step")
     grads_of = gradient_function(model, loss, precision)
 
@@ -97,7 +97,7 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
 def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
     """``f(params, opt_state, x, y, *, state=None, key=None) -> (value, grads, pred, new_state)``:
     one forward, loss and backward pass in full precision, or under a mixed-precision policy
-    (seeded with the loss scale an :func:`fbp.precision.loss_scaled` optimizer state holds)."""
+    (seeded with the loss scale an ``fbp.precision.loss_scaled`` optimizer state holds)."""
     if precision is None:
         return lambda params, opt_state, x, y, **context: value_grad_and_output(model, loss, params, x, y, **context)
     policy = fprecision.Policy.parse(precision) if isinstance(precision, str) else precision
@@ -140,14 +140,35 @@ def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callab
     return sharded
 
 
+class EpochCarry(NamedTuple):
+    """What ``fit``'s jitted step carries from one step to the next within an epoch."""
+
+    params: PyTree
+    state: PyTree  # the model's state (None for stateless models)
+    opt_state: PyTree
+    loss_sum: jax.Array  # float32: the epoch's summed per-example losses so far
+    correct: jax.Array  # int32: the epoch's correct predictions so far
+    stats: PyTree  # telemetry's summed statistics, DP-SGD's {"examples": count}, or {}
+
+    @classmethod
+    def start(cls, params, state, opt_state, stats) -> EpochCarry:
+        """The carry at the start of an epoch: the trained trees and zero sums."""
+        return cls(params, state, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), stats)
+
+    @property
+    def trees(self) -> tuple:
+        """``(params, state, opt_state)``: what lives on after the epoch."""
+        return self.params, self.state, self.opt_state
+
+
 def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None, precision=None):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
-    the summed per-layer statistics of :mod:`fbp.telemetry` from the same pass."""
+    the summed per-layer statistics of ``fbp.telemetry`` from the same pass."""
     probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
     grads_of = gradient_function(model, loss, precision)
 
-    def step(carry, x, y, batches, row, epoch_key, step_number):
+    def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
         params, state, opt_state, loss_sum, correct, stat_sum = carry
         idx = batches[row]
         xb, yb = x[idx], y[idx]
@@ -166,7 +187,7 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
-        return apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum
+        return EpochCarry(apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum)
 
     return step
 
@@ -221,7 +242,6 @@ def _eval_stats(model, loss, params, state, x, y):
 def _examples_from(y, loss) -> int:
     """Number of predictions accuracy is counted over, from the target's shape."""
     y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.integer) or isinstance(loss, (flosses.CategoricalCrossEntropy,
-                                                                  flosses.MulticlassHinge)):
+    if jnp.issubdtype(y.dtype, jnp.integer) or getattr(loss, "class_axis", False):
         return math.prod(y.shape if jnp.issubdtype(y.dtype, jnp.integer) else y.shape[:-1])
     return math.prod(y.shape)

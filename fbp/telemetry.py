@@ -259,12 +259,12 @@ def _leaf_entries(model: Layer, params: PyTree) -> list[tuple[str, PyTree]]:
 
 def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, alignment: bool | None = None,
                          input_cotangents: bool = False, stats: Sequence[str] | None = None) -> Callable:
-    """Like :func:`fbp.value_and_grad`, plus per-layer statistics from the same pass.
+    """Like ``fbp.value_and_grad``, plus per-layer statistics from the same pass.
 
     Returns ``f(params, x, y, *, key=None) -> (value, grads, stats)``; with ``has_state=True``,
     ``f(params, state, x, y, *, key=None) -> (value, grads, new_state, stats)``. ``value`` and
     ``grads`` equal ``fbp.value_and_grad``'s; ``stats[path][name]`` is a scalar for every leaf
-    layer's path and every name in :data:`STATS` (module docstring). ``alignment``: add
+    layer's path and every name in ``STATS`` (module docstring). ``alignment``: add
     ``alignment_angle`` per layer with parameters (default: whenever the model has rules that
     deviate from the gradient and an exact VJP for each; ``False``: never; ``True``: required).
 
@@ -273,7 +273,7 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, a
     first Dense's ``d_in_norm``) are NaN unless ``input_cotangents=True``, which adds their
     computation (the input gradient of that layer: one more matmul or convolution).
 
-    ``stats``: compute only these names from :data:`STATS` (default: all). Each statistic is a
+    ``stats``: compute only these names from ``STATS`` (default: all). Each statistic is a
     pass over an output or a cotangent; on a CPU, where a convolutional step is bound by memory
     traffic, choosing the ones you plot makes telemetry cheaper (``benchmarks/bench_toolkit.py``).
     """

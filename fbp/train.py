@@ -38,7 +38,16 @@ from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss
 from fbp.optim import GradientTransformation
 from fbp.optim import learning_rate as read_learning_rate
-from fbp.steps import _compiled, _epoch_batches, _examples_from, _stat_names, correct_count, evaluate, make_step
+from fbp.steps import (
+    EpochCarry,
+    _compiled,
+    _epoch_batches,
+    _examples_from,
+    _stat_names,
+    correct_count,
+    evaluate,
+    make_step,
+)
 from fbp.stopping import MODES, EarlyStopping  # noqa: F401  (fbp.train.EarlyStopping is the public name)
 
 __all__ = ["EarlyStopping", "FitResult", "correct_count", "evaluate", "fit", "make_step"]
@@ -48,7 +57,7 @@ PyTree = Any
 
 # --------------------------------------------------------------------------- the result
 class FitResult(NamedTuple):
-    """What :func:`fit` returns; ``history`` maps metric names to one value per epoch run;
+    """What ``fit`` returns; ``history`` maps metric names to one value per epoch run;
     ``state`` is the model's state (None for stateless models).
 
     ``stop_reason`` says why training ended: ``"completed N epochs"``, ``"early stopping: ..."``
@@ -57,8 +66,8 @@ class FitResult(NamedTuple):
     epoch's under early stopping, and ``diverged`` is True).
 
     ``telemetry`` (``fit(..., telemetry=True)``): ``{path: {stat: array over epochs}}`` with
-    :mod:`fbp.telemetry`'s statistics, each the mean over the epoch's steps (``nonfinite``: the
-    sum); plot it with :func:`fbp.telemetry.plot_gradient_flow`.
+    ``fbp.telemetry``'s statistics, each the mean over the epoch's steps (``nonfinite``: the
+    sum); plot it with ``fbp.telemetry.plot_gradient_flow``.
     """
 
     params: PyTree
@@ -91,11 +100,11 @@ _all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(lea
                                                         if jnp.issubdtype(leaf.dtype, jnp.inexact)] or [True])))
 
 
-def _nonfinite_reason(record: dict[str, float], carry, epoch: int) -> str | None:
+def _nonfinite_reason(record: dict[str, float], carry: EpochCarry, epoch: int) -> str | None:
     for name in ("loss", "val_loss"):
         if name in record and not math.isfinite(record[name]):
             return f"non-finite: {name} is {record[name]} at epoch {epoch + 1}"
-    if not bool(_all_finite(carry[:2])):
+    if not bool(_all_finite((carry.params, carry.state))):
         return f"non-finite: parameters or model state hold NaN/inf after epoch {epoch + 1} (loss {record['loss']:.4g})"
     return None
 
@@ -115,7 +124,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         batch_size: ``None`` = batch GD, ``1`` = stochastic, ``N`` = mini-batches of ``N``.
         validation_data: ``(x_val, y_val)``; or ``validation_split`` holds out that fraction of
             ``(x, y)`` (chosen with ``key``).
-        early_stopping: an :class:`EarlyStopping`; needs validation data for ``val_*`` monitors.
+        early_stopping: an ``EarlyStopping``; needs validation data for ``val_*`` monitors.
         scan_epochs: run each epoch's full batches inside one ``lax.scan``.
         state: the model's state (BatchNorm); default ``model.init_state(params)`` for models
             that keep state. Random layers get ``fold_in(epoch key, step)``: a fresh key per step.
@@ -123,26 +132,26 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``
             (they are always checked against the model's output width).
         log_every: print a line every this many epochs (0: never).
-        augment: ``fn(key, x_batch) -> x_batch`` (see :mod:`fbp.augment`), applied to every
+        augment: ``fn(key, x_batch) -> x_batch`` (see ``fbp.augment``), applied to every
             training batch with a fresh key; never to validation data.
         metrics: names to record, from ``["loss", "accuracy"]``; default ``loss`` plus
             ``accuracy`` for classification losses (validation metrics follow).
-        telemetry: record per-layer statistics from every step's own pass (:mod:`fbp.telemetry`)
+        telemetry: record per-layer statistics from every step's own pass (``fbp.telemetry``)
             in ``result.telemetry``: ``True`` for all of them, or a list of names.
-        privacy: train with DP-SGD (:class:`fbp.privacy.DPSGD`): per-example clipping in one
+        privacy: train with DP-SGD (``fbp.privacy.DPSGD``): per-example clipping in one
             backward pass, Gaussian noise, Poisson sampling with expected batch ``batch_size``;
             the history gains ``epsilon`` (at the spec's ``delta``) after every epoch.
-        checkpoint_dir: save the whole run (:mod:`fbp.resume`: params, optimizer and model
+        checkpoint_dir: save the whole run (``fbp.resume``: params, optimizer and model
             state, history, early-stopping state) there every ``checkpoint_every`` epochs, at
             the last epoch and when training stops early, keeping the newest
-            ``keep_checkpoints`` (:mod:`fbp.checkpoint`: pickle-free, checksummed, atomic).
+            ``keep_checkpoints`` (``fbp.checkpoint``: pickle-free, checksummed, atomic).
             A directory that already holds checkpoints is refused unless ``resume``.
-        mesh: data parallel over a :func:`fbp.parallel.data_mesh`: every batch is split over the
+        mesh: data parallel over a ``fbp.parallel.data_mesh``: every batch is split over the
             mesh's devices, params and optimizer and model state are replicated; the numbers
             are those of one device (global BatchNorm statistics, the same dropout masks).
             ``batch_size`` must be a multiple of the device count, and the last, smaller
             batch of an epoch (``n mod batch_size`` examples) is dropped. Not with ``privacy``.
-        precision: mixed precision (:mod:`fbp.precision`): a ``Policy`` or its text
+        precision: mixed precision (``fbp.precision``): a ``Policy`` or its text
             (``"bfloat16"``); pair float16 with a ``precision.loss_scaled`` optimizer.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
             is none). Give the same arguments and ``key``: the resumed run ends bit-identical
@@ -153,11 +162,11 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     has trained. If the loss, the validation loss, the parameters or the model state turn
     NaN/inf, training stops with a ``RuntimeWarning``; the result then holds the last finite
     epoch's params (the best epoch's under early stopping) and says why in ``stop_reason``, and
-    fit prints where the first NaN/inf appeared (:func:`fbp.debug.find_nonfinite`, run on the
+    fit prints where the first NaN/inf appeared (``fbp.debug.find_nonfinite``, run on the
     step of that epoch where the loss first turned non-finite).
 
     Returns:
-        :class:`FitResult` with the final (or best, with early stopping) params and a history
+        ``FitResult`` with the final (or best, with early stopping) params and a history
         of ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate`` and
         ``seconds`` per epoch, as NumPy arrays, and ``stop_reason``. ``loss`` and ``val_loss``
         are means per example for ``reduction="mean"`` and ``"sum"`` alike.
@@ -170,32 +179,25 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     if np.shape(x)[0] == 0:
         raise ValueError("fit: the training data is empty")
     if validation_data is None and validation_split:
-        x, y, x_val, y_val = fdata.train_test_split(x, y, validation_split, key=jax.random.fold_in(key, 2**31 - 1))
+        x, y, x_val, y_val = fdata.train_test_split(x, y, validation_split,
+                                                    key=jax.random.fold_in(key, VALIDATION_SPLIT_KEY))
         validation_data = (x_val, y_val)
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("fit: validation_data must be a pair (x_val, y_val)")
         fdata.validate(*validation_data, num_classes=num_classes, name="validation data")
     n = int(np.shape(x)[0])
-    classify = getattr(loss, "classification", False) if metrics is None else "accuracy" in metrics
+    names = _Recorded.of(loss, metrics)
     if early_stopping is not None:
-        recorded = preflight.recorded_metrics(classify, validation_data is not None)
-        preflight.check_monitor(early_stopping.monitor, recorded, classify)
+        recorded = preflight.recorded_metrics(names.accuracy, validation_data is not None, names.loss)
+        preflight.check_monitor(early_stopping.monitor, recorded, names.accuracy)
     if model.has_state and state is None:
         state = model.init_state(params)
     preflight.check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
     x, y = jnp.asarray(x), jnp.asarray(y)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
-
-    if not isinstance(telemetry, bool):
-        if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
-            raise TypeError(f"fit: telemetry must be True, False or a list of statistic names from "
-                            f"{ftelemetry.STATS}, got {telemetry!r}")
-        ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
-        telemetry = tuple(telemetry)
-    private = None
-    if privacy is not None:
-        private = _private_setting(privacy, batch_size, telemetry, n)
+    telemetry = _telemetry_setting(model, telemetry)
+    private = None if privacy is None else _private_setting(privacy, batch_size, telemetry, n)
     if precision is not None and (telemetry or privacy is not None):
         raise ValueError("fit: precision cannot be combined with telemetry or privacy yet (they run in full precision)")
     if mesh is not None:
@@ -205,11 +207,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                                                  precision)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, _stat_names(telemetry)) \
         if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
-    if validation_data is not None:
-        x_val, y_val = jnp.asarray(validation_data[0]), jnp.asarray(validation_data[1])
+    x_val, y_val = (None, None) if validation_data is None else map(jnp.asarray, validation_data)
     if mesh is not None:  # everything the jitted pieces read, on the mesh's devices
-        x_val, y_val, zero_stats = parallel.place((x_val, y_val, zero_stats) if validation_data is not None else
-                                                  (None, None, zero_stats), parallel.replicated(mesh))
+        x_val, y_val, zero_stats = parallel.place((x_val, y_val, zero_stats), parallel.replicated(mesh))
 
     loop = fresume.LoopState.start(params, state, opt_state)
     if checkpoint_dir is not None:
@@ -222,54 +222,28 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             full, rest = (jnp.zeros((n // batch_size, 1), jnp.int32) if privacy.sampling == "poisson" else full), None
         if mesh is not None:  # a batch the devices cannot share evenly is dropped
             rest = None
-        epoch_key = jax.random.fold_in(jax.random.fold_in(key, 2**30), epoch)  # dropout etc.
-        start_carry = carry = (*loop.carry, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_stats)
-        if scan_epochs and full.shape[0] > 1:
-            carry = scan_jit(carry, x, y, full, epoch_key)
-        else:
-            for i in range(full.shape[0]):
-                carry = step_jit(carry, x, y, full, i, epoch_key, i)
-        if rest is not None:
-            carry = step_jit(carry, x, y, rest, 0, epoch_key, full.shape[0])
-        loss_sum, correct = float(carry[3]), float(carry[4])
-        seen = float(carry[5]["examples"]) if privacy is not None else n  # Poisson: how many were drawn
-        record = {"loss": loss_sum / max(seen, 1)}
-        if classify:
-            record["accuracy"] = correct / max(seen * _examples_from(y, loss) / n, 1)
-        if privacy is not None:
-            record["epsilon"] = privacy.epsilon(n, batch_size, (epoch + 1) * (n // batch_size))
-        if validation_data is not None:
-            v_loss, v_correct = evaluate_jit(carry[0], carry[1], x_val, y_val)
-            record["val_loss"] = float(v_loss)
-            if classify:
-                record["val_accuracy"] = float(v_correct) / _examples_from(y_val, loss)
-        try:
-            record["learning_rate"] = float(read_learning_rate(carry[2]))
-        except ValueError:
-            pass
-        record["seconds"] = time.perf_counter() - start
+        epoch_key = jax.random.fold_in(jax.random.fold_in(key, STEP_KEYS), epoch)
+        start_carry = EpochCarry.start(*loop.carry, zero_stats)
+        carry = _run_epoch(step_jit, scan_jit, start_carry, x, y, full, rest, epoch_key, scan_epochs)
+        measured = _measure_epoch(carry, names, loss, y, n, epoch, batch_size, privacy, evaluate_jit, x_val, y_val)
+        record = names.select(measured) | {"seconds": time.perf_counter() - start}
         for name, value in record.items():
             loop.history.setdefault(name, []).append(value)
         if telemetry:
-            ftelemetry.record_epoch(loop.stat_history, carry[5], -(-n // (n if batch_size is None else batch_size)))
+            ftelemetry.record_epoch(loop.stat_history, carry.stats, -(-n // (n if batch_size is None else batch_size)))
         loop.epoch = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
         if log_every and (epoch + 1) % log_every == 0:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "seconds"))
-        reason = _nonfinite_reason(record, carry, epoch)
+        reason = _nonfinite_reason(measured, carry, epoch)
         if reason is not None:  # diverged: stop rather than train on NaN, and keep what was finite
-            loop.stop_reason, loop.carry = reason, loop.good
-            best_epoch = loop.best_epoch
-            kept = f"the best epoch's ({best_epoch + 1})" if early_stopping is not None and best_epoch is not None \
-                and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
-            warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
-                          f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=2)
+            _stop_on_divergence(loop, reason, early_stopping, epoch)
             print(fdebug.replay_epoch(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
         else:
-            loop.carry = loop.good = carry[:3]
+            loop.carry = loop.good = carry.trees
             if early_stopping is not None:
-                _early_stopping(early_stopping, loop, record[early_stopping.monitor], epoch)
+                _early_stopping(early_stopping, loop, measured[early_stopping.monitor], epoch)
         if checkpoint_dir is not None and (loop.epoch % checkpoint_every == 0 or loop.epoch == epochs
                                            or loop.stop_reason is not None):
             fresume.save(checkpoint_dir, loop, key, keep_checkpoints)
@@ -277,6 +251,78 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             break
     if bar is not None:
         bar.close()
+    return _result(loop, early_stopping, telemetry)
+
+
+# Keys fit derives from its ``key`` (fixed numbers: a run is reproducible from its key, and a
+# resumed run ends bit-identical). ``fold_in(key, epoch)`` shuffles each epoch.
+VALIDATION_SPLIT_KEY = 2**31 - 1  # fold_in(key, ·): which examples validation_split holds out
+STEP_KEYS = 2**30  # fold_in(fold_in(key, ·), epoch): the epoch key; fold_in(epoch key, step) per step
+
+
+class _Recorded(NamedTuple):
+    """Which metrics ``fit`` records: ``metrics`` as given, or the loss plus accuracy for a loss
+    that declares ``classification``. The loss is measured in any case (divergence is judged on it)."""
+
+    loss: bool
+    accuracy: bool
+
+    @classmethod
+    def of(cls, loss: Loss, metrics: Sequence[str] | None) -> _Recorded:
+        if metrics is None:
+            return cls(True, bool(getattr(loss, "classification", False)))
+        return cls("loss" in metrics, "accuracy" in metrics)
+
+    def select(self, measured: dict[str, float]) -> dict[str, float]:
+        """The entries of one epoch's measurements that go into the history, in its order."""
+        keep = {"loss": self.loss, "accuracy": self.accuracy, "val_loss": self.loss, "val_accuracy": self.accuracy}
+        return {k: v for k, v in measured.items() if keep.get(k, True)}
+
+
+def _run_epoch(step_jit, scan_jit, carry: EpochCarry, x, y, full, rest, epoch_key, scan_epochs: bool) -> EpochCarry:
+    """One epoch of steps: the full batches (in one ``lax.scan`` when ``scan_epochs``), then the rest."""
+    if scan_epochs and full.shape[0] > 1:
+        carry = scan_jit(carry, x, y, full, epoch_key)
+    else:
+        for i in range(full.shape[0]):
+            carry = step_jit(carry, x, y, full, i, epoch_key, i)
+    if rest is not None:
+        carry = step_jit(carry, x, y, rest, 0, epoch_key, full.shape[0])
+    return carry
+
+
+def _measure_epoch(carry: EpochCarry, names: _Recorded, loss: Loss, y, n: int, epoch: int, batch_size, privacy,
+                   evaluate_jit, x_val, y_val) -> dict[str, float]:
+    """The epoch's metrics: training loss (and accuracy) from the carry's sums, ε under DP-SGD,
+    validation loss (and accuracy), and the last learning rate where the optimizer has one."""
+    seen = float(carry.stats["examples"]) if privacy is not None else n  # Poisson: how many were drawn
+    measured = {"loss": float(carry.loss_sum) / max(seen, 1)}
+    if names.accuracy:
+        measured["accuracy"] = float(carry.correct) / max(seen * _examples_from(y, loss) / n, 1)
+    if privacy is not None:
+        measured["epsilon"] = privacy.epsilon(n, batch_size, (epoch + 1) * (n // batch_size))
+    if x_val is not None:
+        v_loss, v_correct = evaluate_jit(carry.params, carry.state, x_val, y_val)
+        measured["val_loss"] = float(v_loss)
+        if names.accuracy:
+            measured["val_accuracy"] = float(v_correct) / _examples_from(y_val, loss)
+    rate = read_learning_rate(carry.opt_state, default=None)
+    if rate is not None:
+        measured["learning_rate"] = float(rate)
+    return measured
+
+
+def _stop_on_divergence(loop: fresume.LoopState, reason: str, early_stopping, epoch: int) -> None:
+    """Stop with ``reason``, keep the last finite trees (or the best epoch's), and say which."""
+    loop.stop_reason, loop.carry = reason, loop.good
+    best_epoch = loop.best_epoch
+    kept = f"the best epoch's ({best_epoch + 1})" if early_stopping is not None and best_epoch is not None \
+        and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
+    warnings.warn(f"fit stopped: {reason}; the returned params are {kept}. Lower the learning rate, clip the "
+                  f"gradients (optim.clip_by_global_norm), or check the data", RuntimeWarning, stacklevel=3)
+
+
+def _result(loop: fresume.LoopState, early_stopping, telemetry) -> FitResult:
     restore = early_stopping is not None and early_stopping.restore_best and loop.best_epoch is not None
     params, state = (loop.best_params, loop.best_state) if restore else loop.carry[:2]
     telemetry_history = {path: {k: np.asarray(v) for k, v in stats.items()}
@@ -284,6 +330,17 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     return FitResult(params, loop.carry[2], {k: np.asarray(v) for k, v in loop.history.items()}, loop.best_epoch,
                      loop.epoch, state, loop.stop_reason or f"completed {loop.epoch} epochs",
                      telemetry_history if telemetry else None)
+
+
+def _telemetry_setting(model: Layer, telemetry):
+    """``telemetry`` checked: a bool, or a tuple of statistic names (checked before training)."""
+    if isinstance(telemetry, bool):
+        return telemetry
+    if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
+        raise TypeError(f"fit: telemetry must be True, False or a list of statistic names from "
+                        f"{ftelemetry.STATS}, got {telemetry!r}")
+    ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
+    return tuple(telemetry)
 
 
 def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, value: float, epoch: int) -> None:

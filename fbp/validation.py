@@ -1,7 +1,7 @@
 """Bad input: the error fbp raises, and the checks that raise it.
 
 Every check runs at trace time on shapes, dtypes and pytree structure (free under ``jit`` after
-the first trace), or on values only where they are concrete (:func:`is_concrete`). Messages
+the first trace), or on values only where they are concrete (``is_concrete``). Messages
 name the owner (a layer's or loss's repr, or a function), the path inside the model, the
 parameter path, and the shapes/dtypes expected and received.
 """
@@ -47,7 +47,7 @@ class InputError(ValueError):
 
 @contextlib.contextmanager
 def at_path(*prefix: Any) -> Iterator[None]:
-    """Re-raise :class:`InputError` from the block with ``prefix`` prepended to its path."""
+    """Re-raise ``InputError`` from the block with ``prefix`` prepended to its path."""
     try:
         yield
     except InputError as err:
@@ -62,7 +62,7 @@ def describe(x: Any) -> str:
 
 
 def require_floating(owner: str, x: Any, what: str = "input x") -> None:
-    """Raise :class:`InputError` unless ``x`` is a floating-point array."""
+    """Raise ``InputError`` unless ``x`` is a floating-point array."""
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputError(owner, f"{what} must be a floating-point array, received {describe(x)}. "
                                 f"Cast it first, e.g. x.astype(jnp.float32).")
@@ -70,7 +70,7 @@ def require_floating(owner: str, x: Any, what: str = "input x") -> None:
 
 def check_params(owner: str, params: Any, expected: dict[str, tuple[int, ...]], x: Any,
                  hint: Callable[[str, Any], str] | None = None) -> None:
-    """Raise :class:`InputError` unless ``params`` is a dict with exactly the ``expected`` keys,
+    """Raise ``InputError`` unless ``params`` is a dict with exactly the ``expected`` keys,
     each a floating array of the expected shape; ``hint(name, value)`` may add advice."""
     if not hasattr(params, "keys") or set(params.keys()) != set(expected):
         got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
@@ -90,7 +90,7 @@ def is_concrete(x: Any) -> bool:
 
 
 def require_key(owner: str, key: Any, what: str = "key") -> None:
-    """Raise :class:`InputError` unless ``key`` is a JAX PRNG key (``jax.random.key(0)`` or the raw
+    """Raise ``InputError`` unless ``key`` is a JAX PRNG key (``jax.random.key(0)`` or the raw
     ``jax.random.PRNGKey(0)``)."""
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):

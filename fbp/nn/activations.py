@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import ParameterFree, require_number
+from fbp.core import NO_RESIDUAL, ParameterFree, require_number
 
 
 class Activation(ParameterFree):
@@ -39,7 +39,7 @@ class Identity(Activation):
     """``y = x``;  ``d_x = d_y``."""
 
     def _forward(self, x):
-        return x, ()
+        return x, NO_RESIDUAL
 
     def _backward(self, res, d_y):
         return d_y
@@ -180,7 +180,7 @@ class SiLU(Activation):
 
 
 def _wide(x):
-    """16-bit floats widened to float32 (softmax in a mixed-precision model, :mod:`fbp.precision`)."""
+    """16-bit floats widened to float32 (softmax in a mixed-precision model, ``fbp.precision``)."""
     return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,35 @@ def _split_input(owner, inputs):
 
 def _flat(a):
     return a.reshape(-1, a.shape[-1])
+
+
+class AttentionRes(NamedTuple):
+    """What attention's backward keeps: the input, the scaled queries, keys, values (``(B, h, T, k)``),
+    the attention weights ``p`` (``(B, h, T, T)``), the heads' merged output ``o``, the scale
+    ``1/√k``, the projection kernels by name, and whether the input carried a padding mask."""
+
+    x: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    p: jax.Array
+    o: jax.Array
+    scale: float
+    w: dict
+    has_mask: bool
+
+
+class TransformerBlockRes(NamedTuple):
+    """A transformer block's residuals: each part's own, the width ``d`` and whether a mask came in."""
+
+    ln1: tuple
+    attention: AttentionRes
+    ln2: tuple
+    mlp_in: tuple
+    gelu: tuple
+    mlp_out: tuple
+    d: int
+    has_mask: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +139,8 @@ class MultiHeadAttention(Layer):
     def forward(self, params, inputs):
         x, mask = _split_input(self, inputs)
         d = self._width(x)
-        for name in _NAMES:
-            for p, shape in ((f"w_{name}", (d, d)), (f"b_{name}", (d,))):
-                if p not in params or tuple(params[p].shape) != shape:
-                    raise InputError(repr(self), f"expected shape {shape} (input x {describe(x)}), received "
-                                                 f"{describe(params[p]) if p in params else 'nothing'}", param=p)
+        check_params(repr(self), params, {f"{kind}_{name}": (d, d) if kind == "w" else (d,)
+                                          for name in _NAMES for kind in ("w", "b")}, x)
         q, k, v = (self._heads(x @ params[f"w_{n}"] + params[f"b_{n}"]) for n in "qkv")
         scale = 1.0 / math.sqrt(d // self.num_heads)
         q = q * scale  # scaled before the (B, h, T, T) product: scaling S made XLA keep a 4 MiB fill array
@@ -127,12 +154,12 @@ class MultiHeadAttention(Layer):
         p = (e / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
         o = self._merge(jnp.einsum("bhqj,bhjk->bhqk", p, v))
         y = o @ params["w_o"] + params["b_o"]
-        res = (x, q, k, v, p, o, scale, {n: params[f"w_{n}"] for n in _NAMES}, isinstance(inputs, tuple))
-        return y, res
+        kernels = {n: params[f"w_{n}"] for n in _NAMES}
+        return y, AttentionRes(x, q, k, v, p, o, scale, kernels, isinstance(inputs, tuple))
 
-    def _cotangents(self, res, d_y):
+    def _cotangents(self, res: AttentionRes, d_y):
         """``(d_q, d_k, d_v)``: the cotangents of the three input projections, ``(B, T, d)`` each."""
-        x, q, k, v, p, o, scale, w, has_mask = res
+        q, k, v, p, scale, w = res.q, res.k, res.v, res.p, res.scale, res.w
         d_o = self._heads(d_y @ w["o"].T)
         d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
         d_v = jnp.einsum("bhqj,bhqk->bhjk", p, d_o)
@@ -141,8 +168,8 @@ class MultiHeadAttention(Layer):
         d_k = jnp.einsum("bhqj,bhqk->bhjk", d_s, q)
         return tuple(self._merge(d) for d in (d_q, d_k, d_v))
 
-    def backward(self, res, d_y):
-        x, o, w, has_mask = res[0], res[5], res[7], res[8]
+    def backward(self, res: AttentionRes, d_y):
+        x, o, w, has_mask = res.x, res.o, res.w, res.has_mask
         x2 = _flat(x)
         grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": _flat(d_y).sum(0)}
         d_x = 0
@@ -155,9 +182,9 @@ class MultiHeadAttention(Layer):
         return grads, ((d_x, None) if has_mask else d_x)
 
     def per_example_positions(self, res, d_y):
-        """Per-example rule (:mod:`fbp.nn.positions`): each projection is used at every token —
+        """Per-example rule (``fbp.nn.positions``): each projection is used at every token —
         ``w_q, w_k, w_v`` on the input with the cotangents of q, k, v; ``w_o`` on the heads' output."""
-        x, o = res[0], res[5]
+        x, o = res.x, res.o
         d = x.shape[-1]
         groups = [Positions((((f"w_{n}",), [x], (d, d)),), g, (f"b_{n}",))
                   for n, g in zip("qkv", self._cotangents(res, d_y), strict=True)]
@@ -170,7 +197,7 @@ class TransformerBlock(Layer):
 
     The backward runs the pieces' own rules in reverse; each residual adds its skip
     cotangent. Params ``{"ln1", "attention", "ln2", "mlp_in", "mlp_out"}``. Accepts ``x`` or
-    ``(x, padding_mask)`` like :class:`MultiHeadAttention`.
+    ``(x, padding_mask)`` like ``MultiHeadAttention``.
     """
 
     num_heads: int
@@ -199,15 +226,14 @@ class TransformerBlock(Layer):
         m, r_in = parts["mlp_in"].forward(params["mlp_in"], m)
         m, r_gelu = parts["gelu"].forward({}, m)
         m, r_out = parts["mlp_out"].forward(params["mlp_out"], m)
-        res = (r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, x.shape[-1], mask is not None)
-        return h + m, res
+        return h + m, TransformerBlockRes(r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, x.shape[-1], mask is not None)
 
     def backward(self, res, d_y):
         return self._backward(res, d_y)[:2]
 
     def _backward(self, res, d_y):
         """``(grads, d_x, seen)``: ``seen[name] = (part, residuals, output cotangent)`` for every
-        part with parameters (what :meth:`per_example_positions` reads)."""
+        part with parameters (what ``per_example_positions`` reads)."""
         r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
         parts, grads, seen = self._parts(d), {}, {}
 
@@ -227,7 +253,7 @@ class TransformerBlock(Layer):
         return grads, ((d_x, None) if has_mask else d_x), seen
 
     def per_example_positions(self, res, d_y):
-        """Per-example rule (:mod:`fbp.nn.positions`): its parts' own, keys under the part's name."""
+        """Per-example rule (``fbp.nn.positions``): its parts' own, keys under the part's name."""
         groups, rest = [], {}
         for name, (part, r, g) in self._backward(res, d_y)[2].items():
             part_groups, part_rest = part.per_example_positions(r, g)
@@ -262,7 +288,7 @@ class LearnedPositionalEmbedding(Layer):
         return {"table": d_table}, d_y
 
     def per_example_positions(self, shape, d_y):
-        """Per-example rule (:mod:`fbp.nn.positions`): example ``b``'s table gradient is ``d_y[b]``
+        """Per-example rule (``fbp.nn.positions``): example ``b``'s table gradient is ``d_y[b]``
         in the first ``T`` rows."""
         per = jnp.zeros((d_y.shape[0], *shape), d_y.dtype).at[:, : d_y.shape[1]].set(d_y)
         return [], {("table",): per}

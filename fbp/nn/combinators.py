@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, at_path, describe, run_forward
+
+PyTree = Any
 
 
 def split_key(key, n: int) -> list:
@@ -34,7 +37,7 @@ def split_key(key, n: int) -> list:
 
 
 def child_states(layer, state, n: int) -> list:
-    """Each child's part of a combinator's state (``None`` for all when no state is given)."""
+    """Each child's part of a tuple-structured combinator's state (``None`` for all when no state is given)."""
     if state is None:
         return [None] * n
     if not isinstance(state, (tuple, list)) or len(state) != n:
@@ -43,12 +46,88 @@ def child_states(layer, state, n: int) -> list:
     return list(state)
 
 
+class ChildContext(NamedTuple):
+    """What a combinator hands one child: its name (its entry in the params), the layer, and its
+    own params, state and key."""
+
+    name: str
+    layer: Layer
+    params: PyTree
+    state: PyTree
+    key: jax.Array | None
+
+
+class Combinator(Layer):
+    """The base of layers built from layers (``Serial``, ``Residual``, ``Parallel``).
+
+    A subclass lists its ``children()`` by the name of their entry in its params — ``"0"``,
+    ``"1"``, ... for a tuple (``Serial``, ``Parallel``), ``"block"``, ``"projection"`` for a dict
+    (``Residual``) — and says how its residuals hold the children's (``child_residuals``). The
+    plumbing is written here once: each child gets its own params, its own part of the state and
+    its own key (split once per child), state is initialised and advanced child by child, and
+    ``has_state`` / ``needs_key`` ask the children.
+    """
+
+    contextual = True
+
+    @property
+    def has_state(self):
+        return any(child.has_state for child in self.children().values())
+
+    @property
+    def needs_key(self):
+        return any(child.needs_key for child in self.children().values())
+
+    @property
+    def _as_tuple(self) -> bool:
+        """Params and state are a tuple with one entry per child (else a dict by name)."""
+        return hasattr(self, "layers")
+
+    def _pack(self, by_name: dict) -> PyTree:
+        return tuple(by_name.values()) if self._as_tuple else by_name
+
+    def _part(self, tree: PyTree, name: str) -> PyTree:
+        return tree[int(name)] if self._as_tuple else tree[name]
+
+    def child_residuals(self, res) -> dict:
+        """The children's residuals by name, from this combinator's own residuals."""
+        raise NotImplementedError
+
+    def init_state(self, params):
+        return self._pack({name: child.init_state(self._part(params, name))
+                           for name, child in self.children().items()})
+
+    def next_state(self, state, res):
+        if state is None:
+            return None
+        kids = self.children()
+        residuals = self.child_residuals(res)
+        return self._pack({name: kids[name].next_state(self._part(state, name), residuals[name]) for name in kids})
+
+    def contexts(self, params, state, key) -> list[ChildContext]:
+        """Each child with its params, state and key; ``state`` is checked against the children."""
+        kids = self.children()
+        names = list(kids)
+        if self._as_tuple:
+            states = child_states(self, state, len(names))
+        elif state is None:
+            states = [None] * len(names)
+        elif not hasattr(state, "keys") or set(state.keys()) != set(names):
+            raise InputError(repr(self), f"expects state as a dict with keys {sorted(names)}; make it "
+                                         f"with model.init_state(params)")
+        else:
+            states = [state[n] for n in names]
+        keys = split_key(key, len(names))
+        return [ChildContext(n, kids[n], self._part(params, n), s, k)
+                for n, s, k in zip(names, states, keys, strict=True)]
+
+
 @dataclasses.dataclass(frozen=True, init=False)
-class Serial(Layer):
-    """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``."""
+class Serial(Combinator):
+    """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``. Its residuals
+    are a tuple of the children's, in order."""
 
     layers: tuple[Layer, ...]
-    contextual = True
 
     def __init__(self, *layers: Layer):
         for i, child in enumerate(layers):
@@ -65,6 +144,9 @@ class Serial(Layer):
     def replace_children(self, kids):
         return _with_layers(self, kids)
 
+    def child_residuals(self, res):
+        return {str(i): r for i, r in enumerate(res)}
+
     def init(self, key, x):
         keys = jax.random.split(key, max(len(self.layers), 1))
         params = []
@@ -76,41 +158,29 @@ class Serial(Layer):
             params.append(p)
         return tuple(params)
 
-    @property
-    def has_state(self):
-        return any(child.has_state for child in self.layers)
-
-    @property
-    def needs_key(self):
-        return any(child.needs_key for child in self.layers)
-
-    def init_state(self, params):
-        return tuple(child.init_state(p) for child, p in zip(self.layers, params))
-
-    def next_state(self, state, res):
-        if state is None:
-            return None
-        return tuple(child.next_state(s, r) for child, s, r in zip(self.layers, state, res))
-
     def forward(self, params, x, *, state=None, key=None, train=False):
         self._check_params(params)
-        n = len(self.layers)
         residuals = []
-        for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, state, n),
-                                                 split_key(key, n))):
-            with at_path(i):
-                x, res = run_forward(child, p, x, state=s, key=k, train=train)
+        for ctx in self.contexts(params, state, key):
+            with at_path(ctx.name), jax.named_scope(_scope(ctx)):
+                x, res = run_forward(ctx.layer, ctx.params, x, state=ctx.state, key=ctx.key, train=train)
             residuals.append(res)
         return x, tuple(residuals)
 
     def backward(self, res, d_y):
         d_params = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
-            d_params[i], d_y = self.layers[i].backward(res[i], d_y)
+            with jax.named_scope(f"{i}:{type(self.layers[i]).__name__}.backward"):
+                d_params[i], d_y = self.layers[i].backward(res[i], d_y)
         return tuple(d_params), d_y
 
     def _check_params(self, params):
         _require_tuple(self, params, "layer")
+
+
+def _scope(ctx: ChildContext) -> str:
+    """The name a child's ops carry in profiles and XLA dumps: its path entry and its type."""
+    return f"{ctx.name}:{type(ctx.layer).__name__}"
 
 
 def _with_layers(layer, kids):
@@ -137,23 +207,28 @@ def _require_tuple(layer, params, entry: str) -> None:
                             f"Did you init a different model?")
 
 
-def _ctx_children(layer, children, params, state, key):
-    """(child, params, state, key) per child of a dict-structured combinator."""
-    names = list(children)
-    states = {n: None for n in names} if state is None else state
-    keys = dict(zip(names, split_key(key, len(names))))
-    return [(n, children[n], params[n], states.get(n), keys[n]) for n in names]
+class ResidualRes(NamedTuple):
+    """A Residual's residuals: its children's, by name (``"block"``, and ``"projection"`` if any)."""
+
+    children: dict
+
+
+class ParallelRes(NamedTuple):
+    """A Parallel's residuals: its branches' (a tuple) and each branch's output width (how
+    ``d_y`` is split back)."""
+
+    children: tuple
+    widths: tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class Residual(Layer):
+class Residual(Combinator):
     """``y = x + block(x)``, or ``y = projection(x) + block(x)`` when the shapes differ
     (e.g. ``projection=Dense(width)`` or a 1×1 ``Conv2D``). Params
     ``{"block": ..., "projection": ...}`` (paths ``block/0/w``)."""
 
     block: Layer
     projection: Layer | None = None
-    contextual = True
 
     def children(self):
         return {"block": self.block} if self.projection is None else {"block": self.block,
@@ -162,13 +237,8 @@ class Residual(Layer):
     def replace_children(self, kids):
         return dataclasses.replace(self, **kids)
 
-    @property
-    def has_state(self):
-        return any(c.has_state for c in self.children().values())
-
-    @property
-    def needs_key(self):
-        return any(c.needs_key for c in self.children().values())
+    def child_residuals(self, res):
+        return res.children
 
     def init(self, key, x):
         keys = split_key(key, 2)
@@ -178,34 +248,24 @@ class Residual(Layer):
                 params[name] = child.init(k, x)
         return params
 
-    def init_state(self, params):
-        return {name: child.init_state(params[name]) for name, child in self.children().items()}
-
-    def next_state(self, state, res):
-        if state is None:
-            return None
-        return {name: child.next_state(state[name], res[0][name]) for name, child in self.children().items()}
-
     def forward(self, params, x, *, state=None, key=None, train=False):
         if not hasattr(params, "keys") or set(params.keys()) != set(self.children()):
             got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
             raise InputError(repr(self), f"expects params as a dict with keys {sorted(self.children())}, received "
                                          f"{got}. Did you init a different model?")
-        if state is not None and (not hasattr(state, "keys") or set(state.keys()) != set(self.children())):
-            raise InputError(repr(self), f"expects state as a dict with keys {sorted(self.children())}; make it "
-                                         f"with model.init_state(params)")
         outs, residuals = {}, {}
-        for name, child, p, s, k in _ctx_children(self, self.children(), params, state, key):
-            with at_path(name):
-                outs[name], residuals[name] = run_forward(child, p, x, state=s, key=k, train=train)
+        for ctx in self.contexts(params, state, key):
+            with at_path(ctx.name), jax.named_scope(_scope(ctx)):
+                outs[ctx.name], residuals[ctx.name] = run_forward(ctx.layer, ctx.params, x, state=ctx.state,
+                                                                  key=ctx.key, train=train)
         skip = outs.get("projection", x)
         if skip.shape != outs["block"].shape:
             raise InputError(repr(self), f"the block maps x {describe(x)} to {describe(outs['block'])}; add a "
                                          f"projection (e.g. Residual(block, projection=Dense(...))) so shapes match")
-        return skip + outs["block"], (residuals,)
+        return skip + outs["block"], ResidualRes(residuals)
 
     def backward(self, res, d_y):
-        (residuals,) = res
+        residuals = res.children
         d_params = {}
         d_params["block"], d_x = self.block.backward(residuals["block"], d_y)
         if self.projection is None:
@@ -215,11 +275,10 @@ class Residual(Layer):
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class Parallel(Layer):
+class Parallel(Combinator):
     """Branches applied to the same input, outputs concatenated along the last axis."""
 
     layers: tuple[Layer, ...]
-    contextual = True
 
     def __init__(self, *layers: Layer):
         Serial(*layers)  # same argument checks
@@ -231,13 +290,8 @@ class Parallel(Layer):
     def replace_children(self, kids):
         return _with_layers(self, kids)
 
-    @property
-    def has_state(self):
-        return any(c.has_state for c in self.layers)
-
-    @property
-    def needs_key(self):
-        return any(c.needs_key for c in self.layers)
+    def child_residuals(self, res):
+        return {str(i): r for i, r in enumerate(res.children)}
 
     def init(self, key, x):
         params = []
@@ -246,28 +300,18 @@ class Parallel(Layer):
                 params.append(child.init(k, x))
         return tuple(params)
 
-    def init_state(self, params):
-        return tuple(child.init_state(p) for child, p in zip(self.layers, params))
-
-    def next_state(self, state, res):
-        if state is None:
-            return None
-        return tuple(child.next_state(s, r) for child, s, r in zip(self.layers, state, res[0]))
-
     def forward(self, params, x, *, state=None, key=None, train=False):
-        n = len(self.layers)
         _require_tuple(self, params, "branch")
         outs, residuals = [], []
-        for i, (child, p, s, k) in enumerate(zip(self.layers, params, child_states(self, state, n),
-                                                 split_key(key, n))):
-            with at_path(i):
-                y, r = run_forward(child, p, x, state=s, key=k, train=train)
+        for ctx in self.contexts(params, state, key):
+            with at_path(ctx.name), jax.named_scope(_scope(ctx)):
+                y, r = run_forward(ctx.layer, ctx.params, x, state=ctx.state, key=ctx.key, train=train)
             outs.append(y)
             residuals.append(r)
         if len({y.shape[:-1] for y in outs}) > 1:
             raise InputError("Parallel", "branch outputs must agree on every axis but the last, got "
                                          + ", ".join(describe(y) for y in outs))
-        return jnp.concatenate(outs, axis=-1), (tuple(residuals), tuple(y.shape[-1] for y in outs))
+        return jnp.concatenate(outs, axis=-1), ParallelRes(tuple(residuals), tuple(y.shape[-1] for y in outs))
 
     def backward(self, res, d_y):
         residuals, widths = res

@@ -11,7 +11,7 @@ dilation ``d``, and ``G`` feature groups; a transposed convolution is the case `
   (``window_strides = a``, ``lhs_dilation = s``), padding ``lo' = k_d - 1 - lo`` and
   ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
 * ``d_w`` — for ungrouped convolutions, matmuls of the input's shifted windows with ``d_y``
-  (:func:`conv_kernel_grad_matmul`, measured faster here); otherwise (groups, transposed)
+  (``conv_kernel_grad_matmul``, measured faster here); otherwise (groups, transposed)
   correlate the input with ``d_y``: the batch axis becomes the contracted feature
   axis (dimension numbers ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``,
   ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
@@ -35,16 +35,10 @@ from jax import lax
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.dense import accumulator, weight_grad
+from fbp.nn.windows import as_tuple, window_padding
 
 Padding = str | Sequence[tuple[int, int]]
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
-
-
-def _tuple(value, n: int, name: str) -> tuple[int, ...]:
-    out = (value,) * n if isinstance(value, int) else tuple(value)
-    if len(out) != n or not all(isinstance(v, int) and v >= 1 for v in out):
-        raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
-    return out
 
 
 def _dilate(size: int, factor: int) -> int:
@@ -65,7 +59,7 @@ def conv(x, w, strides, pads, lhs_dilation, rhs_dilation, groups):
 
 
 def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
-    """``d_x`` of :func:`conv`: a convolution of ``d_y`` with the flipped, channel-swapped kernel."""
+    """``d_x`` of ``conv``: a convolution of ``d_y`` with the flipped, channel-swapped kernel."""
     n = len(strides)
     k = w.shape[:n]
     in_sizes, out_sizes = x_shape[1:-1], d_y.shape[1:-1]
@@ -86,7 +80,7 @@ def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, 
 
 
 def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
-    """``d_w`` of :func:`conv`: the input correlated with ``d_y`` over batch and space."""
+    """``d_w`` of ``conv``: the input correlated with ``d_y`` over batch and space."""
     n = len(strides)
     in_sizes, out_sizes = x.shape[1:-1], d_y.shape[1:-1]
     new_pads = []
@@ -140,7 +134,7 @@ def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> l
     time: a list of ``(N, prod(out), C_in)`` windows in the order of ``w.reshape(-1, C_out)``'s
     rows, so the kernel gradient of example ``b`` is ``concat_k(windows[k][b]ᵀ d_y[b])``. Kept
     apart (never concatenated into one ``taps·C_in``-wide patch matrix) so per-example gradients
-    and Gram matrices (:mod:`fbp.per_example`) need one window at a time."""
+    and Gram matrices (``fbp.per_example``) need one window at a time."""
     n = len(strides)
     taps, c_in = kernel_shape[:n], kernel_shape[-2]
     xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
@@ -173,9 +167,9 @@ class _ConvBase(Layer):
         name = type(self).__name__
         if not isinstance(self.features, int) or self.features < 1:
             raise ValueError(f"{name}: features must be a positive int, got {self.features!r}")
-        _tuple(self.kernel_size, self.rank, f"{name}: kernel_size")
-        _tuple(self.strides, self.rank, f"{name}: strides")
-        _tuple(self.dilation, self.rank, f"{name}: dilation")
+        as_tuple(self.kernel_size, self.rank, f"{name}: kernel_size")
+        as_tuple(self.strides, self.rank, f"{name}: strides")
+        as_tuple(self.dilation, self.rank, f"{name}: dilation")
         if self.features % self.feature_group_count:
             raise ValueError(f"{name}: features ({self.features}) must be divisible by feature_group_count "
                              f"({self.feature_group_count})")
@@ -191,7 +185,7 @@ class _ConvBase(Layer):
 
     @property
     def _k(self):
-        return _tuple(self.kernel_size, self.rank, "kernel_size")
+        return as_tuple(self.kernel_size, self.rank, "kernel_size")
 
     def _check_input(self, x):
         require_floating(repr(self), x)
@@ -256,28 +250,17 @@ class _ConvBase(Layer):
 
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its
-        place, so ``backward(res', d_y)`` sends ``d_x`` through ``kernel`` (:mod:`fbp.credit`)."""
+        place, so ``backward(res', d_y)`` sends ``d_x`` through ``kernel`` (``fbp.credit``)."""
         x, w = res
         return w, (x, kernel)
 
 
 class _Conv(_ConvBase):
     def _geometry(self, x):
-        strides, dilation = _tuple(self.strides, self.rank, "strides"), _tuple(self.dilation, self.rank, "dilation")
-        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation)]
-        spatial = x.shape[1:-1]
-        if isinstance(self.padding, str):
-            pads = lax.padtype_to_pads(spatial, k_d, strides, self.padding)
-        else:
-            pads = [tuple(p) for p in self.padding]
-            if len(pads) != self.rank:
-                raise InputError(repr(self), f"padding needs {self.rank} (lo, hi) pairs, got {self.padding!r}")
-        for size, (lo, hi), k in zip(spatial, pads, k_d):
-            if size + lo + hi < k:
-                raise InputError(repr(self), f"the (dilated) window {tuple(k_d)} is larger than the padded input "
-                                             f"{tuple(s + a + b for s, (a, b) in zip(spatial, pads))}; "
-                                             f"input x {describe(x)}")
-        return strides, [tuple(p) for p in pads], (1,) * self.rank, dilation
+        strides, dilation = as_tuple(self.strides, self.rank, "strides"), as_tuple(self.dilation, self.rank, "dilation")
+        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation, strict=True)]
+        pads = window_padding(repr(self), x, k_d, strides, self.padding, what="the (dilated) window")
+        return strides, pads, (1,) * self.rank, dilation
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -327,7 +310,7 @@ class ConvTranspose2D(_ConvBase):
             raise ValueError("ConvTranspose2D: feature_group_count must be 1")
 
     def _geometry(self, x):
-        strides, dilation = _tuple(self.strides, 2, "strides"), _tuple(self.dilation, 2, "dilation")
+        strides, dilation = as_tuple(self.strides, 2, "strides"), as_tuple(self.dilation, 2, "dilation")
         k_d = [_dilate(k, d) for k, d in zip(self._k, dilation)]
         if isinstance(self.padding, str):
             pads = [_transpose_padding(k, s, self.padding) for k, s in zip(k_d, strides)]

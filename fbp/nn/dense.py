@@ -29,7 +29,7 @@ from fbp.nn.positions import Positions
 
 def accumulator(dtype):
     """The dtype sums over a batch run in: float32 for 16-bit floats (mixed precision,
-    :mod:`fbp.precision`), else ``None`` (the inputs' own)."""
+    ``fbp.precision``), else ``None`` (the inputs' own)."""
     return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else None
 
 
@@ -92,7 +92,7 @@ class Dense(Layer):
         return d_params, d_x
 
     def per_example_positions(self, res, d_y):
-        """Per-example rule (:mod:`fbp.nn.positions`): ``w`` is used at every position between the
+        """Per-example rule (``fbp.nn.positions``): ``w`` is used at every position between the
         batch axis and the features (one position on ``(B, n_in)`` input)."""
         x = res[0]
         x3, g3 = x.reshape(x.shape[0], -1, x.shape[-1]), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
@@ -100,7 +100,7 @@ class Dense(Layer):
 
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its
-        place — so ``backward(res', d_y)`` sends ``d_x = d_y kernelᵀ`` (feedback alignment, :mod:`fbp.credit`)."""
+        place — so ``backward(res', d_y)`` sends ``d_x = d_y kernelᵀ`` (feedback alignment, ``fbp.credit``)."""
         x, w = res
         return w, (x, kernel)
 

@@ -13,12 +13,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, require_floating, require_key, require_no_params
+from fbp.core import NO_RESIDUAL, InputError, ParameterFree, require_floating, require_key, require_no_params
 
 
 @dataclasses.dataclass(frozen=True)
-class Dropout(Layer):
-    """Drop each element with probability ``rate`` in training; identity in evaluation."""
+class Dropout(ParameterFree):
+    """Drop each element with probability ``rate`` in training; identity in evaluation (then the
+    residual is ``NO_RESIDUAL``)."""
 
     rate: float
     contextual = True
@@ -31,15 +32,11 @@ class Dropout(Layer):
     def needs_key(self):
         return self.rate > 0
 
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {}
-
     def forward(self, params, x, *, state=None, key=None, train=False):
         require_no_params(self, params)
         require_floating(repr(self), x)
         if not train or self.rate == 0:
-            return x, None
+            return x, NO_RESIDUAL
         if key is None:
             raise InputError(repr(self), "training mode needs a random key: pass key=... to value_and_grad / apply "
                                          "(fbp.train.fit passes a fresh one every step)")
@@ -48,6 +45,6 @@ class Dropout(Layer):
         return jnp.where(keep, x / (1 - self.rate), jnp.zeros_like(x)), keep
 
     def backward(self, keep, d_y):
-        if keep is None:
+        if isinstance(keep, tuple):  # NO_RESIDUAL: evaluation mode
             return {}, d_y
         return {}, jnp.where(keep, d_y / (1 - self.rate), jnp.zeros_like(d_y))

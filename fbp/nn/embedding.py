@@ -6,7 +6,7 @@ contributions). Integer ids have no cotangent; ``d_x`` is ``None``, so an Embedd
 first layer of a model.
 
 Ids must lie in ``[0, vocab)``. On concrete ids (outside ``jit``) one outside raises
-:class:`~fbp.core.InputError`. Under ``jit``/``vmap`` the ids cannot be inspected, and JAX's
+``InputError``. Under ``jit``/``vmap`` the ids cannot be inspected, and JAX's
 gather would silently clamp them (reading the last row, negative ones wrapping) while the
 scatter drops them; instead such an id reads a row of **NaN** — so the loss turns NaN and
 ``fbp.train.fit`` stops with a ``stop_reason`` — and contributes no gradient.

@@ -2,7 +2,7 @@
 
 They deviate from JAX's gradient **by design** (``deviation`` says how). Each has a
 ``reference_apply`` — a plain ``jax.numpy`` function with the same value whose JAX gradient is
-the rule — so :mod:`fbp.check` verifies the rule against its own equation, and names the path
+the rule — so ``fbp.check`` verifies the rule against its own equation, and names the path
 as deviating when it checks a whole model.
 
 * ``MapCotangent(fn)``:        ``y = x``,  ``d_x = fn(d_y)``  (any pure map keeping shape and dtype)
@@ -27,7 +27,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, ParameterFree, describe, require_number
+from fbp.core import NO_RESIDUAL, InputError, ParameterFree, describe, require_number
 
 
 def _scaled_identity(x, g):
@@ -44,13 +44,13 @@ class _LinearHook(ParameterFree):
         raise NotImplementedError
 
     def _forward(self, x):
-        return x, ()
+        return x, NO_RESIDUAL
 
     def _backward(self, res, d_y):
         return (self._factor() * d_y).astype(d_y.dtype)
 
     def exact_backward(self, res, d_y):
-        """The true derivative of the identity (for alignment angles in :mod:`fbp.telemetry`)."""
+        """The true derivative of the identity (for alignment angles in ``fbp.telemetry``)."""
         return {}, d_y
 
     def reference_apply(self, params, x, **context):
@@ -115,7 +115,7 @@ class MapCotangent(ParameterFree):
     Examples: ``MapCotangent(lambda g: jnp.clip(g, -1, 1), name="clip")`` clips the cotangent per
     entry; ``MapCotangent(lambda g: g / (jnp.linalg.norm(g) + 1e-8))`` normalises it. ``fn`` is
     traced once on the output's shape when the forward runs, so a ``fn`` that changes the shape
-    or the dtype raises :class:`~fbp.core.InputError` naming this layer's path before anything runs.
+    or the dtype raises ``InputError`` naming this layer's path before anything runs.
     """
 
     fn: Callable
@@ -131,7 +131,7 @@ class MapCotangent(ParameterFree):
 
     def _forward(self, x):
         self._require_same(jax.ShapeDtypeStruct(x.shape, x.dtype))
-        return x, ()
+        return x, NO_RESIDUAL
 
     def _backward(self, res, d_y):
         return self._require_same(d_y, self.fn(d_y))

@@ -24,12 +24,17 @@ A uniform draw on ``[-a, a]`` has variance ``a²/3``, so ``a = sqrt(3 scale / n)
 truncated normal is cut at two standard deviations and rescaled (by 1/0.87962566...) so that
 its variance is the one asked for, as in ``jax.nn.initializers``.
 
+Every initializer is a ``Named`` value: it prints as the call that made it
+(``normal(stddev=0.02)``, not a function address) and two made by the same call are equal, so a
+layer holding one stays equal and hashable (static under ``jit``) and readable in reports.
+
 ``xavier_*`` and ``kaiming_*`` are aliases. Unlike ``jax.nn.initializers.uniform`` (which
-draws from ``[0, scale)``), :func:`uniform` here is symmetric: ``[-scale, scale)``.
+draws from ``[0, scale)``), ``uniform`` here is symmetric: ``[-scale, scale)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -37,6 +42,20 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """An initializer with a readable name: ``name`` is how it prints and what equality compares."""
+
+    name: str
+    fn: Callable = dataclasses.field(compare=False)
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        return self.fn(key, shape, dtype)
+
+    def __repr__(self) -> str:
+        return self.name
+
 
 # std of a standard normal truncated to [-2, 2]
 _TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -71,46 +90,49 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
         std = math.sqrt(variance) / _TRUNCATED_NORMAL_STD
         return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
 
-    return initializer
+    return Named(f"variance_scaling({scale!r}, {mode!r}, {distribution!r})", initializer)
 
 
-glorot_uniform = variance_scaling(1.0, "fan_avg", "uniform")
-glorot_normal = variance_scaling(1.0, "fan_avg", "truncated_normal")
-he_uniform = variance_scaling(2.0, "fan_in", "uniform")
-he_normal = variance_scaling(2.0, "fan_in", "truncated_normal")
-lecun_uniform = variance_scaling(1.0, "fan_in", "uniform")
-lecun_normal = variance_scaling(1.0, "fan_in", "truncated_normal")
+def _renamed(init: Named, name: str) -> Named:
+    return Named(name, init.fn)
+
+
+glorot_uniform = _renamed(variance_scaling(1.0, "fan_avg", "uniform"), "glorot_uniform")
+glorot_normal = _renamed(variance_scaling(1.0, "fan_avg", "truncated_normal"), "glorot_normal")
+he_uniform = _renamed(variance_scaling(2.0, "fan_in", "uniform"), "he_uniform")
+he_normal = _renamed(variance_scaling(2.0, "fan_in", "truncated_normal"), "he_normal")
+lecun_uniform = _renamed(variance_scaling(1.0, "fan_in", "uniform"), "lecun_uniform")
+lecun_normal = _renamed(variance_scaling(1.0, "fan_in", "truncated_normal"), "lecun_normal")
 xavier_uniform, xavier_normal = glorot_uniform, glorot_normal
 kaiming_uniform, kaiming_normal = he_uniform, he_normal
 
 
-def zeros(key, shape, dtype=jnp.float32):
-    """All zeros (the usual bias initializer)."""
-    return jnp.zeros(shape, dtype)
+zeros = Named("zeros", lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+"""All zeros (the usual bias initializer)."""
 
-
-def ones(key, shape, dtype=jnp.float32):
-    """All ones (the usual scale initializer of a normalisation layer)."""
-    return jnp.ones(shape, dtype)
+ones = Named("ones", lambda key, shape, dtype=jnp.float32: jnp.ones(shape, dtype))
+"""All ones (the usual scale initializer of a normalisation layer)."""
 
 
 def constant(value: float) -> Initializer:
     """Every entry equal to ``value``."""
-    return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
+    return Named(f"constant({value!r})", lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype))
 
 
 def normal(stddev: float = 1e-2) -> Initializer:
     """Normal with mean 0 and standard deviation ``stddev``."""
     if stddev < 0:
         raise ValueError(f"stddev must be >= 0, got {stddev}")
-    return lambda key, shape, dtype=jnp.float32: stddev * jax.random.normal(key, shape, dtype)
+    return Named(f"normal({stddev!r})", lambda key, shape, dtype=jnp.float32: stddev * jax.random.normal(key, shape,
+                                                                                                         dtype))
 
 
 def uniform(scale: float = 1e-2) -> Initializer:
     """Uniform on ``[-scale, scale)`` (symmetric; e.g. the 1986 paper's ±0.3)."""
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -scale, scale)
+    return Named(f"uniform({scale!r})", lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                                                  -scale, scale))
 
 
 def orthogonal(scale: float = 1.0) -> Initializer:
@@ -125,4 +147,4 @@ def orthogonal(scale: float = 1.0) -> Initializer:
         q = q if rows >= cols else q.T
         return (scale * q[:rows, :cols]).reshape(shape).astype(dtype)
 
-    return initializer
+    return Named(f"orthogonal({scale!r})", initializer)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, describe, require_floating, require_number
+from fbp.core import InputError, Layer, check_params, describe, require_floating, require_number
 from fbp.nn import init as initializers
 
 
@@ -33,16 +35,37 @@ def _check(owner, params, x, min_rank=2):
     if x.ndim < min_rank:
         raise InputError(repr(owner), f"input x must have rank >= {min_rank} (N, ..., C), received {describe(x)}")
     c = x.shape[-1]
-    for name in ("scale", "bias"):
-        value = params.get(name) if hasattr(params, "get") else None
-        if value is None or tuple(value.shape) != (c,):
-            raise InputError(repr(owner), f"expected shape ({c},) for {c} channels (input x {describe(x)}), "
-                                          f"received {describe(value) if value is not None else 'nothing'}",
-                             param=name)
+    check_params(repr(owner), params, {"scale": (c,), "bias": (c,)}, x,
+                 hint=lambda name, value: f": one entry per channel of the input's last axis ({c})")
+
+
+class NormRes(NamedTuple):
+    """What a normalisation's backward keeps: the normalised input, ``1/σ`` and the scale ``γ``."""
+
+    x_hat: jax.Array
+    inv: jax.Array
+    scale: jax.Array
+
+
+class BatchStats(NamedTuple):
+    """A training batch's per-channel statistics, from which ``next_state`` updates the running ones."""
+
+    mean: jax.Array
+    var: jax.Array
+
+
+class BatchNormRes(NamedTuple):
+    """BatchNorm's residuals: as ``NormRes``, plus the batch statistics (None in evaluation mode,
+    where the running statistics are constants of the backward)."""
+
+    x_hat: jax.Array
+    inv: jax.Array
+    scale: jax.Array
+    stats: BatchStats | None
 
 
 def _wide(x):
-    """16-bit floats widened to float32 (statistics of a mixed-precision layer: :mod:`fbp.precision`)."""
+    """16-bit floats widened to float32 (statistics of a mixed-precision layer: ``fbp.precision``)."""
     return x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x
 
 
@@ -71,8 +94,8 @@ def _param_grads(x_hat, d_y, dtype=None):
 def _per_example_param_grads(res, d_y):
     """Per-example ``scale``/``bias`` gradients ``(B, C)`` of a per-example normalisation
     (LayerNorm, GroupNorm): the sums of ``d_y ⊙ x̂`` and ``d_y`` over each example's positions;
-    in :mod:`fbp.per_example`'s ``(groups, rest)`` form."""
-    x_hat, b, c = res[0], d_y.shape[0], d_y.shape[-1]
+    in ``fbp.per_example``'s ``(groups, rest)`` form."""
+    x_hat, b, c = res.x_hat, d_y.shape[0], d_y.shape[-1]
     return [], {("scale",): (d_y * x_hat).reshape(b, -1, c).sum(1), ("bias",): d_y.reshape(b, -1, c).sum(1)}
 
 
@@ -118,7 +141,7 @@ class BatchNorm(Layer):
                                              f"batch statistics, received x {describe(x)} (the output would be all "
                                              f"zeros; PyTorch raises too). Use a batch of 2 or more, or train=False")
             x_hat, inv, mean, var = _normalize(x, axes, self.epsilon)
-            stats = (mean.reshape(-1), var.reshape(-1))
+            stats = BatchStats(mean.reshape(-1), var.reshape(-1))
         else:
             if state is None:
                 raise InputError(repr(self), "evaluation mode (train=False) needs the running statistics: pass "
@@ -127,7 +150,7 @@ class BatchNorm(Layer):
             x_hat = (_wide(x) - _wide(state["mean"])) * inv
             stats = None
         y = (params["scale"] * x_hat + params["bias"]).astype(x.dtype)
-        return y, (x_hat, inv, params["scale"], stats)
+        return y, BatchNormRes(x_hat, inv, params["scale"], stats)
 
     def _check_state(self, state, x):
         c = x.shape[-1]
@@ -139,7 +162,7 @@ class BatchNorm(Layer):
                                              f"{describe(x)}), received {got}: a state from another model? Make it "
                                              f"with model.init_state(params)")
 
-    def backward(self, res, d_y):
+    def backward(self, res: BatchNormRes, d_y):
         x_hat, inv, scale, stats = res
         g = d_y * scale
         if stats is None:  # evaluation: statistics are constants
@@ -149,11 +172,11 @@ class BatchNorm(Layer):
         return _param_grads(x_hat, d_y, scale.dtype), d_x.astype(d_y.dtype)
 
     def next_state(self, state, res):
-        stats = res[3]
+        stats = res.stats
         if state is None or stats is None:
             return state
         m = self.momentum
-        return {"mean": m * state["mean"] + (1 - m) * stats[0], "var": m * state["var"] + (1 - m) * stats[1]}
+        return {"mean": m * state["mean"] + (1 - m) * stats.mean, "var": m * state["var"] + (1 - m) * stats.var}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +196,9 @@ class LayerNorm(Layer):
             raise InputError(repr(self), f"normalising over a single feature makes every output equal to the bias "
                                          f"and every input gradient zero; received x {describe(x)}")
         x_hat, inv, _, _ = _normalize(x, (-1,), self.epsilon)
-        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), (x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
 
-    def backward(self, res, d_y):
+    def backward(self, res: NormRes, d_y):
         x_hat, inv, scale = res
         d_x = _normalize_backward(x_hat, inv, d_y * scale, (-1,)).astype(d_y.dtype)
         return _param_grads(x_hat, d_y, scale.dtype), d_x
@@ -217,9 +240,9 @@ class GroupNorm(Layer):
         axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
         x_hat, inv, _, _ = _normalize(xg, axes, self.epsilon)
         x_hat = x_hat.reshape(x.shape)
-        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), (x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
 
-    def backward(self, res, d_y):
+    def backward(self, res: NormRes, d_y):
         x_hat, inv, scale = res
         xg_hat, g = self._grouped(x_hat), self._grouped(d_y * scale)
         axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, ParameterFree, describe, require_floating, require_no_params
-from fbp.nn.conv import _tuple
+from fbp.core import InputError, ParameterFree, describe
+from fbp.nn.windows import as_tuple, window_padding
 
 
 def _geometry(owner, x, window, strides, padding):
@@ -27,21 +29,30 @@ def _geometry(owner, x, window, strides, padding):
     ``s (o - 1) + k`` long (``hi`` may be negative: VALID drops a remainder)."""
     if x.ndim != 4:
         raise InputError(repr(owner), f"input x must have rank 4 (NHWC), received {describe(x)}")
-    spatial = x.shape[1:3]
-    if isinstance(padding, str):
-        base = lax.padtype_to_pads(spatial, window, strides, padding)
-    else:
-        base = [tuple(p) for p in padding]
+    base = window_padding(repr(owner), x, window, strides, padding)
     out, pads = [], []
-    for n, k, s, (lo, hi) in zip(spatial, window, strides, base):
-        if n + lo + hi < k:
-            padded = tuple(a + b + c for a, (b, c) in zip(spatial, base))
-            raise InputError(repr(owner), f"window {tuple(window)} is larger than the padded input {padded}; "
-                                          f"input x {describe(x)}")
+    for n, k, s, (lo, hi) in zip(x.shape[1:3], window, strides, base, strict=True):
         o = (n + lo + hi - k) // s + 1
         out.append(o)
         pads.append((lo, s * (o - 1) + k - n - lo))
     return tuple(out), pads
+
+
+class MaxPoolRes(NamedTuple):
+    """What max pooling's backward keeps: where each window's maxima are, and the padding."""
+
+    mask: jax.Array  # (N, oh, kh, ow, kw, C) when the windows tile the input, else (kh·kw, N, oh, ow, C)
+    pads: list
+    padded_shape: tuple
+
+
+class AvgPoolRes(NamedTuple):
+    """What average pooling's backward keeps: each window's count of valid cells, and the padding."""
+
+    count: jax.Array
+    pads: list
+    padded_shape: tuple
+    tiled: bool
 
 
 def _pad(x, pads, value):
@@ -61,7 +72,7 @@ def _gather(xp, window, strides, out):
 
 
 def _scatter(parts, padded_shape, window, strides, out):
-    """The transpose of :func:`_gather`: add each offset's part back where it came from."""
+    """The transpose of ``_gather``: add each offset's part back where it came from."""
     (kh, kw), (sh, sw), (oh, ow) = window, strides, out
     d = jnp.zeros(padded_shape, parts.dtype)
     for idx, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
@@ -75,34 +86,28 @@ def _tiles(xp, window, out):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pool(Layer):
+class _Pool(ParameterFree):
     window: int | tuple[int, int]
     strides: int | tuple[int, int] | None = None
     padding: str | tuple = "VALID"
 
     def __post_init__(self):
-        _tuple(self.window, 2, f"{type(self).__name__}: window")
+        as_tuple(self.window, 2, f"{type(self).__name__}: window")
         if self.strides is not None:
-            _tuple(self.strides, 2, f"{type(self).__name__}: strides")
+            as_tuple(self.strides, 2, f"{type(self).__name__}: strides")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window!r}, strides={self.strides!r}, padding={self.padding!r})"
 
     @property
     def _window(self):
-        return _tuple(self.window, 2, "window")
+        return as_tuple(self.window, 2, "window")
 
     @property
     def _strides(self):
-        return self._window if self.strides is None else _tuple(self.strides, 2, "strides")
+        return self._window if self.strides is None else as_tuple(self.strides, 2, "strides")
 
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {}
-
-    def _prepare(self, params, x):
-        require_no_params(self, params)
-        require_floating(repr(self), x)
+    def _prepare(self, x):
         out, pads = _geometry(self, x, self._window, self._strides, self.padding)
         return out, pads, self._strides == self._window
 
@@ -112,8 +117,8 @@ class MaxPool2D(_Pool):
     """``y = max`` over each window (padding counts as -inf).
     ``d_x = Σ_windows [x = y] d_y / (number of tied maxima)``."""
 
-    def forward(self, params, x):
-        out, pads, tiled = self._prepare(params, x)
+    def _forward(self, x):
+        out, pads, tiled = self._prepare(x)
         xp = _pad(x, pads, -jnp.inf)
         if tiled:
             t = _tiles(xp, self._window, out)
@@ -123,9 +128,9 @@ class MaxPool2D(_Pool):
             g = _gather(xp, self._window, self._strides, out)
             y = g.max(axis=0)
             mask = g == y
-        return y, (mask, pads, xp.shape)
+        return y, MaxPoolRes(mask, pads, xp.shape)
 
-    def backward(self, res, d_y):
+    def _backward(self, res: MaxPoolRes, d_y):
         mask, pads, padded_shape = res
         if mask.ndim == 6:
             share = mask * (d_y / mask.sum(axis=(2, 4)))[:, :, None, :, None, :]
@@ -133,7 +138,7 @@ class MaxPool2D(_Pool):
         else:
             share = mask * (d_y / mask.sum(axis=0))
             d_xp = _scatter(share, padded_shape, self._window, self._strides, d_y.shape[1:3])
-        return {}, _unpad(d_xp, pads)
+        return _unpad(d_xp, pads)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -141,8 +146,8 @@ class AvgPool2D(_Pool):
     """``y = Σ_window x / count``, with ``count`` the window's valid (unpadded) cells;
     ``d_x = Σ_windows d_y / count``."""
 
-    def forward(self, params, x):
-        out, pads, tiled = self._prepare(params, x)
+    def _forward(self, x):
+        out, pads, tiled = self._prepare(x)
         xp = _pad(x, pads, 0.0)
         ones = _pad(jnp.ones((1, *x.shape[1:3], 1), x.dtype), pads, 0.0)
         if tiled:
@@ -151,9 +156,9 @@ class AvgPool2D(_Pool):
         else:
             count = _gather(ones, self._window, self._strides, out).sum(axis=0)
             y = _gather(xp, self._window, self._strides, out).sum(axis=0) / count
-        return y, (count, pads, xp.shape, tiled)
+        return y, AvgPoolRes(count, pads, xp.shape, tiled)
 
-    def backward(self, res, d_y):
+    def _backward(self, res: AvgPoolRes, d_y):
         count, pads, padded_shape, tiled = res
         share = d_y / count
         if tiled:
@@ -163,7 +168,7 @@ class AvgPool2D(_Pool):
         else:
             parts = jnp.broadcast_to(share, (math.prod(self._window), *share.shape))
             d_xp = _scatter(parts, padded_shape, self._window, self._strides, d_y.shape[1:3])
-        return {}, _unpad(d_xp, pads)
+        return _unpad(d_xp, pads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,33 +187,28 @@ class GlobalAvgPool(ParameterFree):
 
 
 @dataclasses.dataclass(frozen=True)
-class Flatten(Layer):
-    """``(N, ...) -> (N, prod(...))``; the backward reshapes back."""
+class Flatten(ParameterFree):
+    """``(N, ...) -> (N, prod(...))``; the backward reshapes back (the residual is the shape)."""
 
-    def init(self, key, x):
-        return {}
+    floating_only = False
 
-    def forward(self, params, x):
-        require_no_params(self, params)
+    def _forward(self, x):
         if x.ndim < 1:
             raise InputError(repr(self), f"input x needs a batch axis, received {describe(x)}")
         return x.reshape(x.shape[0], -1), x.shape
 
-    def backward(self, shape, d_y):
-        return {}, d_y.reshape(shape)
+    def _backward(self, shape, d_y):
+        return d_y.reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
-class Reshape(Layer):
+class Reshape(ParameterFree):
     """``(N, ...) -> (N, *shape)`` (one entry of ``shape`` may be -1); the backward reshapes back."""
 
     shape: tuple[int, ...]
+    floating_only = False
 
-    def init(self, key, x):
-        return {}
-
-    def forward(self, params, x):
-        require_no_params(self, params)
+    def _forward(self, x):
         target = (x.shape[0], *self.shape)
         known = math.prod(s for s in self.shape if s != -1)
         size = math.prod(x.shape[1:])
@@ -216,5 +216,5 @@ class Reshape(Layer):
             raise InputError(repr(self), f"cannot reshape input x {describe(x)} to (N, *{tuple(self.shape)})")
         return x.reshape(target), x.shape
 
-    def backward(self, shape, d_y):
-        return {}, d_y.reshape(shape)
+    def _backward(self, shape, d_y):
+        return d_y.reshape(shape)

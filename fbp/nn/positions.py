@@ -20,8 +20,8 @@ A bias beside ``W`` has the per-example gradient ``Σ_t g_bt``. Several kernels 
 ``G`` (an LSTM's ``W_x`` and ``W_h`` both multiply into the gate pre-activations); their inputs
 then stack, ``X = [x_t, h_{t-1}]``, and so do their Gram matrices.
 
-Layers describe such weights with :class:`Positions` through a ``per_example_positions(res, d_y)``
-method (see :mod:`fbp.per_example`). Keys are tuples into the layer's params
+Layers describe such weights with ``Positions`` through a ``per_example_positions(res, d_y)``
+method (see ``fbp.per_example``). Keys are tuples into the layer's params
 (``("attention", "w_q")`` for nested dicts).
 """
 

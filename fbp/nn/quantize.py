@@ -16,7 +16,7 @@ layer: ``QuantizeWeights(Dense(256), Sign())`` runs the Dense with ``sign(w)`` a
 kernel's gradient straight through to the real-valued ``w`` the optimizer updates
 (BinaryConnect, Courbariaux et al. 2015).
 
-Each has a ``reference_apply`` for :mod:`fbp.check`: ``s(x) + stop_gradient(q(x) - s(x))`` with
+Each has a ``reference_apply`` for ``fbp.check``: ``s(x) + stop_gradient(q(x) - s(x))`` with
 ``s`` the identity or ``clip(x, -1, 1)`` — value ``q(x)``, JAX derivative the estimator's.
 
 References:

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, check_params, describe, require_floating, require_no_params
+from fbp.core import InputError, Layer, ParameterFree, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.positions import Positions, batch_major
 
@@ -124,17 +125,16 @@ class _Recurrent(Layer):
         raise NotImplementedError
 
     def backward(self, res, d_y):
-        x, w_x, has_carry = res[0], res[-3], res[-1]
         d_a, d_r, h_prev, d_carry = self._cotangents(res, d_y)
-        d_params, d_x = self._weight_grads(x, w_x, d_a, h_prev, d_r)
+        d_params, d_x = self._weight_grads(res.x, res.w_x, d_a, h_prev, d_r)
         if d_r is not None:
             d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
-        return d_params, ((d_x, d_carry) if has_carry else d_x)
+        return d_params, ((d_x, d_carry) if res.has_carry else d_x)
 
     def per_example_positions(self, res, d_y):
-        """Per-example rule (:mod:`fbp.nn.positions`): ``W_x`` and ``W_h`` are used at every time
+        """Per-example rule (``fbp.nn.positions``): ``W_x`` and ``W_h`` are used at every time
         step, with inputs ``x_t`` and ``h_{t-1}`` and the gate cotangents ``dA_t`` as outputs'."""
-        x = res[0]
+        x = res.x
         d_a, d_r, h_prev, _ = self._cotangents(res, d_y)
         g, h_prev = batch_major(jnp.concatenate(d_a, axis=-1)), batch_major(h_prev)
         w_x = (("w_x",), [x], (x.shape[-1], g.shape[-1]))
@@ -157,6 +157,43 @@ class _Recurrent(Layer):
                  "w_h": self._recurrent_grad(h_prev, d_a if d_r is None else d_r)}, d_x)
 
 
+class SimpleRNNRes(NamedTuple):
+    """What SimpleRNN's backward keeps: the input, the initial and every hidden state, the kernels."""
+
+    x: jax.Array  # (B, T, F)
+    h0: jax.Array  # (B, H)
+    hs: jax.Array  # (T, B, H), time-major
+    w_x: jax.Array
+    w_h: jax.Array
+    has_carry: bool  # whether the input was (x, h0): then the backward returns (d_x, d_h0)
+
+
+class LSTMRes(NamedTuple):
+    """What the LSTM's backward keeps: as SimpleRNN's, plus the cell state entering each step and
+    the four gates as separate ``(T, B, H)`` arrays ``(i, f, g, o)``."""
+
+    x: jax.Array
+    h0: jax.Array
+    hs: jax.Array
+    c_prev: jax.Array
+    gates: tuple
+    w_x: jax.Array
+    w_h: jax.Array
+    has_carry: bool
+
+
+class GRURes(NamedTuple):
+    """What the GRU's backward keeps: as SimpleRNN's, plus per step ``(z, r, n, R_n)``."""
+
+    x: jax.Array
+    h0: jax.Array
+    hs: jax.Array
+    parts: tuple
+    w_x: jax.Array
+    w_h: jax.Array
+    has_carry: bool
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class SimpleRNN(_Recurrent):
     """Elman RNN: ``h_t = tanh(x_t W_x + h_{t-1} W_h + b)``.
@@ -176,10 +213,10 @@ class SimpleRNN(_Recurrent):
             return h, h
 
         _, hs = lax.scan(step, h0, self._time_major(x))
-        return hs.swapaxes(0, 1), (x, h0, hs, params["w_x"], w_h, isinstance(inputs, tuple))
+        return hs.swapaxes(0, 1), SimpleRNNRes(x, h0, hs, params["w_x"], w_h, isinstance(inputs, tuple))
 
-    def _cotangents(self, res, d_y):
-        x, h0, hs, w_x, w_h, has_carry = res
+    def _cotangents(self, res: SimpleRNNRes, d_y):
+        h0, hs, w_h = res.h0, res.hs, res.w_h
 
         def step(dh_next, inp):
             t, h_t = inp
@@ -236,15 +273,15 @@ class LSTM(_Recurrent):
         # residuals: the cell state *before* each step (c_t is recomputed exactly as f c_{t-1} + i g)
         # and the four gates as separate (T, B, H) arrays (module docstring, point 2).
         _, (hs, c_prev, gates) = lax.scan(step, (h0, c0), self._time_major(x))
-        return hs.swapaxes(0, 1), (x, h0, hs, c_prev, gates, params["w_x"], w_h, carry is not None)
+        return hs.swapaxes(0, 1), LSTMRes(x, h0, hs, c_prev, gates, params["w_x"], w_h, carry is not None)
 
     @staticmethod
     def _cell_grads(dc, c_prev, i, f, g):
         """``(dA_i, dA_f, dA_g)`` from the cell-state cotangent ``dc`` of a step."""
         return dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g)
 
-    def _cotangents(self, res, d_y):
-        x, h0, hs, c_prev, gates, w_x, w_h, has_carry = res
+    def _cotangents(self, res: LSTMRes, d_y):
+        h0, hs, c_prev, gates, w_h = res.h0, res.hs, res.c_prev, res.gates, res.w_h
 
         def step(carry, inp):
             dh_next, dc_next = carry
@@ -305,7 +342,7 @@ class GRU(_Recurrent):
             return h_new, (h_new, (z, r, n, r_all[:, 2 * hd:]))
 
         _, (hs, parts) = lax.scan(step, h0, self._time_major(x))
-        return hs.swapaxes(0, 1), (x, h0, hs, parts, params["w_x"], w_h, isinstance(inputs, tuple))
+        return hs.swapaxes(0, 1), GRURes(x, h0, hs, parts, params["w_x"], w_h, isinstance(inputs, tuple))
 
     @staticmethod
     def _gate_grads(dh, h_prev, z, r, n, r_n):
@@ -313,8 +350,8 @@ class GRU(_Recurrent):
         da_n = dh * (1 - z) * (1 - n * n)
         return dh * (h_prev - n) * z * (1 - z), da_n * r_n * r * (1 - r), da_n, da_n * r
 
-    def _cotangents(self, res, d_y):
-        x, h0, hs, parts, w_x, w_h, has_carry = res
+    def _cotangents(self, res: GRURes, d_y):
+        h0, hs, parts, w_h = res.h0, res.hs, res.parts, res.w_h
         h_prev = self._shifted(h0, hs)
 
         def step(dh_next, inp):
@@ -332,18 +369,14 @@ class GRU(_Recurrent):
 
 
 @dataclasses.dataclass(frozen=True)
-class LastStep(Layer):
+class LastStep(ParameterFree):
     """``(batch, time, features) -> (batch, features)``: the final time step;
-    ``d_x`` is zero except at ``t = T - 1``."""
+    ``d_x`` is zero except at ``t = T - 1``. The residual is the input's shape alone."""
 
-    def init(self, key, x):
-        return {}
-
-    def forward(self, params, x):
-        require_no_params(self, params)
+    def _forward(self, x):
         if x.ndim != 3:
             raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
         return x[:, -1], x.shape
 
-    def backward(self, shape, d_y):
-        return {}, jnp.zeros(shape, d_y.dtype).at[:, -1].set(d_y)
+    def _backward(self, shape, d_y):
+        return jnp.zeros(shape, d_y.dtype).at[:, -1].set(d_y)

@@ -42,12 +42,20 @@ from fbp.optim.transforms import (
     trace,
 )
 
+_RAISE = object()
 
-def learning_rate(opt_state) -> jax.Array:
-    """The learning rate used at the last update, read from an optimizer's state (for logging)."""
+
+def learning_rate(opt_state, default=_RAISE) -> jax.Array:
+    """The learning rate used at the last update, read from an optimizer's state (for logging).
+
+    An optimizer without a ``scale_by_learning_rate`` step (a bare ``chain`` of other
+    transformations) has none: then ``default`` is returned if given, else ``ValueError`` is raised.
+    """
     is_lr_state = lambda s: isinstance(s, ScaleByLearningRateState)
     found = [s.learning_rate for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_lr_state) if is_lr_state(s)]
     if not found:
+        if default is not _RAISE:
+            return default
         raise ValueError("this optimizer state holds no scale_by_learning_rate state")
     return found[0]
 

@@ -1,6 +1,6 @@
 """Optimizers with optax's names, hyperparameters and defaults (so numbers carry over).
 
-Each is a :func:`chain` of the blocks in :mod:`fbp.optim.transforms`; the equations are in
+Each is a ``chain`` of the blocks in ``fbp.optim.transforms``; the equations are in
 their docstrings.
 """
 
@@ -56,7 +56,7 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
 
 def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          eps_root: float = 0.0, *, nesterov: bool = False) -> GradientTransformation:
-    """Adam (Kingma & Ba, 2015): ``θ ← θ - η m̂ / (sqrt(v̂ + eps_root) + eps)``; see :func:`scale_by_adam`."""
+    """Adam (Kingma & Ba, 2015): ``θ ← θ - η m̂ / (sqrt(v̂ + eps_root) + eps)``; see ``scale_by_adam``."""
     return chain(scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(learning_rate))
 
 

@@ -73,7 +73,7 @@ def _mismatch(reference: PyTree, other: PyTree) -> str | None:
 
 def transformation(name: str, init: Callable[[PyTree], PyTree], update: Callable[..., tuple[PyTree, PyTree]]
                    ) -> GradientTransformation:
-    """A :class:`GradientTransformation` whose ``update`` first checks that ``state`` is what
+    """A ``GradientTransformation`` whose ``update`` first checks that ``state`` is what
     ``init`` makes for parameters shaped like the updates (and that ``params``, when given, has
     their structure). The check compares structures and shapes only: under ``jit`` it runs once,
     at trace time, and names the transformation and the first path that differs."""

@@ -2,7 +2,7 @@
 
 A schedule goes wherever a learning rate goes (``adam(learning_rate=cosine_decay_schedule(...))``);
 the value used at the last update is kept in the optimizer state, see
-:func:`fbp.optim.learning_rate`.
+``fbp.optim.learning_rate``.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 def check_rate(owner: str, name: str, value: ScalarOrSchedule) -> None:
     """A learning rate: a finite number >= 0, or a schedule whose values at the steps in
-    :data:`SCHEDULE_PROBES` (0 to a million) are finite and >= 0 (a negative rate would be silent
+    ``SCHEDULE_PROBES`` (0 to a million) are finite and >= 0 (a negative rate would be silent
     gradient ascent). Between and beyond those steps a schedule is not checked: its value is
     recorded in the optimizer state, and a non-finite one shows as non-finite parameters, which
     ``fbp.train.fit`` reports."""
@@ -194,7 +194,7 @@ def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float 
 
     ``μ ← decay · μ + (1 - decay) g``;  ``ν ← decay · ν + (1 - decay) g²``;
     ``u ← g / sqrt(ν̂ - μ̂² + eps)`` (hats: optional bias correction; eps placement as in
-    :func:`scale_by_rms`).
+    ``scale_by_rms``).
     """
     _unit("decay", decay, "scale_by_stddev", closed=True)
     require_number("scale_by_stddev", "eps", eps, low=0.0, low_open=True)

@@ -1,0 +1,43 @@
+"""Window geometry shared by convolution and pooling: sizes as tuples, and the padding of a
+sliding window over the spatial axes.
+
+For an axis of ``n`` cells, a window of ``k`` cells (already dilated) and stride ``s``, the
+padding ``(lo, hi)`` comes from ``"SAME"``/``"VALID"`` as in ``lax.padtype_to_pads`` or is given
+explicitly; the window must fit the padded axis, ``n + lo + hi >= k``, and the output then has
+``(n + lo + hi - k) // s + 1`` cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jax import lax
+
+from fbp.validation import InputError, describe
+
+
+def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
+    """``value`` (an int or ``n`` ints, each ≥ 1) as a tuple of ``n`` ints; ``ValueError`` otherwise."""
+    out = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(out) != n or not all(isinstance(v, int) and v >= 1 for v in out):
+        raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
+    return out
+
+
+def window_padding(owner: str, x, window: Sequence[int], strides: Sequence[int], padding,
+                   what: str = "window") -> list[tuple[int, int]]:
+    """The ``(lo, hi)`` padding of each spatial axis of ``x`` (channels last, ``x.shape[1:-1]``)
+    for ``padding`` (``"SAME"``, ``"VALID"`` or explicit pairs), checked: one pair per axis, and a
+    window that fits every padded axis. Errors name ``owner`` and the input's shape."""
+    spatial = tuple(x.shape[1:-1])
+    if isinstance(padding, str):
+        pads = [tuple(p) for p in lax.padtype_to_pads(spatial, window, strides, padding)]
+    else:
+        pads = [tuple(p) for p in padding]
+        if len(pads) != len(spatial):
+            raise InputError(owner, f"padding needs {len(spatial)} (lo, hi) pairs, got {padding!r}")
+    if any(n + lo + hi < k for n, (lo, hi), k in zip(spatial, pads, window, strict=True)):
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(spatial, pads, strict=True))
+        raise InputError(owner, f"{what} {tuple(window)} is larger than the padded input {padded}; "
+                                f"input x {describe(x)}")
+    return pads

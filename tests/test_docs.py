@@ -1,0 +1,50 @@
+"""The documentation cannot rot: its code runs, its notebooks match their sources, and the API
+reference covers every module."""
+
+import pathlib
+import re
+
+import nbformat
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RUNNABLE = ["getting-started.md", "guides/own-layer.md", "index.md"]
+
+
+def _python_blocks(page: pathlib.Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_python_block_of_the_page_runs(name, capsys):
+    blocks = _python_blocks(DOCS / name)
+    assert blocks, f"{name} has no python block"
+    namespace = {}
+    for block in blocks:  # one namespace per page: a page's blocks build on each other
+        exec(compile(block, f"{name}", "exec"), namespace)  # noqa: S102
+    capsys.readouterr()
+
+
+def test_the_rendered_notebooks_are_the_sources_with_outputs():
+    sources = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    rendered = {p.name: p for p in (DOCS / "notebooks").glob("*.ipynb")}
+    assert sorted(rendered) == [p.name for p in sources], "run python docs/execute_notebooks.py"
+    for path in sources:
+        src, out = nbformat.read(path, as_version=4), nbformat.read(rendered[path.name], as_version=4)
+        assert [(c.cell_type, c.source) for c in src.cells] == [(c.cell_type, c.source) for c in out.cells], \
+            f"docs/notebooks/{path.name} is stale: run python docs/execute_notebooks.py {path.stem}"
+        code = [c for c in out.cells if c.cell_type == "code"]
+        assert all(c.get("execution_count") for c in code), f"docs/notebooks/{path.name} was not executed"
+        assert not [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+
+
+def test_the_api_reference_covers_every_module_and_the_nav_every_page():
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "fbp").rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    documented = {m for page in (DOCS / "reference").glob("*.md") for m in re.findall(r"^::: (\S+)", page.read_text(),
+                                                                                       flags=re.M)}
+    assert modules - documented == set(), "add ::: lines to a page under docs/reference/"
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*") if p.suffix in (".md", ".ipynb")}
+    assert {p for p in pages if p not in nav} == set(), "list every page in mkdocs.yml's nav"
