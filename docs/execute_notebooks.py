@@ -31,7 +31,7 @@ def execute(path: pathlib.Path) -> pathlib.Path:
 
 
 def main(names: list[str]) -> None:
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, so figures land in the outputs
     RENDERED.mkdir(parents=True, exist_ok=True)
     for path in sorted(SOURCES.glob("*.ipynb")):
         if not names or path.stem in names or path.name in names:

@@ -73,9 +73,9 @@ def summary_table(reports) -> str:
         name = r.subject.split(": ", 1)[1]
         lines.append((name if len(name) <= 70 else name[:67] + "...", f"{worst['jax']:.1e}", f"{worst['fd']:.1e}",
                       "ok" if r.ok else "FAIL"))
-    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*line).rstrip() for line in [header, *lines])
+    from fbp.check import format_table
+
+    return format_table(header, lines)
 
 
 ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "gelu": "GELU", "silu": "SiLU", "elu": "ELU",
@@ -176,7 +176,7 @@ def _plot(history, path: str) -> None:
     for name in ("accuracy", "val_accuracy"):
         if name in history:
             axes[1].plot(range(1, len(history[name]) + 1), history[name], label=name)
-    for ax, title in zip(axes, ("loss", "accuracy")):
+    for ax, title in zip(axes, ("loss", "accuracy"), strict=False):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend()

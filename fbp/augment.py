@@ -61,7 +61,7 @@ def compose(*augments: Augment) -> Augment:
     """Apply ``augments`` in order, each with its own key."""
 
     def fn(key, x):
-        for f, k in zip(augments, jax.random.split(key, max(len(augments), 1))):
+        for f, k in zip(augments, jax.random.split(key, max(len(augments), 1)), strict=False):
             x = f(k, x)
         return x
 

@@ -83,12 +83,8 @@ class Report:
         header = ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired", "")
         lines = [(r.path, r.against, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", r.worst,
                   f"{r.actual:+.6e}", f"{r.desired:+.6e}", "ok" if r.ok else "FAIL") for r in self.rows]
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} of {len(self.rows)} comparisons)"
-        out = [f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, fmt.format(*header)]
-        out += [fmt.format(*line) for line in lines]
-        return "\n".join(s.rstrip() for s in out)
+        return "\n".join([f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, format_table(header, lines)])
 
     def _repr_pretty_(self, printer, cycle):  # IPython / notebooks
         printer.text(str(self))
@@ -98,6 +94,13 @@ class Report:
         if not self.ok:
             raise AssertionError("fbp.check: hand-written gradient disagrees with the reference\n" + str(self))
         return self
+
+
+def format_table(header, lines) -> str:
+    """Rows of cells as left-aligned columns two spaces apart (the check report, ``python -m fbp check``)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*line).rstrip() for line in [header, *lines])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -302,14 +305,27 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
     """Check ``layer.backward`` (every parameter path and the input cotangent ``x``).
 
     Args:
-        layer, params, x: the layer, its parameters and an input batch.
+        layer: the layer under test (a built-in one or your own).
+        params: its parameters.
+        x: an input batch (an array, or a pytree such as ``(x, h0)`` or ``(x, mask)``; only its
+            floating leaves are differentiated).
         d_y: the output cotangent; default a standard normal draw (from ``seed``).
-        state, key, train: the forward's context, for contextual layers (BatchNorm, Dropout):
-            the reference differentiates ``apply`` with the same state, key and mode.
+        state: the forward's state, for layers that keep one (BatchNorm); the reference
+            differentiates ``apply`` with the same state, key and mode.
+        key: the forward's random key, for random layers (Dropout).
+        train: training mode (batch statistics, dropout masks).
         seed: randomness of the check itself (``d_y`` and the difference directions).
         dtype: cast floating inputs to this dtype (default float64); ``None`` keeps them.
         jit: run fbp's forward and backward under ``jax.jit``.
-        rtol, atol, fd, fd_rtol, fd_directions: tolerances and finite-difference settings.
+        rtol: relative tolerance against JAX's gradient (default 1e-10 in float64, 1e-5 in float32).
+        atol: absolute tolerance (default ``rtol`` times the largest gradient entry of the check).
+        fd: also compare with central finite differences (pass False for inputs on a kink).
+        fd_rtol: tolerance of the finite-difference comparison (1e-6 in float64, 1e-2 in float32).
+        fd_directions: random directions per leaf for the finite differences.
+
+    Returns:
+        A ``Report``: ``str(report)`` is the table (one row per parameter path and reference),
+        ``report.ok`` the verdict.
     """
     _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)

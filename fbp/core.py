@@ -345,7 +345,7 @@ def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Calla
         y_leaves, y_def = jax.tree_util.tree_flatten(y)
         d_leaves, d_def = jax.tree_util.tree_flatten(d_y)
         if y_def != d_def or any(getattr(d, "shape", None) != a.shape or getattr(d, "dtype", None) != a.dtype
-                                 for a, d in zip(y_leaves, d_leaves)):
+                                 for a, d in zip(y_leaves, d_leaves, strict=True)):
             raise InputError(repr(model), f"the pullback needs d_y shaped like the output y "
                                           f"{jax.tree_util.tree_map(describe, y)}, received "
                                           f"{jax.tree_util.tree_map(describe, d_y)}")

@@ -245,7 +245,7 @@ class DirectFeedbackAlignment(Serial):
 
     def init_state(self, params):
         feedback = {}
-        for j, shape in zip(self.targets, self.in_shapes):
+        for j, shape in zip(self.targets, self.in_shapes, strict=True):
             dtype = (jax.tree_util.tree_leaves(params[j]) or [jnp.zeros(())])[0].dtype
             key = jax.random.fold_in(jax.random.PRNGKey(self.seed), j)
             feedback[str(j)] = jax.random.normal(key, (self.out_size, math.prod(shape)), dtype) \
@@ -277,7 +277,7 @@ class DirectFeedbackAlignment(Serial):
     def backward(self, res, d_y):
         residuals, feedback = res
         e = d_y.reshape(d_y.shape[0], -1)
-        shapes = dict(zip(self.targets, self.in_shapes))
+        shapes = dict(zip(self.targets, self.in_shapes, strict=True))
         d_params = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
             d_params[i], d_y = self.layers[i].backward(residuals[i], d_y)
@@ -315,7 +315,7 @@ def direct_feedback_alignment(model: Serial, x, *, targets: Iterable[int] | None
     x = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     shapes, h = [], x
-    for child, p in zip(model.layers, params):
+    for child, p in zip(model.layers, params, strict=True):
         shapes.append(tuple(h.shape))
         h = jax.eval_shape(lambda p_, x_, c=child: c.apply(p_, x_, state=c.init_state(p_)), p, h)
     with_params = [i for i, p in enumerate(params) if jax.tree_util.tree_leaves(p)]

@@ -115,7 +115,8 @@ def private_grad(model: Layer, loss: Loss, l2_clip: float, noise_multiplier: flo
         values, grads, norms = clip(*args, **kwargs)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         keys = jax.random.split(noise_key, max(len(leaves), 1))
-        noisy = [(g + sigma * l2_clip * jax.random.normal(k, g.shape, g.dtype)) / size for g, k in zip(leaves, keys)]
+        noisy = [(g + sigma * l2_clip * jax.random.normal(k, g.shape, g.dtype)) / size
+                 for g, k in zip(leaves, keys, strict=False)]  # one key even for no leaves
         return values, jax.tree_util.tree_unflatten(treedef, noisy), norms
 
     return f
@@ -201,7 +202,8 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         keys = jax.random.split(jax.random.fold_in(step_key, 2), max(len(leaves), 1))
         sigma = spec.noise_multiplier * spec.l2_clip
-        noisy = [(g + sigma * jax.random.normal(k, g.shape, g.dtype)) / batch_size for g, k in zip(leaves, keys)]
+        noisy = [(g + sigma * jax.random.normal(k, g.shape, g.dtype)) / batch_size
+                 for g, k in zip(leaves, keys, strict=False)]  # one key even for no leaves
         updates, opt_state = optimizer.update(jax.tree_util.tree_unflatten(treedef, noisy), opt_state, params)
         weights = mask.astype(jnp.float32)
         loss_sum = loss_sum + jnp.sum(values.astype(jnp.float32) * weights)

@@ -202,7 +202,7 @@ def _split(model: Layer, d_probed: PyTree) -> tuple[PyTree, dict[str, dict[str, 
 def _angle(rule, exact) -> jax.Array:
     """Degrees between two parameter gradients of one layer (NaN if either is zero)."""
     a, b = floating_leaves(rule), floating_leaves(exact)
-    dot = sum(jnp.vdot(u, v) for u, v in zip(a, b))
+    dot = sum(jnp.vdot(u, v) for u, v in zip(a, b, strict=True))
     norms = _norm(a) * _norm(b)
     cos = jnp.clip(dot / jnp.where(norms > 0, norms, 1), -1, 1)
     return jnp.where(norms > 0, jnp.degrees(jnp.arccos(cos)), jnp.nan)

@@ -134,8 +134,10 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         log_every: print a line every this many epochs (0: never).
         augment: ``fn(key, x_batch) -> x_batch`` (see ``fbp.augment``), applied to every
             training batch with a fresh key; never to validation data.
-        metrics: names to record, from ``["loss", "accuracy"]``; default ``loss`` plus
-            ``accuracy`` for classification losses (validation metrics follow).
+        metrics: names to record in the history, from ``["loss", "accuracy"]``; default
+            ``loss`` plus ``accuracy`` for losses that declare ``classification``. Validation
+            metrics follow (``val_loss`` with ``loss``, ``val_accuracy`` with ``accuracy``). The
+            loss is measured either way: divergence is judged on it.
         telemetry: record per-layer statistics from every step's own pass (``fbp.telemetry``)
             in ``result.telemetry``: ``True`` for all of them, or a list of names.
         privacy: train with DP-SGD (``fbp.privacy.DPSGD``): per-example clipping in one

@@ -142,3 +142,36 @@ def test_fit_carries_batch_norm_state_and_dropout_keys_and_augments():
     p2, s2, _, value = step(params, model.init_state(params), optim.sgd(0.1).init(params), x, y,
                             key=jax.random.PRNGKey(0))
     assert jnp.isfinite(value) and s2[1]["var"].shape == (4,)
+
+
+def test_metrics_records_exactly_the_names_asked_for():
+    x, y = _blobs()
+    split = (x[:30], y[:30])
+    default = _fit(epochs=2, validation_data=split)
+    only_accuracy = _fit(epochs=2, validation_data=split, metrics=["accuracy"])
+    only_loss = _fit(epochs=2, validation_data=split, metrics=["loss"])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(default.history)
+    assert {"accuracy", "val_accuracy"} <= set(only_accuracy.history)
+    assert not {"loss", "val_loss"} & set(only_accuracy.history)
+    assert {"loss", "val_loss"} <= set(only_loss.history) and not {"accuracy", "val_accuracy"} & set(only_loss.history)
+    # what is recorded is the same number either way
+    np.testing.assert_array_equal(only_accuracy.history["accuracy"], default.history["accuracy"])
+    np.testing.assert_array_equal(only_loss.history["val_loss"], default.history["val_loss"])
+    with pytest.raises(ValueError, match="records only"):
+        _fit(epochs=2, validation_data=split, metrics=["accuracy"], early_stopping=train.EarlyStopping("val_loss"))
+
+
+def test_a_loss_declares_how_predictions_are_counted():
+    pred = jnp.array([[-0.2], [0.3], [0.7]])
+    assert int(train.correct_count(pred, jnp.array([[0.0], [1.0], [1.0]]), losses.BinaryCrossEntropy())) == 2
+    assert int(train.correct_count(pred, jnp.array([[0.0], [1.0], [1.0]]),
+                                   losses.BinaryCrossEntropy(from_logits=True))) == 3
+    assert int(train.correct_count(pred, jnp.array([[-1.0], [1.0], [1.0]]), losses.Hinge())) == 3
+
+    class Shifted(losses.MSE):  # a user's loss: positive above 0.5 by declaration, labels above 0.6
+        score_threshold = 0.5
+        label_threshold = 0.6
+
+    labels = jnp.array([[0.0], [0.55], [1.0]])
+    assert int(train.correct_count(pred, labels, Shifted())) == 3
+    assert int(train.correct_count(pred, labels, losses.MSE())) == 2  # the defaults: 0.5 and 0.5

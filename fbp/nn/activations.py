@@ -132,7 +132,7 @@ class GELU(Activation):
     than the forward — ``s = σ(2u)``, so ``½ (1 + t) = s`` and ``½ (1 - t²) = 2 s (1 - s)``; for the
     exact form ``Φ`` via ``erf`` instead of ``erfc`` — because XLA merges a recomputation that is
     written identically with the forward's value and keeps that ``(B, T, mlp_dim)`` array alive
-    until the backward (measured: 8 MiB of the transformer benchmark's step).
+    until the backward (the Performance page has the measurement).
     """
 
     approximate: bool = True

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from fbp.core import InputError, Layer, ParameterFree, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.activations import GELU
-from fbp.nn.dense import Dense
+from fbp.nn.dense import Dense, bias_grad
 from fbp.nn.norm import LayerNorm
 from fbp.nn.positions import Positions
 
@@ -105,7 +105,7 @@ class MultiHeadAttention(Layer):
         x, _ = _split_input(self, inputs)
         d = self._width(x)
         keys = jax.random.split(key, 4)
-        params = {f"w_{n}": self.kernel_init(k, (d, d), x.dtype) for n, k in zip(_NAMES, keys)}
+        params = {f"w_{n}": self.kernel_init(k, (d, d), x.dtype) for n, k in zip(_NAMES, keys, strict=True)}
         params.update({f"b_{n}": jnp.zeros((d,), x.dtype) for n in _NAMES})
         return params
 
@@ -126,7 +126,7 @@ class MultiHeadAttention(Layer):
 
     def _allowed(self, t, mask):
         """Boolean (B or 1, 1, T, T): may query i see key j? ``None`` when every key is allowed (then
-        no mask is applied: a constant all-allowed mask made XLA keep a 4 MiB fill array alive)."""
+        no mask is applied: a constant all-allowed mask made XLA keep a (T, T) fill array alive)."""
         if not self.causal and mask is None:
             return None
         allowed = jnp.ones((1, 1, t, t), bool)
@@ -143,7 +143,7 @@ class MultiHeadAttention(Layer):
                                           for name in _NAMES for kind in ("w", "b")}, x)
         q, k, v = (self._heads(x @ params[f"w_{n}"] + params[f"b_{n}"]) for n in "qkv")
         scale = 1.0 / math.sqrt(d // self.num_heads)
-        q = q * scale  # scaled before the (B, h, T, T) product: scaling S made XLA keep a 4 MiB fill array
+        q = q * scale  # scaled before the (B, h, T, T) product: scaling S made XLA keep a fill array alive
         s = jnp.einsum("bhqk,bhjk->bhqj", q, k)
         allowed = self._allowed(x.shape[1], mask)
         if allowed is not None:
@@ -171,12 +171,12 @@ class MultiHeadAttention(Layer):
     def backward(self, res: AttentionRes, d_y):
         x, o, w, has_mask = res.x, res.o, res.w, res.has_mask
         x2 = _flat(x)
-        grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": _flat(d_y).sum(0)}
+        grads = {"w_o": _flat(o).T @ _flat(d_y), "b_o": bias_grad(d_y)}
         d_x = 0
         for name, d in zip("qkv", self._cotangents(res, d_y), strict=True):
             d2 = _flat(d)
             grads[f"w_{name}"] = x2.T @ d2
-            grads[f"b_{name}"] = d2.sum(0)
+            grads[f"b_{name}"] = bias_grad(d2)
             d_x = d_x + d2 @ w[name].T
         d_x = d_x.reshape(x.shape)
         return grads, ((d_x, None) if has_mask else d_x)
@@ -211,7 +211,7 @@ class TransformerBlock(Layer):
     def init(self, key, inputs):
         x, mask = _split_input(self, inputs)
         parts = self._parts(x.shape[-1])
-        keys = dict(zip(parts, jax.random.split(key, len(parts))))
+        keys = dict(zip(parts, jax.random.split(key, len(parts)), strict=True))
         hidden = jax.ShapeDtypeStruct((*x.shape[:-1], self.mlp_dim), x.dtype)
         example = {"attention": inputs, "mlp_out": hidden}
         return {name: parts[name].init(keys[name], example.get(name, x)) for name in parts if name != "gelu"}

@@ -150,7 +150,7 @@ class Serial(Combinator):
     def init(self, key, x):
         keys = jax.random.split(key, max(len(self.layers), 1))
         params = []
-        for i, (child, child_key) in enumerate(zip(self.layers, keys)):
+        for i, (child, child_key) in enumerate(zip(self.layers, keys, strict=False)):
             with at_path(i):
                 p = child.init(child_key, x)
                 # the next layer's input, shape only (evaluation mode, initial state)
@@ -243,7 +243,7 @@ class Residual(Combinator):
     def init(self, key, x):
         keys = split_key(key, 2)
         params = {}
-        for (name, child), k in zip(self.children().items(), keys):
+        for (name, child), k in zip(self.children().items(), keys, strict=False):
             with at_path(name):
                 params[name] = child.init(k, x)
         return params
@@ -295,7 +295,7 @@ class Parallel(Combinator):
 
     def init(self, key, x):
         params = []
-        for i, (child, k) in enumerate(zip(self.layers, split_key(key, len(self.layers)))):
+        for i, (child, k) in enumerate(zip(self.layers, split_key(key, len(self.layers)), strict=True)):
             with at_path(i):
                 params.append(child.init(k, x))
         return tuple(params)
@@ -317,7 +317,7 @@ class Parallel(Combinator):
         residuals, widths = res
         d_params, d_x = [], None
         start = 0
-        for child, r, w in zip(self.layers, residuals, widths):
+        for child, r, w in zip(self.layers, residuals, widths, strict=True):
             dp, dx = child.backward(r, d_y[..., start:start + w])
             start += w
             d_params.append(dp)

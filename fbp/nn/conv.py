@@ -34,7 +34,7 @@ from jax import lax
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
-from fbp.nn.dense import accumulator, weight_grad
+from fbp.nn.dense import accumulator, bias_grad, weight_grad
 from fbp.nn.windows import as_tuple, window_padding
 
 Padding = str | Sequence[tuple[int, int]]
@@ -118,10 +118,11 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
     xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
     offsets = list(itertools.product(*(range(k) for k in taps)))
     # one offset at a time inside a loop, so only one window is ever materialised
-    sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out))
+    sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out, strict=True))
 
     def one(offset):
-        start = tuple(jnp.asarray(v, jnp.int32) for v in (0, *(o * d for o, d in zip(offset, rhs_dilation)), 0))
+        lo = (o * d for o, d in zip(offset, rhs_dilation, strict=True))
+        start = tuple(jnp.asarray(v, jnp.int32) for v in (0, *lo, 0))
         block = lax.dynamic_slice(xp, start, (xp.shape[0], *sizes, c_in))
         block = block[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
         return weight_grad(block.reshape(-1, c_in).T, d2)
@@ -141,7 +142,7 @@ def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> l
     windows = []
     for offset in itertools.product(*(range(k) for k in taps)):
         index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
-                      for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial))
+                      for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial, strict=True))
         windows.append(xp[(slice(None), *index, slice(None))].reshape(x.shape[0], -1, c_in))
     return windows
 
@@ -245,7 +246,7 @@ class _ConvBase(Layer):
             d_w = conv_kernel_grad(x, d_y, w.shape, strides, pads, lhs_dil, rhs_dil, g)
         d_params = {"w": d_w}
         if self.use_bias:
-            d_params["b"] = d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
+            d_params["b"] = bias_grad(d_y)
         return d_params, conv_input_grad(d_y, w, x.shape, strides, pads, lhs_dil, rhs_dil, g)
 
     def swap_kernel(self, res, kernel):
@@ -311,9 +312,9 @@ class ConvTranspose2D(_ConvBase):
 
     def _geometry(self, x):
         strides, dilation = as_tuple(self.strides, 2, "strides"), as_tuple(self.dilation, 2, "dilation")
-        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation)]
+        k_d = [_dilate(k, d) for k, d in zip(self._k, dilation, strict=True)]
         if isinstance(self.padding, str):
-            pads = [_transpose_padding(k, s, self.padding) for k, s in zip(k_d, strides)]
+            pads = [_transpose_padding(k, s, self.padding) for k, s in zip(k_d, strides, strict=True)]
         else:
             pads = [tuple(p) for p in self.padding]
         return (1, 1), pads, strides, dilation

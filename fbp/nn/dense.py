@@ -39,6 +39,12 @@ def weight_grad(a, b):
     return jnp.matmul(a, b, preferred_element_type=accumulator(a.dtype)).astype(a.dtype)
 
 
+def bias_grad(d_y):
+    """``Σ d_y`` over every axis but the last: the gradient of a bias added along the last axis
+    (Dense, convolutions, attention's and the recurrent layers' projections)."""
+    return d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dense(Layer):
     """``y = x @ w + b`` over the last axis of ``x``.
@@ -87,7 +93,7 @@ class Dense(Layer):
         d_y2 = d_y.reshape(-1, d_y.shape[-1])
         d_params = {"w": weight_grad(x2.T, d_y2)}
         if self.use_bias:
-            d_params["b"] = d_y2.sum(axis=0)
+            d_params["b"] = bias_grad(d_y2)
         d_x = (d_y2 @ w.T).reshape(x.shape)
         return d_params, d_x
 

@@ -13,7 +13,8 @@ How the backward is organised (the same for all three):
 2. The forward emits each gate as its own ``(T, B, H)`` array, and the reverse scan
    (``lax.scan(..., reverse=True)``) carries only the cotangents of the recurrent state and
    emits the pre-activation cotangents ``dA_t`` as separate per-gate arrays too (slicing gates
-   out of one ``(T, B, G·H)`` array made the LSTM's reverse loop 1.47× slower on CPU).
+   out of one ``(T, B, G·H)`` array made the LSTM's reverse loop slower on CPU; the
+   Performance page has the measurement).
    The LSTM loop emits only ``dc_t`` and ``dA_o``, the GRU loop only ``dh_t``; the other
    blocks are ``dc`` (``dh``) times gate derivatives and are recomputed after the loop over all
    steps at once — fewer sequence-sized arrays at the memory peak, fewer writes in the loop.
@@ -38,6 +39,7 @@ from jax import lax
 
 from fbp.core import InputError, Layer, ParameterFree, check_params, describe, require_floating
 from fbp.nn import init as initializers
+from fbp.nn.dense import bias_grad
 from fbp.nn.positions import Positions, batch_major
 
 
@@ -128,7 +130,7 @@ class _Recurrent(Layer):
         d_a, d_r, h_prev, d_carry = self._cotangents(res, d_y)
         d_params, d_x = self._weight_grads(res.x, res.w_x, d_a, h_prev, d_r)
         if d_r is not None:
-            d_params["b_h"] = jnp.concatenate([_flat(d).sum(0) for d in d_r])
+            d_params["b_h"] = jnp.concatenate([bias_grad(d) for d in d_r])
         return d_params, ((d_x, d_carry) if res.has_carry else d_x)
 
     def per_example_positions(self, res, d_y):
@@ -153,7 +155,7 @@ class _Recurrent(Layer):
         h = self.hidden
         d_x = sum(d @ w_x[:, k * h:(k + 1) * h].T for k, d in enumerate(d_a)).swapaxes(0, 1)
         return ({"w_x": jnp.concatenate([x_t @ _flat(d) for d in d_a], axis=1),
-                 "b": jnp.concatenate([_flat(d).sum(0) for d in d_a]),
+                 "b": jnp.concatenate([bias_grad(d) for d in d_a]),
                  "w_h": self._recurrent_grad(h_prev, d_a if d_r is None else d_r)}, d_x)
 
 

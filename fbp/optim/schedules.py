@@ -91,7 +91,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
     def schedule(step):
         value = schedules[0](step)
-        for boundary, nxt in zip(boundaries, schedules[1:]):
+        for boundary, nxt in zip(boundaries, schedules[1:], strict=True):
             value = jnp.where(step >= boundary, nxt(step - boundary), value)
         return value
 

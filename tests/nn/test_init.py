@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fbp import nn
 from fbp.nn import init
 
 SHAPE = (400, 300)
@@ -46,3 +47,17 @@ def test_dtype_is_respected_and_bad_arguments_raise():
         init.normal(-1.0)
     with pytest.raises(ValueError):
         init.variance_scaling(1.0, "fan_sideways", "normal")
+
+
+def test_initializers_print_as_the_call_that_made_them_and_compare_by_it():
+    assert repr(init.normal(0.02)) == "normal(0.02)" and init.normal(0.02) == init.normal(0.02)
+    assert init.normal(0.02) != init.normal(0.03) and repr(init.glorot_uniform) == "glorot_uniform"
+    assert nn.Dense(3, kernel_init=init.he_normal) == nn.Dense(3, kernel_init=init.he_normal)
+    assert hash(nn.LearnedPositionalEmbedding(8)) == hash(nn.LearnedPositionalEmbedding(8))
+
+
+def test_no_layer_of_the_catalogue_prints_a_function_address():
+    from fbp import catalog
+
+    for layer, *_ in catalog.layers() + catalog.contextual_layers():
+        assert " at 0x" not in repr(layer), repr(layer)
