@@ -361,8 +361,23 @@ def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, 
          fd_directions: int = 2) -> Report:
     """Check ``loss.backward`` against ``jax.grad`` of ``g · loss(pred, target)``.
 
-    ``g`` is the cotangent of the value: default 1.0, or for ``reduction="none"`` a standard
-    normal draw of shape ``(N,)`` (from ``seed``).
+    Args:
+        loss: the loss under test.
+        pred: a batch of predictions (differentiated).
+        target: the targets (held fixed).
+        g: the cotangent of the value: default 1.0, or for ``reduction="none"`` a standard
+            normal draw of shape ``(N,)`` (from ``seed``).
+        seed: randomness of the check itself (the difference directions, and ``g``).
+        dtype: cast floating inputs to this dtype (default float64); ``None`` keeps them.
+        jit: run fbp's rules under ``jax.jit``.
+        rtol: relative tolerance against JAX's gradient (default 1e-10 in float64, 1e-5 in float32).
+        atol: absolute tolerance (default ``rtol`` times the largest gradient entry of the check).
+        fd: also compare with central finite differences (pass False for inputs on a kink).
+        fd_rtol: tolerance of the finite-difference comparison (1e-6 in float64, 1e-2 in float32).
+        fd_directions: random directions per leaf for the finite differences.
+
+    Returns:
+        A ``Report``: ``str(report)`` is the table, ``report.ok`` the verdict.
     """
     _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     key = jax.random.PRNGKey(seed)
@@ -399,7 +414,29 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
 
     Layers that deviate from the gradient by design (``fbp.credit``, ``fbp.nn.hooks``,
     ``fbp.nn.quantize``) are differentiated through their own equations (``reference_apply``);
-    the report names their paths (``report.notes``) and skips finite differences."""
+    the report names their paths (``report.notes``) and skips finite differences.
+
+    Args:
+        model: the network.
+        loss: a mean- or sum-reduced loss.
+        params: the network's parameters (every path is compared).
+        x: an input batch.
+        y: the targets.
+        state: the model's state, for models that keep one.
+        key: the forward's random key, for random layers.
+        train: training mode (default, as ``fbp.value_and_grad``).
+        seed: randomness of the check itself (the difference directions).
+        dtype: cast floating inputs to this dtype (default float64); ``None`` keeps them.
+        jit: run fbp's rules under ``jax.jit``.
+        rtol: relative tolerance against JAX's gradient (default 1e-10 in float64, 1e-5 in float32).
+        atol: absolute tolerance (default ``rtol`` times the largest gradient entry of the check).
+        fd: also compare with central finite differences (pass False for inputs on a kink).
+        fd_rtol: tolerance of the finite-difference comparison (1e-6 in float64, 1e-2 in float32).
+        fd_directions: random directions per leaf for the finite differences.
+
+    Returns:
+        A ``Report``: ``str(report)`` is the table, ``report.ok`` the verdict.
+    """
     _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 

@@ -217,6 +217,9 @@ def layer(forward: Callable, backward: Callable, init: Callable = _no_params, *,
         init: ``init(key, x) -> params``; defaults to a parameter-free layer (``{}``).
         name: shown in error messages and check reports.
 
+    Returns:
+        A ``FunctionLayer``.
+
     The result composes in ``nn.Serial``, runs under ``fbp.value_and_grad`` and ``jax.jit``,
     and is verified by ``fbp.check.layer`` exactly like a built-in layer.
     """
@@ -333,11 +336,19 @@ class Loss:
 
 # --------------------------------------------------------------------------- backward transform
 def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Callable[[Array], tuple[PyTree, Array]]]:
-    """``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)``, from hand-written rules.
+    """The forward pass and a pullback made of the hand-written rules.
 
-    ``context``: ``state``, ``key``, ``train`` for contextual models (default: evaluation mode).
-    The pullback takes a ``d_y`` of ``y``'s shape and dtype; anything else raises
-    ``InputError``.
+    Args:
+        model: any layer (a network is a layer).
+        params: its parameters.
+        x: an input batch.
+        **context: ``state``, ``key``, ``train`` for contextual models (default: evaluation mode).
+
+    Returns:
+        ``(y, pullback)`` with ``pullback(d_y) -> (d_params, d_x)`` for ``y = model(params, x)``:
+        ``d_params = (∂y/∂params)ᵀ d_y`` (the structure of ``params``) and ``d_x = (∂y/∂x)ᵀ d_y``.
+        The pullback takes a ``d_y`` of ``y``'s shape and dtype; anything else raises
+        ``InputError``.
     """
     y, res = run_forward(model, params, x, **context)
 
@@ -396,15 +407,26 @@ def require_state(model: Layer, state: PyTree, caller: str) -> None:
 def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """The backward transform: forward pass, loss, backward pass through every layer.
 
-    Returns ``f(params, x, y, *, key=None) -> (value, grads)``, equal to
-    JAX's ``value_and_grad(lambda p: loss(model.apply(p, x, key=key, train=True), y))(params)``
-    but computed only by the layers' and the loss's own backward rules. ``f`` is pure: jit it,
-    vmap it (per-example gradients) or run it inside ``lax.scan``. ``key`` is needed only by
-    models with random layers (Dropout).
+    For ``L(θ) = loss(model(θ, x), y)`` it runs ``pred, res = model.forward(θ, x)``, then
+    ``d_pred = loss.backward(...)``, then ``∂L/∂θ, _ = model.backward(res, d_pred)`` — the chain
+    rule applied layer by layer in reverse, by the hand-written rules only.
 
-    With ``has_state=True`` (models with BatchNorm): ``f(params, state, x, y, *, key=None)
-    -> (value, grads, new_state)``. A model that keeps state raises ``InputError`` without
-    ``has_state=True`` (its new running statistics would be lost silently).
+    Args:
+        model: the network (a layer), in training mode.
+        loss: a loss with ``reduction="mean"`` or ``"sum"`` (a scalar is differentiated).
+        has_state: for models that keep state (BatchNorm): ``f`` then takes and returns it.
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> (value, grads)``, equal to JAX's
+        ``value_and_grad(lambda p: loss(model.apply(p, x, key=key, train=True), y))(params)``;
+        ``grads`` has the structure of ``params``. With ``has_state=True``:
+        ``f(params, state, x, y, *, key=None) -> (value, grads, new_state)``. ``f`` is pure:
+        jit it, vmap it (per-example gradients) or run it inside ``lax.scan``. ``key`` is needed
+        only by models with random layers (Dropout).
+
+    Raises:
+        InputError: for a model that keeps state without ``has_state=True`` (its new running
+            statistics would be lost silently), or a loss with ``reduction="none"``.
     """
     require_state_mode(model, has_state, "fbp.value_and_grad")
     if has_state:
@@ -423,8 +445,17 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Call
 
 
 def grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
-    """Like ``value_and_grad`` without the value: ``grads`` (same structure as params), or
-    ``(grads, new_state)`` with ``has_state=True``."""
+    """``value_and_grad`` without the value.
+
+    Args:
+        model: the network (a layer).
+        loss: a mean- or sum-reduced loss.
+        has_state: for models that keep state (BatchNorm).
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> grads`` (the structure of ``params``), or
+        ``f(params, state, x, y, *, key=None) -> (grads, new_state)`` with ``has_state=True``.
+    """
     f = value_and_grad(model, loss, has_state=has_state)
     if has_state:
         return lambda *args, **kwargs: f(*args, **kwargs)[1:]
@@ -432,10 +463,17 @@ def grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
 
 
 def to_jax(model: Layer) -> Callable[[PyTree, Array], Array]:
-    """``f(params, x) = model.apply(params, x)`` with fbp's backward registered via custom_vjp.
+    """An fbp model as a plain JAX function whose derivative is fbp's backward.
 
     Use it to drop an fbp model (including one with a replaced backward, such as feedback
     alignment) into code that differentiates with JAX's ``grad``.
+
+    Args:
+        model: any stateless, deterministic layer.
+
+    Returns:
+        ``f(params, x) = model.apply(params, x)``, with ``model.forward`` and ``model.backward``
+        registered through ``jax.custom_vjp``.
     """
 
     @jax.custom_vjp

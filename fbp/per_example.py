@@ -267,9 +267,19 @@ def _api(model, loss, has_state, caller, body):
 
 
 def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
-    """``f(params, x, y, *, key=None) -> (values, grads)``: ``values`` the per-example losses
-    ``(B,)``; every leaf of ``grads`` has a leading batch axis and ``grads[b]`` is the gradient
-    of the loss on example ``b`` alone. With ``has_state=True``: ``f(params, state, x, y, ...)``."""
+    """Per-example gradients from one backward pass of the batch.
+
+    Args:
+        model: the network (BatchNorm in training mode is refused: it mixes the batch).
+        loss: the loss; each example's value is its loss on its own.
+        has_state: for models that keep state.
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> (values, grads)``: ``values`` the per-example losses
+        ``(B,)``; every leaf of ``grads`` has a leading batch axis and ``grads[b]`` is the
+        gradient of the loss on example ``b`` alone. With ``has_state=True``:
+        ``f(params, state, x, y, ...)``.
+    """
 
     def body(params, x, y, **context):
         values, _, per, _, _ = run(model, loss, params, x, y, mode="grads", **context)
@@ -279,11 +289,21 @@ def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
 
 
 def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: bool = False) -> Callable:
-    """``f(params, x, y, *, key=None) -> (values, norms)``: the L2 norm over all parameters of each
-    example's gradient, ``(B,)``, without materialising per-example gradients where a cheaper route
-    exists (module docstring). ``per_layer=True`` returns ``(values, norms, layer_norms)``:
-    ``layer_norms[path]`` the ``(B,)`` norms of each leaf with parameters. ``routes`` says how
-    each layer's norm is computed."""
+    """Per-example gradient norms ``‖g_b‖₂``, without materialising per-example gradients where a
+    cheaper route exists (``‖x‖‖g‖`` at one position, the ghost norm; module docstring).
+
+    Args:
+        model: the network.
+        loss: the loss.
+        has_state: for models that keep state.
+        per_layer: also return each leaf layer's norms.
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> (values, norms)`` with ``norms`` of shape ``(B,)``, the
+        L2 norm over all parameters of each example's gradient; with ``per_layer=True``,
+        ``(values, norms, layer_norms)``, ``layer_norms[path]`` the ``(B,)`` norms of each leaf
+        with parameters. ``routes`` says how each layer's norm is computed.
+    """
 
     def body(params, x, y, **context):
         values, _, per, _, _ = run(model, loss, params, x, y, mode="norms", **context)

@@ -87,10 +87,21 @@ def _api(model, has_state, caller, body):
 
 
 def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = False) -> Callable:
-    """``f(params, x, y, *, key=None, mask=None) -> (values, grads, norms)``:
-    ``grads = Σ_b min(1, C/‖g_b‖) g_b`` (a sum, not a mean), ``norms`` the per-example gradient
-    norms ``(B,)`` before clipping, ``values`` the per-example losses. ``mask`` (``(B,)`` of 0/1)
-    drops padded examples (Poisson sampling under jit). ``l2_clip=inf`` clips nothing."""
+    """The sum of per-example gradients clipped to norm ``C``, in one backward pass (book-keeping:
+    norms first, then ``Xᵀ (c ⊙ G)`` from what the backward already holds).
+
+    Args:
+        model: the network.
+        loss: the loss.
+        l2_clip: the clipping norm ``C > 0`` (``inf`` clips nothing).
+        has_state: for models that keep state.
+
+    Returns:
+        ``f(params, x, y, *, key=None, mask=None) -> (values, grads, norms)``:
+        ``grads = Σ_b min(1, C/‖g_b‖) g_b`` (a sum, not a mean), ``norms`` the per-example
+        gradient norms ``(B,)`` before clipping, ``values`` the per-example losses. ``mask``
+        (``(B,)`` of 0/1) drops padded examples (Poisson sampling under jit).
+    """
     l2_clip = require_number("clipped_grad", "l2_clip", l2_clip, low=0, low_open=True) \
         if l2_clip != math.inf else math.inf
 

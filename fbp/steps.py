@@ -57,10 +57,23 @@ def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = 
 # --------------------------------------------------------------------------- the step
 def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, jit: bool = True,
               has_state: bool = False, mesh=None, fsdp: bool = False, precision=None) -> Callable:
-    """``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``, jitted
-    by default; ``key`` only for models with random layers. With ``has_state=True``:
-    ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state, loss_value)``
-    (a model that keeps state must use it: its new state would otherwise be lost).
+    """One training step: forward, loss, backward, optimizer update.
+
+    Args:
+        model: the network (a layer).
+        loss: a mean- or sum-reduced loss.
+        optimizer: a ``fbp.optim`` gradient transformation.
+        jit: compile the step (default).
+        has_state: for models that keep state (BatchNorm); required for them.
+        mesh: data parallel over a ``fbp.parallel.data_mesh`` (below).
+        fsdp: with ``mesh``, shard large leaves instead of replicating them.
+        precision: a mixed-precision policy (below).
+
+    Returns:
+        ``step(params, opt_state, x, y, *, key=None) -> (params, opt_state, loss_value)``;
+        ``key`` only for models with random layers. With ``has_state=True``:
+        ``step(params, state, opt_state, x, y, *, key=None) -> (params, state, opt_state,
+        loss_value)`` (a model that keeps state must use it: its new state would otherwise be lost).
 
     ``mesh`` (``fbp.parallel.data_mesh``): data parallel — the batch is split over the mesh
     and params, model state and optimizer state are replicated (``fsdp=True``: leaves of 2¹⁸

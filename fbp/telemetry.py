@@ -261,12 +261,21 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, a
                          input_cotangents: bool = False, stats: Sequence[str] | None = None) -> Callable:
     """Like ``fbp.value_and_grad``, plus per-layer statistics from the same pass.
 
-    Returns ``f(params, x, y, *, key=None) -> (value, grads, stats)``; with ``has_state=True``,
-    ``f(params, state, x, y, *, key=None) -> (value, grads, new_state, stats)``. ``value`` and
-    ``grads`` equal ``fbp.value_and_grad``'s; ``stats[path][name]`` is a scalar for every leaf
-    layer's path and every name in ``STATS`` (module docstring). ``alignment``: add
-    ``alignment_angle`` per layer with parameters (default: whenever the model has rules that
-    deviate from the gradient and an exact VJP for each; ``False``: never; ``True``: required).
+    Args:
+        model: the network (a layer); every leaf layer is probed.
+        loss: a mean- or sum-reduced loss.
+        has_state: for models that keep state (BatchNorm, feedback matrices).
+        alignment: add ``alignment_angle`` per layer with parameters (default: whenever the model
+            has rules that deviate from the gradient and an exact VJP for each; ``False``: never;
+            ``True``: required).
+        input_cotangents: also compute the cotangents training never needs (below).
+        stats: compute only these names from ``STATS`` (default: all).
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> (value, grads, stats)``; with ``has_state=True``,
+        ``f(params, state, x, y, *, key=None) -> (value, grads, new_state, stats)``. ``value``
+        and ``grads`` equal ``fbp.value_and_grad``'s; ``stats[path][name]`` is a scalar for
+        every leaf layer's path and every name in ``STATS`` (module docstring).
 
     Telemetry computes nothing that training does not already compute: the cotangents below the
     first layer with parameters (toward the input ``x``; for a model starting with a Dense, the

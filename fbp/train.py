@@ -121,9 +121,18 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
+        model: the network (a layer).
+        loss: a mean- or sum-reduced loss; what it declares (``classification``) decides the metrics.
+        optimizer: a ``fbp.optim`` gradient transformation.
+        params: the initial parameters (``model.init(key, x)``).
+        x: the training features, ``(N, ...)``.
+        y: the training targets, ``(N, ...)``, checked against the loss's conventions.
+        key: the run's random key: shuffling, the validation split, dropout and augmentation keys
+            all derive from it, so a run is reproducible from it.
+        epochs: how many epochs to train (a resumed run continues to this count).
         batch_size: ``None`` = batch GD, ``1`` = stochastic, ``N`` = mini-batches of ``N``.
-        validation_data: ``(x_val, y_val)``; or ``validation_split`` holds out that fraction of
-            ``(x, y)`` (chosen with ``key``).
+        validation_data: ``(x_val, y_val)``, evaluated after every epoch.
+        validation_split: or hold out this fraction of ``(x, y)`` (chosen with ``key``).
         early_stopping: an ``EarlyStopping``; needs validation data for ``val_*`` monitors.
         scan_epochs: run each epoch's full batches inside one ``lax.scan``.
         state: the model's state (BatchNorm); default ``model.init_state(params)`` for models
@@ -131,6 +140,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         progress: show a tqdm bar (when tqdm is installed).
         num_classes: if given, integer labels are checked to lie in ``[0, num_classes)``
             (they are always checked against the model's output width).
+        opt_state: the optimizer state to start from (default ``optimizer.init(params)``).
+        shuffle: reshuffle the examples every epoch (``fold_in(key, epoch)``).
         log_every: print a line every this many epochs (0: never).
         augment: ``fn(key, x_batch) -> x_batch`` (see ``fbp.augment``), applied to every
             training batch with a fresh key; never to validation data.
@@ -148,6 +159,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             the last epoch and when training stops early, keeping the newest
             ``keep_checkpoints`` (``fbp.checkpoint``: pickle-free, checksummed, atomic).
             A directory that already holds checkpoints is refused unless ``resume``.
+        checkpoint_every: save every this many epochs (and at the end).
+        keep_checkpoints: how many of the newest checkpoints to keep (``None``: all).
         mesh: data parallel over a ``fbp.parallel.data_mesh``: every batch is split over the
             mesh's devices, params and optimizer and model state are replicated; the numbers
             are those of one device (global BatchNorm statistics, the same dropout masks).

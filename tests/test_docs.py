@@ -48,3 +48,23 @@ def test_the_api_reference_covers_every_module_and_the_nav_every_page():
     nav = (ROOT / "mkdocs.yml").read_text()
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*") if p.suffix in (".md", ".ipynb")}
     assert {p for p in pages if p not in nav} == set(), "list every page in mkdocs.yml's nav"
+
+
+KEY_FUNCTIONS = ["fbp.core.value_and_grad", "fbp.core.grad", "fbp.core.vjp", "fbp.core.to_jax", "fbp.core.layer",
+                 "fbp.check.layer", "fbp.check.loss", "fbp.check.model", "fbp.steps.make_step", "fbp.train.fit",
+                 "fbp.telemetry.value_grad_and_stats", "fbp.per_example.grads", "fbp.per_example.grad_norms",
+                 "fbp.privacy.clipped_grad"]
+
+
+@pytest.mark.parametrize("name", KEY_FUNCTIONS)
+def test_the_central_functions_document_their_arguments_and_result(name):
+    import importlib
+    import inspect
+
+    module, attr = name.rsplit(".", 1)
+    fn = getattr(importlib.import_module(module), attr)
+    doc = inspect.getdoc(fn)
+    assert "Args:" in doc and "Returns:" in doc, f"{name}: Google-style Args and Returns sections"
+    for parameter in inspect.signature(fn).parameters.values():
+        if parameter.kind is not parameter.VAR_KEYWORD:
+            assert f"    {parameter.name}:" in doc, f"{name}: argument {parameter.name!r} is not documented"

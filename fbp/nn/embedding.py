@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import InputError, Layer, describe, is_concrete
+from fbp.core import InputError, Layer, check_params, describe, is_concrete
 from fbp.nn import init as initializers
 
 
@@ -53,10 +53,8 @@ class Embedding(Layer):
 
     def forward(self, params, x):
         self._check_ids(x)
-        table = params.get("table") if hasattr(params, "get") else None
-        if table is None or tuple(table.shape) != (self.vocab, self.features):
-            raise InputError(repr(self), f"expected shape ({self.vocab}, {self.features}), received "
-                                         f"{describe(table) if table is not None else 'nothing'}", param="table")
+        check_params(repr(self), params, {"table": (self.vocab, self.features)}, x)
+        table = params["table"]
         valid = (x >= 0) & (x < self.vocab)
         if is_concrete(valid):
             if not bool(np.all(valid)):
