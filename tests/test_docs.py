@@ -68,3 +68,23 @@ def test_the_central_functions_document_their_arguments_and_result(name):
     for parameter in inspect.signature(fn).parameters.values():
         if parameter.kind is not parameter.VAR_KEYWORD:
             assert f"    {parameter.name}:" in doc, f"{name}: argument {parameter.name!r} is not documented"
+
+
+DOCUMENTED_LAYERS = ["Dense", "Conv1D", "Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm", "LayerNorm", "GroupNorm",
+                     "Embedding", "SimpleRNN", "LSTM", "GRU", "MultiHeadAttention", "TransformerBlock",
+                     "LearnedPositionalEmbedding", "Residual"]
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_LAYERS)
+def test_the_main_layers_document_every_setting(name):
+    import dataclasses
+    import inspect
+
+    from fbp import nn
+
+    cls = getattr(nn, name)
+    doc = inspect.getdoc(cls)
+    assert "Args:" in doc, f"nn.{name}: an Args section"
+    for field in dataclasses.fields(cls):
+        if field.init:
+            assert f"    {field.name}:" in doc, f"nn.{name}: setting {field.name!r} is not documented"

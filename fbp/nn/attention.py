@@ -88,6 +88,15 @@ class MultiHeadAttention(Layer):
 
     Params ``{"w_q", "w_k", "w_v", "w_o": (d, d), "b_q", "b_k", "b_v", "b_o": (d,)}``.
     ``causal=True`` lets step ``t`` attend only to steps ``<= t``.
+
+    Args:
+        num_heads: ``h``, which must divide the width ``d``.
+        causal: let step ``t`` attend only to steps ``<= t``.
+        kernel_init: initializer of the four projections (default Glorot uniform).
+
+    Shapes:
+        ``x (B, T, d) -> y (B, T, d)``; or ``(x, mask)`` with a boolean padding mask ``(B, T)``
+        (``True`` for keys that may be attended to), then the backward returns ``(d_x, None)``.
     """
 
     num_heads: int
@@ -198,6 +207,14 @@ class TransformerBlock(Layer):
     The backward runs the pieces' own rules in reverse; each residual adds its skip
     cotangent. Params ``{"ln1", "attention", "ln2", "mlp_in", "mlp_out"}``. Accepts ``x`` or
     ``(x, padding_mask)`` like ``MultiHeadAttention``.
+
+    Args:
+        num_heads: heads of the attention.
+        mlp_dim: the hidden width of the MLP.
+        causal: causal attention.
+
+    Shapes:
+        ``x (B, T, d) -> y (B, T, d)``.
     """
 
     num_heads: int
@@ -266,7 +283,15 @@ class TransformerBlock(Layer):
 @dataclasses.dataclass(frozen=True)
 class LearnedPositionalEmbedding(Layer):
     """``y[:, t] = x[:, t] + P[t]`` with a learned table ``P (max_len, d)``;
-    ``d_P[t] = Σ_batch d_y[:, t]`` for ``t < T``, ``d_x = d_y``."""
+    ``d_P[t] = Σ_batch d_y[:, t]`` for ``t < T``, ``d_x = d_y``.
+
+    Args:
+        max_len: the longest sequence the table covers.
+        embedding_init: initializer of the table (default N(0, 0.02²)).
+
+    Shapes:
+        ``x (B, T, d) -> y (B, T, d)`` with ``T <= max_len``; params ``{"table": (max_len, d)}``.
+    """
 
     max_len: int
     embedding_init: Callable = initializers.normal(0.02)

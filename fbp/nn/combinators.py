@@ -125,7 +125,11 @@ class Combinator(Layer):
 @dataclasses.dataclass(frozen=True, init=False)
 class Serial(Combinator):
     """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``. Its residuals
-    are a tuple of the children's, in order."""
+    are a tuple of the children's, in order.
+
+    Args:
+        *layers: the layers, first to last.
+    """
 
     layers: tuple[Layer, ...]
 
@@ -225,7 +229,12 @@ class ParallelRes(NamedTuple):
 class Residual(Combinator):
     """``y = x + block(x)``, or ``y = projection(x) + block(x)`` when the shapes differ
     (e.g. ``projection=Dense(width)`` or a 1×1 ``Conv2D``). Params
-    ``{"block": ..., "projection": ...}`` (paths ``block/0/w``)."""
+    ``{"block": ..., "projection": ...}`` (paths ``block/0/w``).
+
+    Args:
+        block: the residual branch.
+        projection: the skip path's layer when ``block`` changes the shape (default: the identity).
+    """
 
     block: Layer
     projection: Layer | None = None
@@ -276,7 +285,11 @@ class Residual(Combinator):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Parallel(Combinator):
-    """Branches applied to the same input, outputs concatenated along the last axis."""
+    """Branches applied to the same input, outputs concatenated along the last axis.
+
+    Args:
+        *layers: the branches; their outputs must agree on every axis but the last.
+    """
 
     layers: tuple[Layer, ...]
 

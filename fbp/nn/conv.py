@@ -266,7 +266,22 @@ class _Conv(_ConvBase):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Conv1D(_Conv):
-    """1-D convolution over ``(N, W, C)``; ``y[n, w, o] = Σ_{k, c} x[n, s·w + d·k - lo, c] w[k, c, o] + b[o]``."""
+    """1-D convolution over ``(N, W, C)``; ``y[n, w, o] = Σ_{k, c} x[n, s·w + d·k - lo, c] w[k, c, o] + b[o]``.
+
+    Args:
+        features: output channels.
+        kernel_size: the window width, an int.
+        strides: the step between windows.
+        padding: ``"SAME"`` (default), ``"VALID"`` or explicit ``((lo, hi),)``.
+        dilation: the spacing between kernel taps.
+        feature_group_count: ``G`` groups (``G = C`` is a depthwise convolution).
+        use_bias: add the bias ``b``.
+        kernel_init: initializer of ``w`` (default Glorot uniform).
+        bias_init: initializer of ``b`` (default zeros).
+
+    Shapes:
+        ``x (N, W, C) -> y (N, W', features)``; params ``{"w": (k, C / G, features), "b": (features,)}``.
+    """
 
     rank: ClassVar[int] = 1
 
@@ -276,9 +291,15 @@ class Conv2D(_Conv):
     """2-D convolution over ``(N, H, W, C)`` (cross-correlation, as every deep-learning library).
 
     Args:
-        features: output channels. kernel_size, strides, dilation: an int or a pair.
-        padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), (lo, hi))``.
+        features: output channels.
+        kernel_size: an int or ``(kh, kw)``.
+        strides: the step between windows, an int or a pair.
+        padding: ``"SAME"`` (default), ``"VALID"`` or explicit ``((lo, hi), (lo, hi))``.
+        dilation: the spacing between kernel taps, an int or a pair.
         feature_group_count: ``G`` groups (``G = C`` is a depthwise convolution).
+        use_bias: add the bias ``b``.
+        kernel_init: initializer of ``w`` (default Glorot uniform).
+        bias_init: initializer of ``b`` (default zeros).
     Params: ``{"w": (kh, kw, C / G, features), "b": (features,)}``.
     """
 
@@ -301,7 +322,21 @@ def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
 class ConvTranspose2D(_ConvBase):
     """Transposed 2-D convolution (``lax.conv_transpose`` semantics, kernel not flipped): the
     input is dilated by ``strides`` and convolved with stride 1. ``"SAME"`` multiplies the
-    spatial size by ``strides``. Params: ``{"w": (kh, kw, C, features), "b": (features,)}``."""
+    spatial size by ``strides``. Params: ``{"w": (kh, kw, C, features), "b": (features,)}``.
+
+    Args:
+        features: output channels.
+        kernel_size: an int or ``(kh, kw)``.
+        strides: the input's dilation factor, an int or a pair.
+        padding: ``"SAME"`` (default) or ``"VALID"``.
+        dilation: the spacing between kernel taps.
+        use_bias: add the bias ``b``.
+        kernel_init: initializer of ``w`` (default Glorot uniform).
+        bias_init: initializer of ``b`` (default zeros).
+
+    Shapes:
+        ``x (N, H, W, C) -> y (N, H', W', features)`` (``H' = sh H`` with ``"SAME"``).
+    """
 
     rank: ClassVar[int] = 2
 

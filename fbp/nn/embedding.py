@@ -27,7 +27,18 @@ from fbp.nn import init as initializers
 @dataclasses.dataclass(frozen=True)
 class Embedding(Layer):
     """A ``(vocab, features)`` table looked up by integer ids of any shape.
-    Params ``{"table": (vocab, features)}``; default init N(0, 1), as PyTorch."""
+    Params ``{"table": (vocab, features)}``; default init N(0, 1), as PyTorch.
+
+    Args:
+        vocab: the number of ids; an id outside ``[0, vocab)`` raises (eagerly) or gives a NaN
+            row (under jit).
+        features: the width of each row.
+        embedding_init: initializer of the table (default N(0, 1)).
+        dtype: the table's dtype (default float32).
+
+    Shapes:
+        ``ids (...) -> y (..., features)``.
+    """
 
     vocab: int
     features: int

@@ -108,6 +108,13 @@ class BatchNorm(Layer):
     biased batch variance), ``m = momentum``. Evaluation: the running averages.
 
     Params ``{"scale": (C,), "bias": (C,)}``; state ``{"mean": (C,), "var": (C,)}``.
+
+    Args:
+        momentum: weight ``m`` of the old running average in each update (default 0.99).
+        epsilon: added to the variance before the square root (default 1e-5).
+
+    Shapes:
+        ``x (N, ..., C) -> y`` of the same shape; statistics over every axis but the last.
     """
 
     momentum: float = 0.99
@@ -182,7 +189,14 @@ class BatchNorm(Layer):
 @dataclasses.dataclass(frozen=True)
 class LayerNorm(Layer):
     """Layer normalisation (Ba, Kiros & Hinton, 2016) over the last axis, per example and
-    position; same in training and evaluation. Params ``{"scale": (C,), "bias": (C,)}``."""
+    position; same in training and evaluation. Params ``{"scale": (C,), "bias": (C,)}``.
+
+    Args:
+        epsilon: added to the variance before the square root (default 1e-5).
+
+    Shapes:
+        ``x (..., C) -> y`` of the same shape; statistics over the last axis.
+    """
 
     epsilon: float = 1e-5
 
@@ -211,7 +225,15 @@ class LayerNorm(Layer):
 class GroupNorm(Layer):
     """Group normalisation (Wu & He, 2018): channels split into ``num_groups`` groups;
     statistics per example and group, over the spatial axes and the group's channels.
-    Params ``{"scale": (C,), "bias": (C,)}``."""
+    Params ``{"scale": (C,), "bias": (C,)}``.
+
+    Args:
+        num_groups: ``G``, which must divide the channels (default 32).
+        epsilon: added to the variance before the square root (default 1e-5).
+
+    Shapes:
+        ``x (N, ..., C) -> y`` of the same shape.
+    """
 
     num_groups: int = 32
     epsilon: float = 1e-5

@@ -115,7 +115,16 @@ class _Pool(ParameterFree):
 @dataclasses.dataclass(frozen=True, repr=False)
 class MaxPool2D(_Pool):
     """``y = max`` over each window (padding counts as -inf).
-    ``d_x = Σ_windows [x = y] d_y / (number of tied maxima)``."""
+    ``d_x = Σ_windows [x = y] d_y / (number of tied maxima)``.
+
+    Args:
+        window: the window size, an int or ``(kh, kw)``.
+        strides: the step between windows (default: the window, so windows tile the input).
+        padding: ``"VALID"`` (default), ``"SAME"`` or explicit ``((lo, hi), (lo, hi))``.
+
+    Shapes:
+        ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
+    """
 
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)
@@ -144,7 +153,16 @@ class MaxPool2D(_Pool):
 @dataclasses.dataclass(frozen=True, repr=False)
 class AvgPool2D(_Pool):
     """``y = Σ_window x / count``, with ``count`` the window's valid (unpadded) cells;
-    ``d_x = Σ_windows d_y / count``."""
+    ``d_x = Σ_windows d_y / count``.
+
+    Args:
+        window: the window size, an int or ``(kh, kw)``.
+        strides: the step between windows (default: the window, so windows tile the input).
+        padding: ``"VALID"`` (default), ``"SAME"`` or explicit ``((lo, hi), (lo, hi))``.
+
+    Shapes:
+        ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
+    """
 
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)

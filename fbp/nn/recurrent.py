@@ -202,6 +202,15 @@ class SimpleRNN(_Recurrent):
 
     Backward, with ``dh_t = d_y_t + dh_{t+1} W_hᵀ``-style carry: ``dA_t = dh_t ⊙ (1 - h_t²)``,
     carry ``dA_t W_hᵀ`` to step ``t - 1``. Params ``w_x (F, H)``, ``w_h (H, H)``, ``b (H,)``.
+
+    Args:
+        hidden: the width ``H`` of the hidden state.
+        kernel_init: initializer of ``w_x`` (default Glorot uniform).
+        recurrent_init: initializer of ``w_h`` (default orthogonal).
+
+    Shapes:
+        ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, h0)`` to
+        start from a given state, then the backward returns ``(d_x, d_h0)``.
     """
 
     def forward(self, params, inputs):
@@ -241,6 +250,15 @@ class LSTM(_Recurrent):
     ``dc = dh o (1 - tanh²c_t) + carry_c``, ``di = dc g``, ``dg = dc i``, ``df = dc c_{t-1}``;
     ``dA = [di i(1-i), df f(1-f), dg (1-g²), do o(1-o)]``; carries ``dA W_hᵀ`` and ``dc f``.
     Params ``w_x (F, 4H)``, ``w_h (H, 4H)``, ``b (4H,)``.
+
+    Args:
+        hidden: the width ``H`` of the hidden state.
+        kernel_init: initializer of ``w_x`` (default Glorot uniform).
+        recurrent_init: initializer of ``w_h`` (default orthogonal).
+
+    Shapes:
+        ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, (h0, c0))`` to start
+        from a given state, then the backward returns ``(d_x, (d_h0, d_c0))``.
     """
 
     gates: int = dataclasses.field(default=4, init=False, repr=False)
@@ -317,6 +335,15 @@ class GRU(_Recurrent):
     ``da_n = dn (1 - n²)``, ``da_z = dz z(1-z)``, ``da_r = da_n R_n r(1-r)``;
     ``dA = [da_z, da_r, da_n]``, ``dR = [da_z, da_r, da_n r]``; carry ``dh z + dR W_hᵀ``.
     Params ``w_x (F, 3H)``, ``w_h (H, 3H)``, ``b (3H,)``, ``b_h (3H,)``.
+
+    Args:
+        hidden: the width ``H`` of the hidden state.
+        kernel_init: initializer of ``w_x`` (default Glorot uniform).
+        recurrent_init: initializer of ``w_h`` (default orthogonal).
+
+    Shapes:
+        ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, h0)`` to
+        start from a given state, then the backward returns ``(d_x, d_h0)``.
     """
 
     gates: int = dataclasses.field(default=3, init=False, repr=False)
