@@ -42,65 +42,9 @@ import numpy as np
 
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
 from fbp.deviation import deviations, reference_model
+from fbp.report import Report, Row, format_table  # noqa: F401  (fbp.check.Report is the public name)
 
 PyTree = Any
-
-
-# --------------------------------------------------------------------------- report
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One comparison: a leaf (``path``) of fbp's gradient against one reference."""
-
-    path: str
-    against: str  # "jax" or "fd"
-    max_abs: float
-    max_rel: float
-    worst: str
-    actual: float
-    desired: float
-    ok: bool
-    error: float = math.nan  # what is judged: min(relative error, absolute error / gradient scale)
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """The result of a check; ``str(report)`` is the table, ``report.ok`` the verdict."""
-
-    subject: str
-    dtype: str
-    rows: tuple[Row, ...]
-    notes: tuple[str, ...] = ()  # paths whose rule deviates from the gradient by design, and how
-
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    @property
-    def failures(self) -> tuple[Row, ...]:
-        return tuple(row for row in self.rows if not row.ok)
-
-    def __str__(self) -> str:
-        header = ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired", "")
-        lines = [(r.path, r.against, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", r.worst,
-                  f"{r.actual:+.6e}", f"{r.desired:+.6e}", "ok" if r.ok else "FAIL") for r in self.rows]
-        verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} of {len(self.rows)} comparisons)"
-        return "\n".join([f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, format_table(header, lines)])
-
-    def _repr_pretty_(self, printer, cycle):  # IPython / notebooks
-        printer.text(str(self))
-
-    def assert_ok(self) -> Report:
-        """Raise ``AssertionError`` with the table if any comparison failed."""
-        if not self.ok:
-            raise AssertionError("fbp.check: hand-written gradient disagrees with the reference\n" + str(self))
-        return self
-
-
-def format_table(header, lines) -> str:
-    """Rows of cells as left-aligned columns two spaces apart (the check report, ``python -m fbp check``)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*line).rstrip() for line in [header, *lines])
 
 
 # --------------------------------------------------------------------------- helpers
