@@ -61,7 +61,7 @@ from fbp.nn.norm import BatchNorm
 from fbp.nn.positions import Positions, assemble, sq_norm
 
 PyTree = Any
-MODES = ("grads", "norms", "clip", "sgs")
+MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce")
 
 
 def _has_params(params) -> bool:
@@ -174,6 +174,10 @@ class _PerExample(Wrapper):
         return (d_params, out), d_x
 
     def _positions(self, d_params, groups, rest):
+        if self.mode.startswith("kfac"):  # fbp.curvature: Kronecker blocks, the rest as a diagonal
+            self.choices[self.path] = [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in groups]
+            return {"blocks": [g.kronecker_factors(self.mode[5:]) for g in groups],
+                    "diagonal": {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()}}
         if self.mode == "sgs":
             self.choices[self.path] = "(x²)ᵀ(g²)" if all(g.length == 1 for g in groups) else \
                 "squares of materialised per-example gradients"
@@ -191,10 +195,10 @@ class _PerExample(Wrapper):
         return sq
 
     def _embedding(self, inner, ids, d_y):
-        if self.mode in ("grads", "sgs"):
-            self.choices[self.path] = "scatter per example"
+        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
+            self.choices[self.path] = [] if self.mode.startswith("kfac") else "scatter per example"
             per = _embedding_grads(self.layer, ids, d_y)
-            return per if self.mode == "grads" else _sum_squares(per)
+            return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         sq, self.choices[self.path] = _embedding_sq_norms(self.layer, ids, d_y)
         return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
 
@@ -204,11 +208,18 @@ class _PerExample(Wrapper):
             per, how = own(inner, d_y), "the layer's per_example_grads"
         else:
             per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
-        if self.mode in ("grads", "sgs"):
-            self.choices[self.path] = how
-            return per if self.mode == "grads" else _sum_squares(per)
+        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
+            self.choices[self.path] = [] if self.mode.startswith("kfac") else how
+            return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         self.choices[self.path] = f"materialised ({how})"
         return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
+
+
+def _diagonal_only(mode, sums):
+    """In the K-FAC modes a layer without Kronecker blocks keeps the diagonal ``Σ_b (∇ℓ_b)²``."""
+    if not mode.startswith("kfac"):
+        return sums
+    return {"blocks": [], "tree": sums}  # shaped like the layer's params
 
 
 def _probe(model: Layer, mode: str, choices: dict) -> Layer:
@@ -255,7 +266,30 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
-def _api(model, loss, has_state, caller, body):
+def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, state=None, key=None,
+                     train: bool = True):
+    """One forward pass, then the probed backward once for every column of ``columns(pred)``
+    (its last axis: one output cotangent per column, vmapped — the residuals are shared).
+
+    Returns ``(pred, grads, per, choices, new_state)``: ``grads`` and ``per[path]`` with a
+    leading column axis (``per`` as in ``run`` for this ``mode``). ``fbp.curvature``
+    backpropagates a loss's Hessian factor this way."""
+    if mode not in MODES:
+        raise ValueError(f"per_example.backward_columns: mode must be one of {MODES}, got {mode!r}")
+    choices: dict[str, Any] = {}
+    probed = _probe(model, mode, choices)
+    slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
+    pred, res = run_forward(probed, slotted, x, state=state, key=key, train=train)
+    one = lambda column: _split(model, probed.backward(res, column)[0])  # noqa: E731
+    grads, per = jax.vmap(one, in_axes=-1)(columns(pred))
+    new_state = None if state is None else probed.next_state(state, res)
+    return pred, grads, per, choices, new_state
+
+
+def with_context(model: Layer, has_state: bool, caller: str, body: Callable) -> Callable:
+    """``body(params, x, y, *, state=None, key=None)`` as the public signature:
+    ``f(params, x, y, *, key=None)``, or ``f(params, state, x, y, *, key=None)`` for a model that
+    keeps state (``has_state=True``, checked against the model and the state passed)."""
     require_state_mode(model, has_state, caller)
     if has_state:
         def with_state(params, state, x, y, *, key=None):
@@ -285,7 +319,7 @@ def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
         values, _, per, _, _ = run(model, loss, params, x, y, mode="grads", **context)
         return values, _stacked(model, params, values, per)
 
-    return _api(model, loss, has_state, "fbp.per_example.grads", body)
+    return with_context(model, has_state, "fbp.per_example.grads", body)
 
 
 def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: bool = False) -> Callable:
@@ -312,7 +346,7 @@ def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: 
             return values, norms, {path: jnp.sqrt(sq) for path, sq in per.items()}
         return values, norms
 
-    return _api(model, loss, has_state, "fbp.per_example.grad_norms", body)
+    return with_context(model, has_state, "fbp.per_example.grad_norms", body)
 
 
 def routes(model: Layer, loss: Loss, params, x, y, *, mode: str = "norms", **context) -> dict[str, str]:
@@ -349,7 +383,7 @@ def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Ca
     def body(params, x, y, **context):
         return _sgs_and_sum(model, loss, params, x, y, **context)[0]
 
-    return _api(model, loss, has_state, "fbp.per_example.sum_grad_squared", body)
+    return with_context(model, has_state, "fbp.per_example.sum_grad_squared", body)
 
 
 def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
@@ -361,7 +395,7 @@ def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
         sgs, total, b = _sgs_and_sum(model, loss, params, x, y, **context)
         return jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / b - jnp.square(g / b), 0), sgs, total)
 
-    return _api(model, loss, has_state, "fbp.per_example.variance", body)
+    return with_context(model, has_state, "fbp.per_example.variance", body)
 
 
 def _sgs_and_sum(model, loss, params, x, y, **context):

@@ -97,6 +97,28 @@ class Positions(NamedTuple):
             out[self.bias] = g2.sum(axis=0)
         return out
 
+    def kronecker_factors(self, approximation: str = "expand") -> tuple[jax.Array, jax.Array]:
+        """K-FAC's ``(A, G)`` for these kernels as one matrix ``W: (fan_in [+1], n_out)`` (the
+        kernels' rows stacked in order, then the bias as a last row of inputs 1), so that
+        ``Σ_b vec(∇_W ℓ_b) vec(∇_W ℓ_b)ᵀ ≈ A ⊗ G`` (row-major ``vec``). With ``a_bt`` the inputs
+        and ``g_bt`` the cotangents at the ``T`` positions (Eschenhagen et al., 2023):
+
+        * ``"expand"``: ``A = (1/(B T)) Σ_{b,t} a_bt a_btᵀ``, ``G = Σ_{b,t} g_bt g_btᵀ`` — positions
+          treated as examples (the right one when the loss has a term per position);
+        * ``"reduce"``: ``A = (1/B) Σ_b ā_b ā_bᵀ`` with ``ā_b`` the mean over positions and
+          ``G = Σ_b ĝ_b ĝ_bᵀ`` with ``ĝ_b`` the sum (one loss term per example).
+
+        At one position both are the exact Kronecker form ``a aᵀ ⊗ g gᵀ`` summed over ``b``
+        (with ``A`` averaged)."""
+        a = jnp.concatenate([part for _, parts, _ in self.kernels for part in parts], axis=-1)
+        if self.bias is not None:
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+        b, t = a.shape[:2]
+        if approximation == "expand":
+            return jnp.einsum("bti,btj->ij", a, a) / (b * t), jnp.einsum("bti,btj->ij", self.g, self.g)
+        a_mean, g_sum = a.mean(axis=1), self.g.sum(axis=1)
+        return a_mean.T @ a_mean / b, g_sum.T @ g_sum
+
     def weighted_sum(self, c) -> dict:
         """``{key: Σ_b c_b X_bᵀ G_b}`` (and the bias ``Σ_b c_b Σ_t g_bt``) as ``Xᵀ (c ⊙ G)``."""
         g = (self.g * c.astype(self.g.dtype)[:, None, None]).reshape(-1, self.g.shape[-1])  # (B·T, n_out)

@@ -1,0 +1,269 @@
+"""Curvature from the same backward pass: the diagonal of the generalised Gauss-Newton matrix
+(exact and Monte-Carlo), GGN-vector products and K-FAC's Kronecker factors.
+
+For a loss ``L(θ) = Σ_b ℓ(f(θ, x_b), y_b)`` (with the loss's reduction folded in) the GGN is
+
+.. math::  G = \\sum_b J_b^\\top H_b J_b, \\qquad H_b = \\partial^2 L / \\partial f_b^2 = S_b S_b^\\top,
+
+``J_b`` the Jacobian of the model's output for example ``b``. Each loss writes the factor
+``S_b`` beside its forward and backward (``loss.hessian_factor``: the rows of
+``√(diag(p) − ppᵀ)`` for softmax cross-entropy, ``√2 I`` scaled to the reduction for MSE) and a
+sampled one with ``E[S Sᵀ] = H`` (``loss.sampled_hessian_factor``: targets drawn from the
+model's predictive distribution). Backpropagating the columns ``s_bm`` of ``S`` through the
+hand-written rules gives ``J_bᵀ s_bm`` at every layer, where the per-example machinery of
+``fbp.per_example`` turns them into
+
+* ``diag G = Σ_{b,m} (J_bᵀ s_bm)²`` — each layer squares its own per-example gradients (a
+  Dense as ``(x²)ᵀ(g²)``; Dangel, Kunstner & Hennig, 2020);
+* K-FAC's factors ``A ⊗ G`` for every weight used like a Dense (Dense, convolutions,
+  SimpleRNN/LSTM/GRU, attention's projections; ``fbp.nn.positions.Positions.kronecker_factors``,
+  with Eschenhagen et al.'s *expand* or *reduce* for weights shared over positions) and the
+  exact diagonal for every other parameter (norm scales and biases, embeddings);
+
+all in **one** forward and one (column-vmapped) backward pass. BatchNorm in training mode
+mixes the examples of a batch and raises, naming its path; so does a user's layer whose
+per-example rule is missing only if its own rules cannot run on one example.
+
+``ggn_vector_product`` needs ``J v``: the hand-written backward ``u ↦ Jᵀu`` is linear in
+``u``, and JAX transposes it (``jax.linear_transpose``, the "double backward" trick of
+PyTorch's R-op and BackPACK) — the forward is never differentiated.
+
+References:
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+    Curvature", ICML 2015. Botev, Ritter & Barber, "Practical Gauss-Newton Optimisation for
+    Deep Learning", ICML 2017 (KFLR). Dangel, Kunstner & Hennig, "BackPACK: Packing more into
+    Backprop", ICLR 2020. Eschenhagen, Immer, Turner, Schneider & Hennig, "Kronecker-Factored
+    Approximate Curvature for Modern Neural Network Architectures", NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
+from fbp.nn.positions import assemble
+from fbp.per_example import backward_columns, with_context
+
+PyTree = Any
+APPROXIMATIONS = ("expand", "reduce")
+
+
+class KroneckerBlock(NamedTuple):
+    """One K-FAC block: the gradient of the kernels at ``kernels`` (``((key, shape), ...)``,
+    rows stacked in order) and of the bias at ``bias`` (a last row), as one matrix
+    ``W: (fan_in [+1], n_out)``, has the curvature ``≈ A ⊗ G``."""
+
+    kernels: tuple
+    bias: tuple | None
+    A: jax.Array
+    G: jax.Array
+
+
+class Factors(NamedTuple):
+    """``kfac_factors``' result for one leaf layer: its Kronecker ``blocks`` and ``diagonal``,
+    the exact GGN diagonal of every parameter no block covers (params-shaped, 0 elsewhere)."""
+
+    blocks: list
+    diagonal: PyTree
+
+
+def _require_curvature(loss: Loss, caller: str) -> None:
+    if not callable(getattr(loss, "hessian_factor", None)):
+        raise InputError(repr(loss), f"{caller} needs the loss's Hessian factor: a loss with hessian_factor(pred, "
+                                     f"target) and sampled_hessian_factor(pred, target, key, samples) (every "
+                                     f"fbp.losses loss has them)")
+
+
+def _keys(model: Layer, key, sampled: bool, caller: str):
+    """``(model key, sampling key)`` from the one ``key`` argument."""
+    if sampled and key is None:
+        raise InputError(caller, "the Monte-Carlo estimate samples targets: pass key=jax.random.key(...)")
+    if sampled and model.needs_key:
+        return tuple(jax.random.split(key))
+    return key, key
+
+
+def _columns(loss: Loss, y, mc_samples: int | None, key):
+    if mc_samples is None:
+        return lambda pred: loss.hessian_factor(pred, y)
+    return lambda pred: loss.sampled_hessian_factor(pred, y, key, mc_samples)
+
+
+def _require_samples(mc_samples, caller: str) -> None:
+    if mc_samples is not None and (not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1):
+        raise ValueError(f"{caller}: mc_samples must be a positive int (or None for the exact factor), "
+                         f"got {mc_samples!r}")
+
+
+def _diagonal(model, loss, params, x, y, *, mc_samples, key, caller, **context):
+    model_key, sample_key = _keys(model, key, mc_samples is not None, caller)
+    _, _, per, _, _ = backward_columns(model, params, x, _columns(loss, y, mc_samples, sample_key), mode="sgs",
+                                       key=model_key, **context)
+
+    def leaf(path, layer, p):
+        if path in per:
+            return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per[path])
+        return jax.tree_util.tree_map(jnp.zeros_like, p)
+
+    return map_leaf_params(model, params, leaf)
+
+
+def diag_ggn(model: Layer, loss: Loss, *, has_state: bool = False, train: bool = False) -> Callable:
+    """The exact diagonal of the GGN, ``Σ_b Σ_m (J_bᵀ s_bm)²``, from one backward pass of the
+    loss's Hessian-factor columns (``M`` columns: the outputs per example).
+
+    Args:
+        model: the network (BatchNorm in training mode is refused: it mixes the batch).
+        loss: a ``fbp.losses`` loss (or one with ``hessian_factor``); its reduction scales ``G``.
+        has_state: for models that keep state.
+        train: run the model in training mode (Dropout masks from ``key``).
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> diag``, shaped like ``params`` (0 for integer or
+        absent parameters). With ``has_state=True``: ``f(params, state, x, y, *, key=None)``.
+    """
+    _require_curvature(loss, "fbp.curvature.diag_ggn")
+
+    def body(params, x, y, **context):
+        return _diagonal(model, loss, params, x, y, mc_samples=None, caller="fbp.curvature.diag_ggn",
+                         train=train, **context)
+
+    return with_context(model, has_state, "fbp.curvature.diag_ggn", body)
+
+
+def diag_ggn_mc(model: Layer, loss: Loss, mc_samples: int = 1, *, has_state: bool = False,
+                train: bool = False) -> Callable:
+    """A Monte-Carlo estimate of the GGN diagonal: ``mc_samples`` sampled factor columns
+    (targets drawn from the model's predictive distribution), unbiased, at the cost of
+    ``mc_samples`` backward columns whatever the output size.
+
+    Args:
+        model: the network.
+        loss: a ``fbp.losses`` loss.
+        mc_samples: columns sampled per example.
+        has_state: for models that keep state.
+        train: run the model in training mode.
+
+    Returns:
+        ``f(params, x, y, *, key) -> diag`` shaped like ``params``; ``key`` is required.
+    """
+    _require_curvature(loss, "fbp.curvature.diag_ggn_mc")
+    _require_samples(mc_samples, "fbp.curvature.diag_ggn_mc")
+
+    def body(params, x, y, **context):
+        return _diagonal(model, loss, params, x, y, mc_samples=mc_samples, caller="fbp.curvature.diag_ggn_mc",
+                         train=train, **context)
+
+    return with_context(model, has_state, "fbp.curvature.diag_ggn_mc", body)
+
+
+def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, train: bool = False) -> Callable:
+    """``G v = Σ_b J_bᵀ H_b J_b v`` for conjugate-gradient / Hessian-free methods.
+
+    ``J v`` is the transpose of the hand-written backward ``u ↦ Jᵀ u`` (linear in ``u``, taken
+    by ``jax.linear_transpose``); ``H_b`` is applied as ``S_b (S_bᵀ u)`` from the loss's factor.
+
+    Args:
+        model: the network.
+        loss: a ``fbp.losses`` loss.
+        has_state: for models that keep state.
+        train: run the model in training mode.
+
+    Returns:
+        ``f(params, x, y, v, *, key=None) -> G v``, ``v`` and the result shaped like ``params``.
+        With ``has_state=True``: ``f(params, state, x, y, v, *, key=None)``.
+    """
+    _require_curvature(loss, "fbp.curvature.ggn_vector_product")
+
+    def product(params, x, y, v, *, state=None, key=None):
+        pred, res = run_forward(model, params, x, state=state, key=key, train=train)
+        back = lambda u: model.backward(res, u)[0]  # noqa: E731  u ↦ Jᵀu, linear
+        (jv,) = jax.linear_transpose(back, pred)(v)
+        s = loss.hessian_factor(pred, y)
+        axes = tuple(range(1, pred.ndim))
+        hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)
+        return back(hu)
+
+    if has_state:
+        def with_state(params, state, x, y, v, *, key=None):
+            return product(params, x, y, v, state=state, key=key)
+        return with_state
+    return lambda params, x, y, v, *, key=None: product(params, x, y, v, key=key)
+
+
+def kfac_factors(model: Layer, loss: Loss, *, mc_samples: int | None = None, approximation: str = "expand",
+                 has_state: bool = False, train: bool = False, with_grads: bool = False) -> Callable:
+    """K-FAC's Kronecker factors for every Dense-like weight, and the exact GGN diagonal of
+    every other parameter, from one backward pass.
+
+    ``mc_samples=None`` backpropagates the exact factor (KFLR, Botev et al., 2017);
+    an int samples that many columns (K-FAC's Monte-Carlo Fisher, Martens & Grosse, 2015).
+
+    Args:
+        model: the network.
+        loss: a ``fbp.losses`` loss.
+        mc_samples: ``None`` (exact, KFLR) or the number of sampled columns (K-FAC-MC).
+        approximation: ``"expand"`` or ``"reduce"`` for weights shared over positions
+            (``Positions.kronecker_factors``).
+        has_state: for models that keep state.
+        train: run the model in training mode.
+        with_grads: also return the loss and its gradient, computed in the same pass.
+
+    Returns:
+        ``f(params, x, y, *, key=None) -> {path: Factors}`` for every leaf with parameters
+        (``key`` required when sampling); with ``with_grads=True``,
+        ``(value, grads, factors)``.
+    """
+    _require_curvature(loss, "fbp.curvature.kfac_factors")
+    _require_samples(mc_samples, "fbp.curvature.kfac_factors")
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"fbp.curvature.kfac_factors: approximation must be one of {APPROXIMATIONS}, "
+                         f"got {approximation!r}")
+    caller = "fbp.curvature.kfac_factors"
+
+    def body(params, x, y, *, state=None, key=None):
+        model_key, sample_key = _keys(model, key, mc_samples is not None, caller)
+        factor = _columns(loss, y, mc_samples, sample_key)
+        value = []
+
+        def columns(pred):
+            if not with_grads:
+                return factor(pred)
+            v, loss_res = loss.forward(pred, y)
+            value.append(v)
+            return jnp.concatenate([loss.backward(loss_res, 1.0)[..., None], factor(pred)], axis=-1)
+
+        _, grads, per, layout, _ = backward_columns(model, params, x, columns, mode=f"kfac-{approximation}",
+                                                    state=state, key=model_key, train=train)
+        first = 1 if with_grads else 0
+        factors = {path: _factors(model, params, path, out, layout[path], first) for path, out in per.items()}
+        if with_grads:
+            return value[0], jax.tree_util.tree_map(lambda a: a[0], grads), factors
+        return factors
+
+    return with_context(model, has_state, caller, body)
+
+
+def _factors(model, params, path, out, layout, first) -> Factors:
+    """One leaf's ``Factors`` from its per-column results (columns from ``first`` on)."""
+    blocks = [KroneckerBlock(kernels, bias, a[first], g[first:].sum(axis=0))
+              for (kernels, bias), (a, g) in zip(layout, out["blocks"], strict=True)]
+    sums = lambda t: jax.tree_util.tree_map(lambda v: v[first:].sum(axis=0), t)  # noqa: E731
+    template = jax.tree_util.tree_map(jnp.zeros_like, _leaf_params(model, params, path))
+    if "tree" in out:
+        return Factors(blocks, sums(out["tree"]))
+    return Factors(blocks, assemble(template, sums(out["diagonal"])))
+
+
+def _leaf_params(model, params, path):
+    found = {}
+    map_leaf_params(model, params, lambda p, layer, leaf: found.setdefault(p, leaf))
+    return found[path]
+
+
+__all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "diag_ggn", "diag_ggn_mc", "ggn_vector_product",
+           "kfac_factors"]
