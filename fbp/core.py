@@ -78,6 +78,10 @@ class Layer:
     """
 
     contextual: ClassVar[bool] = False
+    piecewise_linear: ClassVar[bool] = False
+    """True when the output's second derivatives in the input and in each parameter entry vanish
+    (Dense, convolutions, pooling, ReLU, shape layers): ``fbp.curvature.diag_hessian`` adds no
+    term there. An elementwise activation with curvature defines ``second_derivative(res)``."""
 
     @property
     def has_state(self) -> bool:

@@ -227,6 +227,13 @@ def _probe(model: Layer, mode: str, choices: dict) -> Layer:
                             _PerExample(layer, path, mode, choices))
 
 
+def sum_squares_probe(layer: Layer, path: str) -> Layer:
+    """``layer`` (a leaf) as a probe whose params are ``(params, None)`` and whose backward
+    returns ``((d_params, Σ_b (∇ℓ_b)²), d_x)`` — the squares of its per-example gradients for
+    the cotangent it receives (``fbp.curvature.diag_hessian`` runs it column by column)."""
+    return _PerExample(layer, path, "sgs")
+
+
 def _split(model, d_probed):
     found: dict[str, Any] = {}
 

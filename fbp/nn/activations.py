@@ -44,6 +44,8 @@ class Identity(Activation):
     def _backward(self, res, d_y):
         return d_y
 
+    piecewise_linear = True
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Sigmoid(Activation):
@@ -55,6 +57,10 @@ class Sigmoid(Activation):
 
     def _backward(self, y, d_y):
         return y * (1 - y) * d_y
+
+    def second_derivative(self, y):
+        """``f'' = y (1 - y)(1 - 2y)`` (``fbp.curvature.diag_hessian``)."""
+        return y * (1 - y) * (1 - 2 * y)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -68,6 +74,10 @@ class Tanh(Activation):
     def _backward(self, y, d_y):
         return (1 - y * y) * d_y
 
+    def second_derivative(self, y):
+        """``f'' = -2 y (1 - y²)``."""
+        return -2 * y * (1 - y * y)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ReLU(Activation):
@@ -79,6 +89,8 @@ class ReLU(Activation):
 
     def _backward(self, y, d_y):
         return jnp.where(y > 0, d_y, jnp.zeros_like(d_y))
+
+    piecewise_linear = True
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -96,6 +108,8 @@ class LeakyReLU(Activation):
     def _backward(self, x, d_y):
         return jnp.where(x >= 0, d_y, self.negative_slope * d_y)
 
+    piecewise_linear = True
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ELU(Activation):
@@ -112,6 +126,10 @@ class ELU(Activation):
 
     def _backward(self, x, d_y):
         return jnp.where(x > 0, d_y, self.alpha * jnp.exp(jnp.where(x > 0, jnp.zeros_like(x), x)) * d_y)
+
+    def second_derivative(self, x):
+        """``f'' = 0 if x > 0 else α e^x``."""
+        return jnp.where(x > 0, jnp.zeros_like(x), self.alpha * jnp.exp(jnp.where(x > 0, jnp.zeros_like(x), x)))
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -154,6 +172,17 @@ class GELU(Activation):
         pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
         return (0.5 * (1 + lax.erf(x / math.sqrt(2.0))) + x * pdf) * d_y
 
+    def second_derivative(self, x):
+        """Exact: ``f'' = φ(x)(2 - x²)``. Approximate, with the gate ``h = σ(2u)``:
+        ``f'' = 2h' + x h''``, ``h' = 2 s(1-s) u'``, ``h'' = 4 s(1-s)(1-2s) u'² + 2 s(1-s) u''``."""
+        if self.approximate:
+            s = jax.nn.sigmoid(2 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+            du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+            ddu = _SQRT_2_OVER_PI * 6 * _GELU_CUBIC * x
+            ds = s * (1 - s)
+            return 4 * ds * du + x * (4 * ds * (1 - 2 * s) * du * du + 2 * ds * ddu)
+        return jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi) * (2 - x * x)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Softplus(Activation):
@@ -164,6 +193,11 @@ class Softplus(Activation):
 
     def _backward(self, x, d_y):
         return jax.nn.sigmoid(x) * d_y
+
+    def second_derivative(self, x):
+        """``f'' = σ(x)(1 - σ(x))``."""
+        s = jax.nn.sigmoid(x)
+        return s * (1 - s)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -177,6 +211,11 @@ class SiLU(Activation):
     def _backward(self, res, d_y):
         x, s = res
         return s * (1 + x * (1 - s)) * d_y
+
+    def second_derivative(self, res):
+        """``f'' = σ(1-σ)(2 + x(1-2σ))``."""
+        x, s = res
+        return s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
 def _wide(x):

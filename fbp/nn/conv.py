@@ -153,6 +153,8 @@ class _ConvBase(Layer):
     """Shared fields and checks; subclasses fix the rank and how strides/padding map onto
     the general convolution."""
 
+    piecewise_linear = True
+
     features: int
     kernel_size: int | tuple[int, ...]
     strides: int | tuple[int, ...] = 1

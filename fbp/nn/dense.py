@@ -58,6 +58,8 @@ class Dense(Layer):
     Params: ``{"w": (n_in, n_out), "b": (n_out,)}`` (no ``"b"`` when ``use_bias=False``).
     """
 
+    piecewise_linear = True
+
     features: int
     use_bias: bool = True
     kernel_init: Callable = initializers.glorot_uniform

@@ -21,6 +21,8 @@ class Dropout(ParameterFree):
     """Drop each element with probability ``rate`` in training; identity in evaluation (then the
     residual is ``NO_RESIDUAL``)."""
 
+    piecewise_linear = True
+
     rate: float
     contextual = True
 

@@ -126,6 +126,8 @@ class MaxPool2D(_Pool):
         ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
     """
 
+    piecewise_linear = True
+
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)
         xp = _pad(x, pads, -jnp.inf)
@@ -208,6 +210,8 @@ class GlobalAvgPool(ParameterFree):
 class Flatten(ParameterFree):
     """``(N, ...) -> (N, prod(...))``; the backward reshapes back (the residual is the shape)."""
 
+    piecewise_linear = True
+
     floating_only = False
 
     def _forward(self, x):
@@ -222,6 +226,8 @@ class Flatten(ParameterFree):
 @dataclasses.dataclass(frozen=True)
 class Reshape(ParameterFree):
     """``(N, ...) -> (N, *shape)`` (one entry of ``shape`` may be -1); the backward reshapes back."""
+
+    piecewise_linear = True
 
     shape: tuple[int, ...]
     floating_only = False

@@ -402,6 +402,8 @@ class LastStep(ParameterFree):
     """``(batch, time, features) -> (batch, features)``: the final time step;
     ``d_x`` is zero except at ``t = T - 1``. The residual is the input's shape alone."""
 
+    piecewise_linear = True
+
     def _forward(self, x):
         if x.ndim != 3:
             raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
