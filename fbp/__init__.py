@@ -10,9 +10,11 @@ from fbp import (
     augment,
     check,
     credit,
+    curvature,
     data,
     debug,
     deviation,
+    kfac,
     losses,
     nn,
     optim,
@@ -25,6 +27,6 @@ from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, value_and_gra
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Layer", "Loss", "accounting", "augment", "check", "credit", "data", "debug", "deviation",
-           "grad", "layer", "losses", "nn", "optim", "per_example", "privacy", "telemetry", "to_jax", "train",
-           "value_and_grad", "vjp", "__version__"]
+__all__ = ["InputError", "Layer", "Loss", "accounting", "augment", "check", "credit", "curvature", "data", "debug",
+           "deviation", "grad", "kfac", "layer", "losses", "nn", "optim", "per_example", "privacy", "telemetry",
+           "to_jax", "train", "value_and_grad", "vjp", "__version__"]

@@ -418,3 +418,6 @@ def assert_loss(*args, **kwargs) -> Report:
 def assert_model(*args, **kwargs) -> Report:
     """``model``, raising ``AssertionError`` with the table on any failure (for pytest)."""
     return model(*args, **kwargs).assert_ok()
+
+
+from fbp.check_curvature import assert_curvature, curvature  # noqa: E402,F401  (fbp.check.curvature)

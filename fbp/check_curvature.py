@@ -1,0 +1,94 @@
+"""``fbp.check.curvature``: fbp's curvature (``fbp.curvature``) against JAX autodiff of the plain
+forward — part of the checker, the one place in ``fbp/`` where autodiff is called.
+
+The references are dense: the model's Jacobian ``J = jacrev(apply)`` for the whole batch and
+the loss's Hessian ``H = hessian(loss)`` in its prediction, so ``GGN = Jᵀ H J`` and the Hessian
+``hessian(loss ∘ apply)`` are formed in full — for the small models a check runs on.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fbp import curvature as fc
+from fbp.check import _cast, _check_settings, _compare_jax, _defaults, _with_precision
+from fbp.core import InputError, Layer, Loss
+from fbp.report import Report
+from fbp.validation import path_name
+
+
+def references(model: Layer, loss: Loss, params, x, y, v=None) -> dict:
+    """``{"diag_ggn", "ggn_vector_product" (with v), "diag_hessian"}`` by JAX autodiff, shaped like
+    ``params``: ``diag(Jᵀ H J)``, ``Jᵀ H J v`` and ``diag(∇²(loss ∘ apply))`` (evaluation mode)."""
+    flat, unravel = ravel_pytree(params)
+    apply = lambda f: model.apply(unravel(f), x)  # noqa: E731
+    pred = apply(flat)
+    jac = jax.jacrev(apply)(flat).reshape(pred.size, flat.size)
+    hess = jax.hessian(lambda z: loss(z, y))(pred).reshape(pred.size, pred.size)
+    out = {"diag_ggn": unravel(jnp.einsum("pi,pq,qi->i", jac, hess, jac)),
+           "diag_hessian": unravel(jnp.diag(jax.hessian(lambda f: loss(apply(f), y))(flat)))}
+    if v is not None:
+        out["ggn_vector_product"] = unravel(jac.T @ (hess @ (jac @ ravel_pytree(v)[0])))
+    return out
+
+
+def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jnp.float64, jit: bool = False,
+              rtol: float | None = None, atol: float | None = None) -> Report:
+    """Check ``diag_ggn``, ``ggn_vector_product`` (a random ``v``) and, where the model is a
+    chain it covers, ``diag_hessian`` against JAX autodiff (``references``).
+
+    Args:
+        model: the network (evaluation mode; no state).
+        loss: a ``fbp.losses`` loss.
+        params: the network's parameters.
+        x: an input batch.
+        y: the targets.
+        seed: the random direction ``v``.
+        dtype: cast floating inputs to this dtype (default float64).
+        jit: run fbp's curvature under ``jax.jit``.
+        rtol: relative tolerance (default 1e-10 in float64, 1e-5 in float32).
+        atol: absolute tolerance (default ``rtol`` times the largest entry of each quantity).
+
+    Returns:
+        A ``Report`` whose rows are ``quantity:path`` comparisons.
+    """
+    _check_settings(dtype, {"rtol": rtol, "atol": atol}, 1)
+
+    def body():
+        p, xx, yy = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype)
+        rng = jax.random.key(seed)
+        v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(rng, a.size), a.shape, a.dtype), p)
+        ours = {"diag_ggn": fc.diag_ggn(model, loss)(p, xx, yy),
+                "ggn_vector_product": _maybe_jit(fc.ggn_vector_product(model, loss), jit)(p, xx, yy, v)}
+        try:
+            ours["diag_hessian"] = _maybe_jit(fc.diag_hessian(model, loss), jit)(p, xx, yy)
+        except InputError:
+            pass  # not a chain diag_hessian covers: the other two are still checked
+        if jit:
+            ours["diag_ggn"] = jax.jit(fc.diag_ggn(model, loss))(p, xx, yy)
+        refs = references(model, loss, p, xx, yy, v)
+        dt = jax.tree_util.tree_leaves(p)[0].dtype
+        rt = _defaults(dt, rtol, None)[0]
+        rows = []
+        for quantity, actual in ours.items():
+            desired = refs[quantity]
+            d_leaves = jax.tree_util.tree_flatten_with_path(desired)[0]
+            scale = max((float(jnp.max(jnp.abs(d))) for _, d in d_leaves if d.size), default=0.0)
+            a_leaves = jax.tree_util.tree_leaves(actual)
+            for (path, d), a in zip(d_leaves, a_leaves, strict=True):
+                tol = rt * scale if atol is None else atol
+                rows.append(_compare_jax(f"{quantity}:{path_name(path)}", a, d, rt, tol))
+        return Report(f"fbp.check.curvature: {model!r} with {loss!r}", jnp.dtype(dt).name, tuple(rows))
+
+    return _with_precision(dtype, body)
+
+
+def _maybe_jit(f, jit: bool):
+    return jax.jit(f) if jit else f
+
+
+def assert_curvature(*args, **kwargs) -> Report:
+    """``curvature``, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    return curvature(*args, **kwargs).assert_ok()
