@@ -60,15 +60,13 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
         p, xx, yy = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype)
         rng = jax.random.key(seed)
         v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(rng, a.size), a.shape, a.dtype), p)
-        ours = {"diag_ggn": fc.diag_ggn(model, loss)(p, xx, yy),
+        ours = {"diag_ggn": _maybe_jit(fc.diag_ggn(model, loss), jit)(p, xx, yy),
                 "ggn_vector_product": _maybe_jit(fc.ggn_vector_product(model, loss), jit)(p, xx, yy, v)}
         try:
             ours["diag_hessian"] = _maybe_jit(fc.diag_hessian(model, loss), jit)(p, xx, yy)
         except InputError:
             pass  # not a chain diag_hessian covers: the other two are still checked
-        if jit:
-            ours["diag_ggn"] = jax.jit(fc.diag_ggn(model, loss))(p, xx, yy)
-        refs = references(model, loss, p, xx, yy, v)
+        refs = jax.jit(lambda *args: references(model, loss, *args))(p, xx, yy, v)
         dt = jax.tree_util.tree_leaves(p)[0].dtype
         rt = _defaults(dt, rtol, None)[0]
         rows = []

@@ -87,6 +87,8 @@ def _tiles(xp, window, out):
 
 @dataclasses.dataclass(frozen=True)
 class _Pool(ParameterFree):
+    piecewise_linear = True  # max and mean pooling: piecewise linear in the input
+
     window: int | tuple[int, int]
     strides: int | tuple[int, int] | None = None
     padding: str | tuple = "VALID"
@@ -125,8 +127,6 @@ class MaxPool2D(_Pool):
     Shapes:
         ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
     """
-
-    piecewise_linear = True
 
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)
@@ -195,6 +195,8 @@ class AvgPool2D(_Pool):
 class GlobalAvgPool(ParameterFree):
     """Mean over every axis between batch and channels: ``(N, ..., C) -> (N, C)``;
     ``d_x = d_y / (number of averaged positions)``, broadcast back."""
+
+    piecewise_linear = True
 
     def _forward(self, x):
         if x.ndim < 3:

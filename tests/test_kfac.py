@@ -1,0 +1,98 @@
+"""fbp.kfac: the preconditioner is the damped inverse of the exact curvature where K-FAC is
+exact; moving averages, the inverse period, training, and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fbp import kfac, losses, nn, optim
+
+CE = losses.CategoricalCrossEntropy(from_logits=True)
+
+
+@pytest.mark.parametrize("loss", [CE, losses.MSE()], ids=repr)
+def test_one_dense_layer_one_example_is_the_damped_exact_ggn_inverse(loss):
+    with jax.enable_x64(True):
+        model = nn.Dense(3)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((1, 4)))
+        params = model.init(jax.random.key(1), x)
+        y = jnp.array([1]) if loss is CE else jnp.asarray(rng.standard_normal((1, 3)))
+        k = kfac.kfac(model, loss, optim.sgd(1.0), damping=0.1, mc_samples=None)
+        state = k.init(params, x, y)
+        _, grads, factors = k._factors_of(params, x, y)
+        nat = k.precondition(grads, k.observe(state, factors))
+
+        def apply(flat):
+            return model.apply({"w": flat[:12].reshape(4, 3), "b": flat[12:]}, x)
+
+        flat = jnp.concatenate([params["w"].ravel(), params["b"]])
+        jac = jax.jacrev(apply)(flat).reshape(3, 15)
+        hess = jax.hessian(lambda z: loss(z, y))(apply(flat)).reshape(3, 3)
+        g = jax.grad(lambda f: loss(apply(f), y))(flat)
+        expected = jnp.linalg.solve(jac.T @ hess @ jac + 0.1 * jnp.eye(15), g)
+        got = jnp.concatenate([nat["w"].ravel(), nat["b"]])
+        assert float(jnp.max(jnp.abs(got - expected))) <= 1e-10 * float(jnp.max(jnp.abs(expected)))
+
+
+def _digits(n=256):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return jnp.asarray(d.data[:n] / 16.0, jnp.float32), jnp.asarray(d.target[:n])
+
+
+MODEL = nn.Serial(nn.Dense(32), nn.Tanh(), nn.Dense(10))
+
+
+def test_moving_averages_and_the_inverse_period():
+    x, y = _digits(64)
+    params = MODEL.init(jax.random.key(0), x)
+    k = kfac.kfac(MODEL, CE, optim.sgd(0.05), decay=0.9, inverse_every=2, mc_samples=None)
+    state = k.init(params, x, y)
+    f1 = k._factors_of(params, x[:32], y[:32])[2]
+    f2 = k._factors_of(params, x[32:], y[32:])[2]
+    s1 = k.observe(state, f1)
+    s1 = s1._replace(count=s1.count + 1)
+    s2 = k.observe(s1, f2)
+    a1, a2, a_avg = (f["0"].blocks[0].A for f in (f1, f2, s2.factors))
+    assert jnp.allclose(s1.factors["0"].blocks[0].A, a1)  # step 0 takes the batch's factors
+    assert jnp.allclose(a_avg, 0.9 * a1 + 0.1 * a2, rtol=1e-6)
+    # step 1 is not a multiple of inverse_every=2: the eigendecomposition is the step-0 one
+    for old, new in zip(jax.tree_util.tree_leaves(s1.eigen), jax.tree_util.tree_leaves(s2.eigen)):
+        assert jnp.array_equal(old, new)
+    s3 = k.observe(s2._replace(count=s2.count + 1), f2)
+    qa, la, _, _ = s3.eigen["0"][0]
+    assert jnp.allclose(qa @ jnp.diag(la) @ qa.T, s3.factors["0"].blocks[0].A, atol=1e-5)
+
+
+def test_kfac_trains_the_digits_mlp_and_compiles_once():
+    x, y = _digits()
+    params = MODEL.init(jax.random.key(0), x)
+    k = kfac.kfac(MODEL, CE, optim.sgd(0.05, momentum=0.9), damping=0.1)
+    state = k.init(params, x[:64], y[:64])
+    step = jax.jit(k.step)
+    first = None
+    key = jax.random.key(1)
+    for i in range(40):
+        key, sub = jax.random.split(key)
+        batch = slice((i % 4) * 64, (i % 4 + 1) * 64)
+        params, state, value = step(params, state, x[batch], y[batch], key=sub)
+        first = float(value) if first is None else first
+    assert step._cache_size() == 1
+    assert float(value) < 0.25 * first and np.isfinite(float(value))
+    assert int(state.count) == 40
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="damping"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), damping=0.0)
+    with pytest.raises(ValueError, match="decay"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), decay=1.0)
+    with pytest.raises(ValueError, match="inverse_every"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), inverse_every=0)
+    with pytest.raises(TypeError, match="fbp.optim"):
+        kfac.kfac(MODEL, CE, "sgd")
+    with pytest.raises(ValueError, match="approximation"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), approximation="mean")
