@@ -121,3 +121,14 @@ def test_two_processes_train_like_one_process_with_all_devices():
     assert result.returncode == 0, result.stdout + result.stderr
     diff = float(result.stdout.split("max param diff vs single process: ")[1].split()[0])
     assert diff <= 1e-5
+
+
+def test_second_order_kfac_reaches_the_target_loss_in_fewer_steps_and_plots(tmp_path):
+    result = run("second_order.py", "--models", "MLP", "--steps", "200", "--plot", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if "test accuracy" in line}
+    assert set(lines) == {"MLP K-FAC", "MLP Adam", "MLP SGD"}
+    kfac_steps = int(lines["MLP K-FAC"].split("training loss 0.1: ")[1].split(",")[0])
+    assert kfac_steps < 100 and float(lines["MLP K-FAC"].split("accuracy ")[1].split(",")[0]) > 0.95
+    assert "not reached" in lines["MLP Adam"] or kfac_steps < int(lines["MLP Adam"].split("0.1: ")[1].split(",")[0])
+    assert (tmp_path / "s.png").stat().st_size > 1000
