@@ -1,22 +1,26 @@
-"""K-FAC: natural-gradient steps preconditioned by Kronecker-factored curvature, with the
+r"""K-FAC: natural-gradient steps preconditioned by Kronecker-factored curvature, with the
 factors and the gradient from one backward pass (``fbp.curvature.kfac_factors``).
 
 Every Dense-like weight ``W: (fan_in [+1], n_out)`` (bias as a last row) has the curvature
-block ``A ⊗ G``; its preconditioned gradient is the exact damped inverse of that product,
+block ``A ⊗ G``. With ``damping_mode="exact"`` (default) its preconditioned gradient is the
+exact damped inverse of that product,
 
-.. math::  \\operatorname{vec}^{-1}\\big((A \\otimes G + \\lambda I)^{-1} \\operatorname{vec} \\nabla_W\\big)
-           = Q_A \\Big[\\frac{Q_A^\\top \\nabla_W Q_G}{\\lambda_A \\lambda_G^\\top + \\lambda}\\Big] Q_G^\\top,
+.. math::  \operatorname{vec}^{-1}\big((A \otimes G + \lambda I)^{-1} \operatorname{vec} \nabla_W\big)
+           = Q_A \Big[\frac{Q_A^\top \nabla_W Q_G}{\lambda_A \lambda_G^\top + \lambda}\Big] Q_G^\top,
 
-from the eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``G = Q_G diag(λ_G) Q_Gᵀ``
-(Tikhonov damping of the Kronecker product itself, not the factored approximation of Martens
-& Grosse's §6.3). Every other parameter (norm scales, embeddings) is divided by its exact GGN
-diagonal plus ``λ``. The factors are exponential moving averages
-``F ← decay F + (1 - decay) F_batch`` (the first batch's factors at step 0), and the
-eigendecompositions are refreshed every ``inverse_every`` steps (Martens & Grosse, 2015).
+from the eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``G = Q_G diag(λ_G) Q_Gᵀ`` (four
+matrix products per block and step). ``damping_mode="factored"`` is Martens & Grosse's
+factored Tikhonov damping (§6.3),
+``(A + π√λ I)⁻¹ ∇_W (G + √λ/π I)⁻¹`` with ``π² = (tr A / dim A) / (tr G / dim G)``: two
+products per step, the inverses formed with the eigendecompositions. Every other parameter
+(norm scales, embeddings) is divided by its exact GGN diagonal plus ``λ``.
 
-The preconditioned gradient then goes through any ``fbp.optim`` transformation — momentum,
-a learning-rate schedule, clipping — so ``kfac(model, loss, fbp.optim.sgd(0.1, momentum=0.9))``
-is K-FAC with momentum.
+The factors are exponential moving averages ``F ← decay F + (1 - decay) F_batch`` (the first
+batch's factors at step 0), updated every ``curvature_every`` steps (the other steps run the
+plain backward); the eigendecompositions are refreshed every ``inverse_every`` steps
+(Martens & Grosse, 2015). The preconditioned gradient then goes through any ``fbp.optim``
+transformation — momentum, a learning-rate schedule, clipping — so
+``kfac(model, loss, fbp.optim.sgd(0.1, momentum=0.9))`` is K-FAC with momentum.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import map_leaf_params, require_state_mode
+from fbp.core import map_leaf_params, require_state_mode, value_and_grad
 from fbp.curvature import Factors, KroneckerBlock, kfac_factors
 from fbp.nn.positions import assemble
 from fbp.optim.base import GradientTransformation, apply_updates
@@ -38,7 +42,8 @@ PyTree = Any
 
 class KFACState(NamedTuple):
     """``count`` steps taken; ``factors[path]``: the moving-average ``Factors``;
-    ``eigen[path]``: ``(Q_A, λ_A, Q_G, λ_G)`` per block; ``inner``: the optimizer's state."""
+    ``eigen[path]``: per block ``(Q_A, λ_A, Q_G, λ_G)`` (``"exact"``) or ``(A⁻¹, 0, G⁻¹, 0)``
+    of the damped factors (``"factored"``); ``inner``: the optimizer's state."""
 
     count: jax.Array
     factors: dict
@@ -46,10 +51,16 @@ class KFACState(NamedTuple):
     inner: PyTree
 
 
-def _eigen(block: KroneckerBlock):
+def _eigen(block: KroneckerBlock, damping: float, mode: str):
     la, qa = jnp.linalg.eigh(block.A)
     lg, qg = jnp.linalg.eigh(block.G)
-    return qa, jnp.maximum(la, 0), qg, jnp.maximum(lg, 0)  # rounding can leave tiny negative eigenvalues
+    la, lg = jnp.maximum(la, 0), jnp.maximum(lg, 0)  # rounding can leave tiny negative eigenvalues
+    if mode == "exact":
+        return qa, la, qg, lg
+    pi = jnp.sqrt((jnp.mean(la) + 1e-30) / (jnp.mean(lg) + 1e-30))
+    inverse = lambda q, lam, shift: (q / (lam + shift)) @ q.T  # noqa: E731
+    zero = jnp.zeros((), la.dtype)
+    return inverse(qa, la, pi * jnp.sqrt(damping)), zero, inverse(qg, lg, jnp.sqrt(damping) / pi), zero
 
 
 def _get(tree, key: tuple):
@@ -70,6 +81,8 @@ class KFAC:
     inverse_every: int
     mc_samples: int | None
     approximation: str
+    damping_mode: str = "exact"
+    curvature_every: int = 1
 
     @property
     def _factors_of(self):
@@ -85,7 +98,7 @@ class KFAC:
         return KFACState(jnp.zeros((), jnp.int32), factors, self._eigen_of(factors), self.optimizer.init(params))
 
     def _eigen_of(self, factors):
-        return {path: [_eigen(b) for b in f.blocks] for path, f in factors.items()}
+        return {path: [_eigen(b, self.damping, self.damping_mode) for b in f.blocks] for path, f in factors.items()}
 
     def observe(self, state: KFACState, factors: dict) -> KFACState:
         """``state`` with the moving averages updated by this batch's ``factors`` and, on every
@@ -115,7 +128,10 @@ class KFAC:
         rows = [_get(g, key).reshape(-1, n_out) for key, _ in block.kernels]
         rows += [_get(g, block.bias)[None]] if block.bias is not None else []
         w = jnp.concatenate(rows, axis=0)
-        nat = qa @ ((qa.T @ w @ qg) / (la[:, None] * lg[None, :] + self.damping)) @ qg.T
+        if self.damping_mode == "exact":
+            nat = qa @ ((qa.T @ w @ qg) / (la[:, None] * lg[None, :] + self.damping)) @ qg.T
+        else:  # qa, qg hold the damped inverses
+            nat = qa @ w @ qg
         out, start = {}, 0
         for key, shape in block.kernels:
             size = _get(g, key).size // n_out
@@ -128,14 +144,27 @@ class KFAC:
     def step(self, params, state: KFACState, x, y, *, key=None):
         """One K-FAC step: ``(params, state, loss_value)``. ``key``: for sampled factors and
         random layers (required then)."""
-        value, grads, factors = self._factors_of(params, x, y, key=key)
-        state = self.observe(state, factors)
+        if self.curvature_every == 1:
+            value, grads, factors = self._factors_of(params, x, y, key=key)
+            state = self.observe(state, factors)
+        else:
+            def plain(_):
+                model_key = jax.random.split(key)[0] if key is not None and self.model.needs_key else key
+                value, grads = value_and_grad(self.model, self.loss)(params, x, y, key=model_key)
+                return value, grads, state
+
+            def curvature(_):
+                value, grads, factors = self._factors_of(params, x, y, key=key)
+                return value, grads, self.observe(state, factors)
+
+            value, grads, state = lax.cond(state.count % self.curvature_every == 0, curvature, plain, None)
         updates, inner = self.optimizer.update(self.precondition(grads, state), state.inner, params)
         return apply_updates(params, updates), state._replace(count=state.count + 1, inner=inner), value
 
 
 def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1, decay: float = 0.95,
-         inverse_every: int = 10, mc_samples: int | None = 1, approximation: str = "expand") -> KFAC:
+         inverse_every: int = 10, mc_samples: int | None = 1, approximation: str = "expand",
+         damping_mode: str = "exact", curvature_every: int = 1) -> KFAC:
     """K-FAC with ``optimizer`` applied to the preconditioned gradient.
 
     Args:
@@ -148,6 +177,9 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
         mc_samples: sampled columns per example (K-FAC's Monte-Carlo Fisher), or ``None`` for
             the exact factor (KFLR: one column per output).
         approximation: ``"expand"`` or ``"reduce"`` for weights shared over positions.
+        damping_mode: ``"exact"`` (the damped Kronecker product inverted exactly) or
+            ``"factored"`` (Martens & Grosse's factored damping: half the products per step).
+        curvature_every: steps between factor updates (the steps between run the plain backward).
 
     Returns:
         A ``KFAC`` with ``init(params, x, y) -> state`` and
@@ -157,14 +189,19 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
     for name, value, ok, need in (("damping", damping, damping > 0, "> 0"),
                                   ("decay", decay, 0 <= decay < 1, "in [0, 1)"),
                                   ("inverse_every", inverse_every,
-                                   isinstance(inverse_every, int) and inverse_every >= 1, "an int >= 1")):
+                                   isinstance(inverse_every, int) and inverse_every >= 1, "an int >= 1"),
+                                  ("curvature_every", curvature_every,
+                                   isinstance(curvature_every, int) and curvature_every >= 1, "an int >= 1"),
+                                  ("damping_mode", damping_mode, damping_mode in ("exact", "factored"),
+                                   "'exact' or 'factored'")):
         if not ok:
             raise ValueError(f"fbp.kfac.kfac: {name} must be {need}, got {value!r}")
     if not isinstance(optimizer, GradientTransformation):
         raise TypeError(f"fbp.kfac.kfac: optimizer must be a fbp.optim transformation (e.g. fbp.optim.sgd(0.1)), "
                         f"got {type(optimizer).__name__}")
     kfac_factors(model, loss, mc_samples=mc_samples, approximation=approximation)  # checks both
-    return KFAC(model, loss, optimizer, damping, decay, inverse_every, mc_samples, approximation)
+    return KFAC(model, loss, optimizer, damping, decay, inverse_every, mc_samples, approximation, damping_mode,
+                curvature_every)
 
 
 __all__ = ["KFAC", "KFACState", "kfac"]

@@ -96,3 +96,42 @@ def test_errors():
         kfac.kfac(MODEL, CE, "sgd")
     with pytest.raises(ValueError, match="approximation"):
         kfac.kfac(MODEL, CE, optim.sgd(0.1), approximation="mean")
+    with pytest.raises(ValueError, match="damping_mode"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), damping_mode="pi")
+    with pytest.raises(ValueError, match="curvature_every"):
+        kfac.kfac(MODEL, CE, optim.sgd(0.1), curvature_every=0)
+
+
+def test_factored_damping_is_martens_and_grosse():
+    with jax.enable_x64(True):
+        x, y = _digits(64)
+        x = x.astype(jnp.float64)
+        params = MODEL.init(jax.random.key(0), x)
+        k = kfac.kfac(MODEL, CE, optim.sgd(1.0), damping=0.05, damping_mode="factored", mc_samples=None)
+        state = k.init(params, x, y)
+        _, grads, factors = k._factors_of(params, x, y)
+        nat = k.precondition(grads, k.observe(state, factors))
+        block = factors["2"].blocks[0]
+        a, g = block.A, block.G
+        pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0]))
+        w = jnp.concatenate([grads[2]["w"], grads[2]["b"][None]])
+        expected = jnp.linalg.solve(a + pi * jnp.sqrt(0.05) * jnp.eye(a.shape[0]),
+                                    w) @ jnp.linalg.inv(g + jnp.sqrt(0.05) / pi * jnp.eye(g.shape[0]))
+        got = jnp.concatenate([nat[2]["w"], nat[2]["b"][None]])
+        assert jnp.allclose(got, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_curvature_every_skips_the_factors_between_updates():
+    x, y = _digits(128)
+    params = MODEL.init(jax.random.key(0), x)
+    k = kfac.kfac(MODEL, CE, optim.sgd(0.05, momentum=0.9), curvature_every=3)
+    state = k.init(params, x[:64], y[:64])
+    step = jax.jit(k.step)
+    seen = []
+    for i in range(7):
+        params, state, value = step(params, state, x[(i % 2) * 64:][:64], y[(i % 2) * 64:][:64],
+                                    key=jax.random.key(i))
+        seen.append(state.factors["0"].blocks[0].A)
+    changed = [not jnp.array_equal(seen[i], seen[i - 1]) for i in range(1, 7)]
+    assert changed == [False, False, True, False, False, True]  # updated at steps 0, 3, 6
+    assert step._cache_size() == 1 and np.isfinite(float(value))
