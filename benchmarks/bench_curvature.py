@@ -16,16 +16,24 @@ Candidates, each one jitted call on the same params and batch:
     the same sampled (or exact) factor columns, ``vmap`` over examples (``lax.map`` over the
     columns), squared and summed.
 
-BackPACK on torch CPU is not run here (torch is not installed on the machines these figures come
-from). Run: ``python benchmarks/bench_curvature.py [--runs K] [--only mlp,cnn]``: medians per run,
+When torch and BackPACK are installed (``pip install torch backpack-for-pytorch``), their CPU
+``DiagGGNMC``, ``DiagGGNExact`` and ``KFAC`` (``curvature_peers.py``) join the rounds from the
+same weights, with a plain torch step for their own ratios (BackPACK's exact diagonal is
+compared with fbp's first). ``jax-ggn`` (tens of seconds a call on 2 CPU cores) is timed apart,
+on three calls after the rounds.
+
+Run: ``python benchmarks/bench_curvature.py [--runs K] [--only mlp,cnn]``: medians per run,
 ratio ranges over runs and XLA's temp memory.
 """
 
 import argparse
+import importlib.util
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
-from common import cnn_workload, mlp_workload, ratio_runs, sgd, temp_bytes
+from common import block, cnn_workload, mlp_workload, ratio_runs, sgd, temp_bytes
 
 import fbp
 from fbp import curvature, kfac, losses, optim
@@ -101,18 +109,39 @@ def main(argv=None):
         params = model.init(kp, x)
         key = jax.random.key(3)
         fns = candidates(model, params, x, y)
+        slow = fns.pop("jax-ggn")
         if args.skip_jax:
-            fns = {k: v for k, v in fns.items() if not k.startswith("jax-")}
+            fns.pop("jax-ggn-mc")
         print(f"\n{name.upper()}, batch {shape[0]}  [{jax.devices()[0].platform}]")
         if not args.skip_jax:
-            check_agreement(fns, params, key)
+            check_agreement({**fns, "jax-ggn": slow}, params, key)
         calls = {k: (lambda f=f, extra=extra, p=params, kk=key: f(p, kk, *extra)) for k, (f, extra) in fns.items()}
         memory = {k: temp_bytes(f, params, key, *extra) for k, (f, extra) in fns.items()}
         print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))
         ratios = ["ggn-mc / step", "ggn / step", "kfac-factors / step", "kfac-step / step"]
-        ratios += [] if args.skip_jax else ["jax-ggn-mc / ggn-mc", "jax-ggn / ggn"]
+        ratios += [] if args.skip_jax else ["jax-ggn-mc / ggn-mc"]
+        if importlib.util.find_spec("torch") and importlib.util.find_spec("backpack"):
+            import curvature_peers
+
+            peers = curvature_peers.candidates(name, params, x, y)
+            worst = curvature_peers.agreement(name, params, x, y, jax.tree_util.tree_leaves(fns["ggn"][0](params, key)))
+            print(f"  BackPACK's exact GGN diagonal vs fbp's: max relative difference {worst:.1e}")
+            calls.update(peers)
+            ratios += ["backpack-ggn-mc / torch-step", "backpack-ggn / torch-step", "backpack-kfac / torch-step",
+                       "backpack-ggn-mc / ggn-mc", "backpack-ggn / ggn", "backpack-kfac / kfac-factors",
+                       "torch-step / step"]
         for key_, values in ratio_runs(calls, ratios, args.runs, args.rounds, args.reps).items():
             print(f"  ratio {key_}: {min(values):.2f} – {max(values):.2f}")
+        if not args.skip_jax:
+            exact = statistics.median(_seconds(fns["ggn"][0], params, key) for _ in range(3))
+            theirs = statistics.median(_seconds(slow[0], params, key) for _ in range(3))
+            print(f"  ratio jax-ggn / ggn: {theirs / exact:.1f} (three calls each, after the rounds)")
+
+
+def _seconds(fn, *args):
+    start = time.perf_counter()
+    block(fn(*args))
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -27,56 +27,10 @@ from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch_models import _t, cnn, mlp  # noqa: F401  (bench_per_example reads dp_peers.mlp / .cnn)
 
 # Opacus's hooks fire on module outputs when the input does not require a gradient (as here)
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def _t(a):
-    return torch.from_numpy(np.array(a, dtype=np.float32))
-
-
-def _linear(p):
-    layer = torch.nn.Linear(*p["w"].shape)
-    with torch.no_grad():
-        layer.weight.copy_(_t(p["w"]).T)
-        layer.bias.copy_(_t(p["b"]))
-    return layer
-
-
-def _conv(p):
-    kh, kw, c_in, c_out = p["w"].shape
-    layer = torch.nn.Conv2d(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2))  # SAME for odd kernels
-    with torch.no_grad():
-        layer.weight.copy_(_t(p["w"]).permute(3, 2, 0, 1))
-        layer.bias.copy_(_t(p["b"]))
-    return layer
-
-
-def mlp(params):
-    layers = []
-    for p in params:
-        if p:
-            layers += [_linear(p), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
-
-
-class _NHWC(torch.nn.Module):
-    """fbp's flat 28×28×1 input -> NCHW; flatten in NHWC order, as fbp's Flatten."""
-
-    def forward(self, x):
-        return x.view(x.shape[0], 1, 28, 28)
-
-
-class _FlattenNHWC(torch.nn.Module):
-    def forward(self, x):
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-
-
-def cnn(params):
-    return torch.nn.Sequential(_NHWC(), _conv(params[1]), torch.nn.ReLU(), torch.nn.MaxPool2d(2), _conv(params[4]),
-                               torch.nn.ReLU(), torch.nn.MaxPool2d(2), _FlattenNHWC(), _linear(params[8]),
-                               torch.nn.ReLU(), _linear(params[10]))
 
 
 def candidates(build, params, x, y, clip, sigma, lr=1e-2):
