@@ -12,6 +12,8 @@ Candidates, each one jitted call on the same params and batch:
     from the same pass (``with_grads=True``) — what a K-FAC step computes before preconditioning;
   * ``kfac-step``: ``fbp.kfac`` — the factors, their moving averages, the preconditioning and
     the SGD update (eigendecompositions every 10 steps, here timed on a step that skips them);
+    ``kfac-step-factored`` the same with Martens & Grosse's factored damping (two products per
+    block instead of four);
   * ``jax-ggn-mc`` / ``jax-ggn``: the JAX idiom — per-example ``vjp`` of the plain model with
     the same sampled (or exact) factor columns, ``vmap`` over examples (``lax.map`` over the
     columns), squared and summed.
@@ -56,37 +58,45 @@ def jax_diag(model, params, x, columns):
 
 
 def candidates(model, params, x, y):
+    """Each candidate is ``(jitted f, extra args)``, called as ``f(params, x, y, key, *extra)``:
+    the batch is an argument, never a constant (XLA would fold ``xᵀx`` into the program)."""
     vg = fbp.value_and_grad(model, CCE)
     mc = curvature.diag_ggn_mc(model, CCE, 1)
     exact = curvature.diag_ggn(model, CCE)
     factors = curvature.kfac_factors(model, CCE, mc_samples=1, with_grads=True)
     k = kfac.kfac(model, CCE, optim.sgd(0.01, momentum=0.9), inverse_every=10)
-    state = jax.jit(lambda p: k.observe(k.init(p, x, y), factors(p, x, y, key=jax.random.key(0))[2]))(params)
+    k_factored = kfac.kfac(model, CCE, optim.sgd(0.01, momentum=0.9), inverse_every=10, damping_mode="factored")
+    observe = lambda kk: jax.jit(lambda p, a, b: kk.observe(kk.init(p, a, b),  # noqa: E731
+                                                            factors(p, a, b, key=jax.random.key(0))[2]))
+    state = observe(k)(params, x, y)
     state = state._replace(count=state.count + 1)  # the timed step does not refresh the inverses
+    state_f = observe(k_factored)(params, x, y)
+    state_f = state_f._replace(count=state_f.count + 1)
 
-    def jax_mc(p, key):
+    def jax_mc(p, x, y, key):
         pred = model.apply(p, x)
         return jax_diag(model, p, x, CCE.sampled_hessian_factor(pred, y, key, 1))
 
-    def jax_exact(p):
+    def jax_exact(p, x, y, key):
         pred = model.apply(p, x)
         return jax_diag(model, p, x, CCE.hessian_factor(pred, y))
 
     return {
-        "step": (jax.jit(lambda p, key: sgd(p, vg(p, x, y)[1])), ()),
-        "ggn-mc": (jax.jit(lambda p, key: mc(p, x, y, key=key)), ()),
-        "ggn": (jax.jit(lambda p, key: exact(p, x, y)), ()),
-        "kfac-factors": (jax.jit(lambda p, key: factors(p, x, y, key=key)), ()),
-        "kfac-step": (jax.jit(lambda p, key, s: k.step(p, s, x, y, key=key)[:2]), (state,)),
+        "step": (jax.jit(lambda p, x, y, key: sgd(p, vg(p, x, y)[1])), ()),
+        "ggn-mc": (jax.jit(lambda p, x, y, key: mc(p, x, y, key=key)), ()),
+        "ggn": (jax.jit(lambda p, x, y, key: exact(p, x, y)), ()),
+        "kfac-factors": (jax.jit(lambda p, x, y, key: factors(p, x, y, key=key)), ()),
+        "kfac-step": (jax.jit(lambda p, x, y, key, s: k.step(p, s, x, y, key=key)[:2]), (state,)),
+        "kfac-step-factored": (jax.jit(lambda p, x, y, key, s: k_factored.step(p, s, x, y, key=key)[:2]), (state_f,)),
         "jax-ggn-mc": (jax.jit(jax_mc), ()),
-        "jax-ggn": (jax.jit(lambda p, key: jax_exact(p)), ()),
+        "jax-ggn": (jax.jit(jax_exact), ()),
     }
 
 
-def check_agreement(fns, params, key):
+def check_agreement(fns, inputs):
     """fbp's diagonals equal the autodiff idiom's (same columns) before anything is timed."""
     for ours, theirs in (("ggn-mc", "jax-ggn-mc"), ("ggn", "jax-ggn")):
-        a, b = fns[ours][0](params, key), fns[theirs][0](params, key)
+        a, b = fns[ours][0](*inputs), fns[theirs][0](*inputs)
         rel = max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30))
                   for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
         print(f"  {ours} vs {theirs}: max relative difference {rel:.1e}")
@@ -108,23 +118,25 @@ def main(argv=None):
         y = jax.random.randint(ky, (shape[0],), 0, 10)
         params = model.init(kp, x)
         key = jax.random.key(3)
+        inputs = (params, x, y, key)
         fns = candidates(model, params, x, y)
         slow = fns.pop("jax-ggn")
         if args.skip_jax:
             fns.pop("jax-ggn-mc")
         print(f"\n{name.upper()}, batch {shape[0]}  [{jax.devices()[0].platform}]")
         if not args.skip_jax:
-            check_agreement({**fns, "jax-ggn": slow}, params, key)
-        calls = {k: (lambda f=f, extra=extra, p=params, kk=key: f(p, kk, *extra)) for k, (f, extra) in fns.items()}
-        memory = {k: temp_bytes(f, params, key, *extra) for k, (f, extra) in fns.items()}
+            check_agreement({**fns, "jax-ggn": slow}, inputs)
+        calls = {k: (lambda f=f, extra=extra, a=inputs: f(*a, *extra)) for k, (f, extra) in fns.items()}
+        memory = {k: temp_bytes(f, *inputs, *extra) for k, (f, extra) in fns.items()}
         print("  XLA temp memory (MiB): " + "  ".join(f"{k} {m / 2**20:.1f}" for k, m in memory.items() if m))
-        ratios = ["ggn-mc / step", "ggn / step", "kfac-factors / step", "kfac-step / step"]
+        ratios = ["ggn-mc / step", "ggn / step", "kfac-factors / step", "kfac-step / step",
+                  "kfac-step-factored / step"]
         ratios += [] if args.skip_jax else ["jax-ggn-mc / ggn-mc"]
         if importlib.util.find_spec("torch") and importlib.util.find_spec("backpack"):
             import curvature_peers
 
             peers = curvature_peers.candidates(name, params, x, y)
-            worst = curvature_peers.agreement(name, params, x, y, jax.tree_util.tree_leaves(fns["ggn"][0](params, key)))
+            worst = curvature_peers.agreement(name, params, x, y, jax.tree_util.tree_leaves(fns["ggn"][0](*inputs)))
             print(f"  BackPACK's exact GGN diagonal vs fbp's: max relative difference {worst:.1e}")
             calls.update(peers)
             ratios += ["backpack-ggn-mc / torch-step", "backpack-ggn / torch-step", "backpack-kfac / torch-step",
@@ -133,8 +145,8 @@ def main(argv=None):
         for key_, values in ratio_runs(calls, ratios, args.runs, args.rounds, args.reps).items():
             print(f"  ratio {key_}: {min(values):.2f} – {max(values):.2f}")
         if not args.skip_jax:
-            exact = statistics.median(_seconds(fns["ggn"][0], params, key) for _ in range(3))
-            theirs = statistics.median(_seconds(slow[0], params, key) for _ in range(3))
+            exact = statistics.median(_seconds(fns["ggn"][0], *inputs) for _ in range(3))
+            theirs = statistics.median(_seconds(slow[0], *inputs) for _ in range(3))
             print(f"  ratio jax-ggn / ggn: {theirs / exact:.1f} (three calls each, after the rounds)")
 
 

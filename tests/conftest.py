@@ -33,7 +33,8 @@ def jit(request):
 # randomised-shape sweeps. CI (`.ci/run`) runs everything.
 SLOW_MODULES = ("test_examples.py", "test_notebooks.py", "test_parallel.py", "test_resume.py")
 SLOW_NAMES = ("every_builtin_rule", "test_cli_", "random_shapes", "family_in_a_sequence_model", "digits",
-              "killed_mid_save", "class_losses_over_sequences", "stateful_random_model_end_to_end")
+              "killed_mid_save", "class_losses_over_sequences", "stateful_random_model_end_to_end",
+              "every_family_matches")
 
 
 def pytest_configure(config):

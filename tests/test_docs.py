@@ -53,7 +53,9 @@ def test_the_api_reference_covers_every_module_and_the_nav_every_page():
 KEY_FUNCTIONS = ["fbp.core.value_and_grad", "fbp.core.grad", "fbp.core.vjp", "fbp.core.to_jax", "fbp.core.layer",
                  "fbp.check.layer", "fbp.check.loss", "fbp.check.model", "fbp.steps.make_step", "fbp.train.fit",
                  "fbp.telemetry.value_grad_and_stats", "fbp.per_example.grads", "fbp.per_example.grad_norms",
-                 "fbp.privacy.clipped_grad"]
+                 "fbp.privacy.clipped_grad", "fbp.curvature.diag_ggn", "fbp.curvature.diag_ggn_mc",
+                 "fbp.curvature.ggn_vector_product", "fbp.curvature.kfac_factors", "fbp.curvature.diag_hessian",
+                 "fbp.kfac.kfac", "fbp.check.curvature"]
 
 
 @pytest.mark.parametrize("name", KEY_FUNCTIONS)
@@ -72,7 +74,10 @@ def test_the_central_functions_document_their_arguments_and_result(name):
 
 DOCUMENTED_LAYERS = ["Dense", "Conv1D", "Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm", "LayerNorm", "GroupNorm",
                      "Embedding", "SimpleRNN", "LSTM", "GRU", "MultiHeadAttention", "TransformerBlock",
-                     "LearnedPositionalEmbedding", "Residual"]
+                     "LearnedPositionalEmbedding", "Residual", "LeakyReLU", "ELU", "GELU", "Softmax", "LogSoftmax",
+                     "ScaleGradient", "GradientReversal", "MapCotangent", "Sign", "Round", "QuantizeWeights",
+                     "Dropout", "losses.MSE", "losses.MAE", "losses.Huber", "losses.BinaryCrossEntropy",
+                     "losses.Hinge", "losses.CategoricalCrossEntropy", "losses.MulticlassHinge"]
 
 
 @pytest.mark.parametrize("name", DOCUMENTED_LAYERS)
@@ -80,9 +85,10 @@ def test_the_main_layers_document_every_setting(name):
     import dataclasses
     import inspect
 
+    import fbp
     from fbp import nn
 
-    cls = getattr(nn, name)
+    cls = getattr(fbp, name.split(".")[0]).__dict__[name.split(".")[1]] if "." in name else getattr(nn, name)
     doc = inspect.getdoc(cls)
     assert "Args:" in doc, f"nn.{name}: an Args section"
     for field in dataclasses.fields(cls):

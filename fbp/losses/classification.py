@@ -23,6 +23,11 @@ class BinaryCrossEntropy(_Base):
 
     ``from_logits=False``: ``p`` are probabilities, clipped to ``[eps, 1-eps]``;
     ``e = -(t log p + (1-t) log(1-p))`` and ``∂e/∂p = (p - t) / (p (1 - p))`` inside the clip.
+
+    Args:
+        from_logits: predictions are logits (recommended) rather than probabilities.
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
     """
 
     from_logits: bool = False
@@ -83,6 +88,10 @@ class Hinge(_Base):
     """Hinge loss for labels ``t ∈ {-1, +1}``: ``e = max(0, 1 - t p)``.
 
     ``∂e/∂p = -t`` where ``1 - t p > 0``, else 0 (0 exactly at the margin ``t p = 1``).
+
+    Args:
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
     """
 
     reduction: str = "mean"
@@ -118,6 +127,11 @@ class CategoricalCrossEntropy(_Base):
     fused, so ``∂c/∂z = softmax(z) Σ_k t_k - t`` (``= softmax(z) - t`` for one-hot targets).
 
     ``from_logits=False``: ``q = clip(p, eps, 1-eps)`` and ``∂c/∂p = -t / q`` inside the clip.
+
+    Args:
+        from_logits: predictions are logits (recommended) rather than probabilities.
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
     """
 
     from_logits: bool = False
@@ -197,6 +211,10 @@ class MulticlassHinge(_Base):
     ``m_j = z_j - z_y + 1``: ``c = Σ_j (1 - t_j) max(0, m_j)``.
     With ``a_j = (1 - t_j) [m_j > 0]``: ``∂c/∂z_j = a_j - t_j Σ_k a_k``.
     Targets as for ``CategoricalCrossEntropy`` (one-hot or integer labels).
+
+    Args:
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
     """
 
     reduction: str = "mean"

@@ -14,7 +14,12 @@ from fbp.losses.base import _Base, _reduce, _weight
 # --------------------------------------------------------------------------- regression
 @dataclasses.dataclass(frozen=True)
 class MSE(_Base):
-    """Mean squared error: ``e = (p - t)²``;  ``∂e/∂p = 2 (p - t)``."""
+    """Mean squared error: ``e = (p - t)²``;  ``∂e/∂p = 2 (p - t)``.
+
+    Args:
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
+    """
 
     reduction: str = "mean"
 
@@ -39,7 +44,12 @@ class MSE(_Base):
 
 @dataclasses.dataclass(frozen=True)
 class MAE(_Base):
-    """Mean absolute error: ``e = |p - t|``;  ``∂e/∂p = +1 if p >= t else -1`` (+1 at 0, as jax)."""
+    """Mean absolute error: ``e = |p - t|``;  ``∂e/∂p = +1 if p >= t else -1`` (+1 at 0, as jax).
+
+    Args:
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
+    """
 
     reduction: str = "mean"
 
@@ -58,6 +68,11 @@ class Huber(_Base):
 
     ``∂e/∂p = r`` if ``|r| <= δ`` else ``δ sign(r)`` — i.e. ``clip(r, -δ, δ)``; continuous at
     ``|r| = δ``, where the quadratic branch is taken.
+
+    Args:
+        delta: ``δ > 0``, where the quadratic branch meets the linear one (default 1).
+        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+            adds them, ``"none"`` returns them.
     """
 
     delta: float = 1.0

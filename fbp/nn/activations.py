@@ -95,7 +95,11 @@ class ReLU(Activation):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class LeakyReLU(Activation):
-    """``y = x if x >= 0 else a x``;  ``d_x = (1 if x >= 0 else a) d_y`` (1 at x = 0)."""
+    """``y = x if x >= 0 else a x``;  ``d_x = (1 if x >= 0 else a) d_y`` (1 at x = 0).
+
+    Args:
+        negative_slope: the slope ``a`` for ``x < 0`` (default 0.01).
+    """
 
     negative_slope: float = 0.01
 
@@ -113,7 +117,11 @@ class LeakyReLU(Activation):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ELU(Activation):
-    """``y = x if x > 0 else α (e^x - 1)``;  ``d_x = (1 if x > 0 else α e^x) d_y``."""
+    """``y = x if x > 0 else α (e^x - 1)``;  ``d_x = (1 if x > 0 else α e^x) d_y``.
+
+    Args:
+        alpha: ``α``, the value approached as ``x → -∞`` is ``-α`` (default 1).
+    """
 
     alpha: float = 1.0
 
@@ -151,6 +159,9 @@ class GELU(Activation):
     exact form ``Φ`` via ``erf`` instead of ``erfc`` — because XLA merges a recomputation that is
     written identically with the forward's value and keeps that ``(B, T, mlp_dim)`` array alive
     until the backward (the Performance page has the measurement).
+
+    Args:
+        approximate: the tanh approximation (default, as ``jax.nn.gelu``) or the exact ``x Φ(x)``.
     """
 
     approximate: bool = True
@@ -229,6 +240,9 @@ class Softmax(Activation):
 
     Jacobian ``∂y_i/∂x_j = y_i (δ_ij - y_j)``, so ``d_x = y ⊙ (d_y - Σ_j d_y_j y_j)``.
     For classification prefer logits with ``CategoricalCrossEntropy(from_logits=True)``.
+
+    Args:
+        axis: the axis normalised over (default the last).
     """
 
     axis: int = -1
@@ -248,6 +262,9 @@ class LogSoftmax(Activation):
     """``y_i = x_i - log Σ_j e^{x_j}`` along ``axis`` (log-sum-exp, stable).
 
     ``∂y_i/∂x_j = δ_ij - softmax_j``, so ``d_x = d_y - e^{y} Σ_i d_y_i``.
+
+    Args:
+        axis: the axis normalised over (default the last).
     """
 
     axis: int = -1

@@ -19,7 +19,12 @@ from fbp.core import NO_RESIDUAL, InputError, ParameterFree, require_floating, r
 @dataclasses.dataclass(frozen=True)
 class Dropout(ParameterFree):
     """Drop each element with probability ``rate`` in training; identity in evaluation (then the
-    residual is ``NO_RESIDUAL``)."""
+    residual is ``NO_RESIDUAL``).
+
+    Args:
+        rate: the probability of dropping each element in training, in ``[0, 1)``; the kept ones are scaled by
+            ``1 / (1 - rate)``.
+    """
 
     piecewise_linear = True
 

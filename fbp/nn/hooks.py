@@ -59,7 +59,11 @@ class _LinearHook(ParameterFree):
 
 @dataclasses.dataclass(frozen=True)
 class ScaleGradient(_LinearHook):
-    """Identity forward; ``d_x = factor · d_y`` (e.g. a smaller learning rate for the layers below)."""
+    """Identity forward; ``d_x = factor · d_y`` (e.g. a smaller learning rate for the layers below).
+
+    Args:
+        factor: the input cotangent is ``factor · d_y`` (the forward is the identity).
+    """
 
     factor: float = 1.0
     deviation: ClassVar[str] = "identity forward, d_x = factor * d_y"
@@ -77,6 +81,9 @@ class GradientReversal(_LinearHook):
 
     Put it between a feature extractor and a domain classifier: the classifier learns to tell the
     domains apart while the features below learn to make them indistinguishable.
+
+    Args:
+        scale: ``λ``: the input cotangent is ``-λ d_y`` (Ganin & Lempitsky, 2015).
     """
 
     scale: float = 1.0
@@ -116,6 +123,10 @@ class MapCotangent(ParameterFree):
     entry; ``MapCotangent(lambda g: g / (jnp.linalg.norm(g) + 1e-8))`` normalises it. ``fn`` is
     traced once on the output's shape when the forward runs, so a ``fn`` that changes the shape
     or the dtype raises ``InputError`` naming this layer's path before anything runs.
+
+    Args:
+        fn: ``d_y -> d_x``, a pure jnp function of the output cotangent.
+        name: how the hook prints in reports and errors.
     """
 
     fn: Callable

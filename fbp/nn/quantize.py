@@ -70,7 +70,12 @@ class _Quantizer(ParameterFree):
 
 @dataclasses.dataclass(frozen=True)
 class Sign(_Quantizer):
-    """``y = sign(x)`` with ``sign(0) = +1``; straight-through backward (default ``"hardtanh"``)."""
+    """``y = sign(x)`` with ``sign(0) = +1``; straight-through backward (default ``"hardtanh"``).
+
+    Args:
+        ste: the straight-through estimator of the backward: ``"hardtanh"`` (default: ``d_y`` where ``|x| ≤ 1``)
+            or ``"identity"``.
+    """
 
     ste: str = "hardtanh"
     deviation: ClassVar[str] = "straight-through estimator in place of sign's zero derivative"
@@ -81,7 +86,11 @@ class Sign(_Quantizer):
 
 @dataclasses.dataclass(frozen=True)
 class Round(_Quantizer):
-    """``y = round(x)`` (halves to even); straight-through backward (default ``"identity"``)."""
+    """``y = round(x)`` (halves to even); straight-through backward (default ``"identity"``).
+
+    Args:
+        ste: the straight-through estimator of the backward: ``"identity"`` (default) or ``"hardtanh"``.
+    """
 
     ste: str = "identity"
     deviation: ClassVar[str] = "straight-through estimator in place of round's zero derivative"
@@ -101,6 +110,11 @@ class QuantizeWeights(Wrapper):
         y = layer({..., w: q(w)}, x);   d_w = STE(d_{q(w)})
 
     ``QuantizeWeights(Dense(256), Sign())`` is BinaryConnect's binary-weight Dense.
+
+    Args:
+        layer: the wrapped layer; its params stay real-valued.
+        quantizer: applied to the weights at ``keys`` in the forward (default ``Sign()``).
+        keys: which entries of the layer's params are quantised (default ``("w",)``).
     """
 
     layer: Layer
