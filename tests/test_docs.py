@@ -9,7 +9,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-RUNNABLE = ["getting-started.md", "guides/own-layer.md", "index.md"]
+RUNNABLE = ["getting-started.md", "guides/own-layer.md", "guides/curvature.md", "index.md"]
 
 
 def _python_blocks(page: pathlib.Path) -> list[str]:
