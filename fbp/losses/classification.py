@@ -26,7 +26,7 @@ class BinaryCrossEntropy(_Base):
 
     Args:
         from_logits: predictions are logits (recommended) rather than probabilities.
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
@@ -90,7 +90,7 @@ class Hinge(_Base):
     ``∂e/∂p = -t`` where ``1 - t p > 0``, else 0 (0 exactly at the margin ``t p = 1``).
 
     Args:
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
@@ -130,7 +130,7 @@ class CategoricalCrossEntropy(_Base):
 
     Args:
         from_logits: predictions are logits (recommended) rather than probabilities.
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
@@ -213,7 +213,7 @@ class MulticlassHinge(_Base):
     Targets as for ``CategoricalCrossEntropy`` (one-hot or integer labels).
 
     Args:
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 

@@ -17,7 +17,7 @@ class MSE(_Base):
     """Mean squared error: ``e = (p - t)²``;  ``∂e/∂p = 2 (p - t)``.
 
     Args:
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
@@ -47,7 +47,7 @@ class MAE(_Base):
     """Mean absolute error: ``e = |p - t|``;  ``∂e/∂p = +1 if p >= t else -1`` (+1 at 0, as jax).
 
     Args:
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
@@ -71,7 +71,7 @@ class Huber(_Base):
 
     Args:
         delta: ``δ > 0``, where the quadratic branch meets the linear one (default 1).
-        reduction: reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
+        reduction: ``"mean"`` (default) averages the per-example values over the batch, ``"sum"``
             adds them, ``"none"`` returns them.
     """
 
