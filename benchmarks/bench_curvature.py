@@ -9,7 +9,7 @@ Candidates, each one jitted call on the same params and batch:
   * ``ggn-mc``: ``fbp.curvature.diag_ggn_mc`` with one sample (BackPACK's DiagGGNMC);
   * ``ggn``: ``fbp.curvature.diag_ggn``, exact (10 factor columns; BackPACK's DiagGGNExact);
   * ``kfac-factors``: ``fbp.curvature.kfac_factors`` (one sample) with the loss and gradient
-    from the same pass (``with_grads=True``) — what a K-FAC step computes before preconditioning;
+    over the same forward (``with_grads=True``) — what a K-FAC step computes before preconditioning;
   * ``kfac-step``: ``fbp.kfac`` — the factors, their moving averages, the preconditioning and
     the SGD update (eigendecompositions every 10 steps, here timed on a step that skips them);
     ``kfac-step-factored`` the same with Martens & Grosse's factored damping (two products per

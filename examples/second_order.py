@@ -1,5 +1,5 @@
 """K-FAC against Adam and SGD on the bundled digits: an MLP and a CNN, the same mini-batches for
-every method. K-FAC's factors and the gradient come from one backward pass (``fbp.kfac``).
+every method. K-FAC's factors and the gradient come from one forward pass and its backward (``fbp.kfac``).
 
 Prints one line per model and method, e.g.
 ``MLP K-FAC: test accuracy 0.9xx, steps to training loss 0.1: N``, and plots the training loss

@@ -217,7 +217,8 @@ def kfac_factors(model: Layer, loss: Loss, *, mc_samples: int | None = None, app
             (``Positions.kronecker_factors``).
         has_state: for models that keep state.
         train: run the model in training mode.
-        with_grads: also return the loss and its gradient, computed in the same pass.
+        with_grads: also return the loss and its gradient (one more backward, of the loss's cotangent,
+            over the same forward residuals; the columns' own weight gradients are never formed).
 
     Returns:
         ``f(params, x, y, *, key=None) -> {path: Factors}`` for every leaf with parameters
@@ -236,32 +237,28 @@ def kfac_factors(model: Layer, loss: Loss, *, mc_samples: int | None = None, app
         factor = _columns(loss, y, mc_samples, sample_key)
         value = []
 
-        def columns(pred):
-            if not with_grads:
-                return factor(pred)
+        def gradient(pred):
             v, loss_res = loss.forward(pred, y)
             value.append(v)
-            return jnp.concatenate([loss.backward(loss_res, 1.0)[..., None], factor(pred)], axis=-1)
+            return loss.backward(loss_res, 1.0)
 
-        _, grads, per, layout, _ = backward_columns(model, params, x, columns, mode=f"kfac-{approximation}",
-                                                    state=state, key=model_key, train=train)
-        first = 1 if with_grads else 0
-        factors = {path: _factors(model, params, path, out, layout[path], first) for path, out in per.items()}
-        if with_grads:
-            return value[0], jax.tree_util.tree_map(lambda a: a[0], grads), factors
-        return factors
+        _, grads, per, layout, _ = backward_columns(model, params, x, factor, mode=f"kfac-{approximation}",
+                                                    gradient=gradient if with_grads else None, state=state,
+                                                    key=model_key, train=train)
+        factors = {path: _factors(model, params, path, out, layout[path]) for path, out in per.items()}
+        return (value[0], grads, factors) if with_grads else factors
 
     return with_context(model, has_state, caller, body)
 
 
-def _factors(model, params, path, out, layout, first) -> Factors:
-    """One leaf's ``Factors`` from its per-column results (columns from ``first`` on)."""
-    blocks = [KroneckerBlock(kernels, bias, a[first], g[first:].sum(axis=0))
+def _factors(model, params, path, out, layout) -> Factors:
+    """One leaf's ``Factors`` from its per-column results (``A`` is the same in every column)."""
+    blocks = [KroneckerBlock(kernels, bias, a[0], g.sum(axis=0))
               for (kernels, bias), (a, g) in zip(layout, out["blocks"], strict=True)]
-    sums = lambda t: jax.tree_util.tree_map(lambda v: v[first:].sum(axis=0), t)  # noqa: E731
-    template = jax.tree_util.tree_map(jnp.zeros_like, _leaf_params(model, params, path))
+    sums = lambda t: jax.tree_util.tree_map(lambda v: v.sum(axis=0), t)  # noqa: E731
     if "tree" in out:
         return Factors(blocks, sums(out["tree"]))
+    template = jax.tree_util.tree_map(jnp.zeros_like, _leaf_params(model, params, path))
     return Factors(blocks, assemble(template, sums(out["diagonal"])))
 
 

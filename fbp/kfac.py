@@ -1,5 +1,5 @@
 r"""K-FAC: natural-gradient steps preconditioned by Kronecker-factored curvature, with the
-factors and the gradient from one backward pass (``fbp.curvature.kfac_factors``).
+factors and the gradient from one forward pass and its backward (``fbp.curvature.kfac_factors``).
 
 Every Dense-like weight ``W: (fan_in [+1], n_out)`` (bias as a last row) has the curvature
 block ``A ⊗ G``. With ``damping_mode="exact"`` (default) its preconditioned gradient is the

@@ -273,14 +273,16 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
-def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, state=None, key=None,
-                     train: bool = True):
+def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, gradient: Callable | None = None,
+                     state=None, key=None, train: bool = True):
     """One forward pass, then the probed backward once for every column of ``columns(pred)``
     (its last axis: one output cotangent per column, vmapped — the residuals are shared).
 
     Returns ``(pred, grads, per, choices, new_state)``: ``grads`` and ``per[path]`` with a
-    leading column axis (``per`` as in ``run`` for this ``mode``). ``fbp.curvature``
-    backpropagates a loss's Hessian factor this way."""
+    leading column axis (``per`` as in ``run`` for this ``mode``). With ``gradient``
+    (``pred -> d_pred``), ``grads`` is instead the gradient from one more backward of that
+    cotangent, kept apart from the columns: XLA then drops the columns' own weight gradients,
+    which nothing reads. ``fbp.curvature`` backpropagates a loss's Hessian factor this way."""
     if mode not in MODES:
         raise ValueError(f"per_example.backward_columns: mode must be one of {MODES}, got {mode!r}")
     choices: dict[str, Any] = {}
@@ -289,6 +291,8 @@ def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, s
     pred, res = run_forward(probed, slotted, x, state=state, key=key, train=train)
     one = lambda column: _split(model, probed.backward(res, column)[0])  # noqa: E731
     grads, per = jax.vmap(one, in_axes=-1)(columns(pred))
+    if gradient is not None:
+        grads = one(gradient(pred))[0]
     new_state = None if state is None else probed.next_state(state, res)
     return pred, grads, per, choices, new_state
 
