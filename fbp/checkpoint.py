@@ -57,11 +57,27 @@ def _flatten(tree):
 
 
 def step_directory(directory, step: int) -> str:
+    """The path of checkpoint ``step`` in ``directory`` (``step_00000042``).
+
+    Args:
+        directory: the checkpoint directory.
+        step: the step number.
+
+    Returns:
+        The path, as a string.
+    """
     return os.path.join(os.fspath(directory), f"step_{int(step):08d}")
 
 
 def all_steps(directory) -> list[int]:
-    """The complete checkpoints in ``directory``, oldest first (``.tmp-*`` leftovers are not)."""
+    """The complete checkpoints in ``directory``, oldest first (``.tmp-*`` leftovers are not).
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The step numbers, ascending.
+    """
     if not os.path.isdir(directory):
         return []
     found = []
@@ -73,7 +89,14 @@ def all_steps(directory) -> list[int]:
 
 
 def latest_step(directory) -> int | None:
-    """The newest complete step in ``directory``, or ``None``."""
+    """The newest complete step in ``directory``, or ``None``.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The newest step number, or ``None`` when there is none.
+    """
     steps = all_steps(directory)
     return steps[-1] if steps else None
 
@@ -116,7 +139,17 @@ def _fsync(path: str) -> None:
 def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
     """Write ``tree`` as checkpoint ``step`` in ``directory`` atomically; keep the newest ``keep``
     steps (``None``: all). Returns the step's directory. Leaves may be arrays (any dtype), typed
-    or raw PRNG keys, and plain Python values; anything else raises ``TypeError`` naming it."""
+    or raw PRNG keys, and plain Python values; anything else raises ``TypeError`` naming it.
+
+    Args:
+        directory: the checkpoint directory (made if missing).
+        tree: the pytree to write.
+        step: its step number.
+        keep: how many of the newest steps to keep; ``None`` keeps all.
+
+    Returns:
+        The path of the step's directory.
+    """
     if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
         raise ValueError(f"checkpoint.save: step must be a non-negative int, got {step!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
@@ -229,7 +262,17 @@ def _leaf(entry, arrays, target_leaf):
 def restore(directory, target: Any, step: int | None = None) -> Any:
     """The checkpoint ``step`` (default: the latest) of ``directory``, as a pytree with the
     structure of ``target`` (whose values are not used; arrays come back as NumPy arrays, keys
-    as typed JAX keys, plain values as themselves)."""
+    as typed JAX keys, plain values as themselves).
+
+    Args:
+        directory: the checkpoint directory.
+        target: a pytree with the structure to restore into.
+        step: which step; ``None`` for the latest.
+
+    Returns:
+        The restored pytree. Raises ``CheckpointError`` when there is no checkpoint, no such step, or the structure
+        differs.
+    """
     step = latest_step(directory) if step is None else step
     if step is None:
         raise CheckpointError(f"{os.fspath(directory)}: no checkpoint found")

@@ -32,6 +32,12 @@ def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> Non
     """Raise ``ValueError`` for mismatched lengths, non-finite features or labels out of range.
 
     Runs on concrete arrays (NumPy side), before training, never inside a jitted step.
+
+    Args:
+        x: the features, ``(N, ...)``.
+        y: the targets, ``N`` of them.
+        num_classes: when given, integer labels must lie in ``[0, num_classes)``.
+        name: how the data is called in the error (``"validation data"``).
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
@@ -51,7 +57,17 @@ def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> Non
 
 # --------------------------------------------------------------------------- splitting and batching
 def train_test_split(x, y, test_fraction: float = 0.2, *, key) -> tuple[np.ndarray, ...]:
-    """Shuffle with ``key`` and split: ``(x_train, y_train, x_test, y_test)``."""
+    """Shuffle with ``key`` and split: ``(x_train, y_train, x_test, y_test)``.
+
+    Args:
+        x: the features.
+        y: the targets.
+        test_fraction: the share held out, in ``(0, 1)``.
+        key: a JAX key for the shuffle.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)`` as NumPy arrays.
+    """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     x, y = np.asarray(x), np.asarray(y)
@@ -71,6 +87,14 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
     ``batch_size=None`` gives one batch of everything (batch gradient descent), ``1`` gives
     single examples (stochastic), ``N`` mini-batches of ``N``; the last batch holds the
     remainder when ``N`` does not divide ``n``.
+
+    Args:
+        n: the number of examples.
+        batch_size: ``None``, ``1`` or ``N`` (above).
+        key: a JAX key to shuffle with; ``None`` keeps the order.
+
+    Returns:
+        One index array per batch.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
@@ -81,7 +105,17 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
 
 
 def batches(x, y, batch_size: int | None, *, key=None):
-    """Yield ``(x_batch, y_batch)`` for one epoch (see ``batch_indices``)."""
+    """Yield ``(x_batch, y_batch)`` for one epoch (see ``batch_indices``).
+
+    Args:
+        x: the features.
+        y: the targets.
+        batch_size: as for ``batch_indices``.
+        key: shuffles when given.
+
+    Returns:
+        A generator of ``(x_batch, y_batch)``.
+    """
     for idx in batch_indices(len(x), batch_size, key=key):
         yield x[idx], y[idx]
 
@@ -105,6 +139,14 @@ def load_digits(test_fraction: float = 0.2, *, seed: int = 0, images: bool = Fal
     """scikit-learn's 1,797 8×8 handwritten digits, scaled to [0, 1]; labels int32 in [0, 10).
 
     ``x`` is ``(N, 64)``, or ``(N, 8, 8, 1)`` with ``images=True``.
+
+    Args:
+        test_fraction: the share of examples held out for testing.
+        seed: the shuffle before the split.
+        images: shape ``x`` as images ``(N, 8, 8, 1)``.
+
+    Returns:
+        A ``Dataset(x_train, y_train, x_test, y_test, info)``. ``info`` has ``num_classes`` and ``name``.
     """
     bunch = _sklearn().load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
@@ -117,7 +159,15 @@ def load_digits(test_fraction: float = 0.2, *, seed: int = 0, images: bool = Fal
 
 def load_breast_cancer(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
     """Wisconsin breast cancer, 569 × 30 features standardised with the training statistics;
-    targets float32 of shape (N, 1) in {0, 1} (1 = benign)."""
+    targets float32 of shape (N, 1) in {0, 1} (1 = benign).
+
+    Args:
+        test_fraction: the share of examples held out for testing.
+        seed: the shuffle before the split.
+
+    Returns:
+        A ``Dataset(x_train, y_train, x_test, y_test, info)``. ``info`` has the standardisation statistics.
+    """
     bunch = _sklearn().load_breast_cancer()
     x_tr, y_tr, x_te, y_te = train_test_split(bunch.data, bunch.target, test_fraction, key=jax.random.PRNGKey(seed))
     x_tr, x_te, mean, std = _standardize(x_tr, x_te)
@@ -128,7 +178,15 @@ def load_breast_cancer(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
 
 def load_diabetes(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
     """Diabetes regression, 442 × 10; features and the target standardised with the training
-    statistics (undo with ``info["y_mean"]``, ``info["y_std"]``); targets of shape (N, 1)."""
+    statistics (undo with ``info["y_mean"]``, ``info["y_std"]``); targets of shape (N, 1).
+
+    Args:
+        test_fraction: the share of examples held out for testing.
+        seed: the shuffle before the split.
+
+    Returns:
+        A ``Dataset(x_train, y_train, x_test, y_test, info)``. ``info`` has ``y_mean`` and ``y_std``.
+    """
     bunch = _sklearn().load_diabetes()
     x_tr, y_tr, x_te, y_te = train_test_split(bunch.data, bunch.target, test_fraction, key=jax.random.PRNGKey(seed))
     x_tr, x_te, mean, std = _standardize(x_tr, x_te)
@@ -146,7 +204,14 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (plain or ``.gz``): magic ``0x0000``, a type byte, the number of
-    dimensions, the big-endian int32 sizes, then the data in row-major order."""
+    dimensions, the big-endian int32 sizes, then the data in row-major order.
+
+    Args:
+        path: the file; a name ending in ``.gz`` is decompressed.
+
+    Returns:
+        The array, of the dtype and shape the header gives.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -169,7 +234,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def load_mnist(directory: str | os.PathLike, *, flatten: bool = True) -> Dataset:
     """MNIST (or Fashion-MNIST) from the four standard IDX files in ``directory``
-    (``train-images-idx3-ubyte[.gz]`` etc.), pixels scaled to [0, 1]. Never downloads."""
+    (``train-images-idx3-ubyte[.gz]`` etc.), pixels scaled to [0, 1]. Never downloads.
+
+    Args:
+        directory: where the four IDX files are.
+        flatten: ``x`` as ``(N, 784)`` (default) or ``(N, 28, 28, 1)``.
+
+    Returns:
+        A ``Dataset(x_train, y_train, x_test, y_test, info)``.
+    """
 
     def find(stem):
         for name in (stem, stem + ".gz"):

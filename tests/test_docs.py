@@ -55,7 +55,14 @@ KEY_FUNCTIONS = ["fbp.core.value_and_grad", "fbp.core.grad", "fbp.core.vjp", "fb
                  "fbp.telemetry.value_grad_and_stats", "fbp.per_example.grads", "fbp.per_example.grad_norms",
                  "fbp.privacy.clipped_grad", "fbp.curvature.diag_ggn", "fbp.curvature.diag_ggn_mc",
                  "fbp.curvature.ggn_vector_product", "fbp.curvature.kfac_factors", "fbp.curvature.diag_hessian",
-                 "fbp.kfac.kfac", "fbp.check.curvature"]
+                 "fbp.kfac.kfac", "fbp.check.curvature",
+                 *(f"fbp.optim.{n}" for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "constant_schedule",
+                                              "linear_schedule", "exponential_decay", "piecewise_constant_schedule",
+                                              "cosine_decay_schedule", "join_schedules",
+                                              "warmup_cosine_decay_schedule")),
+                 *(f"fbp.data.{n}" for n in ("train_test_split", "batch_indices", "batches", "load_digits",
+                                             "load_breast_cancer", "load_diabetes", "read_idx", "load_mnist")),
+                 *(f"fbp.checkpoint.{n}" for n in ("step_directory", "all_steps", "latest_step", "save", "restore"))]
 
 
 @pytest.mark.parametrize("name", KEY_FUNCTIONS)
