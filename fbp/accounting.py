@@ -75,7 +75,19 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     """``ε`` after ``steps`` DP-SGD steps with noise multiplier ``σ`` and Poisson sampling rate ``q``,
     at ``δ``; ``inf`` without noise. With ``dataset_size``: batches of ``q · dataset_size``
     examples drawn without replacement instead, with "replace one" neighbouring data sets (RDP
-    only; ``fit``'s ``sampling="fixed"``)."""
+    only; ``fit``'s ``sampling="fixed"``).
+
+    Args:
+        noise_multiplier: ``σ``.
+        sample_rate: ``q``, the probability each example is in a batch.
+        steps: the number of DP-SGD steps.
+        delta: ``δ``.
+        accountant: ``"rdp"`` (default) or ``"pld"`` (dp-accounting's).
+        dataset_size: for batches of fixed size drawn without replacement (RDP only).
+
+    Returns:
+        ``ε`` (a float; ``inf`` when ``σ = 0``).
+    """
     _check(sample_rate, steps, delta, accountant)
     sigma = require_number("epsilon", "noise_multiplier", noise_multiplier, low=0)
     if sigma == 0:
@@ -89,7 +101,18 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, *,
                     accountant: str = "rdp") -> float:
-    """The smallest noise multiplier ``σ`` with ``epsilon(σ, q, steps, δ) <= target_epsilon``."""
+    """The smallest noise multiplier ``σ`` with ``epsilon(σ, q, steps, δ) <= target_epsilon``.
+
+    Args:
+        target_epsilon: the budget ``ε``.
+        delta: ``δ``.
+        sample_rate: ``q``.
+        steps: the number of steps.
+        accountant: ``"rdp"`` or ``"pld"``.
+
+    Returns:
+        ``σ``, a float.
+    """
     _check(sample_rate, steps, delta, accountant)
     require_number("calibrate_noise", "target_epsilon", target_epsilon, low=0, low_open=True)
     dp = _library()

@@ -24,7 +24,14 @@ def _images(x, name):
 
 def random_crop(padding: int) -> Augment:
     """Zero-pad each image by ``padding`` on every side, then crop a random ``H×W`` window
-    (per example): shifts of up to ``±padding`` pixels."""
+    (per example): shifts of up to ``±padding`` pixels.
+
+    Args:
+        padding: pixels of zero padding on each side (the largest shift).
+
+    Returns:
+        An ``Augment``: ``f(key, x) -> x``, for ``fit(augment=...)``.
+    """
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"random_crop: padding must be an int >= 0 (pixels), got {padding!r}")
 
@@ -40,7 +47,14 @@ def random_crop(padding: int) -> Augment:
 
 
 def horizontal_flip(probability: float = 0.5) -> Augment:
-    """Mirror each image left-right with ``probability`` (per example)."""
+    """Mirror each image left-right with ``probability`` (per example).
+
+    Args:
+        probability: the chance each image is mirrored.
+
+    Returns:
+        An ``Augment``.
+    """
     require_number("horizontal_flip", "probability", probability, low=0.0, high=1.0)
 
     def fn(key, x):
@@ -52,7 +66,14 @@ def horizontal_flip(probability: float = 0.5) -> Augment:
 
 
 def gaussian_noise(stddev: float) -> Augment:
-    """Add ``N(0, stddev²)`` noise to every value (any shape)."""
+    """Add ``N(0, stddev²)`` noise to every value (any shape).
+
+    Args:
+        stddev: the noise's standard deviation.
+
+    Returns:
+        An ``Augment``.
+    """
     require_number("gaussian_noise", "stddev", stddev, low=0.0)
     return lambda key, x: x + stddev * jax.random.normal(key, x.shape, x.dtype)
 

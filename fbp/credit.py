@@ -197,13 +197,29 @@ def feedback_alignment(model: Layer, *, paths: Iterable[str] | None = None, seed
     Paths and params are unchanged (the same params train either model); the model now has state
     (the feedback matrices): ``state = new_model.init_state(params)``. ``seed`` draws them, one
     independent stream per wrapped layer.
+
+    Args:
+        model: the network.
+        paths: the layers to change (default every Dense and convolution).
+        seed: draws the fixed random feedback matrices.
+
+    Returns:
+        The model with feedback alignment at ``paths`` (it now has state: the feedback matrices).
     """
     return _wrap_kernels(model, paths, lambda layer, i: FeedbackAlignment(layer, seed=seed, index=i),
                          "feedback_alignment")
 
 
 def sign_symmetry(model: Layer, *, paths: Iterable[str] | None = None) -> Layer:
-    """``model`` with sign-symmetric feedback (uSF) at ``paths`` (default: every Dense and convolution)."""
+    """``model`` with sign-symmetric feedback (uSF) at ``paths`` (default: every Dense and convolution).
+
+    Args:
+        model: the network.
+        paths: the layers to change (default every Dense and convolution).
+
+    Returns:
+        The model with sign-symmetric feedback at ``paths``.
+    """
     return _wrap_kernels(model, paths, lambda layer, i: SignSymmetry(layer), "sign_symmetry")
 
 
@@ -308,6 +324,15 @@ def direct_feedback_alignment(model: Serial, x, *, targets: Iterable[int] | None
     ``targets``: the top-level layers whose *input* receives ``e B_l``; default every layer with
     parameters except the first — the inputs of the 2nd, 3rd, ... Dense/Conv, i.e. every hidden
     representation. Params and paths are the Serial's; the state holds the ``B_l``.
+
+    Args:
+        model: a ``Serial``.
+        x: an example batch (only shapes are read).
+        targets: the top-level layers whose input receives ``e B_l`` (default above).
+        seed: draws the ``B_l``.
+
+    Returns:
+        A ``DirectFeedbackAlignment`` layer (params and paths as ``model``'s; state holds the ``B_l``).
     """
     if not isinstance(model, Serial) or isinstance(model, DirectFeedbackAlignment):
         raise InputError(repr(model), "direct_feedback_alignment needs an nn.Serial (the output error is sent "

@@ -84,6 +84,19 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
 
     ``state``, ``key``, ``train``: the forward's context, as for ``fbp.value_and_grad`` (training
     mode by default). Runs jitted; returns a ``NonFiniteReport`` (``str()`` is readable).
+
+    Args:
+        model: the network.
+        loss: the loss.
+        params: its parameters.
+        x: an input batch.
+        y: the targets.
+        state: the model's state, for models that keep one.
+        key: the forward's random key.
+        train: training mode (default).
+
+    Returns:
+        A ``NonFiniteReport`` naming the first layer (forward or backward) and path where a NaN or inf appears.
     """
     inst = Instrumented.of(model, alignment=False, input_cotangents=True)
     x, y = jnp.asarray(x), jnp.asarray(y)

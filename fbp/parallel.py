@@ -30,7 +30,15 @@ DATA = "data"
 
 
 def data_mesh(num_devices: int | None = None, axis: str = DATA) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (default: all, across processes)."""
+    """A 1-D mesh over the first ``num_devices`` devices (default: all, across processes).
+
+    Args:
+        num_devices: how many devices (default all, across processes).
+        axis: the mesh axis' name.
+
+    Returns:
+        A ``jax.sharding.Mesh`` of shape ``(num_devices,)``.
+    """
     devices = jax.devices()
     if num_devices is None:
         num_devices = len(devices)
@@ -47,11 +55,26 @@ def _axis(mesh: Mesh) -> str:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The leading (batch) axis split over the mesh; the other axes whole."""
+    """The leading (batch) axis split over the mesh; the other axes whole.
+
+    Args:
+        mesh: a mesh from ``data_mesh``.
+
+    Returns:
+        A ``NamedSharding`` splitting axis 0 over the mesh.
+    """
     return NamedSharding(mesh, PartitionSpec(_axis(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array.
+
+    Args:
+        mesh: a mesh from ``data_mesh``.
+
+    Returns:
+        A ``NamedSharding`` with an empty partition spec.
+    """
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -65,7 +88,16 @@ def require_divisible(batch: int, mesh: Mesh, what: str = "batch") -> None:
 def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**18) -> Any:
     """Per leaf: split over the mesh along its largest axis the device count divides if it
     holds at least ``min_size`` elements (FSDP-style: each device stores a slice; XLA gathers
-    it where the leaf is used), else replicated."""
+    it where the leaf is used), else replicated.
+
+    Args:
+        tree: a pytree of arrays (params, optimizer state).
+        mesh: a mesh from ``data_mesh``.
+        min_size: the smallest leaf (in elements) that is split (default 2¹⁸).
+
+    Returns:
+        A pytree of ``NamedSharding`` s shaped like ``tree``.
+    """
     axis, devices = _axis(mesh), mesh.devices.size
 
     def one(leaf):
@@ -83,7 +115,15 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**18) -> Any:
 
 def place(tree: Any, sharding) -> Any:
     """``jax.device_put`` of a pytree onto a sharding (one for all leaves, or a matching tree);
-    leaves already laid out so are not copied."""
+    leaves already laid out so are not copied.
+
+    Args:
+        tree: a pytree of arrays.
+        sharding: one sharding for every leaf, or a pytree of them shaped like ``tree``.
+
+    Returns:
+        The placed pytree.
+    """
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
     return jax.tree_util.tree_map(jax.device_put, tree, sharding)

@@ -115,7 +115,21 @@ def private_grad(model: Layer, loss: Loss, l2_clip: float, noise_multiplier: flo
                  has_state: bool = False) -> Callable:
     """``f(params, x, y, *, noise_key, key=None, mask=None) -> (values, grads, norms)``: DP-SGD's
     noisy mean ``(Σ_b clip(g_b) + σ C z) / B̄`` with ``z ~ N(0, I)`` drawn from ``noise_key`` (one
-    independent draw per parameter leaf) — pass it to any optimizer as the gradient."""
+    independent draw per parameter leaf) — pass it to any optimizer as the gradient.
+
+    Args:
+        model: the network (BatchNorm in training mode is refused).
+        loss: the loss; each example's value is its own loss.
+        l2_clip: ``C``, the clipping norm.
+        noise_multiplier: ``σ``: the noise's standard deviation is ``σ C``.
+        expected_batch_size: ``B̄``, the divisor of the noisy sum (the expected Poisson batch size).
+        has_state: for models that keep state.
+
+    Returns:
+        ``f(params, x, y, *, noise_key, key=None, mask=None) -> (values, grads, norms)``: per-example losses, the
+        noisy mean gradient and the per-example gradient norms (before clipping); ``mask`` (``(B,)`` bools) leaves
+        out a Poisson buffer's padding rows.
+    """
     require_number("private_grad", "l2_clip", l2_clip, low=0, low_open=True)
     sigma = require_number("private_grad", "noise_multiplier", noise_multiplier, low=0)
     size = require_number("private_grad", "expected_batch_size", expected_batch_size, low=0, low_open=True)
@@ -177,14 +191,32 @@ class DPSGD:
 
 
 def max_batch(n: int, batch_size: int) -> int:
-    """The buffer for a Poisson batch of expected size ``B̄``: ``B̄ + 6σ + 1`` (at most ``n``)."""
+    """The buffer for a Poisson batch of expected size ``B̄``: ``B̄ + 6σ + 1`` (at most ``n``).
+
+    Args:
+        n: the data set's size.
+        batch_size: ``B̄``, the expected batch size.
+
+    Returns:
+        The buffer's number of rows.
+    """
     q = batch_size / n
     return min(n, math.ceil(batch_size + 6 * math.sqrt(n * q * (1 - q)) + 1))
 
 
 def poisson_batch(key, n: int, rate: float, size: int):
     """``(idx, mask)``: each of ``n`` examples chosen with probability ``rate``; the chosen ones
-    first (in index order) in a buffer of ``size`` rows, ``mask`` marking them."""
+    first (in index order) in a buffer of ``size`` rows, ``mask`` marking them.
+
+    Args:
+        key: a JAX key.
+        n: the data set's size.
+        rate: ``q``, each example's probability of being chosen.
+        size: the buffer's rows (``max_batch``).
+
+    Returns:
+        ``(idx, mask)``: ``(size,)`` indices and ``(size,)`` bools.
+    """
     chosen = jax.random.uniform(key, (n,)) < rate
     idx = jnp.argsort(~chosen, stable=True)[:size]
     return idx, chosen[idx]

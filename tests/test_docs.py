@@ -62,7 +62,13 @@ KEY_FUNCTIONS = ["fbp.core.value_and_grad", "fbp.core.grad", "fbp.core.vjp", "fb
                                               "warmup_cosine_decay_schedule")),
                  *(f"fbp.data.{n}" for n in ("train_test_split", "batch_indices", "batches", "load_digits",
                                              "load_breast_cancer", "load_diabetes", "read_idx", "load_mnist")),
-                 *(f"fbp.checkpoint.{n}" for n in ("step_directory", "all_steps", "latest_step", "save", "restore"))]
+                 *(f"fbp.checkpoint.{n}" for n in ("step_directory", "all_steps", "latest_step", "save", "restore")),
+                 *(f"fbp.parallel.{n}" for n in ("data_mesh", "batch_sharding", "replicated", "fsdp_sharding",
+                                                 "place")),
+                 "fbp.privacy.private_grad", "fbp.privacy.max_batch", "fbp.privacy.poisson_batch",
+                 "fbp.accounting.epsilon", "fbp.accounting.calibrate_noise", "fbp.augment.random_crop",
+                 "fbp.augment.horizontal_flip", "fbp.augment.gaussian_noise", "fbp.credit.feedback_alignment",
+                 "fbp.credit.sign_symmetry", "fbp.credit.direct_feedback_alignment", "fbp.debug.find_nonfinite"]
 
 
 @pytest.mark.parametrize("name", KEY_FUNCTIONS)
