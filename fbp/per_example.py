@@ -363,7 +363,19 @@ def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: 
 def routes(model: Layer, loss: Loss, params, x, y, *, mode: str = "norms", **context) -> dict[str, str]:
     """How ``grad_norms`` (``mode="norms"``) or ``grads`` (``"grads"``) computes each leaf's
     per-example quantity for inputs shaped like ``x``: ``{"0": "norms ‖x‖‖g‖", "2": "ghost norm
-    (T=64)", "3/block": "materialised (vmap of the layer's rules)", ...}``. Traces only (nothing runs)."""
+    (T=64)", "3/block": "materialised (vmap of the layer's rules)", ...}``. Traces only (nothing runs).
+
+    Args:
+        model: the network.
+        loss: the loss.
+        params: its parameters (only shapes are read).
+        x: an input batch (shapes only).
+        y: the targets (shapes only).
+        mode: ``"norms"`` or ``"grads"``.
+
+    Returns:
+        ``{path: route}`` for every leaf with parameters.
+    """
     found: dict[str, str] = {}
 
     def trace(params, x, y):
@@ -389,7 +401,16 @@ def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Ca
     """``f(params, x, y, *, key=None) -> Σ_b (∇ℓ_b)²`` elementwise, shaped like params (BackPACK's
     SumGradSquared, for the per-example losses ``ℓ_b``). Each layer squares its own per-example
     gradients in the backward pass (a Dense on ``(B, n)`` as ``(x²)ᵀ(g²)``, never materialising
-    them); no per-example gradient of the whole model ever exists."""
+    them); no per-example gradient of the whole model ever exists.
+
+    Args:
+        model: the network.
+        loss: the loss.
+        has_state: for models that keep state.
+
+    Returns:
+        The function above.
+    """
 
     def body(params, x, y, **context):
         return _sgs_and_sum(model, loss, params, x, y, **context)[0]
@@ -400,7 +421,16 @@ def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Ca
 def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> (1/B) Σ_b (∇ℓ_b - ḡ)²`` elementwise, ``ḡ`` the mean
     per-example gradient (BackPACK's Variance, for the per-example losses): ``SGS/B - ḡ²`` from
-    the same pass (clamped at 0 against rounding)."""
+    the same pass (clamped at 0 against rounding).
+
+    Args:
+        model: the network.
+        loss: the loss.
+        has_state: for models that keep state.
+
+    Returns:
+        The function above.
+    """
 
     def body(params, x, y, **context):
         sgs, total, b = _sgs_and_sum(model, loss, params, x, y, **context)

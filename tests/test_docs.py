@@ -68,7 +68,14 @@ KEY_FUNCTIONS = ["fbp.core.value_and_grad", "fbp.core.grad", "fbp.core.vjp", "fb
                  "fbp.privacy.private_grad", "fbp.privacy.max_batch", "fbp.privacy.poisson_batch",
                  "fbp.accounting.epsilon", "fbp.accounting.calibrate_noise", "fbp.augment.random_crop",
                  "fbp.augment.horizontal_flip", "fbp.augment.gaussian_noise", "fbp.credit.feedback_alignment",
-                 "fbp.credit.sign_symmetry", "fbp.credit.direct_feedback_alignment", "fbp.debug.find_nonfinite"]
+                 "fbp.credit.sign_symmetry", "fbp.credit.direct_feedback_alignment", "fbp.debug.find_nonfinite",
+                 *(f"fbp.optim.{n}" for n in ("scale", "scale_by_learning_rate", "trace", "scale_by_rss",
+                                              "scale_by_rms", "scale_by_stddev", "scale_by_adam", "add_decayed_weights",
+                                              "add_l2_penalty", "add_l1_penalty", "clip", "clip_by_global_norm",
+                                              "apply_updates", "global_norm")),
+                 "fbp.optim.base.transformation",
+                 *(f"fbp.nn.init.{n}" for n in ("variance_scaling", "constant", "normal", "uniform", "orthogonal")),
+                 "fbp.per_example.routes", "fbp.per_example.sum_grad_squared", "fbp.per_example.variance"]
 
 
 @pytest.mark.parametrize("name", KEY_FUNCTIONS)

@@ -72,7 +72,16 @@ def _fans(shape: tuple[int, ...]) -> tuple[float, float]:
 
 def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     """Draw with variance ``scale / n``; ``mode`` in fan_in/fan_out/fan_avg,
-    ``distribution`` in uniform/normal/truncated_normal."""
+    ``distribution`` in uniform/normal/truncated_normal.
+
+    Args:
+        scale: the variance's numerator.
+        mode: ``"fan_in"``, ``"fan_out"`` or ``"fan_avg"``: which ``n``.
+        distribution: ``"uniform"``, ``"normal"`` or ``"truncated_normal"``.
+
+    Returns:
+        An initializer ``f(key, shape, dtype) -> array`` (an ``nn.init.Named``, printed as the call that made it).
+    """
     if mode not in ("fan_in", "fan_out", "fan_avg"):
         raise ValueError(f"mode must be 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}")
     if distribution not in ("uniform", "normal", "truncated_normal"):
@@ -115,12 +124,26 @@ ones = Named("ones", lambda key, shape, dtype=jnp.float32: jnp.ones(shape, dtype
 
 
 def constant(value: float) -> Initializer:
-    """Every entry equal to ``value``."""
+    """Every entry equal to ``value``.
+
+    Args:
+        value: every entry.
+
+    Returns:
+        An initializer ``f(key, shape, dtype) -> array`` (an ``nn.init.Named``, printed as the call that made it).
+    """
     return Named(f"constant({value!r})", lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype))
 
 
 def normal(stddev: float = 1e-2) -> Initializer:
-    """Normal with mean 0 and standard deviation ``stddev``."""
+    """Normal with mean 0 and standard deviation ``stddev``.
+
+    Args:
+        stddev: the standard deviation.
+
+    Returns:
+        An initializer ``f(key, shape, dtype) -> array`` (an ``nn.init.Named``, printed as the call that made it).
+    """
     if stddev < 0:
         raise ValueError(f"stddev must be >= 0, got {stddev}")
     return Named(f"normal({stddev!r})", lambda key, shape, dtype=jnp.float32: stddev * jax.random.normal(key, shape,
@@ -128,7 +151,14 @@ def normal(stddev: float = 1e-2) -> Initializer:
 
 
 def uniform(scale: float = 1e-2) -> Initializer:
-    """Uniform on ``[-scale, scale)`` (symmetric; e.g. the 1986 paper's ±0.3)."""
+    """Uniform on ``[-scale, scale)`` (symmetric; e.g. the 1986 paper's ±0.3).
+
+    Args:
+        scale: the half-width of the interval.
+
+    Returns:
+        An initializer ``f(key, shape, dtype) -> array`` (an ``nn.init.Named``, printed as the call that made it).
+    """
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     return Named(f"uniform({scale!r})", lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
@@ -137,7 +167,14 @@ def uniform(scale: float = 1e-2) -> Initializer:
 
 def orthogonal(scale: float = 1.0) -> Initializer:
     """A (semi-)orthogonal matrix times ``scale`` (Saxe et al., 2014), from the QR decomposition
-    of a Gaussian matrix with the signs of R's diagonal fixed — the usual recurrent-kernel init."""
+    of a Gaussian matrix with the signs of R's diagonal fixed — the usual recurrent-kernel init.
+
+    Args:
+        scale: the factor on the orthogonal matrix.
+
+    Returns:
+        An initializer ``f(key, shape, dtype) -> array`` (an ``nn.init.Named``, printed as the call that made it).
+    """
 
     def initializer(key, shape, dtype=jnp.float32):
         rows, cols = math.prod(shape[:-1]), shape[-1]

@@ -76,7 +76,16 @@ def transformation(name: str, init: Callable[[PyTree], PyTree], update: Callable
     """A ``GradientTransformation`` whose ``update`` first checks that ``state`` is what
     ``init`` makes for parameters shaped like the updates (and that ``params``, when given, has
     their structure). The check compares structures and shapes only: under ``jit`` it runs once,
-    at trace time, and names the transformation and the first path that differs."""
+    at trace time, and names the transformation and the first path that differs.
+
+    Args:
+        name: how errors name it.
+        init: ``params -> state``.
+        update: ``(updates, state, params=None) -> (updates, state)``.
+
+    Returns:
+        A ``GradientTransformation`` with the checked ``update``.
+    """
 
     def checked_update(updates, state, params=None):
         expected = jax.eval_shape(init, updates)
@@ -98,6 +107,13 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 
     ``updates`` must have the structure and leaf shapes of ``params`` (no broadcasting: an update
     that would change a parameter's shape raises ``ValueError``).
+
+    Args:
+        params: the parameters.
+        updates: what the optimizer returned, shaped like ``params``.
+
+    Returns:
+        The new parameters.
     """
     problem = _mismatch(params, updates)
     if problem is not None:
@@ -112,6 +128,12 @@ def global_norm(tree: PyTree) -> jax.Array:
     Computed overflow-safely as ``m · sqrt(Σ (x / m)²)`` with ``m`` the largest magnitude, so
     finite leaves whose squares overflow (3e19 in float32) still give a finite norm when it
     is representable; a NaN or inf entry gives a non-finite norm.
+
+    Args:
+        tree: a pytree of arrays.
+
+    Returns:
+        A scalar array.
     """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:

@@ -74,7 +74,14 @@ def _needs_params(params, owner: str) -> None:
 
 # --------------------------------------------------------------------------- scaling
 def scale(step_size: float) -> GradientTransformation:
-    """``u ← step_size · g``."""
+    """``u ← step_size · g``.
+
+    Args:
+        step_size: the factor, e.g. ``-learning_rate``.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     require_number("scale", "step_size", step_size)
     return _stateless("scale", lambda u, params: tree_map(lambda g: step_size * g, u))
 
@@ -91,6 +98,13 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
     A schedule is evaluated at the number of updates made before this one (0 at the first
     update), as in optax.
+
+    Args:
+        learning_rate: ``η``: a float or a schedule ``step -> rate``.
+        flip_sign: descend (``-η g``, default) or ascend.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     check_rate("scale_by_learning_rate", "learning_rate", learning_rate)
     sign = -1.0 if flip_sign else 1.0
@@ -115,6 +129,13 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """Momentum (Polyak, 1964); Nesterov's form as in Sutskever et al. (2013).
 
     ``m ← decay · m + g``;  ``u ← m`` (heavy ball) or ``u ← g + decay · m`` (Nesterov).
+
+    Args:
+        decay: ``μ``, the momentum.
+        nesterov: Nesterov's form.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     _unit("momentum (decay)", decay, "trace", closed=True)
 
@@ -136,6 +157,13 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> G
 
     ``s ← s + g²`` (``s₀ = initial_accumulator_value``);  ``u ← g / sqrt(s + eps)`` where
     ``s > 0``, else 0 — eps inside the square root, as optax.
+
+    Args:
+        initial_accumulator_value: ``s₀``.
+        eps: added inside the square root.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     _nonneg("initial_accumulator_value", initial_accumulator_value, "scale_by_rss")
     _nonneg("eps", eps, "scale_by_rss")
@@ -166,6 +194,16 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0
     ``ν̂ = ν / (1 - decayᵗ)``, else ``ν̂ = ν``. ``u ← g / sqrt(ν̂ + eps)`` — optax's default
     puts eps **inside** the square root, unlike the lecture's ``g / (sqrt(ν) + eps)``, which
     ``eps_in_sqrt=False`` gives.
+
+    Args:
+        decay: the moving average's decay.
+        eps: the stabiliser.
+        initial_scale: ``ν₀``.
+        eps_in_sqrt: ``eps`` inside the square root (optax's default) or outside.
+        bias_correction: divide by ``1 - decayᵗ``.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     _unit("decay", decay, "scale_by_rms", closed=True)
     require_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)  # eps = 0 turns a zero gradient into 0/0
@@ -195,6 +233,16 @@ def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float 
     ``μ ← decay · μ + (1 - decay) g``;  ``ν ← decay · ν + (1 - decay) g²``;
     ``u ← g / sqrt(ν̂ - μ̂² + eps)`` (hats: optional bias correction; eps placement as in
     ``scale_by_rms``).
+
+    Args:
+        decay: the moving averages' decay.
+        eps: the stabiliser.
+        initial_scale: ``ν₀``.
+        eps_in_sqrt: ``eps`` inside the square root or outside.
+        bias_correction: divide both averages by ``1 - decayᵗ``.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     _unit("decay", decay, "scale_by_stddev", closed=True)
     require_number("scale_by_stddev", "eps", eps, low=0.0, low_open=True)
@@ -226,6 +274,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     ``m ← b1 m + (1-b1) g``;  ``v ← b2 v + (1-b2) g²``;  ``m̂ = m / (1 - b1ᵗ)``,
     ``v̂ = v / (1 - b2ᵗ)``;  ``u ← m̂ / (sqrt(v̂ + eps_root) + eps)``.
     Nesterov: ``m̂ = b1 m / (1 - b1^{t+1}) + (1 - b1) g / (1 - b1ᵗ)``.
+
+    Args:
+        b1: ``β₁``.
+        b2: ``β₂``.
+        eps: added to ``sqrt(v̂)``.
+        eps_root: added inside the square root.
+        nesterov: NAdam's first moment.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     _unit("b1", b1, "scale_by_adam", closed=False)
     _unit("b2", b2, "scale_by_adam", closed=False)
@@ -281,26 +339,60 @@ def _add_term(term: Callable[[jax.Array], jax.Array], mask: Any, owner: str) -> 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
     """Decoupled weight decay (Loshchilov & Hutter, 2019): ``u ← u + λ θ``, placed after the
-    adaptive scaling; ``mask`` (pytree of bools, or a function of params) limits it, e.g. to kernels."""
+    adaptive scaling; ``mask`` (pytree of bools, or a function of params) limits it, e.g. to kernels.
+
+    Args:
+        weight_decay: ``λ``.
+        mask: a pytree of bools shaped like the params, or a function of the params returning one; ``None``
+            applies it everywhere.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     _nonneg("weight_decay", weight_decay, "add_decayed_weights")
     return _add_term(lambda p: weight_decay * p, mask, "add_decayed_weights")
 
 
 def add_l2_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
-    """L2 penalty ``(λ/2) ‖θ‖²`` added to the loss, i.e. ``g ← g + λ θ`` before any scaling."""
+    """L2 penalty ``(λ/2) ‖θ‖²`` added to the loss, i.e. ``g ← g + λ θ`` before any scaling.
+
+    Args:
+        coefficient: ``λ``.
+        mask: a pytree of bools shaped like the params, or a function of the params returning one; ``None``
+            applies it everywhere.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     _nonneg("coefficient", coefficient, "add_l2_penalty")
     return _add_term(lambda p: coefficient * p, mask, "add_l2_penalty")
 
 
 def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
-    """L1 penalty ``λ ‖θ‖₁``: ``g ← g + λ sign(θ)`` (subgradient 0 at θ = 0)."""
+    """L1 penalty ``λ ‖θ‖₁``: ``g ← g + λ sign(θ)`` (subgradient 0 at θ = 0).
+
+    Args:
+        coefficient: ``λ``.
+        mask: a pytree of bools shaped like the params, or a function of the params returning one; ``None``
+            applies it everywhere.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     _nonneg("coefficient", coefficient, "add_l1_penalty")
     return _add_term(lambda p: coefficient * jnp.sign(p), mask, "add_l1_penalty")
 
 
 # --------------------------------------------------------------------------- clipping
 def clip(max_delta: float) -> GradientTransformation:
-    """Clip by value: ``u ← clip(g, -max_delta, max_delta)``."""
+    """Clip by value: ``u ← clip(g, -max_delta, max_delta)``.
+
+    Args:
+        max_delta: the largest magnitude an entry keeps.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     _nonneg("max_delta", max_delta, "clip")
     return _stateless("clip", lambda u, params: tree_map(lambda g: jnp.clip(g, -max_delta, max_delta), u))
 
@@ -320,6 +412,12 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     update of norm ``max_norm``. All-zero gradients pass through unchanged (no 0/0). A gradient
     holding NaN or inf is not hidden: the updates become NaN and the state's ``global_norm``
     records it.
+
+    Args:
+        max_norm: the largest global norm the updates keep.
+
+    Returns:
+        A ``GradientTransformation``.
     """
     require_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
