@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
 from fbp.deviation import deviations, reference_model
@@ -418,6 +419,22 @@ def assert_loss(*args, **kwargs) -> Report:
 def assert_model(*args, **kwargs) -> Report:
     """``model``, raising ``AssertionError`` with the table on any failure (for pytest)."""
     return model(*args, **kwargs).assert_ok()
+
+
+def curvature_references(model: Layer, loss: Loss, params, x, y, v=None) -> dict:
+    """For ``fbp.check.curvature``: ``{"diag_ggn", "ggn_vector_product" (with v), "diag_hessian"}``
+    by JAX autodiff, shaped like ``params``: ``diag(Jᵀ H J)``, ``Jᵀ H J v`` and
+    ``diag(∇²(loss ∘ apply))`` (evaluation mode; dense ``J`` and ``H``, for small models)."""
+    flat, unravel = ravel_pytree(params)
+    apply = lambda f: model.apply(unravel(f), x)  # noqa: E731
+    pred = apply(flat)
+    jac = jax.jacrev(apply)(flat).reshape(pred.size, flat.size)
+    hess = jax.hessian(lambda z: loss(z, y))(pred).reshape(pred.size, pred.size)
+    out = {"diag_ggn": unravel(jnp.einsum("pi,pq,qi->i", jac, hess, jac)),
+           "diag_hessian": unravel(jnp.diag(jax.hessian(lambda f: loss(apply(f), y))(flat)))}
+    if v is not None:
+        out["ggn_vector_product"] = unravel(jac.T @ (hess @ (jac @ ravel_pytree(v)[0])))
+    return out
 
 
 from fbp.check_curvature import assert_curvature, curvature  # noqa: E402,F401  (fbp.check.curvature)

@@ -1,5 +1,6 @@
 """``fbp.check.curvature``: fbp's curvature (``fbp.curvature``) against JAX autodiff of the plain
-forward — part of the checker, the one place in ``fbp/`` where autodiff is called.
+forward. The autodiff itself stays in ``fbp/check.py`` (``curvature_references``), the one
+place in ``fbp/`` that calls it; this module compares and reports.
 
 The references are dense: the model's Jacobian ``J = jacrev(apply)`` for the whole batch and
 the loss's Hessian ``H = hessian(loss)`` in its prediction, so ``GGN = Jᵀ H J`` and the Hessian
@@ -10,34 +11,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from fbp import curvature as fc
-from fbp.check import _cast, _check_settings, _compare_jax, _defaults, _with_precision
+from fbp.check import _cast, _check_settings, _compare_jax, _defaults, _with_precision, curvature_references
 from fbp.core import InputError, Layer, Loss
 from fbp.report import Report
 from fbp.validation import path_name
 
 
-def references(model: Layer, loss: Loss, params, x, y, v=None) -> dict:
-    """``{"diag_ggn", "ggn_vector_product" (with v), "diag_hessian"}`` by JAX autodiff, shaped like
-    ``params``: ``diag(Jᵀ H J)``, ``Jᵀ H J v`` and ``diag(∇²(loss ∘ apply))`` (evaluation mode)."""
-    flat, unravel = ravel_pytree(params)
-    apply = lambda f: model.apply(unravel(f), x)  # noqa: E731
-    pred = apply(flat)
-    jac = jax.jacrev(apply)(flat).reshape(pred.size, flat.size)
-    hess = jax.hessian(lambda z: loss(z, y))(pred).reshape(pred.size, pred.size)
-    out = {"diag_ggn": unravel(jnp.einsum("pi,pq,qi->i", jac, hess, jac)),
-           "diag_hessian": unravel(jnp.diag(jax.hessian(lambda f: loss(apply(f), y))(flat)))}
-    if v is not None:
-        out["ggn_vector_product"] = unravel(jac.T @ (hess @ (jac @ ravel_pytree(v)[0])))
-    return out
-
-
 def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jnp.float64, jit: bool = False,
               rtol: float | None = None, atol: float | None = None) -> Report:
     """Check ``diag_ggn``, ``ggn_vector_product`` (a random ``v``) and, where the model is a
-    chain it covers, ``diag_hessian`` against JAX autodiff (``references``).
+    chain it covers, ``diag_hessian`` against JAX autodiff (``fbp.check.curvature_references``).
 
     Args:
         model: the network (evaluation mode; no state).
@@ -66,7 +51,7 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
             ours["diag_hessian"] = _maybe_jit(fc.diag_hessian(model, loss), jit)(p, xx, yy)
         except InputError:
             pass  # not a chain diag_hessian covers: the other two are still checked
-        refs = jax.jit(lambda *args: references(model, loss, *args))(p, xx, yy, v)
+        refs = jax.jit(lambda *args: curvature_references(model, loss, *args))(p, xx, yy, v)
         dt = jax.tree_util.tree_leaves(p)[0].dtype
         rt = _defaults(dt, rtol, None)[0]
         rows = []
