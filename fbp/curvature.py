@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, sum_squares_probe, with_context
+from fbp.walk import child_params
 
 PyTree = Any
 APPROXIMATIONS = ("expand", "reduce")
@@ -263,9 +264,10 @@ def _factors(model, params, path, out, layout) -> Factors:
 
 
 def _leaf_params(model, params, path):
-    found = {}
-    map_leaf_params(model, params, lambda p, layer, leaf: found.setdefault(p, leaf))
-    return found[path]
+    """The params of the leaf at ``path`` (``"1/0"``), by ``walk.child_params`` along it."""
+    for part in path.split("/") if path else ():
+        params = child_params(params, part)
+    return params
 
 
 # --------------------------------------------------------------------------- diagonal Hessian
