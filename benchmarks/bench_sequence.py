@@ -126,7 +126,7 @@ def lstm_bench(rounds):
 def layer_norm(x, p, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["b"]
 
 
 def block_jax(p, x, heads=4):

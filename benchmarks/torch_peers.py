@@ -60,8 +60,8 @@ def transformer(params, x, y, lr, heads):
     """Pre-LN block with ``F.scaled_dot_product_attention`` -> mean over time -> Linear."""
     block, head = params[0], params[2]
     a = block["attention"]
-    t = {"ln1_s": block["ln1"]["scale"], "ln1_b": block["ln1"]["bias"], "ln2_s": block["ln2"]["scale"],
-         "ln2_b": block["ln2"]["bias"], "w_in": block["mlp_in"]["w"], "b_in": block["mlp_in"]["b"],
+    t = {"ln1_s": block["ln1"]["scale"], "ln1_b": block["ln1"]["b"], "ln2_s": block["ln2"]["scale"],
+         "ln2_b": block["ln2"]["b"], "w_in": block["mlp_in"]["w"], "b_in": block["mlp_in"]["b"],
          "w_out": block["mlp_out"]["w"], "b_out": block["mlp_out"]["b"], "w": head["w"], "b": head["b"],
          **{f"{n}_{m}": a[f"{n}_{m}"] for n in "wb" for m in "qkvo"}}
     t = {k: _tensor(v).requires_grad_() for k, v in t.items()}

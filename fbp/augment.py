@@ -79,7 +79,14 @@ def gaussian_noise(stddev: float) -> Augment:
 
 
 def compose(*augments: Augment) -> Augment:
-    """Apply ``augments`` in order, each with its own key."""
+    """Apply augmentations in order, each with its own key.
+
+    Args:
+        *augments: functions ``(key, x) -> x``.
+
+    Returns:
+        One augmentation ``(key, x) -> x`` that splits ``key`` among them.
+    """
 
     def fn(key, x):
         for f, k in zip(augments, jax.random.split(key, max(len(augments), 1)), strict=False):

@@ -96,7 +96,14 @@ def _labels(key, n, c):
 
 
 def losses_cases(key) -> list[tuple[losses.Loss, jax.Array, jax.Array]]:
-    """(loss, pred, target) for every built-in loss, including every reduction."""
+    """``(loss, pred, target)`` for every built-in loss, including every reduction and target form.
+
+    Args:
+        key: the random key the predictions and targets are drawn from.
+
+    Returns:
+        A list of cases for ``fbp.check.loss``.
+    """
     k1, k2, k3 = jax.random.split(key, 3)
     z = 2 * jax.random.normal(k1, (6, 4))
     t = jax.random.normal(k2, (6, 4))
@@ -151,9 +158,19 @@ def _init(layer, key, x):
 
 
 def checks(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[tuple[str, Callable[[], check.Report]]]:
-    """Every check of the catalogue as ``(subject, thunk)``: calling the thunk builds the case's
-    sample input and parameters and runs its check. ``run`` calls them all; the test suite runs
-    one per test, so the cases spread over its workers."""
+    """Every check of the catalogue, as thunks.
+
+    Calling a thunk builds the case's sample input and parameters and runs its check. ``run``
+    calls them all; the test suite runs one per test, so the cases spread over its workers.
+
+    Args:
+        dtype: the precision to check in.
+        jit: run the rules under ``jax.jit``.
+        key: the random key for inputs and parameters (``PRNGKey(0)`` if ``None``).
+
+    Returns:
+        A list of ``(subject, thunk)``; each thunk returns a ``fbp.check.Report``.
+    """
     key = jax.random.PRNGKey(0) if key is None else key
     out = []
     for i, (layer, shape) in enumerate(layers()):
@@ -170,7 +187,16 @@ def checks(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[tuple[str,
 
 
 def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]:
-    """Check every built-in rule; returns one report per case."""
+    """Check every built-in rule (``python -m fbp check`` runs this).
+
+    Args:
+        dtype: the precision to check in.
+        jit: run the rules under ``jax.jit``.
+        key: the random key for inputs and parameters (``PRNGKey(0)`` if ``None``).
+
+    Returns:
+        One ``fbp.check.Report`` per case.
+    """
     return [thunk() for _, thunk in checks(dtype=dtype, jit=jit, key=key)]
 
 

@@ -41,98 +41,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fbp.compare import (
+    cast,
+    check_settings,
+    compare_fd,
+    compare_jax,
+    default_tolerances,
+    is_float,
+    refuse_half,
+    standard_normal,
+    with_precision,
+)
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
 from fbp.deviation import deviations, reference_model
 from fbp.report import Report, Row, format_table  # noqa: F401  (fbp.check.Report is the public name)
 
 PyTree = Any
-
-
-# --------------------------------------------------------------------------- helpers
-def _is_float(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-
-
-def _cast(tree: PyTree, dtype) -> PyTree:
-    if dtype is None:
-        return jax.tree_util.tree_map(jnp.asarray, tree)
-    def cast(a):
-        a = jnp.asarray(a)
-        return a.astype(dtype) if _is_float(a) else a
-
-    return jax.tree_util.tree_map(cast, tree)
-
-
-def _rng(key) -> np.random.Generator:
-    """A NumPy generator seeded by a JAX key: the check's own randomness (``d_y``, difference
-    directions) without compiling a random-number kernel for every shape."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-
-def _standard_normal(key, shape, dtype) -> jax.Array:
-    return jnp.asarray(_rng(key).standard_normal(shape).astype(np.dtype(dtype)))
-
-
-def _defaults(dtype, rtol, fd_rtol):
-    double = jnp.dtype(dtype) == jnp.float64
-    return (1e-10 if double else 1e-5) if rtol is None else rtol, \
-           (1e-6 if double else 1e-2) if fd_rtol is None else fd_rtol
-
-
-def _compare_jax(name: str, actual, desired, rtol: float, atol: float) -> Row:
-    a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    if a.shape != d.shape:
-        return Row(name, "jax", math.inf, math.inf, f"shape {a.shape} vs {d.shape}", math.nan, math.nan, False)
-    if a.size == 0:
-        return Row(name, "jax", 0.0, 0.0, "-", 0.0, 0.0, True, 0.0)
-    err = np.abs(a - d)
-    err = np.where(np.isnan(err) & ~(np.isnan(a) & np.isnan(d)), np.inf, np.nan_to_num(err, nan=0.0))
-    worst = np.unravel_index(int(np.argmax(err)), err.shape)
-    max_abs = float(err[worst])
-    scale = max(float(np.max(np.abs(np.nan_to_num(a)))), float(np.max(np.abs(np.nan_to_num(d)))))
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    ok = bool(np.isfinite(max_abs) and (max_rel <= rtol or max_abs <= atol))
-    error = min(max_rel, max_abs * rtol / atol) if atol > 0 else max_rel
-    where = str(tuple(int(i) for i in worst)) if err.ndim else "()"
-    return Row(name, "jax", max_abs, max_rel, where, float(a[worst]), float(d[worst]), ok, error)
-
-
-def _compare_fd(name: str, f: Callable, args: PyTree, leaf_index: int, actual, key, n_dirs: int,
-                fd_rtol: float, fd_atol: float) -> Row:
-    """Central differences of the jitted ``f`` along ``n_dirs`` random unit directions of one leaf.
-
-    The directions and the moved points are NumPy arrays in the leaf's dtype, drawn from a
-    generator seeded by ``key`` (reproducible from the check's ``seed``), so no random-number
-    kernel is compiled for every leaf's shape."""
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    dtype = np.dtype(leaves[leaf_index].dtype)
-    theta = np.asarray(leaves[leaf_index])
-    eps = float(np.finfo(dtype).eps)
-    h = eps ** (1 / 3) * max(1.0, float(np.max(np.abs(theta))) if theta.size else 1.0)
-    actual = np.asarray(actual, dtype)
-    norm = float(np.linalg.norm(actual.ravel().astype(np.float64)))
-    rng = _rng(key)
-    worst = None
-    for i in range(n_dirs):
-        v = rng.standard_normal(theta.shape).astype(dtype)
-        v = v / max(np.linalg.norm(v.ravel()), np.finfo(dtype).tiny)
-
-        def at(step, v=v):
-            moved = list(leaves)
-            moved[leaf_index] = (theta + dtype.type(step) * v).astype(dtype)
-            return float(f(jax.tree_util.tree_unflatten(treedef, moved)))
-
-        estimate = (at(h) - at(-h)) / (2 * h)
-        directional = float(np.vdot(actual.astype(np.float64), v.astype(np.float64)))
-        err = abs(directional - estimate)
-        rel = err / norm if norm > 0 else (0.0 if err <= 10 * eps else math.inf)
-        if not math.isfinite(err):
-            rel = math.inf
-        if i == 0 or rel > worst.max_rel:
-            error = min(rel, err * fd_rtol / fd_atol) if fd_atol > 0 else rel
-            worst = Row(name, "fd", err, rel, f"dir {i}", directional, estimate, rel <= fd_rtol or err <= fd_atol,
-                        error)
-    return worst
 
 
 _MISSING = object()  # a parameter path fbp's gradient has no entry for
@@ -166,43 +90,15 @@ def _run(subject: str, f: Callable, fbp_grad: Callable, args: PyTree, *, dtype, 
             rows.append(Row(name, "jax", math.inf, math.inf, f"fbp returned {what}", math.nan, math.nan, False,
                             math.inf))
             continue
-        rows.append(_compare_jax(name, a, d, rtol, atol))
+        rows.append(compare_jax(name, a, d, rtol, atol))
         if fd and np.size(a) and tuple(a.shape) == tuple(np.shape(d)):
-            rows.append(_compare_fd(name, f, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol,
+            rows.append(compare_fd(name, f, args, i, a, jax.random.fold_in(key, i), fd_directions, fd_rtol,
                                     fd_rtol * scale))
     for path_text, a in a_items.items():
         if path_text not in d_names and a is not None:
             rows.append(Row(path_text.removeprefix("params/"), "jax", math.inf, math.inf,
                             "fbp returned a leaf with no parameter", math.nan, math.nan, False, math.inf))
     return Report(subject, "as given" if dtype is None else jnp.dtype(dtype).name, tuple(rows))
-
-
-def _check_settings(dtype, tolerances: dict[str, float | None], fd_directions: int) -> None:
-    """Refuse settings that would make a verdict meaningless."""
-    if dtype is not None:
-        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-            raise ValueError(f"fbp.check: dtype must be a floating dtype (jnp.float64, the default, or jnp.float32) "
-                             f"or None to keep the inputs' own, got {jnp.dtype(dtype).name}")
-        _refuse_half(jnp.dtype(dtype))
-    for name, value in tolerances.items():
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"fbp.check: {name} must be a finite number >= 0, got {value!r}")
-    if isinstance(fd_directions, bool) or not isinstance(fd_directions, int) or fd_directions < 1:
-        raise ValueError(f"fbp.check: fd_directions must be an int >= 1, got {fd_directions!r}")
-
-
-def _refuse_half(dtype) -> None:
-    if jnp.dtype(dtype).itemsize < 4:
-        raise ValueError(f"fbp.check: cannot judge gradients in {jnp.dtype(dtype).name}: its rounding (eps "
-                         f"{float(jnp.finfo(dtype).eps):.1e}) swamps both references, and finite differences need "
-                         f"more digits. Check in float64 (the default) or float32: the rules are the same code")
-
-
-def _with_precision(dtype, body: Callable[[], Report]) -> Report:
-    if dtype is not None and jnp.dtype(dtype) == jnp.float64:
-        with jax.enable_x64(True):
-            return body()
-    return body()
 
 
 def _by_design(model: Layer) -> tuple[Layer, tuple[str, ...]]:
@@ -224,7 +120,7 @@ class _Inputs:
 
     def __init__(self, x):
         self.leaves, self.treedef = jax.tree_util.tree_flatten(x)
-        self.floating = [i for i, leaf in enumerate(self.leaves) if _is_float(leaf)]
+        self.floating = [i for i, leaf in enumerate(self.leaves) if is_float(leaf)]
 
     def args(self, params):
         if not self.floating:
@@ -272,15 +168,15 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         A ``Report``: ``str(report)`` is the table (one row per parameter path and reference),
         ``report.ok`` the verdict.
     """
-    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
+    check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 
     def body():
-        p, xx, ss = _cast(params, dtype), _cast(x, dtype), _cast(state, dtype)
+        p, xx, ss = cast(params, dtype), cast(x, dtype), cast(state, dtype)
         ctx = {"state": ss, "key": key, "train": train}
         y = jax.eval_shape(lambda p_, x_: layer.apply(p_, x_, **ctx), p, xx)
-        _refuse_half(y.dtype)
-        cot = _standard_normal(check_key, y.shape, y.dtype) if d_y is None else _cast(d_y, dtype)
+        refuse_half(y.dtype)
+        cot = standard_normal(check_key, y.shape, y.dtype) if d_y is None else cast(d_y, dtype)
         inputs = _Inputs(xx)
         args = inputs.args(p)
         reference, notes = _by_design(layer)
@@ -293,12 +189,12 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
             d_params, d_x = layer.backward(res, cot)
             return {"params": d_params, "x": inputs.select(d_x)} if "x" in a else {"params": d_params}
 
-        rt, frt = _defaults(y.dtype, rtol, fd_rtol)
+        rt, frt = default_tolerances(y.dtype, rtol, fd_rtol)
         report = _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
                       fd=fd and not notes, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
         return dataclasses.replace(report, notes=notes)
 
-    return _with_precision(dtype, body)
+    return with_precision(dtype, body)
 
 
 def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, jit: bool = False,
@@ -324,18 +220,18 @@ def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, 
     Returns:
         A ``Report``: ``str(report)`` is the table, ``report.ok`` the verdict.
     """
-    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
+    check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     key = jax.random.PRNGKey(seed)
 
     def body():
-        p, t = _cast(pred, dtype), _cast(target, dtype)
+        p, t = cast(pred, dtype), cast(target, dtype)
         require_floating(f"fbp.check.loss: {loss!r}", p, what="prediction")
-        _refuse_half(p.dtype)
+        refuse_half(p.dtype)
         if g is None:
-            gg = _standard_normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
+            gg = standard_normal(key, p.shape[:1], p.dtype) if loss.reduction == "none" else jnp.ones((), p.dtype)
         else:
-            gg = _cast(jnp.asarray(g), dtype)
-        rt, frt = _defaults(p.dtype, rtol, fd_rtol)
+            gg = cast(jnp.asarray(g), dtype)
+        rt, frt = default_tolerances(p.dtype, rtol, fd_rtol)
 
         def f(a):
             return jnp.vdot(loss(a["pred"], t), gg) if gg.ndim else gg * loss(a["pred"], t)
@@ -347,7 +243,7 @@ def loss(loss: Loss, pred, target, *, g=None, seed: int = 0, dtype=jnp.float64, 
         return _run(f"fbp.check.loss: {loss!r}", f, fbp_grad, {"pred": p}, dtype=dtype, jit=jit, rtol=rt, atol=atol,
                     fd=fd, fd_rtol=frt, fd_directions=fd_directions, key=key)
 
-    return _with_precision(dtype, body)
+    return with_precision(dtype, body)
 
 
 def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=None, train: bool = True,
@@ -382,15 +278,15 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
     Returns:
         A ``Report``: ``str(report)`` is the table, ``report.ok`` the verdict.
     """
-    _check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
+    check_settings(dtype, {"rtol": rtol, "atol": atol, "fd_rtol": fd_rtol}, fd_directions)
     check_key = jax.random.PRNGKey(seed)
 
     def body():
-        p, xx, yy, ss = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype), _cast(state, dtype)
+        p, xx, yy, ss = cast(params, dtype), cast(x, dtype), cast(y, dtype), cast(state, dtype)
         ctx = {"state": ss, "key": key, "train": train}
         dt = jax.tree_util.tree_leaves(p)[0].dtype if jax.tree_util.tree_leaves(p) else xx.dtype
-        _refuse_half(dt)
-        rt, frt = _defaults(dt, rtol, fd_rtol)
+        refuse_half(dt)
+        rt, frt = default_tolerances(dt, rtol, fd_rtol)
         reference, notes = _by_design(model)
 
         def f(a):
@@ -403,28 +299,75 @@ def model(model: Layer, loss: Loss, params: PyTree, x, y, *, state=None, key=Non
                       rtol=rt, atol=atol, fd=fd and not notes, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
         return dataclasses.replace(report, notes=notes)
 
-    return _with_precision(dtype, body)
+    return with_precision(dtype, body)
 
 
 def assert_layer(*args, **kwargs) -> Report:
-    """``layer``, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``fbp.check.layer``, raising ``AssertionError`` with the report's table on any failure (for pytest).
+
+    Args:
+        *args: the positional arguments of ``fbp.check.layer``.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The layer report, when every row passes.
+
+    Raises:
+        AssertionError: a row failed; the message is the whole table.
+    """
     return layer(*args, **kwargs).assert_ok()
 
 
 def assert_loss(*args, **kwargs) -> Report:
-    """``loss``, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``fbp.check.loss``, raising ``AssertionError`` with the report's table on any failure (for pytest).
+
+    Args:
+        *args: the positional arguments of ``fbp.check.loss``.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The loss report, when every row passes.
+
+    Raises:
+        AssertionError: a row failed; the message is the whole table.
+    """
     return loss(*args, **kwargs).assert_ok()
 
 
 def assert_model(*args, **kwargs) -> Report:
-    """``model``, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``fbp.check.model``, raising ``AssertionError`` with the report's table on any failure (for pytest).
+
+    Args:
+        *args: the positional arguments of ``fbp.check.model``.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The model report, when every row passes.
+
+    Raises:
+        AssertionError: a row failed; the message is the whole table.
+    """
     return model(*args, **kwargs).assert_ok()
 
 
 def curvature_references(model: Layer, loss: Loss, params, x, y, v=None) -> dict:
-    """For ``fbp.check.curvature``: ``{"diag_ggn", "ggn_vector_product" (with v), "diag_hessian"}``
-    by JAX autodiff, shaped like ``params``: ``diag(Jᵀ H J)``, ``Jᵀ H J v`` and
-    ``diag(∇²(loss ∘ apply))`` (evaluation mode; dense ``J`` and ``H``, for small models)."""
+    """The dense autodiff references of ``fbp.check.curvature``.
+
+    Evaluation mode, with dense ``J = ∂ apply/∂θ`` (``jax.jacrev``) and ``H = ∇²_pred loss``
+    (``jax.hessian``): for small models only.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        v: a params-shaped direction for the GGN-vector product, or ``None``.
+
+    Returns:
+        ``{"diag_ggn": diag(Jᵀ H J), "diag_hessian": diag(∇²_θ (loss ∘ apply))}``, plus
+        ``"ggn_vector_product": Jᵀ H J v`` with ``v``; each shaped like ``params``.
+    """
     flat, unravel = ravel_pytree(params)
     apply = lambda f: model.apply(unravel(f), x)  # noqa: E731
     pred = apply(flat)

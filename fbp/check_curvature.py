@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from fbp import curvature as fc
-from fbp.check import _cast, _check_settings, _compare_jax, _defaults, _with_precision, curvature_references
+from fbp.check import curvature_references
+from fbp.compare import cast, check_settings, compare_jax, default_tolerances, with_precision
 from fbp.core import InputError, Layer, Loss
 from fbp.report import Report
 from fbp.validation import path_name
@@ -39,10 +40,10 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
     Returns:
         A ``Report`` whose rows are ``quantity:path`` comparisons.
     """
-    _check_settings(dtype, {"rtol": rtol, "atol": atol}, 1)
+    check_settings(dtype, {"rtol": rtol, "atol": atol}, 1)
 
     def body():
-        p, xx, yy = _cast(params, dtype), _cast(x, dtype), _cast(y, dtype)
+        p, xx, yy = cast(params, dtype), cast(x, dtype), cast(y, dtype)
         rng = jax.random.key(seed)
         v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(rng, a.size), a.shape, a.dtype), p)
         ours = {"diag_ggn": _maybe_jit(fc.diag_ggn(model, loss), jit)(p, xx, yy),
@@ -53,7 +54,7 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
             pass  # not a chain diag_hessian covers: the other two are still checked
         refs = jax.jit(lambda *args: curvature_references(model, loss, *args))(p, xx, yy, v)
         dt = jax.tree_util.tree_leaves(p)[0].dtype
-        rt = _defaults(dt, rtol, None)[0]
+        rt = default_tolerances(dt, rtol, None)[0]
         rows = []
         for quantity, actual in ours.items():
             desired = refs[quantity]
@@ -62,10 +63,10 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
             a_leaves = jax.tree_util.tree_leaves(actual)
             for (path, d), a in zip(d_leaves, a_leaves, strict=True):
                 tol = rt * scale if atol is None else atol
-                rows.append(_compare_jax(f"{quantity}:{path_name(path)}", a, d, rt, tol))
+                rows.append(compare_jax(f"{quantity}:{path_name(path)}", a, d, rt, tol))
         return Report(f"fbp.check.curvature: {model!r} with {loss!r}", jnp.dtype(dt).name, tuple(rows))
 
-    return _with_precision(dtype, body)
+    return with_precision(dtype, body)
 
 
 def _maybe_jit(f, jit: bool):
@@ -73,5 +74,16 @@ def _maybe_jit(f, jit: bool):
 
 
 def assert_curvature(*args, **kwargs) -> Report:
-    """``curvature``, raising ``AssertionError`` with the table on any failure (for pytest)."""
+    """``fbp.check.curvature``, raising ``AssertionError`` with the report's table on any failure (for pytest).
+
+    Args:
+        *args: the positional arguments of ``fbp.check.curvature``.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The curvature report, when every row passes.
+
+    Raises:
+        AssertionError: a row failed; the message is the whole table.
+    """
     return curvature(*args, **kwargs).assert_ok()

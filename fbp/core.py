@@ -42,6 +42,8 @@ from fbp.validation import (  # noqa: F401  (re-exported: fbp.core is where laye
     require_key,
     require_no_params,
     require_number,
+    require_state,
+    require_state_mode,
     tree_mismatch,
 )
 from fbp.walk import (  # noqa: F401  (re-exported: tools import them from fbp.core)
@@ -161,7 +163,19 @@ class Wrapper(Layer):
 
 def run_forward(layer: Layer, params: PyTree, x: Array, *, state: PyTree = None, key: Array | None = None,
                 train: bool = False) -> tuple[Array, PyTree]:
-    """``layer.forward`` with the context passed only to layers that take it."""
+    """``layer.forward`` with the context passed only to layers that take it.
+
+    Args:
+        layer: the layer.
+        params: its params.
+        x: its input.
+        state: its state (contextual layers only).
+        key: a random key (contextual layers only).
+        train: training mode (contextual layers only).
+
+    Returns:
+        ``(y, res)``: the output and the residuals its backward needs.
+    """
     if layer.contextual:
         return layer.forward(params, x, state=state, key=key, train=train)
     return layer.forward(params, x)
@@ -200,7 +214,14 @@ def _no_params(key: Array, x: Any) -> PyTree:
 
 @dataclasses.dataclass(frozen=True)
 class FunctionLayer(Layer):
-    """A layer made from three plain functions; see ``layer``."""
+    """A layer made from three plain functions; see ``layer``.
+
+    Args:
+        init_fn: ``init_fn(key, x) -> params``.
+        forward_fn: ``forward_fn(params, x) -> (y, res)``.
+        backward_fn: ``backward_fn(res, d_y) -> (d_params, d_x)``.
+        name: how the layer prints in errors and check reports.
+    """
 
     init_fn: Callable[[Array, Any], PyTree]
     forward_fn: Callable[[PyTree, Array], tuple[Array, PyTree]]
@@ -297,11 +318,27 @@ def vjp(model: Layer, params: PyTree, x: Array, **context) -> tuple[Array, Calla
 
 def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y: Array, *, state: PyTree = None,
                           key: Array | None = None, train: bool = True):
-    """``(value, grads, pred, new_state)``: one forward pass, the loss, one backward pass.
+    """One forward pass, the loss, one backward pass.
 
-    The building block of ``value_and_grad`` for callers that also need the prediction
-    (metrics in a training step) or the model's state. Training mode by default;
-    ``new_state`` is None when ``state`` is None.
+    The building block of ``value_and_grad`` for callers that also need the prediction (metrics
+    in a training step) or the model's state.
+
+    Args:
+        model: the model.
+        loss: a loss with ``reduction="mean"`` or ``"sum"``.
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        state: the model state, or ``None`` for a stateless model.
+        key: a random key for layers that need one (Dropout).
+        train: training mode (the default here).
+
+    Returns:
+        ``(value, grads, pred, new_state)``; ``new_state`` is ``None`` when ``state`` is ``None``.
+
+    Raises:
+        InputError: the loss does not reduce to a scalar, or the backward's ``d_params`` do not
+            mirror ``params``.
     """
     if getattr(loss, "reduction", "mean") == "none":
         raise InputError(repr(loss), "the backward transform differentiates a scalar: use reduction='mean' (or "
@@ -312,24 +349,6 @@ def value_grad_and_output(model: Layer, loss: Loss, params: PyTree, x: Array, y:
     d_params, _ = model.backward(res, d_pred)  # d_x unused: XLA removes it under jit
     check_gradient_structure(model, params, d_params)  # trace time only: structure and shapes
     return value, d_params, pred, (None if state is None else model.next_state(state, res))
-
-
-def require_state_mode(model: Layer, has_state: bool, caller: str) -> None:
-    """Refuse ``has_state=False`` for a model that keeps state: its new state would be lost."""
-    if model.has_state and not has_state:
-        paths = [p or "<root>" for p, leaf in leaf_layers(model) if leaf.has_state]
-        raise InputError(repr(model), f"{caller} without has_state=True would throw away the new state of "
-                                      f"the stateful layers at {paths} (e.g. BatchNorm's running statistics). "
-                                      f"Use {caller}(..., has_state=True) and pass state=model.init_state(params) "
-                                      f"in, then keep the new state it returns")
-
-
-def require_state(model: Layer, state: PyTree, caller: str) -> None:
-    """Refuse ``state=None`` where ``has_state=True`` promises a new state back."""
-    if state is None:
-        raise InputError(repr(model), f"{caller} with has_state=True needs the model's state as its second "
-                                      f"argument: f(params, state, x, y) with state = model.init_state(params) "
-                                      f"(then the state each call returns); received None")
 
 
 def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:

@@ -91,9 +91,16 @@ class _KernelFeedback(Layer):
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackAlignment(_KernelFeedback):
-    """``layer`` with ``d_x = d_y Bᵀ`` through a fixed random ``B`` of the kernel's shape
-    (Lillicrap et al., 2016); ``d_w``, ``d_b`` are the exact rule's. ``B`` is the state
-    ``{"feedback": B}``, drawn by ``init_state`` with ``layer.kernel_init`` from ``(seed, index)``."""
+    """``layer`` with ``d_x = d_y Bᵀ`` through a fixed random ``B`` of the kernel's shape.
+
+    Lillicrap et al. (2016). ``d_w``, ``d_b`` are the exact rule's. ``B`` is the state
+    ``{"feedback": B}``, drawn by ``init_state`` with ``layer.kernel_init`` from ``(seed, index)``.
+
+    Args:
+        layer: the Dense (or kernel layer) whose input cotangent is replaced.
+        seed: the seed ``B`` is drawn from.
+        index: folded into the seed, so each swapped layer of a model draws its own ``B``.
+    """
 
     layer: Layer
     seed: int = 0
@@ -139,14 +146,26 @@ class FeedbackAlignment(_KernelFeedback):
 
 
 def sign_feedback(w):
-    """uSF's feedback matrix: ``B = sign(W) · rms(W)`` (so ``‖B‖_F = ‖W‖_F`` when no entry is 0)."""
+    """uSF's feedback matrix: ``B = sign(W) · rms(W)``, so ``‖B‖_F = ‖W‖_F`` when no entry is 0.
+
+    Args:
+        w: the forward weight matrix.
+
+    Returns:
+        ``B`` with ``w``'s shape.
+    """
     return jnp.sign(w) * jnp.sqrt(jnp.mean(jnp.square(w)))
 
 
 @dataclasses.dataclass(frozen=True)
 class SignSymmetry(_KernelFeedback):
-    """``layer`` with ``d_x = d_y Bᵀ``, ``B = sign(W)·rms(W)`` from the current kernel (uniform
-    sign-concordant feedback, "uSF", Liao, Leibo & Poggio, 2016). No state: ``B`` follows ``W``."""
+    """``layer`` with ``d_x = d_y Bᵀ``, ``B = sign(W)·rms(W)`` from the current kernel.
+
+    Uniform sign-concordant feedback, "uSF" (Liao, Leibo & Poggio, 2016). No state: ``B`` follows ``W``.
+
+    Args:
+        layer: the Dense (or kernel layer) whose input cotangent is replaced.
+    """
 
     layer: Layer
     deviation: ClassVar[str] = "sign symmetry: d_x = d_y B^T with B = sign(W) * rms(W)"
@@ -226,8 +245,9 @@ def sign_symmetry(model: Layer, *, paths: Iterable[str] | None = None) -> Layer:
 # --------------------------------------------------------------------------- direct feedback alignment
 @dataclasses.dataclass(frozen=True, init=False)
 class DirectFeedbackAlignment(Serial):
-    """A ``Serial`` trained by direct feedback alignment (Nøkland, 2016). Make it with
-    ``direct_feedback_alignment``.
+    """A ``Serial`` trained by direct feedback alignment (Nøkland, 2016).
+
+    Make it with ``direct_feedback_alignment``.
 
     Forward: the Serial's. Backward, with ``e = d_y`` flattened to ``(batch, out_size)``: the
     layers run their exact rules right to left, except that the cotangent leaving each target
@@ -236,6 +256,13 @@ class DirectFeedbackAlignment(Serial):
     from the output error, and each layer's weight gradient is its exact rule from there
     (``d_{W_l} = h_lᵀ (f'(a_l) ⊙ e B_{l+1})`` for an MLP). State: ``{"layers": the Serial's,
     "feedback": {"l": B_l}}``, ``B_l`` of shape ``(out_size, size of layer l's input)``.
+
+    Args:
+        layers: the Serial's layers.
+        targets: the indices of the layers whose input receives ``e B_l``.
+        in_shapes: each target layer's input shape (without the batch axis).
+        out_size: the size of the model's output per example.
+        seed: the seed the feedback matrices are drawn from.
     """
 
     layers: tuple[Layer, ...]

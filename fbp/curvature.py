@@ -49,7 +49,8 @@ import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
 from fbp.nn.positions import assemble
-from fbp.per_example import backward_columns, sum_squares_probe, with_context
+from fbp.per_example import backward_columns, with_context
+from fbp.probes import sum_squares_probe
 from fbp.walk import child_params
 
 PyTree = Any
@@ -59,10 +60,18 @@ APPROXIMATIONS = ("expand", "reduce")
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["A", "G"], meta_fields=["kernels", "bias"])
 @dataclasses.dataclass(frozen=True)
 class KroneckerBlock:
-    """One K-FAC block: the gradient of the kernels at ``kernels`` (``((key, shape), ...)``,
-    rows stacked in order) and of the bias at ``bias`` (a last row), as one matrix
-    ``W: (fan_in [+1], n_out)``, has the curvature ``≈ A ⊗ G``. A pytree whose leaves are
-    ``A`` and ``G`` (``kernels`` and ``bias`` are static)."""
+    """One K-FAC block: the curvature of a layer's weights as ``≈ A ⊗ G``.
+
+    The gradient of the kernels at ``kernels`` (rows stacked in order) and of the bias at ``bias``
+    (a last row), seen as one matrix ``W: (fan_in [+1], n_out)``, has the curvature ``≈ A ⊗ G``.
+    A pytree whose leaves are ``A`` and ``G`` (``kernels`` and ``bias`` are static).
+
+    Attributes:
+        kernels: ``((key, shape), ...)``: the kernel entries of the layer's params, in row order.
+        bias: ``(key, shape)`` of the bias entry, or ``None``.
+        A: ``(fan_in [+1], fan_in [+1])``: the input factor.
+        G: ``(n_out, n_out)``: the output-cotangent factor.
+    """
 
     kernels: tuple
     bias: tuple | None

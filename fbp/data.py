@@ -29,7 +29,7 @@ class Dataset(NamedTuple):
 
 # --------------------------------------------------------------------------- validation
 def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> None:
-    """Raise ``ValueError`` for mismatched lengths, non-finite features or labels out of range.
+    """Check a data set before training: matching lengths, finite features, labels in range.
 
     Runs on concrete arrays (NumPy side), before training, never inside a jitted step.
 
@@ -38,6 +38,9 @@ def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> Non
         y: the targets, ``N`` of them.
         num_classes: when given, integer labels must lie in ``[0, num_classes)``.
         name: how the data is called in the error (``"validation data"``).
+
+    Raises:
+        ValueError: mismatched lengths, NaN or inf (with the first index), or labels out of range.
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:

@@ -37,6 +37,7 @@ class NonFiniteReport:
         count: how many entries are NaN/inf.
         inputs_finite: whether the inputs ``x`` were finite.
         nonfinite_params: the parameter paths (``"2/w"``) that already hold NaN/inf.
+        pred_absmax: the largest ``|prediction|``, for a loss that overflows on a finite prediction.
     """
 
     path: str | None
@@ -131,9 +132,26 @@ def find_nonfinite(model: Layer, loss: Loss, params: Any, x, y, *, state=None, k
 
 
 def replay_epoch(model: Layer, loss: Loss, step, carry, x, y, full, rest, epoch_key) -> NonFiniteReport:
-    """Replay an epoch of ``fit`` (its jitted ``step``, from the ``carry`` it started with) to the
-    first step whose loss is not finite, and ``find_nonfinite`` on that step's params and batch
-    (or, if no loss turned non-finite, on the params the last step left). Augmentation is not replayed."""
+    """Replay an epoch of ``fit`` to the first step whose loss is not finite, and localise it.
+
+    The replay runs ``fit``'s own jitted ``step`` from the ``carry`` the epoch started with, then
+    ``find_nonfinite`` on that step's params and batch (or, if no loss turned non-finite, on the
+    params the last step left). Augmentation is not replayed.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        step: ``fit``'s jitted step ``(carry, x, y, rows, i, epoch_key, number) -> carry``.
+        carry: the carry at the start of the epoch.
+        x: the training inputs.
+        y: the training targets.
+        full: the epoch's full batches' row indices, ``(steps, batch_size)``.
+        rest: the last, partial batch's row indices, or ``None``.
+        epoch_key: the epoch's random key.
+
+    Returns:
+        The ``NonFiniteReport`` of the first non-finite step.
+    """
     batches = [(full, i, i) for i in range(full.shape[0])] + ([(rest, 0, full.shape[0])] if rest is not None else [])
     for rows, i, number in batches:
         after = step(carry, x, y, rows, i, epoch_key, number)

@@ -21,20 +21,47 @@ from fbp.core import Layer, Wrapper, children, run_forward, transform_layers
 
 
 def deviates(layer: Layer) -> bool:
-    """Whether ``layer``'s backward departs from the gradient by design (it has a ``deviation``)."""
+    """Whether ``layer``'s backward departs from the gradient by design.
+
+    Args:
+        layer: any layer.
+
+    Returns:
+        ``True`` if it declares a non-empty ``deviation``.
+    """
     return bool(getattr(layer, "deviation", ""))
 
 
 def deviations(model: Layer, prefix: tuple[str, ...] = ()) -> list[tuple[str, Layer]]:
-    """``(path, layer)`` for every layer in ``model`` whose rule deviates by design (outermost first)."""
+    """Every layer in ``model`` whose rule deviates by design, outermost first.
+
+    A deviating combinator is reported once, without walking into it.
+
+    Args:
+        model: the model.
+        prefix: the path of ``model`` itself inside a larger model.
+
+    Returns:
+        A list of ``(path, layer)``.
+    """
     if deviates(model):
         return [("/".join(prefix), model)]
     return [item for name, child in children(model).items() for item in deviations(child, (*prefix, name))]
 
 
 def surrogate_apply(layer: Layer, params, x, **context):
-    """``layer``'s output from plain JAX: its ``reference_apply`` if it deviates (so JAX's gradient
-    is the rule), else its ``apply`` — the reference ``fbp.check`` differentiates."""
+    """``layer``'s output from plain JAX, the function ``fbp.check`` differentiates as its reference.
+
+    Args:
+        layer: the layer under check.
+        params: its params.
+        x: its input.
+        **context: ``state``, ``key`` and ``train`` for contextual layers.
+
+    Returns:
+        ``layer.reference_apply(params, x, **context)`` if it deviates (so JAX's gradient is the
+        rule), else its ``apply``.
+    """
     if deviates(layer):
         return layer.reference_apply(params, x, **context)
     return layer.apply(params, x, **context) if layer.contextual else run_forward(layer, params, x)[0]
@@ -51,7 +78,16 @@ class _Reference(Wrapper):
 
 
 def reference_model(model: Layer) -> Layer:
-    """``model`` with every deviating layer replaced by its reference (for JAX's autodiff in fbp.check)."""
+    """``model`` with every deviating layer replaced by its ``reference_apply``.
+
+    Only ever differentiated by JAX, in ``fbp.check``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The model whose JAX gradient is what its hand-written rules compute.
+    """
     return transform_layers(model, lambda path, layer: _Reference(layer) if deviates(layer) else None)
 
 
@@ -78,9 +114,18 @@ class _Exact(Wrapper):
 
 
 def exact_model(model: Layer) -> Layer | None:
-    """``model`` with every deviating layer's backward replaced by its exact VJP — same forward,
-    same residuals, so it can run backward on the residuals of ``model``'s forward. ``None`` if a
-    deviating layer has no exact VJP (a quantiser: its true derivative is zero)."""
+    """``model`` with every deviating layer's backward replaced by its exact VJP.
+
+    Same forward, same residuals, so it can run backward on the residuals of ``model``'s forward
+    (telemetry's alignment angles).
+
+    Args:
+        model: the model.
+
+    Returns:
+        The rebuilt model, or ``None`` if no layer deviates or a deviating layer has no
+        ``exact_backward`` (a quantiser: its true derivative is zero).
+    """
     found = deviations(model)
     if not found or not all(hasattr(layer, "exact_backward") for _, layer in found):
         return None

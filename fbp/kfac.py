@@ -71,7 +71,20 @@ def _get(tree, key: tuple):
 
 @dataclasses.dataclass(frozen=True)
 class KFAC:
-    """K-FAC over ``model`` and ``loss``; build it with ``kfac(...)``."""
+    """K-FAC over ``model`` and ``loss``; build it with ``kfac(...)``, whose Args these are.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        optimizer: the transformation applied to the preconditioned gradient.
+        damping: λ, added to the curvature.
+        decay: the factors' moving-average decay.
+        inverse_every: steps between eigendecompositions.
+        mc_samples: sampled targets per example, or ``None`` for the exact factor.
+        approximation: ``"expand"`` or ``"reduce"`` for weight sharing.
+        damping_mode: ``"exact"`` or ``"factored"``.
+        curvature_every: steps between factor updates.
+    """
 
     model: Any
     loss: Any

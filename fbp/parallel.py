@@ -79,6 +79,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def require_divisible(batch: int, mesh: Mesh, what: str = "batch") -> None:
+    """Check that a batch splits evenly over a mesh's devices.
+
+    Args:
+        batch: the number of examples.
+        mesh: the device mesh.
+        what: how the message names the batch.
+
+    Raises:
+        ValueError: ``batch`` is not a multiple of the number of devices.
+    """
     devices = mesh.devices.size
     if batch % devices:
         raise ValueError(f"{what} of {batch} examples cannot be split evenly over the {devices} devices of the "
@@ -130,5 +140,13 @@ def place(tree: Any, sharding) -> Any:
 
 
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:
-    """Inside a jitted function: lay the batch axis of every leaf out over the mesh."""
+    """Inside a jitted function: lay the batch axis of every leaf out over the mesh.
+
+    Args:
+        tree: a pytree of arrays, batch first.
+        mesh: the device mesh.
+
+    Returns:
+        ``tree`` with a sharding constraint on every leaf.
+    """
     return jax.lax.with_sharding_constraint(tree, batch_sharding(mesh))

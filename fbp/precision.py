@@ -40,7 +40,13 @@ _NAMES = ("params", "compute", "output")
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Dtypes for master params, layer computation and the prediction (module docstring)."""
+    """Dtypes for master params, layer computation and the prediction (module docstring).
+
+    Args:
+        params: the dtype params, gradients, optimizer state and model state are kept in.
+        compute: the dtype the layers run in.
+        output: the dtype of the prediction the loss sees.
+    """
 
     params: Any = jnp.float32
     compute: Any = jnp.float32
@@ -78,9 +84,27 @@ class Policy:
 
 def value_grad_and_output(model: Layer, loss: Loss, policy: Policy, params, x, y, *, state=None, key=None,
                           train: bool = True, scale=1.0):
-    """``(value, grads, pred, new_state)`` like ``fbp.core.value_grad_and_output``, with the
-    layers in ``policy.compute``, the loss in ``policy.output`` and the backward seeded with
-    ``scale`` (the gradients come back multiplied by it); grads and state in ``policy.params``."""
+    """``fbp.core.value_grad_and_output`` under a mixed-precision policy, with a loss scale.
+
+    The layers run in ``policy.compute``, the loss in ``policy.output``, and the backward is
+    seeded with ``scale`` (the gradients come back multiplied by it).
+
+    Args:
+        model: the model.
+        loss: the loss.
+        policy: the precision policy.
+        params: the params (kept in ``policy.params``).
+        x: the inputs.
+        y: the targets.
+        state: the model state, or ``None``.
+        key: a random key for layers that need one.
+        train: training mode.
+        scale: the loss scale seeding the backward.
+
+    Returns:
+        ``(value, grads, pred, new_state)``; grads and state in ``policy.params``, ``pred`` in
+        ``policy.output``.
+    """
     compute = policy.cast(params, policy.compute)
     inner_state = None if state is None else policy.cast(state, policy.compute)
     pred, res = run_forward(model, compute, policy.cast(x, policy.compute), state=inner_state, key=key, train=train)
@@ -100,14 +124,36 @@ class LossScaleState(NamedTuple):
 
 
 def current_scale(opt_state) -> jax.Array | float:
-    """The loss scale held in a ``loss_scaled`` optimizer's state, else 1."""
+    """The loss scale held in a ``loss_scaled`` optimizer's state.
+
+    Args:
+        opt_state: an optimizer state.
+
+    Returns:
+        The scale of a ``LossScaleState``, else ``1.0``.
+    """
     return opt_state.scale if isinstance(opt_state, LossScaleState) else 1.0
 
 
 def loss_scaled(optimizer: GradientTransformation, init_scale: float = 2.0**15, period: int = 2000) -> \
         GradientTransformation:
-    """``optimizer`` behind dynamic loss scaling (module docstring): ``update`` receives the
-    gradients of the *scaled* loss (``make_step``/``fit`` seed the backward with the scale)."""
+    """``optimizer`` behind dynamic loss scaling (module docstring).
+
+    ``update`` receives the gradients of the *scaled* loss (``make_step``/``fit`` seed the backward
+    with the scale), divides them by it, skips the step and halves the scale on a non-finite
+    gradient, and doubles the scale after ``period`` finite steps.
+
+    Args:
+        optimizer: the transformation to wrap.
+        init_scale: the first scale (> 0).
+        period: finite steps between doublings (a positive int).
+
+    Returns:
+        A ``GradientTransformation`` whose state is a ``LossScaleState``.
+
+    Raises:
+        ValueError: a non-positive ``init_scale`` or ``period``.
+    """
     if not init_scale > 0 or not isinstance(period, int) or period < 1:
         raise ValueError(f"loss_scaled: init_scale must be > 0 and period a positive int, got {init_scale!r}, "
                          f"{period!r}")

@@ -29,7 +29,22 @@ def _require_int(name: str, value, low: int, none_ok: bool = False) -> None:
 
 def check_arguments(loss: Loss, key, epochs, batch_size, validation_split, log_every,
                     metrics: Sequence[str] | None) -> None:
-    """The scalar arguments of ``fit``, its key, and a loss that reduces to one number."""
+    """Check ``fit``'s scalar arguments, its key, and a loss that reduces to one number.
+
+    Args:
+        loss: the loss (its ``reduction`` must be ``"mean"`` or ``"sum"``).
+        key: the random key.
+        epochs: an int ≥ 1.
+        batch_size: an int ≥ 1, or ``None`` for full-batch.
+        validation_split: a float in ``[0, 1)``.
+        log_every: an int ≥ 0.
+        metrics: ``None`` or a list drawn from ``["loss", "accuracy"]``.
+
+    Raises:
+        TypeError: a value of the wrong type.
+        ValueError: a value out of range, unknown metrics, or a loss with ``reduction="none"``.
+        InputError: ``key`` is not a random key.
+    """
     require_key("fit", key)
     _require_int("epochs", epochs, 1)
     _require_int("batch_size", batch_size, 1, none_ok=True)
@@ -42,7 +57,18 @@ def check_arguments(loss: Loss, key, epochs, batch_size, validation_split, log_e
 
 
 def check_checkpointing(directory, every, resume, keep) -> None:
-    """``fit``'s checkpoint arguments."""
+    """Check ``fit``'s checkpoint arguments.
+
+    Args:
+        directory: ``checkpoint_dir``, a path or ``None``.
+        every: ``checkpoint_every``, an int ≥ 1.
+        resume: ``True`` or ``False``.
+        keep: ``keep_checkpoints``, an int ≥ 1 or ``None`` (keep all).
+
+    Raises:
+        TypeError: a value of the wrong type.
+        ValueError: ``resume=True`` without a directory, or a count out of range.
+    """
     if directory is not None and not isinstance(directory, (str, bytes, os.PathLike)):
         raise TypeError(f"fit: checkpoint_dir must be a path, got {type(directory).__name__}")
     _require_int("checkpoint_every", every, 1)
@@ -54,13 +80,32 @@ def check_checkpointing(directory, every, resume, keep) -> None:
 
 
 def recorded_metrics(classify: bool, validation: bool, loss: bool = True) -> list[str]:
-    """The names ``fit`` records in its history, in order."""
+    """The names ``fit`` records in its history, in order.
+
+    Args:
+        classify: the loss is a classification loss (accuracy is recorded).
+        validation: there is validation data (``val_`` twins are recorded).
+        loss: record the loss (``metrics`` may leave it out).
+
+    Returns:
+        E.g. ``["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]``.
+    """
     names = (["loss"] if loss else []) + (["accuracy"] if classify else [])
     return names + [f"val_{n}" for n in names] * validation + ["learning_rate", "seconds"]
 
 
 def check_monitor(monitor: str, recorded: list[str], classify: bool) -> None:
-    """An early-stopping monitor must be among the metrics ``fit`` records."""
+    """Check that an early-stopping monitor is among the metrics ``fit`` records.
+
+    Args:
+        monitor: the monitored name (``"val_loss"``, say).
+        recorded: what ``recorded_metrics`` returns for this fit.
+        classify: the loss is a classification loss.
+
+    Raises:
+        ValueError: the monitor is not recorded; the message says why (no validation data, or
+            accuracy for a regression loss).
+    """
     if monitor in recorded:
         return
     if monitor.startswith("val_") and not any(name.startswith("val_") for name in recorded):
@@ -78,9 +123,26 @@ def _output_shape(model: Layer, params: PyTree, state: PyTree, x) -> tuple[int, 
 
 
 def check_data(model: Layer, loss: Loss, params, state, x, y, x_val, y_val) -> None:
-    """Targets against the model's output (label ranges, conventions), validation data against
-    the training data, and probabilities for ``from_logits=False`` (the initial predictions on up
-    to 256 examples)."""
+    """Check the data against the model and loss before any training step.
+
+    Targets against the model's output (label ranges, conventions), validation data against the
+    training data, and probabilities for ``from_logits=False`` (the initial predictions on up to
+    256 examples).
+
+    Args:
+        model: the model.
+        loss: the loss (its ``check_target`` if it has one).
+        params: the initial params.
+        state: the initial state (``None`` without).
+        x: the training inputs.
+        y: the training targets.
+        x_val: the validation inputs, or ``None``.
+        y_val: the validation targets, or ``None``.
+
+    Raises:
+        InputError: targets that do not fit the loss or the model's output, naming which data.
+        ValueError: validation data whose trailing shapes differ from the training data's.
+    """
     pred_shape = _output_shape(model, params, state, x)
     check_target = getattr(loss, "check_target", None)  # a user's own Loss may not have one
     if check_target is None:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp import per_example
-from fbp.core import Layer, Loss, leaf_layers, map_leaf_params, require_state, require_state_mode
+from fbp.core import Layer, Loss, leaf_layers, map_leaf_params
 from fbp.nn.positions import assemble
 from fbp.validation import require_key, require_number
 
@@ -75,17 +75,6 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, 
     return (*out, pred) if with_pred else out
 
 
-def _api(model, has_state, caller, body):
-    require_state_mode(model, has_state, caller)
-    if has_state:
-        def with_state(params, state, x, y, **kwargs):
-            require_state(model, state, caller)
-            return body(params, x, y, state=state, **kwargs)
-
-        return with_state
-    return body
-
-
 def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = False) -> Callable:
     """The sum of per-example gradients clipped to norm ``C``, in one backward pass (book-keeping:
     norms first, then ``Xᵀ (c ⊙ G)`` from what the backward already holds).
@@ -108,7 +97,7 @@ def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = 
     def body(params, x, y, *, key=None, mask=None, state=None):
         return _clipped(model, loss, l2_clip, params, x, y, mask=mask, key=key, state=state)
 
-    return _api(model, has_state, "fbp.privacy.clipped_grad", body)
+    return per_example.with_context(model, has_state, "fbp.privacy.clipped_grad", body)
 
 
 def private_grad(model: Layer, loss: Loss, l2_clip: float, noise_multiplier: float, expected_batch_size: float, *,
@@ -163,6 +152,13 @@ class DPSGD:
     examples). ``sampling="fixed"``: shuffled disjoint batches of ``B̄``, accounted as sampling
     without replacement (common practice, an approximation of what shuffling does). ``fit``
     records ``epsilon`` at ``delta`` after every epoch (``accountant`` "rdp" or "pld").
+
+    Args:
+        l2_clip: ``C``, the bound on each example's gradient norm.
+        noise_multiplier: ``σ``: the noise added to the clipped sum is ``N(0, (σ C)²)``.
+        delta: the δ that ``epsilon`` is reported at.
+        sampling: ``"poisson"`` or ``"fixed"``.
+        accountant: ``"rdp"`` or ``"pld"`` (``dp-accounting``'s accountants).
     """
 
     l2_clip: float
@@ -224,8 +220,27 @@ def poisson_batch(key, n: int, rate: float, size: int):
 
 def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch_size: int, correct_count,
                  augment=None):
-    """The step ``fit`` runs under DP-SGD, with the signature of its plain step; the carry's last
-    entry counts the examples actually sampled this epoch."""
+    """The step ``fit`` runs under DP-SGD, with the signature of its plain step.
+
+    Each step samples its batch (Poisson with rate ``batch_size / n``, padded to ``max_batch``
+    rows and masked, or the shuffled batch), clips every example's gradient to ``spec.l2_clip``
+    inside one backward pass, adds ``N(0, (σ C)²)`` noise to the sum and divides by
+    ``batch_size``.
+
+    Args:
+        model: the model.
+        loss: the loss (reduced per example inside).
+        optimizer: the ``GradientTransformation`` applied to the noisy gradient.
+        spec: the ``DPSGD`` settings.
+        n: the number of training examples.
+        batch_size: the expected batch size.
+        correct_count: ``fbp.steps.correct_count`` (masked rows are not counted).
+        augment: an augmentation ``(key, x) -> x``, or ``None``.
+
+    Returns:
+        ``step(carry, x, y, batches, row, epoch_key, step_number) -> carry``; the carry's ``stats``
+        count the examples actually sampled this epoch.
+    """
     from fbp.optim import apply_updates
 
     rate, size = batch_size / n, max_batch(n, batch_size)

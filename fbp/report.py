@@ -9,7 +9,19 @@ import math
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One comparison: a leaf (``path``) of fbp's gradient against one reference."""
+    """One comparison: a leaf (``path``) of fbp's gradient against one reference.
+
+    Attributes:
+        path: the parameter path (``"2/w"``) or ``"x"`` for the input gradient.
+        against: ``"jax"`` or ``"fd"`` (finite differences).
+        max_abs: the largest absolute difference.
+        max_rel: the largest relative difference.
+        worst: the index of the worst entry.
+        actual: fbp's value there.
+        desired: the reference's value there.
+        ok: the verdict.
+        error: what is judged: min(relative error, absolute error / gradient scale).
+    """
 
     path: str
     against: str  # "jax" or "fd"
@@ -24,7 +36,14 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """The result of a check; ``str(report)`` is the table, ``report.ok`` the verdict."""
+    """The result of a check; ``str(report)`` is the table, ``report.ok`` the verdict.
+
+    Attributes:
+        subject: the layer, loss or model checked (its repr).
+        dtype: the precision checked in.
+        rows: one ``Row`` per leaf and reference.
+        notes: paths whose rule deviates from the gradient by design, and how.
+    """
 
     subject: str
     dtype: str
@@ -57,7 +76,15 @@ class Report:
 
 
 def format_table(header, lines) -> str:
-    """Rows of cells as left-aligned columns two spaces apart (the check report, ``python -m fbp check``)."""
+    """Rows of cells as left-aligned columns two spaces apart (the check report, ``python -m fbp check``).
+
+    Args:
+        header: the column titles.
+        lines: the rows, each with one cell per column.
+
+    Returns:
+        The table as text, one line per row, trailing spaces stripped.
+    """
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*line).rstrip() for line in [header, *lines])

@@ -29,7 +29,21 @@ from fbp import checkpoint
 
 @dataclasses.dataclass
 class LoopState:
-    """``fit``'s state between epochs (module docstring)."""
+    """``fit``'s state between epochs (module docstring).
+
+    Attributes:
+        carry: ``(params, model state, optimizer state)``.
+        good: the last carry that ended an epoch with everything finite.
+        best_params: early stopping's best params.
+        best_state: the model state that went with them.
+        history: ``{metric: [per-epoch values]}``.
+        stat_history: the telemetry history, ``{path: {name: [per-epoch values]}}``.
+        best: the best monitored value so far.
+        best_epoch: the epoch it was reached.
+        waited: epochs since the last improvement.
+        epoch: epochs completed.
+        stop_reason: why training ended early, if it did.
+    """
 
     carry: tuple  # (params, model state, optimizer state)
     good: tuple  # the last carry that ended an epoch with everything finite
@@ -78,9 +92,24 @@ def _on_device(tree, like):
 
 
 def prepare(directory, loop: LoopState, key, resume: bool) -> LoopState:
-    """The state to start from: ``loop`` itself for a fresh run, or the newest checkpoint in
-    ``directory`` when ``resume`` (a fresh run if there is none). Refuses to start a fresh run
-    over existing checkpoints, which it would otherwise overwrite."""
+    """The loop state to start ``fit`` from.
+
+    Refuses to start a fresh run over existing checkpoints, which it would otherwise overwrite.
+
+    Args:
+        directory: the checkpoint directory.
+        loop: the fresh run's loop state.
+        key: ``fit``'s key (a resumed run must use the same one).
+        resume: continue from the newest checkpoint if there is one.
+
+    Returns:
+        ``loop`` itself for a fresh run (or when ``directory`` holds no checkpoint), else the
+        newest checkpoint's loop state, on the devices ``loop`` is on.
+
+    Raises:
+        ValueError: checkpoints exist and ``resume`` is false, or the key differs from the
+            checkpointed run's.
+    """
     latest = checkpoint.latest_step(directory)
     if latest is None:
         return loop
@@ -96,4 +125,15 @@ def prepare(directory, loop: LoopState, key, resume: bool) -> LoopState:
 
 
 def save(directory, loop: LoopState, key, keep: int | None) -> None:
+    """Save the loop state after an epoch, as checkpoint number ``loop.epoch``.
+
+    Args:
+        directory: the checkpoint directory.
+        loop: the loop state.
+        key: ``fit``'s key, saved so a resume can check it.
+        keep: how many checkpoints to keep (``None``: all).
+
+    Returns:
+        ``None``.
+    """
     checkpoint.save(directory, loop.tree(key), loop.epoch, keep=keep)

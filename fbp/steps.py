@@ -32,7 +32,15 @@ def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
 
     For one output the loss declares the thresholds (``score_threshold``: 0 for logits and hinge
     scores, 0.5 for probabilities; ``label_threshold``: 0 for ±1 labels, 0.5 for {0, 1}).
-    ``where`` (``(B,)`` booleans) counts only those examples.
+
+    Args:
+        pred: the predictions, ``(B, classes)`` or ``(B, 1)`` (or with a sequence axis).
+        target: integer labels, one-hot/soft targets, or binary targets.
+        loss: the loss, for its thresholds.
+        where: ``(B,)`` booleans: count only those examples (``None``: all).
+
+    Returns:
+        The count, a scalar integer array.
     """
     if pred.ndim >= 2 and pred.shape[-1] > 1:
         labels = target if jnp.issubdtype(target.dtype, jnp.integer) else jnp.argmax(target, axis=-1)
@@ -46,11 +54,23 @@ def correct_count(pred, target, loss: Loss, where=None) -> jax.Array:
 
 
 def evaluate(model: Layer, loss: Loss, params: PyTree, x, y, *, state: PyTree = None) -> dict[str, float]:
-    """``{"loss": ..., "accuracy": ...}`` in evaluation mode (accuracy for classification losses)."""
+    """The loss (and accuracy, for classification losses) in evaluation mode.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        state: the model state, or ``None``.
+
+    Returns:
+        ``{"loss": ..., "accuracy": ...}`` as Python floats.
+    """
     pred = jax.jit(lambda p, s, xx: model.apply(p, xx, state=s))(params, state, jnp.asarray(x))
     out = {"loss": float(loss(pred, jnp.asarray(y)))}
     if getattr(loss, "classification", False):
-        out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / _examples_from(y, loss)
+        out["accuracy"] = float(correct_count(pred, jnp.asarray(y), loss)) / examples_counted(y, loss)
     return out
 
 
@@ -108,9 +128,21 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
 
 
 def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
-    """``f(params, opt_state, x, y, *, state=None, key=None) -> (value, grads, pred, new_state)``:
-    one forward, loss and backward pass in full precision, or under a mixed-precision policy
-    (seeded with the loss scale an ``fbp.precision.loss_scaled`` optimizer state holds)."""
+    """One forward, loss and backward pass, in full precision or under a mixed-precision policy.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        precision: ``None``, a ``fbp.precision.Policy`` or its text (``"bfloat16"``); the
+            backward is seeded with the loss scale an ``fbp.precision.loss_scaled`` optimizer
+            state holds.
+
+    Returns:
+        ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, grads, pred, new_state)``.
+
+    Raises:
+        TypeError: ``precision`` is neither a policy nor its text.
+    """
     if precision is None:
         return lambda params, opt_state, x, y, **context: value_grad_and_output(model, loss, params, x, y, **context)
     policy = fprecision.Policy.parse(precision) if isinstance(precision, str) else precision
@@ -178,7 +210,7 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of ``fbp.telemetry`` from the same pass."""
-    probed = ftelemetry.Instrumented.of(model, None, stats=_stat_names(telemetry)) if telemetry else None
+    probed = ftelemetry.Instrumented.of(model, None, stats=telemetry_stats(telemetry)) if telemetry else None
     grads_of = gradient_function(model, loss, precision)
 
     def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
@@ -205,13 +237,33 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
     return step
 
 
-def _stat_names(telemetry):
+def telemetry_stats(telemetry):
+    """The statistic names ``fit``'s ``telemetry`` argument asks for.
+
+    Args:
+        telemetry: ``fit``'s argument: ``True`` (every statistic) or a selection of names.
+
+    Returns:
+        ``None`` for every statistic, else the selection.
+    """
     return None if telemetry is True else telemetry
 
 
-def _epoch_batches(n: int, batch_size: int | None, key):
-    """One epoch's indices as ``(full, rest)``: ``full`` is ``(num_full_batches, size)``,
-    ``rest`` is ``(1, n mod size)`` or None — made with one reshape, no per-batch host work."""
+def epoch_batches(n: int, batch_size: int | None, key):
+    """One epoch's row indices, made with one reshape (no per-batch host work).
+
+    Args:
+        n: the number of examples.
+        batch_size: the batch size, or ``None`` for the whole set.
+        key: the epoch's shuffle key, or ``None`` for the data's order.
+
+    Returns:
+        ``(full, rest)``: ``full`` is ``(num_full_batches, size)``, ``rest`` is
+        ``(1, n mod size)`` or ``None``.
+
+    Raises:
+        ValueError: ``batch_size`` below 1.
+    """
     size = n if batch_size is None else int(batch_size)
     if size < 1:
         raise ValueError(f"batch_size must be >= 1 or None (the whole data set), got {batch_size}")
@@ -235,9 +287,25 @@ def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def _compiled(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None, precision=None):
-    """The jitted epoch pieces, cached per (model, loss, optimizer, augment) so a second ``fit``
-    with the same objects does not recompile (layers and losses are hashable frozen dataclasses)."""
+def compiled_epoch(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None, precision=None):
+    """The jitted pieces of a ``fit`` epoch, cached so a second ``fit`` with the same objects does not recompile.
+
+    Layers and losses are hashable frozen dataclasses; an unhashable user layer is built afresh.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        optimizer: the optimizer.
+        augment: an augmentation ``(key, x) -> x``, or ``None``.
+        telemetry: ``False``, ``True`` or a selection of statistic names.
+        private: ``(spec, n, batch_size)`` for DP-SGD, or ``None``.
+        mesh: a device mesh for data parallelism, or ``None``.
+        precision: a mixed-precision policy, or ``None``.
+
+    Returns:
+        ``(step, scan_epoch, evaluate)``, each jitted: one step, a whole epoch of steps under
+        ``lax.scan``, and the evaluation-mode loss and correct count.
+    """
     try:
         return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh, precision)
     except TypeError:  # an unhashable user layer: build afresh
@@ -252,8 +320,16 @@ def _eval_stats(model, loss, params, state, x, y):
     return (value / x.shape[0] if loss.reduction == "sum" else value), correct_count(pred, y, loss)
 
 
-def _examples_from(y, loss) -> int:
-    """Number of predictions accuracy is counted over, from the target's shape."""
+def examples_counted(y, loss) -> int:
+    """The number of predictions accuracy is counted over, from the target's shape.
+
+    Args:
+        y: the targets (integer labels, or one-hot/soft targets with a class axis).
+        loss: the loss (``class_axis`` says whether the last axis is classes).
+
+    Returns:
+        The count: every label position for class targets, every entry otherwise.
+    """
     y = jnp.asarray(y)
     if jnp.issubdtype(y.dtype, jnp.integer) or getattr(loss, "class_axis", False):
         return math.prod(y.shape if jnp.issubdtype(y.dtype, jnp.integer) else y.shape[:-1])

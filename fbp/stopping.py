@@ -14,10 +14,16 @@ MODES = ("auto", "min", "max")
 class EarlyStopping:
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
-    ``mode="auto"`` maximises metrics named ``*accuracy`` and minimises the rest; ``"min"`` and
-    ``"max"`` say it outright. With ``restore_best`` the returned params are those of the best
-    epoch. A non-finite value is never an improvement. ``fit`` checks ``monitor`` against the
-    metrics it will record before it trains.
+    A non-finite value is never an improvement. ``fit`` checks ``monitor`` against the metrics it
+    will record before it trains.
+
+    Args:
+        monitor: the metric to watch (``"val_loss"``, ``"accuracy"``, ...).
+        patience: epochs without improvement before stopping.
+        min_delta: the least change that counts as an improvement.
+        mode: ``"auto"`` maximises metrics named ``*accuracy`` and minimises the rest; ``"min"``
+            and ``"max"`` say it outright.
+        restore_best: return the params of the best epoch.
     """
 
     monitor: str = "val_loss"

@@ -55,6 +55,14 @@ GRADIENT_FLOW = ("d_out_norm", "d_in_norm", "param_norm", "d_params_norm")  # no
 
 
 def floating_leaves(tree) -> list:
+    """The floating-point (and complex) leaves of a pytree; integer leaves (step counters) are left out.
+
+    Args:
+        tree: any pytree.
+
+    Returns:
+        A list of its inexact leaves, in ``tree_leaves`` order.
+    """
     return [a for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
 
 
@@ -162,19 +170,36 @@ def _wanted(names) -> frozenset:
 
 
 def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | None = None) -> Layer:
-    """``model`` with every leaf layer wrapped in a probe (same paths, same forward) computing the
-    statistics ``want``; ``skip[path]`` = (skip_d_out, skip_d_in) for cotangents not to compute."""
+    """``model`` with every leaf layer wrapped in a probe: same paths, same forward, statistics on the side.
+
+    Args:
+        model: the model.
+        want: the statistics to compute (names from ``STATS`` and the parts of ``nonfinite``).
+        skip: ``{path: (skip_d_out, skip_d_in)}`` for cotangents not to compute (see ``input_side``).
+
+    Returns:
+        The probed model.
+    """
     skip = skip or {}
     return transform_layers(model, lambda path, layer: None if children(layer) else
                             _Probe(layer, want, *skip.get(path, (False, False))))
 
 
 def input_side(model: Layer, params: PyTree) -> dict[str, tuple[bool, bool]]:
-    """The leaves whose cotangents training never computes, as ``{path: (no d_out, no d_in)}``:
-    every leaf before the first one with parameters (forward order) sends its ``d_x`` toward the
-    model's input only, and the first one with parameters has no use for its own ``d_x`` — XLA
+    """The leaves whose cotangents training never computes.
+
+    Every leaf before the first one with parameters (forward order) sends its ``d_x`` toward the
+    model's input only, and the first one with parameters has no use for its own ``d_x``. XLA
     removes those computations from a training step (the input gradient of the first Dense or
-    convolution: one more matmul or convolution), and so does telemetry unless asked."""
+    convolution: one more matmul or convolution), and so does telemetry unless asked.
+
+    Args:
+        model: the model.
+        params: its params (to see which leaves have parameters).
+
+    Returns:
+        ``{path: (no d_out, no d_in)}`` for the leaves up to the first with parameters.
+    """
     skip: dict[str, tuple[bool, bool]] = {}
     for path, p in _leaf_entries(model, params):
         has_params = bool(floating_leaves(p))
@@ -210,8 +235,17 @@ def _angle(rule, exact) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Instrumented:
-    """A model, and — if it has rules that deviate from the gradient — its exact twin, whose
-    backward runs on the residuals of the model's forward. ``run`` probes both at trace time."""
+    """A model, and — if it has rules that deviate from the gradient — its exact twin.
+
+    The twin's backward runs on the residuals of the model's forward. ``run`` probes both at
+    trace time.
+
+    Args:
+        model: the model.
+        exact: its exact twin (``fbp.deviation.exact_model``), or ``None``.
+        input_cotangents: also compute the cotangents training never needs (``input_side``).
+        want: the statistics to compute.
+    """
 
     model: Layer
     exact: Layer | None
@@ -304,7 +338,23 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, a
 
 
 def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=None):
-    """Zeros shaped like one training step's statistics (``fit``'s accumulator over an epoch)."""
+    """Zeros shaped like one training step's statistics: ``fit``'s accumulator over an epoch.
+
+    Shapes come from ``jax.eval_shape``, so nothing is computed.
+
+    Args:
+        model: the model.
+        loss: the loss.
+        params: the params.
+        state: the model state (``None`` without).
+        x: the training inputs (only the first batch's shape is used).
+        y: the training targets.
+        batch_size: the batch size, or ``None`` for the whole set.
+        stats: the statistic names to compute, or ``None`` for all of ``STATS``.
+
+    Returns:
+        ``{path: {name: zeros}}`` with the dtypes and shapes of one step's statistics.
+    """
     size = jnp.shape(x)[0] if batch_size is None else min(batch_size, jnp.shape(x)[0])
     key = jax.random.PRNGKey(0) if model.needs_key else None
     run = Instrumented.of(model, None, stats=stats).run
@@ -314,7 +364,16 @@ def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=
 
 
 def record_epoch(stat_history: dict, stat_sum, steps: int) -> None:
-    """Append one epoch's means (sums for ``nonfinite``) to ``stat_history``."""
+    """Append one epoch's statistics to the history, in place.
+
+    Args:
+        stat_history: ``{path: {name: [per-epoch values]}}``, extended in place.
+        stat_sum: the statistics summed over the epoch's steps.
+        steps: the number of steps summed.
+
+    Returns:
+        ``None``; ``stat_history`` gets the epoch's means (sums for ``nonfinite``).
+    """
     for path, stats in jax.device_get(stat_sum).items():
         for name, value in stats.items():
             stat_history.setdefault(path, {}).setdefault(name, []).append(
@@ -322,15 +381,34 @@ def record_epoch(stat_history: dict, stat_sum, steps: int) -> None:
 
 
 def leaf_paths(model: Layer) -> list[str]:
-    """The paths ``stats`` is keyed by, in forward order."""
+    """The paths the statistics are keyed by, in forward order.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The leaf layers' paths (``"0"``, ``"1/block/0"``, ...).
+    """
     return [path for path, _ in leaf_layers(model)]
 
 
 def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out_norm", ax=None, log: bool = True):
-    """Plot ``stat`` per layer over epochs from ``FitResult.telemetry`` (one line per layer path).
+    """Plot one statistic per layer over epochs from ``FitResult.telemetry``, one line per layer path.
 
     With the default ``d_out_norm`` this is gradient flow: vanishing gradients show as lines
-    falling toward the input layers, exploding ones as lines rising. Returns the figure.
+    falling toward the input layers, exploding ones as lines rising.
+
+    Args:
+        history: ``FitResult.telemetry``: ``{path: {name: [per-epoch values]}}``.
+        stat: the statistic to plot (a name in ``STATS``).
+        ax: a matplotlib axes to draw on; a new figure if ``None``.
+        log: a logarithmic y axis.
+
+    Returns:
+        The matplotlib figure.
+
+    Raises:
+        ValueError: ``history`` is empty (``fit`` ran without ``telemetry=True``).
     """
     import matplotlib.pyplot as plt
 

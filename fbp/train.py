@@ -40,13 +40,13 @@ from fbp.optim import GradientTransformation
 from fbp.optim import learning_rate as read_learning_rate
 from fbp.steps import (
     EpochCarry,
-    _compiled,
-    _epoch_batches,
-    _examples_from,
-    _stat_names,
+    compiled_epoch,
     correct_count,
+    epoch_batches,
     evaluate,
+    examples_counted,
     make_step,
+    telemetry_stats,
 )
 from fbp.stopping import MODES, EarlyStopping  # noqa: F401  (fbp.train.EarlyStopping is the public name)
 
@@ -218,9 +218,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     if mesh is not None:
         x, y, params, state, opt_state = _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state,
                                                                 opt_state)
-    step_jit, scan_jit, evaluate_jit = _compiled(model, loss, optimizer, augment, telemetry, private, mesh,
+    step_jit, scan_jit, evaluate_jit = compiled_epoch(model, loss, optimizer, augment, telemetry, private, mesh,
                                                  precision)
-    zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, _stat_names(telemetry)) \
+    zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, telemetry_stats(telemetry)) \
         if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
     x_val, y_val = (None, None) if validation_data is None else map(jnp.asarray, validation_data)
     if mesh is not None:  # everything the jitted pieces read, on the mesh's devices
@@ -232,7 +232,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     epoch_range, bar = _progress(loop.epoch, epochs, progress and loop.stop_reason is None)
     for epoch in (epoch_range if loop.stop_reason is None else ()):
         start = time.perf_counter()
-        full, rest = _epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
+        full, rest = epoch_batches(n, batch_size, jax.random.fold_in(key, epoch) if shuffle else None)
         if privacy is not None:  # Poisson batches are drawn inside the step; fixed ones drop the rest
             full, rest = (jnp.zeros((n // batch_size, 1), jnp.int32) if privacy.sampling == "poisson" else full), None
         if mesh is not None:  # a batch the devices cannot share evenly is dropped
@@ -313,14 +313,14 @@ def _measure_epoch(carry: EpochCarry, names: _Recorded, loss: Loss, y, n: int, e
     seen = float(carry.stats["examples"]) if privacy is not None else n  # Poisson: how many were drawn
     measured = {"loss": float(carry.loss_sum) / max(seen, 1)}
     if names.accuracy:
-        measured["accuracy"] = float(carry.correct) / max(seen * _examples_from(y, loss) / n, 1)
+        measured["accuracy"] = float(carry.correct) / max(seen * examples_counted(y, loss) / n, 1)
     if privacy is not None:
         measured["epsilon"] = privacy.epsilon(n, batch_size, (epoch + 1) * (n // batch_size))
     if x_val is not None:
         v_loss, v_correct = evaluate_jit(carry.params, carry.state, x_val, y_val)
         measured["val_loss"] = float(v_loss)
         if names.accuracy:
-            measured["val_accuracy"] = float(v_correct) / _examples_from(y_val, loss)
+            measured["val_accuracy"] = float(v_correct) / examples_counted(y_val, loss)
     rate = read_learning_rate(carry.opt_state, default=None)
     if rate is not None:
         measured["learning_rate"] = float(rate)

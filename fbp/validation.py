@@ -47,7 +47,20 @@ class InputError(ValueError):
 
 @contextlib.contextmanager
 def at_path(*prefix: Any) -> Iterator[None]:
-    """Re-raise ``InputError`` from the block with ``prefix`` prepended to its path."""
+    """Re-raise ``InputError`` from the block with ``prefix`` prepended to its path.
+
+    Combinators wrap each child's call in ``with at_path(i):`` so an error deep inside a model
+    reads ``Dense(...) at path '2/block/0'``.
+
+    Args:
+        *prefix: the path parts of the child, outermost first (converted with ``str``).
+
+    Yields:
+        Nothing; the block runs inside the context.
+
+    Raises:
+        InputError: the block's error, with ``prefix`` prepended to its path.
+    """
     try:
         yield
     except InputError as err:
@@ -55,14 +68,30 @@ def at_path(*prefix: Any) -> Iterator[None]:
 
 
 def describe(x: Any) -> str:
-    """``'(32, 784) float32'`` for an array-like, a short type name otherwise."""
+    """A short description of a value for error messages.
+
+    Args:
+        x: anything; arrays and tracers are described by shape and dtype.
+
+    Returns:
+        ``'(32, 784) float32'`` for an array-like, the type's name otherwise.
+    """
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
     return type(x).__name__
 
 
 def require_floating(owner: str, x: Any, what: str = "input x") -> None:
-    """Raise ``InputError`` unless ``x`` is a floating-point array."""
+    """Raise ``InputError`` unless ``x`` is a floating-point array.
+
+    Args:
+        owner: the repr of the layer or loss that received ``x``.
+        x: the value to check.
+        what: how the message names ``x`` (``'input x'``, ``"parameter 'w'"``).
+
+    Raises:
+        InputError: ``x`` has no dtype or an integer/boolean dtype.
+    """
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputError(owner, f"{what} must be a floating-point array, received {describe(x)}. "
                                 f"Cast it first, e.g. x.astype(jnp.float32).")
@@ -70,8 +99,20 @@ def require_floating(owner: str, x: Any, what: str = "input x") -> None:
 
 def check_params(owner: str, params: Any, expected: dict[str, tuple[int, ...]], x: Any,
                  hint: Callable[[str, Any], str] | None = None) -> None:
-    """Raise ``InputError`` unless ``params`` is a dict with exactly the ``expected`` keys,
-    each a floating array of the expected shape; ``hint(name, value)`` may add advice."""
+    """Check a layer's parameter dict against the shapes its input implies.
+
+    Args:
+        owner: the repr of the layer.
+        params: the parameters received.
+        expected: every key the layer needs, mapped to the shape its input ``x`` implies.
+        x: the layer's input, named in the message so the user sees which shape led to which.
+        hint: optional ``hint(name, value) -> str`` that adds advice to a shape mismatch
+            (e.g. "a transposed kernel?").
+
+    Raises:
+        InputError: ``params`` is not a dict with exactly the ``expected`` keys, or a value has the
+            wrong shape or is not floating point; the message names the parameter's path.
+    """
     if not hasattr(params, "keys") or set(params.keys()) != set(expected):
         got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
         raise InputError(owner, f"params must be a dict with keys {sorted(expected)}, received {got}")
@@ -85,13 +126,28 @@ def check_params(owner: str, params: Any, expected: dict[str, tuple[int, ...]], 
 
 
 def is_concrete(x: Any) -> bool:
-    """Whether ``x`` holds values (not a tracer inside ``jit``/``vmap``): checks on values run only then."""
+    """Whether ``x`` holds values (not a tracer inside ``jit``/``vmap``); checks on values run only then.
+
+    Args:
+        x: any value.
+
+    Returns:
+        ``False`` for a JAX tracer, ``True`` otherwise.
+    """
     return not isinstance(x, jax.core.Tracer)
 
 
 def require_key(owner: str, key: Any, what: str = "key") -> None:
-    """Raise ``InputError`` unless ``key`` is a JAX PRNG key (``jax.random.key(0)`` or the raw
-    ``jax.random.PRNGKey(0)``)."""
+    """Raise ``InputError`` unless ``key`` is a JAX PRNG key.
+
+    Args:
+        owner: the repr of the layer, loss or function that needs the key.
+        key: a typed key (``jax.random.key(0)``) or a raw ``uint32`` key (``jax.random.PRNGKey(0)``).
+        what: how the message names the argument.
+
+    Raises:
+        InputError: ``key`` is ``None``, an integer or any other array.
+    """
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return
@@ -102,7 +158,14 @@ def require_key(owner: str, key: Any, what: str = "key") -> None:
 
 
 def path_name(key_path) -> str:
-    """``'1/block/w'`` for a key path from ``jax.tree_util.tree_flatten_with_path``."""
+    """A readable name for a pytree key path.
+
+    Args:
+        key_path: a key path from ``jax.tree_util.tree_flatten_with_path``.
+
+    Returns:
+        ``'1/block/w'``: the dict keys, sequence indices and attribute names joined by ``/``.
+    """
     parts = []
     for k in key_path:
         for attr in ("key", "idx", "name"):
@@ -116,9 +179,27 @@ def path_name(key_path) -> str:
 
 def require_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False,
                    high: float | None = None, high_open: bool = False) -> float:
-    """``value`` as a float, after checking it is a finite real number within the bounds given;
-    raises ``TypeError`` for a non-number (a string, say) and ``ValueError`` otherwise. A traced
-    scalar (a hyperparameter swept under ``vmap``/``jit``) cannot be checked and passes as it is."""
+    """Check a hyperparameter is a finite real number within bounds.
+
+    A traced scalar (a hyperparameter swept under ``vmap``/``jit``) cannot be checked and passes
+    as it is.
+
+    Args:
+        owner: the function or class that received the value (for the message).
+        name: the argument's name.
+        value: the value received.
+        low: the lower bound, or ``None`` for none.
+        low_open: exclude ``low`` itself.
+        high: the upper bound, or ``None`` for none.
+        high_open: exclude ``high`` itself.
+
+    Returns:
+        ``value`` as a Python float (a traced scalar unchanged).
+
+    Raises:
+        TypeError: ``value`` is not a number (a string, a bool, a list).
+        ValueError: ``value`` is not finite or lies outside the bounds.
+    """
     if isinstance(value, jax.core.Tracer) and value.shape == ():
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) and not (
@@ -140,16 +221,32 @@ def require_number(owner: str, name: str, value: Any, *, low: float | None = Non
 
 
 def require_no_params(owner: Any, params: PyTree) -> None:
-    """Parameter-free layers take ``{}`` (or any pytree without leaves) as params."""
+    """Raise ``InputError`` unless a parameter-free layer received ``{}`` (or a pytree without leaves).
+
+    Args:
+        owner: the layer.
+        params: the parameters received.
+
+    Raises:
+        InputError: ``params`` has array leaves; the message shows their shapes.
+    """
     if jax.tree_util.tree_leaves(params):
         raise InputError(repr(owner), f"this layer has no parameters and expects {{}}, "
                                       f"received a pytree with leaves: {jax.tree_util.tree_map(describe, params)}")
 
 
 def tree_mismatch(reference: PyTree, other: PyTree) -> tuple[str, str] | None:
-    """``None`` if ``other`` has ``reference``'s tree structure and leaf shapes; else
-    ``(path, what differs)`` with the first path at fault. Structures and shapes only: free under
-    ``jit`` after tracing."""
+    """The first difference between two pytrees' structures and leaf shapes.
+
+    Structures and shapes only, so it is free under ``jit`` after tracing.
+
+    Args:
+        reference: the pytree with the expected structure (e.g. the params).
+        other: the pytree to compare (e.g. a gradient returned by a custom rule).
+
+    Returns:
+        ``None`` if they agree; otherwise ``(path, what differs)`` with the first path at fault.
+    """
     r_leaves, r_def = jax.tree_util.tree_flatten_with_path(reference)
     o_leaves, o_def = jax.tree_util.tree_flatten_with_path(other)
     if r_def == o_def:
@@ -165,3 +262,41 @@ def tree_mismatch(reference: PyTree, other: PyTree) -> tuple[str, str] | None:
         more = lambda items: f"{items[:5]}{' ...' if len(items) > 5 else ''}"
         return (missing or extra)[0], f"missing {more(missing)}, unexpected {more(extra)}"
     return (r_paths or [""])[0], f"other containers: expected {r_def}, received {o_def}"
+
+
+def require_state_mode(model: Any, has_state: bool, caller: str) -> None:
+    """Refuse ``has_state=False`` for a model that keeps state: its new state would be lost.
+
+    Args:
+        model: the model.
+        has_state: what the caller was asked for.
+        caller: the public function's name, for the message.
+
+    Raises:
+        InputError: naming the stateful layers' paths and the call to use instead.
+    """
+    if model.has_state and not has_state:
+        from fbp.walk import leaf_layers  # walk imports this module
+
+        paths = [p or "<root>" for p, leaf in leaf_layers(model) if leaf.has_state]
+        raise InputError(repr(model), f"{caller} without has_state=True would throw away the new state of "
+                                      f"the stateful layers at {paths} (e.g. BatchNorm's running statistics). "
+                                      f"Use {caller}(..., has_state=True) and pass state=model.init_state(params) "
+                                      f"in, then keep the new state it returns")
+
+
+def require_state(model: Any, state: Any, caller: str) -> None:
+    """Refuse ``state=None`` where ``has_state=True`` promises a new state back.
+
+    Args:
+        model: the model.
+        state: the state received.
+        caller: the public function's name, for the message.
+
+    Raises:
+        InputError: ``state`` is ``None``.
+    """
+    if state is None:
+        raise InputError(repr(model), f"{caller} with has_state=True needs the model's state as its second "
+                                      f"argument: f(params, state, x, y) with state = model.init_state(params) "
+                                      f"(then the state each call returns); received None")

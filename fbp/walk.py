@@ -20,14 +20,29 @@ PyTree = Any
 
 
 def children(layer: Layer) -> dict[str, Layer]:
-    """A combinator's children by the name of their entry in its params (``{"0": ..., "1": ...}`` for
-    ``Serial``/``Parallel``, ``{"block": ...}`` for ``Residual``); ``{}`` for a leaf layer."""
+    """A combinator's children by the name of their entry in its params.
+
+    Args:
+        layer: any layer.
+
+    Returns:
+        ``{"0": ..., "1": ...}`` for ``Serial``/``Parallel``, ``{"block": ...}`` for ``Residual``,
+        ``{}`` for a leaf layer (one without a ``children()`` method).
+    """
     own = getattr(layer, "children", None)
     return dict(own()) if callable(own) else {}
 
 
 def leaf_layers(model: Layer, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, Layer]]:
-    """``(path, layer)`` for every leaf layer, in forward order; paths as in errors and check reports."""
+    """Every leaf layer of a model with its path, in forward order.
+
+    Args:
+        model: the model (a layer, usually a combinator).
+        prefix: the path of ``model`` itself inside a larger model.
+
+    Returns:
+        An iterator of ``(path, layer)``; paths as in errors and check reports (``"1/block/0"``).
+    """
     kids = children(model)
     if not kids:
         yield "/".join(prefix), model
@@ -36,11 +51,22 @@ def leaf_layers(model: Layer, prefix: tuple[str, ...] = ()) -> Iterator[tuple[st
 
 
 def transform_layers(model: Layer, fn: Callable[[str, Layer], Layer | None], prefix: tuple[str, ...] = ()) -> Layer:
-    """Rebuild ``model`` top-down: ``fn(path, layer)`` returns a replacement (which is kept as is,
-    not walked further) or ``None`` (keep the layer, and rebuild its children the same way).
+    """Rebuild ``model`` top-down, replacing the layers ``fn`` chooses.
 
     This is how tools wrap or swap layers without the user rebuilding the model: telemetry probes
     every leaf, ``fbp.credit`` swaps Dense for its feedback-alignment twin at chosen paths.
+
+    Args:
+        model: the model to rebuild.
+        fn: ``fn(path, layer)`` returns a replacement (kept as it is, not walked further) or ``None``
+            (keep the layer, and rebuild its children the same way).
+        prefix: the path of ``model`` itself inside a larger model.
+
+    Returns:
+        The rebuilt model; ``model`` itself where nothing was replaced below it.
+
+    Raises:
+        InputError: a combinator lists ``children()`` but has no ``replace_children``.
     """
     replaced = fn("/".join(prefix), model)
     if replaced is not None:
@@ -59,14 +85,33 @@ def transform_layers(model: Layer, fn: Callable[[str, Layer], Layer | None], pre
 
 
 def child_params(params: PyTree, name: str) -> PyTree:
-    """A child's entry in its combinator's params: ``params[int(name)]`` for a tuple, else ``params[name]``."""
+    """A child's entry in its combinator's params.
+
+    Args:
+        params: the combinator's params (a tuple for ``Serial``/``Parallel``, a dict for ``Residual``).
+        name: the child's name from ``children()``.
+
+    Returns:
+        ``params[int(name)]`` for a tuple or list, else ``params[name]``.
+    """
     return params[int(name)] if isinstance(params, (tuple, list)) else params[name]
 
 
 def map_leaf_params(model: Layer, params: PyTree, fn: Callable[[str, Layer, PyTree], PyTree],
                     prefix: tuple[str, ...] = ()) -> PyTree:
-    """``params`` with every leaf layer's entry replaced by ``fn(path, leaf, leaf_params)``; the
-    combinators' containers (tuples, dicts) are kept."""
+    """``params`` with every leaf layer's entry replaced by ``fn(path, leaf, leaf_params)``.
+
+    The combinators' containers (tuples, dicts) are kept, so the result mirrors ``params``.
+
+    Args:
+        model: the model the params belong to.
+        params: its params.
+        fn: ``fn(path, leaf_layer, leaf_params) -> new leaf params``.
+        prefix: the path of ``model`` itself inside a larger model.
+
+    Returns:
+        The new params pytree.
+    """
     kids = children(model)
     if not kids:
         return fn("/".join(prefix), model, params)
@@ -76,7 +121,15 @@ def map_leaf_params(model: Layer, params: PyTree, fn: Callable[[str, Layer, PyTr
 
 
 def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]]:
-    """The deepest layer on ``parts`` (a parameter path) and the path to it."""
+    """The deepest layer on a parameter path.
+
+    Args:
+        model: the model.
+        parts: a parameter path split at ``/`` (``["1", "block", "w"]``).
+
+    Returns:
+        ``(layer, path)``: the deepest layer the leading parts name, and the parts taken to reach it.
+    """
     node, taken = model, []
     for part in parts:
         kids = children(node)
@@ -88,10 +141,18 @@ def layer_at(model: Layer, parts: Sequence[str]) -> tuple[Layer, tuple[str, ...]
 
 
 def check_gradient_structure(model: Layer, params: PyTree, d_params: PyTree) -> None:
-    """Raise ``InputError`` naming the layer and path where ``d_params`` (from the backward
-    rules) does not mirror ``params``: a missing or extra entry, another container, another shape.
+    """Check that the backward rules' ``d_params`` mirror ``params``.
 
     It compares tree structures and shapes only, so under ``jit`` it runs once, at trace time.
+
+    Args:
+        model: the model whose backward produced ``d_params``.
+        params: its params.
+        d_params: the gradient pytree.
+
+    Raises:
+        InputError: naming the layer and path where an entry is missing or extra, the container
+            differs, or a shape differs.
     """
     problem = tree_mismatch(params, d_params)
     if problem is None:

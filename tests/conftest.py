@@ -1,19 +1,48 @@
-"""Shared test settings: both precisions, with and without jit."""
+"""Shared test settings: both precisions, with and without jit, and a fast compiler.
+
+**Compilation.** Compiling dominates this suite (its shapes are tiny), so the tests run with
+XLA's CPU backend optimisation off (``--xla_backend_optimization_level=0``): compiling takes
+about half as long. The programs are the same HLO; only the machine code LLVM makes of them
+differs, and every tolerance of the suite holds at both settings (``FBP_TEST_OPTIMIZED=1``
+runs the suite with XLA's defaults). Subprocesses (examples, notebooks, multi-device scripts)
+train real models, where unoptimised code would cost more than it saves: they keep the defaults.
+
+**Precision × jit.** A test that takes both the ``dtype`` and the ``jit`` fixture runs in two
+of the four combinations, float64 eagerly and float32 under jit, so each level of each factor
+is exercised on every case (pairwise testing). Tests marked ``every_mode`` run all four.
+"""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import HealthCheck, settings
 
+if os.environ.get("FBP_TEST_OPTIMIZED") != "1":
+    # XLA reads XLA_FLAGS once, when JAX creates its CPU client: set them, create it, put them back,
+    # so subprocesses (examples, notebooks, multi-device scripts) compile with XLA's defaults.
+    _inherited = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = " ".join([_inherited or "", "--xla_backend_optimization_level=0",
+                                        "--xla_llvm_disable_expensive_passes=true"]).strip()
+    jax.devices()
+    if _inherited is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = _inherited
+
+
 settings.register_profile("fbp", max_examples=8, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile("fbp")
 
-PRECISIONS = [pytest.param(jnp.float64, id="f64"), pytest.param(jnp.float32, id="f32")]
-JIT = [pytest.param(False, id="eager"), pytest.param(True, id="jit")]
+PRECISIONS = {"f64": jnp.float64, "f32": jnp.float32}
+MODES = {"eager": False, "jit": True}
+PAIRWISE = [("f64", "eager"), ("f32", "jit")]
+EVERY_MODE = [(d, m) for d in PRECISIONS for m in MODES]
 
 
-@pytest.fixture(params=PRECISIONS)
+@pytest.fixture
 def dtype(request):
     """The precision under test; float64 runs with x64 enabled for the whole test."""
     if request.param == jnp.float64:
@@ -23,9 +52,29 @@ def dtype(request):
         yield request.param
 
 
-@pytest.fixture(params=JIT)
+@pytest.fixture
 def jit(request):
     return request.param
+
+
+def _parametrized_by_marker(metafunc) -> set[str]:
+    names = set()
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        argnames = marker.args[0]
+        names |= {n.strip() for n in (argnames.split(",") if isinstance(argnames, str) else argnames)}
+    return names
+
+
+def pytest_generate_tests(metafunc):
+    wanted = {"dtype", "jit"} & set(metafunc.fixturenames) - _parametrized_by_marker(metafunc)
+    if wanted == {"dtype", "jit"}:
+        combos = EVERY_MODE if metafunc.definition.get_closest_marker("every_mode") else PAIRWISE
+        metafunc.parametrize(("dtype", "jit"), [(PRECISIONS[d], MODES[m]) for d, m in combos], indirect=True,
+                             ids=[f"{d}-{m}" for d, m in combos])
+    elif wanted == {"dtype"}:
+        metafunc.parametrize("dtype", list(PRECISIONS.values()), indirect=True, ids=list(PRECISIONS))
+    elif wanted == {"jit"}:
+        metafunc.parametrize("jit", list(MODES.values()), indirect=True, ids=list(MODES))
 
 
 # The quick tier (`pytest -m "not slow"`) leaves out what runs whole programs or whole catalogues:
@@ -39,6 +88,7 @@ SLOW_NAMES = ("every_builtin_rule", "test_cli_", "random_shapes", "family_in_a_s
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the quick tier (pytest -m 'not slow')")
+    config.addinivalue_line("markers", "every_mode: run in all four precision × jit combinations, not two")
 
 
 def pytest_collection_modifyitems(config, items):

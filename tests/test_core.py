@@ -26,6 +26,7 @@ def _jax_value_and_grad(params, x, y):
     return jax.value_and_grad(lambda p: LOSS(MODEL.apply(p, x), y))(params)
 
 
+@pytest.mark.every_mode  # all four precision × jit combinations (conftest)
 def test_value_and_grad_equals_jax(dtype, jit):
     params, x, y = jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, _data())
     f = fbp.value_and_grad(MODEL, LOSS)

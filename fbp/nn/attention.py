@@ -320,7 +320,18 @@ class LearnedPositionalEmbedding(Layer):
 
 
 def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
-    """``PE[t, 2i] = sin(t / 10000^{2i/d})``, ``PE[t, 2i+1] = cos(...)`` (Vaswani et al., 2017)."""
+    """The sinusoidal position table of Vaswani et al. (2017).
+
+    ``PE[t, 2i] = sin(t / 10000^{2i/d})``, ``PE[t, 2i+1] = cos(t / 10000^{2i/d})``.
+
+    Args:
+        length: the number of positions.
+        d: the model width.
+        dtype: the table's dtype (computed in float32).
+
+    Returns:
+        ``(length, d)``.
+    """
     position = jnp.arange(length, dtype=jnp.float32)[:, None]
     rate = jnp.exp(-math.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
     table = jnp.zeros((length, d), jnp.float32)

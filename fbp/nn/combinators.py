@@ -32,12 +32,32 @@ PyTree = Any
 
 
 def split_key(key, n: int) -> list:
-    """One key per child (``None`` for all when no key is given)."""
+    """One key per child.
+
+    Args:
+        key: the combinator's key, or ``None``.
+        n: the number of children.
+
+    Returns:
+        ``n`` keys split from ``key``, or ``n`` times ``None``.
+    """
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 def child_states(layer, state, n: int) -> list:
-    """Each child's part of a tuple-structured combinator's state (``None`` for all when no state is given)."""
+    """Each child's part of a tuple-structured combinator's state.
+
+    Args:
+        layer: the combinator (for the message).
+        state: its state, a tuple with one entry per child, or ``None``.
+        n: the number of children.
+
+    Returns:
+        A list of ``n`` child states (all ``None`` when ``state`` is ``None``).
+
+    Raises:
+        InputError: ``state`` is not a tuple of length ``n``.
+    """
     if state is None:
         return [None] * n
     if not isinstance(state, (tuple, list)) or len(state) != n:
@@ -124,8 +144,9 @@ class Combinator(Layer):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Serial(Combinator):
-    """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``. Its residuals
-    are a tuple of the children's, in order.
+    """Layers applied one after another; ``Serial(Dense(64), Tanh(), Dense(10))``.
+
+    Its residuals are a tuple of the children's, in order.
 
     Args:
         *layers: the layers, first to last.

@@ -46,20 +46,54 @@ def _dilate(size: int, factor: int) -> int:
 
 
 def specs(n: int) -> tuple[str, str, str]:
-    """Dimension numbers of an ``n``-D channels-last convolution: ``("NHWC", "HWIO", "NHWC")``."""
+    """Dimension numbers of an ``n``-D channels-last convolution.
+
+    Args:
+        n: the number of spatial dimensions (1, 2 or 3).
+
+    Returns:
+        ``("NHWC", "HWIO", "NHWC")`` for ``n = 2``, and likewise for 1 and 3.
+    """
     s = _SPATIAL[n]
     return f"N{s}C", f"{s}IO", f"N{s}C"
 
 
 def conv(x, w, strides, pads, lhs_dilation, rhs_dilation, groups):
-    """The forward: one general dilated convolution, channels last."""
+    """The forward: one general dilated convolution, channels last.
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        w: the kernel, ``(*taps, C_in / groups, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``(N, *out_spatial, C_out)``.
+    """
     lhs, rhs, out = specs(x.ndim - 2)
     return lax.conv_general_dilated(x, w, strides, pads, lhs_dilation, rhs_dilation, (lhs, rhs, out),
                                     feature_group_count=groups)
 
 
 def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
-    """``d_x`` of ``conv``: a convolution of ``d_y`` with the flipped, channel-swapped kernel."""
+    """``d_x`` of ``conv``: a convolution of ``d_y`` with the flipped, channel-swapped kernel.
+
+    Args:
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        w: the kernel, ``(*taps, C_in / groups, C_out)``.
+        x_shape: the input's shape, ``(N, *spatial, C_in)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``d_x`` with shape ``x_shape``.
+    """
     n = len(strides)
     k = w.shape[:n]
     in_sizes, out_sizes = x_shape[1:-1], d_y.shape[1:-1]
@@ -80,7 +114,23 @@ def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, 
 
 
 def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
-    """``d_w`` of ``conv``: the input correlated with ``d_y`` over batch and space."""
+    """``d_w`` of ``conv``: the input correlated with ``d_y`` over batch and space.
+
+    Accumulates in float32 for half-precision inputs (``accumulator``).
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        kernel_shape: ``(*taps, C_in / groups, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``d_w`` with shape ``kernel_shape``, in ``x``'s dtype.
+    """
     n = len(strides)
     in_sizes, out_sizes = x.shape[1:-1], d_y.shape[1:-1]
     new_pads = []
@@ -106,6 +156,17 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
     are concatenated into one im2col matrix and multiplied once; wide ones take one matmul per
     offset, which never holds all patches at once. On this project's CPU both beat XLA's
     kernel-gradient convolution (see ``benchmarks/bench_cnn.py``).
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        kernel_shape: ``(*taps, C_in, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        rhs_dilation: the kernel dilation per spatial dimension.
+
+    Returns:
+        ``d_w`` with shape ``kernel_shape``.
     """
     n = len(strides)
     taps, c_in, c_out = kernel_shape[:n], kernel_shape[-2], kernel_shape[-1]
@@ -131,11 +192,24 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
 
 
 def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> list:
-    """The im2col patches of an ungrouped convolution without input dilation, one kernel tap at a
-    time: a list of ``(N, prod(out), C_in)`` windows in the order of ``w.reshape(-1, C_out)``'s
-    rows, so the kernel gradient of example ``b`` is ``concat_k(windows[k][b]ᵀ d_y[b])``. Kept
-    apart (never concatenated into one ``taps·C_in``-wide patch matrix) so per-example gradients
-    and Gram matrices (``fbp.per_example``) need one window at a time."""
+    """The im2col patches of an ungrouped convolution without input dilation, one kernel tap at a time.
+
+    The windows come in the order of ``w.reshape(-1, C_out)``'s rows, so the kernel gradient of
+    example ``b`` is ``concat_k(windows[k][b]ᵀ d_y[b])``. They are kept apart (never concatenated
+    into one ``taps·C_in``-wide patch matrix) so per-example gradients and Gram matrices
+    (``fbp.per_example``) need one window at a time.
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        kernel_shape: ``(*taps, C_in, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        rhs_dilation: the kernel dilation per spatial dimension.
+        out_spatial: the output's spatial sizes.
+
+    Returns:
+        A list, one ``(N, prod(out_spatial), C_in)`` window per kernel tap.
+    """
     n = len(strides)
     taps, c_in = kernel_shape[:n], kernel_shape[-2]
     xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
@@ -332,6 +406,7 @@ class ConvTranspose2D(_ConvBase):
         strides: the input's dilation factor, an int or a pair.
         padding: ``"SAME"`` (default) or ``"VALID"``.
         dilation: the spacing between kernel taps.
+        feature_group_count: must be 1 (grouped transposed convolutions are not supported).
         use_bias: add the bias ``b``.
         kernel_init: initializer of ``w`` (default Glorot uniform).
         bias_init: initializer of ``b`` (default zeros).

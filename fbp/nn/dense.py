@@ -28,20 +28,44 @@ from fbp.nn.positions import Positions
 
 
 def accumulator(dtype):
-    """The dtype sums over a batch run in: float32 for 16-bit floats (mixed precision,
-    ``fbp.precision``), else ``None`` (the inputs' own)."""
+    """The dtype sums over a batch run in.
+
+    Args:
+        dtype: the inputs' dtype.
+
+    Returns:
+        ``float32`` for 16-bit floats (mixed precision, ``fbp.precision``), else ``None`` (the
+        inputs' own).
+    """
     return jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else None
 
 
 def weight_grad(a, b):
-    """``a @ b`` — a weight gradient, a sum over the batch — accumulated in at least float32
-    (``preferred_element_type``) and rounded once to ``a``'s dtype."""
+    """``a @ b``, a weight gradient (a sum over the batch), accumulated in at least float32.
+
+    The product uses ``preferred_element_type`` and is rounded once to ``a``'s dtype.
+
+    Args:
+        a: ``(n_in, B)``: the layer's inputs, transposed.
+        b: ``(B, n_out)``: the output cotangents.
+
+    Returns:
+        ``(n_in, n_out)`` in ``a``'s dtype.
+    """
     return jnp.matmul(a, b, preferred_element_type=accumulator(a.dtype)).astype(a.dtype)
 
 
 def bias_grad(d_y):
-    """``Σ d_y`` over every axis but the last: the gradient of a bias added along the last axis
-    (Dense, convolutions, attention's and the recurrent layers' projections)."""
+    """The gradient of a bias added along the last axis: ``Σ d_y`` over every other axis.
+
+    Used by Dense, the convolutions, attention's and the recurrent layers' projections.
+
+    Args:
+        d_y: the output cotangent, ``(..., n_out)``.
+
+    Returns:
+        ``(n_out,)``.
+    """
     return d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
 
 

@@ -45,7 +45,12 @@ Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Named:
-    """An initializer with a readable name: ``name`` is how it prints and what equality compares."""
+    """An initializer with a readable name: ``name`` is how it prints and what equality compares.
+
+    Args:
+        name: e.g. ``"glorot_uniform"``.
+        fn: ``fn(key, shape, dtype) -> array``.
+    """
 
     name: str
     fn: Callable = dataclasses.field(compare=False)

@@ -27,7 +27,7 @@ from fbp.nn import init as initializers
 
 def _scale_bias_init(x):
     c = x.shape[-1]
-    return {"scale": initializers.ones(None, (c,), x.dtype), "bias": initializers.zeros(None, (c,), x.dtype)}
+    return {"scale": initializers.ones(None, (c,), x.dtype), "b": initializers.zeros(None, (c,), x.dtype)}
 
 
 def _check(owner, params, x, min_rank=2):
@@ -35,7 +35,7 @@ def _check(owner, params, x, min_rank=2):
     if x.ndim < min_rank:
         raise InputError(repr(owner), f"input x must have rank >= {min_rank} (N, ..., C), received {describe(x)}")
     c = x.shape[-1]
-    check_params(repr(owner), params, {"scale": (c,), "bias": (c,)}, x,
+    check_params(repr(owner), params, {"scale": (c,), "b": (c,)}, x,
                  hint=lambda name, value: f": one entry per channel of the input's last axis ({c})")
 
 
@@ -85,18 +85,18 @@ def _normalize_backward(x_hat, inv, g, axes):
 
 
 def _param_grads(x_hat, d_y, dtype=None):
-    """``scale``/``bias`` gradients, summed in at least float32, in ``dtype`` (default ``d_y``'s)."""
+    """``scale``/``b`` gradients, summed in at least float32, in ``dtype`` (default ``d_y``'s)."""
     channels, dtype = x_hat.shape[-1], dtype or d_y.dtype
     return {"scale": (_wide(d_y) * x_hat).reshape(-1, channels).sum(0).astype(dtype),
-            "bias": _wide(d_y).reshape(-1, channels).sum(0).astype(dtype)}
+            "b": _wide(d_y).reshape(-1, channels).sum(0).astype(dtype)}
 
 
 def _per_example_param_grads(res, d_y):
-    """Per-example ``scale``/``bias`` gradients ``(B, C)`` of a per-example normalisation
+    """Per-example ``scale``/``b`` gradients ``(B, C)`` of a per-example normalisation
     (LayerNorm, GroupNorm): the sums of ``d_y ⊙ x̂`` and ``d_y`` over each example's positions;
     in ``fbp.per_example``'s ``(groups, rest)`` form."""
     x_hat, b, c = res.x_hat, d_y.shape[0], d_y.shape[-1]
-    return [], {("scale",): (d_y * x_hat).reshape(b, -1, c).sum(1), ("bias",): d_y.reshape(b, -1, c).sum(1)}
+    return [], {("scale",): (d_y * x_hat).reshape(b, -1, c).sum(1), ("b",): d_y.reshape(b, -1, c).sum(1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ class BatchNorm(Layer):
     averages are updated by ``next_state``: ``μ_run ← m μ_run + (1 - m) μ_batch`` (same for the
     biased batch variance), ``m = momentum``. Evaluation: the running averages.
 
-    Params ``{"scale": (C,), "bias": (C,)}``; state ``{"mean": (C,), "var": (C,)}``.
+    Params ``{"scale": (C,), "b": (C,)}``; state ``{"mean": (C,), "var": (C,)}``.
 
     Args:
         momentum: weight ``m`` of the old running average in each update (default 0.99).
@@ -156,7 +156,7 @@ class BatchNorm(Layer):
             inv = lax.rsqrt(_wide(state["var"]) + self.epsilon)
             x_hat = (_wide(x) - _wide(state["mean"])) * inv
             stats = None
-        y = (params["scale"] * x_hat + params["bias"]).astype(x.dtype)
+        y = (params["scale"] * x_hat + params["b"]).astype(x.dtype)
         return y, BatchNormRes(x_hat, inv, params["scale"], stats)
 
     def _check_state(self, state, x):
@@ -189,7 +189,7 @@ class BatchNorm(Layer):
 @dataclasses.dataclass(frozen=True)
 class LayerNorm(Layer):
     """Layer normalisation (Ba, Kiros & Hinton, 2016) over the last axis, per example and
-    position; same in training and evaluation. Params ``{"scale": (C,), "bias": (C,)}``.
+    position; same in training and evaluation. Params ``{"scale": (C,), "b": (C,)}``.
 
     Args:
         epsilon: added to the variance before the square root (default 1e-5).
@@ -210,7 +210,7 @@ class LayerNorm(Layer):
             raise InputError(repr(self), f"normalising over a single feature makes every output equal to the bias "
                                          f"and every input gradient zero; received x {describe(x)}")
         x_hat, inv, _, _ = _normalize(x, (-1,), self.epsilon)
-        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["b"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
 
     def backward(self, res: NormRes, d_y):
         x_hat, inv, scale = res
@@ -225,7 +225,7 @@ class LayerNorm(Layer):
 class GroupNorm(Layer):
     """Group normalisation (Wu & He, 2018): channels split into ``num_groups`` groups;
     statistics per example and group, over the spatial axes and the group's channels.
-    Params ``{"scale": (C,), "bias": (C,)}``.
+    Params ``{"scale": (C,), "b": (C,)}``.
 
     Args:
         num_groups: ``G``, which must divide the channels (default 32).
@@ -262,7 +262,7 @@ class GroupNorm(Layer):
         axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
         x_hat, inv, _, _ = _normalize(xg, axes, self.epsilon)
         x_hat = x_hat.reshape(x.shape)
-        return (params["scale"] * x_hat + params["bias"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
+        return (params["scale"] * x_hat + params["b"]).astype(x.dtype), NormRes(x_hat, inv, params["scale"])
 
     def backward(self, res: NormRes, d_y):
         x_hat, inv, scale = res

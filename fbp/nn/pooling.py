@@ -227,7 +227,11 @@ class Flatten(ParameterFree):
 
 @dataclasses.dataclass(frozen=True)
 class Reshape(ParameterFree):
-    """``(N, ...) -> (N, *shape)`` (one entry of ``shape`` may be -1); the backward reshapes back."""
+    """``(N, ...) -> (N, *shape)``; the backward reshapes back.
+
+    Args:
+        shape: the shape of each example after the reshape; one entry may be -1.
+    """
 
     piecewise_linear = True
 

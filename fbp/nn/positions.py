@@ -135,18 +135,40 @@ def _rows(blocks: list, axis: int = 0):
 
 
 def sq_norm(per: dict) -> jax.Array:
-    """Σ over a dict (or pytree) of per-example arrays ``(B, ...)`` of their squared entries."""
+    """Per-example squared norms of a dict (or pytree) of per-example arrays.
+
+    Args:
+        per: a pytree of ``(B, ...)`` arrays (integer leaves are left out).
+
+    Returns:
+        ``(B,)``: Σ of each example's squared entries over all leaves.
+    """
     leaves = [a for a in jax.tree_util.tree_leaves(per) if jnp.issubdtype(a.dtype, jnp.inexact)]
     return sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1) for a in leaves)
 
 
 def batch_major(a):
-    """``(T, B, ...) -> (B, T, ...)``."""
+    """Swap a time-major array to batch-major.
+
+    Args:
+        a: ``(T, B, ...)``.
+
+    Returns:
+        ``(B, T, ...)``.
+    """
     return a.swapaxes(0, 1)
 
 
 def assemble(template, values: dict):
-    """``template`` (a params-shaped dict) with the entries at ``values``' key tuples replaced."""
+    """A params-shaped dict with some entries replaced.
+
+    Args:
+        template: a params-shaped (nested) dict.
+        values: ``{key or key tuple: value}``; a tuple addresses a nested entry.
+
+    Returns:
+        A copy of ``template`` with those entries replaced (``template`` is not changed).
+    """
     out = dict(template)
     for key, value in values.items():
         key = key if isinstance(key, tuple) else (key,)

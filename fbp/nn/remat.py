@@ -38,9 +38,14 @@ from fbp.core import InputError, Layer, at_path, run_forward
 
 @dataclasses.dataclass(frozen=True)
 class Remat(Layer):
-    """``block`` with its forward recomputed in the backward pass (module docstring): the
-    same outputs and gradients, residual memory of its input only. Params
-    ``{"block": ...}`` (paths ``block/0/w``), state likewise."""
+    """``block`` with its forward recomputed in the backward pass (module docstring).
+
+    The same outputs and gradients, residual memory of its input only. Params ``{"block": ...}``
+    (paths ``block/0/w``), state likewise.
+
+    Args:
+        block: the layer (usually a ``Serial``) to recompute.
+    """
 
     block: Layer
     contextual = True

@@ -17,7 +17,19 @@ from fbp.validation import InputError, describe
 
 
 def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
-    """``value`` (an int or ``n`` ints, each ≥ 1) as a tuple of ``n`` ints; ``ValueError`` otherwise."""
+    """A window size, stride or dilation as a tuple of ``n`` positive ints.
+
+    Args:
+        value: an int or ``n`` ints, each ≥ 1.
+        n: the number of spatial axes.
+        name: the setting's name, for the message.
+
+    Returns:
+        A tuple of ``n`` ints.
+
+    Raises:
+        ValueError: a wrong count, a non-int or a value below 1.
+    """
     out = (value,) * n if isinstance(value, int) else tuple(value)
     if len(out) != n or not all(isinstance(v, int) and v >= 1 for v in out):
         raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
@@ -26,9 +38,23 @@ def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
 
 def window_padding(owner: str, x, window: Sequence[int], strides: Sequence[int], padding,
                    what: str = "window") -> list[tuple[int, int]]:
-    """The ``(lo, hi)`` padding of each spatial axis of ``x`` (channels last, ``x.shape[1:-1]``)
-    for ``padding`` (``"SAME"``, ``"VALID"`` or explicit pairs), checked: one pair per axis, and a
-    window that fits every padded axis. Errors name ``owner`` and the input's shape."""
+    """The ``(lo, hi)`` padding of each spatial axis of ``x``, checked.
+
+    Args:
+        owner: the layer's repr, for messages.
+        x: the input, channels last (its spatial axes are ``x.shape[1:-1]``).
+        window: the window (or dilated kernel) size per spatial axis.
+        strides: the stride per spatial axis.
+        padding: ``"SAME"``, ``"VALID"`` or explicit ``(lo, hi)`` pairs.
+        what: how the message names the window (``"kernel"``, ``"window"``).
+
+    Returns:
+        One ``(lo, hi)`` pair per spatial axis.
+
+    Raises:
+        InputError: a wrong number of pairs, or a window larger than a padded axis; the message
+            names ``owner`` and the input's shape.
+    """
     spatial = tuple(x.shape[1:-1])
     if isinstance(padding, str):
         pads = [tuple(p) for p in lax.padtype_to_pads(spatial, window, strides, padding)]

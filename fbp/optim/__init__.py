@@ -48,8 +48,16 @@ _RAISE = object()
 def learning_rate(opt_state, default=_RAISE) -> jax.Array:
     """The learning rate used at the last update, read from an optimizer's state (for logging).
 
-    An optimizer without a ``scale_by_learning_rate`` step (a bare ``chain`` of other
-    transformations) has none: then ``default`` is returned if given, else ``ValueError`` is raised.
+    Args:
+        opt_state: the state of an optimizer with a ``scale_by_learning_rate`` step.
+        default: returned when the state has none (a bare ``chain`` of other transformations);
+            without it, that raises.
+
+    Returns:
+        The learning rate (a scalar array), or ``default``.
+
+    Raises:
+        ValueError: the state holds no learning rate and no ``default`` is given.
     """
     is_lr_state = lambda s: isinstance(s, ScaleByLearningRateState)
     found = [s.learning_rate for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_lr_state) if is_lr_state(s)]

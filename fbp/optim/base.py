@@ -42,7 +42,19 @@ def identity() -> GradientTransformation:
 
 
 def chain(*transformations: GradientTransformation) -> GradientTransformation:
-    """Apply ``transformations`` in order; e.g. ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale(-lr))``."""
+    """Apply transformations in order.
+
+    E.g. ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale(-lr))``.
+
+    Args:
+        *transformations: the transformations (``GradientTransformation``), first applied first.
+
+    Returns:
+        One ``GradientTransformation`` whose state is the tuple of their states.
+
+    Raises:
+        TypeError: an argument is not a ``GradientTransformation``.
+    """
     for i, t in enumerate(transformations):
         if not isinstance(t, GradientTransformation):
             raise TypeError(f"chain: argument {i} must be a GradientTransformation (e.g. fbp.optim.scale_by_adam()), "
@@ -151,16 +163,39 @@ def _scaled_sum_of_squares(leaves):
 
 
 def increment(count: jax.Array) -> jax.Array:
-    """``count + 1``, saturating at the int32 maximum instead of wrapping (as optax does)."""
+    """A step counter's next value, saturating at the int32 maximum instead of wrapping (as optax does).
+
+    Args:
+        count: an int32 counter.
+
+    Returns:
+        ``count + 1``, or the maximum.
+    """
     limit = jnp.iinfo(jnp.int32).max
     return jnp.where(count < limit, count + 1, limit).astype(jnp.int32)
 
 
 def zeros_like(params: PyTree) -> PyTree:
+    """Zeros shaped like ``params`` (the first moments, traces and accumulators start here).
+
+    Args:
+        params: a pytree of arrays.
+
+    Returns:
+        A pytree of zeros with the same structure, shapes and dtypes.
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, params)
 
 
 def require(condition: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``condition`` (for hyperparameter validation)."""
+    """Raise ``ValueError(message)`` unless ``condition`` (for hyperparameter validation).
+
+    Args:
+        condition: what must hold.
+        message: the error message.
+
+    Raises:
+        ValueError: ``condition`` is false.
+    """
     if not condition:
         raise ValueError(message)

@@ -41,11 +41,22 @@ SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
 def check_rate(owner: str, name: str, value: ScalarOrSchedule) -> None:
-    """A learning rate: a finite number >= 0, or a schedule whose values at the steps in
-    ``SCHEDULE_PROBES`` (0 to a million) are finite and >= 0 (a negative rate would be silent
-    gradient ascent). Between and beyond those steps a schedule is not checked: its value is
-    recorded in the optimizer state, and a non-finite one shows as non-finite parameters, which
-    ``fbp.train.fit`` reports."""
+    """Check a learning rate: a finite number ≥ 0, or a schedule that stays finite and ≥ 0.
+
+    A schedule is evaluated at the steps in ``SCHEDULE_PROBES`` (0 to a million); a negative rate
+    would be silent gradient ascent. Between and beyond those steps a schedule is not checked: its
+    value is recorded in the optimizer state, and a non-finite one shows as non-finite parameters,
+    which ``fbp.train.fit`` reports.
+
+    Args:
+        owner: the optimizer's name, for messages.
+        name: the argument's name.
+        value: a number or a schedule ``step -> rate``.
+
+    Raises:
+        TypeError: a value that is neither a number nor callable.
+        ValueError: a negative or non-finite rate, or a schedule that fails or returns a non-scalar.
+    """
     if not callable(value):
         require_number(owner, name, value, low=0.0)
         return

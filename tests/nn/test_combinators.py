@@ -9,6 +9,7 @@ import fbp
 from fbp import nn
 
 
+@pytest.mark.every_mode  # all four precision × jit combinations (conftest)
 def test_mlp_matches_jax(dtype, jit):
     model = nn.Serial(nn.Dense(7), nn.Tanh(), nn.Dense(5), nn.ReLU(), nn.Dense(2), nn.Softmax())
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))

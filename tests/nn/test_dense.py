@@ -11,6 +11,7 @@ import fbp
 from fbp import nn
 
 
+@pytest.mark.every_mode  # all four precision × jit combinations (conftest)
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_matches_jax(use_bias, dtype, jit):
     layer = nn.Dense(6, use_bias=use_bias)

@@ -9,6 +9,7 @@ import fbp
 from fbp import losses, nn
 
 
+@pytest.mark.every_mode  # all four precision × jit combinations (conftest)
 def test_matches_jax(dtype, jit):
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 5), dtype)
     fbp.check.assert_layer(nn.Dropout(0.4), {}, x, key=jax.random.PRNGKey(1), train=True, dtype=dtype, jit=jit)

@@ -9,6 +9,7 @@ import fbp
 from fbp import nn
 
 
+@pytest.mark.every_mode  # all four precision × jit combinations (conftest)
 def test_matches_jax(dtype, jit):
     layer = nn.Embedding(7, 3, dtype=jnp.dtype(dtype).name)
     ids = jnp.array([[1, 2, 2], [6, 0, 1]])

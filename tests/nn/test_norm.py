@@ -13,7 +13,7 @@ def _params(layer, x, key=3):
     p = layer.init(jax.random.PRNGKey(0), x)
     k1, k2 = jax.random.split(jax.random.PRNGKey(key))
     return {"scale": 1 + 0.3 * jax.random.normal(k1, p["scale"].shape, x.dtype),
-            "bias": jax.random.normal(k2, p["bias"].shape, x.dtype)}
+            "b": jax.random.normal(k2, p["b"].shape, x.dtype)}
 
 
 @pytest.mark.parametrize("layer, shape", [(nn.LayerNorm(), (4, 7)), (nn.LayerNorm(), (2, 3, 5)),
@@ -60,8 +60,8 @@ def test_batch_norm_needs_state_in_evaluation():
 
 def test_errors():
     with pytest.raises(fbp.InputError, match=r"channels \(6\) must be divisible by num_groups \(4\)"):
-        nn.GroupNorm(4).apply({"scale": jnp.ones(6), "bias": jnp.zeros(6)}, jnp.ones((2, 3, 6)))
+        nn.GroupNorm(4).apply({"scale": jnp.ones(6), "b": jnp.zeros(6)}, jnp.ones((2, 3, 6)))
     with pytest.raises(fbp.InputError, match=r"parameter 'scale' expected shape \(3,\)"):
-        nn.LayerNorm().apply({"scale": jnp.ones(4), "bias": jnp.zeros(3)}, jnp.ones((2, 3)))
+        nn.LayerNorm().apply({"scale": jnp.ones(4), "b": jnp.zeros(3)}, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="momentum must be in"):
         nn.BatchNorm(momentum=1.5)

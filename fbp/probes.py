@@ -1,0 +1,235 @@
+"""The per-example probe: a leaf layer whose backward returns, beside its gradient, what
+``fbp.per_example`` (and ``fbp.privacy``, ``fbp.curvature``) read from it.
+
+A probe's params are ``(params, None)``; its backward returns ``((d_params, per), d_x)``, so
+the per-example quantity ``per`` travels out through the gradient pytree and nothing else in
+the backward transform changes. Which quantity depends on the mode (``MODES``); how each
+layer computes it — positions and Gram matrices, the embedding's scatter, or the layer's own
+rules on each example alone — is described in ``fbp.per_example``'s module docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_forward, transform_layers
+from fbp.nn.conv import Conv1D, Conv2D, conv_windows
+from fbp.nn.embedding import Embedding
+from fbp.nn.norm import BatchNorm
+from fbp.nn.positions import Positions, assemble, sq_norm
+
+MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce")
+
+
+def _has_params(params) -> bool:
+    return any(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree_util.tree_leaves(params))
+
+
+def _batched(d_y):
+    return jax.tree_util.tree_leaves(d_y)[0].shape[0]
+
+
+# --------------------------------------------------------------------------- per-layer rules
+def _conv_positions(layer: Layer, x, d_y) -> Positions | None:
+    """Ungrouped convolutions without input dilation as ``Positions``
+    (positions: output pixels; one part per kernel tap, the im2col patches never concatenated);
+    ``None`` otherwise."""
+    bias = ("b",) if getattr(layer, "use_bias", False) else None
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    if isinstance(layer, (Conv1D, Conv2D)) and layer.feature_group_count == 1:
+        strides, pads, lhs_dilation, rhs_dilation = layer._geometry(x)
+        if all(a == 1 for a in lhs_dilation):
+            shape = layer._kernel_shape(x)
+            parts = conv_windows(x, shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
+            return Positions(((("w",), parts, shape),), g3, bias)
+    return None
+
+
+def _layer_positions(layer: Layer, res, x, d_y):
+    """``(groups, rest)``: the layer's weights used like a Dense over positions (a list of
+    ``Positions``) and its other per-example gradients (``{key: (B, ...)}``), from the
+    layer's ``per_example_positions(res, d_y)`` or the convolution rule; ``None`` if neither."""
+    own = getattr(layer, "per_example_positions", None)
+    if callable(own):
+        return own(res, d_y)
+    found = _conv_positions(layer, x, d_y)
+    return None if found is None else ([found], {})
+
+
+def _sum_squares(per):
+    return jax.tree_util.tree_map(lambda a: jnp.sum(jnp.square(a), axis=0), per)
+
+
+def _covers(params, groups, rest) -> bool:
+    keys = {k for g in groups for k, _, _ in g.kernels} | {g.bias for g in groups if g.bias} | set(rest)
+    return len(keys) == sum(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree_util.tree_leaves(params))
+
+
+def _embedding_sq_norms(layer: Embedding, ids, d_y) -> tuple[jax.Array, str]:
+    ids2 = ids.reshape(ids.shape[0], -1)
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    t = ids2.shape[1]
+    if t * t < layer.vocab:
+        same = (ids2[:, :, None] == ids2[:, None, :]).astype(g3.dtype)
+        return jnp.sum(same * jnp.einsum("btd,bsd->bts", g3, g3), axis=(1, 2)), f"ghost norm (T={t})"
+    table = _embedding_grads(layer, ids, d_y)["table"]
+    return jnp.sum(jnp.square(table), axis=(1, 2)), f"materialised (T={t})"
+
+
+def _embedding_grads(layer: Embedding, ids, d_y):
+    ids2 = ids.reshape(ids.shape[0], -1)
+    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+    one = jax.vmap(lambda i, g: jnp.zeros((layer.vocab, g.shape[-1]), g.dtype).at[i].add(g, mode="drop"))
+    return {"table": one(ids2, g3)}
+
+
+def _fallback_grads(layer: Layer, params, x, d_y, context):
+    """The layer's own forward and backward on each example alone (a batch of one)."""
+
+    def one(x_b, d_y_b):
+        add = lambda a: a[None]  # noqa: E731
+        _, res = run_forward(layer, params, jax.tree_util.tree_map(add, x_b), **context)
+        return layer.backward(res, jax.tree_util.tree_map(add, d_y_b))[0]
+
+    return jax.vmap(one)(x, d_y)
+
+
+# --------------------------------------------------------------------------- the probe
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PerExample(Wrapper):
+    """``layer`` with per-example quantities returned beside its gradient (through d_params)."""
+
+    layer: Layer
+    path: str
+    mode: str
+    choices: dict = dataclasses.field(default_factory=dict)  # path -> method, filled at trace time
+    def forward(self, params, x, *, state=None, key=None, train=False):
+        inner_params, _ = params
+        if train and isinstance(self.layer, BatchNorm):
+            raise InputError(repr(self.layer), "BatchNorm in training mode mixes the examples of a batch (its "
+                                               "statistics are the batch's), so per-example gradients are not "
+                                               "defined; use GroupNorm or LayerNorm")
+        context = {"state": state, "key": key, "train": train} if self.layer.contextual else {}
+        y, res = run_forward(self.layer, inner_params, x, **context)
+        return y, (res, inner_params, x, context)
+
+    def backward(self, res, d_y):
+        inner, params, x, context = res
+        d_params, d_x = self.layer.backward(inner, d_y)
+        if not _has_params(params):
+            return (d_params, None), d_x
+        found = _layer_positions(self.layer, inner, x, d_y)
+        if found is not None and not _covers(params, *found):
+            raise InputError(repr(self.layer), "per_example_positions does not cover every parameter",
+                             path=tuple(self.path.split("/")))
+        if found is not None:
+            out = self._positions(d_params, *found)
+        elif isinstance(self.layer, Embedding):
+            out = self._embedding(inner, x, d_y)
+        else:
+            out = self._materialised(inner, params, x, d_y, context)
+        return (d_params, out), d_x
+
+    def _positions(self, d_params, groups, rest):
+        if self.mode.startswith("kfac"):  # fbp.curvature: Kronecker blocks, the rest as a diagonal
+            self.choices[self.path] = [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in groups]
+            return {"blocks": [g.kronecker_factors(self.mode[5:]) for g in groups],
+                    "diagonal": {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()}}
+        if self.mode == "sgs":
+            self.choices[self.path] = "(x²)ᵀ(g²)" if all(g.length == 1 for g in groups) else \
+                "squares of materialised per-example gradients"
+            return assemble(d_params, {k: v for g in groups for k, v in g.sum_squares().items()} |
+                            {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()})
+        if self.mode == "grads":
+            self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
+            return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
+        found = [g.sq_norms() for g in groups]
+        self.choices[self.path] = ", ".join(dict.fromkeys(how for _, how, _ in found)) or \
+            "materialised (the layer's per-example rule)"
+        sq = sum((s for s, _, _ in found), sq_norm(rest) if rest else 0.0)
+        if self.mode == "clip":  # book-keeping: what the clipped sum's second step reads
+            return {"sq": sq, "groups": groups, "per": [per for _, _, per in found], "rest": rest}
+        return sq
+
+    def _embedding(self, inner, ids, d_y):
+        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
+            self.choices[self.path] = [] if self.mode.startswith("kfac") else "scatter per example"
+            per = _embedding_grads(self.layer, ids, d_y)
+            return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
+        sq, self.choices[self.path] = _embedding_sq_norms(self.layer, ids, d_y)
+        return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
+
+    def _materialised(self, inner, params, x, d_y, context):
+        own = getattr(self.layer, "per_example_grads", None)
+        if callable(own):
+            per, how = own(inner, d_y), "the layer's per_example_grads"
+        else:
+            per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
+        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
+            self.choices[self.path] = [] if self.mode.startswith("kfac") else how
+            return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
+        self.choices[self.path] = f"materialised ({how})"
+        return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
+
+
+def _diagonal_only(mode, sums):
+    """In the K-FAC modes a layer without Kronecker blocks keeps the diagonal ``Σ_b (∇ℓ_b)²``."""
+    if not mode.startswith("kfac"):
+        return sums
+    return {"blocks": [], "tree": sums}  # shaped like the layer's params
+
+
+def probe_model(model: Layer, mode: str, choices: dict) -> Layer:
+    """``model`` with every leaf layer wrapped in a per-example probe.
+
+    Args:
+        model: the model.
+        mode: what the probes return (``MODES``).
+        choices: filled at trace time with ``{path: how each layer computed it}``.
+
+    Returns:
+        The probed model; its params are ``map_leaf_params(model, params, lambda *_, p: (p, None))``.
+    """
+    return transform_layers(model, lambda path, layer: None if children(layer) else
+                            _PerExample(layer, path, mode, choices))
+
+
+def sum_squares_probe(layer: Layer, path: str) -> Layer:
+    """A leaf layer as a probe that also returns the squares of its per-example gradients.
+
+    ``fbp.curvature.diag_hessian`` runs it column by column.
+
+    Args:
+        layer: a leaf layer with parameters.
+        path: its path (for messages and the choice record).
+
+    Returns:
+        The probe: its params are ``(params, None)`` and its backward returns
+        ``((d_params, Σ_b (∇ℓ_b)²), d_x)`` for the cotangent it receives.
+    """
+    return _PerExample(layer, path, "sgs")
+
+
+def split_probed(model: Layer, d_probed) -> tuple[Any, dict]:
+    """Separate a probed backward's ``d_params`` into the gradient and the per-example quantities.
+
+    Args:
+        model: the model (not the probed one).
+        d_probed: the probed model's ``d_params``: ``(d_params, per)`` at every leaf.
+
+    Returns:
+        ``(grads, per)``: the gradient, shaped like the params, and ``{path: per}`` for every
+        leaf with parameters.
+    """
+    found: dict[str, Any] = {}
+
+    def take(path, leaf, d):
+        if d[1] is not None:
+            found[path] = d[1]
+        return d[0]
+
+    return map_leaf_params(model, d_probed, take), found
