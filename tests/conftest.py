@@ -71,13 +71,23 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("jit", list(MODES.values()), indirect=True, ids=list(MODES))
 
 
-# The quick tier (`pytest -m "not slow"`) leaves out what runs whole programs or whole catalogues:
-# examples, notebooks, multi-device and multi-process runs, the CLI, every-rule sweeps and the
-# randomised-shape sweeps. CI (`.ci/run`) runs everything.
+# The quick tier (`pytest -m "not slow"`, about two minutes on two cores) runs every test function
+# once, in its first parametrisation, and leaves out what runs whole programs or whole
+# catalogues: examples, notebooks, multi-device and multi-process runs, the CLI, every-rule and
+# every-family sweeps, randomised shapes, and the few single tests that take longest (fits,
+# K-FAC on digits, whole sequence models). CI (`.ci/run`) runs everything.
 SLOW_MODULES = ("test_examples.py", "test_notebooks.py", "test_parallel.py", "test_resume.py")
 SLOW_NAMES = ("every_builtin_rule", "test_cli_", "random_shapes", "family_in_a_sequence_model", "digits",
               "killed_mid_save", "class_losses_over_sequences", "stateful_random_model_end_to_end",
-              "every_family_matches")
+              "every_family_matches", "every_statistic_equals_its_independent_reference", "state_key_vmap_and_scan",
+              "sum_grad_squared_and_variance", "poisson_batches_and_fit_with_privacy", "fit_records_each_epoch",
+              "catches_a_wrong_factor_and_a_wrong_second_derivative", "expand_and_reduce_on_a_sequence",
+              "every_python_block_of_the_page_runs", "noise_is_reproducible", "fit_carries_batch_norm_state",
+              "factors_cover_attention_and_norms", "one_dense_layer_one_example", "stacked_recurrent_model",
+              "monte_carlo_diagonal_converges", "cotangents_training_never_computes", "bfloat16_training_keeps",
+              "alignment_angle_is_the_angle", "names_the_deviating_paths", "reverses_everything_below",
+              "scan_epochs_equal_python_loop", "no_mask_reused_across_layers", "metrics_records_exactly",
+              "training_inside_lax_scan", "factored_damping_is_martens", "moving_averages_and_the_inverse")
 
 
 def pytest_configure(config):
@@ -86,6 +96,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    seen = set()
     for item in items:
-        if item.path.name in SLOW_MODULES or any(name in item.name for name in SLOW_NAMES):
+        function = (item.path, getattr(item, "originalname", item.name))
+        repeat = function in seen
+        seen.add(function)
+        if repeat or item.path.name in SLOW_MODULES or any(name in item.name for name in SLOW_NAMES):
             item.add_marker(pytest.mark.slow)

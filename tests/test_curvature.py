@@ -232,7 +232,7 @@ def test_factors_cover_attention_and_norms_and_run_under_jit():
     with jax.enable_x64(True):
         p64, x64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), (params, x))
         factors = jax.jit(curvature.kfac_factors(model, CE))(p64, x64, y)
-        diag = curvature.diag_ggn(model, CE)(p64, x64, y)
+        diag = jax.jit(curvature.diag_ggn(model, CE))(p64, x64, y)
         blocks = factors["0"].blocks
         assert len(blocks) >= 6  # four attention projections and the two MLP layers
         assert all(jnp.allclose(b.A, b.A.T) and jnp.all(jnp.linalg.eigvalsh(b.G) > -1e-10) for b in blocks)
@@ -245,7 +245,7 @@ def test_factors_cover_attention_and_norms_and_run_under_jit():
                 assert jnp.allclose(d, e, rtol=1e-10)
     with_grads = curvature.kfac_factors(model, CE, mc_samples=2, with_grads=True)
     value, grads, _ = jax.jit(with_grads)(params, x, y, key=jax.random.key(0))
-    ref_value, ref_grads = fbp.value_and_grad(model, CE)(params, x, y)
+    ref_value, ref_grads = jax.jit(fbp.value_and_grad(model, CE))(params, x, y)
     assert jnp.allclose(value, ref_value, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6)

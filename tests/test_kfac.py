@@ -21,8 +21,8 @@ def test_one_dense_layer_one_example_is_the_damped_exact_ggn_inverse(loss):
         y = jnp.array([1]) if loss is CE else jnp.asarray(rng.standard_normal((1, 3)))
         k = kfac.kfac(model, loss, optim.sgd(1.0), damping=0.1, mc_samples=None)
         state = k.init(params, x, y)
-        _, grads, factors = k._factors_of(params, x, y)
-        nat = k.precondition(grads, k.observe(state, factors))
+        _, grads, factors = jax.jit(k._factors_of)(params, x, y)
+        nat = jax.jit(lambda g, s, f: k.precondition(g, k.observe(s, f)))(grads, state, factors)
 
         def apply(flat):
             return model.apply({"w": flat[:12].reshape(4, 3), "b": flat[12:]}, x)
@@ -51,18 +51,19 @@ def test_moving_averages_and_the_inverse_period():
     params = MODEL.init(jax.random.key(0), x)
     k = kfac.kfac(MODEL, CE, optim.sgd(0.05), decay=0.9, inverse_every=2, mc_samples=None)
     state = k.init(params, x, y)
-    f1 = k._factors_of(params, x[:32], y[:32])[2]
-    f2 = k._factors_of(params, x[32:], y[32:])[2]
-    s1 = k.observe(state, f1)
+    factors_of, observe = jax.jit(k._factors_of), jax.jit(k.observe)  # one compilation each, not op by op
+    f1 = factors_of(params, x[:32], y[:32])[2]
+    f2 = factors_of(params, x[32:], y[32:])[2]
+    s1 = observe(state, f1)
     s1 = s1._replace(count=s1.count + 1)
-    s2 = k.observe(s1, f2)
+    s2 = observe(s1, f2)
     a1, a2, a_avg = (f["0"].blocks[0].A for f in (f1, f2, s2.factors))
     assert jnp.allclose(s1.factors["0"].blocks[0].A, a1)  # step 0 takes the batch's factors
     assert jnp.allclose(a_avg, 0.9 * a1 + 0.1 * a2, rtol=1e-6)
     # step 1 is not a multiple of inverse_every=2: the eigendecomposition is the step-0 one
     for old, new in zip(jax.tree_util.tree_leaves(s1.eigen), jax.tree_util.tree_leaves(s2.eigen)):
         assert jnp.array_equal(old, new)
-    s3 = k.observe(s2._replace(count=s2.count + 1), f2)
+    s3 = observe(s2._replace(count=s2.count + 1), f2)
     qa, la, _, _ = s3.eigen["0"][0]
     assert jnp.allclose(qa @ jnp.diag(la) @ qa.T, s3.factors["0"].blocks[0].A, atol=1e-5)
 
@@ -109,8 +110,8 @@ def test_factored_damping_is_martens_and_grosse():
         params = MODEL.init(jax.random.key(0), x)
         k = kfac.kfac(MODEL, CE, optim.sgd(1.0), damping=0.05, damping_mode="factored", mc_samples=None)
         state = k.init(params, x, y)
-        _, grads, factors = k._factors_of(params, x, y)
-        nat = k.precondition(grads, k.observe(state, factors))
+        _, grads, factors = jax.jit(k._factors_of)(params, x, y)
+        nat = jax.jit(lambda g, s, f: k.precondition(g, k.observe(s, f)))(grads, state, factors)
         block = factors["2"].blocks[0]
         a, g = block.A, block.G
         pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0]))

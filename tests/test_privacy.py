@@ -43,13 +43,15 @@ def test_clipped_sum_is_the_sum_of_clipped_per_example_gradients(name):
         np.testing.assert_allclose(got_norms, norms, rtol=1e-10)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        if name != "mlp":  # the rest is the same for every family: the clipped sum's weights are tested above
+            return
         # no clipping and no noise: the plain gradient of the summed loss
-        _, unclipped, _ = privacy.clipped_grad(model, CCE, math.inf)(params, x, y)
-        _, plain = fbp.value_and_grad(model, CCE)(params, x, y)
+        _, unclipped, _ = jax.jit(privacy.clipped_grad(model, CCE, math.inf))(params, x, y)
+        _, plain = jax.jit(fbp.value_and_grad(model, CCE))(params, x, y)
         for a, b in zip(jax.tree_util.tree_leaves(unclipped), jax.tree_util.tree_leaves(plain)):
             np.testing.assert_allclose(a, shape[0] * b, rtol=1e-10, atol=1e-12)
-        _, noiseless, _ = privacy.private_grad(model, CCE, 1e6, 0.0, shape[0])(params, x, y,
-                                                                              noise_key=jax.random.PRNGKey(0))
+        _, noiseless, _ = jax.jit(privacy.private_grad(model, CCE, 1e6, 0.0, shape[0]))(
+            params, x, y, noise_key=jax.random.PRNGKey(0))
         for a, b in zip(jax.tree_util.tree_leaves(noiseless), jax.tree_util.tree_leaves(plain)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 

@@ -186,7 +186,7 @@ def test_state_key_vmap_and_scan():
     state, key = model.init_state(params), jax.random.PRNGKey(2)
     f = jax.jit(telemetry.value_grad_and_stats(model, CCE, has_state=True))
     value, grads, new_state, stats = f(params, state, x, y, key=key)
-    v_ref, g_ref, s_ref = fbp.value_and_grad(model, CCE, has_state=True)(params, state, x, y, key=key)
+    v_ref, g_ref, s_ref = jax.jit(fbp.value_and_grad(model, CCE, has_state=True))(params, state, x, y, key=key)
     np.testing.assert_allclose(value, v_ref, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), (grads, new_state),
                            (g_ref, s_ref))
@@ -199,8 +199,8 @@ def test_state_key_vmap_and_scan():
     g = telemetry.value_grad_and_stats(plain, CCE)
     per_example = jax.vmap(lambda xi, yi: g(p, xi[None], yi[None])[2])(x, y)
     assert per_example["0"]["d_out_norm"].shape == (8,)
-    np.testing.assert_allclose(per_example["0"]["d_out_norm"][3], g(p, x[3:4], y[3:4])[2]["0"]["d_out_norm"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(per_example["0"]["d_out_norm"][3],
+                               jax.jit(g)(p, x[3:4], y[3:4])[2]["0"]["d_out_norm"], rtol=1e-5)
     norms = jax.lax.scan(lambda c, i: (c, g(p, x, y)[2]["2"]["d_in_norm"]), 0, jnp.arange(3))[1]
     assert norms.shape == (3,)
 
