@@ -16,8 +16,16 @@ EPS = 1e-7
 
 
 # --------------------------------------------------------------------------- shared plumbing
-def _reduce(values, reduction):
-    """``values`` (N, ...) -> per-example means over the non-batch axes -> reduction."""
+def reduce_values(values, reduction):
+    """Reduce elementwise loss values: per-example means over the non-batch axes, then the reduction.
+
+    Args:
+        values: ``(N, ...)``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``(N,)`` for ``"none"``.
+    """
     per_example = values.reshape(values.shape[0], -1).mean(axis=1) if values.ndim > 1 else values
     if reduction == "mean":
         return per_example.mean()
@@ -26,8 +34,21 @@ def _reduce(values, reduction):
     return per_example
 
 
-def _weight(g, shape, reduction, dtype):
-    """``g · ∂value/∂values[n, ...]``, broadcastable to ``shape``."""
+def reduction_weight(g, shape, reduction, dtype):
+    """``g · ∂value/∂values[n, ...]``: how the reduction weighs each element in the backward.
+
+    Args:
+        g: the cotangent of the loss's value (a scalar, or ``(N,)`` for ``"none"``).
+        shape: the elementwise values' shape ``(N, ...)``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        dtype: the dtype of the result.
+
+    Returns:
+        An array broadcastable to ``shape``.
+
+    Raises:
+        ValueError: ``reduction="none"`` with a ``g`` that is not one value per example.
+    """
     per_example = math.prod(shape[1:])
     g = jnp.asarray(g, dtype)
     if reduction == "mean":
@@ -40,22 +61,46 @@ def _weight(g, shape, reduction, dtype):
     return g.reshape((shape[0],) + (1,) * (len(shape) - 1)) / per_example
 
 
-def _clip_probability(p):
-    """``p`` clipped to ``[EPS, 1 - EPS]``, written with ``where`` so JAX's ``grad`` is 1 inside."""
+def clip_probability(p):
+    """``p`` clipped to ``[EPS, 1 - EPS]``, written with ``where`` so JAX's ``grad`` is 1 inside.
+
+    Args:
+        p: probabilities.
+
+    Returns:
+        The clipped probabilities.
+    """
     return jnp.where(p < EPS, EPS, jnp.where(p > 1 - EPS, 1 - EPS, p))
 
 
-def _inside_clip(p):
+def inside_clip(p):
+    """Where ``clip_probability`` passes its input through (the derivative there is 1, else 0).
+
+    Args:
+        p: probabilities.
+
+    Returns:
+        Booleans, ``EPS <= p <= 1 - EPS``.
+    """
     return (p >= EPS) & (p <= 1 - EPS)
 
 
-def _relu(m):
-    """``max(0, m)`` as ``where(m > 0, m, 0 · m)``: JAX's derivative is 0 at the margin, and a NaN
-    ``m`` (a target poisoned under jit) stays NaN instead of becoming 0."""
+def margin_relu(m):
+    """``max(0, m)`` as ``where(m > 0, m, 0 · m)``.
+
+    JAX's derivative is 0 at the margin, and a NaN ``m`` (a target poisoned under jit) stays NaN
+    instead of becoming 0.
+
+    Args:
+        m: margins.
+
+    Returns:
+        The hinge of the margins.
+    """
     return jnp.where(m > 0, m, 0 * m)
 
 
-class _Base(Loss):
+class LossBase(Loss):
     """What training needs to know of a loss is declared here, not looked up by type:
 
     * ``classification``: whether ``fit`` and ``evaluate`` record accuracy for it;
@@ -92,7 +137,7 @@ class _Base(Loss):
 
     def _values_ok(self, valid, values, what: str, fix: str):
         """``None`` when ``valid`` (a boolean array) is concrete and all True — raise naming the
-        first bad entry when it is not; under jit return ``valid`` for ``_poison``."""
+        first bad entry when it is not; under jit return ``valid`` for ``poison``."""
         if not is_concrete(valid):
             return valid
         valid = np.asarray(valid)
@@ -126,7 +171,7 @@ class _Base(Loss):
                                  f"axis of the prediction {describe(pred)})",
                                  "Check the labels, or give the model's last layer one output per class")
             t = jax.nn.one_hot(target, classes, dtype=pred.dtype)
-            return t if ok is None else _poison(t, ok[..., None])
+            return t if ok is None else poison(t, ok[..., None])
         if shape != tuple(pred.shape) or not jnp.issubdtype(getattr(target, "dtype", jnp.int32), jnp.floating):
             raise InputError(repr(self), f"target must be one-hot/probabilities of the prediction's shape "
                                          f"{tuple(pred.shape)} or integer labels of shape {tuple(pred.shape[:-1])}, "
@@ -161,7 +206,7 @@ class _Base(Loss):
         """``∂value/∂e`` per element, broadcastable to ``pred`` (``1/(N K)`` for ``"mean"``)."""
         shape = pred.shape[:-1] if self.class_axis else pred.shape
         g = jnp.ones(pred.shape[0], pred.dtype) if self.reduction == "none" else 1.0
-        w = _weight(g, shape, self.reduction, pred.dtype)
+        w = reduction_weight(g, shape, self.reduction, pred.dtype)
         return w[..., None] if self.class_axis else w
 
     def _probabilities_ok(self, pred, t):
@@ -169,11 +214,19 @@ class _Base(Loss):
         ok = self._values_ok((pred >= 0) & (pred <= 1), pred, "with from_logits=False the predictions must be "
                              "probabilities in [0, 1]", "End the model with Sigmoid/Softmax, or pass raw scores "
                              "with from_logits=True (recommended: fused and stable)")
-        return t if ok is None else _poison(t, ok)
+        return t if ok is None else poison(t, ok)
 
 
-def _poison(t, ok):
-    """``t`` with NaN where ``ok`` is False (broadcast): under jit a bad value makes the loss NaN."""
+def poison(t, ok):
+    """``t`` with NaN where ``ok`` is False (broadcast): under jit a bad target makes the loss NaN.
+
+    Args:
+        t: the targets.
+        ok: booleans, broadcastable to ``t``.
+
+    Returns:
+        ``t``, poisoned where not ``ok``, in ``t``'s dtype.
+    """
     return jnp.where(ok, t, jnp.nan).astype(t.dtype)
 
 

@@ -9,12 +9,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.losses.base import _Base, _clip_probability, _inside_clip, _poison, _reduce, _relu, _weight
+from fbp.losses.base import (
+    LossBase,
+    clip_probability,
+    inside_clip,
+    margin_relu,
+    poison,
+    reduce_values,
+    reduction_weight,
+)
 
 
 # --------------------------------------------------------------------------- binary classification
 @dataclasses.dataclass(frozen=True)
-class BinaryCrossEntropy(_Base):
+class BinaryCrossEntropy(LossBase):
     """Binary cross-entropy with targets ``t`` in [0, 1].
 
     ``from_logits=True`` (recommended): ``z`` are logits and, fused with the sigmoid,
@@ -42,7 +50,7 @@ class BinaryCrossEntropy(_Base):
         t = self._same_shape(pred, target)
         ok = self._values_ok((t >= 0) & (t <= 1), t, "binary targets must lie in [0, 1]",
                              "For labels in {-1, +1} use (y + 1) / 2, or the Hinge loss")
-        return t if ok is None else _poison(t, ok)
+        return t if ok is None else poison(t, ok)
 
     def forward(self, pred, target):
         t = self._target(pred, target)
@@ -51,18 +59,18 @@ class BinaryCrossEntropy(_Base):
         if self.from_logits:
             e = jnp.logaddexp(pred, jnp.zeros_like(pred)) - t * pred
         else:
-            p = _clip_probability(pred)
+            p = clip_probability(pred)
             e = -(t * jnp.log(p) + (1 - t) * jnp.log1p(-p))
-        return _reduce(e, self.reduction), (pred, t)
+        return reduce_values(e, self.reduction), (pred, t)
 
     def backward(self, res, g=1.0):
         pred, t = res
         if self.from_logits:
             d_e = jax.nn.sigmoid(pred) - t
         else:
-            p = _clip_probability(pred)
-            d_e = jnp.where(_inside_clip(pred), (1 - t) / (1 - p) - t / p, 0 * t)  # 0 * t: a NaN target stays NaN
-        return d_e * _weight(g, pred.shape, self.reduction, pred.dtype)
+            p = clip_probability(pred)
+            d_e = jnp.where(inside_clip(pred), (1 - t) / (1 - p) - t / p, 0 * t)  # 0 * t: a NaN target stays NaN
+        return d_e * reduction_weight(g, pred.shape, self.reduction, pred.dtype)
 
     def _hessian_diagonal(self, res):
         """``σ(z)(1 - σ(z))`` from logits; ``t/p² + (1-t)/(1-p)²`` inside the clip from probabilities."""
@@ -70,8 +78,8 @@ class BinaryCrossEntropy(_Base):
         if self.from_logits:
             s = jax.nn.sigmoid(pred)
             return s * (1 - s)
-        p = _clip_probability(pred)
-        return jnp.where(_inside_clip(pred), t / (p * p) + (1 - t) / ((1 - p) * (1 - p)), 0 * t)
+        p = clip_probability(pred)
+        return jnp.where(inside_clip(pred), t / (p * p) + (1 - t) / ((1 - p) * (1 - p)), 0 * t)
 
     def sampled_hessian_factor(self, pred, target, key, samples: int = 1):
         """From logits: labels ``t̂ ~ Bernoulli(σ(z))``, so ``σ(z) - t̂`` has variance ``σ(1 - σ)``."""
@@ -84,7 +92,7 @@ class BinaryCrossEntropy(_Base):
 
 
 @dataclasses.dataclass(frozen=True)
-class Hinge(_Base):
+class Hinge(LossBase):
     """Hinge loss for labels ``t ∈ {-1, +1}``: ``e = max(0, 1 - t p)``.
 
     ``∂e/∂p = -t`` where ``1 - t p > 0``, else 0 (0 exactly at the margin ``t p = 1``).
@@ -103,21 +111,21 @@ class Hinge(_Base):
         t = self._same_shape(pred, target)
         ok = self._values_ok((t == 1) | (t == -1), t, "hinge labels must be -1 or +1",
                              "Convert labels y in {0, 1} with 2 * y - 1")
-        return t if ok is None else _poison(t, ok)
+        return t if ok is None else poison(t, ok)
 
     def forward(self, pred, target):
         t = self._target(pred, target)
         m = 1 - t * pred
-        return _reduce(_relu(m), self.reduction), (t, m > 0)
+        return reduce_values(margin_relu(m), self.reduction), (t, m > 0)
 
     def backward(self, res, g=1.0):
         t, active = res
-        return jnp.where(active, -t, 0 * t) * _weight(g, t.shape, self.reduction, t.dtype)
+        return jnp.where(active, -t, 0 * t) * reduction_weight(g, t.shape, self.reduction, t.dtype)
 
 
 # --------------------------------------------------------------------------- multiclass
 @dataclasses.dataclass(frozen=True)
-class CategoricalCrossEntropy(_Base):
+class CategoricalCrossEntropy(LossBase):
     """Cross-entropy ``c = -Σ_k t_k log q_k`` over the last (class) axis.
 
     Targets: one-hot or soft (non-negative) probabilities of the prediction's shape, or integer
@@ -144,7 +152,7 @@ class CategoricalCrossEntropy(_Base):
         if jnp.issubdtype(getattr(target, "dtype", jnp.int32), jnp.floating):
             ok = self._values_ok(t >= 0, t, "soft targets must be non-negative (probabilities)",
                                  "Pass one-hot rows, probabilities, or integer labels")
-            t = t if ok is None else _poison(t, ok)
+            t = t if ok is None else poison(t, ok)
         return t
 
     def forward(self, pred, target):
@@ -156,22 +164,22 @@ class CategoricalCrossEntropy(_Base):
             log_q = shifted - jnp.log(jnp.exp(shifted).sum(axis=-1, keepdims=True))
             res = (log_q, t)
         else:
-            log_q = jnp.log(_clip_probability(pred))
+            log_q = jnp.log(clip_probability(pred))
             res = (pred, t)
-        return _reduce(-(t * log_q).sum(axis=-1), self.reduction), res
+        return reduce_values(-(t * log_q).sum(axis=-1), self.reduction), res
 
     def backward(self, res, g=1.0):
         aux, t = res
         if self.from_logits:
             d_c = jnp.exp(aux) * t.sum(axis=-1, keepdims=True) - t
         else:
-            d_c = jnp.where(_inside_clip(aux), -t / _clip_probability(aux), 0 * t)
-        return d_c * _weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
+            d_c = jnp.where(inside_clip(aux), -t / clip_probability(aux), 0 * t)
+        return d_c * reduction_weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
 
     def _hessian_diagonal(self, res):  # from probabilities: c'' = t / q² inside the clip
         pred, t = res
-        q = _clip_probability(pred)
-        return jnp.where(_inside_clip(pred), t / (q * q), 0 * t)
+        q = clip_probability(pred)
+        return jnp.where(inside_clip(pred), t / (q * q), 0 * t)
 
     def hessian_factor(self, pred, target):
         """From logits the Hessian of ``c`` is ``s (diag(p) - p pᵀ)`` (``s = Σ_k t_k``, ``p`` the
@@ -204,7 +212,7 @@ class CategoricalCrossEntropy(_Base):
 
 
 @dataclasses.dataclass(frozen=True)
-class MulticlassHinge(_Base):
+class MulticlassHinge(LossBase):
     """Multiclass SVM loss (Weston & Watkins, 1999; as in CS231n), summed over wrong classes.
 
     With scores ``z``, correct-class score ``z_y = Σ_k t_k z_k`` and margins
@@ -228,19 +236,19 @@ class MulticlassHinge(_Base):
             ok = self._values_ok(row_ok, t.sum(axis=-1), "targets must be one-hot rows (a single 1, the rest 0); "
                                  "a row that is not sums to the value shown",
                                  "Pass integer labels, or one-hot rows")
-            t = t if ok is None else _poison(t, ok[..., None])
+            t = t if ok is None else poison(t, ok[..., None])
         return t
 
     def forward(self, pred, target):
         t = self._target(pred, target)
         m = pred - (t * pred).sum(axis=-1, keepdims=True) + 1
-        c = ((1 - t) * _relu(m)).sum(axis=-1)
-        return _reduce(c, self.reduction), (t, m > 0)
+        c = ((1 - t) * margin_relu(m)).sum(axis=-1)
+        return reduce_values(c, self.reduction), (t, m > 0)
 
     def backward(self, res, g=1.0):
         t, active = res
         a = jnp.where(active, 1 - t, 0 * t)
         d_c = a - t * a.sum(axis=-1, keepdims=True)
-        return d_c * _weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
+        return d_c * reduction_weight(g, t.shape[:-1], self.reduction, t.dtype)[..., None]
 
 

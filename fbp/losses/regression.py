@@ -8,12 +8,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fbp.losses.base import _Base, _reduce, _weight
+from fbp.losses.base import LossBase, reduce_values, reduction_weight
 
 
 # --------------------------------------------------------------------------- regression
 @dataclasses.dataclass(frozen=True)
-class MSE(_Base):
+class MSE(LossBase):
     """Mean squared error: ``e = (p - t)²``;  ``∂e/∂p = 2 (p - t)``.
 
     Args:
@@ -25,11 +25,11 @@ class MSE(_Base):
 
     def forward(self, pred, target):
         diff = pred - self._same_shape(pred, target)
-        return _reduce(diff * diff, self.reduction), diff
+        return reduce_values(diff * diff, self.reduction), diff
 
     def backward(self, res, g=1.0):
         diff = res
-        return 2 * diff * _weight(g, diff.shape, self.reduction, diff.dtype)
+        return 2 * diff * reduction_weight(g, diff.shape, self.reduction, diff.dtype)
 
     def _hessian_diagonal(self, diff):
         return jnp.full_like(diff, 2.0)
@@ -43,7 +43,7 @@ class MSE(_Base):
 
 
 @dataclasses.dataclass(frozen=True)
-class MAE(_Base):
+class MAE(LossBase):
     """Mean absolute error: ``e = |p - t|``;  ``∂e/∂p = +1 if p >= t else -1`` (+1 at 0, as jax).
 
     Args:
@@ -55,15 +55,16 @@ class MAE(_Base):
 
     def forward(self, pred, target):
         diff = pred - self._same_shape(pred, target)
-        return _reduce(jnp.abs(diff), self.reduction), diff
+        return reduce_values(jnp.abs(diff), self.reduction), diff
 
     def backward(self, res, g=1.0):
         diff = res
-        return jnp.where(diff >= 0, 1, -1).astype(diff.dtype) * _weight(g, diff.shape, self.reduction, diff.dtype)
+        sign = jnp.where(diff >= 0, 1, -1).astype(diff.dtype)
+        return sign * reduction_weight(g, diff.shape, self.reduction, diff.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class Huber(_Base):
+class Huber(LossBase):
     """Huber (1964): with ``r = p - t``, ``e = ½ r²`` if ``|r| <= δ`` else ``δ (|r| - ½ δ)``.
 
     ``∂e/∂p = r`` if ``|r| <= δ`` else ``δ sign(r)`` — i.e. ``clip(r, -δ, δ)``; continuous at
@@ -87,12 +88,12 @@ class Huber(_Base):
         r = pred - self._same_shape(pred, target)
         abs_r = jnp.abs(r)
         e = jnp.where(abs_r <= self.delta, 0.5 * r * r, self.delta * (abs_r - 0.5 * self.delta))
-        return _reduce(e, self.reduction), r
+        return reduce_values(e, self.reduction), r
 
     def backward(self, res, g=1.0):
         r = res
         d_e = jnp.where(jnp.abs(r) <= self.delta, r, self.delta * jnp.sign(r))
-        return d_e * _weight(g, r.shape, self.reduction, r.dtype)
+        return d_e * reduction_weight(g, r.shape, self.reduction, r.dtype)
 
     def _hessian_diagonal(self, r):
         return jnp.where(jnp.abs(r) <= self.delta, 1, 0).astype(r.dtype)  # the quadratic branch's 1
