@@ -150,12 +150,20 @@ def global_norm(tree: PyTree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros(())
-    largest, scaled = _scaled_sum_of_squares(leaves)
+    largest, scaled = scaled_sum_of_squares(leaves)
     return largest * jnp.sqrt(scaled)
 
 
-def _scaled_sum_of_squares(leaves):
-    """``(m, Σ (x / m)²)`` with ``m = max |x|`` (``m`` is 1 when every entry is 0)."""
+def scaled_sum_of_squares(leaves):
+    """The squared norm of several arrays, scaled by their largest entry so squares cannot overflow.
+
+    Args:
+        leaves: the arrays.
+
+    Returns:
+        ``(m, Σ (x / m)²)`` with ``m = max |x|``: the norm is ``m · sqrt(Σ)`` (the scale is 1
+        when every entry is 0, and ``m`` then 0).
+    """
     largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
                                              for x in leaves])
     m = jnp.where(largest > 0, largest, jnp.ones_like(largest))

@@ -18,8 +18,8 @@ from fbp.core import require_number
 from fbp.optim.base import (
     EmptyState,
     GradientTransformation,
-    _scaled_sum_of_squares,
     increment,
+    scaled_sum_of_squares,
     transformation,
     zeros_like,
 )
@@ -436,7 +436,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         leaves = jax.tree_util.tree_leaves(updates)
         if not leaves:
             return updates, ClipByGlobalNormState(jnp.zeros((), jnp.float32))
-        largest, scaled = _scaled_sum_of_squares(leaves)
+        largest, scaled = scaled_sum_of_squares(leaves)
         root = jnp.sqrt(scaled)
         norm = largest * root  # may be inf in the dtype: the factor below never forms it
         shrink = (max_norm / jnp.where(largest > 0, largest, 1.0)) / jnp.where(root > 0, root, 1.0)
