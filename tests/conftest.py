@@ -96,8 +96,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # whole programs first: with the longest tests started early, two workers finish together
-    items.sort(key=lambda item: item.path.name not in SLOW_MODULES)
     seen = set()
     for item in items:
         function = (item.path, getattr(item, "originalname", item.name))
