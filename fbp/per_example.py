@@ -57,6 +57,14 @@ from fbp.probes import MODES, probe_model, split_probed
 PyTree = Any
 
 
+def _probed_forward(model, params, x, mode, **context):
+    """The forward of ``model`` with every leaf probed: ``(probed, choices, pred, res)``."""
+    choices: dict[str, Any] = {}
+    probed = probe_model(model, mode, choices)
+    slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
+    return (probed, choices, *run_forward(probed, slotted, x, **context))
+
+
 def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=None, train: bool = True,
         with_pred: bool = False):
     """One forward and one backward pass with per-example probes.
@@ -91,10 +99,7 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field (its per-example "
                                      "values come from reduction='none')")
     each = dataclasses.replace(loss, reduction="none")
-    choices: dict[str, str] = {}
-    probed = probe_model(model, mode, choices)
-    slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
-    pred, res = run_forward(probed, slotted, x, state=state, key=key, train=train)
+    probed, choices, pred, res = _probed_forward(model, params, x, mode, state=state, key=key, train=train)
     values, loss_res = each.forward(pred, y)
     d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))  # Σ_b of per-example losses
     grads, per = split_probed(model, probed.backward(res, d_pred)[0])
@@ -132,10 +137,7 @@ def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, g
     """
     if mode not in MODES:
         raise ValueError(f"per_example.backward_columns: mode must be one of {MODES}, got {mode!r}")
-    choices: dict[str, Any] = {}
-    probed = probe_model(model, mode, choices)
-    slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
-    pred, res = run_forward(probed, slotted, x, state=state, key=key, train=train)
+    probed, choices, pred, res = _probed_forward(model, params, x, mode, state=state, key=key, train=train)
     one = lambda column: split_probed(model, probed.backward(res, column)[0])  # noqa: E731
     grads, per = jax.vmap(one, in_axes=-1)(columns(pred))
     if gradient is not None:
