@@ -29,8 +29,11 @@ STEPS, BATCH, FEATURES, CLASSES = 20, 32, 8, 4
 
 
 def _cpu_devices(n: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+    """The environment of a process with ``n`` simulated CPU devices: the caller's own XLA flags
+    are kept, any device count among them replaced."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={n}"]),
+            "JAX_PLATFORMS": "cpu"}
 
 
 def train(process_id: int, num_processes: int, port: int, out: str) -> None:
