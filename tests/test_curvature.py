@@ -113,8 +113,8 @@ def test_hessian_factor_equals_jax_hessian(loss, shape):
     with jax.enable_x64(True):
         pred, t = _loss_problem(loss, shape, np.random.default_rng(1))
         total = (lambda z: loss(z, t).sum()) if loss.reduction == "none" else (lambda z: loss(z, t))
-        h = jax.hessian(total)(pred).reshape(pred.size, pred.size)
-        s = loss.hessian_factor(pred, t)
+        h = jax.jit(jax.hessian(total))(pred).reshape(pred.size, pred.size)
+        s = jax.jit(loss.hessian_factor)(pred, t)
         assert s.shape[:-1] == pred.shape
         # a block per example: S_n S_nᵀ, zero between examples
         s_rows = s.reshape(shape[0], -1, s.shape[-1])
@@ -173,8 +173,8 @@ def _kron_ggn_block(model, loss, params, x, y, keys):
 
     flat = jnp.concatenate(flat_w)
     pred = apply(flat)
-    jac = jax.jacrev(apply)(flat).reshape(pred.size, flat.size)
-    hess = jax.hessian(lambda z: loss(z, y))(pred).reshape(pred.size, pred.size)
+    jac = jax.jit(jax.jacrev(apply))(flat).reshape(pred.size, flat.size)
+    hess = jax.jit(jax.hessian(lambda z: loss(z, y)))(pred).reshape(pred.size, pred.size)
     return jac.T @ hess @ jac
 
 
@@ -191,7 +191,7 @@ def test_kronecker_factors_are_exact_for_one_example_at_one_position(model, shap
         pred_shape = jax.eval_shape(model.apply, params, x).shape
         y = jnp.asarray(np.random.default_rng(6).standard_normal(pred_shape))
         loss = losses.MSE()
-        (factors,) = curvature.kfac_factors(model, loss, approximation=approximation)(params, x, y).values()
+        (factors,) = jax.jit(curvature.kfac_factors(model, loss, approximation=approximation))(params, x, y).values()
         (block,) = factors.blocks
         n_out = block.G.shape[0]
         rows = [params[k].reshape(-1, n_out).shape[0] for k in keys[:-1]]

@@ -60,8 +60,8 @@ def test_every_family_matches_vmap_of_grad(name):
         ref = reference(model, CCE, params, x, y)
         assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref)
         _close(grads, ref, 1e-10)
-        np.testing.assert_allclose(values, jax.vmap(lambda a, b: CCE(model.apply(params, a[None]), b[None]))(x, y),
-                                   rtol=1e-12)
+        per_example_loss = jax.jit(jax.vmap(lambda a, b: CCE(model.apply(params, a[None]), b[None])))
+        np.testing.assert_allclose(values, per_example_loss(x, y), rtol=1e-12)
         _, norms, layer_norms = jax.jit(per_example.grad_norms(model, CCE, per_layer=True))(params, x, y)
         choices = per_example.routes(model, CCE, params, x, y)
         flat = jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), 1) for a in jax.tree_util.tree_leaves(ref)))

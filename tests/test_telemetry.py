@@ -55,7 +55,7 @@ def reference(model, loss, params, x, y, **context):
         return map_leaf_params(model, params, lambda path, leaf_, p: (p, e[path]))
 
     zeros = {path: {"in": jnp.zeros(s[0], s[2]), "out": jnp.zeros(s[1], s[2])} for path, s in shapes.items()}
-    d_e, d_p = jax.grad(lambda e, p: loss(perturbed.apply(with_e(p, e), x, **context), y), argnums=(0, 1))(
+    d_e, d_p = jax.jit(jax.grad(lambda e, p: loss(perturbed.apply(with_e(p, e), x, **context), y), argnums=(0, 1)))(
         zeros, params)
     d_params = dict(telemetry._leaf_entries(model, d_p))
     return {path: (outs[path], d_e[path]["out"], d_e[path]["in"], d_params[path]) for path in shapes}
@@ -127,7 +127,7 @@ def test_every_layer_family_in_a_sequence_model():
         x = jax.random.randint(jax.random.PRNGKey(0), (4, 6), 0, 11)
         y = jnp.arange(4) % 3
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
-        _, grads, stats = telemetry.value_grad_and_stats(model, CCE, input_cotangents=True)(params, x, y)
+        _, grads, stats = jax.jit(telemetry.value_grad_and_stats(model, CCE, input_cotangents=True))(params, x, y)
         ref = reference(model, CCE, params, x, y, train=True)
         for path, (_, d_out, d_in, d_params) in ref.items():
             assert float(stats[path]["d_out_norm"]) == pytest.approx(norm(d_out), rel=1e-10), path
