@@ -92,7 +92,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("jit", list(MODES.values()), indirect=True, ids=list(MODES))
 
 
-# The quick tier (`pytest -m "not slow"`, about two minutes on two cores) runs every test function
+# The quick tier (`pytest -m "not slow"`, under two minutes on two cores) runs every test function
 # once, in its first parametrisation, and leaves out what runs whole programs or whole
 # catalogues: examples, notebooks, multi-device and multi-process runs, the CLI, every-rule and
 # every-family sweeps, randomised shapes, and the few single tests that take longest (fits,
