@@ -4,7 +4,8 @@ must be fixed before JAX starts). Prints one JSON object of measurements."""
 import json
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=8"])  # the caller's flags kept
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

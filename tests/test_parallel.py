@@ -2,7 +2,6 @@
 device count is fixed when JAX starts). The script is tests/_data_parallel_script.py."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,10 +13,8 @@ SCRIPT = pathlib.Path(__file__).with_name("_data_parallel_script.py")
 
 @pytest.fixture(scope="module")
 def measured():
-    # the suite's XLA flags are kept (conftest); a device count among them would be the script's to set
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
-    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, "XLA_FLAGS": " ".join(flags)}
-    done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    # the script inherits the suite's XLA flags (conftest) and sets its own device count and platform
+    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
