@@ -36,7 +36,7 @@ def test_compiles_once_donates_and_lays_out_params(measured):
     assert measured["compilations"] == 1
     assert measured["donated"]
     assert measured["params_sharding"] == "P()"
-    assert "data" in measured["fsdp_spec"] and measured["fsdp_diff"] <= 1e-5
+    assert "data" in measured["fsdp_spec"] and measured["fsdp_diff"] <= 1e-12  # float64
 
 
 def test_a_batch_the_devices_cannot_share_raises(measured):
