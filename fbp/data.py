@@ -7,6 +7,7 @@ extra); MNIST is read from IDX files already on the user's disk.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 import zlib
@@ -132,6 +133,20 @@ def _sklearn():
     return sklearn.datasets
 
 
+def _sklearn_table(name: str, skip_header: int = 0) -> np.ndarray | None:
+    """The float64 table of one of scikit-learn's bundled CSV files, read without importing
+    scikit-learn (whose import takes about a second, the whole start-up of a small script), or
+    ``None`` where the file is not where this version of scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
+    if not os.path.isfile(path):
+        return None
+    with (gzip.open(path, "rt") if name.endswith(".gz") else open(path)) as f:
+        return np.loadtxt(f, delimiter=",", skiprows=skip_header, dtype=np.float64, ndmin=2)
+
+
 def _standardize(train, test):
     mean, std = train.mean(axis=0), train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
@@ -151,11 +166,16 @@ def load_digits(test_fraction: float = 0.2, *, seed: int = 0, images: bool = Fal
     Returns:
         A ``Dataset(x_train, y_train, x_test, y_test, info)``. ``info`` has ``num_classes`` and ``name``.
     """
-    bunch = _sklearn().load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
+    table = _sklearn_table("digits.csv.gz")  # what sklearn.datasets.load_digits reads: 64 pixels, then the label
+    if table is not None and table.shape == (1797, 65):
+        data, target = table[:, :-1], table[:, -1]
+    else:  # pragma: no cover - another layout of scikit-learn's files
+        bunch = _sklearn().load_digits()
+        data, target = bunch.data, bunch.target
+    x = (data / 16.0).astype(np.float32)
     if images:
         x = x.reshape(-1, 8, 8, 1)
-    y = bunch.target.astype(np.int32)
+    y = target.astype(np.int32)
     split = train_test_split(x, y, test_fraction, key=jax.random.PRNGKey(seed))
     return Dataset(*split, {"num_classes": 10, "name": "digits"})
 
@@ -171,8 +191,13 @@ def load_breast_cancer(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
     Returns:
         A ``Dataset(x_train, y_train, x_test, y_test, info)``. ``info`` has the standardisation statistics.
     """
-    bunch = _sklearn().load_breast_cancer()
-    x_tr, y_tr, x_te, y_te = train_test_split(bunch.data, bunch.target, test_fraction, key=jax.random.PRNGKey(seed))
+    table = _sklearn_table("breast_cancer.csv", skip_header=1)  # a line of counts and names, then 30 features, label
+    if table is not None and table.shape == (569, 31):
+        data, target = table[:, :-1], table[:, -1].astype(np.int64)
+    else:  # pragma: no cover - another layout of scikit-learn's files
+        bunch = _sklearn().load_breast_cancer()
+        data, target = bunch.data, bunch.target
+    x_tr, y_tr, x_te, y_te = train_test_split(data, target, test_fraction, key=jax.random.PRNGKey(seed))
     x_tr, x_te, mean, std = _standardize(x_tr, x_te)
     as_col = lambda t: t.astype(np.float32).reshape(-1, 1)
     return Dataset(x_tr.astype(np.float32), as_col(y_tr), x_te.astype(np.float32), as_col(y_te),

@@ -68,6 +68,19 @@ def test_bundled_data_sets():
     assert diabetes.info["y_std"] > 0
 
 
+def test_digits_and_cancer_read_without_sklearn_equal_sklearn_loaders(monkeypatch):
+    # fbp reads scikit-learn's bundled files itself (no sklearn import); the reference is
+    # scikit-learn's own loader, reached through the fallback
+    fast = {"digits": data.load_digits(seed=3, images=True), "cancer": data.load_breast_cancer(seed=2)}
+    monkeypatch.setattr(data, "_sklearn_table", lambda *a, **k: None)
+    slow = {"digits": data.load_digits(seed=3, images=True), "cancer": data.load_breast_cancer(seed=2)}
+    for name in fast:
+        for a, b in zip(fast[name][:4], slow[name][:4], strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fast["cancer"].info["x_std"], slow["cancer"].info["x_std"])
+
+
 def _write_idx(path, array, type_byte, compress=False):
     header = bytes([0, 0, type_byte, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
     payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
