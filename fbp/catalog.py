@@ -151,12 +151,6 @@ def _normal(key, shape):
     return jnp.asarray(z + 0.1 * np.sign(z), jnp.float32)
 
 
-def _init(layer, key, x):
-    """``layer.init`` compiled once per case (eagerly, every initializer would compile its own
-    random-number kernel per parameter shape)."""
-    return jax.jit(layer.init)(key, x)
-
-
 def checks(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[tuple[str, Callable[[], check.Report]]]:
     """Every check of the catalogue, as thunks.
 
@@ -203,7 +197,7 @@ def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]
 def _check_layer(layer, shape, key, dtype, jit):
     k_x, k_p = jax.random.split(key)
     x = _normal(k_x, shape)
-    return check.layer(layer, _init(layer, k_p, x), x, dtype=dtype, jit=jit)
+    return check.layer(layer, layer.init(k_p, x), x, dtype=dtype, jit=jit)
 
 
 def _check_contextual(layer, shape, opts, key, dtype, jit):
@@ -212,7 +206,7 @@ def _check_contextual(layer, shape, opts, key, dtype, jit):
         x = jax.random.randint(k_x, shape, 0, opts["vocab"])
     else:
         x = 1 + 2 * _normal(k_x, shape)
-    params = _init(layer, k_p, x)
+    params = layer.init(k_p, x)
     state = None
     if opts.get("state"):  # a non-trivial running state
         state = jax.tree_util.tree_map(lambda a: a + 0.5 * jax.random.uniform(k_s, a.shape), layer.init_state(params))
@@ -224,6 +218,6 @@ def _check_model(model, loss, shape, classes, key, dtype, jit):
     k_x, k_y, k_p = jax.random.split(key, 3)
     x = _normal(k_x, shape)
     y = _labels(k_y, shape[0], classes) if classes else jax.random.uniform(k_y, (shape[0], 1))
-    params = _init(model, k_p, x)
+    params = model.init(k_p, x)
     state = model.init_state(params) if model.has_state else None
     return check.model(model, loss, params, x, y, state=state, dtype=dtype, jit=jit)

@@ -16,6 +16,7 @@ from fbp import curvature as fc
 from fbp.check import curvature_references
 from fbp.compare import cast, check_settings, compare_jax, default_tolerances, with_precision
 from fbp.core import InputError, Layer, Loss
+from fbp.nn.init import draw_by_length
 from fbp.report import Report
 from fbp.validation import path_name
 
@@ -45,7 +46,8 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
     def body():
         p, xx, yy = cast(params, dtype), cast(x, dtype), cast(y, dtype)
         rng = jax.random.key(seed)
-        v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(rng, a.size), a.shape, a.dtype), p)
+        v = jax.tree_util.tree_map(lambda a: draw_by_length(jax.random.normal, jax.random.fold_in(rng, a.size), a.shape,
+                                                            a.dtype), p)
         ours = {"diag_ggn": _maybe_jit(fc.diag_ggn(model, loss), jit)(p, xx, yy),
                 "ggn_vector_product": _maybe_jit(fc.ggn_vector_product(model, loss), jit)(p, xx, yy, v)}
         try:

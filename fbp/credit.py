@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from fbp.core import InputError, Layer, describe, leaf_layers, run_forward, transform_layers
 from fbp.deviation import surrogate_apply
 from fbp.nn.combinators import Serial
+from fbp.nn.init import draw_by_length
 
 _sg = jax.lax.stop_gradient
 
@@ -59,7 +60,7 @@ def _draw(layer: Layer, seed: int, index: int, shape, dtype):
     init = getattr(layer, "kernel_init", None)
     if init is not None:
         return init(key, tuple(shape), dtype)
-    return jax.random.normal(key, tuple(shape), dtype) / math.sqrt(shape[0])
+    return draw_by_length(jax.random.normal, key, shape, dtype) / math.sqrt(shape[0])
 
 
 class _KernelFeedback(Layer):
@@ -291,7 +292,7 @@ class DirectFeedbackAlignment(Serial):
         for j, shape in zip(self.targets, self.in_shapes, strict=True):
             dtype = (jax.tree_util.tree_leaves(params[j]) or [jnp.zeros(())])[0].dtype
             key = jax.random.fold_in(jax.random.PRNGKey(self.seed), j)
-            feedback[str(j)] = jax.random.normal(key, (self.out_size, math.prod(shape)), dtype) \
+            feedback[str(j)] = draw_by_length(jax.random.normal, key, (self.out_size, math.prod(shape)), dtype) \
                 / math.sqrt(self.out_size)
         return {"layers": Serial.init_state(self, params), "feedback": feedback}
 

@@ -28,6 +28,14 @@ Every initializer is a ``Named`` value: it prints as the call that made it
 (``normal(stddev=0.02)``, not a function address) and two made by the same call are equal, so a
 layer holding one stays equal and hashable (static under ``jit``) and readable in reports.
 
+**Eager draws share their random-number programs.** Called outside ``jit``, a draw compiles one
+program per shape, and a model's first ``init`` used to spend most of its time compiling them.
+With JAX's default PRNG (threefry, partitionable: ``jax_threefry_partitionable``), entry ``i`` of
+a draw depends only on the key and ``i``, not on the shape, so ``draw_by_length`` draws the next
+power-of-two length and keeps the first ``prod(shape)`` entries: the numbers are identical, bit
+for bit, and the shapes of a model share a handful of programs. Under a trace (``jit``,
+``vmap``) or with another PRNG the draw is direct.
+
 ``xavier_*`` and ``kaiming_*`` are aliases. Unlike ``jax.nn.initializers.uniform`` (which
 draws from ``[0, scale)``), ``uniform`` here is symmetric: ``[-scale, scale)``.
 """
@@ -35,6 +43,7 @@ draws from ``[0, scale)``), ``uniform`` here is symmetric: ``[-scale, scale)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -60,6 +69,54 @@ class Named:
 
     def __repr__(self) -> str:
         return self.name
+
+
+# Longer draws are made as asked: their cost is the drawing, not the compiling.
+_LONGEST_BUCKET = 1 << 22
+
+
+def draw_by_length(sample: Callable, key, shape, dtype, *args) -> jax.Array:
+    """``sample(key, shape, dtype, *args)``, drawn eagerly as a prefix of a power-of-two-long draw.
+
+    The result is bitwise the direct draw whenever the key is a concrete threefry key and
+    ``jax_threefry_partitionable`` is on (JAX's default); otherwise, and under a trace, the draw
+    is direct. Entry ``i`` of a partitionable threefry draw is a function of the key and ``i``
+    alone, so for ``n = prod(shape)`` and ``m = 2^ceil(log2 n)``::
+
+        sample(key, shape) == sample(key, (m,))[:n].reshape(shape)
+
+    and every ``n`` in ``(m/2, m]`` shares the program compiled for length ``m``.
+
+    Args:
+        sample: ``jax.random.normal``, ``uniform``, ``truncated_normal`` or another sampler whose
+            entries are elementwise functions of the random bits, called ``sample(key, shape, dtype, *args)``.
+        key: a PRNG key.
+        shape: the shape asked for.
+        dtype: the floating dtype.
+        *args: passed on after ``dtype`` (e.g. ``minval, maxval`` of ``uniform``).
+
+    Returns:
+        An array of ``shape`` and ``dtype``.
+    """
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if n < 2 or n > _LONGEST_BUCKET or not _prefix_consistent(key):
+        return sample(key, shape, dtype, *args)
+    return _prefix(sample(key, (1 << (n - 1).bit_length(),), dtype, *args), shape)
+
+
+def _prefix_consistent(key) -> bool:
+    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+        return False
+    try:
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    except (TypeError, ValueError):  # not a key: the direct draw raises JAX's own error
+        return False
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prefix(flat, shape):
+    return flat[:math.prod(shape)].reshape(shape)
 
 
 # std of a standard normal truncated to [-2, 2]
@@ -98,13 +155,17 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
         variance = scale / max(n, 1.0)
         if distribution == "uniform":
             limit = math.sqrt(3.0 * variance)
-            return jax.random.uniform(key, shape, dtype, -limit, limit)
+            return draw_by_length(jax.random.uniform, key, shape, dtype, -limit, limit)
         if distribution == "normal":
-            return math.sqrt(variance) * jax.random.normal(key, shape, dtype)
+            return math.sqrt(variance) * draw_by_length(jax.random.normal, key, shape, dtype)
         std = math.sqrt(variance) / _TRUNCATED_NORMAL_STD
-        return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+        return std * draw_by_length(_truncated_normal, key, shape, dtype)
 
     return Named(f"variance_scaling({scale!r}, {mode!r}, {distribution!r})", initializer)
+
+
+def _truncated_normal(key, shape, dtype):
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
 
 
 def _renamed(init: Named, name: str) -> Named:
@@ -151,8 +212,11 @@ def normal(stddev: float = 1e-2) -> Initializer:
     """
     if stddev < 0:
         raise ValueError(f"stddev must be >= 0, got {stddev}")
-    return Named(f"normal({stddev!r})", lambda key, shape, dtype=jnp.float32: stddev * jax.random.normal(key, shape,
-                                                                                                         dtype))
+
+    def initializer(key, shape, dtype=jnp.float32):
+        return stddev * draw_by_length(jax.random.normal, key, shape, dtype)
+
+    return Named(f"normal({stddev!r})", initializer)
 
 
 def uniform(scale: float = 1e-2) -> Initializer:
@@ -166,8 +230,11 @@ def uniform(scale: float = 1e-2) -> Initializer:
     """
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
-    return Named(f"uniform({scale!r})", lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
-                                                                                                  -scale, scale))
+
+    def initializer(key, shape, dtype=jnp.float32):
+        return draw_by_length(jax.random.uniform, key, shape, dtype, -scale, scale)
+
+    return Named(f"uniform({scale!r})", initializer)
 
 
 def orthogonal(scale: float = 1.0) -> Initializer:
