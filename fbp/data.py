@@ -135,8 +135,8 @@ def _sklearn():
 
 def _sklearn_table(name: str, skip_header: int = 0) -> np.ndarray | None:
     """The float64 table of one of scikit-learn's bundled CSV files, read without importing
-    scikit-learn (whose import takes about a second, the whole start-up of a small script), or
-    ``None`` where the file is not where this version of scikit-learn keeps it."""
+    scikit-learn (a slow import, most of a small script's start-up), or ``None`` where the file
+    is not where this version of scikit-learn keeps it."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
         return None

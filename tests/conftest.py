@@ -14,7 +14,7 @@ XLA's newer CPU fusion emitters are turned off for the suite (``--xla_cpu_use_fu
 the older emitters compile the suite's many small programs about a quarter faster. XLA's
 tree-reduction rewrite, which splits a large reduction into a reduce-window and a reduce (two
 kernels), is turned off as well (``--xla_disable_hlo_passes=tree_reduction_rewriter``): a fit
-with telemetry, whose per-layer statistics are many reductions, compiles about a third faster.
+with telemetry, whose per-layer statistics are many reductions, compiles faster.
 Float32 sums are then accumulated less accurately, which can only make a tolerance harder to meet.
 
 **One compilation cache per run.** ``JAX_COMPILATION_CACHE_DIR`` points at a fresh temporary
