@@ -14,8 +14,23 @@ A checkpoint of a pytree at ``step`` is a directory ``<directory>/step_<step>`` 
 
 **Writes are atomic**: everything goes into a temporary sibling directory, files and
 directory are fsynced, and one ``rename`` makes the step appear — a process killed mid-save
-leaves at most a ``.tmp-*`` directory, never a readable partial checkpoint. The newest
-``keep`` steps are kept.
+leaves at most a ``.tmp-*`` directory, never a readable partial checkpoint.
+
+**Retention never deletes the step just written.** After a save the directory holds that step
+plus the newest ``keep - 1`` of the others. In order (the usual case) that is the newest
+``keep`` steps. Out of order — saving step 3 when step 5 is on disk, as a run restarted from
+an earlier point does — step 3 is kept, and with ``keep=1`` step 5 is removed, so
+``latest_step`` names what was saved last; with a larger ``keep`` the newer steps stay (a
+``UserWarning`` says that ``latest_step`` still names a newer one).
+
+**Saves into one directory are serialised** by an exclusive lock on ``<directory>/.lock``
+(``fcntl.flock``, where the platform has it) around the rename and the retention, so two
+processes saving at once — even the same step — each leave a complete checkpoint and neither
+fails on the other's files; a re-saved step is replaced by renaming the old one aside first.
+
+**Paths are exact.** A dict key holding ``/`` or ``%`` is escaped (``%2F``, ``%25``) in the
+manifest, so ``{"a/b": ...}`` beside ``{"a": {"b": ...}}`` are two different entries and
+both round-trip.
 
 **Restores are checked** against a ``target`` pytree of the same structure (the values are
 ignored): a leaf missing or extra, or a shape or dtype that differs, raises
@@ -25,19 +40,25 @@ checksum; nothing read from the files is ever executed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.validation import path_name
+try:  # POSIX; elsewhere saves are not locked against each other
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 FORMAT, VERSION = "fbp-checkpoint", 1
 _STEP = re.compile(r"^step_(\d+)$")
@@ -51,9 +72,27 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- paths
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+def _path(key_path) -> str:
+    """``params/2/w``: dict keys, indices and attribute names joined by ``/``, each part with
+    ``%`` and ``/`` escaped so that no two leaves share a path."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(_escape(str(getattr(k, attr))))
+                break
+        else:
+            parts.append(_escape(str(k)))
+    return "/".join(parts) or "<root>"
+
+
 def _flatten(tree):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda a: a is None)
-    return [(path_name(p) or "<root>", leaf) for p, leaf in leaves], treedef
+    return [(_path(p), leaf) for p, leaf in leaves], treedef
 
 
 def step_directory(directory, step: int) -> str:
@@ -128,6 +167,65 @@ def _manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def check_directory(directory) -> str:
+    """Make sure checkpoints can be written into ``directory`` before anything is trained.
+
+    Creates it if missing, then writes and removes a probe file, so a path that is a regular
+    file, a read-only directory or a full disk is found now, not after the first epoch.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The directory as a string.
+
+    Raises:
+        CheckpointError: the path is not a directory, or it cannot be written.
+    """
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory!r} is a file, not a directory; choose another path")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory {directory!r} cannot be written ({e.strerror or e}); "
+                              f"choose a writable directory") from None
+    return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """An exclusive lock on ``<directory>/.lock`` for the block (saves from several processes
+    take turns); a no-op where ``fcntl`` is missing."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(os.path.join(directory, ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _retain(directory: str, step: int, keep: int | None) -> None:
+    """Keep ``step`` and the newest ``keep - 1`` other steps (module docstring)."""
+    others = [s for s in all_steps(directory) if s != step]
+    if keep is not None:
+        drop = others[:max(len(others) - (keep - 1), 0)]
+        for old in drop:
+            shutil.rmtree(step_directory(directory, old), ignore_errors=True)
+        others = [s for s in others if s not in drop]
+    newer = [s for s in others if s > step]
+    if newer:
+        warnings.warn(f"checkpoint.save: step {step} was saved into {directory!r}, which holds the newer step "
+                      f"{newer[-1]}; latest_step (and fit(resume=True)) will pick step {newer[-1]}", UserWarning,
+                      stacklevel=3)
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -137,25 +235,29 @@ def _fsync(path: str) -> None:
 
 
 def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
-    """Write ``tree`` as checkpoint ``step`` in ``directory`` atomically; keep the newest ``keep``
-    steps (``None``: all). Returns the step's directory. Leaves may be arrays (any dtype), typed
+    """Write ``tree`` as checkpoint ``step`` in ``directory`` atomically; then keep that step and
+    the newest ``keep - 1`` others (``None``: all; the step just written is never removed, also
+    when it is older than steps on disk). Returns the step's directory. Leaves may be arrays (any dtype), typed
     or raw PRNG keys, and plain Python values; anything else raises ``TypeError`` naming it.
 
     Args:
         directory: the checkpoint directory (made if missing).
         tree: the pytree to write.
         step: its step number.
-        keep: how many of the newest steps to keep; ``None`` keeps all.
+        keep: how many steps to keep, counting the one just written; ``None`` keeps all.
 
     Returns:
         The path of the step's directory.
+
+    Raises:
+        CheckpointError: ``directory`` is a file or cannot be written.
+        TypeError: a leaf that is not an array, a key or a plain value.
     """
     if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
         raise ValueError(f"checkpoint.save: step must be a non-negative int, got {step!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoint.save: keep must be a positive int or None, got {keep!r}")
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = check_directory(directory) if not os.path.isdir(directory) else os.fspath(directory)
     entries, arrays = [], {}
     for i, (path, leaf) in enumerate(_flatten(tree)[0]):
         if isinstance(leaf, _PLAIN) and not isinstance(leaf, np.generic):
@@ -189,20 +291,42 @@ def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp)
-        if os.path.exists(final):  # re-saving a step replaces it, still atomically visible
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(directory)
+        with _locked(directory):
+            if os.path.exists(final):  # re-saving a step: the old one is renamed aside, then removed
+                aside = tempfile.mkdtemp(prefix=f".old-step_{int(step):08d}-", dir=directory)
+                os.rename(final, os.path.join(aside, "step"))
+                os.rename(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync(directory)
+            _retain(directory, int(step), keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in all_steps(directory)[:-keep]:
-            shutil.rmtree(step_directory(directory, old), ignore_errors=True)
     return final
 
 
 # --------------------------------------------------------------------------- restore
+def saved_paths(directory, step: int) -> list[str]:
+    """The leaf paths stored in checkpoint ``step`` of ``directory`` (from its checked manifest).
+
+    Args:
+        directory: the checkpoint directory.
+        step: the step.
+
+    Returns:
+        The paths, in the order they were saved.
+
+    Raises:
+        CheckpointError: no such step, or a damaged manifest.
+    """
+    where = step_directory(directory, step)
+    if not os.path.isdir(where):
+        raise CheckpointError(f"{where}: no checkpoint at step {step} (found {all_steps(directory)})")
+    return [entry["path"] for entry in _read_manifest(where)["leaves"]]
+
+
 def _read_manifest(where: str) -> dict:
     path = os.path.join(where, _MANIFEST)
     try:

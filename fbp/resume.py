@@ -11,6 +11,17 @@ stored with the checkpoint and checked on resume.
 
 Histories are stored as JSON text inside the checkpoint (exact: Python writes the shortest
 repr that reads back to the same float, NaN included).
+
+**A resume continues the same run, or refuses.** Beside the loop state every checkpoint keeps
+the run's *signature* (``signature``): the training set's size, the batch size, shuffling,
+the validation set's size, the telemetry statistics, the privacy and precision settings, and
+the optimizer's first update on a fixed probe gradient (which a changed learning rate, clipping
+norm, weight decay or schedule start changes). ``fit(resume=True)`` with a different signature
+raises ``ValueError`` naming every difference, because the continued run would no longer be the
+one that was checkpointed (the history and telemetry would mix two runs, the epoch count would
+mean something else). Only ``epochs`` may change: raise it to train longer. To continue from the
+weights with other settings, start a new run (another ``checkpoint_dir``) from the restored
+params.
 """
 
 from __future__ import annotations
@@ -25,6 +36,64 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp import checkpoint
+
+_PROBE_RTOL = 1e-5  # the optimizer probe is compared with this tolerance (the arithmetic may differ by backend)
+
+
+def signature(optimizer, params, *, n: int, batch_size, shuffle: bool, validation: int | None, telemetry,
+              privacy, precision) -> dict:
+    """What must stay the same for a run to be resumed (module docstring).
+
+    Args:
+        optimizer: the ``GradientTransformation``; probed once: its first update from
+            ``init(zeros)`` for the gradient ``0.5`` everywhere, summed per leaf.
+        params: the params (only shapes and dtypes are read).
+        n: the training set's size.
+        batch_size: ``fit``'s batch size.
+        shuffle: ``fit``'s shuffle flag.
+        validation: the validation set's size, or ``None``.
+        telemetry: ``fit``'s telemetry setting.
+        privacy: the ``DPSGD`` settings, or ``None``.
+        precision: the precision policy, or ``None``.
+
+    Returns:
+        A JSON-able dict.
+    """
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    probe = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.5) if jnp.issubdtype(a.dtype, jnp.inexact) else a,
+                                   zeros)
+    updates, _ = optimizer.update(probe, optimizer.init(zeros), zeros)
+    sums = [float(jnp.sum(u.astype(jnp.float32))) for u in jax.tree_util.tree_leaves(updates)]
+    return {"training examples": int(n), "batch_size": batch_size, "shuffle": bool(shuffle),
+            "validation examples": validation,
+            "telemetry": telemetry if isinstance(telemetry, bool) else list(telemetry),
+            "privacy": None if privacy is None else repr(privacy),
+            "precision": None if precision is None else repr(_policy(precision)), "optimizer probe": sums}
+
+
+def _policy(precision):
+    from fbp.precision import Policy  # the text form ("bfloat16") and its Policy are one setting
+
+    return Policy.parse(precision) if isinstance(precision, str) else precision
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    found = []
+    for name in sorted(set(saved) | set(now)):
+        a, b = saved.get(name), now.get(name)
+        if name == "optimizer probe" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and \
+                np.allclose(a, b, rtol=_PROBE_RTOL, atol=0):
+            continue
+        if a != b:
+            what = ("the optimizer's first update on a probe gradient (a changed learning rate, clipping, "
+                    "weight decay or schedule)") if name == "optimizer probe" else name
+            found.append(f"{what}: {_short(a)} in the checkpointed run, {_short(b)} now")
+    return found
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclasses.dataclass
@@ -91,7 +160,7 @@ def _on_device(tree, like):
                                   is_leaf=lambda a: a is None)
 
 
-def prepare(directory, loop: LoopState, key, resume: bool) -> LoopState:
+def prepare(directory, loop: LoopState, key, resume: bool, run: dict | None = None) -> LoopState:
     """The loop state to start ``fit`` from.
 
     Refuses to start a fresh run over existing checkpoints, which it would otherwise overwrite.
@@ -101,14 +170,15 @@ def prepare(directory, loop: LoopState, key, resume: bool) -> LoopState:
         loop: the fresh run's loop state.
         key: ``fit``'s key (a resumed run must use the same one).
         resume: continue from the newest checkpoint if there is one.
+        run: this run's ``signature`` (checked against the checkpoint's; ``None`` skips it).
 
     Returns:
         ``loop`` itself for a fresh run (or when ``directory`` holds no checkpoint), else the
         newest checkpoint's loop state, on the devices ``loop`` is on.
 
     Raises:
-        ValueError: checkpoints exist and ``resume`` is false, or the key differs from the
-            checkpointed run's.
+        ValueError: checkpoints exist and ``resume`` is false, or the key or the signature differs
+            from the checkpointed run's.
     """
     latest = checkpoint.latest_step(directory)
     if latest is None:
@@ -117,14 +187,26 @@ def prepare(directory, loop: LoopState, key, resume: bool) -> LoopState:
         raise ValueError(f"fit: checkpoint_dir {os.fspath(directory)!r} already holds checkpoints (the newest after "
                          f"epoch {latest}); pass resume=True to continue that run, or choose another directory")
     target = loop.tree(key)
+    has_run = "run" in checkpoint.saved_paths(directory, latest)  # checkpoints before the signature lack it
+    if has_run:
+        target["run"] = ""
     restored = checkpoint.restore(directory, target, latest)
     if not np.array_equal(restored["key"], target["key"]):
         raise ValueError("fit: resume=True with a different key than the checkpointed run; the shuffles and dropout "
                          "keys would differ, so the run could not continue exactly. Pass the original key")
+    if has_run and run is not None:
+        differences = _differences(json.loads(restored.pop("run")), json.loads(json.dumps(run)))
+        if differences:
+            raise ValueError(f"fit: resume=True, but this run differs from the one checkpointed in "
+                             f"{os.fspath(directory)!r} (after epoch {latest}): " + "; ".join(differences) +
+                             ". Pass the original settings to continue it (only epochs may change), or start a new "
+                             "run in another checkpoint_dir")
+    restored.pop("run", None)
+    target.pop("run", None)
     return LoopState.from_tree(_on_device(restored, target))
 
 
-def save(directory, loop: LoopState, key, keep: int | None) -> None:
+def save(directory, loop: LoopState, key, keep: int | None, run: dict | None = None) -> None:
     """Save the loop state after an epoch, as checkpoint number ``loop.epoch``.
 
     Args:
@@ -132,8 +214,12 @@ def save(directory, loop: LoopState, key, keep: int | None) -> None:
         loop: the loop state.
         key: ``fit``'s key, saved so a resume can check it.
         keep: how many checkpoints to keep (``None``: all).
+        run: the run's ``signature``, stored for ``prepare`` to check.
 
     Returns:
         ``None``.
     """
-    checkpoint.save(directory, loop.tree(key), loop.epoch, keep=keep)
+    tree = loop.tree(key)
+    if run is not None:
+        tree["run"] = json.dumps(run)
+    checkpoint.save(directory, tree, loop.epoch, keep=keep)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp import checkpoint as fcheckpoint
 from fbp import data as fdata
 from fbp import debug as fdebug
 from fbp import parallel, preflight
@@ -158,7 +159,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             state, history, early-stopping state) there every ``checkpoint_every`` epochs, at
             the last epoch and when training stops early, keeping the newest
             ``keep_checkpoints`` (``fbp.checkpoint``: pickle-free, checksummed, atomic).
-            A directory that already holds checkpoints is refused unless ``resume``.
+            A directory that already holds checkpoints is refused unless ``resume``; one that
+            is a file or cannot be written is refused before training.
         checkpoint_every: save every this many epochs (and at the end).
         keep_checkpoints: how many of the newest checkpoints to keep (``None``: all).
         mesh: data parallel over a ``fbp.parallel.data_mesh``: every batch is split over the
@@ -170,7 +172,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             (``"bfloat16"``); pair float16 with a ``precision.loss_scaled`` optimizer.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
             is none). Give the same arguments and ``key``: the resumed run ends bit-identical
-            to one that was never interrupted. ``epochs`` may be raised to train longer.
+            to one that was never interrupted. ``epochs`` may be raised to train longer; a
+            changed data set size, batch size, validation set, optimizer setting (learning
+            rate, ...), telemetry, privacy or precision is refused (``fbp.resume``).
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
@@ -188,6 +192,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     """
     preflight.check_arguments(loss, key, epochs, batch_size, validation_split, log_every, metrics)
     preflight.check_checkpointing(checkpoint_dir, checkpoint_every, resume, keep_checkpoints)
+    if checkpoint_dir is not None:  # a file or a read-only path is refused now, not after the first epoch
+        fcheckpoint.check_directory(checkpoint_dir)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
         raise TypeError(f"fit: early_stopping must be an fbp.train.EarlyStopping, got {type(early_stopping).__name__}")
     fdata.validate(x, y, num_classes=num_classes, name="training data")
@@ -227,8 +233,12 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         x_val, y_val, zero_stats = parallel.place((x_val, y_val, zero_stats), parallel.replicated(mesh))
 
     loop = fresume.LoopState.start(params, state, opt_state)
+    run = None
     if checkpoint_dir is not None:
-        loop = fresume.prepare(checkpoint_dir, loop, key, resume)
+        run = fresume.signature(optimizer, params, n=n, batch_size=batch_size, shuffle=shuffle,
+                                validation=None if x_val is None else int(x_val.shape[0]), telemetry=telemetry,
+                                privacy=privacy, precision=precision)
+        loop = fresume.prepare(checkpoint_dir, loop, key, resume, run)
     epoch_range, bar = _progress(loop.epoch, epochs, progress and loop.stop_reason is None)
     for epoch in (epoch_range if loop.stop_reason is None else ()):
         start = time.perf_counter()
@@ -261,7 +271,7 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
                 _early_stopping(early_stopping, loop, measured[early_stopping.monitor], epoch)
         if checkpoint_dir is not None and (loop.epoch % checkpoint_every == 0 or loop.epoch == epochs
                                            or loop.stop_reason is not None):
-            fresume.save(checkpoint_dir, loop, key, keep_checkpoints)
+            fresume.save(checkpoint_dir, loop, key, keep_checkpoints, run)
         if loop.stop_reason is not None:
             break
     if bar is not None:

@@ -130,3 +130,98 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep must be"):
         checkpoint.save(tmp_path, {}, 0, keep=0)
     assert checkpoint.all_steps(tmp_path) == []  # nothing half-written was left behind
+
+
+# --------------------------------------------------------------------------- faults (issue 26)
+@pytest.mark.parametrize("keep", [1, 2, 3, None])
+def test_out_of_order_saves_never_delete_the_step_just_written(tmp_path, keep):
+    """Saving a step lower than those on disk keeps it (and the newest keep-1 others)."""
+    for step in (5, 7, 9):
+        checkpoint.save(tmp_path, {"w": jnp.full(2, step, jnp.float32)}, step, keep=keep)
+    with pytest.warns(UserWarning, match="latest_step") if keep != 1 else _no_warning():
+        where = checkpoint.save(tmp_path, {"w": jnp.full(2, 3.0)}, 3, keep=keep)
+    assert os.path.isdir(where) and 3 in checkpoint.all_steps(tmp_path)
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path, {"w": jnp.ones(2)}, step=3)["w"], np.full(2, 3.0))
+    expected = {1: [3], 2: [3, 9], 3: [3, 7, 9], None: [3, 5, 7, 9]}[keep]
+    assert checkpoint.all_steps(tmp_path) == expected
+    if keep == 1:  # what was saved last is what latest_step (and a resume) picks
+        assert checkpoint.latest_step(tmp_path) == 3
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+def test_keys_that_collide_once_flattened_round_trip_exactly(tmp_path):
+    tree = {"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}, "c%2Fd": jnp.full(2, 2.0), "c/d": jnp.full(2, 3.0)}
+    checkpoint.save(tmp_path, tree, 0)
+    back = checkpoint.restore(tmp_path, tree)
+    for leaf, kept in ((back["a/b"], 0.0), (back["a"]["b"], 1.0), (back["c%2Fd"], 2.0), (back["c/d"], 3.0)):
+        np.testing.assert_array_equal(leaf, np.full(2, kept))
+
+
+def test_a_target_path_that_is_a_file_or_read_only_is_refused_before_writing(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        checkpoint.save(a_file, {"w": jnp.ones(2)}, 0)
+    with pytest.raises(CheckpointError, match="is a file"):
+        checkpoint.check_directory(a_file)
+    denied = tmp_path / "denied"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as mp:  # what a read-only directory answers (also when tests run as root)
+        mp.setattr(checkpoint.tempfile, "mkstemp", refuse)
+        with pytest.raises(CheckpointError, match="cannot be written .Permission denied"):
+            checkpoint.check_directory(denied)
+    if os.geteuid() == 0:
+        return  # root ignores directory permissions
+    locked = tmp_path / "ro"
+    checkpoint.save(locked, {"w": jnp.ones(2)}, 0)
+    os.chmod(locked, 0o500)
+    try:
+        with pytest.raises(CheckpointError, match="cannot be written"):
+            checkpoint.check_directory(locked)
+        with pytest.raises(OSError):
+            checkpoint.save(locked, {"w": jnp.ones(2)}, 1)
+        assert checkpoint.all_steps(locked) == [0]  # what was saved is still there
+    finally:
+        os.chmod(locked, 0o700)
+
+
+CONCURRENT = """
+import sys
+import jax.numpy as jnp
+from fbp import checkpoint
+who, where = int(sys.argv[1]), sys.argv[2]
+for step in range(60):
+    # both processes write every step (the same steps at the same time), then keep all
+    checkpoint.save(where, {"w": jnp.full(64, 100 * who + step, jnp.float32), "who": who}, step % 3, keep=None)
+print("ok")
+"""
+
+
+def test_concurrent_saves_from_two_processes_leave_complete_checkpoints(tmp_path):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(who), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for who in (1, 2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert checkpoint.all_steps(tmp_path) == list(range(3))
+    for step in range(3):  # each step is one process's complete, consistent save
+        back = checkpoint.restore(tmp_path, {"w": jnp.ones(64), "who": 0}, step=step)
+        assert back["who"] in (1, 2)
+        np.testing.assert_array_equal(back["w"], np.full(64, 100 * back["who"] + step + 57, np.float32))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", ".old-"))]

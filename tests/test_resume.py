@@ -111,3 +111,38 @@ def test_two_runs_from_one_key_are_bit_identical(uninterrupted):
     """Determinism on CPU: shuffles, dropout and the reductions repeat exactly (on GPU see the
     README's XLA flags for deterministic reductions)."""
     _assert_identical(run(EPOCHS), uninterrupted)
+
+
+def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
+    """A resumed run must be the checkpointed one: a changed learning rate, batch size or data
+    set size is refused (telemetry and history would otherwise mix two runs); epochs may grow."""
+    import jax.numpy as jnp
+
+    from fbp import losses, nn, optim, train
+
+    model = nn.Serial(nn.Dense(4), nn.ReLU(), nn.Dense(3))
+    x = jax.random.normal(jax.random.PRNGKey(0), (40, 5))
+    y = jax.random.randint(jax.random.PRNGKey(1), (40,), 0, 3)
+    params = model.init(jax.random.PRNGKey(2), x)
+
+    def go(epochs=1, lr=0.1, batch_size=8, n=40, **kwargs):
+        return train.fit(model, losses.CategoricalCrossEntropy(from_logits=True), optim.sgd(lr), params, x[:n], y[:n],
+                         key=jax.random.PRNGKey(3), epochs=epochs, batch_size=batch_size, progress=False,
+                         checkpoint_dir=tmp_path, **kwargs)
+
+    go()
+    for change, pattern in (({"lr": 0.2}, "optimizer's first update"), ({"batch_size": 10}, "batch_size: 8 in the"),
+                            ({"n": 32}, "training examples: 40 in the checkpointed run, 32 now"),
+                            ({"telemetry": True}, "telemetry: False")):
+        with pytest.raises(ValueError, match=pattern):
+            go(2, resume=True, **change)
+    assert checkpoint.all_steps(tmp_path) == [1]  # nothing was written by a refused resume
+    assert go(2, resume=True).epochs_run == 2  # the same settings, more epochs: continues
+    assert jnp.isfinite(go(2, resume=True, lr=0.1 + 1e-9).history["loss"][-1])  # within the probe's tolerance
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    a_file = tmp_path / "ckpt"
+    a_file.write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file"):
+        run(1, checkpoint_dir=a_file)
