@@ -85,6 +85,24 @@ class Layer:
     (Dense, convolutions, pooling, ReLU, shape layers): ``fbp.curvature.diag_hessian`` adds no
     term there. An elementwise activation with curvature defines ``second_derivative(res)``."""
 
+    independent_examples: ClassVar[bool | None] = None
+    """Declared by a leaf class beside its forward: example ``b``'s output (and the input
+    cotangent its backward returns) depends on example ``b`` alone, in both modes. ``None``:
+    undeclared, so per-example and private computations measure it once
+    (``fbp.independence``). A subclass that replaces the forward must declare again."""
+
+    def examples_independent(self, train: bool) -> bool | None:
+        """Whether this layer keeps the examples of a batch apart in this mode (default: the
+        class's ``independent_examples``); override where it depends on the mode.
+
+        Args:
+            train: training mode.
+
+        Returns:
+            ``True``, ``False``, or ``None`` for undeclared.
+        """
+        return self.independent_examples
+
     @property
     def has_state(self) -> bool:
         """Whether this layer (or a child) keeps state between steps."""

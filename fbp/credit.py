@@ -102,6 +102,7 @@ class FeedbackAlignment(_KernelFeedback):
         seed: the seed ``B`` is drawn from.
         index: folded into the seed, so each swapped layer of a model draws its own ``B``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     layer: Layer
     seed: int = 0
@@ -167,6 +168,7 @@ class SignSymmetry(_KernelFeedback):
     Args:
         layer: the Dense (or kernel layer) whose input cotangent is replaced.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     layer: Layer
     deviation: ClassVar[str] = "sign symmetry: d_x = d_y B^T with B = sign(W) * rms(W)"

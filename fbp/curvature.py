@@ -20,9 +20,9 @@ hand-written rules gives ``J_bᵀ s_bm`` at every layer, where the per-example m
   with Eschenhagen et al.'s *expand* or *reduce* for weights shared over positions) and the
   exact diagonal for every other parameter (norm scales and biases, embeddings);
 
-all in **one** forward and one (column-vmapped) backward pass. BatchNorm in training mode
-mixes the examples of a batch and raises, naming its path; so does a user's layer whose
-per-example rule is missing only if its own rules cannot run on one example.
+all in **one** forward and one (column-vmapped) backward pass. A layer that mixes the examples
+of a batch (BatchNorm in training mode; a user's layer measured to mix: ``fbp.independence``)
+raises, naming its path.
 
 ``ggn_vector_product`` needs ``J v``: the hand-written backward ``u ↦ Jᵀu`` is linear in
 ``u``, and JAX transposes it (``jax.linear_transpose``, the "double backward" trick of

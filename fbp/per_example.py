@@ -21,8 +21,10 @@ from them where each layer's rule runs — no ``vmap(grad)`` over the whole mode
   layer only*, from its input and its output cotangent. A user's layer may instead define
   ``per_example_positions`` or ``per_example_grads(res, d_y)`` (``d_params`` with a leading
   batch axis).
-* **BatchNorm in training mode** couples the examples of a batch (its statistics are the batch's):
-  per-example gradients are not defined, and it raises, suggesting GroupNorm or LayerNorm.
+* **A layer that mixes the examples of a batch** — BatchNorm in training mode (its statistics
+  are the batch's), a user's ``x - x.mean(0)`` — has no per-example gradients: every leaf is
+  checked before anything runs (declared by its class, or measured once: ``fbp.independence``)
+  and one that mixes raises, naming its path.
 
 Scaling: ``grads[b]`` is the gradient of the loss on example ``b`` alone (a batch of one), as
 JAX's vmap of grad of the per-example loss; ``values`` are the per-example losses.

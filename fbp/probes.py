@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fbp import independence
 from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_forward, transform_layers
 from fbp.nn.conv import Conv1D, Conv2D, conv_windows
 from fbp.nn.embedding import Embedding
-from fbp.nn.norm import BatchNorm
 from fbp.nn.positions import Positions, assemble, sq_norm
 
 MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce")
@@ -109,10 +109,7 @@ class _PerExample(Wrapper):
     choices: dict = dataclasses.field(default_factory=dict)  # path -> method, filled at trace time
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
-        if train and isinstance(self.layer, BatchNorm):
-            raise InputError(repr(self.layer), "BatchNorm in training mode mixes the examples of a batch (its "
-                                               "statistics are the batch's), so per-example gradients are not "
-                                               "defined; use GroupNorm or LayerNorm")
+        independence.require(self.layer, x, train=train, caller="per-example quantities")  # the path: at_path
         context = {"state": state, "key": key, "train": train} if self.layer.contextual else {}
         y, res = run_forward(self.layer, inner_params, x, **context)
         return y, (res, inner_params, x, context)

@@ -37,6 +37,7 @@ class Activation(ParameterFree):
 @dataclasses.dataclass(frozen=True, repr=False)
 class Identity(Activation):
     """``y = x``;  ``d_x = d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         return x, NO_RESIDUAL
@@ -50,6 +51,7 @@ class Identity(Activation):
 @dataclasses.dataclass(frozen=True, repr=False)
 class Sigmoid(Activation):
     """``y = 1 / (1 + e^{-x})``;  ``d_x = y (1 - y) d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         y = jax.nn.sigmoid(x)
@@ -66,6 +68,7 @@ class Sigmoid(Activation):
 @dataclasses.dataclass(frozen=True, repr=False)
 class Tanh(Activation):
     """``y = tanh x``;  ``d_x = (1 - y²) d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         y = jnp.tanh(x)
@@ -82,6 +85,7 @@ class Tanh(Activation):
 @dataclasses.dataclass(frozen=True, repr=False)
 class ReLU(Activation):
     """``y = max(x, 0)``;  ``d_x = [y > 0] d_y`` (0 at x = 0, as ``jax.nn.relu``)."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         y = jnp.where(x > 0, x, jnp.zeros_like(x))
@@ -100,6 +104,7 @@ class LeakyReLU(Activation):
     Args:
         negative_slope: the slope ``a`` for ``x < 0`` (default 0.01).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     negative_slope: float = 0.01
 
@@ -122,6 +127,7 @@ class ELU(Activation):
     Args:
         alpha: ``α``, the value approached as ``x → -∞`` is ``-α`` (default 1).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     alpha: float = 1.0
 
@@ -163,6 +169,7 @@ class GELU(Activation):
     Args:
         approximate: the tanh approximation (default, as ``jax.nn.gelu``) or the exact ``x Φ(x)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     approximate: bool = True
 
@@ -198,6 +205,7 @@ class GELU(Activation):
 @dataclasses.dataclass(frozen=True, repr=False)
 class Softplus(Activation):
     """``y = log(1 + e^x)`` (as ``logaddexp(x, 0)``, stable);  ``d_x = σ(x) d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         return jnp.logaddexp(x, jnp.zeros_like(x)), x
@@ -214,6 +222,7 @@ class Softplus(Activation):
 @dataclasses.dataclass(frozen=True, repr=False)
 class SiLU(Activation):
     """Swish/SiLU: ``y = x σ(x)``;  ``d_x = σ(x) (1 + x (1 - σ(x))) d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         s = jax.nn.sigmoid(x)
@@ -245,6 +254,11 @@ class Softmax(Activation):
         axis: the axis normalised over (default the last).
     """
 
+    def examples_independent(self, train: bool) -> bool | None:
+        """Along a feature axis each example is its own; along axis 0 (the batch) examples mix;
+        another negative axis depends on the input's rank, so it is measured."""
+        return False if self.axis == 0 else (True if self.axis > 0 or self.axis == -1 else None)
+
     axis: int = -1
 
     def _forward(self, x):
@@ -266,6 +280,11 @@ class LogSoftmax(Activation):
     Args:
         axis: the axis normalised over (default the last).
     """
+
+    def examples_independent(self, train: bool) -> bool | None:
+        """Along a feature axis each example is its own; along axis 0 (the batch) examples mix;
+        another negative axis depends on the input's rank, so it is measured."""
+        return False if self.axis == 0 else (True if self.axis > 0 or self.axis == -1 else None)
 
     axis: int = -1
 

@@ -98,6 +98,7 @@ class MultiHeadAttention(Layer):
         ``x (B, T, d) -> y (B, T, d)``; or ``(x, mask)`` with a boolean padding mask ``(B, T)``
         (``True`` for keys that may be attended to), then the backward returns ``(d_x, None)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     num_heads: int
     causal: bool = False
@@ -216,6 +217,7 @@ class TransformerBlock(Layer):
     Shapes:
         ``x (B, T, d) -> y (B, T, d)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     num_heads: int
     mlp_dim: int
@@ -292,6 +294,7 @@ class LearnedPositionalEmbedding(Layer):
     Shapes:
         ``x (B, T, d) -> y (B, T, d)`` with ``T <= max_len``; params ``{"table": (max_len, d)}``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     max_len: int
     embedding_init: Callable = initializers.normal(0.02)
@@ -343,6 +346,7 @@ def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
 @dataclasses.dataclass(frozen=True)
 class SinusoidalPositionalEmbedding(ParameterFree):
     """``y = x + PE`` with the fixed sinusoidal table; no parameters; ``d_x = d_y``."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         if x.ndim != 3:

@@ -358,6 +358,7 @@ class Conv1D(_Conv):
     Shapes:
         ``x (N, W, C) -> y (N, W', features)``; params ``{"w": (k, C / G, features), "b": (features,)}``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     rank: ClassVar[int] = 1
 
@@ -378,6 +379,7 @@ class Conv2D(_Conv):
         bias_init: initializer of ``b`` (default zeros).
     Params: ``{"w": (kh, kw, C / G, features), "b": (features,)}``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     rank: ClassVar[int] = 2
 
@@ -414,6 +416,7 @@ class ConvTranspose2D(_ConvBase):
     Shapes:
         ``x (N, H, W, C) -> y (N, H', W', features)`` (``H' = sh H`` with ``"SAME"``).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     rank: ClassVar[int] = 2
 

@@ -81,6 +81,7 @@ class Dense(Layer):
 
     Params: ``{"w": (n_in, n_out), "b": (n_out,)}`` (no ``"b"`` when ``use_bias=False``).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 

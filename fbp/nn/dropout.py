@@ -25,6 +25,7 @@ class Dropout(ParameterFree):
         rate: the probability of dropping each element in training, in ``[0, 1)``; the kept ones are scaled by
             ``1 / (1 - rate)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 

@@ -39,6 +39,7 @@ class Embedding(Layer):
     Shapes:
         ``ids (...) -> y (..., features)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     vocab: int
     features: int

@@ -64,6 +64,7 @@ class ScaleGradient(_LinearHook):
     Args:
         factor: the input cotangent is ``factor · d_y`` (the forward is the identity).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     factor: float = 1.0
     deviation: ClassVar[str] = "identity forward, d_x = factor * d_y"
@@ -85,6 +86,7 @@ class GradientReversal(_LinearHook):
     Args:
         scale: ``λ``: the input cotangent is ``-λ d_y`` (Ganin & Lempitsky, 2015).
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     scale: float = 1.0
     deviation: ClassVar[str] = "identity forward, d_x = -scale * d_y (gradient reversal)"
@@ -99,6 +101,7 @@ class GradientReversal(_LinearHook):
 @dataclasses.dataclass(frozen=True)
 class StopGradient(_LinearHook):
     """Identity forward; ``d_x = 0`` — nothing below learns from the loss above."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     deviation: ClassVar[str] = "identity forward, d_x = 0"
 

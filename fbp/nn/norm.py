@@ -134,6 +134,11 @@ class BatchNorm(Layer):
         require_floating(repr(self), x)
         return _scale_bias_init(x)
 
+    def examples_independent(self, train: bool) -> bool:
+        """Training mode normalises with the batch's statistics (examples mix); evaluation with
+        the running ones (they do not)."""
+        return not train
+
     def init_state(self, params):
         return {"mean": jnp.zeros_like(params["scale"]), "var": jnp.ones_like(params["scale"])}
 
@@ -197,6 +202,7 @@ class LayerNorm(Layer):
     Shapes:
         ``x (..., C) -> y`` of the same shape; statistics over the last axis.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     epsilon: float = 1e-5
 
@@ -234,6 +240,7 @@ class GroupNorm(Layer):
     Shapes:
         ``x (N, ..., C) -> y`` of the same shape.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     num_groups: int = 32
     epsilon: float = 1e-5

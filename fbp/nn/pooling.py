@@ -127,6 +127,7 @@ class MaxPool2D(_Pool):
     Shapes:
         ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)
@@ -165,6 +166,7 @@ class AvgPool2D(_Pool):
     Shapes:
         ``x (N, H, W, C) -> y (N, oh, ow, C)``, ``oh = (H + lo + hi - kh) // sh + 1``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def _forward(self, x):
         out, pads, tiled = self._prepare(x)
@@ -195,6 +197,7 @@ class AvgPool2D(_Pool):
 class GlobalAvgPool(ParameterFree):
     """Mean over every axis between batch and channels: ``(N, ..., C) -> (N, C)``;
     ``d_x = d_y / (number of averaged positions)``, broadcast back."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 
@@ -211,6 +214,7 @@ class GlobalAvgPool(ParameterFree):
 @dataclasses.dataclass(frozen=True)
 class Flatten(ParameterFree):
     """``(N, ...) -> (N, prod(...))``; the backward reshapes back (the residual is the shape)."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 
@@ -232,6 +236,7 @@ class Reshape(ParameterFree):
     Args:
         shape: the shape of each example after the reshape; one entry may be -1.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 

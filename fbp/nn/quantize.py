@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, ParameterFree, Wrapper, require_floating, run_forward
+from fbp.independence import declared
 
 ESTIMATORS = ("identity", "hardtanh")
 
@@ -76,6 +77,7 @@ class Sign(_Quantizer):
         ste: the straight-through estimator of the backward: ``"hardtanh"`` (default: ``d_y`` where ``|x| ≤ 1``)
             or ``"identity"``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     ste: str = "hardtanh"
     deviation: ClassVar[str] = "straight-through estimator in place of sign's zero derivative"
@@ -91,6 +93,7 @@ class Round(_Quantizer):
     Args:
         ste: the straight-through estimator of the backward: ``"identity"`` (default) or ``"hardtanh"``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     ste: str = "identity"
     deviation: ClassVar[str] = "straight-through estimator in place of round's zero derivative"
@@ -132,6 +135,10 @@ class QuantizeWeights(Wrapper):
     @property
     def contextual(self):  # type: ignore[override]
         return self.layer.contextual
+
+    def examples_independent(self, train: bool) -> bool | None:
+        """The wrapped layer's declaration (quantising weights mixes nothing)."""
+        return declared(self.layer, train)
 
     def _quantized(self, params, quantize):
         missing = [k for k in self.keys if not hasattr(params, "keys") or k not in params]

@@ -212,6 +212,7 @@ class SimpleRNN(_Recurrent):
         ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, h0)`` to
         start from a given state, then the backward returns ``(d_x, d_h0)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     def forward(self, params, inputs):
         x, h0 = self._split(inputs)
@@ -260,6 +261,7 @@ class LSTM(_Recurrent):
         ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, (h0, c0))`` to start
         from a given state, then the backward returns ``(d_x, (d_h0, d_c0))``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     gates: int = dataclasses.field(default=4, init=False, repr=False)
 
@@ -345,6 +347,7 @@ class GRU(_Recurrent):
         ``x (B, T, F) -> y (B, T, H)``, every step's hidden state; pass ``(x, h0)`` to
         start from a given state, then the backward returns ``(d_x, d_h0)``.
     """
+    independent_examples = True  # each example's output and input cotangent are its own
 
     gates: int = dataclasses.field(default=3, init=False, repr=False)
 
@@ -401,6 +404,7 @@ class GRU(_Recurrent):
 class LastStep(ParameterFree):
     """``(batch, time, features) -> (batch, features)``: the final time step;
     ``d_x`` is zero except at ``t = T - 1``. The residual is the input's shape alone."""
+    independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
 
