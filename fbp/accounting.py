@@ -35,23 +35,43 @@ def _library():
 @contextlib.contextmanager
 def _quiet():
     """dp-accounting logs (absl) every fractional Rényi order it cannot evaluate at small σ and
-    then leaves out; the result is still a valid bound. Keep those lines out of the user's output."""
+    then leaves out — while composing the events and while converting to ε; the result is still
+    a valid bound. Keep those lines out of the user's output (absl's own verbosity and Python's
+    ``absl`` logger both), and restore both afterwards."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    absl_logging = None
+    with contextlib.suppress(ImportError):
+        from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity() if absl_logging is not None else None
+    if absl_logging is not None:
+        absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         yield
     finally:
         logger.setLevel(level)
+        if absl_logging is not None:
+            absl_logging.set_verbosity(verbosity)
 
 
-def _check(sample_rate, steps, delta, accountant):
+def _check(sample_rate, steps, delta, accountant, dataset_size=None):
     require_number("accounting", "sample_rate", sample_rate, low=0, low_open=True, high=1)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"accounting: steps must be an int >= 0, got {steps!r}")
     require_number("accounting", "delta", delta, low=0, low_open=True, high=1, high_open=True)
-    if accountant not in ACCOUNTANTS:
+    if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
         raise ValueError(f"accounting: accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if dataset_size is not None:
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"accounting: dataset_size must be an int >= 1 (or None for Poisson sampling), got "
+                             f"{dataset_size!r}")
+        if round(sample_rate * dataset_size) < 1:
+            raise ValueError(f"accounting: a batch of sample_rate * dataset_size = {sample_rate * dataset_size:.3g} "
+                             f"examples rounds to none; raise sample_rate or dataset_size")
+        if accountant != "rdp":  # dp-accounting's PLD does not support sampling without replacement
+            raise ValueError(f"accounting: fixed-size batches (dataset_size given) are accounted by 'rdp' only; "
+                             f"got accountant={accountant!r}")
 
 
 def _event(dp, noise_multiplier, sample_rate, steps, dataset_size=None):
@@ -86,16 +106,22 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         dataset_size: for batches of fixed size drawn without replacement (RDP only).
 
     Returns:
-        ``ε`` (a float; ``inf`` when ``σ = 0``).
+        ``ε`` (a float; ``0`` after no steps, ``inf`` when ``σ = 0``).
+
+    Raises:
+        ValueError: a value out of range, an unknown accountant, or ``"pld"`` with
+            ``dataset_size`` (dp-accounting's PLD has no sampling without replacement).
     """
-    _check(sample_rate, steps, delta, accountant)
+    _check(sample_rate, steps, delta, accountant, dataset_size)
     sigma = require_number("epsilon", "noise_multiplier", noise_multiplier, low=0)
+    if steps == 0:  # nothing released yet
+        return 0.0
     if sigma == 0:
-        return math.inf if steps else 0.0
+        return math.inf
     dp = _library()
     acc = _fresh(dp, accountant, replace_one=dataset_size is not None)
-    acc.compose(_event(dp, sigma, sample_rate, steps, dataset_size))
     with _quiet():
+        acc.compose(_event(dp, sigma, sample_rate, steps, dataset_size))
         return float(acc.get_epsilon(delta))
 
 
@@ -111,10 +137,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         accountant: ``"rdp"`` or ``"pld"``.
 
     Returns:
-        ``σ``, a float.
+        ``σ``, a float (``0`` for no steps: nothing is released).
     """
     _check(sample_rate, steps, delta, accountant)
     require_number("calibrate_noise", "target_epsilon", target_epsilon, low=0, low_open=True)
+    if steps == 0:
+        return 0.0
     dp = _library()
     with _quiet():
         return float(dp.calibrate_dp_mechanism(lambda: _fresh(dp, accountant),

@@ -32,11 +32,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp import per_example
 from fbp.core import Layer, Loss, leaf_layers, map_leaf_params
 from fbp.nn.positions import assemble
-from fbp.validation import require_key, require_number
+from fbp.validation import InputError, describe, is_concrete, require_key, require_number
 
 
 def _weights(norms, l2_clip, mask):
@@ -46,7 +47,39 @@ def _weights(norms, l2_clip, mask):
     return scale if mask is None else scale * mask.astype(scale.dtype)
 
 
+def _require_mask(mask, x):
+    """A sampling mask must select examples, not weigh them: bool, or exactly 0/1, one per example.
+
+    Under a trace only the dtype and shape can be checked, so a non-bool mask must be concrete;
+    it is returned as bool (a weight of 2 would double an example's contribution, and the
+    sensitivity bound with it)."""
+    if mask is None:
+        return None
+    batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+    shape, dtype = getattr(mask, "shape", None), getattr(mask, "dtype", None)
+    if shape is None or dtype is None:
+        mask = jnp.asarray(mask)
+        shape, dtype = mask.shape, mask.dtype
+    if tuple(shape) != (batch,):
+        raise InputError("clipped_grad", f"mask must have one entry per example, shape ({batch},); got "
+                                         f"{describe(mask)}")
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return mask
+    if not is_concrete(mask):
+        raise InputError("clipped_grad", f"mask must be bool under jit (values cannot be checked there); got "
+                                         f"{describe(mask)}. Pass mask.astype(bool) or a comparison such as "
+                                         f"jnp.arange(B) < n")
+    values = np.asarray(mask)
+    if not np.isin(values, (0, 1)).all():
+        odd = values[~np.isin(values, (0, 1))]
+        raise InputError("clipped_grad", f"mask must hold only 0 and 1 (it selects examples; a weight would "
+                                         f"change each example's contribution and the privacy bound); got "
+                                         f"{odd[:3].tolist()}")
+    return jnp.asarray(values != 0)
+
+
 def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, **context):
+    mask = _require_mask(mask, x)
     values, grads, per, _, _, pred = per_example.run(model, loss, params, x, y, mode="clip", with_pred=True,
                                                      **context)
     norms = jnp.sqrt(sum((p["sq"] for p in per.values()), jnp.zeros(values.shape, values.dtype)))
@@ -89,7 +122,8 @@ def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = 
         ``f(params, x, y, *, key=None, mask=None) -> (values, grads, norms)``:
         ``grads = Σ_b min(1, C/‖g_b‖) g_b`` (a sum, not a mean), ``norms`` the per-example
         gradient norms ``(B,)`` before clipping, ``values`` the per-example losses. ``mask``
-        (``(B,)`` of 0/1) drops padded examples (Poisson sampling under jit).
+        (``(B,)`` bools, or exactly 0/1 outside ``jit``) drops padded examples (Poisson sampling
+        under jit); any other value, shape or a non-bool mask under ``jit`` is refused.
     """
     l2_clip = require_number("clipped_grad", "l2_clip", l2_clip, low=0, low_open=True) \
         if l2_clip != math.inf else math.inf

@@ -123,3 +123,52 @@ def test_bad_input():
     with pytest.raises(TypeError, match="DPSGD"):
         train.fit(model, CCE, optim.sgd(0.1), model.init(jax.random.PRNGKey(0), x), x, y, key=jax.random.PRNGKey(0),
                   privacy={"l2_clip": 1.0}, progress=False)
+
+
+def test_a_mask_that_weighs_or_has_the_wrong_length_is_refused():
+    """A mask selects examples: 2.0 would double one example's contribution (and break the
+    sensitivity bound), -1 would flip it; only bool or exactly 0/1 of the batch's length pass."""
+    from fbp.core import InputError
+
+    model = nn.Serial(nn.Dense(4), nn.Tanh(), nn.Dense(3))
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (4, 5)), jnp.arange(4) % 3
+    params = model.init(jax.random.PRNGKey(1), x)
+    clip = privacy.clipped_grad(model, CCE, 1.0)
+    for bad in (jnp.array([1.0, 2.0, 1.0, 0.0]), jnp.array([1, -1, 1, 1]), jnp.array([0.5, 1, 1, 1])):
+        with pytest.raises(InputError, match="mask must hold only 0 and 1"):
+            clip(params, x, y, mask=bad)
+    with pytest.raises(InputError, match=r"one entry per example, shape \(4,\); got \(3,\) bool"):
+        clip(params, x, y, mask=jnp.ones(3, bool))
+    with pytest.raises(InputError, match="mask must be bool under jit"):
+        jax.jit(clip)(params, x, y, mask=jnp.ones(4))
+    as_ints = clip(params, x, y, mask=jnp.array([1, 0, 1, 1]))[1]
+    as_bools = jax.jit(clip)(params, x, y, mask=jnp.array([True, False, True, True]))[1]
+    for u, v in zip(jax.tree_util.tree_leaves(as_ints), jax.tree_util.tree_leaves(as_bools), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_every_accountant_name_changes_the_computation_and_refusals_are_clear():
+    from fbp import accounting
+
+    rdp = accounting.epsilon(1.0, 0.01, 1000, 1e-5)
+    pld = accounting.epsilon(1.0, 0.01, 1000, 1e-5, accountant="pld")
+    assert pld < rdp and abs(pld - rdp) > 0.05  # PLD is tighter: a different computation
+    with pytest.raises(ValueError, match="accounted by 'rdp' only"):
+        accounting.epsilon(1.0, 0.01, 1000, 1e-5, accountant="pld", dataset_size=1000)
+    assert accounting.epsilon(1.0, 0.01, 0, 1e-5) == 0.0 and accounting.calibrate_noise(1.0, 1e-5, 0.01, 0) == 0.0
+    for size in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="dataset_size must be an int >= 1"):
+            accounting.epsilon(1.0, 0.01, 10, 1e-5, dataset_size=size)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        accounting.epsilon(1.0, 0.01, -1, 1e-5)
+
+
+def test_dp_accounting_warnings_do_not_reach_the_user():
+    import subprocess
+    import sys
+
+    code = ("from fbp import accounting; print(accounting.epsilon(0.3, 0.1, 100, 1e-5)); "
+            "print(accounting.calibrate_noise(1.0, 1e-5, 0.1, 100))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "absl" not in out.stderr and "converge" not in out.stderr, out.stderr[:500]
