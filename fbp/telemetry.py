@@ -50,7 +50,7 @@ from fbp.deviation import exact_model
 PyTree = Any
 STATS = ("out_mean", "out_std", "out_absmax", "out_zero_fraction", "d_out_norm", "d_in_norm", "param_norm",
          "d_params_norm", "nonfinite")
-DETAIL = ("nonfinite_out", "nonfinite_d_out", "nonfinite_d_params")  # what fbp.debug reads
+DETAIL = ("nonfinite_out", "nonfinite_d_out", "nonfinite_d_params")  # the parts of "nonfinite"
 GRADIENT_FLOW = ("d_out_norm", "d_in_norm", "param_norm", "d_params_norm")  # none reads a layer's output
 
 
