@@ -280,7 +280,7 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
     rate, size = batch_size / n, max_batch(n, batch_size)
 
     def step(carry, x, y, batches, row, epoch_key, step_number):
-        params, state, opt_state, loss_sum, correct, seen = carry
+        params, state, opt_state, loss_sum, correct, seen, first_loss = carry
         step_key = jax.random.fold_in(epoch_key, step_number)
         if spec.sampling == "poisson":
             idx, mask = poisson_batch(jax.random.fold_in(step_key, 1), n, rate, size)
@@ -298,9 +298,12 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
                  for g, k in zip(leaves, keys, strict=False)]  # one key even for no leaves
         updates, opt_state = optimizer.update(jax.tree_util.tree_unflatten(treedef, noisy), opt_state, params)
         weights = mask.astype(jnp.float32)
-        loss_sum = loss_sum + jnp.sum(values.astype(jnp.float32) * weights)
+        batch_loss = jnp.sum(values.astype(jnp.float32) * weights)
+        loss_sum = loss_sum + batch_loss
+        first_loss = jnp.where(step_number == 0, batch_loss / jnp.maximum(jnp.sum(weights), 1), first_loss)
         correct = correct + correct_count(pred, y[idx], loss, where=mask).astype(jnp.int32)
         return carry._replace(params=apply_updates(params, updates), opt_state=opt_state, loss_sum=loss_sum,
-                              correct=correct, stats={"examples": seen["examples"] + jnp.sum(weights)})
+                              correct=correct, first_loss=first_loss,
+                              stats={"examples": seen["examples"] + jnp.sum(weights)})
 
     return step

@@ -37,6 +37,7 @@ import numpy as np
 
 from fbp import checkpoint
 
+NO_DIVERGENCE = {"initial": None, "lowest": None, "lowest_epoch": None, "at": None}
 _PROBE_RTOL = 1e-5  # the optimizer probe is compared with this tolerance (the arithmetic may differ by backend)
 
 
@@ -112,6 +113,8 @@ class LoopState:
         waited: epochs since the last improvement.
         epoch: epochs completed.
         stop_reason: why training ended early, if it did.
+        divergence: ``{"initial": the loss before the first update, "lowest": the lowest epoch
+            loss, "lowest_epoch": its epoch, "at": the epoch divergence was found, or None}``.
     """
 
     carry: tuple  # (params, model state, optimizer state)
@@ -125,6 +128,7 @@ class LoopState:
     waited: int = 0
     epoch: int = 0  # epochs completed
     stop_reason: str | None = None  # why training ended early, if it did
+    divergence: dict = dataclasses.field(default_factory=lambda: dict(NO_DIVERGENCE))  # what divergence is judged by
 
     @classmethod
     def start(cls, params, state, opt_state) -> LoopState:
@@ -138,7 +142,8 @@ class LoopState:
                 "good": {"params": self.good[0], "state": self.good[1], "opt_state": self.good[2]},
                 "best": {"value": None if self.best is None else float(self.best), "epoch": self.best_epoch,
                          "waited": self.waited, "params": self.best_params, "state": self.best_state},
-                "history": json.dumps(self.history), "telemetry": json.dumps(self.stat_history)}
+                "history": json.dumps(self.history), "telemetry": json.dumps(self.stat_history),
+                "divergence": dict(self.divergence)}
 
     @classmethod
     def from_tree(cls, tree: dict) -> LoopState:
@@ -146,7 +151,8 @@ class LoopState:
         return cls(carry=(c["params"], c["state"], c["opt_state"]), good=(g["params"], g["state"], g["opt_state"]),
                    best_params=b["params"], best_state=b["state"], history=json.loads(tree["history"]),
                    stat_history=json.loads(tree["telemetry"]), best=b["value"], best_epoch=b["epoch"],
-                   waited=b["waited"], epoch=tree["epoch"], stop_reason=tree["stop_reason"])
+                   waited=b["waited"], epoch=tree["epoch"], stop_reason=tree["stop_reason"],
+                   divergence=dict(tree.get("divergence", NO_DIVERGENCE)))
 
 
 def _key_data(key) -> np.ndarray:
@@ -187,9 +193,12 @@ def prepare(directory, loop: LoopState, key, resume: bool, run: dict | None = No
         raise ValueError(f"fit: checkpoint_dir {os.fspath(directory)!r} already holds checkpoints (the newest after "
                          f"epoch {latest}); pass resume=True to continue that run, or choose another directory")
     target = loop.tree(key)
-    has_run = "run" in checkpoint.saved_paths(directory, latest)  # checkpoints before the signature lack it
+    saved = {path.split("/")[0] for path in checkpoint.saved_paths(directory, latest)}
+    has_run = "run" in saved
     if has_run:
         target["run"] = ""
+    if "divergence" not in saved:
+        target.pop("divergence")
     restored = checkpoint.restore(directory, target, latest)
     if not np.array_equal(restored["key"], target["key"]):
         raise ValueError("fit: resume=True with a different key than the checkpointed run; the shuffles and dropout "

@@ -194,11 +194,13 @@ class EpochCarry(NamedTuple):
     loss_sum: jax.Array  # float32: the epoch's summed per-example losses so far
     correct: jax.Array  # int32: the epoch's correct predictions so far
     stats: PyTree  # telemetry's summed statistics, DP-SGD's {"examples": count}, or {}
+    first_loss: jax.Array  # float32: the loss per example of the epoch's first step, before its update (NaN before)
 
     @classmethod
     def start(cls, params, state, opt_state, stats) -> EpochCarry:
         """The carry at the start of an epoch: the trained trees and zero sums."""
-        return cls(params, state, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), stats)
+        return cls(params, state, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), stats,
+                   jnp.full((), jnp.nan, jnp.float32))
 
     @property
     def trees(self) -> tuple:
@@ -214,7 +216,7 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
     grads_of = gradient_function(model, loss, precision)
 
     def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
-        params, state, opt_state, loss_sum, correct, stat_sum = carry
+        params, state, opt_state, loss_sum, correct, stat_sum, first_loss = carry
         idx = batches[row]
         xb, yb = x[idx], y[idx]
         if mesh is not None:  # data parallel: each device computes on its slice of the batch
@@ -231,8 +233,9 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
         updates, opt_state = optimizer.update(grads, opt_state, params)
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
+        first_loss = jnp.where(step_number == 0, value.astype(jnp.float32) * per_batch / idx.shape[0], first_loss)
         correct = correct + correct_count(pred, yb, loss).astype(jnp.int32)
-        return EpochCarry(apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum)
+        return EpochCarry(apply_updates(params, updates), state, opt_state, loss_sum, correct, stat_sum, first_loss)
 
     return step
 

@@ -36,7 +36,7 @@ from fbp import parallel, preflight
 from fbp import privacy as fprivacy
 from fbp import resume as fresume
 from fbp import telemetry as ftelemetry
-from fbp.core import Layer, Loss
+from fbp.core import Layer, Loss, require_number
 from fbp.optim import GradientTransformation
 from fbp.optim import learning_rate as read_learning_rate
 from fbp.steps import (
@@ -61,10 +61,12 @@ class FitResult(NamedTuple):
     """What ``fit`` returns; ``history`` maps metric names to one value per epoch run;
     ``state`` is the model's state (None for stateless models).
 
-    ``stop_reason`` says why training ended: ``"completed N epochs"``, ``"early stopping: ..."``
-    or ``"non-finite: ..."`` (which metric turned NaN/inf, at which epoch; then ``params``,
-    ``opt_state`` and ``state`` are those of the last epoch that ended finite, or the best
-    epoch's under early stopping, and ``diverged`` is True).
+    ``stop_reason`` says why training ended: ``"completed N epochs"``, ``"early stopping: ..."``,
+    ``"non-finite: ..."`` (which metric turned NaN/inf, at which epoch) or ``"diverged: ..."``
+    (the training loss grew past ``divergence_factor`` times its lowest value and above its
+    value before training). After either of the last two, ``diverged`` is True, ``diverged_at``
+    is the (1-based) epoch it was found at, and ``params``, ``opt_state`` and ``state`` are those
+    of the epoch before (the best epoch's under early stopping).
 
     ``telemetry`` (``fit(..., telemetry=True)``): ``{path: {stat: array over epochs}}`` with
     ``fbp.telemetry``'s statistics, each the mean over the epoch's steps (``nonfinite``: the
@@ -79,10 +81,11 @@ class FitResult(NamedTuple):
     state: PyTree = None
     stop_reason: str = ""
     telemetry: dict[str, dict[str, np.ndarray]] | None = None
+    diverged_at: int | None = None
 
     @property
     def diverged(self) -> bool:
-        return self.stop_reason.startswith("non-finite")
+        return self.stop_reason.startswith(("non-finite", "diverged"))
 
 
 def _progress(first: int, epochs: int, enabled: bool):
@@ -118,7 +121,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         shuffle: bool = True, log_every: int = 0, metrics: Sequence[str] | None = None,
         augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
         privacy: fprivacy.DPSGD | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
-        resume: bool = False, keep_checkpoints: int | None = 3, mesh=None, precision=None) -> FitResult:
+        resume: bool = False, keep_checkpoints: int | None = 3, mesh=None, precision=None,
+        divergence_factor: float | None = 1e3) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -175,14 +179,18 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             to one that was never interrupted. ``epochs`` may be raised to train longer; a
             changed data set size, batch size, validation set, optimizer setting (learning
             rate, ...), telemetry, privacy or precision is refused (``fbp.resume``).
+        divergence_factor: stop as diverged when an epoch's training loss is finite but above
+            both its value before training (the first step's batch) and this many times its
+            lowest value so far; ``None`` judges divergence by NaN/inf alone.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
     has trained. If the loss, the validation loss, the parameters or the model state turn
-    NaN/inf, training stops with a ``RuntimeWarning``; the result then holds the last finite
-    epoch's params (the best epoch's under early stopping) and says why in ``stop_reason``, and
-    fit prints where the first NaN/inf appeared (``fbp.debug.find_nonfinite``, run on the
-    step of that epoch where the loss first turned non-finite).
+    NaN/inf, or the loss runs away (``divergence_factor``), training stops with a
+    ``RuntimeWarning``; the result then holds the last good epoch's params (the best epoch's
+    under early stopping) and says why in ``stop_reason`` and ``diverged_at``; on NaN/inf fit
+    prints where the first one appeared (``fbp.debug.find_nonfinite``, run on the step of that
+    epoch where the loss first turned non-finite).
 
     Returns:
         ``FitResult`` with the final (or best, with early stopping) params and a history
@@ -192,6 +200,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     """
     preflight.check_arguments(loss, key, epochs, batch_size, validation_split, log_every, metrics)
     preflight.check_checkpointing(checkpoint_dir, checkpoint_every, resume, keep_checkpoints)
+    if divergence_factor is not None:
+        require_number("fit", "divergence_factor", divergence_factor, low=1, low_open=True)
     if checkpoint_dir is not None:  # a file or a read-only path is refused now, not after the first epoch
         fcheckpoint.check_directory(checkpoint_dir)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
@@ -261,11 +271,20 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
         if log_every and (epoch + 1) % log_every == 0:
             print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "seconds"))
+        if epoch == 0 and math.isfinite(float(carry.first_loss)):  # the loss before any update
+            loop.divergence["initial"] = float(carry.first_loss)
         reason = _nonfinite_reason(measured, carry, epoch)
+        grown = None if reason is not None else _growth_reason(loop.divergence, measured["loss"], epoch,
+                                                               divergence_factor)
         if reason is not None:  # diverged: stop rather than train on NaN, and keep what was finite
             _stop_on_divergence(loop, reason, early_stopping, epoch)
             print(fdebug.replay_epoch(model, loss, step_jit, start_carry, x, y, full, rest, epoch_key))
+        elif grown is not None:  # finite but running away: the same, without a NaN to localise
+            _stop_on_divergence(loop, grown, early_stopping, epoch)
         else:
+            lowest = loop.divergence["lowest"]
+            if lowest is None or measured["loss"] < lowest:
+                loop.divergence.update(lowest=measured["loss"], lowest_epoch=epoch)
             loop.carry = loop.good = carry.trees
             if early_stopping is not None:
                 _early_stopping(early_stopping, loop, measured[early_stopping.monitor], epoch)
@@ -337,9 +356,29 @@ def _measure_epoch(carry: EpochCarry, names: _Recorded, loss: Loss, y, n: int, e
     return measured
 
 
+def _growth_reason(divergence: dict, loss: float, epoch: int, factor: float | None) -> str | None:
+    """Why a finite epoch loss counts as divergence, or ``None``: above ``factor`` times the lowest
+    loss seen (before training, or at an epoch's end) and above the loss before training."""
+    if factor is None:
+        return None
+    initial, lowest, at = divergence["initial"], divergence["lowest"], divergence["lowest_epoch"]
+    seen = [(v, w) for v, w in ((initial, "before training"), (lowest, f"after epoch {(at or 0) + 1}"))
+            if v is not None]
+    if not seen:
+        return None
+    floor, where = min(seen, key=lambda vw: vw[0])
+    if loss > factor * max(floor, 0.0) and (initial is None or loss > initial):
+        above = "" if initial is None or where == "before training" else \
+            f", and above the {initial:.4g} it started from"
+        return (f"diverged: the training loss {loss:.4g} at epoch {epoch + 1} is more than {factor:g} times its "
+                f"lowest value {floor:.4g} ({where}){above}")
+    return None
+
+
 def _stop_on_divergence(loop: fresume.LoopState, reason: str, early_stopping, epoch: int) -> None:
     """Stop with ``reason``, keep the last finite trees (or the best epoch's), and say which."""
     loop.stop_reason, loop.carry = reason, loop.good
+    loop.divergence["at"] = epoch + 1
     best_epoch = loop.best_epoch
     kept = f"the best epoch's ({best_epoch + 1})" if early_stopping is not None and best_epoch is not None \
         and early_stopping.restore_best else (f"those after epoch {epoch}" if epoch else "the initial ones")
@@ -354,7 +393,7 @@ def _result(loop: fresume.LoopState, early_stopping, telemetry) -> FitResult:
                          for path, stats in loop.stat_history.items()}
     return FitResult(params, loop.carry[2], {k: np.asarray(v) for k, v in loop.history.items()}, loop.best_epoch,
                      loop.epoch, state, loop.stop_reason or f"completed {loop.epoch} epochs",
-                     telemetry_history if telemetry else None)
+                     telemetry_history if telemetry else None, loop.divergence.get("at"))
 
 
 def _telemetry_setting(model: Layer, telemetry):

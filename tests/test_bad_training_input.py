@@ -29,7 +29,8 @@ def test_diverging_fit_returns_the_last_finite_epoch():
     y = 3 * x.sum(axis=1, keepdims=True)
     model = nn.Dense(1)
     params = model.init(KEY, x)
-    kw = dict(model=model, loss=losses.MSE(), params=params, x=x, y=y, batch_size=None)
+    kw = dict(model=model, loss=losses.MSE(), params=params, x=x, y=y, batch_size=None,
+              divergence_factor=None)  # judged by NaN/inf alone (the run-away loss is tested below)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         result = _fit(opt=optim.sgd(10.0), epochs=200, **kw)
     assert result.diverged and 1 < result.epochs_run < 200 and _leaves_finite(result.params)
@@ -142,3 +143,51 @@ def test_fit_refuses_hinge_labels_and_raw_scores_before_training():
     with pytest.raises(InputError, match="initial predictions: .*probabilities"):  # a Dense ends the model: no sigmoid
         _fit(model=model, loss=losses.BinaryCrossEntropy(), params=params, y=y01, opt=opt())
     assert opt.calls == 0
+
+
+# --------------------------------------------------------------------------- a finite run-away loss (issue 26)
+def test_a_finite_but_diverging_run_is_reported_as_diverged_with_the_epoch():
+    """adam(1e9) keeps the loss finite (about 5e19 after one epoch): before, "completed"."""
+    x = jax.random.normal(KEY, (64, 4))
+    model = nn.Serial(nn.Dense(16), nn.ReLU(), nn.Dense(3))
+    params = model.init(KEY, x)
+    y = jnp.arange(64) % 3
+    for stop in (None, train.EarlyStopping("loss", patience=3)):
+        with pytest.warns(RuntimeWarning, match=r"diverged: the training loss .* at epoch 1 is more than 1000 times"):
+            result = _fit(model=model, params=params, x=x, y=y, opt=optim.adam(1e9), epochs=4, early_stopping=stop)
+        assert result.diverged and result.diverged_at == 1 and result.epochs_run == 1
+        assert np.isfinite(result.history["loss"]).all() and _same(result.params, params)
+    calm = _fit(model=model, params=params, x=x, y=y, opt=optim.adam(1e-2), epochs=4)
+    assert not calm.diverged and calm.diverged_at is None and calm.stop_reason == "completed 4 epochs"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        off = _fit(model=model, params=params, x=x, y=y, opt=optim.adam(1e9), epochs=2, divergence_factor=None)
+    assert not off.diverged and not [w for w in seen if "diverged" in str(w.message)]  # None: NaN/inf alone
+
+
+def test_divergence_is_judged_against_the_loss_before_training_not_noise_near_zero():
+    from fbp.train import _growth_reason
+
+    assert _growth_reason({"initial": 2.3, "lowest": 1e-9, "lowest_epoch": 5, "at": None}, 1e-4, 6, 1e3) is None
+    reason = _growth_reason({"initial": 2.3, "lowest": 0.01, "lowest_epoch": 5, "at": None}, 12.0, 6, 1e3)
+    assert reason.startswith("diverged: the training loss 12 at epoch 7") and "after epoch 6" in reason
+    assert _growth_reason({"initial": 2.3, "lowest": 0.01, "lowest_epoch": 5, "at": None}, 12.0, 6, None) is None
+    with pytest.raises(ValueError, match="divergence_factor"):
+        _fit(epochs=1, divergence_factor=0.5)
+
+
+def test_cli_verdict_says_diverged_for_a_finite_run_away(capsys):
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        code = cli(["train", "--lr", "1e9", "--epochs", "2", "--hidden", "8", "--no-progress", "--patience", "0"])
+    out = capsys.readouterr()
+    assert code == 1 and "verdict: diverged at epoch 1" in out.err and "FAIL" not in out.out
+
+
+def test_cli_regression_loss_runs_end_to_end_and_bad_pairs_are_refused_up_front(capsys, tmp_path):
+    assert cli(["train", "--loss", "mse", "--epochs", "1", "--hidden", "8", "--no-progress"]) == 0
+    assert "test accuracy (largest output)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli(["train", "--precision", "bfloat16", "--plot-gradients", str(tmp_path / "g.png")])
+    assert exc.value.code == 2 and "cannot be combined with --precision bfloat16" in capsys.readouterr().err

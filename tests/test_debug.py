@@ -49,7 +49,8 @@ def test_fit_prints_the_report_when_it_stops(capsys):
     model = nn.Serial(nn.Dense(16), nn.Tanh(), nn.Dense(1))
     with pytest.warns(RuntimeWarning, match="non-finite"):
         result = train.fit(model, losses.MSE(), optim.sgd(10.0), model.init(jax.random.PRNGKey(0), x), x, y,
-                           key=jax.random.PRNGKey(1), epochs=20, progress=False, batch_size=8)
+                           key=jax.random.PRNGKey(1), epochs=20, progress=False, batch_size=8,
+                           divergence_factor=None)  # run until the NaN
     assert result.diverged
     assert "find_nonfinite:" in capsys.readouterr().out
 

@@ -112,7 +112,8 @@ def test_diverging_run_stops_instead_of_training_on_nan():
     y = x.sum(axis=1, keepdims=True)
     model = nn.Dense(1)
     result = train.fit(model, losses.MSE(), optim.sgd(50.0), model.init(jax.random.PRNGKey(1), x), x, y,
-                       key=jax.random.PRNGKey(2), epochs=200, batch_size=None, progress=False)
+                       key=jax.random.PRNGKey(2), epochs=200, batch_size=None, progress=False,
+                       divergence_factor=None)  # NaN/inf alone (fit's run-away rule: test_bad_training_input)
     assert result.epochs_run < 200 and not np.isfinite(result.history["loss"][-1])
 
 
