@@ -75,7 +75,14 @@ def gaussian_noise(stddev: float) -> Augment:
         An ``Augment``.
     """
     require_number("gaussian_noise", "stddev", stddev, low=0.0)
-    return lambda key, x: x + stddev * jax.random.normal(key, x.shape, x.dtype)
+
+    def fn(key, x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise InputError("gaussian_noise", f"adds real-valued noise, so x must be floating; got {describe(x)}. "
+                                               f"Convert it first (x.astype(jnp.float32)), or leave it out for ids")
+        return x + stddev * jax.random.normal(key, x.shape, x.dtype)
+
+    return fn
 
 
 def compose(*augments: Augment) -> Augment:

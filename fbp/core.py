@@ -39,6 +39,7 @@ from fbp.validation import (  # noqa: F401  (re-exported: fbp.core is where laye
     is_concrete,
     path_name,
     require_floating,
+    require_int,
     require_key,
     require_no_params,
     require_number,

@@ -40,7 +40,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, describe, leaf_layers, run_forward, transform_layers
+from fbp.core import InputError, Layer, describe, leaf_layers, require_int, run_forward, transform_layers
 from fbp.deviation import surrogate_apply
 from fbp.nn.combinators import Serial
 from fbp.nn.init import draw_by_length
@@ -228,6 +228,7 @@ def feedback_alignment(model: Layer, *, paths: Iterable[str] | None = None, seed
     Returns:
         The model with feedback alignment at ``paths`` (it now has state: the feedback matrices).
     """
+    require_int("feedback_alignment", "seed", seed, low=0)
     return _wrap_kernels(model, paths, lambda layer, i: FeedbackAlignment(layer, seed=seed, index=i),
                          "feedback_alignment")
 
@@ -303,7 +304,14 @@ class DirectFeedbackAlignment(Serial):
             raise InputError("DirectFeedbackAlignment", f"keeps its feedback matrices in the model state: pass "
                                                         f"state=model.init_state(params) (has_state=True), received "
                                                         f"{describe(state)}")
-        return state["layers"], state["feedback"]
+        feedback = state["feedback"]
+        wanted = {str(t): (self.out_size, math.prod(s)) for t, s in zip(self.targets, self.in_shapes, strict=True)}
+        got = {k: tuple(getattr(v, "shape", ())) for k, v in feedback.items()} if hasattr(feedback, "items") else None
+        if got != wanted:
+            raise InputError("DirectFeedbackAlignment", f"expects feedback matrices {wanted} (target layer: shape) in "
+                                                        f"state['feedback'], received {got}: the state of another "
+                                                        f"model? Make it with this model's init_state(params)")
+        return state["layers"], feedback
 
     def next_state(self, state, res):
         if state is None:
@@ -364,6 +372,7 @@ def direct_feedback_alignment(model: Serial, x, *, targets: Iterable[int] | None
     Returns:
         A ``DirectFeedbackAlignment`` layer (params and paths as ``model``'s; state holds the ``B_l``).
     """
+    require_int("direct_feedback_alignment", "seed", seed, low=0)
     if not isinstance(model, Serial) or isinstance(model, DirectFeedbackAlignment):
         raise InputError(repr(model), "direct_feedback_alignment needs an nn.Serial (the output error is sent "
                                       "to the inputs of its top-level layers)")

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
+from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_name, run_forward, tree_mismatch
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
 from fbp.probes import sum_squares_probe
@@ -196,6 +196,7 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
     _require_curvature(loss, "fbp.curvature.ggn_vector_product")
 
     def product(params, x, y, v, *, state=None, key=None):
+        _require_like_params(params, v)
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
         back = lambda u: model.backward(res, u)[0]  # noqa: E731  u ↦ Jᵀu, linear
         (jv,) = jax.linear_transpose(back, pred)(v)
@@ -209,6 +210,19 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
             return product(params, x, y, v, state=state, key=key)
         return with_state
     return lambda params, x, y, v, *, key=None: product(params, x, y, v, key=key)
+
+
+def _require_like_params(params, v) -> None:
+    """``v`` must have the params' structure, shapes and floating dtypes (it is a direction in parameter space)."""
+    found = tree_mismatch(params, v)
+    if found is not None:
+        raise InputError("fbp.curvature.ggn_vector_product", f"the vector v must be shaped like params: {found[1]}. "
+                                                              f"Build it with jax.tree_util.tree_map(..., params)")
+    for (path, p), u in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(v),
+                            strict=True):
+        if jnp.issubdtype(jnp.result_type(p), jnp.inexact) and not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+            raise InputError("fbp.curvature.ggn_vector_product", f"the vector v must be floating like params; at "
+                                                                  f"'{path_name(path)}' received {describe(u)}")
 
 
 def kfac_factors(model: Layer, loss: Loss, *, mc_samples: int | None = None, approximation: str = "expand",

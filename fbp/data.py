@@ -100,6 +100,8 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
     Returns:
         One index array per batch.
     """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"batch_indices: n must be the number of examples, an int >= 0, got {n!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be >= 1 (an int) or None (the whole data set), got {batch_size!r}")
@@ -120,6 +122,12 @@ def batches(x, y, batch_size: int | None, *, key=None):
     Returns:
         A generator of ``(x_batch, y_batch)``.
     """
+    if len(x) != len(y):
+        raise ValueError(f"batches: x has {len(x)} examples and y {len(y)}; they must have the same length")
+    return _batches(x, y, batch_size, key)
+
+
+def _batches(x, y, batch_size, key):
     for idx in batch_indices(len(x), batch_size, key=key):
         yield x[idx], y[idx]
 

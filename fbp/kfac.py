@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import map_leaf_params, require_state_mode, value_and_grad
+from fbp.core import InputError, map_leaf_params, value_and_grad
 from fbp.curvature import Factors, KroneckerBlock, kfac_factors
 from fbp.nn.positions import assemble
 from fbp.optim.base import GradientTransformation, apply_updates
+from fbp.validation import require_number
 
 PyTree = Any
 
@@ -198,9 +199,16 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
         A ``KFAC`` with ``init(params, x, y) -> state`` and
         ``step(params, state, x, y, *, key=None) -> (params, state, loss_value)`` (jit it).
     """
-    require_state_mode(model, False, "fbp.kfac.kfac")
-    for name, value, ok, need in (("damping", damping, damping > 0, "> 0"),
-                                  ("decay", decay, 0 <= decay < 1, "in [0, 1)"),
+    if model.has_state:  # no has_state mode here: say what to do instead
+        from fbp.core import leaf_layers
+
+        paths = [p or "<root>" for p, leaf in leaf_layers(model) if leaf.has_state]
+        raise InputError(repr(model), f"fbp.kfac.kfac does not train models that keep state (the layers at {paths}, "
+                                      f"e.g. BatchNorm): replace BatchNorm by LayerNorm or GroupNorm, or train with "
+                                      f"a first-order optimizer through fbp.train.fit")
+    require_number("fbp.kfac.kfac", "damping", damping, low=0, low_open=True)
+    require_number("fbp.kfac.kfac", "decay", decay, low=0, high=1, high_open=True)
+    for name, value, ok, need in (
                                   ("inverse_every", inverse_every,
                                    isinstance(inverse_every, int) and inverse_every >= 1, "an int >= 1"),
                                   ("curvature_every", curvature_every,

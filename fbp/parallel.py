@@ -48,10 +48,27 @@ def data_mesh(num_devices: int | None = None, axis: str = DATA) -> Mesh:
     return jax.make_mesh((num_devices,), (axis,), axis_types=(AxisType.Auto,), devices=devices[:num_devices])
 
 
-def _axis(mesh: Mesh) -> str:
+def require_mesh(mesh: Any, caller: str = "fbp.parallel") -> Mesh:
+    """Check ``mesh`` is a 1-D ``jax.sharding.Mesh``.
+
+    Args:
+        mesh: what was passed as the mesh.
+        caller: the public function's name, for the message.
+
+    Returns:
+        ``mesh``.
+
+    Raises:
+        TypeError: anything else (an axis name such as ``"data"``, a device list, a 2-D mesh).
+    """
     if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
-        raise TypeError(f"expected a 1-D jax.sharding.Mesh (fbp.parallel.data_mesh()), got {mesh!r}")
-    return mesh.axis_names[0]
+        raise TypeError(f"{caller}: mesh must be a 1-D jax.sharding.Mesh, made with fbp.parallel.data_mesh() (or "
+                        f"data_mesh(num_devices)); got {type(mesh).__name__} {mesh!r}")
+    return mesh
+
+
+def _axis(mesh: Mesh) -> str:
+    return require_mesh(mesh).axis_names[0]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -89,7 +106,7 @@ def require_divisible(batch: int, mesh: Mesh, what: str = "batch") -> None:
     Raises:
         ValueError: ``batch`` is not a multiple of the number of devices.
     """
-    devices = mesh.devices.size
+    devices = require_mesh(mesh).devices.size
     if batch % devices:
         raise ValueError(f"{what} of {batch} examples cannot be split evenly over the {devices} devices of the "
                          f"mesh; use a batch size that is a multiple of {devices}")

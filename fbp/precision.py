@@ -31,11 +31,20 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Layer, Loss, run_forward
+from fbp.core import Layer, Loss, require_number, run_forward
 from fbp.optim.base import GradientTransformation
 
 PyTree = Any
 _NAMES = ("params", "compute", "output")
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _dtype_named(value: str, name: str, text: str):
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"Policy.parse: {name}={value!r} in {text!r} is not a dtype; use float32, bfloat16 or "
+                         f"float16") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +63,11 @@ class Policy:
 
     def __post_init__(self):
         for name in _NAMES:
-            dtype = jnp.dtype(getattr(self, name))
+            try:
+                dtype = jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"Policy: {name} must be a floating dtype (float32, bfloat16, float16, ...), got "
+                                 f"{getattr(self, name)!r}") from None
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"Policy: {name} must be a floating dtype, got {dtype}")
             object.__setattr__(self, name, dtype)
@@ -62,15 +75,33 @@ class Policy:
     @classmethod
     def parse(cls, text: str) -> Policy:
         """``"params=float32,compute=bfloat16,output=float32"`` (unnamed parts keep float32), or a
-        single dtype name for ``compute``: ``"bfloat16"``."""
+        single dtype name for ``compute``: ``"bfloat16"``.
+
+        Args:
+            text: the policy's text.
+
+        Returns:
+            The ``Policy``.
+
+        Raises:
+            TypeError: ``text`` is not a string.
+            ValueError: an unknown part, a part given twice, or a name that is not a floating dtype.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"Policy.parse: expected text such as 'bfloat16' or 'params=float32,compute=bfloat16', "
+                            f"got {type(text).__name__} {text!r}")
         if "=" not in text:
-            return cls(compute=text.strip())
+            return cls(compute=_dtype_named(text.strip(), "compute", text))
         fields = {}
         for part in text.split(","):
-            name, _, value = part.partition("=")
-            if name.strip() not in _NAMES:
-                raise ValueError(f"Policy.parse: unknown part {name.strip()!r} in {text!r}; use {', '.join(_NAMES)}")
-            fields[name.strip()] = value.strip()
+            name, equals, value = (s.strip() for s in part.partition("="))
+            if name not in _NAMES or not equals:
+                what = f"unknown part {name!r}" if name not in _NAMES else f"cannot read {part.strip()!r}"
+                raise ValueError(f"Policy.parse: {what} in {text!r}; write name=dtype with names from "
+                                 f"{', '.join(_NAMES)}, e.g. 'params=float32,compute=bfloat16'")
+            if name in fields:
+                raise ValueError(f"Policy.parse: {name!r} is given twice in {text!r}")
+            fields[name] = _dtype_named(value, name, text)
         return cls(**fields)
 
     def __str__(self) -> str:
@@ -152,10 +183,13 @@ def loss_scaled(optimizer: GradientTransformation, init_scale: float = 2.0**15, 
         A ``GradientTransformation`` whose state is a ``LossScaleState``.
 
     Raises:
-        ValueError: a non-positive ``init_scale`` or ``period``.
+        TypeError: ``init_scale`` is not a number.
+        ValueError: ``init_scale`` not in ``(0, float32 max]`` (a scale of inf turns every gradient
+            into NaN and skips every step), or ``period`` not a positive int.
     """
-    if not init_scale > 0 or not isinstance(period, int) or period < 1:
-        raise ValueError(f"loss_scaled: init_scale must be > 0 and period a positive int, got {init_scale!r}, "
+    require_number("loss_scaled", "init_scale", init_scale, low=0, low_open=True, high=_F32_MAX)
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"loss_scaled: period must be a positive int (finite steps between doublings), got "
                          f"{period!r}")
 
     def init(params):

@@ -20,7 +20,16 @@ from fbp import parallel
 from fbp import precision as fprecision
 from fbp import privacy as fprivacy
 from fbp import telemetry as ftelemetry
-from fbp.core import Layer, Loss, require_state, require_state_mode, value_grad_and_output
+from fbp.core import (
+    InputError,
+    Layer,
+    Loss,
+    describe,
+    path_name,
+    require_state,
+    require_state_mode,
+    value_grad_and_output,
+)
 from fbp.optim import GradientTransformation, apply_updates
 
 PyTree = Any
@@ -106,6 +115,8 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     in ``compute``, the loss in ``output``, params and optimizer state stay in ``params``; with a
     ``fbp.precision.loss_scaled`` optimizer the backward is seeded with its loss scale."""
     require_state_mode(model, has_state, "fbp.train.make_step")
+    if mesh is not None:
+        parallel.require_mesh(mesh, "fbp.train.make_step")
     grads_of = gradient_function(model, loss, precision)
 
     def step(params, opt_state, x, y, *, key=None):
@@ -150,10 +161,38 @@ def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
         raise TypeError(f"precision must be an fbp.precision.Policy or its text ('bfloat16'), got {precision!r}")
 
     def f(params, opt_state, x, y, **context):
+        _require_params_dtype(policy, params)
         return fprecision.value_grad_and_output(model, loss, policy, params, x, y,
                                                 scale=fprecision.current_scale(opt_state), **context)
 
     return f
+
+
+_CARRIED = ("params", "state", "opt_state")
+
+
+def _require_not_donated(carried) -> None:
+    """The sharded step donates what it carries; a second call with the same (deleted) arrays gets
+    a message that says so, instead of JAX's "Array has been deleted"."""
+    names = _CARRIED if len(carried) == 3 else ("params", "opt_state")
+    for name, tree in zip(names, carried, strict=True):
+        if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree_util.tree_leaves(tree)):
+            raise ValueError(f"fbp.train.make_step(mesh=...): the {name} passed in were donated to an earlier call "
+                             f"(the data-parallel step consumes params, model state and optimizer state to reuse "
+                             f"their memory) and no longer exist. Pass what the previous call returned: params, "
+                             f"opt_state, loss = step(params, opt_state, x, y); to keep the old values too, copy "
+                             f"them first: kept = jax.tree_util.tree_map(jnp.copy, {name})")
+
+
+def _require_params_dtype(policy, params) -> None:
+    """The policy keeps params in ``policy.params``; params in another dtype would be updated in
+    that dtype while the policy claims otherwise (its params setting silently ignored)."""
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.issubdtype(jnp.result_type(a), jnp.floating) and jnp.result_type(a) != policy.params:
+            raise InputError("precision", f"the policy keeps params in {policy.params.name}, but the parameter "
+                                          f"'{path_name(path)}' is {describe(a)}; cast them first with "
+                                          f"params = policy.cast(params, policy.params), or choose "
+                                          f"Policy(params={jnp.result_type(a).name}, ...)")
 
 
 def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callable:
@@ -176,6 +215,7 @@ def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callab
         if len(args) != num_carried + 2:
             raise TypeError(f"the data-parallel step takes {num_carried + 2} arguments, got {len(args)}")
         x, y = args[num_carried:]
+        _require_not_donated(args[:num_carried])
         parallel.require_divisible(jax.tree_util.tree_leaves(x)[0].shape[0], mesh)
         carried = tuple(parallel.place(a, layout(a)) for a in args[:num_carried])
         return jitted(*carried, parallel.place(x, data), parallel.place(y, data),

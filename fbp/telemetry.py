@@ -38,6 +38,7 @@ from fbp.core import (
     Wrapper,
     check_gradient_structure,
     children,
+    describe,
     leaf_layers,
     map_leaf_params,
     require_state,
@@ -254,6 +255,10 @@ class Instrumented:
 
     @classmethod
     def of(cls, model: Layer, alignment: bool | None, input_cotangents: bool = False, stats=None) -> Instrumented:
+        for name, value in (("alignment", alignment), ("input_cotangents", input_cotangents)):
+            if not (isinstance(value, bool) or (value is None and name == "alignment")):
+                raise TypeError(f"telemetry: {name} must be True or False{' or None' if name == 'alignment' else ''}"
+                                f", got {type(value).__name__} {value!r}")
         exact = exact_model(model) if alignment is not False else None
         if alignment and exact is None:
             raise InputError(repr(model), "alignment angles need layers with an exact VJP beside their rule "
@@ -265,6 +270,10 @@ class Instrumented:
         """``(value, grads, pred, new_state, stats)`` from one forward and one backward pass."""
         if getattr(loss, "reduction", "mean") == "none":
             raise InputError(repr(loss), "telemetry differentiates a scalar loss: use reduction='mean' or 'sum'")
+        batch = [a.shape[0] for a in jax.tree_util.tree_leaves(x) if getattr(a, "ndim", 0)]
+        if not batch or 0 in batch:
+            raise InputError("telemetry", f"needs a batch of at least one example; received x {describe(x)} (its "
+                                          f"statistics are means over the batch)")
         skip = {} if self.input_cotangents else input_side(self.model, params)
         want = self.want | (frozenset(DETAIL) if detail else frozenset())
         probed = probe(self.model, want, skip)

@@ -424,6 +424,7 @@ def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, valu
 
 def _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
     """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
+    parallel.require_mesh(mesh, "fit")
     if privacy is not None:
         raise ValueError("fit: privacy and mesh cannot be combined yet (DP-SGD runs on one device)")
     parallel.require_divisible(n if batch_size is None else batch_size, mesh,

@@ -35,7 +35,7 @@ class InputError(ValueError):
 
     def _message(self) -> str:
         where = "/".join(self.path) if self.path else "<root>"
-        text = f"{self.owner} at path '{where}': "
+        text = f"{short_repr(self.owner)} at path '{where}': "
         if self.param is not None:
             text += f"parameter '{'/'.join((*self.path, self.param))}' "
         return text + self.detail
@@ -43,6 +43,23 @@ class InputError(ValueError):
     def within(self, *prefix: str) -> InputError:
         """The same error, seen from a parent that holds this layer at ``prefix``."""
         return InputError(self.owner, self.detail, (*prefix, *self.path), self.param)
+
+
+OWNER_LENGTH = 120
+
+
+def short_repr(text: str, limit: int = OWNER_LENGTH) -> str:
+    """A layer's (or model's) repr cut to ``limit`` characters for an error message: a whole model's
+    repr runs to kilobytes, and the path already says where.
+
+    Args:
+        text: the repr.
+        limit: the longest text kept.
+
+    Returns:
+        ``text``, or its start with ``...`` and the closing parenthesis.
+    """
+    return text if len(text) <= limit else text[:limit - 5].rstrip(", ") + ", ...)"
 
 
 @contextlib.contextmanager
@@ -218,6 +235,30 @@ def require_number(owner: str, name: str, value: Any, *, low: float | None = Non
     if not ok:
         raise ValueError(f"{owner}: {name} must be a finite number{bounds}, got {value!r}")
     return number
+
+
+def require_int(owner: str, name: str, value: Any, *, low: int | None = None) -> int:
+    """Check an integer argument (a seed, a count, a size): a Python or NumPy int, not a bool.
+
+    Args:
+        owner: the function or class that received the value (for the message).
+        name: the argument's name.
+        value: the value received.
+        low: the smallest value allowed, or ``None``.
+
+    Returns:
+        ``value`` as a Python int.
+
+    Raises:
+        TypeError: ``value`` is not an int (a float such as 10.5, a string, a bool).
+        ValueError: ``value`` is below ``low``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}: {name} must be an int{'' if low is None else f' >= {low}'}, got "
+                        f"{type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def require_no_params(owner: Any, params: PyTree) -> None:

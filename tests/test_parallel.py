@@ -50,7 +50,7 @@ def test_bad_meshes_are_named():
 
     with pytest.raises(ValueError, match=r"num_devices must be an int in \[1, 1\]"):
         parallel.data_mesh(2)
-    with pytest.raises(TypeError, match="expected a 1-D jax.sharding.Mesh"):
+    with pytest.raises(TypeError, match="mesh must be a 1-D jax.sharding.Mesh"):
         parallel.batch_sharding("data")
     model = nn.Serial(nn.Dense(3))
     x, y = jax.numpy.ones((8, 2)), jax.numpy.zeros(8, jax.numpy.int32)

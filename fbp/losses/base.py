@@ -129,6 +129,9 @@ class LossBase(Loss):
         if pred.shape[0] == 0:
             raise InputError(repr(self), f"the batch is empty: prediction {describe(pred)} (the mean over no "
                                          f"examples is NaN)")
+        if math.prod(pred.shape) == 0:
+            raise InputError(repr(self), f"the prediction {describe(pred)} has no entries (a sequence of length 0, "
+                                         f"or no classes): the mean over nothing is NaN")
 
     def check_target(self, target, pred_shape) -> None:
         """Raise ``InputError`` if ``target`` cannot go with predictions of ``pred_shape``

@@ -40,6 +40,9 @@ def _split_input(owner, inputs):
     require_floating(repr(owner), x)
     if x.ndim != 3:
         raise InputError(repr(owner), f"input x must be (batch, time, model_dim), received {describe(x)}")
+    if x.shape[1] == 0:
+        raise InputError(repr(owner), f"received a sequence of length 0, {describe(x)}: attention needs at least one "
+                                      f"token to attend to")
     if mask is not None and (not hasattr(mask, "dtype") or mask.dtype != jnp.bool_
                              or tuple(mask.shape) != tuple(x.shape[:2])):
         raise InputError(repr(owner), f"padding mask must be (batch, time) = {tuple(x.shape[:2])} booleans, True "

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from fbp.core import NO_RESIDUAL, InputError, ParameterFree, describe, require_number
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)  # a factor beyond it overflows a float32 cotangent
+
 
 def _scaled_identity(x, g):
     """Value ``x``, JAX derivative ``g`` (the reference for the linear hooks)."""
@@ -70,7 +72,7 @@ class ScaleGradient(_LinearHook):
     deviation: ClassVar[str] = "identity forward, d_x = factor * d_y"
 
     def __post_init__(self):
-        require_number("ScaleGradient", "factor", self.factor)
+        require_number("ScaleGradient", "factor", self.factor, low=-_F32_MAX, high=_F32_MAX)
 
     def _factor(self):
         return self.factor

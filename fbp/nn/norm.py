@@ -206,6 +206,9 @@ class LayerNorm(Layer):
 
     epsilon: float = 1e-5
 
+    def __post_init__(self):
+        require_number("LayerNorm", "epsilon", self.epsilon, low=0.0, low_open=True)  # 0: NaN on a constant input
+
     def init(self, key, x):
         require_floating(repr(self), x)
         return _scale_bias_init(x)
@@ -246,8 +249,9 @@ class GroupNorm(Layer):
     epsilon: float = 1e-5
 
     def __post_init__(self):
-        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1:
             raise ValueError(f"GroupNorm: num_groups must be a positive int, got {self.num_groups!r}")
+        require_number("GroupNorm", "epsilon", self.epsilon, low=0.0, low_open=True)  # 0: NaN on a constant input
 
     def init(self, key, x):
         require_floating(repr(self), x)

@@ -130,6 +130,10 @@ class QuantizeWeights(Wrapper):
             raise TypeError(f"QuantizeWeights: layer must be an fbp Layer, got {type(self.layer).__name__}")
         if not isinstance(self.quantizer, _Quantizer):
             raise TypeError(f"QuantizeWeights: quantizer must be nn.Sign() or nn.Round(), got {self.quantizer!r}")
+        if isinstance(self.keys, str) or not all(isinstance(k, str) for k in self.keys) or not self.keys:
+            raise TypeError(f"QuantizeWeights: keys must be a non-empty tuple of parameter names such as ('w',), got "
+                            f"{self.keys!r}" + (f" (a string would be read letter by letter: {tuple(self.keys)})"
+                                                if isinstance(self.keys, str) else ""))
         object.__setattr__(self, "keys", tuple(self.keys))
 
     @property

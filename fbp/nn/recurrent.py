@@ -77,6 +77,9 @@ class _Recurrent(Layer):
         require_floating(repr(self), x)
         if x.ndim != 3:
             raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
+        if x.shape[1] == 0:
+            raise InputError(repr(self), f"received a sequence of length 0, {describe(x)}: there is no step to run "
+                                         f"(and no last state); give every sequence at least one step")
         if carry is not None:
             for c in jax.tree_util.tree_leaves(carry):
                 if tuple(c.shape) != (x.shape[0], self.hidden):
@@ -411,6 +414,8 @@ class LastStep(ParameterFree):
     def _forward(self, x):
         if x.ndim != 3:
             raise InputError(repr(self), f"input x must be (batch, time, features), received {describe(x)}")
+        if x.shape[1] == 0:
+            raise InputError(repr(self), f"received a sequence of length 0, {describe(x)}: it has no last step")
         return x[:, -1], x.shape
 
     def _backward(self, shape, d_y):
