@@ -100,6 +100,7 @@ def test_a_combinator_or_a_cotangent_mapping_wrapper_is_named_when_its_own_rule_
     assert "DirectFeedbackAlignment" in report.layer
     big = nn.Serial(nn.Dense(8), nn.Residual(nn.Serial(nn.Dense(8), nn.ScaleGradient(1.0))), nn.Dense(3))
     p = big.init(jax.random.PRNGKey(1), X)
-    p = ({"w": p[0]["w"], "b": p[0]["b"] + 3e38}, {"block": ({"w": p[1]["block"][0]["w"] * 0, "b": p[1]["block"][0]["b"] + 3e38}, {})}, p[2])
+    block = {"w": p[1]["block"][0]["w"] * 0, "b": p[1]["block"][0]["b"] + 3e38}
+    p = ({"w": p[0]["w"], "b": p[0]["b"] + 3e38}, {"block": (block, {})}, p[2])
     report = debug.find_nonfinite(big, CCE, p, X, Y)  # the sum x + block(x) overflows in the Residual itself
     assert (report.path, report.stage, report.quantity) == ("1", "forward", "output"), str(report)
