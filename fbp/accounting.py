@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 
-from fbp.validation import require_number
+from fbp.validation import require_number, typed_arguments
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -90,6 +90,7 @@ def _fresh(dp, accountant, replace_one=False):
     return dp.rdp.RdpAccountant() if accountant == "rdp" else dp.pld.PLDAccountant()
 
 
+@typed_arguments
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, *, accountant: str = "rdp",
             dataset_size: int | None = None) -> float:
     """``ε`` after ``steps`` DP-SGD steps with noise multiplier ``σ`` and Poisson sampling rate ``q``,
@@ -125,6 +126,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return float(acc.get_epsilon(delta))
 
 
+@typed_arguments
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, *,
                     accountant: str = "rdp") -> float:
     """The smallest noise multiplier ``σ`` with ``epsilon(σ, q, steps, δ) <= target_epsilon``.

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import InputError, describe, require_number
+from fbp.validation import typed_arguments
 
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -22,6 +23,7 @@ def _images(x, name):
         raise InputError(name, f"expects a batch of images (N, H, W, C), received {describe(x)}")
 
 
+@typed_arguments
 def random_crop(padding: int) -> Augment:
     """Zero-pad each image by ``padding`` on every side, then crop a random ``H×W`` window
     (per example): shifts of up to ``±padding`` pixels.
@@ -46,6 +48,7 @@ def random_crop(padding: int) -> Augment:
     return fn
 
 
+@typed_arguments
 def horizontal_flip(probability: float = 0.5) -> Augment:
     """Mirror each image left-right with ``probability`` (per example).
 
@@ -65,6 +68,7 @@ def horizontal_flip(probability: float = 0.5) -> Augment:
     return fn
 
 
+@typed_arguments
 def gaussian_noise(stddev: float) -> Augment:
     """Add ``N(0, stddev²)`` noise to every value (any shape).
 

@@ -34,10 +34,12 @@ import jax.numpy as jnp
 from fbp.validation import (  # noqa: F401  (re-exported: fbp.core is where layers import them from)
     InputError,
     at_path,
+    check_fields,
     check_params,
     describe,
     is_concrete,
     path_name,
+    require_bool,
     require_floating,
     require_int,
     require_key,
@@ -91,6 +93,12 @@ class Layer:
     cotangent its backward returns) depends on example ``b`` alone, in both modes. ``None``:
     undeclared, so per-example and private computations measure it once
     (``fbp.independence``). A subclass that replaces the forward must declare again."""
+
+    def __post_init__(self):
+        """Plain fields checked against their annotations (``check_fields``); a subclass with its
+        own ``__post_init__`` calls ``check_fields(self)`` first."""
+        if dataclasses.is_dataclass(self):
+            check_fields(self)
 
     def examples_independent(self, train: bool) -> bool | None:
         """Whether this layer keeps the examples of a batch apart in this mode (default: the

@@ -44,6 +44,7 @@ from fbp.core import InputError, Layer, describe, leaf_layers, require_int, run_
 from fbp.deviation import surrogate_apply
 from fbp.nn.combinators import Serial
 from fbp.nn.init import draw_by_length
+from fbp.validation import check_fields, typed_arguments
 
 _sg = jax.lax.stop_gradient
 
@@ -111,6 +112,7 @@ class FeedbackAlignment(_KernelFeedback):
     deviation: ClassVar[str] = "feedback alignment: d_x = d_y B^T through a fixed random B (in the state)"
 
     def __post_init__(self):
+        check_fields(self)
         self._require_kernel_layer()
 
     def __repr__(self) -> str:
@@ -174,6 +176,7 @@ class SignSymmetry(_KernelFeedback):
     deviation: ClassVar[str] = "sign symmetry: d_x = d_y B^T with B = sign(W) * rms(W)"
 
     def __post_init__(self):
+        check_fields(self)
         self._require_kernel_layer()
 
     def __repr__(self) -> str:
@@ -213,6 +216,7 @@ def _wrap_kernels(model: Layer, paths: Iterable[str] | None, wrap, what: str) ->
     return transform_layers(model, lambda path, layer: wrap(layer, index[path]) if path in index else None)
 
 
+@typed_arguments
 def feedback_alignment(model: Layer, *, paths: Iterable[str] | None = None, seed: int = 0) -> Layer:
     """``model`` with feedback alignment at ``paths`` (default: every Dense and convolution).
 
@@ -354,6 +358,7 @@ class DirectFeedbackAlignment(Serial):
         return h + sum(taps).reshape(h.shape) if taps else h
 
 
+@typed_arguments
 def direct_feedback_alignment(model: Serial, x, *, targets: Iterable[int] | None = None,
                               seed: int = 0) -> DirectFeedbackAlignment:
     """``model`` (a ``Serial``) trained by direct feedback alignment; ``x`` an example batch

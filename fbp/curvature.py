@@ -51,6 +51,7 @@ from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_na
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
 from fbp.probes import sum_squares_probe
+from fbp.validation import typed_arguments
 from fbp.walk import child_params
 
 PyTree = Any
@@ -128,6 +129,7 @@ def _diagonal(model, loss, params, x, y, *, mc_samples, key, caller, **context):
     return map_leaf_params(model, params, leaf)
 
 
+@typed_arguments
 def diag_ggn(model: Layer, loss: Loss, *, has_state: bool = False, train: bool = False) -> Callable:
     """The exact diagonal of the GGN, ``Σ_b Σ_m (J_bᵀ s_bm)²``, from one backward pass of the
     loss's Hessian-factor columns (``M`` columns: the outputs per example).
@@ -151,6 +153,7 @@ def diag_ggn(model: Layer, loss: Loss, *, has_state: bool = False, train: bool =
     return with_context(model, has_state, "fbp.curvature.diag_ggn", body)
 
 
+@typed_arguments
 def diag_ggn_mc(model: Layer, loss: Loss, mc_samples: int = 1, *, has_state: bool = False,
                 train: bool = False) -> Callable:
     """A Monte-Carlo estimate of the GGN diagonal: ``mc_samples`` sampled factor columns
@@ -177,6 +180,7 @@ def diag_ggn_mc(model: Layer, loss: Loss, mc_samples: int = 1, *, has_state: boo
     return with_context(model, has_state, "fbp.curvature.diag_ggn_mc", body)
 
 
+@typed_arguments
 def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, train: bool = False) -> Callable:
     """``G v = Σ_b J_bᵀ H_b J_b v`` for conjugate-gradient / Hessian-free methods.
 
@@ -225,6 +229,7 @@ def _require_like_params(params, v) -> None:
                                                                   f"'{path_name(path)}' received {describe(u)}")
 
 
+@typed_arguments
 def kfac_factors(model: Layer, loss: Loss, *, mc_samples: int | None = None, approximation: str = "expand",
                  has_state: bool = False, train: bool = False, with_grads: bool = False) -> Callable:
     """K-FAC's Kronecker factors for every Dense-like weight, and the exact GGN diagonal of

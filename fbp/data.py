@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp.validation import typed_arguments
+
 
 class Dataset(NamedTuple):
     """A train/test split; ``info`` carries what a user needs to undo preprocessing."""
@@ -29,6 +31,7 @@ class Dataset(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
+@typed_arguments
 def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> None:
     """Check a data set before training: matching lengths, finite features, labels in range.
 
@@ -60,6 +63,7 @@ def validate(x, y, *, num_classes: int | None = None, name: str = "data") -> Non
 
 
 # --------------------------------------------------------------------------- splitting and batching
+@typed_arguments
 def train_test_split(x, y, test_fraction: float = 0.2, *, key) -> tuple[np.ndarray, ...]:
     """Shuffle with ``key`` and split: ``(x_train, y_train, x_test, y_test)``.
 
@@ -85,6 +89,7 @@ def train_test_split(x, y, test_fraction: float = 0.2, *, key) -> tuple[np.ndarr
     return x[train], y[train], x[test], y[test]
 
 
+@typed_arguments
 def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array]:
     """Index arrays of the batches of one epoch: shuffled by ``key`` if given.
 
@@ -110,6 +115,7 @@ def batch_indices(n: int, batch_size: int | None, *, key=None) -> list[jax.Array
     return [order[i:i + size] for i in range(0, n, size)]
 
 
+@typed_arguments
 def batches(x, y, batch_size: int | None, *, key=None):
     """Yield ``(x_batch, y_batch)`` for one epoch (see ``batch_indices``).
 
@@ -161,6 +167,7 @@ def _standardize(train, test):
     return (train - mean) / std, (test - mean) / std, mean, std
 
 
+@typed_arguments
 def load_digits(test_fraction: float = 0.2, *, seed: int = 0, images: bool = False) -> Dataset:
     """scikit-learn's 1,797 8×8 handwritten digits, scaled to [0, 1]; labels int32 in [0, 10).
 
@@ -188,6 +195,7 @@ def load_digits(test_fraction: float = 0.2, *, seed: int = 0, images: bool = Fal
     return Dataset(*split, {"num_classes": 10, "name": "digits"})
 
 
+@typed_arguments
 def load_breast_cancer(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
     """Wisconsin breast cancer, 569 × 30 features standardised with the training statistics;
     targets float32 of shape (N, 1) in {0, 1} (1 = benign).
@@ -212,6 +220,7 @@ def load_breast_cancer(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
                    {"num_classes": 2, "name": "breast_cancer", "x_mean": mean, "x_std": std})
 
 
+@typed_arguments
 def load_diabetes(test_fraction: float = 0.2, *, seed: int = 0) -> Dataset:
     """Diabetes regression, 442 × 10; features and the target standardised with the training
     statistics (undo with ``info["y_mean"]``, ``info["y_std"]``); targets of shape (N, 1).
@@ -268,6 +277,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+@typed_arguments
 def load_mnist(directory: str | os.PathLike, *, flatten: bool = True) -> Dataset:
     """MNIST (or Fashion-MNIST) from the four standard IDX files in ``directory``
     (``train-images-idx3-ubyte[.gz]`` etc.), pixels scaled to [0, 1]. Never downloads.

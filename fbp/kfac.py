@@ -36,7 +36,7 @@ from fbp.core import InputError, map_leaf_params, value_and_grad
 from fbp.curvature import Factors, KroneckerBlock, kfac_factors
 from fbp.nn.positions import assemble
 from fbp.optim.base import GradientTransformation, apply_updates
-from fbp.validation import require_number
+from fbp.validation import require_number, typed_arguments
 
 PyTree = Any
 
@@ -176,6 +176,7 @@ class KFAC:
         return apply_updates(params, updates), state._replace(count=state.count + 1, inner=inner), value
 
 
+@typed_arguments
 def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1, decay: float = 0.95,
          inverse_every: int = 10, mc_samples: int | None = 1, approximation: str = "expand",
          damping_mode: str = "exact", curvature_every: int = 1) -> KFAC:

@@ -55,6 +55,7 @@ from fbp.core import (
     run_forward,
 )
 from fbp.probes import MODES, probe_model, split_probed
+from fbp.validation import typed_arguments
 
 PyTree = Any
 
@@ -67,6 +68,7 @@ def _probed_forward(model, params, x, mode, **context):
     return (probed, choices, *run_forward(probed, slotted, x, **context))
 
 
+@typed_arguments
 def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=None, train: bool = True,
         with_pred: bool = False):
     """One forward and one backward pass with per-example probes.
@@ -109,6 +111,7 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
+@typed_arguments
 def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, gradient: Callable | None = None,
                      state=None, key=None, train: bool = True):
     """One forward pass, then the probed backward once for every column of ``columns(pred)``.
@@ -148,6 +151,7 @@ def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, g
     return pred, grads, per, choices, new_state
 
 
+@typed_arguments
 def with_context(model: Layer, has_state: bool, caller: str, body: Callable) -> Callable:
     """Give a body function the public signature of the per-example and privacy functions.
 
@@ -182,6 +186,7 @@ def with_context(model: Layer, has_state: bool, caller: str, body: Callable) -> 
     return without_state
 
 
+@typed_arguments
 def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """Per-example gradients from one backward pass of the batch.
 
@@ -204,6 +209,7 @@ def grads(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     return with_context(model, has_state, "fbp.per_example.grads", body)
 
 
+@typed_arguments
 def grad_norms(model: Layer, loss: Loss, *, has_state: bool = False, per_layer: bool = False) -> Callable:
     """Per-example gradient norms ``‖g_b‖₂``, without materialising per-example gradients where a
     cheaper route exists (``‖x‖‖g‖`` at one position, the ghost norm; module docstring).
@@ -268,6 +274,7 @@ def _stacked(model, params, values, per):
     return map_leaf_params(model, params, leaf)
 
 
+@typed_arguments
 def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> Σ_b (∇ℓ_b)²`` elementwise, shaped like params (BackPACK's
     SumGradSquared, for the per-example losses ``ℓ_b``). Each layer squares its own per-example
@@ -289,6 +296,7 @@ def sum_grad_squared(model: Layer, loss: Loss, *, has_state: bool = False) -> Ca
     return with_context(model, has_state, "fbp.per_example.sum_grad_squared", body)
 
 
+@typed_arguments
 def variance(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:
     """``f(params, x, y, *, key=None) -> (1/B) Σ_b (∇ℓ_b - ḡ)²`` elementwise, ``ḡ`` the mean
     per-example gradient (BackPACK's Variance, for the per-example losses): ``SGS/B - ḡ²`` from

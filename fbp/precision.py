@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from fbp.core import Layer, Loss, require_number, run_forward
 from fbp.optim.base import GradientTransformation
+from fbp.validation import typed_arguments
 
 PyTree = Any
 _NAMES = ("params", "compute", "output")
@@ -113,6 +114,7 @@ class Policy:
                                       else a, tree)
 
 
+@typed_arguments
 def value_grad_and_output(model: Layer, loss: Loss, policy: Policy, params, x, y, *, state=None, key=None,
                           train: bool = True, scale=1.0):
     """``fbp.core.value_grad_and_output`` under a mixed-precision policy, with a loss scale.
@@ -166,6 +168,7 @@ def current_scale(opt_state) -> jax.Array | float:
     return opt_state.scale if isinstance(opt_state, LossScaleState) else 1.0
 
 
+@typed_arguments
 def loss_scaled(optimizer: GradientTransformation, init_scale: float = 2.0**15, period: int = 2000) -> \
         GradientTransformation:
     """``optimizer`` behind dynamic loss scaling (module docstring).

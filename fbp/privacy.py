@@ -37,7 +37,7 @@ import numpy as np
 from fbp import per_example
 from fbp.core import Layer, Loss, leaf_layers, map_leaf_params
 from fbp.nn.positions import assemble
-from fbp.validation import InputError, describe, is_concrete, require_key, require_number
+from fbp.validation import InputError, check_fields, describe, is_concrete, require_key, require_number, typed_arguments
 
 
 def _weights(norms, l2_clip, mask):
@@ -108,6 +108,7 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, 
     return (*out, pred) if with_pred else out
 
 
+@typed_arguments
 def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = False) -> Callable:
     """The sum of per-example gradients clipped to norm ``C``, in one backward pass (book-keeping:
     norms first, then ``Xᵀ (c ⊙ G)`` from what the backward already holds).
@@ -134,6 +135,7 @@ def clipped_grad(model: Layer, loss: Loss, l2_clip: float, *, has_state: bool = 
     return per_example.with_context(model, has_state, "fbp.privacy.clipped_grad", body)
 
 
+@typed_arguments
 def private_grad(model: Layer, loss: Loss, l2_clip: float, noise_multiplier: float, expected_batch_size: float, *,
                  has_state: bool = False) -> Callable:
     """``f(params, x, y, *, noise_key, key=None, mask=None) -> (values, grads, norms)``: DP-SGD's
@@ -202,6 +204,7 @@ class DPSGD:
     accountant: str = "rdp"
 
     def __post_init__(self):
+        check_fields(self)
         require_number("DPSGD", "l2_clip", self.l2_clip, low=0, low_open=True)
         require_number("DPSGD", "noise_multiplier", self.noise_multiplier, low=0)
         require_number("DPSGD", "delta", self.delta, low=0, low_open=True, high=1, high_open=True)
@@ -220,6 +223,7 @@ class DPSGD:
                        dataset_size=n if self.sampling == "fixed" else None)
 
 
+@typed_arguments
 def max_batch(n: int, batch_size: int) -> int:
     """The buffer for a Poisson batch of expected size ``B̄``: ``B̄ + 6σ + 1`` (at most ``n``).
 
@@ -234,6 +238,7 @@ def max_batch(n: int, batch_size: int) -> int:
     return min(n, math.ceil(batch_size + 6 * math.sqrt(n * q * (1 - q)) + 1))
 
 
+@typed_arguments
 def poisson_batch(key, n: int, rate: float, size: int):
     """``(idx, mask)``: each of ``n`` examples chosen with probability ``rate``; the chosen ones
     first (in index order) in a buffer of ``size`` rows, ``mask`` marking them.
@@ -252,6 +257,7 @@ def poisson_batch(key, n: int, rate: float, size: int):
     return idx, chosen[idx]
 
 
+@typed_arguments
 def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch_size: int, correct_count,
                  augment=None):
     """The step ``fit`` runs under DP-SGD, with the signature of its plain step.

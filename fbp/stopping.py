@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fbp.validation import require_number
+from fbp.validation import check_fields, require_number
 
 MODES = ("auto", "min", "max")
 
@@ -33,6 +33,7 @@ class EarlyStopping:
     restore_best: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.monitor, str):
             raise TypeError(f"EarlyStopping: monitor must be a metric name such as 'val_loss', got {self.monitor!r}")
         if self.mode not in MODES:

@@ -47,6 +47,7 @@ from fbp.core import (
     transform_layers,
 )
 from fbp.deviation import exact_model
+from fbp.validation import typed_arguments
 
 PyTree = Any
 STATS = ("out_mean", "out_std", "out_absmax", "out_zero_fraction", "d_out_norm", "d_in_norm", "param_norm",
@@ -300,6 +301,7 @@ def _leaf_entries(model: Layer, params: PyTree) -> list[tuple[str, PyTree]]:
     return out
 
 
+@typed_arguments
 def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, alignment: bool | None = None,
                          input_cotangents: bool = False, stats: Sequence[str] | None = None) -> Callable:
     """Like ``fbp.value_and_grad``, plus per-layer statistics from the same pass.
@@ -372,6 +374,7 @@ def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
+@typed_arguments
 def record_epoch(stat_history: dict, stat_sum, steps: int) -> None:
     """Append one epoch's statistics to the history, in place.
 
@@ -401,6 +404,7 @@ def leaf_paths(model: Layer) -> list[str]:
     return [path for path, _ in leaf_layers(model)]
 
 
+@typed_arguments
 def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out_norm", ax=None, log: bool = True):
     """Plot one statistic per layer over epochs from ``FitResult.telemetry``, one line per layer path.
 

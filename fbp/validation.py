@@ -261,6 +261,96 @@ def require_int(owner: str, name: str, value: Any, *, low: int | None = None) ->
     return int(value)
 
 
+def require_bool(owner: str, name: str, value: Any) -> bool:
+    """Check a flag is ``True`` or ``False`` (a string such as ``"no"`` is truthy and would be taken as True).
+
+    Args:
+        owner: the function or class that received the value (for the message).
+        name: the argument's name.
+        value: the value received.
+
+    Returns:
+        ``value`` as a Python bool.
+
+    Raises:
+        TypeError: anything but a bool (NumPy's included).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def typed_arguments(fn: Callable) -> Callable:
+    """Check a public function's plain arguments against its annotations before it runs: a
+    ``bool`` parameter takes a bool (``"no"`` is truthy), an ``int`` parameter an int (not 2.5,
+    not a bool), a ``float`` parameter a real number (not text); ranges stay the function's own
+    checks. The signature and docstring are kept.
+
+    Args:
+        fn: the function (its annotations read as text, ``from __future__ import annotations``).
+
+    Returns:
+        The checked function.
+    """
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+    kinds = {name: _FIELD_CHECKS.get(str(p.annotation)) for name, p in signature.parameters.items()}
+    kinds = {name: kind for name, kind in kinds.items() if kind is not None}
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            kind = kinds.get(name)
+            if kind is None or value is None or isinstance(value, jax.core.Tracer):
+                continue
+            if kind == "bool":
+                require_bool(fn.__name__, name, value)
+            elif kind == "int":
+                require_int(fn.__name__, name, value)
+            elif isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    and getattr(value, "shape", None) != ():
+                raise TypeError(f"{fn.__name__}: {name} must be a number, got {type(value).__name__} {value!r}")
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+_FIELD_CHECKS = {"bool": "bool", "int": "int", "float": "float", "int | None": "int", "float | None": "float",
+                 "bool | None": "bool"}
+
+
+def check_fields(obj: Any) -> None:
+    """Check a dataclass's plain fields against their annotations: a ``bool`` field holds a bool,
+    an ``int`` field an int (not a bool, not 2.5), a ``float`` field a finite real number (``None``
+    where the annotation allows it). Layers, losses and settings call it first in
+    ``__post_init__``; their own range checks follow.
+
+    Args:
+        obj: a dataclass instance.
+
+    Raises:
+        TypeError: a value of the wrong type, naming the field.
+        ValueError: a float field that is NaN or infinite.
+    """
+    import dataclasses
+
+    owner = type(obj).__name__
+    for field in dataclasses.fields(obj):
+        kind = _FIELD_CHECKS.get(str(field.type).replace("Optional[", "").rstrip("]"))
+        value = getattr(obj, field.name)
+        if kind is None or (value is None and "None" in str(field.type)):
+            continue
+        if kind == "bool":
+            require_bool(owner, field.name, value)
+        elif kind == "int":
+            require_int(owner, field.name, value)
+        else:
+            require_number(owner, field.name, value)
+
+
 def require_no_params(owner: Any, params: PyTree) -> None:
     """Raise ``InputError`` unless a parameter-free layer received ``{}`` (or a pytree without leaves).
 

@@ -34,7 +34,7 @@ PARAMS = MODEL.init(jax.random.PRNGKey(0), X)
     (lambda: telemetry.value_grad_and_stats(MODEL, CCE, alignment="no"), TypeError, "alignment must be True or False"),
     (lambda: list(data.batches(np.ones((5, 2)), np.ones(4), 2)), ValueError, "x has 5 examples and y 4"),
     (lambda: data.batch_indices(-5, 2), ValueError, "n must be the number of examples, an int >= 0, got -5"),
-    (lambda: data.batch_indices(10.5, 2), ValueError, "an int >= 0, got 10.5"),
+    (lambda: data.batch_indices(10.5, 2), TypeError, "n must be an int, got float 10.5"),
 ], ids=["kfac-damping-inf", "kfac-damping-text", "loss-scaled-inf", "loss-scaled-text", "scale-gradient-overflow",
         "layernorm-eps-zero", "groupnorm-eps-zero", "groupnorm-eps-negative", "quantize-keys-string",
         "alignment-truthy-string", "batches-lengths-differ", "batch-indices-negative", "batch-indices-fraction"])
@@ -75,7 +75,7 @@ def test_ggn_vector_product_names_a_vector_unlike_params(vector, match):
 
 
 def test_seeds_augmentations_and_meshes_of_the_wrong_kind_are_named():
-    with pytest.raises(TypeError, match="feedback_alignment: seed must be an int >= 0, got str 'abc'"):
+    with pytest.raises(TypeError, match="feedback_alignment: seed must be an int, got str 'abc'"):
         credit.feedback_alignment(MODEL, seed="abc")
     with pytest.raises(TypeError, match="direct_feedback_alignment: seed must be an int"):
         credit.direct_feedback_alignment(MODEL, X, seed=1.5)
@@ -83,7 +83,7 @@ def test_seeds_augmentations_and_meshes_of_the_wrong_kind_are_named():
         augment.gaussian_noise(0.1)(jax.random.PRNGKey(0), jnp.ones((2, 3), jnp.int32))
     with pytest.raises(TypeError, match="horizontal_flip: probability must be a number, got str"):
         augment.horizontal_flip("0.5")
-    with pytest.raises(ValueError, match="random_crop: padding must be an int >= 0"):
+    with pytest.raises(TypeError, match="random_crop: padding must be an int, got str '2'"):
         augment.random_crop("2")
     with pytest.raises(TypeError, match="make_step: mesh must be a 1-D jax.sharding.Mesh.*got str 'data'"):
         train.make_step(MODEL, CCE, optim.sgd(0.1), mesh="data")

@@ -157,7 +157,7 @@ def test_every_accountant_name_changes_the_computation_and_refusals_are_clear():
         accounting.epsilon(1.0, 0.01, 1000, 1e-5, accountant="pld", dataset_size=1000)
     assert accounting.epsilon(1.0, 0.01, 0, 1e-5) == 0.0 and accounting.calibrate_noise(1.0, 1e-5, 0.01, 0) == 0.0
     for size in (0, -5, 2.5):
-        with pytest.raises(ValueError, match="dataset_size must be an int >= 1"):
+        with pytest.raises((TypeError, ValueError), match="dataset_size must be an int"):
             accounting.epsilon(1.0, 0.01, 10, 1e-5, dataset_size=size)
     with pytest.raises(ValueError, match="steps must be an int >= 0"):
         accounting.epsilon(1.0, 0.01, -1, 1e-5)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.core import REDUCTIONS, InputError, Loss, describe, is_concrete, require_floating
+from fbp.validation import check_fields
 
 EPS = 1e-7
 
@@ -117,6 +118,7 @@ class LossBase(Loss):
     label_threshold = 0.5
 
     def __post_init__(self):
+        check_fields(self)
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"{type(self).__name__}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.losses.base import LossBase, reduce_values, reduction_weight
+from fbp.validation import check_fields
 
 
 # --------------------------------------------------------------------------- regression
@@ -80,6 +81,7 @@ class Huber(LossBase):
     reduction: str = "mean"
 
     def __post_init__(self):
+        check_fields(self)
         super().__post_init__()
         if not self.delta > 0:
             raise ValueError(f"Huber: delta must be > 0, got {self.delta}")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.core import NO_RESIDUAL, ParameterFree, require_number
+from fbp.validation import check_fields
 
 
 class Activation(ParameterFree):
@@ -109,6 +110,7 @@ class LeakyReLU(Activation):
     negative_slope: float = 0.01
 
     def __post_init__(self):
+        check_fields(self)
         require_number("LeakyReLU", "negative_slope", self.negative_slope)
 
     def _forward(self, x):
@@ -132,6 +134,7 @@ class ELU(Activation):
     alpha: float = 1.0
 
     def __post_init__(self):
+        check_fields(self)
         require_number("ELU", "alpha", self.alpha)
 
     def _forward(self, x):

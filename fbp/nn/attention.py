@@ -31,6 +31,7 @@ from fbp.nn.activations import GELU
 from fbp.nn.dense import Dense, bias_grad
 from fbp.nn.norm import LayerNorm
 from fbp.nn.positions import Positions
+from fbp.validation import check_fields
 
 _NAMES = ("q", "k", "v", "o")
 
@@ -111,6 +112,7 @@ class MultiHeadAttention(Layer):
         return f"MultiHeadAttention(num_heads={self.num_heads}{', causal=True' if self.causal else ''})"
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {self.num_heads!r}")
 

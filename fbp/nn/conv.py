@@ -35,7 +35,8 @@ from jax import lax
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.dense import accumulator, bias_grad, weight_grad
-from fbp.nn.windows import as_tuple, window_padding
+from fbp.nn.windows import as_tuple, check_padding, window_padding
+from fbp.validation import check_fields
 
 Padding = str | Sequence[tuple[int, int]]
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -241,18 +242,20 @@ class _ConvBase(Layer):
     rank: ClassVar[int] = 2
 
     def __post_init__(self):
+        check_fields(self)
         name = type(self).__name__
         if not isinstance(self.features, int) or self.features < 1:
             raise ValueError(f"{name}: features must be a positive int, got {self.features!r}")
         as_tuple(self.kernel_size, self.rank, f"{name}: kernel_size")
         as_tuple(self.strides, self.rank, f"{name}: strides")
         as_tuple(self.dilation, self.rank, f"{name}: dilation")
+        if isinstance(self.feature_group_count, bool) or not isinstance(self.feature_group_count, int) or \
+                self.feature_group_count < 1:
+            raise ValueError(f"{name}: feature_group_count must be a positive int, got {self.feature_group_count!r}")
         if self.features % self.feature_group_count:
             raise ValueError(f"{name}: features ({self.features}) must be divisible by feature_group_count "
                              f"({self.feature_group_count})")
-        if isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"):
-            raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or {self.rank} (lo, hi) pairs, "
-                             f"got {self.padding!r}")
+        check_padding(name, self.padding, self.rank)
 
     def __repr__(self) -> str:
         extra = "".join(f", {f}={getattr(self, f)!r}" for f in ("strides", "padding", "dilation", "feature_group_count")
@@ -421,6 +424,7 @@ class ConvTranspose2D(_ConvBase):
     rank: ClassVar[int] = 2
 
     def __post_init__(self):
+        check_fields(self)
         super().__post_init__()
         if self.feature_group_count != 1:
             raise ValueError("ConvTranspose2D: feature_group_count must be 1")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.positions import Positions
+from fbp.validation import check_fields
 
 
 def accumulator(dtype):
@@ -91,6 +92,7 @@ class Dense(Layer):
     bias_init: Callable = initializers.zeros
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.features, int) or self.features < 1:
             raise ValueError(f"Dense: features must be a positive int, got {self.features!r}")
 

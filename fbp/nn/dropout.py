@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import NO_RESIDUAL, InputError, ParameterFree, require_floating, require_key, require_no_params
+from fbp.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Dropout(ParameterFree):
     contextual = True
 
     def __post_init__(self):
+        check_fields(self)
         if not 0 <= self.rate < 1:
             raise ValueError(f"Dropout: rate (the probability of dropping) must be in [0, 1), got {self.rate}")
 

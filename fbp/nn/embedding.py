@@ -22,6 +22,7 @@ import numpy as np
 
 from fbp.core import InputError, Layer, check_params, describe, is_concrete
 from fbp.nn import init as initializers
+from fbp.validation import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,17 @@ class Embedding(Layer):
     dtype: str = "float32"
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("vocab", "features"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
+        try:
+            floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"Embedding: dtype must name a floating dtype such as 'float32', got {self.dtype!r}")
 
     def __repr__(self) -> str:
         return f"Embedding(vocab={self.vocab}, features={self.features})"

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import NO_RESIDUAL, InputError, ParameterFree, describe, require_number
+from fbp.validation import check_fields
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)  # a factor beyond it overflows a float32 cotangent
 
@@ -72,6 +73,7 @@ class ScaleGradient(_LinearHook):
     deviation: ClassVar[str] = "identity forward, d_x = factor * d_y"
 
     def __post_init__(self):
+        check_fields(self)
         require_number("ScaleGradient", "factor", self.factor, low=-_F32_MAX, high=_F32_MAX)
 
     def _factor(self):
@@ -94,6 +96,7 @@ class GradientReversal(_LinearHook):
     deviation: ClassVar[str] = "identity forward, d_x = -scale * d_y (gradient reversal)"
 
     def __post_init__(self):
+        check_fields(self)
         require_number("GradientReversal", "scale", self.scale, low=0)
 
     def _factor(self):
@@ -139,6 +142,7 @@ class MapCotangent(ParameterFree):
     deviation: ClassVar[str] = "identity forward, d_x = fn(d_y)"
 
     def __post_init__(self):
+        check_fields(self)
         if not callable(self.fn):
             raise TypeError(f"MapCotangent: fn must be callable, got {type(self.fn).__name__}")
 

@@ -23,6 +23,7 @@ from jax import lax
 
 from fbp.core import InputError, Layer, check_params, describe, require_floating, require_number
 from fbp.nn import init as initializers
+from fbp.validation import check_fields
 
 
 def _scale_bias_init(x):
@@ -122,6 +123,7 @@ class BatchNorm(Layer):
     contextual = True
 
     def __post_init__(self):
+        check_fields(self)
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {self.momentum}")
         require_number("BatchNorm", "epsilon", self.epsilon, low=0.0, low_open=True)
@@ -207,6 +209,7 @@ class LayerNorm(Layer):
     epsilon: float = 1e-5
 
     def __post_init__(self):
+        check_fields(self)
         require_number("LayerNorm", "epsilon", self.epsilon, low=0.0, low_open=True)  # 0: NaN on a constant input
 
     def init(self, key, x):
@@ -249,6 +252,7 @@ class GroupNorm(Layer):
     epsilon: float = 1e-5
 
     def __post_init__(self):
+        check_fields(self)
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1:
             raise ValueError(f"GroupNorm: num_groups must be a positive int, got {self.num_groups!r}")
         require_number("GroupNorm", "epsilon", self.epsilon, low=0.0, low_open=True)  # 0: NaN on a constant input

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.core import InputError, ParameterFree, describe
-from fbp.nn.windows import as_tuple, window_padding
+from fbp.nn.windows import as_tuple, check_padding, window_padding
+from fbp.validation import check_fields
 
 
 def _geometry(owner, x, window, strides, padding):
@@ -94,9 +95,11 @@ class _Pool(ParameterFree):
     padding: str | tuple = "VALID"
 
     def __post_init__(self):
+        check_fields(self)
         as_tuple(self.window, 2, f"{type(self).__name__}: window")
         if self.strides is not None:
             as_tuple(self.strides, 2, f"{type(self).__name__}: strides")
+        check_padding(type(self).__name__, self.padding, 2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window!r}, strides={self.strides!r}, padding={self.padding!r})"

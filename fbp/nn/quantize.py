@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, ParameterFree, Wrapper, require_floating, run_forward
 from fbp.independence import declared
+from fbp.validation import check_fields
 
 ESTIMATORS = ("identity", "hardtanh")
 
@@ -46,6 +47,7 @@ class _Quantizer(ParameterFree):
     deviation: ClassVar[str] = ""
 
     def __post_init__(self):
+        check_fields(self)
         if self.ste not in ESTIMATORS:
             raise ValueError(f"{type(self).__name__}: ste must be one of {ESTIMATORS}, "
                              f"got {self.ste!r}")
@@ -126,6 +128,7 @@ class QuantizeWeights(Wrapper):
     deviation: ClassVar[str] = "weights quantised in the forward, their gradient passed straight through"
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.layer, Layer):
             raise TypeError(f"QuantizeWeights: layer must be an fbp Layer, got {type(self.layer).__name__}")
         if not isinstance(self.quantizer, _Quantizer):

@@ -41,6 +41,7 @@ from fbp.core import InputError, Layer, ParameterFree, check_params, describe, r
 from fbp.nn import init as initializers
 from fbp.nn.dense import bias_grad
 from fbp.nn.positions import Positions, batch_major
+from fbp.validation import check_fields
 
 
 def _sigmoid(z):
@@ -65,6 +66,7 @@ class _Recurrent(Layer):
     gates: int = dataclasses.field(default=1, init=False, repr=False)
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"{type(self).__name__}: hidden must be a positive int, got {self.hidden!r}")
 

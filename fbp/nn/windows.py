@@ -30,10 +30,31 @@ def as_tuple(value, n: int, name: str) -> tuple[int, ...]:
     Raises:
         ValueError: a wrong count, a non-int or a value below 1.
     """
-    out = (value,) * n if isinstance(value, int) else tuple(value)
-    if len(out) != n or not all(isinstance(v, int) and v >= 1 for v in out):
+    out = (value,) * n if isinstance(value, int) else (tuple(value) if isinstance(value, (tuple, list)) else None)
+    if out is None or len(out) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                               for v in out):
         raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
     return out
+
+
+def check_padding(owner: str, padding, n: int) -> None:
+    """Check a padding setting: ``"SAME"``, ``"VALID"`` or ``n`` ``(lo, hi)`` pairs of ints ≥ 0.
+
+    Args:
+        owner: the layer's name, for the message.
+        padding: the setting.
+        n: the number of spatial axes.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(padding, str) and padding in ("SAME", "VALID"):
+        return
+    pairs = padding if isinstance(padding, (tuple, list)) else ()
+    if len(pairs) != n or not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p) for p in pairs):
+        raise ValueError(f"{owner}: padding must be 'SAME', 'VALID' or {n} (lo, hi) pairs of ints >= 0, got "
+                         f"{padding!r}")
 
 
 def window_padding(owner: str, x, window: Sequence[int], strides: Sequence[int], padding,

@@ -19,8 +19,10 @@ from fbp.optim.transforms import (
     scale_by_stddev,
     trace,
 )
+from fbp.validation import typed_arguments
 
 
+@typed_arguments
 def sgd(learning_rate: ScalarOrSchedule, momentum: float | None = None,
         nesterov: bool = False) -> GradientTransformation:
     """Stochastic gradient descent (Robbins & Monro, 1951), optionally with momentum (Polyak,
@@ -41,6 +43,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float | None = None,
                  scale_by_learning_rate(learning_rate))
 
 
+@typed_arguments
 def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1,
             eps: float = 1e-7) -> GradientTransformation:
     """AdaGrad (Duchi, Hazan & Singer, 2011): ``s ← s + g²``;  ``θ ← θ - η g / sqrt(s + eps)``.
@@ -56,6 +59,7 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
     return chain(scale_by_rss(initial_accumulator_value, eps), scale_by_learning_rate(learning_rate))
 
 
+@typed_arguments
 def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0,
             eps_in_sqrt: bool = True, centered: bool = False, momentum: float | None = None, nesterov: bool = False,
             bias_correction: bool = False) -> GradientTransformation:
@@ -85,6 +89,7 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e
                  trace(momentum, nesterov) if momentum is not None else identity())
 
 
+@typed_arguments
 def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          eps_root: float = 0.0, *, nesterov: bool = False) -> GradientTransformation:
     """Adam (Kingma & Ba, 2015): ``θ ← θ - η m̂ / (sqrt(v̂ + eps_root) + eps)``; see ``scale_by_adam``.
@@ -103,6 +108,7 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, ep
     return chain(scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(learning_rate))
 
 
+@typed_arguments
 def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           eps_root: float = 0.0, weight_decay: float = 1e-4, mask: Any = None, *,
           nesterov: bool = False) -> GradientTransformation:

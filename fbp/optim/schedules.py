@@ -14,10 +14,12 @@ import jax.numpy as jnp
 
 from fbp.core import require_number
 from fbp.optim.base import require
+from fbp.validation import typed_arguments
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
+@typed_arguments
 def constant_schedule(value: float) -> Schedule:
     """``η_t = value``.
 
@@ -31,6 +33,7 @@ def constant_schedule(value: float) -> Schedule:
     return lambda step: jnp.full((), value, jnp.float32)
 
 
+@typed_arguments
 def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """Linear from ``init_value`` to ``end_value`` over ``transition_steps`` after ``transition_begin``.
 
@@ -54,6 +57,7 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int, 
     return schedule
 
 
+@typed_arguments
 def exponential_decay(init_value: float, transition_steps: int, decay_rate: float, transition_begin: int = 0,
                       staircase: bool = False, end_value: float | None = None) -> Schedule:
     """``η_t = η_0 · r^{(t - t_0)/T}`` (``floor`` of the exponent if ``staircase``), then bounded by ``end_value``.
@@ -85,6 +89,7 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
     return schedule
 
 
+@typed_arguments
 def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[int, float] | None = None) -> Schedule:
     """``η_t = η_0 · Π_{b ≤ t} scale_b``: at each boundary step the rate is multiplied by its scale.
 
@@ -109,6 +114,7 @@ def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[i
     return schedule
 
 
+@typed_arguments
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Loshchilov & Hutter (2017): ``η_t = η_0 ((1-α) (½ (1 + cos(π min(t,T)/T)))^p + α)``.
 
@@ -153,6 +159,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     return schedule
 
 
+@typed_arguments
 def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_steps: int, decay_steps: int,
                                  end_value: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Linear warm-up from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine decay

@@ -23,6 +23,7 @@ from fbp.optim.base import (
     transformation,
     zeros_like,
 )
+from fbp.validation import typed_arguments
 
 PyTree = Any
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -84,6 +85,7 @@ def _needs_params(params, owner: str) -> None:
 
 
 # --------------------------------------------------------------------------- scaling
+@typed_arguments
 def scale(step_size: float) -> GradientTransformation:
     """``u ← step_size · g``.
 
@@ -104,6 +106,7 @@ class ScaleByLearningRateState(NamedTuple):
     learning_rate: jax.Array
 
 
+@typed_arguments
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
     """``u ← -η_t · g`` (``+η_t g`` with ``flip_sign=False``); ``η_t = learning_rate(t - 1)`` for a schedule.
 
@@ -136,6 +139,7 @@ class TraceState(NamedTuple):
     trace: PyTree
 
 
+@typed_arguments
 def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """Momentum (Polyak, 1964); Nesterov's form as in Sutskever et al. (2013).
 
@@ -163,6 +167,7 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: PyTree
 
 
+@typed_arguments
 def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7) -> GradientTransformation:
     """AdaGrad's scaling (Duchi, Hazan & Singer, 2011).
 
@@ -197,6 +202,7 @@ def _rms_scale(g, nu, eps, eps_in_sqrt):
     return g * jax.lax.rsqrt(nu + eps) if eps_in_sqrt else g / (jnp.sqrt(nu) + eps)
 
 
+@typed_arguments
 def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, eps_in_sqrt: bool = True,
                  bias_correction: bool = False) -> GradientTransformation:
     """RMSProp's scaling (Tieleman & Hinton, 2012, lecture 6.5).
@@ -237,6 +243,7 @@ class ScaleByStddevState(NamedTuple):
     nu: PyTree
 
 
+@typed_arguments
 def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0, eps_in_sqrt: bool = True,
                     bias_correction: bool = False) -> GradientTransformation:
     """Centered RMSProp (Graves, 2013): divide by an estimate of the gradient's standard deviation.
@@ -278,6 +285,7 @@ class ScaleByAdamState(NamedTuple):
     nu: PyTree
 
 
+@typed_arguments
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *,
                   nesterov: bool = False) -> GradientTransformation:
     """Adam's scaling (Kingma & Ba, 2015); Nesterov variant NAdam (Dozat, 2016) as in optax.
@@ -348,6 +356,7 @@ def _add_term(term: Callable[[jax.Array], jax.Array], mask: Any, owner: str) -> 
     return transformation(owner, lambda params: EmptyState(), update)
 
 
+@typed_arguments
 def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
     """Decoupled weight decay (Loshchilov & Hutter, 2019): ``u ← u + λ θ``, placed after the
     adaptive scaling; ``mask`` (pytree of bools, or a function of params) limits it, e.g. to kernels.
@@ -364,6 +373,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
     return _add_term(lambda p: weight_decay * p, mask, "add_decayed_weights")
 
 
+@typed_arguments
 def add_l2_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
     """L2 penalty ``(λ/2) ‖θ‖²`` added to the loss, i.e. ``g ← g + λ θ`` before any scaling.
 
@@ -379,6 +389,7 @@ def add_l2_penalty(coefficient: float, mask: Any = None) -> GradientTransformati
     return _add_term(lambda p: coefficient * p, mask, "add_l2_penalty")
 
 
+@typed_arguments
 def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformation:
     """L1 penalty ``λ ‖θ‖₁``: ``g ← g + λ sign(θ)`` (subgradient 0 at θ = 0).
 
@@ -395,6 +406,7 @@ def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformati
 
 
 # --------------------------------------------------------------------------- clipping
+@typed_arguments
 def clip(max_delta: float) -> GradientTransformation:
     """Clip by value: ``u ← clip(g, -max_delta, max_delta)``.
 
@@ -415,6 +427,7 @@ class ClipByGlobalNormState(NamedTuple):
     global_norm: jax.Array
 
 
+@typed_arguments
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Pascanu, Mikolov & Bengio (2013): ``u ← g · min(1, max_norm / ‖g‖)``, ``‖g‖`` over all leaves.
 
