@@ -57,7 +57,10 @@ def _check(args: argparse.Namespace) -> int:
             print("\n" + str(report))
     failed = [r for r in reports if not r.ok]
     rows = sum(len(r.rows) for r in reports)
-    print(f"\n{len(reports) - len(failed)} of {len(reports)} rules pass ({rows} comparisons against JAX's grad "
+    from fbp.report import JUDGED
+
+    print(f"\n{JUDGED}.")
+    print(f"{len(reports) - len(failed)} of {len(reports)} rules pass ({rows} comparisons against JAX's grad "
           f"and finite differences, {args.dtype}{', jit' if args.jit else ''}).")
     return 1 if failed else 0
 
@@ -65,13 +68,16 @@ def _check(args: argparse.Namespace) -> int:
 def summary_table(reports) -> str:
     """One line per rule: the worst judged error (relative, or absolute on the gradient's scale
     for leaves whose gradient is zero) against JAX's grad and against finite differences."""
-    header = ("rule", "vs jax: max rel err", "vs finite diff: max rel err", "")
+    header = ("rule", "vs jax: judged err", "vs finite diff: judged err", "")
     lines = []
     for r in reports:
         worst = {kind: max((row.error for row in r.rows if row.against == kind), default=0.0)
                  for kind in ("jax", "fd")}
         name = r.subject.split(": ", 1)[1]
-        lines.append((name if len(name) <= 70 else name[:67] + "...", f"{worst['jax']:.1e}", f"{worst['fd']:.1e}",
+        if len(name) > 90:  # keep the case (in brackets) when cutting a long rule's repr
+            case = name[name.rfind(" ["):] if name.endswith("]") else ""
+            name = name[:90 - len(case) - 3] + "..." + case
+        lines.append((name, f"{worst['jax']:.1e}", f"{worst['fd']:.1e}",
                       "ok" if r.ok else "FAIL"))
     from fbp.check import format_table
 

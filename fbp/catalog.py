@@ -5,6 +5,7 @@ The test suite runs the same catalogue, so a new layer or loss is verified by ad
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -168,16 +169,35 @@ def checks(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[tuple[str,
     key = jax.random.PRNGKey(0) if key is None else key
     out = []
     for i, (layer, shape) in enumerate(layers()):
-        out.append((repr(layer), functools.partial(_check_layer, layer, shape, jax.random.fold_in(key, i), dtype, jit)))
+        out.append((f"{layer!r} [input {shape}]",
+                    functools.partial(_check_layer, layer, shape, jax.random.fold_in(key, i), dtype, jit)))
     for i, (layer, shape, opts) in enumerate(contextual_layers()):
-        out.append((repr(layer), functools.partial(_check_contextual, layer, shape, opts,
-                                                   jax.random.fold_in(key, 500 + i), dtype, jit)))
+        mode = "train" if opts.get("train") else "eval"
+        what = f"ids {shape}" if "vocab" in opts else f"input {shape}"
+        out.append((f"{layer!r} [{mode}, {what}]", functools.partial(_check_contextual, layer, shape, opts,
+                                                                      jax.random.fold_in(key, 500 + i), dtype, jit)))
     for loss, pred, target in losses_cases(jax.random.fold_in(key, 1000)):
-        out.append((repr(loss), functools.partial(check.loss, loss, pred, target, dtype=dtype, jit=jit)))
+        out.append((f"{loss!r} [{_targets(target)} {tuple(target.shape)}]",
+                    functools.partial(check.loss, loss, pred, target, dtype=dtype, jit=jit)))
     for i, (model, loss, shape, classes) in enumerate(models()):
-        out.append((f"{model!r} with {loss!r}", functools.partial(_check_model, model, loss, shape, classes,
-                                                                   jax.random.fold_in(key, 2000 + i), dtype, jit)))
-    return out
+        out.append((f"{model!r} with {loss!r} [input {shape}]",
+                    functools.partial(_check_model, model, loss, shape, classes, jax.random.fold_in(key, 2000 + i),
+                                      dtype, jit)))
+    return [(name, functools.partial(_named, name, thunk)) for name, thunk in out]
+
+
+def _named(name: str, thunk: Callable[[], check.Report]) -> check.Report:
+    """The report with the case's name (rule and sample) as its subject, so every row is unique."""
+    report = thunk()
+    return dataclasses.replace(report, subject=f"{report.subject.split(': ', 1)[0]}: {name}")
+
+
+def _targets(target) -> str:
+    """How a loss case's targets are written: labels, 0/1, or soft (probabilities, real values)."""
+    t = np.asarray(target)
+    if np.issubdtype(t.dtype, np.integer):
+        return "labels"
+    return "0/1 targets" if np.isin(t, (0.0, 1.0)).all() else "real targets"
 
 
 def run(*, dtype=jnp.float64, jit: bool = False, key=None) -> list[check.Report]:

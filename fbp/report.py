@@ -59,11 +59,13 @@ class Report:
         return tuple(row for row in self.rows if not row.ok)
 
     def __str__(self) -> str:
-        header = ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired", "")
-        lines = [(r.path, r.against, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", r.worst,
+        header = ("path", "vs", "max abs err", "max rel err", "judged err", "worst index", "actual (fbp)", "desired",
+                  "")
+        lines = [(r.path, r.against, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", judged(r), r.worst,
                   f"{r.actual:+.6e}", f"{r.desired:+.6e}", "ok" if r.ok else "FAIL") for r in self.rows]
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} of {len(self.rows)} comparisons)"
-        return "\n".join([f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, format_table(header, lines)])
+        return "\n".join([f"{self.subject}  [{self.dtype}]  {verdict}", *self.notes, format_table(header, lines),
+                          JUDGED])
 
     def _repr_pretty_(self, printer, cycle):  # IPython / notebooks
         printer.text(str(self))
@@ -73,6 +75,25 @@ class Report:
         if not self.ok:
             raise AssertionError("fbp.check: hand-written gradient disagrees with the reference\n" + str(self))
         return self
+
+
+JUDGED = ("judged err: the relative error, or the absolute error over the gradient's scale (abs/scale) where "
+          "that is smaller — an entry near zero (a zero gradient) has no meaningful relative error")
+
+
+def judged(row: Row) -> str:
+    """The error a row is judged on, and which one it is: ``"3.1e-12 (rel)"`` or ``"2.0e-17 (abs/scale)"``.
+
+    Args:
+        row: a comparison.
+
+    Returns:
+        The text for the table.
+    """
+    if math.isnan(row.error):
+        return "nan"
+    basis = "rel" if row.error == row.max_rel else "abs/scale"
+    return f"{row.error:.1e} ({basis})"
 
 
 def format_table(header, lines) -> str:

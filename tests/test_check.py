@@ -71,10 +71,10 @@ def test_report_table_columns():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
     text = str(fbp.check.layer(nn.Dense(2), nn.Dense(2).init(jax.random.PRNGKey(1), x), x))
     header = text.splitlines()[1]
-    for column in ("path", "vs", "max abs err", "max rel err", "worst index", "actual (fbp)", "desired"):
+    for column in ("path", "vs", "max abs err", "max rel err", "judged err", "worst index", "actual (fbp)", "desired"):
         assert column in header
     assert "[float64]  PASS" in text.splitlines()[0]
-    assert {line.split()[0] for line in text.splitlines()[2:]} == {"w", "b", "x"}
+    assert {line.split()[0] for line in text.splitlines()[2:-1]} == {"w", "b", "x"}  # the last: what is judged
 
 
 def test_float64_is_enabled_only_inside_the_check():
@@ -113,7 +113,7 @@ def test_cli_check_prints_the_table_and_exits_zero(monkeypatch, capsys):
     monkeypatch.setattr(catalog, "losses_cases", lambda key: original_losses(key)[:2])
     assert main(["check", "--dtype", "float32", "--jit"]) == 0
     out = capsys.readouterr().out
-    assert "vs jax: max rel err" in out and "Dense(features=7)" in out and "rules pass" in out
+    assert "vs jax: judged err" in out and "Dense(features=7)" in out and "rules pass" in out
 
 
 def test_cli_check_exits_nonzero_on_a_wrong_rule(monkeypatch, capsys):
@@ -138,3 +138,20 @@ def test_cli_train_main_job(tmp_path):
     assert accuracy >= 0.97
     assert "vs JAX autodiff" in result.stdout and "PASS" in result.stdout
     assert plot.stat().st_size > 1000
+
+
+def test_a_zero_gradient_row_shows_what_it_is_judged_on_and_every_catalogue_row_is_unique():
+    """A near-zero gradient has a huge relative error that is not what is judged: the table says
+    so (issue 26: "rel err 1.98e4 ok"); and no two rows of `python -m fbp check` share a name."""
+    from fbp import catalog
+    from fbp.report import Report, Row, judged
+
+    row = Row("0/b", "fd", 3.5e-10, 1.98e4, "dir 0", 0.0, 3.5e-10, True, error=3.5e-10 / 2.0)
+    import dataclasses
+
+    assert judged(row) == "1.7e-10 (abs/scale)"
+    assert judged(dataclasses.replace(row, error=1.98e4)) == "2.0e+04 (rel)"
+    text = str(Report("fbp.check.layer: Dense(3)", "float64", (row,)))
+    assert "judged err" in text and "(abs/scale)" in text and "no meaningful relative error" in text
+    names = [name for name, _ in catalog.checks()]
+    assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]

@@ -111,14 +111,16 @@ class BatchNorm(Layer):
     Params ``{"scale": (C,), "b": (C,)}``; state ``{"mean": (C,), "var": (C,)}``.
 
     Args:
-        momentum: weight ``m`` of the old running average in each update (default 0.99).
+        momentum: weight ``m`` of the old running average in each update (default 0.9, as
+            PyTorch's 0.1; 0.99 — Keras's and Flax's — leaves the running statistics near their
+            initial values for the first few hundred steps, so evaluation lags training).
         epsilon: added to the variance before the square root (default 1e-5).
 
     Shapes:
         ``x (N, ..., C) -> y`` of the same shape; statistics over every axis but the last.
     """
 
-    momentum: float = 0.99
+    momentum: float = 0.9
     epsilon: float = 1e-5
     contextual = True
 
