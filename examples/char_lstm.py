@@ -2,7 +2,8 @@
 
 Embedding -> LSTM -> Dense over the vocabulary at every step; cross-entropy on the next
 character. Backpropagation through time is fbp's hand-written reverse scan. Prints the loss
-falling (in bits per character) and text sampled from the model. Run:
+falling in bits per character (fit records and shows nats, the natural-log unit; one bit is
+ln 2 ≈ 0.693 nats, and the script says both once) and text sampled from the model. Run:
 ``python examples/char_lstm.py``.
 """
 
@@ -65,7 +66,9 @@ def main(argv=None):
     optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adam(3e-3))
     result = train.fit(model, loss, optimizer, model.init(key, x[:1]), x, y, key=jax.random.fold_in(key, 1),
                        epochs=args.epochs, batch_size=32, scan_epochs=True, progress=not args.no_progress)
-    bits = result.history["loss"] / math.log(2)
+    bits = result.history["loss"] / math.log(2)  # fit records nats (natural log); one bit is ln 2 nats
+    print(f"last epoch {result.history['loss'][-1]:.3f} nats/char (the unit of fit's history and progress bar) = "
+          f"{bits[-1]:.3f} bits/char")
     print("training loss (bits/char) by epoch: " + " ".join(f"{b:.2f}" for b in bits[:: max(1, len(bits) // 10)]))
     print(f"first epoch {bits[0]:.2f} bits/char -> last epoch {bits[-1]:.2f} bits/char "
           f"(uniform over the vocabulary: {math.log2(len(chars)):.2f})")

@@ -83,14 +83,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         port, me = _free_port(), os.path.abspath(__file__)
+        # the workers' own output (gloo's and the coordinator's log lines) is kept, and shown only on failure
+        logs = [open(os.path.join(tmp, f"worker{i}.log"), "w+") for i in range(2)]  # noqa: SIM115
         workers = [subprocess.Popen([sys.executable, me, "--worker", str(i), "--num-processes", "2", "--port",
-                                     str(port), "--out", os.path.join(tmp, "multi.npz")], env=_cpu_devices(2))
+                                     str(port), "--out", os.path.join(tmp, "multi.npz")], env=_cpu_devices(2),
+                                    stdout=logs[i], stderr=subprocess.STDOUT)
                    for i in range(2)]
         single = subprocess.run([sys.executable, me, "--worker", "0", "--num-processes", "1", "--port", "0",
-                                 "--out", os.path.join(tmp, "single.npz")], env=_cpu_devices(4), timeout=600)
+                                 "--out", os.path.join(tmp, "single.npz")], env=_cpu_devices(4), timeout=600,
+                                capture_output=True, text=True)
         codes = [w.wait(timeout=600) for w in workers]
         if single.returncode or any(codes):
+            for i, log in enumerate(logs):
+                log.seek(0)
+                print(f"--- worker {i} ---\n{log.read()[-3000:]}", file=sys.stderr)
+            print(f"--- single process ---\n{single.stdout[-1500:]}{single.stderr[-3000:]}", file=sys.stderr)
             raise SystemExit(f"a process failed: workers {codes}, single process {single.returncode}")
+        for log in logs:
+            log.close()
         multi, ref = np.load(os.path.join(tmp, "multi.npz")), np.load(os.path.join(tmp, "single.npz"))
         diff = max(float(np.max(np.abs(multi[k] - ref[k]))) for k in ref.files)
     print(f"2 processes x 2 CPU devices vs 1 process x 4 CPU devices, {STEPS} Adam steps, batch {BATCH}: "

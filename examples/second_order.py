@@ -3,8 +3,8 @@ every method. K-FAC's factors and the gradient come from one forward pass and it
 
 Prints one line per model and method, e.g.
 ``MLP K-FAC: test accuracy 0.9xx, steps to training loss 0.1: N``, and plots the training loss
-against steps and against wall time (``--plot PATH``, default ``second_order.png``;
-``--no-plot`` to skip). Run: ``python examples/second_order.py``.
+against steps and against wall time with ``--plot PATH`` (nothing is written by default).
+Run: ``python examples/second_order.py``.
 """
 
 import argparse
@@ -110,15 +110,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="MLP,CNN", help="comma-separated: MLP, CNN")
-    parser.add_argument("--plot", default="second_order.png")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--plot", metavar="PATH", help="write the loss curves to this PNG (none by default)")
+    parser.add_argument("--no-plot", action="store_true", help="kept for old command lines: no plot is the default")
     args = parser.parse_args(argv)
     results = compare(args.steps, args.batch_size, args.seed, tuple(args.models.split(",")))
     for (name, method), r in results.items():
         reached = r["steps"] if r["steps"] is not None else f"not reached in {args.steps}"
         print(f"{name} {method}: test accuracy {r['accuracy']:.3f}, steps to training loss {TARGET}: {reached}, "
               f"{r['time'][-1]:.2f} s")
-    if not args.no_plot:
+    if args.plot and not args.no_plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
     return results

@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         from fbp.telemetry import plot_gradient_flow
 
-        plot_gradient_flow(result.telemetry).savefig(args.plot_gradients, dpi=120)
+        plot_gradient_flow(result.telemetry, model=model).savefig(args.plot_gradients, dpi=120)
         print(f"gradient flow (per-layer output-cotangent norms) written to {args.plot_gradients}")
     if result.diverged:
         print(f"verdict: diverged at epoch {result.diverged_at} ({result.stop_reason}); the figures above are for "

@@ -405,7 +405,8 @@ def leaf_paths(model: Layer) -> list[str]:
 
 
 @typed_arguments
-def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out_norm", ax=None, log: bool = True):
+def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out_norm", ax=None, log: bool = True,
+                       model: Layer | None = None):
     """Plot one statistic per layer over epochs from ``FitResult.telemetry``, one line per layer path.
 
     With the default ``d_out_norm`` this is gradient flow: vanishing gradients show as lines
@@ -416,6 +417,8 @@ def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out
         stat: the statistic to plot (a name in ``STATS``).
         ax: a matplotlib axes to draw on; a new figure if ``None``.
         log: a logarithmic y axis.
+        model: the model the history was recorded from: each line is then labelled with its
+            layer's path and class (``"2 Dense"``), else with the path alone.
 
     Returns:
         The matplotlib figure.
@@ -428,17 +431,20 @@ def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out
     if not history:
         raise ValueError("plot_gradient_flow: no telemetry recorded (fit(..., telemetry=True))")
     fig, ax = (plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax))
+    kinds = {} if model is None else {path: type(leaf).__name__ for path, leaf in leaf_layers(model)}
     for path, stats in history.items():
         if stat not in stats:
             continue
         values = stats[stat]
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=path or "<root>")
+        label = " ".join(part for part in (path or "<root>", kinds.get(path, "")) if part)
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
     if log:
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(stat)
     ax.set_title(f"{stat} per layer (path), epoch means")
-    ax.legend(fontsize="small", ncol=max(1, math.ceil(len(history) / 12)), title="layer")
+    ax.legend(fontsize="small", ncol=max(1, math.ceil(len(history) / 12)),
+              title="layer (path and class)" if kinds else "layer (path)")
     fig.tight_layout()
     return fig

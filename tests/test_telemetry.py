@@ -238,7 +238,9 @@ def test_fit_records_each_epoch_and_the_plot_draws_it(tmp_path):
     for path, s in first.items():
         for k, v in s.items():
             assert result.telemetry[path][k][0] == pytest.approx(float(v), rel=1e-5, abs=1e-7, nan_ok=True), (path, k)
-    fig = telemetry.plot_gradient_flow(result.telemetry)
+    fig = telemetry.plot_gradient_flow(result.telemetry, model=MODEL)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"{path} {type(leaf).__name__}" for path, leaf in leaf_layers(MODEL)], labels  # not "layer 0"
     fig.savefig(tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 1000
     assert train.fit(MODEL, CCE, optim.sgd(0.1), params, x, y, key=jax.random.PRNGKey(0), epochs=1,
