@@ -193,3 +193,23 @@ def test_property_per_example_grads_equal_vmap_of_grad_or_the_private_step_refus
         for u, v in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref), strict=True):
             np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-11)
         private(params, x, y, noise_key=jax.random.PRNGKey(0))  # runs
+
+
+def test_a_layer_whose_own_nans_stay_put_is_not_called_mixing():
+    """log of a random normal input is NaN at fixed places: the NaN pattern of the other examples
+    does not move, so the layer is independent; adding the batch mean makes it mixing."""
+    from fbp.core import ParameterFree
+
+    @dataclasses.dataclass(frozen=True)
+    class Log(ParameterFree):
+        mix: bool = False
+
+        def _forward(self, x):
+            return jnp.log(x) + (x.mean(0) if self.mix else 0.0), x
+
+        def _backward(self, x, d_y):
+            return d_y / x + (d_y.mean(0) if self.mix else 0.0)
+
+    shape = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+    assert independence.measured(Log(), shape, train=True)[0]
+    assert not independence.measured(Log(mix=True), shape, train=True)[0]
