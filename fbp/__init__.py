@@ -23,7 +23,8 @@ from fbp import (
     telemetry,
     train,
 )
-from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, value_and_grad, vjp
+from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, vjp
+from fbp.engine import value_and_grad
 
 __version__ = "0.1.0"
 

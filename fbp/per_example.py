@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,7 @@ from fbp.core import (
     require_state_mode,
     run_forward,
 )
+from fbp.extensions import Extension
 from fbp.probes import MODES, probe_model, split_probed
 from fbp.validation import typed_arguments
 
@@ -79,7 +80,8 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
         params: the params.
         x: the inputs, batch first.
         y: the targets.
-        mode: ``"grads"``, ``"norms"``, ``"clip"``, ``"sgs"`` or a ``"kfac-…"`` mode (``MODES``).
+        mode: ``"grads"``, ``"norms"``, ``"clip"``, ``"sgs"`` or a ``"kfac-…"`` mode (``MODES``); or a
+            tuple of them, computed in the same pass (then ``per[path]`` is ``{mode: quantity}``).
         state: the model state, or ``None``.
         key: a random key for layers that need one.
         train: training mode.
@@ -97,8 +99,8 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
         ValueError: an unknown ``mode``.
         InputError: a loss without a ``reduction`` field.
     """
-    if mode not in MODES:
-        raise ValueError(f"per_example.run: mode must be one of {MODES}, got {mode!r}")
+    if (mode not in MODES if isinstance(mode, str) else not mode or any(m not in MODES for m in mode)):
+        raise ValueError(f"per_example.run: mode must be one of {MODES} (or a tuple of them), got {mode!r}")
     if not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field (its per-example "
                                      "values come from reduction='none')")
@@ -325,3 +327,55 @@ def _sgs_and_sum(model, loss, params, x, y, **context):
         return per[path] if path in per else jax.tree_util.tree_map(jnp.zeros_like, p)
 
     return map_leaf_params(model, params, leaf), total, values.shape[0]
+
+
+# --------------------------------------------------------------------------- as extensions of the one pass
+@dataclasses.dataclass(frozen=True)
+class Grads(Extension):
+    """Per-example gradients, ``q["grads"][path]``: the leaf's params with a leading batch axis,
+    entry ``b`` the gradient of example ``b``'s own loss (BackPACK's BatchGrad, unscaled)."""
+
+    name: ClassVar[str] = "grads"
+    needs: ClassVar[str] = "grads"
+
+    def finalize(self, found, context):
+        return dict(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradNorms(Extension):
+    """Per-example gradient norms per leaf, ``q["grad_norms"][path]`` of shape ``(B,)``, by the
+    cheapest route each layer has (``‖x_b‖‖g_b‖``, the ghost norm; never the per-example
+    gradient where avoidable). The whole model's norm is ``sqrt(Σ_path q[path]²)``."""
+
+    name: ClassVar[str] = "grad_norms"
+    needs: ClassVar[str] = "norms"
+
+    def finalize(self, found, context):
+        return {path: jnp.sqrt(sq) for path, sq in found.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SumGradSquared(Extension):
+    """``Σ_b (∇ℓ_b)²`` elementwise per leaf, shaped like the leaf's params (BackPACK's SumGradSquared)."""
+
+    name: ClassVar[str] = "sum_grad_squared"
+    needs: ClassVar[str] = "sgs"
+
+    def finalize(self, found, context):
+        return dict(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variance(Extension):
+    """``(1/B) Σ_b (∇ℓ_b - ḡ)²`` elementwise per leaf, ``ḡ`` the mean per-example gradient
+    (BackPACK's Variance): ``SGS/B - ḡ²`` from the same pass, clamped at 0 against rounding."""
+
+    name: ClassVar[str] = "variance"
+    needs: ClassVar[str] = "sgs"
+
+    def finalize(self, found, context):
+        b = context.batch
+        return {path: jax.tree_util.tree_map(lambda s, g: jnp.maximum(s / b - jnp.square(g / b), 0), sgs,
+                                             context.leaf_grads[path])
+                for path, sgs in found.items()}

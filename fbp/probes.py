@@ -123,13 +123,20 @@ class _PerExample(Wrapper):
         if found is not None and not _covers(params, *found):
             raise InputError(repr(self.layer), "per_example_positions does not cover every parameter",
                              path=tuple(self.path.split("/")))
-        if found is not None:
-            out = self._positions(d_params, *found)
-        elif isinstance(self.layer, Embedding):
-            out = self._embedding(inner, x, d_y)
+        if not isinstance(self.mode, str):  # several quantities from the one pass: {mode: quantity}
+            out = {m: dataclasses.replace(self, mode=m)._quantity(d_params, inner, params, x, d_y, context, found)
+                   for m in self.mode}
         else:
-            out = self._materialised(inner, params, x, d_y, context)
+            out = self._quantity(d_params, inner, params, x, d_y, context, found)
         return (d_params, out), d_x
+
+    def _quantity(self, d_params, inner, params, x, d_y, context, found):
+        """This probe's mode's quantity for the layer, by the cheapest route it has."""
+        if found is not None:
+            return self._positions(d_params, *found)
+        if isinstance(self.layer, Embedding):
+            return self._embedding(inner, x, d_y)
+        return self._materialised(inner, params, x, d_y, context)
 
     def _positions(self, d_params, groups, rest):
         if self.mode.startswith("kfac"):  # fbp.curvature: Kronecker blocks, the rest as a diagonal

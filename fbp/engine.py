@@ -1,0 +1,72 @@
+"""One backward pass, several quantities: ``fbp.value_and_grad(model, loss, extensions=[...])``.
+
+The engine runs the model's forward once with every leaf probed (``fbp.probes``), the loss's
+per-example values and their backward, and the one probed backward pass; each leaf's rule
+hands its probe its input and output cotangent, and the probe computes every quantity the
+requested extensions need (``fbp.extensions``) — shared when two extensions need the same one.
+Then each extension's ``finalize`` turns the per-leaf quantities into its result.
+
+Conventions: ``value`` and ``grads`` are those of the reduced loss (as ``fbp.core.value_and_grad``);
+per-example quantities are those of each example's own loss ``ℓ_b`` (as ``fbp.per_example``),
+whatever the reduction. Every layer must keep the examples of a batch apart (``fbp.independence``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from fbp import core, per_example
+from fbp.core import Layer, Loss, map_leaf_params
+from fbp.extensions import Context, Extension, check_extensions
+
+
+def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
+                   extensions: Sequence[Extension] | None = None) -> Callable:
+    """The backward transform, with any set of extensions computed in the same pass.
+
+    Args:
+        model: the network, in training mode.
+        loss: a loss with ``reduction="mean"`` or ``"sum"``.
+        has_state: for models that keep state: ``f`` then takes the state and returns the new one.
+        extensions: quantities to compute in the same pass (``fbp.extensions``); ``None`` or
+            empty: the plain backward transform, ``fbp.core.value_and_grad``.
+
+    Returns:
+        Without extensions, ``fbp.core.value_and_grad(model, loss, has_state=has_state)``. With
+        them, ``f(params, x, y, *, key=None) -> (value, grads, q)`` and, with ``has_state=True``,
+        ``f(params, state, x, y, *, key=None) -> (value, grads, new_state, q)``: the same arity
+        whatever the extensions; ``q[extension.name][leaf path]``.
+
+    Raises:
+        TypeError: an entry that is not an extension.
+        ValueError: two extensions with one name, or a loss with ``reduction="none"``.
+        InputError: a layer that mixes the examples of a batch (naming its path).
+    """
+    if not extensions:
+        return core.value_and_grad(model, loss, has_state=has_state)
+    extensions = check_extensions(extensions)
+    if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
+        raise ValueError(f"fbp.value_and_grad: {loss!r} returns one value per example; the transform needs "
+                         f"reduction='mean' or 'sum' (per-example values come from the extensions)")
+    modes = tuple(dict.fromkeys(e.needs for e in extensions))
+
+    def body(params, x, y, *, state=None, key=None):
+        values, summed, per, _, new_state = per_example.run(model, loss, params, x, y, mode=modes, state=state,
+                                                            key=key, train=True)
+        scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
+        value = values.sum() * scale
+        grads = summed if scale == 1.0 else _scaled(summed, scale)
+        leaf_grads: dict = {}
+        map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
+        context = Context(model, params, values, grads, summed, {p: leaf_grads[p] for p in per}, values.shape[0])
+        q = {e.name: e.finalize({path: found[e.needs] for path, found in per.items()}, context)
+             for e in extensions}
+        return (value, grads, new_state, q) if has_state else (value, grads, q)
+
+    return per_example.with_context(model, has_state, "fbp.value_and_grad", body)
+
+
+def _scaled(tree, scale):
+    import jax
+
+    return jax.tree_util.tree_map(lambda g: g * scale, tree)

@@ -1,0 +1,100 @@
+"""The extension protocol: a quantity computed in the same backward pass as the gradient.
+
+An extension is a small frozen value with a ``name`` (its key in the result), the per-example
+quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"grads"``,
+``"norms"`` or ``"sgs"``, ``fbp.probes``), and ``finalize``, which turns what every leaf
+produced into its result, keyed by leaf path::
+
+    value, grads, q = fbp.value_and_grad(model, loss, extensions=[
+        fbp.per_example.GradNorms(), fbp.per_example.Variance()])(params, x, y)
+    q["grad_norms"]["2"]        # (B,): example b's gradient norm at the leaf "2"
+
+Several extensions that need the same quantity share it; every quantity comes from the one
+forward and one backward pass (``fbp.engine``). How each layer family computes a quantity
+(positions and ghost norms, its own per-example rule, or its rules on each example alone) is
+the probe's business (``fbp.probes``), declared beside the family's forward — an extension
+never inspects layer types.
+
+A user's extension is a subclass with those three members; ``docs/guides/per-example-and-privacy.md``
+shows one in a few lines (per-example gradient cosine to the batch mean).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+NEEDS = ("grads", "norms", "sgs")
+
+
+class Context(NamedTuple):
+    """What ``finalize`` may read besides the per-layer quantities.
+
+    Attributes:
+        model: the model.
+        params: its params.
+        values: the per-example losses (``reduction="none"``), batch first.
+        grads: the gradient of the reduced loss, shaped like ``params``.
+        summed: ``Σ_b ∇ℓ_b``, the sum of the per-example gradients, shaped like ``params``.
+        leaf_grads: ``{path: Σ_b ∇ℓ_b at that leaf}`` for every leaf with parameters.
+        batch: the number of examples ``B``.
+    """
+
+    model: Any
+    params: Any
+    values: Any
+    grads: Any
+    summed: Any
+    leaf_grads: dict
+    batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    """The base of every extension (module docstring): set ``name`` and ``needs``, write ``finalize``."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "grads"
+
+    def finalize(self, found: dict[str, Any], context: Context) -> dict[str, Any]:
+        """This extension's result from what each leaf produced.
+
+        Args:
+            found: ``{leaf path: the quantity named by needs}`` for every leaf with parameters.
+            context: the rest of the pass (``Context``).
+
+        Returns:
+            ``{leaf path: result}``.
+        """
+        raise NotImplementedError
+
+
+def check_extensions(extensions) -> tuple[Extension, ...]:
+    """The extensions as a tuple, checked: instances of ``Extension`` with a known ``needs`` and
+    distinct names.
+
+    Args:
+        extensions: a sequence of extensions.
+
+    Returns:
+        The tuple.
+
+    Raises:
+        TypeError: something that is not an ``Extension`` (a class instead of an instance, too).
+        ValueError: an unknown ``needs``, or two extensions with one name.
+    """
+    if isinstance(extensions, Extension) or not isinstance(extensions, (list, tuple)):
+        raise TypeError(f"extensions must be a list of extensions, e.g. [fbp.per_example.GradNorms()], got "
+                        f"{extensions!r}")
+    for e in extensions:
+        if not isinstance(e, Extension):
+            hint = " (an instance is needed: add ())" if isinstance(e, type) and issubclass(e, Extension) else ""
+            raise TypeError(f"extensions: {e!r} is not an fbp extension{hint}")
+        if e.needs not in NEEDS or not e.name:
+            raise ValueError(f"extensions: {type(e).__name__} needs {e.needs!r} (one of {NEEDS}) and a name, got "
+                             f"name {e.name!r}")
+    names = [e.name for e in extensions]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"extensions: the name(s) {twice} are used twice; each result is keyed by its name")
+    return tuple(extensions)

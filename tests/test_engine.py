@@ -1,0 +1,126 @@
+"""fbp.value_and_grad(..., extensions=[...]): several quantities from one pass, each against
+jax.vmap(jax.grad) of the plain forward (issue 27, first part: the per-example family)."""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbp
+from fbp import credit, losses, nn
+from fbp import per_example as pe
+from fbp.extensions import Extension
+
+CCE = losses.CategoricalCrossEntropy(from_logits=True)
+MODEL = nn.Serial(nn.Conv1D(4, 3), nn.Tanh(), nn.LayerNorm(), nn.Flatten(), nn.Dense(6), nn.GELU(), nn.Dense(3))
+ALL = [pe.Grads(), pe.GradNorms(), pe.SumGradSquared(), pe.Variance()]
+
+
+class CosineToMean(Extension):
+    """A user's extension: each example's gradient cosine to the batch mean, per leaf (≤ 25 lines)."""
+
+    name: ClassVar[str] = "cosine_to_mean"
+    needs: ClassVar[str] = "grads"
+
+    def finalize(self, found, context):
+        out = {}
+        for path, per in found.items():
+            flat = jnp.concatenate([a.reshape(a.shape[0], -1) for a in jax.tree_util.tree_leaves(per)], axis=1)
+            mean = flat.mean(axis=0)
+            out[path] = flat @ mean / (jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(mean) + 1e-30)
+        return out
+
+
+def _data(dtype):
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 7, 2), dtype)
+    y = jnp.arange(5) % 3
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), MODEL.init(jax.random.PRNGKey(1), x))
+    return x, y, params
+
+
+def _reference(params, x, y):
+    one = lambda xb, yb: jax.grad(lambda p: CCE(MODEL.apply(p, xb[None]), yb[None]))(params)  # noqa: E731
+    return jax.jit(jax.vmap(one))(x, y)
+
+
+def _leaves_by_path(tree):
+    out = {}
+    fbp.core.map_leaf_params(MODEL, tree, lambda path, leaf, p: out.setdefault(path, p))
+    return {path: p for path, p in out.items() if jax.tree_util.tree_leaves(p)}
+
+
+def _close(a, b, tol):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, jit, tol", [(jnp.float64, False, 1e-10), (jnp.float32, True, 2e-4)])
+def test_every_extension_from_one_call_equals_vmap_of_grad(dtype, jit, tol):
+    with jax.enable_x64(dtype == jnp.float64):
+        x, y, params = _data(dtype)
+        f = fbp.value_and_grad(MODEL, CCE, extensions=[*ALL, CosineToMean()])
+        value, grads, q = (jax.jit(f) if jit else f)(params, x, y)
+        ref = _leaves_by_path(_reference(params, x, y))
+        plain_value, plain_grads = fbp.core.value_and_grad(MODEL, CCE)(params, x, y)
+        np.testing.assert_allclose(float(value), float(plain_value), rtol=tol)
+        _close(grads, plain_grads, tol)
+        assert set(q) == {"grads", "grad_norms", "sum_grad_squared", "variance", "cosine_to_mean"}
+        assert set(q["grads"]) == set(ref) == {"0", "2", "4", "6"}
+        for path, per in ref.items():
+            flat = jnp.concatenate([a.reshape(5, -1) for a in jax.tree_util.tree_leaves(per)], axis=1)
+            _close(q["grads"][path], per, tol)
+            _close(q["grad_norms"][path], jnp.linalg.norm(flat, axis=1), tol)
+            _close(q["sum_grad_squared"][path], jax.tree_util.tree_map(lambda a: jnp.sum(a * a, 0), per), tol)
+            _close(q["variance"][path], jax.tree_util.tree_map(lambda a: jnp.var(a, 0), per), tol)
+            mean = flat.mean(0)
+            _close(q["cosine_to_mean"][path], flat @ mean / (jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(mean)),
+                   tol)
+
+
+def test_a_wrong_extension_is_caught_by_the_same_comparison():
+    class WrongVariance(pe.Variance):  # forgets to subtract the squared mean
+        def finalize(self, found, context):
+            return {path: jax.tree_util.tree_map(lambda s: s / context.batch, sgs) for path, sgs in found.items()}
+
+    with jax.enable_x64(True):
+        x, y, params = _data(jnp.float64)
+        q = fbp.value_and_grad(MODEL, CCE, extensions=[WrongVariance()])(params, x, y)[2]
+        ref = _leaves_by_path(_reference(params, x, y))
+        with pytest.raises(AssertionError):
+            _close(q["variance"]["6"], jax.tree_util.tree_map(lambda a: jnp.var(a, 0), ref["6"]), 1e-10)
+
+
+def test_the_result_has_one_arity_and_a_model_with_state_gets_its_state_back():
+    model = credit.feedback_alignment(nn.Serial(nn.Dense(4), nn.Tanh(), nn.Dense(3)))  # B lives in the state
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (4, 5)), jnp.arange(4) % 3
+    params = model.init(jax.random.PRNGKey(1), x)
+    state = model.init_state(params)
+    for extensions in ([pe.GradNorms()], ALL):
+        out = fbp.value_and_grad(model, CCE, has_state=True, extensions=extensions)(params, state, x, y)
+        assert len(out) == 4 and set(out[3]) == {e.name for e in extensions}
+        assert jax.tree_util.tree_structure(out[2]) == jax.tree_util.tree_structure(state)
+        assert len(fbp.value_and_grad(nn.Dense(3), CCE, extensions=extensions)(
+            nn.Dense(3).init(jax.random.PRNGKey(1), x), x, y)) == 3
+    with pytest.raises(fbp.InputError, match="has_state=True"):
+        fbp.value_and_grad(model, CCE, extensions=[pe.GradNorms()])
+
+
+def test_bad_extension_lists_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"an instance is needed: add \(\)"):
+        fbp.value_and_grad(MODEL, CCE, extensions=[pe.GradNorms])
+    with pytest.raises(TypeError, match="must be a list of extensions"):
+        fbp.value_and_grad(MODEL, CCE, extensions=pe.GradNorms())
+    with pytest.raises(ValueError, match=r"\['variance'\] are used twice"):
+        fbp.value_and_grad(MODEL, CCE, extensions=[pe.Variance(), pe.Variance()])
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        fbp.value_and_grad(MODEL, losses.MSE(reduction="none"), extensions=[pe.GradNorms()])
+
+    @dataclasses.dataclass(frozen=True)
+    class Nameless(Extension):
+        needs: ClassVar[str] = "hessians"
+
+    with pytest.raises(ValueError, match="needs 'hessians'"):
+        fbp.value_and_grad(MODEL, CCE, extensions=[Nameless()])
