@@ -2,7 +2,7 @@
 
 An extension is a small frozen value with a ``name`` (its key in the result), the per-example
 quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"grads"``,
-``"norms"`` or ``"sgs"``, ``fbp.probes``), and ``finalize``, which turns what every leaf
+``"norms"``, ``"sgs"`` or ``"clip"``, ``fbp.probes``), and ``finalize``, which turns what every leaf
 produced into its result, keyed by leaf path::
 
     value, grads, q = fbp.value_and_grad(model, loss, extensions=[
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs")
+NEEDS = ("grads", "norms", "sgs", "clip")
 
 
 class Context(NamedTuple):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ import numpy as np
 
 from fbp import per_example
 from fbp.core import Layer, Loss, leaf_layers, map_leaf_params
+from fbp.extensions import Extension
 from fbp.nn.positions import assemble
 from fbp.validation import InputError, check_fields, describe, is_concrete, require_key, require_number, typed_arguments
 
@@ -82,30 +84,62 @@ def _clipped(model, loss, l2_clip, params, x, y, *, mask=None, with_pred=False, 
     mask = _require_mask(mask, x)
     values, grads, per, _, _, pred = per_example.run(model, loss, params, x, y, mode="clip", with_pred=True,
                                                      **context)
-    norms = jnp.sqrt(sum((p["sq"] for p in per.values()), jnp.zeros(values.shape, values.dtype)))
+    norms = _total_norms(per, values)
     c = _weights(norms, l2_clip, mask)
-    leaves = dict(leaf_layers(model))
+
+    def clipped(path, leaf, d_params):
+        kept = per.get(path)
+        return d_params if kept is None else _clipped_leaf(leaf, d_params, kept, c)
+
+    out = values, map_leaf_params(model, grads, clipped), norms
+    return (*out, pred) if with_pred else out
+
+
+def _total_norms(per, values):
+    """Each example's gradient norm over the whole model, from every leaf's squared norms."""
+    return jnp.sqrt(sum((p["sq"] for p in per.values()), jnp.zeros(values.shape[:1], values.dtype)))
+
+
+def _clipped_leaf(leaf: Layer, d_params, kept, c):
+    """A leaf's ``Σ_b c_b ∇ℓ_b`` from what its probe kept in ``"clip"`` mode (module docstring)."""
 
     def weigh(per):
         return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, 1), per)
 
-    def clipped(path, leaf, d_params):
-        kept = per.get(path)
-        if kept is None:
-            return d_params
-        if "groups" in kept:  # weights used over positions: Xᵀ (c ⊙ G), or weigh what was materialised
-            values = weigh(kept["rest"])
-            for group, materialised in zip(kept["groups"], kept["per"], strict=True):
-                values.update(group.weighted_sum(c) if materialised is None else weigh(materialised))
-            return assemble(d_params, values)
-        if "per" in kept:  # the norm's route materialised the per-example gradients: weigh them
-            return weigh(kept["per"])
-        d_y = jax.tree_util.tree_map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
-                                     kept["d_y"])
-        return leaves[path].backward(kept["res"], d_y)[0]
+    if "groups" in kept:  # weights used over positions: Xᵀ (c ⊙ G), or weigh what was materialised
+        values = weigh(kept["rest"])
+        for group, materialised in zip(kept["groups"], kept["per"], strict=True):
+            values.update(group.weighted_sum(c) if materialised is None else weigh(materialised))
+        return assemble(d_params, values)
+    if "per" in kept:  # the norm's route materialised the per-example gradients: weigh them
+        return weigh(kept["per"])
+    d_y = jax.tree_util.tree_map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), kept["d_y"])
+    return leaf.backward(kept["res"], d_y)[0]
 
-    out = values, map_leaf_params(model, grads, clipped), norms
-    return (*out, pred) if with_pred else out
+
+@dataclasses.dataclass(frozen=True)
+class ClippedGrad(Extension):
+    """DP-SGD's clipped sum as an extension of the one pass, per leaf:
+    ``q["clipped_grad"][path] = Σ_b min(1, C/‖g_b‖) g_b`` with ``‖g_b‖`` each example's norm over
+    the whole model — the same book-keeping as ``clipped_grad`` (norms first, then ``Xᵀ(c ⊙ G)``).
+    For a sampling mask or the noise, use ``clipped_grad`` / ``private_grad``.
+
+    Args:
+        l2_clip: ``C > 0`` (``inf`` clips nothing).
+    """
+
+    l2_clip: float = 1.0
+    name: ClassVar[str] = "clipped_grad"
+    needs: ClassVar[str] = "clip"
+
+    def __post_init__(self):
+        if self.l2_clip != math.inf:  # inf: clip nothing
+            require_number("ClippedGrad", "l2_clip", self.l2_clip, low=0, low_open=True)
+
+    def finalize(self, found, context):
+        c = _weights(_total_norms(found, context.values), self.l2_clip, None)
+        leaves = dict(leaf_layers(context.model))
+        return {path: _clipped_leaf(leaves[path], context.leaf_grads[path], kept, c) for path, kept in found.items()}
 
 
 @typed_arguments

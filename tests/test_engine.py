@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fbp
-from fbp import credit, losses, nn
+from fbp import credit, losses, nn, privacy
 from fbp import per_example as pe
 from fbp.extensions import Extension
 
@@ -124,3 +124,22 @@ def test_bad_extension_lists_are_refused_by_name():
 
     with pytest.raises(ValueError, match="needs 'hessians'"):
         fbp.value_and_grad(MODEL, CCE, extensions=[Nameless()])
+
+
+@pytest.mark.parametrize("clip", [0.05, float("inf")])
+def test_clipped_grad_as_an_extension_equals_clipping_vmap_of_grad_and_composes(clip):
+    """In the same pass as the gradient norms: Σ_b min(1, C/‖g_b‖) g_b against the reference."""
+    with jax.enable_x64(True):
+        x, y, params = _data(jnp.float64)
+        _, _, q = fbp.value_and_grad(MODEL, CCE, extensions=[privacy.ClippedGrad(clip), pe.GradNorms()])(params, x, y)
+        ref = _leaves_by_path(_reference(params, x, y))
+        norms = jnp.sqrt(sum(jnp.sum(a.reshape(5, -1) ** 2, 1) for per in ref.values()
+                             for a in jax.tree_util.tree_leaves(per)))
+        c = jnp.minimum(1.0, clip / norms)
+        for path, per in ref.items():
+            _close(q["clipped_grad"][path], jax.tree_util.tree_map(lambda a: jnp.tensordot(c, a, 1), per), 1e-10)
+        _close(sum(q["grad_norms"][p] ** 2 for p in ref), norms ** 2, 1e-10)
+        same = privacy.clipped_grad(MODEL, CCE, clip)(params, x, y)[1]
+        _close(q["clipped_grad"], _leaves_by_path(same), 1e-12)
+    with pytest.raises(ValueError, match="l2_clip must be a finite number"):
+        privacy.ClippedGrad(-1.0)
