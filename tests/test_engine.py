@@ -143,3 +143,22 @@ def test_clipped_grad_as_an_extension_equals_clipping_vmap_of_grad_and_composes(
         _close(q["clipped_grad"], _leaves_by_path(same), 1e-12)
     with pytest.raises(ValueError, match="l2_clip must be a finite number"):
         privacy.ClippedGrad(-1.0)
+
+
+def test_several_extensions_share_one_backward_pass():
+    """Each leaf's backward rule runs once per trace, however many extensions are asked for."""
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Counted(nn.Dense):
+        independent_examples = True
+
+        def backward(self, res, d_y):
+            calls.append(1)
+            return super().backward(res, d_y)
+
+    model = nn.Serial(Counted(6), nn.Tanh(), Counted(3))
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (4, 5)), jnp.arange(4) % 3
+    params = model.init(jax.random.PRNGKey(1), x)
+    jax.eval_shape(fbp.value_and_grad(model, CCE, extensions=[*ALL, privacy.ClippedGrad(1.0)]), params, x, y)
+    assert len(calls) == 2  # two Dense leaves, one backward each
