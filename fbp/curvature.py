@@ -42,16 +42,17 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_name, run_forward, tree_mismatch
+from fbp.extensions import Extension
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
 from fbp.probes import sum_squares_probe
-from fbp.validation import typed_arguments
+from fbp.validation import check_fields, typed_arguments
 from fbp.walk import child_params
 
 PyTree = Any
@@ -127,6 +128,48 @@ def _diagonal(model, loss, params, x, y, *, mc_samples, key, caller, **context):
         return jax.tree_util.tree_map(jnp.zeros_like, p)
 
     return map_leaf_params(model, params, leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagGGN(Extension):
+    """The exact GGN diagonal as an extension, per leaf (``diag_ggn``'s quantity): the loss's
+    Hessian-factor columns backpropagated, column-vmapped, on the same forward's residuals."""
+
+    name: ClassVar[str] = "diag_ggn"
+    needs: ClassVar[str] = "columns"
+
+    def columns(self, loss, y, key):
+        _require_curvature(loss, "fbp.curvature.DiagGGN")
+        return _columns(loss, y, None, key)
+
+    def finalize(self, found, context):
+        return dict(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagGGNMC(Extension):
+    """A Monte-Carlo GGN diagonal as an extension, per leaf (``diag_ggn_mc``'s quantity); the
+    call needs ``key``.
+
+    Args:
+        mc_samples: columns sampled per example.
+    """
+
+    mc_samples: int = 1
+    name: ClassVar[str] = "diag_ggn_mc"
+    needs: ClassVar[str] = "columns"
+    samples: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_fields(self)
+        _require_samples(self.mc_samples, "DiagGGNMC")
+
+    def columns(self, loss, y, key):
+        _require_curvature(loss, "fbp.curvature.DiagGGNMC")
+        return _columns(loss, y, self.mc_samples, key)
+
+    def finalize(self, found, context):
+        return dict(found)
 
 
 @typed_arguments

@@ -4,7 +4,9 @@ The engine runs the model's forward once with every leaf probed (``fbp.probes``)
 per-example values and their backward, and the one probed backward pass; each leaf's rule
 hands its probe its input and output cotangent, and the probe computes every quantity the
 requested extensions need (``fbp.extensions``) — shared when two extensions need the same one.
-Then each extension's ``finalize`` turns the per-leaf quantities into its result.
+Extensions that need cotangent columns (the GGN diagonal: the loss's Hessian-factor columns)
+get a column-vmapped backward on the same forward's residuals. Then each extension's
+``finalize`` turns the per-leaf quantities into its result.
 
 Conventions: ``value`` and ``grads`` are those of the reduced loss (as ``fbp.core.value_and_grad``);
 per-example quantities are those of each example's own loss ``ℓ_b`` (as ``fbp.per_example``),
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
+
 from fbp import core, per_example
-from fbp.core import Layer, Loss, map_leaf_params
+from fbp.core import InputError, Layer, Loss, map_leaf_params
 from fbp.extensions import Context, Extension, check_extensions
 
 
@@ -48,18 +52,30 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"fbp.value_and_grad: {loss!r} returns one value per example; the transform needs "
                          f"reduction='mean' or 'sum' (per-example values come from the extensions)")
-    modes = tuple(dict.fromkeys(e.needs for e in extensions))
+    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs != "columns"))
+    by_columns = [e for e in extensions if e.needs == "columns"]
+    sampled = any(e.samples for e in by_columns)
 
     def body(params, x, y, *, state=None, key=None):
-        values, summed, per, _, new_state = per_example.run(model, loss, params, x, y, mode=modes, state=state,
-                                                            key=key, train=True)
+        model_key, sample_key = key, key
+        if sampled:
+            if key is None:
+                raise InputError("fbp.value_and_grad", f"{[e.name for e in by_columns if e.samples]} sample "
+                                                       f"targets: pass key=jax.random.key(...)")
+            if model.needs_key:  # as fbp.curvature: one key for the model, one for the samples
+                model_key, sample_key = tuple(jax.random.split(key))
+        column_sets = tuple(e.columns(loss, y, sample_key) for e in by_columns)
+        values, summed, per, column_per, new_state = per_example.one_pass(
+            model, loss, params, x, y, modes=modes, column_sets=column_sets, state=state, key=model_key, train=True)
+        found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
         scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
         value = values.sum() * scale
         grads = summed if scale == 1.0 else _scaled(summed, scale)
         leaf_grads: dict = {}
         map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
         context = Context(model, params, values, grads, summed, {p: leaf_grads[p] for p in per}, values.shape[0])
-        q = {e.name: e.finalize({path: found[e.needs] for path, found in per.items()}, context)
+        q = {e.name: e.finalize(found_columns[e.name] if e.needs == "columns" else
+                                {path: found[e.needs] for path, found in per.items()}, context)
              for e in extensions}
         return (value, grads, new_state, q) if has_state else (value, grads, q)
 
@@ -67,6 +83,4 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
 
 
 def _scaled(tree, scale):
-    import jax
-
     return jax.tree_util.tree_map(lambda g: g * scale, tree)

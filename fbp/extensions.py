@@ -2,7 +2,10 @@
 
 An extension is a small frozen value with a ``name`` (its key in the result), the per-example
 quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"grads"``,
-``"norms"``, ``"sgs"`` or ``"clip"``, ``fbp.probes``), and ``finalize``, which turns what every leaf
+``"norms"``, ``"sgs"`` or ``"clip"``, ``fbp.probes``; or ``"columns"``: the squares of each
+layer's gradients for the cotangent columns its ``columns(loss, y, key)`` gives, summed — a
+second, column-vmapped backward on the same forward's residuals, as the GGN diagonal needs),
+and ``finalize``, which turns what every leaf
 produced into its result, keyed by leaf path::
 
     value, grads, q = fbp.value_and_grad(model, loss, extensions=[
@@ -24,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs", "clip")
+NEEDS = ("grads", "norms", "sgs", "clip", "columns")
 
 
 class Context(NamedTuple):
@@ -55,6 +58,20 @@ class Extension:
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "grads"
+    samples: ClassVar[bool] = False  # its columns are drawn at random (then the call needs a key)
+
+    def columns(self, loss, y, key):
+        """For ``needs = "columns"``: ``pred -> (*pred.shape, M)``, the cotangents to backpropagate.
+
+        Args:
+            loss: the loss.
+            y: the targets.
+            key: a random key (for sampled columns).
+
+        Returns:
+            The function, or ``None`` for other extensions.
+        """
+        return None
 
     def finalize(self, found: dict[str, Any], context: Context) -> dict[str, Any]:
         """This extension's result from what each leaf produced.

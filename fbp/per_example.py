@@ -113,6 +113,50 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
+def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_sets: tuple = (), state=None, key=None,
+             train: bool = True):
+    """The engine's pass: one probed forward, the backward of the per-example losses computing
+    every quantity in ``modes``, and, on the same residuals, the column-vmapped backward of each
+    entry of ``column_sets`` squaring each layer's per-column gradients (``"sgs"``).
+
+    Args:
+        model: the model.
+        loss: a loss with a ``reduction`` field.
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        modes: the quantities of the gradient's backward (``MODES``); may be empty.
+        column_sets: functions ``pred -> (*pred.shape, M)``: cotangent columns to backpropagate.
+        state: the model state, or ``None``.
+        key: a random key for layers that need one.
+        train: training mode.
+
+    Returns:
+        ``(values, summed, per, column_per, new_state)``: per-example losses, ``Σ_b ∇ℓ_b``,
+        ``per[path][mode]``, ``column_per[i][path]`` (``Σ_columns Σ_b (J_bᵀ s)²``, shaped like
+        the leaf's params) and the new state.
+    """
+    if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
+        raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
+    probed, _, pred, res = _probed_forward(model, params, x, tuple(modes) or ("norms",), state=state, key=key,
+                                           train=train)
+    each = dataclasses.replace(loss, reduction="none")
+    values, loss_res = each.forward(pred, y)
+    d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))
+    summed, per = split_probed(model, probed.backward(res, d_pred)[0])
+    squares = probe_model(model, "sgs", {})  # the same forward residuals, another quantity per layer
+
+    def column(c):
+        return split_probed(model, squares.backward(res, c)[0])[1]
+
+    column_per = []
+    for columns in column_sets:
+        found = jax.vmap(column, in_axes=-1)(columns(pred))
+        column_per.append({path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()})
+    new_state = None if state is None else probed.next_state(state, res)
+    return values, summed, per if modes else {p: {} for p in per}, column_per, new_state
+
+
 @typed_arguments
 def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, gradient: Callable | None = None,
                      state=None, key=None, train: bool = True):

@@ -5,6 +5,7 @@ import dataclasses
 from typing import ClassVar
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,3 +163,28 @@ def test_several_extensions_share_one_backward_pass():
     params = model.init(jax.random.PRNGKey(1), x)
     jax.eval_shape(fbp.value_and_grad(model, CCE, extensions=[*ALL, privacy.ClippedGrad(1.0)]), params, x, y)
     assert len(calls) == 2  # two Dense leaves, one backward each
+
+
+def test_ggn_diagonals_join_the_same_call_and_equal_the_dense_ggn():
+    """DiagGGN (exact) against diag(Jᵀ H J) built with jax.jacrev/jax.hessian; DiagGGNMC equal to
+    fbp.curvature.diag_ggn_mc with the same key; both beside the gradient norms in one call."""
+    from fbp import curvature
+
+    with jax.enable_x64(True):
+        x, y, params = _data(jnp.float64)
+        key = jax.random.PRNGKey(7)
+        f = fbp.value_and_grad(MODEL, CCE, extensions=[curvature.DiagGGN(), curvature.DiagGGNMC(3), pe.GradNorms()])
+        value, grads, q = jax.jit(f)(params, x, y, key=key)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        pred_of = lambda v: MODEL.apply(unravel(v), x)  # noqa: E731
+        jac = jax.jacrev(pred_of)(flat).reshape(-1, flat.size)
+        hess = jax.hessian(lambda p: CCE(p, y))(pred_of(flat)).reshape(jac.shape[0], jac.shape[0])
+        dense = _leaves_by_path(unravel(jnp.diag(jac.T @ hess @ jac)))
+        for path, d in dense.items():
+            _close(q["diag_ggn"][path], d, 1e-10)
+        _close(q["diag_ggn_mc"], _leaves_by_path(curvature.diag_ggn_mc(MODEL, CCE, 3)(params, x, y, key=key)), 1e-12)
+        assert set(q["grad_norms"]) == set(dense)
+    with pytest.raises(fbp.InputError, match="sample targets: pass key"):
+        fbp.value_and_grad(MODEL, CCE, extensions=[curvature.DiagGGNMC()])(params, x, y)
+    with pytest.raises(ValueError, match="mc_samples must be a positive int"):
+        curvature.DiagGGNMC(0)
