@@ -5,8 +5,10 @@ per-example values and their backward, and the one probed backward pass; each le
 hands its probe its input and output cotangent, and the probe computes every quantity the
 requested extensions need (``fbp.extensions``) — shared when two extensions need the same one.
 Extensions that need cotangent columns (the GGN diagonal: the loss's Hessian-factor columns)
-get a column-vmapped backward on the same forward's residuals. Then each extension's
-``finalize`` turns the per-leaf quantities into its result.
+get a column-vmapped backward on the same forward's residuals; extensions that read every
+leaf's output and cotangents (telemetry's statistics) hook into the probes. The probes refuse
+a layer that mixes the batch unless no requested extension needs examples kept apart. Then
+each extension's ``finalize`` turns the per-leaf quantities into its result.
 
 Conventions: ``value`` and ``grads`` are those of the reduced loss (as ``fbp.core.value_and_grad``);
 per-example quantities are those of each example's own loss ``ℓ_b`` (as ``fbp.per_example``),
@@ -52,8 +54,10 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"fbp.value_and_grad: {loss!r} returns one value per example; the transform needs "
                          f"reduction='mean' or 'sum' (per-example values come from the extensions)")
-    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs != "columns"))
+    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer")))
     by_columns = [e for e in extensions if e.needs == "columns"]
+    hooks = tuple(e for e in extensions if e.needs == "layer")
+    check = any(e.requires_independence for e in extensions)
     sampled = any(e.samples for e in by_columns)
 
     def body(params, x, y, *, state=None, key=None):
@@ -66,17 +70,24 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
                 model_key, sample_key = tuple(jax.random.split(key))
         column_sets = tuple(e.columns(loss, y, sample_key) for e in by_columns)
         values, summed, per, column_per, new_state = per_example.one_pass(
-            model, loss, params, x, y, modes=modes, column_sets=column_sets, state=state, key=model_key, train=True)
+            model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
+            key=model_key, train=True)
         found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
         scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
         value = values.sum() * scale
         grads = summed if scale == 1.0 else _scaled(summed, scale)
         leaf_grads: dict = {}
         map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
-        context = Context(model, params, values, grads, summed, {p: leaf_grads[p] for p in per}, values.shape[0])
-        q = {e.name: e.finalize(found_columns[e.name] if e.needs == "columns" else
-                                {path: found[e.needs] for path, found in per.items()}, context)
-             for e in extensions}
+        context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale)
+
+        def found(e):
+            if e.needs == "columns":
+                return found_columns[e.name]
+            if e.needs == "layer":
+                return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
+            return {path: got[e.needs] for path, got in per.items() if e.needs in got}
+
+        q = {e.name: e.finalize(found(e), context) for e in extensions}
         return (value, grads, new_state, q) if has_state else (value, grads, q)
 
     return per_example.with_context(model, has_state, "fbp.value_and_grad", body)

@@ -4,7 +4,9 @@ An extension is a small frozen value with a ``name`` (its key in the result), th
 quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"grads"``,
 ``"norms"``, ``"sgs"`` or ``"clip"``, ``fbp.probes``; or ``"columns"``: the squares of each
 layer's gradients for the cotangent columns its ``columns(loss, y, key)`` gives, summed — a
-second, column-vmapped backward on the same forward's residuals, as the GGN diagonal needs),
+second, column-vmapped backward on the same forward's residuals, as the GGN diagonal needs;
+or ``"layer"``: what its own ``from_output(y)`` and ``from_backward(part, d_y, d_x, d_params,
+params)`` compute at every leaf, parameter-free ones included, as telemetry's statistics),
 and ``finalize``, which turns what every leaf
 produced into its result, keyed by leaf path::
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs", "clip", "columns")
+NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer")
 
 
 class Context(NamedTuple):
@@ -41,6 +43,9 @@ class Context(NamedTuple):
         summed: ``Σ_b ∇ℓ_b``, the sum of the per-example gradients, shaped like ``params``.
         leaf_grads: ``{path: Σ_b ∇ℓ_b at that leaf}`` for every leaf with parameters.
         batch: the number of examples ``B``.
+        scale: the reduced loss over ``Σ_b ℓ_b`` (``1/N`` for a mean over ``N`` values, 1 for a
+            sum): the cotangents of the pass are those of ``Σ_b ℓ_b``; times ``scale`` they are
+            the reduced loss's.
     """
 
     model: Any
@@ -50,6 +55,7 @@ class Context(NamedTuple):
     summed: Any
     leaf_grads: dict
     batch: int
+    scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,33 @@ class Extension:
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "grads"
     samples: ClassVar[bool] = False  # its columns are drawn at random (then the call needs a key)
+    requires_independence: ClassVar[bool] = True  # per-example quantities need examples kept apart
+
+    def from_output(self, y):
+        """For ``needs = "layer"``: what to keep from a leaf's output ``y`` in the forward pass.
+
+        Args:
+            y: the leaf's output.
+
+        Returns:
+            A pytree, handed to ``from_backward``.
+        """
+        raise NotImplementedError
+
+    def from_backward(self, part, d_y, d_x, d_params, params):
+        """For ``needs = "layer"``: the leaf's result in the backward pass.
+
+        Args:
+            part: what ``from_output`` kept.
+            d_y: the cotangent at the leaf's output.
+            d_x: the cotangent its rule sends to its input.
+            d_params: its parameter gradient (summed over the batch).
+            params: its params.
+
+        Returns:
+            The leaf's result (a pytree of arrays).
+        """
+        raise NotImplementedError
 
     def columns(self, loss, y, key):
         """For ``needs = "columns"``: ``pred -> (*pred.shape, M)``, the cotangents to backpropagate.

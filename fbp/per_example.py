@@ -61,10 +61,10 @@ from fbp.validation import typed_arguments
 PyTree = Any
 
 
-def _probed_forward(model, params, x, mode, **context):
+def _probed_forward(model, params, x, mode, hooks=(), check=True, **context):
     """The forward of ``model`` with every leaf probed: ``(probed, choices, pred, res)``."""
     choices: dict[str, Any] = {}
-    probed = probe_model(model, mode, choices)
+    probed = probe_model(model, mode, choices, hooks, check)
     slotted = map_leaf_params(model, params, lambda path, leaf, p: (p, None))
     return (probed, choices, *run_forward(probed, slotted, x, **context))
 
@@ -113,8 +113,8 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
     return (values, grads, per, choices, new_state) + ((pred,) if with_pred else ())
 
 
-def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_sets: tuple = (), state=None, key=None,
-             train: bool = True):
+def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_sets: tuple = (), hooks: tuple = (),
+             check: bool = True, state=None, key=None, train: bool = True):
     """The engine's pass: one probed forward, the backward of the per-example losses computing
     every quantity in ``modes``, and, on the same residuals, the column-vmapped backward of each
     entry of ``column_sets`` squaring each layer's per-column gradients (``"sgs"``).
@@ -127,24 +127,26 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         y: the targets.
         modes: the quantities of the gradient's backward (``MODES``); may be empty.
         column_sets: functions ``pred -> (*pred.shape, M)``: cotangent columns to backpropagate.
+        hooks: extensions that read every leaf's output and cotangents (``fbp.probes.probe_model``).
+        check: refuse a layer that mixes the examples of a batch.
         state: the model state, or ``None``.
         key: a random key for layers that need one.
         train: training mode.
 
     Returns:
         ``(values, summed, per, column_per, new_state)``: per-example losses, ``Σ_b ∇ℓ_b``,
-        ``per[path][mode]``, ``column_per[i][path]`` (``Σ_columns Σ_b (J_bᵀ s)²``, shaped like
-        the leaf's params) and the new state.
+        ``per[path][mode]`` (and ``per[path]["layer"][hook name]``), ``column_per[i][path]``
+        (``Σ_columns Σ_b (J_bᵀ s)²``, shaped like the leaf's params) and the new state.
     """
     if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
-    probed, _, pred, res = _probed_forward(model, params, x, tuple(modes) or ("norms",), state=state, key=key,
-                                           train=train)
+    probed, _, pred, res = _probed_forward(model, params, x, tuple(modes), tuple(hooks), check, state=state,
+                                           key=key, train=train)
     each = dataclasses.replace(loss, reduction="none")
     values, loss_res = each.forward(pred, y)
     d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))
     summed, per = split_probed(model, probed.backward(res, d_pred)[0])
-    squares = probe_model(model, "sgs", {})  # the same forward residuals, another quantity per layer
+    squares = probe_model(model, "sgs", {}, check=False)  # the same forward's residuals, another quantity
 
     def column(c):
         return split_probed(model, squares.backward(res, c)[0])[1]
@@ -154,7 +156,7 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         found = jax.vmap(column, in_axes=-1)(columns(pred))
         column_per.append({path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()})
     new_state = None if state is None else probed.next_state(state, res)
-    return values, summed, per if modes else {p: {} for p in per}, column_per, new_state
+    return values, summed, per, column_per, new_state
 
 
 @typed_arguments

@@ -105,20 +105,27 @@ class _PerExample(Wrapper):
 
     layer: Layer
     path: str
-    mode: str
+    mode: str | tuple
     choices: dict = dataclasses.field(default_factory=dict)  # path -> method, filled at trace time
+    hooks: tuple = ()  # extensions that read every leaf's output and cotangents (fbp.extensions, needs "layer")
+    check: bool = True  # refuse a layer that mixes the examples of a batch
+
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
-        independence.require(self.layer, x, train=train, caller="per-example quantities")  # the path: at_path
+        if self.check:
+            independence.require(self.layer, x, train=train, caller="per-example quantities")  # path: at_path
         context = {"state": state, "key": key, "train": train} if self.layer.contextual else {}
         y, res = run_forward(self.layer, inner_params, x, **context)
-        return y, (res, inner_params, x, context)
+        seen = tuple(hook.from_output(y) for hook in self.hooks)
+        return y, (res, inner_params, x, context, seen)
 
     def backward(self, res, d_y):
-        inner, params, x, context = res
+        inner, params, x, context, seen = res
         d_params, d_x = self.layer.backward(inner, d_y)
-        if not _has_params(params):
-            return (d_params, None), d_x
+        layer_parts = {hook.name: hook.from_backward(part, d_y, d_x, d_params, params)
+                       for hook, part in zip(self.hooks, seen, strict=False)}  # a column probe has none
+        if not _has_params(params) or not self.mode:
+            return (d_params, {"layer": layer_parts} if self.hooks else None), d_x
         found = _layer_positions(self.layer, inner, x, d_y)
         if found is not None and not _covers(params, *found):
             raise InputError(repr(self.layer), "per_example_positions does not cover every parameter",
@@ -126,6 +133,8 @@ class _PerExample(Wrapper):
         if not isinstance(self.mode, str):  # several quantities from the one pass: {mode: quantity}
             out = {m: dataclasses.replace(self, mode=m)._quantity(d_params, inner, params, x, d_y, context, found)
                    for m in self.mode}
+            if self.hooks:
+                out["layer"] = layer_parts
         else:
             out = self._quantity(d_params, inner, params, x, d_y, context, found)
         return (d_params, out), d_x
@@ -187,19 +196,24 @@ def _diagonal_only(mode, sums):
     return {"blocks": [], "tree": sums}  # shaped like the layer's params
 
 
-def probe_model(model: Layer, mode: str, choices: dict) -> Layer:
+def probe_model(model: Layer, mode: str | tuple, choices: dict, hooks: tuple = (), check: bool = True) -> Layer:
     """``model`` with every leaf layer wrapped in a per-example probe.
 
     Args:
         model: the model.
-        mode: what the probes return (``MODES``).
+        mode: what the probes return (``MODES``), or a tuple of them (possibly empty).
         choices: filled at trace time with ``{path: how each layer computed it}``.
+        hooks: extensions that read every leaf's output and cotangents (``needs = "layer"``):
+            ``from_output(y)`` in the forward, ``from_backward(part, d_y, d_x, d_params, params)``
+            in the backward; their results come back under ``"layer"``, for parameter-free
+            leaves too.
+        check: refuse a leaf that mixes the examples of a batch (``fbp.independence``).
 
     Returns:
         The probed model; its params are ``map_leaf_params(model, params, lambda *_, p: (p, None))``.
     """
     return transform_layers(model, lambda path, layer: None if children(layer) else
-                            _PerExample(layer, path, mode, choices))
+                            _PerExample(layer, path, mode, choices, tuple(hooks), check))
 
 
 def sum_squares_probe(layer: Layer, path: str) -> Layer:

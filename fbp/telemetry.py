@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from fbp.core import (
     transform_layers,
 )
 from fbp.deviation import exact_model
+from fbp.extensions import Extension
 from fbp.validation import typed_arguments
 
 PyTree = Any
@@ -448,3 +449,58 @@ def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out
               title="layer (path and class)" if kinds else "layer (path)")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- as an extension of the one pass
+@dataclasses.dataclass(frozen=True)
+class Stats(Extension):
+    """Telemetry's per-layer statistics as an extension, ``q["stats"][path][name]`` for every
+    leaf (parameter-free ones included), from the same pass as the gradient and any other
+    extension. The same numbers as ``value_grad_and_stats(..., input_cotangents=True)`` without
+    alignment angles. It reads batch statistics only, so it does not need the examples of a
+    batch kept apart (BatchNorm in training mode is fine when no other extension asks).
+
+    Args:
+        names: the statistics, a selection of ``STATS`` (default: all of them; alignment angles
+            need ``value_grad_and_stats(..., alignment=True)``).
+    """
+
+    names: tuple | None = None
+    name: ClassVar[str] = "stats"
+    needs: ClassVar[str] = "layer"
+    requires_independence: ClassVar[bool] = False
+
+    def __post_init__(self):
+        names = STATS if self.names is None else self.names
+        _wanted(names)  # unknown names are refused here
+        object.__setattr__(self, "names", tuple(sorted([names] if isinstance(names, str) else names)))
+
+    def from_output(self, y):
+        return _output_stats(y, _wanted(self.names))
+
+    def from_backward(self, part, d_y, d_x, d_params, params):
+        want, ft = _wanted(self.names), jnp.result_type(float)
+        stats = dict(part)
+        d_out_sq = sum((_sum_sq(a) for a in floating_leaves(d_y)), jnp.zeros((), ft))
+        if "d_out_norm" in want:
+            stats["d_out_norm"] = jnp.sqrt(d_out_sq)
+        if "nonfinite_d_out" in want:
+            stats["nonfinite_d_out"] = _count_nonfinite(floating_leaves(d_y), d_out_sq)
+        if "d_in_norm" in want:
+            stats["d_in_norm"] = _norm(d_x)
+        if "param_norm" in want:
+            stats["param_norm"] = _norm(params)
+        d_params_norm = _norm(d_params)
+        if "d_params_norm" in want:
+            stats["d_params_norm"] = d_params_norm
+        if "nonfinite_d_params" in want:
+            stats["nonfinite_d_params"] = _count_nonfinite(floating_leaves(d_params), d_params_norm)
+        if "nonfinite" in want:
+            stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
+        return {k: stats[k] for k in self.names}
+
+    def finalize(self, found, context):
+        """The pass's cotangents are those of ``Σ_b ℓ_b``: the norms are scaled to the reduced loss's."""
+        cotangent = {"d_out_norm", "d_in_norm", "d_params_norm"}
+        return {path: {k: v * context.scale if k in cotangent else v for k, v in stats.items()}
+                for path, stats in found.items()}

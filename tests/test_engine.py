@@ -188,3 +188,37 @@ def test_ggn_diagonals_join_the_same_call_and_equal_the_dense_ggn():
         fbp.value_and_grad(MODEL, CCE, extensions=[curvature.DiagGGNMC()])(params, x, y)
     with pytest.raises(ValueError, match="mc_samples must be a positive int"):
         curvature.DiagGGNMC(0)
+
+
+def _same_stats(got, want):
+    for path, stats in want.items():
+        for k, v in stats.items():
+            np.testing.assert_allclose(np.asarray(got[path][k]), np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=(path, k))
+
+
+def test_telemetry_stats_join_the_pass_and_equal_value_grad_and_stats():
+    """Every leaf (parameter-free ones too), with BatchNorm in training mode when only Stats asks;
+    beside per-example quantities and the GGN diagonal when the model keeps examples apart."""
+    from fbp import curvature, telemetry
+
+    bn = nn.Serial(nn.Dense(8), nn.BatchNorm(), nn.ReLU(), nn.Dense(3))
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (6, 5)), jnp.arange(6) % 3
+    params = bn.init(jax.random.PRNGKey(1), x)
+    state = bn.init_state(params)
+    value, grads, new_state, q = jax.jit(fbp.value_and_grad(bn, CCE, has_state=True, extensions=[telemetry.Stats()]))(
+        params, state, x, y)
+    ref = telemetry.value_grad_and_stats(bn, CCE, has_state=True, input_cotangents=True, alignment=False)(
+        params, state, x, y)
+    _same_stats(q["stats"], ref[3])
+    _close((value, grads, new_state), ref[:3], 1e-6)
+    with pytest.raises(fbp.InputError, match="BatchNorm.*at path '1': mixes the examples"):
+        fbp.value_and_grad(bn, CCE, has_state=True, extensions=[telemetry.Stats(), pe.GradNorms()])(
+            params, state, x, y)
+    x, y, params = _data(jnp.float32)
+    _, _, q = fbp.value_and_grad(MODEL, CCE, extensions=[telemetry.Stats(("d_out_norm", "out_std")), pe.GradNorms(),
+                                                         curvature.DiagGGN()])(params, x, y)
+    _same_stats(q["stats"], telemetry.value_grad_and_stats(MODEL, CCE, input_cotangents=True, alignment=False,
+                                                           stats=("d_out_norm", "out_std"))(params, x, y)[2])
+    assert set(q["stats"]) == {"0", "1", "2", "3", "4", "5", "6"} and set(q["grad_norms"]) == {"0", "2", "4", "6"}
+    with pytest.raises(ValueError, match="telemetry: stats must be"):
+        telemetry.Stats(("bogus",))
