@@ -142,9 +142,6 @@ class DiagGGN(Extension):
         _require_curvature(loss, "fbp.curvature.DiagGGN")
         return _columns(loss, y, None, key)
 
-    def finalize(self, found, context):
-        return dict(found)
-
 
 @dataclasses.dataclass(frozen=True)
 class DiagGGNMC(Extension):
@@ -167,9 +164,6 @@ class DiagGGNMC(Extension):
     def columns(self, loss, y, key):
         _require_curvature(loss, "fbp.curvature.DiagGGNMC")
         return _columns(loss, y, self.mc_samples, key)
-
-    def finalize(self, found, context):
-        return dict(found)
 
 
 @typed_arguments

@@ -107,16 +107,17 @@ class Extension:
         return None
 
     def finalize(self, found: dict[str, Any], context: Context) -> dict[str, Any]:
-        """This extension's result from what each leaf produced.
+        """This extension's result from what each leaf produced (by default, those quantities as they are).
 
         Args:
-            found: ``{leaf path: the quantity named by needs}`` for every leaf with parameters.
+            found: ``{leaf path: the quantity named by needs}`` for every leaf with parameters
+                (every leaf for ``needs = "layer"``).
             context: the rest of the pass (``Context``).
 
         Returns:
             ``{leaf path: result}``.
         """
-        raise NotImplementedError
+        return dict(found)
 
 
 def check_extensions(extensions) -> tuple[Extension, ...]:

@@ -384,9 +384,6 @@ class Grads(Extension):
     name: ClassVar[str] = "grads"
     needs: ClassVar[str] = "grads"
 
-    def finalize(self, found, context):
-        return dict(found)
-
 
 @dataclasses.dataclass(frozen=True)
 class GradNorms(Extension):
@@ -407,9 +404,6 @@ class SumGradSquared(Extension):
 
     name: ClassVar[str] = "sum_grad_squared"
     needs: ClassVar[str] = "sgs"
-
-    def finalize(self, found, context):
-        return dict(found)
 
 
 @dataclasses.dataclass(frozen=True)

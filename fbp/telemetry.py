@@ -138,29 +138,35 @@ class _Probe(Wrapper):
     def backward(self, res, d_y):
         inner, out, param_norm = res
         d_params, d_x = self.layer.backward(inner, d_y)
-        want, ft = self.want, jnp.result_type(float)
-        nan, zero = jnp.full((), jnp.nan, ft), jnp.zeros((), ft)
-        stats = dict(out)
-        if want & {"d_out_norm", "nonfinite_d_out"}:
-            d_out_sq = nan if self.skip_d_out else sum((_sum_sq(a) for a in floating_leaves(d_y)), zero)
-            if "d_out_norm" in want:
-                stats["d_out_norm"] = jnp.sqrt(d_out_sq)
-            if "nonfinite_d_out" in want:
-                stats["nonfinite_d_out"] = zero if self.skip_d_out else _count_nonfinite(floating_leaves(d_y),
-                                                                                         d_out_sq)
-        if "d_in_norm" in want:
-            stats["d_in_norm"] = nan if self.skip_d_in else _norm(d_x)
-        if "param_norm" in want:
-            stats["param_norm"] = param_norm
-        if want & {"d_params_norm", "nonfinite_d_params"}:
-            d_params_norm = _norm(d_params)
-            if "d_params_norm" in want:
-                stats["d_params_norm"] = d_params_norm
-            if "nonfinite_d_params" in want:
-                stats["nonfinite_d_params"] = _count_nonfinite(floating_leaves(d_params), d_params_norm)
-        if "nonfinite" in want:
-            stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
-        return (d_params, {k: stats[k] for k in sorted(want)}), d_x
+        stats = _backward_stats(self.want, out, d_y, d_x, d_params, param_norm, self.skip_d_out, self.skip_d_in)
+        return (d_params, {k: stats[k] for k in sorted(self.want)}), d_x
+
+
+def _backward_stats(want, out, d_y, d_x, d_params, param_norm, skip_d_out=False, skip_d_in=False) -> dict:
+    """The output statistics ``out`` with the backward's: cotangent and gradient norms, the
+    parameter norm, the non-finite counts (NaN for a cotangent training never computes)."""
+    ft = jnp.result_type(float)
+    nan, zero = jnp.full((), jnp.nan, ft), jnp.zeros((), ft)
+    stats = dict(out)
+    if want & {"d_out_norm", "nonfinite_d_out"}:
+        d_out_sq = nan if skip_d_out else sum((_sum_sq(a) for a in floating_leaves(d_y)), zero)
+        if "d_out_norm" in want:
+            stats["d_out_norm"] = jnp.sqrt(d_out_sq)
+        if "nonfinite_d_out" in want:
+            stats["nonfinite_d_out"] = zero if skip_d_out else _count_nonfinite(floating_leaves(d_y), d_out_sq)
+    if "d_in_norm" in want:
+        stats["d_in_norm"] = nan if skip_d_in else _norm(d_x)
+    if "param_norm" in want:
+        stats["param_norm"] = param_norm
+    if want & {"d_params_norm", "nonfinite_d_params"}:
+        d_params_norm = _norm(d_params)
+        if "d_params_norm" in want:
+            stats["d_params_norm"] = d_params_norm
+        if "nonfinite_d_params" in want:
+            stats["nonfinite_d_params"] = _count_nonfinite(floating_leaves(d_params), d_params_norm)
+    if "nonfinite" in want:
+        stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
+    return stats
 
 
 def _wanted(names) -> frozenset:
@@ -479,24 +485,8 @@ class Stats(Extension):
         return _output_stats(y, _wanted(self.names))
 
     def from_backward(self, part, d_y, d_x, d_params, params):
-        want, ft = _wanted(self.names), jnp.result_type(float)
-        stats = dict(part)
-        d_out_sq = sum((_sum_sq(a) for a in floating_leaves(d_y)), jnp.zeros((), ft))
-        if "d_out_norm" in want:
-            stats["d_out_norm"] = jnp.sqrt(d_out_sq)
-        if "nonfinite_d_out" in want:
-            stats["nonfinite_d_out"] = _count_nonfinite(floating_leaves(d_y), d_out_sq)
-        if "d_in_norm" in want:
-            stats["d_in_norm"] = _norm(d_x)
-        if "param_norm" in want:
-            stats["param_norm"] = _norm(params)
-        d_params_norm = _norm(d_params)
-        if "d_params_norm" in want:
-            stats["d_params_norm"] = d_params_norm
-        if "nonfinite_d_params" in want:
-            stats["nonfinite_d_params"] = _count_nonfinite(floating_leaves(d_params), d_params_norm)
-        if "nonfinite" in want:
-            stats["nonfinite"] = stats["nonfinite_out"] + stats["nonfinite_d_out"] + stats["nonfinite_d_params"]
+        want = _wanted(self.names)
+        stats = _backward_stats(want, part, d_y, d_x, d_params, _norm(params) if "param_norm" in want else None)
         return {k: stats[k] for k in self.names}
 
     def finalize(self, found, context):
