@@ -23,8 +23,9 @@ from fbp import (
     telemetry,
     train,
 )
-from fbp.core import InputError, Layer, Loss, grad, layer, to_jax, vjp
+from fbp.core import InputError, Layer, Loss, grad, to_jax, vjp
 from fbp.engine import value_and_grad
+from fbp.nn.function import layer
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,6 @@ Paths are those of errors and check reports (``"0"``, ``"1/block/0"``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -39,7 +38,6 @@ from fbp.core import (
     check_gradient_structure,
     children,
     describe,
-    leaf_layers,
     map_leaf_params,
     require_state,
     require_state_mode,
@@ -48,6 +46,7 @@ from fbp.core import (
 )
 from fbp.deviation import exact_model
 from fbp.extensions import Extension
+from fbp.telemetry_history import leaf_paths, plot_gradient_flow, record_epoch  # noqa: F401  (public here)
 from fbp.validation import typed_arguments
 
 PyTree = Any
@@ -379,82 +378,6 @@ def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=
     shapes = jax.eval_shape(lambda p, s, xb, yb: run(loss, p, xb, yb, state=s, key=key)[4], params, state,
                             x[:size], y[:size])
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-
-@typed_arguments
-def record_epoch(stat_history: dict, stat_sum, steps: int) -> None:
-    """Append one epoch's statistics to the history, in place.
-
-    Args:
-        stat_history: ``{path: {name: [per-epoch values]}}``, extended in place.
-        stat_sum: the statistics summed over the epoch's steps.
-        steps: the number of steps summed.
-
-    Returns:
-        ``None``; ``stat_history`` gets the epoch's means (sums for ``nonfinite``).
-    """
-    for path, stats in jax.device_get(stat_sum).items():
-        for name, value in stats.items():
-            stat_history.setdefault(path, {}).setdefault(name, []).append(
-                float(value) if name == "nonfinite" else float(value) / steps)
-
-
-def leaf_paths(model: Layer) -> list[str]:
-    """The paths the statistics are keyed by, in forward order.
-
-    Args:
-        model: the model.
-
-    Returns:
-        The leaf layers' paths (``"0"``, ``"1/block/0"``, ...).
-    """
-    return [path for path, _ in leaf_layers(model)]
-
-
-@typed_arguments
-def plot_gradient_flow(history: dict[str, dict[str, Any]], *, stat: str = "d_out_norm", ax=None, log: bool = True,
-                       model: Layer | None = None):
-    """Plot one statistic per layer over epochs from ``FitResult.telemetry``, one line per layer path.
-
-    With the default ``d_out_norm`` this is gradient flow: vanishing gradients show as lines
-    falling toward the input layers, exploding ones as lines rising.
-
-    Args:
-        history: ``FitResult.telemetry``: ``{path: {name: [per-epoch values]}}``.
-        stat: the statistic to plot (a name in ``STATS``).
-        ax: a matplotlib axes to draw on; a new figure if ``None``.
-        log: a logarithmic y axis.
-        model: the model the history was recorded from: each line is then labelled with its
-            layer's path and class (``"2 Dense"``), else with the path alone.
-
-    Returns:
-        The matplotlib figure.
-
-    Raises:
-        ValueError: ``history`` is empty (``fit`` ran without ``telemetry=True``).
-    """
-    import matplotlib.pyplot as plt
-
-    if not history:
-        raise ValueError("plot_gradient_flow: no telemetry recorded (fit(..., telemetry=True))")
-    fig, ax = (plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax))
-    kinds = {} if model is None else {path: type(leaf).__name__ for path, leaf in leaf_layers(model)}
-    for path, stats in history.items():
-        if stat not in stats:
-            continue
-        values = stats[stat]
-        label = " ".join(part for part in (path or "<root>", kinds.get(path, "")) if part)
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
-    if log:
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(stat)
-    ax.set_title(f"{stat} per layer (path), epoch means")
-    ax.legend(fontsize="small", ncol=max(1, math.ceil(len(history) / 12)),
-              title="layer (path and class)" if kinds else "layer (path)")
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- as an extension of the one pass

@@ -1,6 +1,6 @@
 """Layers: one file per family, each layer's backward beside its forward."""
 
-from fbp.core import FunctionLayer, Layer, layer
+from fbp.core import Layer
 from fbp.nn import init
 from fbp.nn.activations import (
     ELU,
@@ -27,6 +27,7 @@ from fbp.nn.conv import Conv1D, Conv2D, ConvTranspose2D
 from fbp.nn.dense import Dense
 from fbp.nn.dropout import Dropout
 from fbp.nn.embedding import Embedding
+from fbp.nn.function import FunctionLayer, layer
 from fbp.nn.hooks import GradientReversal, MapCotangent, ScaleGradient, StopGradient
 from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape

@@ -11,6 +11,7 @@ from fbp.optim.base import (
     global_norm,
     identity,
 )
+from fbp.optim.clipping import ClipByGlobalNormState, clip, clip_by_global_norm
 from fbp.optim.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -21,7 +22,6 @@ from fbp.optim.schedules import (
     warmup_cosine_decay_schedule,
 )
 from fbp.optim.transforms import (
-    ClipByGlobalNormState,
     ScaleByAdamState,
     ScaleByLearningRateState,
     ScaleByRmsState,
@@ -31,8 +31,6 @@ from fbp.optim.transforms import (
     add_decayed_weights,
     add_l1_penalty,
     add_l2_penalty,
-    clip,
-    clip_by_global_norm,
     scale,
     scale_by_adam,
     scale_by_learning_rate,

@@ -19,7 +19,6 @@ from fbp.optim.base import (
     EmptyState,
     GradientTransformation,
     increment,
-    scaled_sum_of_squares,
     transformation,
     zeros_like,
 )
@@ -403,60 +402,3 @@ def add_l1_penalty(coefficient: float, mask: Any = None) -> GradientTransformati
     """
     _nonneg("coefficient", coefficient, "add_l1_penalty")
     return _add_term(lambda p: coefficient * jnp.sign(p), mask, "add_l1_penalty")
-
-
-# --------------------------------------------------------------------------- clipping
-@typed_arguments
-def clip(max_delta: float) -> GradientTransformation:
-    """Clip by value: ``u ← clip(g, -max_delta, max_delta)``.
-
-    Args:
-        max_delta: the largest magnitude an entry keeps.
-
-    Returns:
-        A ``GradientTransformation``.
-    """
-    _nonneg("max_delta", max_delta, "clip")
-    return _stateless("clip", lambda u, params: tree_map(lambda g: jnp.clip(g, -max_delta, max_delta), u))
-
-
-class ClipByGlobalNormState(NamedTuple):
-    """``global_norm``: the norm of the last incoming update, kept so it can be logged; a
-    non-finite value means the gradients overflowed (the updates are then non-finite too)."""
-
-    global_norm: jax.Array
-
-
-@typed_arguments
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Pascanu, Mikolov & Bengio (2013): ``u ← g · min(1, max_norm / ‖g‖)``, ``‖g‖`` over all leaves.
-
-    Overflow-safe: with ``m = max |g|`` the factor is ``min(1, (max_norm / m) / sqrt(Σ (g/m)²))``,
-    so finite gradients whose squares overflow (3e19 in float32) are still clipped to a finite
-    update of norm ``max_norm``. All-zero gradients pass through unchanged (no 0/0). A gradient
-    holding NaN or inf is not hidden: the updates become NaN and the state's ``global_norm``
-    records it.
-
-    Args:
-        max_norm: the largest global norm the updates keep.
-
-    Returns:
-        A ``GradientTransformation``.
-    """
-    require_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
-
-    def update(updates, state, params=None):
-        leaves = jax.tree_util.tree_leaves(updates)
-        if not leaves:
-            return updates, ClipByGlobalNormState(jnp.zeros((), jnp.float32))
-        largest, scaled = scaled_sum_of_squares(leaves)
-        root = jnp.sqrt(scaled)
-        norm = largest * root  # may be inf in the dtype: the factor below never forms it
-        shrink = (max_norm / jnp.where(largest > 0, largest, 1.0)) / jnp.where(root > 0, root, 1.0)
-        factor = jnp.where(norm <= max_norm, 1.0, shrink)
-        factor = jnp.where(jnp.isfinite(largest), factor, jnp.nan)
-        new = tree_map(lambda g: (g * factor.astype(g.dtype)).astype(g.dtype), updates)
-        return new, ClipByGlobalNormState(norm.astype(jnp.float32))
-
-    return transformation("clip_by_global_norm", lambda params: ClipByGlobalNormState(jnp.zeros((), jnp.float32)),
-                          update)
