@@ -12,7 +12,9 @@ each extension's ``finalize`` turns the per-leaf quantities into its result.
 
 Conventions: ``value`` and ``grads`` are those of the reduced loss (as ``fbp.core.value_and_grad``);
 per-example quantities are those of each example's own loss ``ℓ_b`` (as ``fbp.per_example``),
-whatever the reduction. Every layer must keep the examples of a batch apart (``fbp.independence``).
+whatever the reduction. Unless every requested extension reads batch statistics only
+(``requires_independence = False``, telemetry's ``Stats``), every layer must keep the examples
+of a batch apart (``fbp.independence``).
 """
 
 from __future__ import annotations
