@@ -1,0 +1,170 @@
+"""One short script that proves fbp on an accelerator (run it where a GPU is lent).
+
+Sections, each independent (a failure is recorded and the next one runs):
+
+  * ``check``: ``python -m fbp check --jit`` in float64, and in float32 at the highest matmul
+    precision (GPUs default to TF32 for float32 products), in subprocesses;
+  * ``engine``: ``fbp.value_and_grad(..., extensions=[GradNorms, Variance, ClippedGrad, DiagGGN])``
+    on a small MLP against ``vmap(jax.grad)`` and a dense ``Jᵀ H J`` (float64, jitted);
+  * ``fit``: the digits MLP trained with ``fit`` (jitted epochs), float32 and ``precision="bfloat16"``;
+    DP-SGD (``private_grad``) one jitted step;
+  * ``sharded``: ``make_step(mesh=data_mesh())`` against the unsharded step, three steps;
+  * ``speed``: fbp's jitted step against ``jax.grad``'s on bench_mlp's MLP and bench_cnn's CNN
+    (interleaved rounds, medians, one process), float32 and bfloat16.
+
+Run: ``python benchmarks/gpu_check.py [--out results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the check subprocesses share the device
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # float64 where asked; everything else is cast to float32
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from common import cnn_workload, interleaved, mlp_workload  # noqa: E402
+
+import fbp  # noqa: E402
+from fbp import curvature, data, losses, nn, optim, parallel, per_example, privacy, train  # noqa: E402
+
+CCE = losses.CategoricalCrossEntropy(from_logits=True)
+F32 = jnp.float32
+
+
+def section_check(results):
+    for dtype, env in (("float64", {}), ("float32", {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "fbp", "check", "--dtype", dtype, "--jit"], capture_output=True,
+                             text=True, timeout=240, env=os.environ | env, cwd=os.path.dirname(HERE))
+        tail = out.stdout.strip().splitlines()[-3:] + out.stderr.strip().splitlines()[-2:]
+        results[f"check {dtype} --jit"] = {"rc": out.returncode, "seconds": round(time.perf_counter() - start, 1),
+                                           "tail": tail}
+
+
+def section_engine(results):
+    model = nn.Serial(nn.Dense(16), nn.Tanh(), nn.Dense(8), nn.ReLU(), nn.Dense(5))
+    x = jax.random.normal(jax.random.key(0), (12, 7), jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (12,), 0, 5)
+    params = model.init(jax.random.key(2), x)
+    exts = [per_example.GradNorms(), per_example.Variance(), privacy.ClippedGrad(0.5), curvature.DiagGGN()]
+    value, grads, q = jax.jit(fbp.value_and_grad(model, CCE, extensions=exts))(params, x, y)
+    summed = losses.CategoricalCrossEntropy(from_logits=True, reduction="sum")
+    one = lambda p, xb, yb: summed(model.apply(p, xb[None]), yb[None])  # noqa: E731
+    per = jax.vmap(jax.grad(one), (None, 0, 0))(params, x, y)
+    ref_norms = jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(12, -1)), 1) for a in jax.tree_util.tree_leaves(per)))
+    got_norms = jnp.sqrt(sum(jnp.square(v) for v in q["grad_norms"].values()))
+    ref_grads = jax.grad(lambda p: CCE(model.apply(p, x), y))(params)
+    err = {"grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(grads),
+                                                                        jax.tree_util.tree_leaves(ref_grads),
+                                                                        strict=True)),
+           "grad_norms": float(jnp.max(jnp.abs(got_norms - ref_norms)))}
+    c = jnp.minimum(1.0, 0.5 / ref_norms)
+    ref_clip = jax.tree_util.tree_map(lambda g: jnp.tensordot(c, g, 1), per)
+    got_clip = {k: v for k, v in q["clipped_grad"].items()}
+    err["clipped_grad"] = max(float(jnp.max(jnp.abs(got_clip[path][name] - ref_clip[int(path)][name])))
+                              for path in got_clip for name in got_clip[path])
+    err["variance"] = max(float(jnp.max(jnp.abs(q["variance"][path][name] - jnp.var(per[int(path)][name], 0))))
+                          for path in q["variance"] for name in q["variance"][path])
+    results["engine float64 jit: max abs error vs vmap(jax.grad)"] = err
+    results["engine dtype"] = str(value.dtype)
+
+
+def section_fit(results):
+    ds = data.load_digits()
+    model = nn.Serial(nn.Dense(128), nn.ReLU(), nn.Dense(10))
+    x, y = ds.x_train.astype(np.float32), ds.y_train
+    for label, kw in (("float32", {}), ("bfloat16", {"precision": "bfloat16"})):
+        params = model.init(jax.random.key(0), x[:1])
+        start = time.perf_counter()
+        result = train.fit(model, CCE, optim.adam(1e-3), params, x, y, key=jax.random.key(1), epochs=20,
+                           batch_size=64, progress=False, **kw)
+        acc = train.evaluate(model, CCE, result.params, ds.x_test.astype(np.float32), ds.y_test)["accuracy"]
+        results[f"fit digits MLP {label}"] = {"test_accuracy": round(acc, 4), "seconds": round(
+            time.perf_counter() - start, 2), "stop": result.stop_reason}
+    params = model.init(jax.random.key(0), x[:1])
+    f = jax.jit(privacy.private_grad(model, CCE, 1.0, 1.1, 64.0))
+    values, grads, norms = f(params, jnp.asarray(x[:64]), jnp.asarray(y[:64]), noise_key=jax.random.key(3))
+    results["private_grad step"] = {"finite": bool(all(jnp.all(jnp.isfinite(g)) for g in
+                                                       jax.tree_util.tree_leaves(grads))),
+                                    "median norm": float(jnp.median(norms))}
+
+
+def section_sharded(results):
+    model, shape = mlp_workload()
+    x = jax.random.normal(jax.random.key(0), shape, F32)
+    y = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+    opt = optim.sgd(0.01, momentum=0.9)
+    mesh = parallel.data_mesh()
+    outs = []
+    for step in (train.make_step(model, CCE, opt), train.make_step(model, CCE, opt, mesh=mesh)):
+        params = model.init(jax.random.key(2), x)
+        state = opt.init(params)
+        for _ in range(3):
+            params, state, value = step(params, state, x, y)
+        outs.append((params, float(value)))
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(outs[0][0]),
+                                                              jax.tree_util.tree_leaves(outs[1][0]), strict=True))
+    results["sharded step vs one device (3 steps)"] = {"devices": len(mesh.devices.flat), "max_param_diff": diff,
+                                                       "losses": [outs[0][1], outs[1][1]]}
+
+
+def section_speed(results):
+    for name, (model, shape) in (("mlp", mlp_workload()), ("cnn", cnn_workload())):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = jax.random.normal(jax.random.key(0), shape, dtype)
+            y = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+            params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(2), x))
+            ours = jax.jit(fbp.value_and_grad(model, CCE))
+            theirs = jax.jit(jax.value_and_grad(lambda p, a, b: CCE(model.apply(p, a), b)))
+            engine = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms(),
+                                                                        per_example.Variance(),
+                                                                        privacy.ClippedGrad(1.0)]))
+            t = interleaved({"fbp": lambda: ours(params, x, y), "jax.grad": lambda: theirs(params, x, y),
+                             "engine3": lambda: engine(params, x, y)}, rounds=9, reps=20)
+            results[f"speed {name} {jnp.dtype(dtype).name}"] = {
+                "fbp ms": round(t["fbp"] * 1e3, 3), "jax.grad ms": round(t["jax.grad"] * 1e3, 3),
+                "fbp / jax.grad": round(t["fbp"] / t["jax.grad"], 3),
+                "norms+variance+clip / plain": round(t["engine3"] / t["fbp"], 3)}
+
+
+SECTIONS = {"engine": section_engine, "sharded": section_sharded, "fit": section_fit, "speed": section_speed,
+            "check": section_check}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    args = parser.parse_args(argv)
+    results = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+               "kind": jax.devices()[0].device_kind}
+    print(json.dumps(results), flush=True)
+    for name in args.only.split(","):
+        start, before = time.perf_counter(), set(results)
+        try:
+            SECTIONS[name](results)
+            status = "ok"
+        except Exception:  # noqa: BLE001 - record and go on to the next section
+            status = traceback.format_exc(limit=4)
+        results[f"section {name}"] = {"status": status, "seconds": round(time.perf_counter() - start, 1)}
+        print(name, json.dumps({k: v for k, v in results.items() if k not in before}, default=str), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
