@@ -88,6 +88,10 @@ class Layer:
     (Dense, convolutions, pooling, ReLU, shape layers): ``fbp.curvature.diag_hessian`` adds no
     term there. An elementwise activation with curvature defines ``second_derivative(res)``."""
 
+    chain: ClassVar[bool] = False
+    """True for a combinator that applies its children one after another, each one's output the
+    next one's input (``Serial``): ``fbp.curvature.diag_hessian`` backpropagates through it."""
+
     independent_examples: ClassVar[bool | None] = None
     """Declared by a leaf class beside its forward: example ``b``'s output (and the input
     cotangent its backward returns) depends on example ``b`` alone, in both modes. ``None``:

@@ -339,9 +339,7 @@ def _leaf_params(model, params, path):
 def _chain(model: Layer, prefix: str = "") -> list[tuple[str, Layer]]:
     """The leaves of nested ``Serial`` s in order, or an error naming the first layer that is not
     a chain or has no second-order rule."""
-    from fbp.nn.combinators import Serial
-
-    if isinstance(model, Serial):
+    if model.chain:
         return [leaf for name, child in model.children().items()
                 for leaf in _chain(child, f"{prefix}/{name}" if prefix else name)]
     if model.children():

@@ -18,9 +18,7 @@ import jax.numpy as jnp
 
 from fbp import independence
 from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_forward, transform_layers
-from fbp.nn.conv import Conv1D, Conv2D, conv_windows
-from fbp.nn.embedding import Embedding
-from fbp.nn.positions import Positions, assemble, sq_norm
+from fbp.nn.positions import assemble, sq_norm
 
 MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce")
 
@@ -34,30 +32,13 @@ def _batched(d_y):
 
 
 # --------------------------------------------------------------------------- per-layer rules
-def _conv_positions(layer: Layer, x, d_y) -> Positions | None:
-    """Ungrouped convolutions without input dilation as ``Positions``
-    (positions: output pixels; one part per kernel tap, the im2col patches never concatenated);
-    ``None`` otherwise."""
-    bias = ("b",) if getattr(layer, "use_bias", False) else None
-    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
-    if isinstance(layer, (Conv1D, Conv2D)) and layer.feature_group_count == 1:
-        strides, pads, lhs_dilation, rhs_dilation = layer._geometry(x)
-        if all(a == 1 for a in lhs_dilation):
-            shape = layer._kernel_shape(x)
-            parts = conv_windows(x, shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
-            return Positions(((("w",), parts, shape),), g3, bias)
-    return None
-
-
-def _layer_positions(layer: Layer, res, x, d_y):
+def _layer_positions(layer: Layer, res, d_y):
     """``(groups, rest)``: the layer's weights used like a Dense over positions (a list of
-    ``Positions``) and its other per-example gradients (``{key: (B, ...)}``), from the
-    layer's ``per_example_positions(res, d_y)`` or the convolution rule; ``None`` if neither."""
+    ``Positions``) and its other per-example gradients (``{key: (B, ...)}``), from the layer's
+    own ``per_example_positions(res, d_y)`` rule (declared beside its backward); ``None`` if it
+    has none or declines for this configuration."""
     own = getattr(layer, "per_example_positions", None)
-    if callable(own):
-        return own(res, d_y)
-    found = _conv_positions(layer, x, d_y)
-    return None if found is None else ([found], {})
+    return own(res, d_y) if callable(own) else None
 
 
 def _sum_squares(per):
@@ -67,24 +48,6 @@ def _sum_squares(per):
 def _covers(params, groups, rest) -> bool:
     keys = {k for g in groups for k, _, _ in g.kernels} | {g.bias for g in groups if g.bias} | set(rest)
     return len(keys) == sum(jnp.issubdtype(a.dtype, jnp.inexact) for a in jax.tree_util.tree_leaves(params))
-
-
-def _embedding_sq_norms(layer: Embedding, ids, d_y) -> tuple[jax.Array, str]:
-    ids2 = ids.reshape(ids.shape[0], -1)
-    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
-    t = ids2.shape[1]
-    if t * t < layer.vocab:
-        same = (ids2[:, :, None] == ids2[:, None, :]).astype(g3.dtype)
-        return jnp.sum(same * jnp.einsum("btd,bsd->bts", g3, g3), axis=(1, 2)), f"ghost norm (T={t})"
-    table = _embedding_grads(layer, ids, d_y)["table"]
-    return jnp.sum(jnp.square(table), axis=(1, 2)), f"materialised (T={t})"
-
-
-def _embedding_grads(layer: Embedding, ids, d_y):
-    ids2 = ids.reshape(ids.shape[0], -1)
-    g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
-    one = jax.vmap(lambda i, g: jnp.zeros((layer.vocab, g.shape[-1]), g.dtype).at[i].add(g, mode="drop"))
-    return {"table": one(ids2, g3)}
 
 
 def _fallback_grads(layer: Layer, params, x, d_y, context):
@@ -126,7 +89,7 @@ class _PerExample(Wrapper):
                        for hook, part in zip(self.hooks, seen, strict=False)}  # a column probe has none
         if not _has_params(params) or not self.mode:
             return (d_params, {"layer": layer_parts} if self.hooks else None), d_x
-        found = _layer_positions(self.layer, inner, x, d_y)
+        found = _layer_positions(self.layer, inner, d_y)
         if found is not None and not _covers(params, *found):
             raise InputError(repr(self.layer), "per_example_positions does not cover every parameter",
                              path=tuple(self.path.split("/")))
@@ -143,8 +106,10 @@ class _PerExample(Wrapper):
         """This probe's mode's quantity for the layer, by the cheapest route it has."""
         if found is not None:
             return self._positions(d_params, *found)
-        if isinstance(self.layer, Embedding):
-            return self._embedding(inner, x, d_y)
+        own_norms = getattr(self.layer, "per_example_sq_norms", None)
+        if callable(own_norms) and self.mode in ("norms", "clip"):  # a norm without the gradient (ghost norm)
+            sq, self.choices[self.path] = own_norms(inner, d_y)
+            return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
         return self._materialised(inner, params, x, d_y, context)
 
     def _positions(self, d_params, groups, rest):
@@ -167,14 +132,6 @@ class _PerExample(Wrapper):
         if self.mode == "clip":  # book-keeping: what the clipped sum's second step reads
             return {"sq": sq, "groups": groups, "per": [per for _, _, per in found], "rest": rest}
         return sq
-
-    def _embedding(self, inner, ids, d_y):
-        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
-            self.choices[self.path] = [] if self.mode.startswith("kfac") else "scatter per example"
-            per = _embedding_grads(self.layer, ids, d_y)
-            return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
-        sq, self.choices[self.path] = _embedding_sq_norms(self.layer, ids, d_y)
-        return {"sq": sq, "res": inner, "d_y": d_y} if self.mode == "clip" else sq
 
     def _materialised(self, inner, params, x, d_y, context):
         own = getattr(self.layer, "per_example_grads", None)

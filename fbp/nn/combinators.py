@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +153,7 @@ class Serial(Combinator):
     """
 
     layers: tuple[Layer, ...]
+    chain: ClassVar[bool] = True  # each child's output is the next one's input
 
     def __init__(self, *layers: Layer):
         for i, child in enumerate(layers):

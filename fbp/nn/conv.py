@@ -35,6 +35,7 @@ from jax import lax
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.dense import accumulator, bias_grad, weight_grad
+from fbp.nn.positions import Positions
 from fbp.nn.windows import as_tuple, check_padding, window_padding
 from fbp.validation import check_fields
 
@@ -341,6 +342,18 @@ class _Conv(_ConvBase):
         k_d = [_dilate(k, d) for k, d in zip(self._k, dilation, strict=True)]
         pads = window_padding(repr(self), x, k_d, strides, self.padding, what="the (dilated) window")
         return strides, pads, (1,) * self.rank, dilation
+
+    def per_example_positions(self, res, d_y):
+        """Per-example rule (``fbp.nn.positions``): an ungrouped convolution is a Dense over the
+        output pixels, one part per kernel tap (``conv_windows``; the im2col patches are never
+        concatenated); ``None`` for a grouped one (then its rules run on each example alone)."""
+        x, w = res
+        if self.feature_group_count != 1:
+            return None
+        strides, pads, _, rhs_dilation = self._geometry(x)
+        parts = conv_windows(x, w.shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
+        g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+        return [Positions(((("w",), parts, w.shape),), g3, ("b",) if self.use_bias else None)], {}
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -92,3 +93,24 @@ class Embedding(Layer):
         d_table = jnp.zeros(table.shape, d_y.dtype).at[ids.reshape(-1)].add(d_y.reshape(-1, table.shape[1]),
                                                                              mode="drop")
         return {"table": d_table.astype(table.dtype)}, None
+
+    def per_example_grads(self, res, d_y):
+        """Per-example rule (``fbp.per_example``): each example's rows scattered into a table of
+        its own, ``(B, vocab, features)``."""
+        ids, _ = res
+        ids2, g3 = ids.reshape(ids.shape[0], -1), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+        one = jax.vmap(lambda i, g: jnp.zeros((self.vocab, g.shape[-1]), g.dtype).at[i].add(g, mode="drop"))
+        return {"table": one(ids2, g3)}
+
+    def per_example_sq_norms(self, res, d_y):
+        r"""``(sq, how)``: each example's squared gradient norm ``(B,)`` without its table when
+        that is cheaper — the ghost norm ``Σ_{t,s} [id_t = id_s] (g_t · g_s)`` over the example's
+        ``T`` positions when ``T² < vocab`` — else from ``per_example_grads``."""
+        ids, _ = res
+        ids2, g3 = ids.reshape(ids.shape[0], -1), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+        t = ids2.shape[1]
+        if t * t < self.vocab:
+            same = (ids2[:, :, None] == ids2[:, None, :]).astype(g3.dtype)
+            return jnp.sum(same * jnp.einsum("btd,bsd->bts", g3, g3), axis=(1, 2)), f"ghost norm (T={t})"
+        table = self.per_example_grads(res, d_y)["table"]
+        return jnp.sum(jnp.square(table), axis=(1, 2)), f"materialised (T={t})"
