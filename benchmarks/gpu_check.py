@@ -121,23 +121,25 @@ def section_sharded(results):
                                                        "losses": [outs[0][1], outs[1][1]]}
 
 
+def _speed_one(model, shape, dtype):
+    x = jax.random.normal(jax.random.key(0), shape, dtype)
+    y = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(2), x))
+    ours = jax.jit(fbp.value_and_grad(model, CCE))
+    theirs = jax.jit(jax.value_and_grad(lambda p, a, b: CCE(model.apply(p, a), b)))
+    engine = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms(), per_example.Variance(),
+                                                                privacy.ClippedGrad(1.0)]))
+    t = interleaved({"fbp": lambda: ours(params, x, y), "jax.grad": lambda: theirs(params, x, y),
+                     "engine3": lambda: engine(params, x, y)}, rounds=9, reps=20)
+    return {"fbp ms": round(t["fbp"] * 1e3, 3), "jax.grad ms": round(t["jax.grad"] * 1e3, 3),
+            "fbp / jax.grad": round(t["fbp"] / t["jax.grad"], 3),
+            "norms+variance+clip / plain": round(t["engine3"] / t["fbp"], 3)}
+
+
 def section_speed(results):
     for name, (model, shape) in (("mlp", mlp_workload()), ("cnn", cnn_workload())):
         for dtype in (jnp.float32, jnp.bfloat16):
-            x = jax.random.normal(jax.random.key(0), shape, dtype)
-            y = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
-            params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(2), x))
-            ours = jax.jit(fbp.value_and_grad(model, CCE))
-            theirs = jax.jit(jax.value_and_grad(lambda p, a, b: CCE(model.apply(p, a), b)))
-            engine = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms(),
-                                                                        per_example.Variance(),
-                                                                        privacy.ClippedGrad(1.0)]))
-            t = interleaved({"fbp": lambda: ours(params, x, y), "jax.grad": lambda: theirs(params, x, y),
-                             "engine3": lambda: engine(params, x, y)}, rounds=9, reps=20)
-            results[f"speed {name} {jnp.dtype(dtype).name}"] = {
-                "fbp ms": round(t["fbp"] * 1e3, 3), "jax.grad ms": round(t["jax.grad"] * 1e3, 3),
-                "fbp / jax.grad": round(t["fbp"] / t["jax.grad"], 3),
-                "norms+variance+clip / plain": round(t["engine3"] / t["fbp"], 3)}
+            results[f"speed {name} {jnp.dtype(dtype).name}"] = _speed_one(model, shape, dtype)
 
 
 SECTIONS = {"engine": section_engine, "sharded": section_sharded, "fit": section_fit, "speed": section_speed,

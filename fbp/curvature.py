@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -51,7 +50,6 @@ from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_na
 from fbp.extensions import Extension
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
-from fbp.probes import sum_squares_probe
 from fbp.validation import check_fields, typed_arguments
 from fbp.walk import child_params
 
@@ -164,6 +162,48 @@ class DiagGGNMC(Extension):
     def columns(self, loss, y, key):
         _require_curvature(loss, "fbp.curvature.DiagGGNMC")
         return _columns(loss, y, self.mc_samples, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerFactors(Extension):
+    """K-FAC's factors as an extension, per leaf (``kfac_factors``' quantity, ``Factors``): the
+    loss's Hessian-factor columns (exact: KFLR; or ``mc_samples`` sampled ones: K-FAC-MC, then
+    the call needs ``key``) backpropagated, column-vmapped, on the same forward's residuals,
+    each Dense-like weight's probe forming ``A`` and ``G`` (``Positions.kronecker_factors``).
+    ``fbp.kfac``'s optimizer reads it through the training step.
+
+    Args:
+        mc_samples: sampled columns per example, or ``None`` for the exact factor.
+        approximation: ``"expand"`` or ``"reduce"`` for weights shared over positions.
+    """
+
+    mc_samples: int | None = 1
+    approximation: str = "expand"
+    name: ClassVar[str] = "kronecker_factors"
+    needs: ClassVar[str] = "columns"
+
+    def __post_init__(self):
+        check_fields(self)
+        _require_samples(self.mc_samples, "KroneckerFactors")
+        if self.approximation not in APPROXIMATIONS:
+            raise ValueError(f"KroneckerFactors: approximation must be one of {APPROXIMATIONS}, "
+                             f"got {self.approximation!r}")
+
+    @property
+    def samples(self):  # noqa: D401 - the engine asks for a key only when sampling
+        return self.mc_samples is not None
+
+    @property
+    def column_mode(self):
+        return f"kfac-{self.approximation}"
+
+    def columns(self, loss, y, key):
+        _require_curvature(loss, "fbp.curvature.KroneckerFactors")
+        return _columns(loss, y, self.mc_samples, key)
+
+    def finalize(self, found, context):
+        return {path: _factors(context.model, context.params, path, got["out"], got["layout"])
+                for path, got in found.items()}
 
 
 @typed_arguments
@@ -335,85 +375,7 @@ def _leaf_params(model, params, path):
     return params
 
 
-# --------------------------------------------------------------------------- diagonal Hessian
-def _chain(model: Layer, prefix: str = "") -> list[tuple[str, Layer]]:
-    """The leaves of nested ``Serial`` s in order, or an error naming the first layer that is not
-    a chain or has no second-order rule."""
-    if model.chain:
-        return [leaf for name, child in model.children().items()
-                for leaf in _chain(child, f"{prefix}/{name}" if prefix else name)]
-    if model.children():
-        raise InputError(repr(model), "fbp.curvature.diag_hessian backpropagates the Hessian through a chain of "
-                                      "layers (Serial); this one branches. Use diag_ggn, or ggn_vector_product",
-                         path=tuple(prefix.split("/")) if prefix else ())
-    if not (model.piecewise_linear or callable(getattr(model, "second_derivative", None))):
-        raise InputError(repr(model), "fbp.curvature.diag_hessian needs each layer's second derivative: this layer "
-                                      "has neither second_derivative(res) nor piecewise_linear = True (layers "
-                                      "that mix their inputs non-linearly — norms, attention, recurrent cells, "
-                                      "softmax — are not covered). Use diag_ggn",
-                         path=tuple(prefix.split("/")) if prefix else ())
-    return [(prefix, model)]
-
-
-def _new_columns(r):
-    """Columns ``√max(±r_k, 0) e_k`` for every unit ``k`` of ``r: (N, ...)``, with their signs."""
-    n, units = r.shape[0], math.prod(r.shape[1:])
-    eye = jnp.eye(units, dtype=r.dtype)[:, None, :]
-    pos = (eye * jnp.sqrt(jnp.maximum(r, 0)).reshape(n, units)).reshape(units, *r.shape)
-    neg = (eye * jnp.sqrt(jnp.maximum(-r, 0)).reshape(n, units)).reshape(units, *r.shape)
-    return jnp.concatenate([pos, neg]), jnp.concatenate([jnp.ones(units, r.dtype), -jnp.ones(units, r.dtype)])
-
-
-def diag_hessian(model: Layer, loss: Loss) -> Callable:
-    """The exact diagonal of the Hessian of the loss, for chains of Dense, convolution, pooling,
-    shape layers and elementwise activations (BackPACK's DiagHessian).
-
-    The Hessian is the GGN plus, at every activation ``y = f(z)`` with output gradient ``g``,
-    the term ``Σ_k g_k f''(z_k) ∇z_k ∇z_kᵀ``. Backpropagation carries the signed factor columns
-    of both: the loss's ``S`` from the top, and at each activation ``√max(±g f''(z), 0) e_k``
-    (one column per unit and sign) joining below it; each layer sums the signed squares of its
-    per-example gradients over the columns it receives. Costs grow with the activations' sizes
-    (two columns per unit): meant for small networks and for checking approximations.
-
-    Args:
-        model: a ``Serial`` chain (nested chains allowed) of layers with ``second_derivative``
-            or ``piecewise_linear`` (the error names the first that has neither).
-        loss: a ``fbp.losses`` loss.
-
-    Returns:
-        ``f(params, x, y) -> diag``, shaped like ``params`` (evaluation mode).
-    """
-    _require_curvature(loss, "fbp.curvature.diag_hessian")
-    chain = _chain(model)
-    probes = [(path, layer, sum_squares_probe(layer, path)) for path, layer in chain]
-
-    def f(params, x, y):
-        h, saved = x, []
-        for path, _, probe in probes:
-            h, res = run_forward(probe, (_leaf_params(model, params, path), None), h, train=False)
-            saved.append(res)
-        value_res = loss.forward(h, y)[1]
-        g = loss.backward(value_res, 1.0)
-        cols = jnp.moveaxis(loss.hessian_factor(h, y), -1, 0)
-        signs = jnp.ones(cols.shape[0], h.dtype)
-        out = {}
-        for (path, layer, probe), res in zip(reversed(probes), reversed(saved), strict=True):
-            r = layer.second_derivative(res[0]) * g if not layer.piecewise_linear else None
-            (_, _), g = probe.backward(res, g)
-            (_, squares), cols = jax.vmap(probe.backward, in_axes=(None, 0))(res, cols)
-            if squares is not None:
-                out[path] = jax.tree_util.tree_map(functools.partial(jnp.tensordot, signs, axes=1), squares)
-            if r is not None:
-                new, new_signs = _new_columns(r)
-                cols, signs = jnp.concatenate([cols, new]), jnp.concatenate([signs, new_signs])
-
-        def leaf(path, layer, p):
-            return out[path] if path in out else jax.tree_util.tree_map(jnp.zeros_like, p)
-
-        return map_leaf_params(model, params, leaf)
-
-    return f
-
+from fbp.curvature_hessian import diag_hessian  # noqa: E402  (public here; it uses the helpers above)
 
 __all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "diag_ggn", "diag_ggn_mc", "diag_hessian",
            "ggn_vector_product", "kfac_factors"]

@@ -56,43 +56,65 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"fbp.value_and_grad: {loss!r} returns one value per example; the transform needs "
                          f"reduction='mean' or 'sum' (per-example values come from the extensions)")
+
+    def body(params, x, y, *, state=None, key=None):
+        value, grads, _, new_state, q = run(model, loss, extensions, params, x, y, state=state, key=key)
+        return (value, grads, new_state, q) if has_state else (value, grads, q)
+
+    return per_example.with_context(model, has_state, "fbp.value_and_grad", body)
+
+
+def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y, *, state=None, key=None):
+    """The pass itself, for the training steps (``fbp.steps``): ``(value, grads, pred, new_state, q)``.
+
+    Args:
+        model: the model, in training mode.
+        loss: a loss with ``reduction="mean"`` or ``"sum"``.
+        extensions: checked extensions (``check_extensions``).
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        state: the model state, or ``None``.
+        key: a random key (required when the model or an extension samples).
+
+    Returns:
+        ``(value, grads, pred, new_state, q)`` as ``value_and_grad``, with the model's output.
+    """
     modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer")))
     by_columns = [e for e in extensions if e.needs == "columns"]
     hooks = tuple(e for e in extensions if e.needs == "layer")
     check = any(e.requires_independence for e in extensions)
     sampled = any(e.samples for e in by_columns)
+    model_key, sample_key = key, key
+    if sampled:
+        if key is None:
+            raise InputError("fbp.value_and_grad", f"{[e.name for e in by_columns if e.samples]} sample "
+                                                   f"targets: pass key=jax.random.key(...)")
+        if model.needs_key:  # as fbp.curvature: one key for the model, one for the samples
+            model_key, sample_key = tuple(jax.random.split(key))
+    column_sets = tuple((e.column_mode, e.columns(loss, y, sample_key)) for e in by_columns)
+    values, summed, per, column_per, new_state, pred = per_example.one_pass(
+        model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
+        key=model_key, train=True)
+    found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
+    scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
+    value = values.sum() * scale
+    grads = summed if scale == 1.0 else _scaled(summed, scale)
+    leaf_grads: dict = {}
+    map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
+    context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale, pred)
 
-    def body(params, x, y, *, state=None, key=None):
-        model_key, sample_key = key, key
-        if sampled:
-            if key is None:
-                raise InputError("fbp.value_and_grad", f"{[e.name for e in by_columns if e.samples]} sample "
-                                                       f"targets: pass key=jax.random.key(...)")
-            if model.needs_key:  # as fbp.curvature: one key for the model, one for the samples
-                model_key, sample_key = tuple(jax.random.split(key))
-        column_sets = tuple(e.columns(loss, y, sample_key) for e in by_columns)
-        values, summed, per, column_per, new_state = per_example.one_pass(
-            model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
-            key=model_key, train=True)
-        found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
-        scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
-        value = values.sum() * scale
-        grads = summed if scale == 1.0 else _scaled(summed, scale)
-        leaf_grads: dict = {}
-        map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
-        context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale)
+    def found(e):
+        if e.needs == "columns":
+            quantity, layout = found_columns[e.name]
+            return quantity if e.column_mode == "sgs" else \
+                {path: {"out": out, "layout": layout[path]} for path, out in quantity.items()}
+        if e.needs == "layer":
+            return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
+        return {path: got[e.needs] for path, got in per.items() if e.needs in got}
 
-        def found(e):
-            if e.needs == "columns":
-                return found_columns[e.name]
-            if e.needs == "layer":
-                return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
-            return {path: got[e.needs] for path, got in per.items() if e.needs in got}
-
-        q = {e.name: e.finalize(found(e), context) for e in extensions}
-        return (value, grads, new_state, q) if has_state else (value, grads, q)
-
-    return per_example.with_context(model, has_state, "fbp.value_and_grad", body)
+    q = {e.name: e.finalize(found(e), context) for e in extensions}
+    return value, grads, pred, new_state, q
 
 
 def _scaled(tree, scale):

@@ -46,6 +46,7 @@ class Context(NamedTuple):
         scale: the reduced loss over ``Σ_b ℓ_b`` (``1/N`` for a mean over ``N`` values, 1 for a
             sum): the cotangents of the pass are those of ``Σ_b ℓ_b``; times ``scale`` they are
             the reduced loss's.
+        pred: the model's output.
     """
 
     model: Any
@@ -56,6 +57,7 @@ class Context(NamedTuple):
     leaf_grads: dict
     batch: int
     scale: float = 1.0
+    pred: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Extension:
     needs: ClassVar[str] = "grads"
     samples: ClassVar[bool] = False  # its columns are drawn at random (then the call needs a key)
     requires_independence: ClassVar[bool] = True  # per-example quantities need examples kept apart
+    column_mode: ClassVar[str] = "sgs"  # needs "columns": the probes' mode on each column ("sgs": summed squares)
 
     def from_output(self, y):
         """For ``needs = "layer"``: what to keep from a leaf's output ``y`` in the forward pass.

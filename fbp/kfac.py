@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.core import InputError, map_leaf_params, value_and_grad
-from fbp.curvature import Factors, KroneckerBlock, kfac_factors
+from fbp.curvature import Factors, KroneckerBlock, KroneckerFactors, kfac_factors
 from fbp.nn.positions import assemble
 from fbp.optim.base import GradientTransformation, apply_updates
 from fbp.validation import require_number, typed_arguments
@@ -155,6 +155,41 @@ class KFAC:
             out[block.bias] = nat[start]
         return out
 
+    def transformation(self, x, y, *, key=None) -> GradientTransformation:
+        """K-FAC as an optimizer like the others, for ``fbp.train.make_step`` and ``fit``.
+
+        Its ``update`` reads the Kronecker factors of the training step's own pass through the
+        engine (``GradientTransformation.extensions``: ``fbp.curvature.KroneckerFactors``), on
+        every ``curvature_every``-th step (``due``); the steps between run the plain backward.
+        Its state is a ``KFACState`` (a pytree: it checkpoints and resumes like any other).
+
+        Args:
+            x: an example batch's inputs (only shapes are read: they fix the factors' shapes).
+            y: its targets.
+            key: a key for that shape evaluation (sampled factors; any key).
+
+        Returns:
+            A ``GradientTransformation`` with ``extensions`` and ``due`` set. Called without
+            ``extras`` (outside a training step) ``update`` preconditions with the factors it has.
+        """
+        needs = KroneckerFactors(self.mc_samples, self.approximation)
+
+        def init(params):
+            return self.init(params, x, y, key=key)
+
+        def update(grads, state, params=None, *, extras=None):
+            if extras is not None:
+                new = extras[needs.name]
+                state = self.observe(state, new) if self.curvature_every == 1 else \
+                    lax.cond(self._due(state), lambda s: self.observe(s, new), lambda s: s, state)
+            updates, inner = self.optimizer.update(self.precondition(grads, state), state.inner, params)
+            return updates, state._replace(count=state.count + 1, inner=inner)
+
+        return GradientTransformation(init, update, (needs,), self._due if self.curvature_every > 1 else None)
+
+    def _due(self, state: KFACState):
+        return state.count % self.curvature_every == 0
+
     def step(self, params, state: KFACState, x, y, *, key=None):
         """One K-FAC step: ``(params, state, loss_value)``. ``key``: for sampled factors and
         random layers (required then)."""
@@ -198,7 +233,9 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
 
     Returns:
         A ``KFAC`` with ``init(params, x, y) -> state`` and
-        ``step(params, state, x, y, *, key=None) -> (params, state, loss_value)`` (jit it).
+        ``step(params, state, x, y, *, key=None) -> (params, state, loss_value)`` (jit it);
+        ``transformation(x, y)`` makes it a ``GradientTransformation`` for ``make_step`` and
+        ``fit`` (``fit`` also takes the ``KFAC`` itself).
     """
     if model.has_state:  # no has_state mode here: say what to do instead
         from fbp.core import leaf_layers

@@ -117,7 +117,7 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
              check: bool = True, state=None, key=None, train: bool = True):
     """The engine's pass: one probed forward, the backward of the per-example losses computing
     every quantity in ``modes``, and, on the same residuals, the column-vmapped backward of each
-    entry of ``column_sets`` squaring each layer's per-column gradients (``"sgs"``).
+    entry of ``column_sets``.
 
     Args:
         model: the model.
@@ -126,7 +126,10 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         x: the inputs.
         y: the targets.
         modes: the quantities of the gradient's backward (``MODES``); may be empty.
-        column_sets: functions ``pred -> (*pred.shape, M)``: cotangent columns to backpropagate.
+        column_sets: ``(mode, columns)`` pairs: ``columns(pred) -> (*pred.shape, M)``, cotangent
+            columns to backpropagate with the probes in ``mode`` (``"sgs"``: each layer's
+            per-column squares, summed over the columns; a ``"kfac-…"`` mode: the per-column
+            Kronecker blocks, with the column axis kept).
         hooks: extensions that read every leaf's output and cotangents (``fbp.probes.probe_model``).
         check: refuse a layer that mixes the examples of a batch.
         state: the model state, or ``None``.
@@ -134,9 +137,10 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         train: training mode.
 
     Returns:
-        ``(values, summed, per, column_per, new_state)``: per-example losses, ``Σ_b ∇ℓ_b``,
-        ``per[path][mode]`` (and ``per[path]["layer"][hook name]``), ``column_per[i][path]``
-        (``Σ_columns Σ_b (J_bᵀ s)²``, shaped like the leaf's params) and the new state.
+        ``(values, summed, per, column_per, new_state, pred)``: per-example losses, ``Σ_b ∇ℓ_b``,
+        ``per[path][mode]`` (and ``per[path]["layer"][hook name]``), ``column_per[i]`` =
+        ``(found, layout)`` with ``found[path]`` the column set's quantity and ``layout[path]``
+        how each layer computed it, the new state and the model's output.
     """
     if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
@@ -146,17 +150,17 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
     values, loss_res = each.forward(pred, y)
     d_pred = each.backward(loss_res, jnp.ones(values.shape, values.dtype))
     summed, per = split_probed(model, probed.backward(res, d_pred)[0])
-    squares = probe_model(model, "sgs", {}, check=False)  # the same forward's residuals, another quantity
-
-    def column(c):
-        return split_probed(model, squares.backward(res, c)[0])[1]
-
     column_per = []
-    for columns in column_sets:
-        found = jax.vmap(column, in_axes=-1)(columns(pred))
-        column_per.append({path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()})
+    for mode, columns in column_sets:
+        layout: dict = {}
+        on_columns = probe_model(model, mode, layout, check=False)  # the same forward's residuals
+        found = jax.vmap(lambda c, probe=on_columns: split_probed(model, probe.backward(res, c)[0])[1],
+                         in_axes=-1)(columns(pred))
+        if mode == "sgs":
+            found = {path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()}
+        column_per.append((found, layout))
     new_state = None if state is None else probed.next_state(state, res)
-    return values, summed, per, column_per, new_state
+    return values, summed, per, column_per, new_state, pred
 
 
 @typed_arguments

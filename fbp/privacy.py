@@ -293,13 +293,24 @@ def poisson_batch(key, n: int, rate: float, size: int):
 
 @typed_arguments
 def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch_size: int, correct_count,
-                 augment=None):
+                 augment=None, *, telemetry=False, mesh=None):
     """The step ``fit`` runs under DP-SGD, with the signature of its plain step.
 
     Each step samples its batch (Poisson with rate ``batch_size / n``, padded to ``max_batch``
     rows and masked, or the shuffled batch), clips every example's gradient to ``spec.l2_clip``
     inside one backward pass, adds ``N(0, (σ C)²)`` noise to the sum and divides by
     ``batch_size``.
+
+    With ``telemetry``, the statistics are those of the *clipped* pass: a first pass computes
+    each example's norm, a second, instrumented one differentiates ``Σ_b c_b ℓ_b`` with the
+    clipping weights ``c_b = min(1, C/‖g_b‖)`` held constant — its gradient is the clipped sum
+    (equal to the one-pass book-keeping to float rounding), its cotangents and output statistics
+    those of the examples actually drawn. Two passes instead of one; the statistics are not
+    noised (they are not part of the private release).
+
+    With ``mesh`` (``fbp.parallel.data_mesh``) the batch buffer, its mask and every
+    per-example computation are split over the devices; the noise is drawn from the same keys,
+    so the step equals the one-device step to float rounding.
 
     Args:
         model: the model.
@@ -310,17 +321,24 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
         batch_size: the expected batch size.
         correct_count: ``fbp.steps.correct_count`` (masked rows are not counted).
         augment: an augmentation ``(key, x) -> x``, or ``None``.
+        telemetry: ``False``, ``True`` or a selection of ``fbp.telemetry.STATS``.
+        mesh: a device mesh for data parallelism, or ``None``.
 
     Returns:
-        ``step(carry, x, y, batches, row, epoch_key, step_number) -> carry``; the carry's ``stats``
-        count the examples actually sampled this epoch.
+        ``step(carry, x, y, batches, row, epoch_key, step_number) -> carry``; the carry's
+        ``stats`` count the examples actually sampled this epoch (``"examples"``) and, with
+        ``telemetry``, sum the per-layer statistics (``"layers"``).
     """
+    from fbp import parallel
+    from fbp import telemetry as ftelemetry
     from fbp.optim import apply_updates
 
-    rate, size = batch_size / n, max_batch(n, batch_size)
+    rate, size = batch_size / n, buffer_rows(n, batch_size, mesh)
+    probed = ftelemetry.Instrumented.of(model, None, stats=None if telemetry is True else telemetry) \
+        if telemetry else None
 
     def step(carry, x, y, batches, row, epoch_key, step_number):
-        params, state, opt_state, loss_sum, correct, seen, first_loss = carry
+        params, state, opt_state, loss_sum, correct, stats, first_loss = carry
         step_key = jax.random.fold_in(epoch_key, step_number)
         if spec.sampling == "poisson":
             idx, mask = poisson_batch(jax.random.fold_in(step_key, 1), n, rate, size)
@@ -329,8 +347,15 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
             mask = jnp.ones(idx.shape, bool)
         key = step_key if model.needs_key else None
         xb = x[idx] if augment is None else augment(jax.random.fold_in(step_key, 3), x[idx])
-        values, grads, _, pred = _clipped(model, loss, spec.l2_clip, params, xb, y[idx], mask=mask,
-                                          with_pred=True, key=key, state=state)
+        yb = y[idx]
+        if mesh is not None:  # data parallel: each device clips its slice of the buffer
+            xb, yb, mask = parallel.constrain_batch((xb, yb, mask), mesh)
+        if probed is None:
+            values, grads, _, pred = _clipped(model, loss, spec.l2_clip, params, xb, yb, mask=mask, with_pred=True,
+                                              key=key, state=state)
+        else:
+            values, grads, pred, layer_stats = _clipped_pass(probed, model, loss, spec.l2_clip, params, xb, yb,
+                                                             mask, key=key, state=state)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         keys = jax.random.split(jax.random.fold_in(step_key, 2), max(len(leaves), 1))
         sigma = spec.noise_multiplier * spec.l2_clip
@@ -341,9 +366,49 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
         batch_loss = jnp.sum(values.astype(jnp.float32) * weights)
         loss_sum = loss_sum + batch_loss
         first_loss = jnp.where(step_number == 0, batch_loss / jnp.maximum(jnp.sum(weights), 1), first_loss)
-        correct = correct + correct_count(pred, y[idx], loss, where=mask).astype(jnp.int32)
+        correct = correct + correct_count(pred, yb, loss, where=mask).astype(jnp.int32)
+        new_stats = {"examples": stats["examples"] + jnp.sum(weights)}
+        if probed is not None:
+            new_stats["layers"] = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stats["layers"],
+                                                         layer_stats)
         return carry._replace(params=apply_updates(params, updates), opt_state=opt_state, loss_sum=loss_sum,
-                              correct=correct, first_loss=first_loss,
-                              stats={"examples": seen["examples"] + jnp.sum(weights)})
+                              correct=correct, first_loss=first_loss, stats=new_stats)
 
     return step
+
+
+def buffer_rows(n: int, batch_size: int, mesh=None) -> int:
+    """The rows of a training step's Poisson buffer: ``max_batch``, rounded up to a multiple of
+    the mesh's device count (each device takes an equal slice).
+
+    Args:
+        n: the data set's size.
+        batch_size: the expected batch size.
+        mesh: a device mesh, or ``None``.
+
+    Returns:
+        The rows.
+
+    Raises:
+        ValueError: no multiple of the device count fits in ``n`` rows.
+    """
+    rows = max_batch(n, batch_size)
+    if mesh is None:
+        return rows
+    devices = mesh.devices.size
+    rounded = -(-rows // devices) * devices
+    if rounded > n:
+        raise ValueError(f"fit: DP-SGD on {devices} devices needs a Poisson buffer of {rounded} rows (a multiple of "
+                         f"the device count), more than the {n} training examples; use fewer devices or a smaller "
+                         f"batch_size")
+    return rounded
+
+
+def _clipped_pass(probed, model, loss, l2_clip, params, x, y, mask, **context):
+    """Telemetry of the clipped pass: the norms from a first pass, then the instrumented pass
+    of ``Σ_b c_b ℓ_b`` (``private_step``'s docstring). ``(values, clipped sum, pred, stats)``."""
+    values, _, per, _, _ = per_example.run(model, loss, params, x, y, mode="norms", **context)
+    norms = jnp.sqrt(sum(per.values(), jnp.zeros(values.shape[:1], values.dtype)))
+    c = _weights(norms, l2_clip, mask)
+    _, grads, pred, _, stats = probed.run(loss, params, x, y, weights=c, **context)
+    return values, grads, pred, stats

@@ -21,16 +21,13 @@ from fbp import precision as fprecision
 from fbp import privacy as fprivacy
 from fbp import telemetry as ftelemetry
 from fbp.core import (
-    InputError,
     Layer,
     Loss,
-    describe,
-    path_name,
     require_state,
     require_state_mode,
-    value_grad_and_output,
 )
 from fbp.optim import GradientTransformation, apply_updates
+from fbp.step_pass import _require_params_dtype, gradient_function, optimizer_update, parse_policy  # noqa: F401
 
 PyTree = Any
 
@@ -117,17 +114,15 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     require_state_mode(model, has_state, "fbp.train.make_step")
     if mesh is not None:
         parallel.require_mesh(mesh, "fbp.train.make_step")
-    grads_of = gradient_function(model, loss, precision)
+    update = optimizer_update(model, loss, optimizer, precision, "fbp.train.make_step")
 
     def step(params, opt_state, x, y, *, key=None):
-        value, grads, _, _ = grads_of(params, opt_state, x, y, key=key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        value, updates, opt_state, _, _, _ = update(params, opt_state, x, y, key=key)
         return apply_updates(params, updates), opt_state, value
 
     def step_with_state(params, state, opt_state, x, y, *, key=None):
         require_state(model, state, "fbp.train.make_step")
-        value, grads, _, state = grads_of(params, opt_state, x, y, state=state, key=key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        value, updates, opt_state, _, state, _ = update(params, opt_state, x, y, state=state, key=key)
         return apply_updates(params, updates), state, opt_state, value
 
     chosen = step_with_state if has_state else step
@@ -136,36 +131,6 @@ def make_step(model: Layer, loss: Loss, optimizer: GradientTransformation, *, ji
     if not jit:
         raise ValueError("fbp.train.make_step: a mesh needs jit=True (the sharded step is a jitted program)")
     return _data_parallel(chosen, mesh, fsdp, 3 if has_state else 2)
-
-
-def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
-    """One forward, loss and backward pass, in full precision or under a mixed-precision policy.
-
-    Args:
-        model: the model.
-        loss: the loss.
-        precision: ``None``, a ``fbp.precision.Policy`` or its text (``"bfloat16"``); the
-            backward is seeded with the loss scale an ``fbp.precision.loss_scaled`` optimizer
-            state holds.
-
-    Returns:
-        ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, grads, pred, new_state)``.
-
-    Raises:
-        TypeError: ``precision`` is neither a policy nor its text.
-    """
-    if precision is None:
-        return lambda params, opt_state, x, y, **context: value_grad_and_output(model, loss, params, x, y, **context)
-    policy = fprecision.Policy.parse(precision) if isinstance(precision, str) else precision
-    if not isinstance(policy, fprecision.Policy):
-        raise TypeError(f"precision must be an fbp.precision.Policy or its text ('bfloat16'), got {precision!r}")
-
-    def f(params, opt_state, x, y, **context):
-        _require_params_dtype(policy, params)
-        return fprecision.value_grad_and_output(model, loss, policy, params, x, y,
-                                                scale=fprecision.current_scale(opt_state), **context)
-
-    return f
 
 
 _CARRIED = ("params", "state", "opt_state")
@@ -182,17 +147,6 @@ def _require_not_donated(carried) -> None:
                              f"their memory) and no longer exist. Pass what the previous call returned: params, "
                              f"opt_state, loss = step(params, opt_state, x, y); to keep the old values too, copy "
                              f"them first: kept = jax.tree_util.tree_map(jnp.copy, {name})")
-
-
-def _require_params_dtype(policy, params) -> None:
-    """The policy keeps params in ``policy.params``; params in another dtype would be updated in
-    that dtype while the policy claims otherwise (its params setting silently ignored)."""
-    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if jnp.issubdtype(jnp.result_type(a), jnp.floating) and jnp.result_type(a) != policy.params:
-            raise InputError("precision", f"the policy keeps params in {policy.params.name}, but the parameter "
-                                          f"'{path_name(path)}' is {describe(a)}; cast them first with "
-                                          f"params = policy.cast(params, policy.params), or choose "
-                                          f"Policy(params={jnp.result_type(a).name}, ...)")
 
 
 def _data_parallel(step: Callable, mesh, fsdp: bool, num_carried: int) -> Callable:
@@ -252,8 +206,12 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of ``fbp.telemetry`` from the same pass."""
-    probed = ftelemetry.Instrumented.of(model, None, stats=telemetry_stats(telemetry)) if telemetry else None
-    grads_of = gradient_function(model, loss, precision)
+    reads = bool(getattr(optimizer, "extensions", ()))
+    probed = ftelemetry.Instrumented.of(model, None, stats=telemetry_stats(telemetry)) if telemetry and not reads \
+        else None
+    stats_ext = ftelemetry.Stats(telemetry_stats(telemetry)) if telemetry and reads else None
+    update = optimizer_update(model, loss, optimizer, precision, "fit", stats_ext)
+    policy = parse_policy(precision)
 
     def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
         params, state, opt_state, loss_sum, correct, stat_sum, first_loss = carry
@@ -264,13 +222,18 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
         step_key = jax.random.fold_in(epoch_key, step_number)
         if augment is not None:
             xb = augment(jax.random.fold_in(step_key, 1), xb)
-        key = step_key if model.needs_key else None
+        key = step_key if model.needs_key or reads else None  # sampled curvature needs one too
         if probed is None:
-            value, grads, pred, state = grads_of(params, opt_state, xb, yb, state=state, key=key)
+            value, updates, opt_state, pred, state, q = update(params, opt_state, xb, yb, state=state, key=key)
+            if stats_ext is not None:  # telemetry from the engine's pass (the optimizer reads extensions too)
+                stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, q["stats"])
         else:
-            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key)
+            if policy is not None:
+                _require_params_dtype(policy, params)
+            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key, policy=policy,
+                                                          scale=fprecision.current_scale(opt_state))
             stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         first_loss = jnp.where(step_number == 0, value.astype(jnp.float32) * per_batch / idx.shape[0], first_loss)
@@ -318,7 +281,8 @@ def epoch_batches(n: int, batch_size: int | None, key):
 
 def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None, precision=None):
     step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh, precision) if private is None else \
-        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment)
+        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment, telemetry=telemetry,
+                              mesh=mesh)
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]

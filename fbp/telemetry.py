@@ -96,13 +96,21 @@ def _nonfinite(tree) -> jax.Array:
     return _count_nonfinite(leaves, sum((_sum_sq(a) for a in leaves), jnp.zeros((), ft)))
 
 
-def _output_stats(y, want: frozenset[str]) -> dict[str, jax.Array]:
+def _output_stats(y, want: frozenset[str], rows=None) -> dict[str, jax.Array]:
     """The wanted ones of: mean, standard deviation (``sqrt(E[y²] - mean²)``, clamped at 0: no
-    second pass that waits for the mean), max |y|, the fraction of zeros, the non-finite count."""
+    second pass that waits for the mean), max |y|, the fraction of zeros, the non-finite count;
+    over the rows ``rows`` marks (``(B,)`` bools; ``None``: every row — a DP-SGD buffer's
+    padding rows are left out)."""
     ft = jnp.result_type(float)
     zero = jnp.zeros((), ft)
     leaves = [a for a in floating_leaves(y) if a.size]
-    n = max(sum(a.size for a in leaves), 1)
+    if rows is None:
+        n = max(sum(a.size for a in leaves), 1)
+        kept = [jnp.ones((), bool)] * len(leaves)
+    else:
+        kept = [rows.reshape(rows.shape + (1,) * (a.ndim - 1)) for a in leaves]
+        n = jnp.maximum(sum((jnp.sum(rows, dtype=ft) * (a.size // a.shape[0]) for a in leaves), zero), 1)
+        leaves = [jnp.where(m, a, 0) for a, m in zip(leaves, kept, strict=True)]
     out = {}
     total = sum((jnp.sum(a, dtype=ft) for a in leaves), zero) if want & {"out_mean", "out_std"} else None
     total_sq = sum((_sum_sq(a) for a in leaves), zero) if want & {"out_std", "nonfinite_out"} else None
@@ -113,7 +121,8 @@ def _output_stats(y, want: frozenset[str]) -> dict[str, jax.Array]:
     if "out_absmax" in want:
         out["out_absmax"] = jnp.max(jnp.asarray([jnp.max(jnp.abs(a)).astype(ft) for a in leaves] or [zero]))
     if "out_zero_fraction" in want:  # counted in int32: exact up to 2**31 entries
-        out["out_zero_fraction"] = sum((jnp.sum(a == 0, dtype=jnp.int32) for a in leaves), 0).astype(ft) / n
+        out["out_zero_fraction"] = sum((jnp.sum((a == 0) & m, dtype=jnp.int32) for a, m in
+                                        zip(leaves, kept, strict=True)), 0).astype(ft) / n
     if "nonfinite_out" in want:
         out["nonfinite_out"] = _count_nonfinite(leaves, total_sq)
     return out
@@ -128,11 +137,13 @@ class _Probe(Wrapper):
     want: frozenset = frozenset(STATS)  # the statistics to compute (with "nonfinite": its three parts)
     skip_d_out: bool = False  # the cotangent at this layer's output is one training never computes
     skip_d_in: bool = False  # likewise the one at its input
+    rows: Any = None  # (B,) bools: the output statistics read only these rows (None: all)
+
     def forward(self, params, x, *, state=None, key=None, train=False):
         inner_params, _ = params
         y, res = run_forward(self.layer, inner_params, x, state=state, key=key, train=train)
         param_norm = _norm(inner_params) if "param_norm" in self.want else None
-        return y, (res, _output_stats(y, self.want), param_norm)
+        return y, (res, _output_stats(y, self.want, self.rows), param_norm)
 
     def backward(self, res, d_y):
         inner, out, param_norm = res
@@ -177,20 +188,21 @@ def _wanted(names) -> frozenset:
     return frozenset(chosen) | (frozenset(DETAIL) if "nonfinite" in chosen else frozenset())
 
 
-def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | None = None) -> Layer:
+def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | None = None, rows=None) -> Layer:
     """``model`` with every leaf layer wrapped in a probe: same paths, same forward, statistics on the side.
 
     Args:
         model: the model.
         want: the statistics to compute (names from ``STATS`` and the parts of ``nonfinite``).
         skip: ``{path: (skip_d_out, skip_d_in)}`` for cotangents not to compute (see ``input_side``).
+        rows: ``(B,)`` bools: the output statistics read only these rows (``None``: all).
 
     Returns:
         The probed model.
     """
     skip = skip or {}
     return transform_layers(model, lambda path, layer: None if children(layer) else
-                            _Probe(layer, want, *skip.get(path, (False, False))))
+                            _Probe(layer, want, *skip.get(path, (False, False)), rows))
 
 
 def input_side(model: Layer, params: PyTree) -> dict[str, tuple[bool, bool]]:
@@ -273,8 +285,16 @@ class Instrumented:
                                           "whose true derivative is zero")
         return cls(model, exact, input_cotangents, _wanted(stats))
 
-    def run(self, loss: Loss, params, x, y, *, state=None, key=None, train=True, detail=False):
-        """``(value, grads, pred, new_state, stats)`` from one forward and one backward pass."""
+    def run(self, loss: Loss, params, x, y, *, state=None, key=None, train=True, detail=False, policy=None,
+            scale=1.0, weights=None):
+        """``(value, grads, pred, new_state, stats)`` from one forward and one backward pass.
+
+        ``policy`` (a ``fbp.precision.Policy``): the layers run in ``policy.compute``, the loss in
+        ``policy.output``, grads and state come back in ``policy.params``; the backward is seeded
+        with ``scale`` (a loss scale). ``weights`` (``(B,)``, held constant): the pass
+        differentiates ``Σ_b w_b ℓ_b`` — DP-SGD's clipped pass, ``w_b = min(1, C/‖g_b‖)`` — and
+        ``value`` is the per-example losses ``ℓ_b``; the output statistics then read only the
+        rows with ``w_b ≠ 0`` (a Poisson buffer's padding rows are no part of the batch)."""
         if getattr(loss, "reduction", "mean") == "none":
             raise InputError(repr(loss), "telemetry differentiates a scalar loss: use reduction='mean' or 'sum'")
         batch = [a.shape[0] for a in jax.tree_util.tree_leaves(x) if getattr(a, "ndim", 0)]
@@ -283,22 +303,34 @@ class Instrumented:
                                           f"statistics are means over the batch)")
         skip = {} if self.input_cotangents else input_side(self.model, params)
         want = self.want | (frozenset(DETAIL) if detail else frozenset())
-        probed = probe(self.model, want, skip)
-        pred, res = run_forward(probed, _with_slots(self.model, params, want), x, state=state, key=key, train=train)
-        value, loss_res = loss.forward(pred, y)
-        d_pred = loss.backward(loss_res, jnp.ones((), value.dtype))
+        rows = None if weights is None else weights != 0
+        probed = probe(self.model, want, skip, rows)
+        inner = params if policy is None else policy.cast(params, policy.compute)
+        inner_state = state if policy is None or state is None else policy.cast(state, policy.compute)
+        x_in = x if policy is None else policy.cast(x, policy.compute)
+        pred, res = run_forward(probed, _with_slots(self.model, inner, want), x_in, state=inner_state, key=key,
+                                train=train)
+        out = pred if policy is None else pred.astype(policy.output)
+        each = loss if weights is None else dataclasses.replace(loss, reduction="none")
+        value, loss_res = each.forward(out, y)
+        seed = jnp.asarray(scale, value.dtype) if weights is None else \
+            jax.lax.stop_gradient(weights).astype(value.dtype) * jnp.asarray(scale, value.dtype)
+        d_pred = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), each.backward(loss_res, seed), pred)
         grads, stats = _split(self.model, probed.backward(res, d_pred)[0])
-        check_gradient_structure(self.model, params, grads)
+        check_gradient_structure(self.model, inner, grads)
         if self.exact is not None:
-            exact_grads, _ = _split(self.model, probe(self.exact, want, skip).backward(res, d_pred)[0])
+            exact_grads, _ = _split(self.model, probe(self.exact, want, skip, rows).backward(res, d_pred)[0])
             grads_at = dict(_leaf_entries(self.model, grads))
             for path, g_exact in _leaf_entries(self.model, exact_grads):
                 if floating_leaves(g_exact):
                     stats[path]["alignment_angle"] = _angle(grads_at[path], g_exact)
         if not detail:
             stats = {path: {k: v for k, v in s.items() if k not in DETAIL} for path, s in stats.items()}
-        new_state = None if state is None else probed.next_state(state, res)
-        return value, grads, pred, new_state, stats
+        new_state = None if state is None else probed.next_state(inner_state, res)
+        if policy is not None:
+            grads = policy.cast(grads, policy.params)
+            new_state = None if new_state is None else policy.cast(new_state, policy.params)
+        return value, grads, out, new_state, stats
 
 
 def _leaf_entries(model: Layer, params: PyTree) -> list[tuple[str, PyTree]]:

@@ -114,7 +114,7 @@ def _nonfinite_reason(record: dict[str, float], carry: EpochCarry, epoch: int) -
 
 
 # --------------------------------------------------------------------------- fit
-def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyTree, x, y, *, key,
+def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         epochs: int = 10, batch_size: int | None = 32, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | None = None, scan_epochs: bool = False,
         progress: bool = True, opt_state: PyTree = None, state: PyTree = None, num_classes: int | None = None,
@@ -128,7 +128,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
     Args:
         model: the network (a layer).
         loss: a mean- or sum-reduced loss; what it declares (``classification``) decides the metrics.
-        optimizer: a ``fbp.optim`` gradient transformation.
+        optimizer: a ``fbp.optim`` gradient transformation, or a ``fbp.kfac.KFAC`` (its
+            factors come from each step's own pass; not with ``privacy`` or ``precision``).
         params: the initial parameters (``model.init(key, x)``).
         x: the training features, ``(N, ...)``.
         y: the training targets, ``(N, ...)``, checked against the loss's conventions.
@@ -155,7 +156,9 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             metrics follow (``val_loss`` with ``loss``, ``val_accuracy`` with ``accuracy``). The
             loss is measured either way: divergence is judged on it.
         telemetry: record per-layer statistics from every step's own pass (``fbp.telemetry``)
-            in ``result.telemetry``: ``True`` for all of them, or a list of names.
+            in ``result.telemetry``: ``True`` for all of them, or a list of names. Under
+            ``precision`` they are those of the low-precision pass; under ``privacy`` those of
+            the clipped pass (two passes per step; a warning says they are not private).
         privacy: train with DP-SGD (``fbp.privacy.DPSGD``): per-example clipping in one
             backward pass, Gaussian noise, Poisson sampling with expected batch ``batch_size``;
             the history gains ``epsilon`` (at the spec's ``delta``) after every epoch.
@@ -171,7 +174,10 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
             mesh's devices, params and optimizer and model state are replicated; the numbers
             are those of one device (global BatchNorm statistics, the same dropout masks).
             ``batch_size`` must be a multiple of the device count, and the last, smaller
-            batch of an epoch (``n mod batch_size`` examples) is dropped. Not with ``privacy``.
+            batch of an epoch (``n mod batch_size`` examples) is dropped. With ``privacy`` the
+            Poisson buffer is rounded up to a multiple of the device count (fixed sampling:
+            ``batch_size`` must be one); the noise is the same, so the run equals one device's
+            to float rounding.
         precision: mixed precision (``fbp.precision``): a ``Policy`` or its text
             (``"bfloat16"``); pair float16 with a ``precision.loss_scaled`` optimizer.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (start afresh if there
@@ -226,18 +232,24 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         state = model.init_state(params)
     preflight.check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
     x, y = jnp.asarray(x), jnp.asarray(y)
+    optimizer = _optimizer_setting(optimizer, x, y, privacy)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     telemetry = _telemetry_setting(model, telemetry)
     private = None if privacy is None else _private_setting(privacy, batch_size, telemetry, n)
-    if precision is not None and (telemetry or privacy is not None):
-        raise ValueError("fit: precision cannot be combined with telemetry or privacy yet (they run in full precision)")
+    if precision is not None and privacy is not None:
+        raise ValueError("fit: precision cannot be combined with privacy: DP-SGD's guarantee rests on every example's "
+                         "clipped gradient having norm at most l2_clip, and in a low-precision compute dtype the "
+                         "per-example norms that set the clipping are off by its rounding (2^-8 relative for "
+                         "bfloat16), so the bound would not hold. Train privately in float32 (precision=None)")
     if mesh is not None:
         x, y, params, state, opt_state = _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state,
                                                                 opt_state)
     step_jit, scan_jit, evaluate_jit = compiled_epoch(model, loss, optimizer, augment, telemetry, private, mesh,
                                                  precision)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, telemetry_stats(telemetry)) \
-        if telemetry else ({"examples": jnp.zeros((), jnp.float32)} if privacy is not None else {})
+        if telemetry else {}
+    if privacy is not None:  # the examples drawn, and the statistics of the clipped pass
+        zero_stats = {"examples": jnp.zeros((), jnp.float32)} | ({"layers": zero_stats} if telemetry else {})
     x_val, y_val = (None, None) if validation_data is None else map(jnp.asarray, validation_data)
     if mesh is not None:  # everything the jitted pieces read, on the mesh's devices
         x_val, y_val, zero_stats = parallel.place((x_val, y_val, zero_stats), parallel.replicated(mesh))
@@ -265,7 +277,8 @@ def fit(model: Layer, loss: Loss, optimizer: GradientTransformation, params: PyT
         for name, value in record.items():
             loop.history.setdefault(name, []).append(value)
         if telemetry:
-            ftelemetry.record_epoch(loop.stat_history, carry.stats, -(-n // (n if batch_size is None else batch_size)))
+            ftelemetry.record_epoch(loop.stat_history, carry.stats["layers"] if privacy is not None else carry.stats,
+                                    full.shape[0] + (rest is not None))
         loop.epoch = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
@@ -407,6 +420,24 @@ def _telemetry_setting(model: Layer, telemetry):
     return tuple(telemetry)
 
 
+def _optimizer_setting(optimizer, x, y, privacy) -> GradientTransformation:
+    """``optimizer`` as a transformation (a ``fbp.kfac.KFAC`` becomes one, its factors shaped by
+    the first example); one that reads curvature from the pass is refused under DP-SGD."""
+    from fbp.kfac import KFAC
+
+    if isinstance(optimizer, KFAC):
+        optimizer = optimizer.transformation(x[:1], y[:1])
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(f"fit: optimizer must be a fbp.optim transformation (e.g. fbp.optim.adam(1e-3)) or a "
+                        f"fbp.kfac.KFAC, got {type(optimizer).__name__}")
+    if privacy is not None and optimizer.extensions:
+        raise ValueError(f"fit: privacy cannot be combined with an optimizer that reads curvature from the pass "
+                         f"({[e.name for e in optimizer.extensions]}): its factors are built from every example's "
+                         f"unclipped, un-noised gradients, so the updates would not be private. Use a first-order "
+                         f"optimizer under DP-SGD")
+    return optimizer
+
+
 def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, value: float, epoch: int) -> None:
     """Record an improvement of the monitored metric, or count one more epoch without one and
     set ``loop.stop_reason`` when patience runs out."""
@@ -425,9 +456,10 @@ def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, valu
 def _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
     """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
     parallel.require_mesh(mesh, "fit")
-    if privacy is not None:
-        raise ValueError("fit: privacy and mesh cannot be combined yet (DP-SGD runs on one device)")
-    parallel.require_divisible(n if batch_size is None else batch_size, mesh,
+    if privacy is not None and privacy.sampling == "poisson":  # the buffer is rounded up to the device count
+        fprivacy.buffer_rows(n, batch_size, mesh)
+    elif privacy is None or privacy.sampling == "fixed":
+        parallel.require_divisible(n if batch_size is None else batch_size, mesh,
                                "fit: the training set (batch_size=None)" if batch_size is None else "fit: batch_size")
     rep = parallel.replicated(mesh)
     return tuple(parallel.place(t, rep) for t in (x, y, params, state, opt_state))
@@ -440,7 +472,10 @@ def _private_setting(privacy, batch_size, telemetry, n):
         raise ValueError(f"fit: DP-SGD needs an expected batch_size between 1 and the {n} training examples, "
                          f"got {batch_size}")
     if telemetry:
-        raise ValueError("fit: telemetry and privacy cannot be combined (telemetry would read the unclipped pass)")
+        warnings.warn("fit: telemetry under DP-SGD reads the clipped pass (each example's cotangents scaled by its "
+                      "clipping weight, the buffer's padding rows left out), before the noise: the statistics are "
+                      "not differentially private and epsilon does not cover them; keep them to yourself",
+                      UserWarning, stacklevel=3)
     return privacy, n, int(batch_size)
 
 

@@ -26,10 +26,20 @@ PyTree = Any
 
 
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state``; ``update(updates, state, params=None) -> (updates, state)``."""
+    """``init(params) -> state``; ``update(updates, state, params=None) -> (updates, state)``.
+
+    A transformation that reads more of the pass than the gradient (K-FAC's Kronecker factors)
+    names the engine's extensions it needs in ``extensions``; the training steps
+    (``fbp.train.make_step``, ``fit``) then run ``fbp.value_and_grad(..., extensions=...)`` and
+    call ``update(grads, state, params, extras=q)`` with the extensions' results ``q`` —
+    on the steps where ``due(state)`` (``None``: every step) is true; on the others ``q`` holds
+    zeros and ``update`` must not read it (it knows from its state).
+    """
 
     init: Callable[[PyTree], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
+    extensions: tuple = ()
+    due: Callable[[PyTree], Any] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -63,7 +73,14 @@ def chain(*transformations: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transformations)
 
-    def update(updates, state, params=None):
+    reading = [i for i, t in enumerate(transformations) if t.extensions]
+    extensions = tuple(dict.fromkeys(e for i in reading for e in transformations[i].extensions))
+
+    def due(state):
+        flags = [transformations[i].due(state[i]) if transformations[i].due else True for i in reading]
+        return functools.reduce(jnp.logical_or, flags, jnp.zeros((), bool))
+
+    def update(updates, state, params=None, *, extras=None):
         if not isinstance(state, tuple) or len(state) != len(transformations):
             got = f"a tuple of {len(state)}" if isinstance(state, tuple) else f"a {type(state).__name__}"
             raise ValueError(f"chain of {len(transformations)} transformations: the optimizer state must be a tuple "
@@ -71,11 +88,11 @@ def chain(*transformations: GradientTransformation) -> GradientTransformation:
                              f"Make it with opt.init(params)")
         new_state = []
         for t, s in zip(transformations, state, strict=True):
-            updates, s = t.update(updates, s, params)
+            updates, s = t.update(updates, s, params, extras=extras) if t.extensions else t.update(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, extensions, due if reading else None)
 
 
 def _mismatch(reference: PyTree, other: PyTree) -> str | None:
