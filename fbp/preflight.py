@@ -1,12 +1,14 @@
 """What ``fbp.train.fit`` checks before its first step, so that nothing fails — or silently
 misleads — after an epoch has trained: the arguments, the targets against the model's output
-and the loss's conventions, the validation data against the training data, and the
-early-stopping monitor against the metrics ``fit`` will record."""
+and the loss's conventions, the validation data against the training data, the
+early-stopping monitor against the metrics ``fit`` will record, and the settings (telemetry,
+the optimizer, privacy, a mesh) alone and together."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp import parallel
+from fbp import privacy as fprivacy
+from fbp import telemetry as ftelemetry
 from fbp.core import InputError, Layer, Loss, require_key, require_number
+from fbp.optim import GradientTransformation
 
 PyTree = Any
 
@@ -171,3 +177,55 @@ def _named(what: str) -> Iterator[None]:
         yield
     except InputError as err:
         raise InputError(err.owner, f"{what}: {err.detail}", err.path, err.param) from None
+
+
+def telemetry_setting(model: Layer, telemetry):
+    """``telemetry`` checked: a bool, or a tuple of statistic names (checked before training)."""
+    if isinstance(telemetry, bool):
+        return telemetry
+    if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
+        raise TypeError(f"fit: telemetry must be True, False or a list of statistic names from "
+                        f"{ftelemetry.STATS}, got {telemetry!r}")
+    ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
+    return tuple(telemetry)
+
+def optimizer_setting(optimizer, x, y, privacy) -> GradientTransformation:
+    """``optimizer`` as a transformation (a ``fbp.kfac.KFAC`` becomes one, its factors shaped by
+    the first example); one that reads curvature from the pass is refused under DP-SGD."""
+    from fbp.kfac import KFAC
+
+    if isinstance(optimizer, KFAC):
+        optimizer = optimizer.transformation(x[:1], y[:1])
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(f"fit: optimizer must be a fbp.optim transformation (e.g. fbp.optim.adam(1e-3)) or a "
+                        f"fbp.kfac.KFAC, got {type(optimizer).__name__}")
+    if privacy is not None and optimizer.extensions:
+        raise ValueError(f"fit: privacy cannot be combined with an optimizer that reads curvature from the pass "
+                         f"({[e.name for e in optimizer.extensions]}): its factors are built from every example's "
+                         f"unclipped, un-noised gradients, so the updates would not be private. Use a first-order "
+                         f"optimizer under DP-SGD")
+    return optimizer
+
+def data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
+    """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
+    parallel.require_mesh(mesh, "fit")
+    if privacy is not None and privacy.sampling == "poisson":  # the buffer is rounded up to the device count
+        fprivacy.buffer_rows(n, batch_size, mesh)
+    elif privacy is None or privacy.sampling == "fixed":
+        parallel.require_divisible(n if batch_size is None else batch_size, mesh,
+                               "fit: the training set (batch_size=None)" if batch_size is None else "fit: batch_size")
+    rep = parallel.replicated(mesh)
+    return tuple(parallel.place(t, rep) for t in (x, y, params, state, opt_state))
+
+def private_setting(privacy, batch_size, telemetry, n):
+    if not isinstance(privacy, fprivacy.DPSGD):
+        raise TypeError(f"fit: privacy must be an fbp.privacy.DPSGD, got {type(privacy).__name__}")
+    if batch_size is None or batch_size > n:
+        raise ValueError(f"fit: DP-SGD needs an expected batch_size between 1 and the {n} training examples, "
+                         f"got {batch_size}")
+    if telemetry:
+        warnings.warn("fit: telemetry under DP-SGD reads the clipped pass (each example's cotangents scaled by its "
+                      "clipping weight, the buffer's padding rows left out), before the noise: the statistics are "
+                      "not differentially private and epsilon does not cover them; keep them to yourself",
+                      UserWarning, stacklevel=3)
+    return privacy, n, int(batch_size)

@@ -104,10 +104,8 @@ def _output_stats(y, want: frozenset[str], rows=None) -> dict[str, jax.Array]:
     ft = jnp.result_type(float)
     zero = jnp.zeros((), ft)
     leaves = [a for a in floating_leaves(y) if a.size]
-    if rows is None:
-        n = max(sum(a.size for a in leaves), 1)
-        kept = [jnp.ones((), bool)] * len(leaves)
-    else:
+    n, kept = max(sum(a.size for a in leaves), 1), [jnp.ones((), bool)] * len(leaves)
+    if rows is not None:
         kept = [rows.reshape(rows.shape + (1,) * (a.ndim - 1)) for a in leaves]
         n = jnp.maximum(sum((jnp.sum(rows, dtype=ft) * (a.size // a.shape[0]) for a in leaves), zero), 1)
         leaves = [jnp.where(m, a, 0) for a, m in zip(leaves, kept, strict=True)]

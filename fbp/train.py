@@ -37,7 +37,6 @@ from fbp import privacy as fprivacy
 from fbp import resume as fresume
 from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, require_number
-from fbp.optim import GradientTransformation
 from fbp.optim import learning_rate as read_learning_rate
 from fbp.steps import (
     EpochCarry,
@@ -232,18 +231,18 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         state = model.init_state(params)
     preflight.check_data(model, loss, params, state, x, y, *(validation_data or (None, None)))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    optimizer = _optimizer_setting(optimizer, x, y, privacy)
+    optimizer = preflight.optimizer_setting(optimizer, x, y, privacy)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
-    telemetry = _telemetry_setting(model, telemetry)
-    private = None if privacy is None else _private_setting(privacy, batch_size, telemetry, n)
+    telemetry = preflight.telemetry_setting(model, telemetry)
+    private = None if privacy is None else preflight.private_setting(privacy, batch_size, telemetry, n)
     if precision is not None and privacy is not None:
         raise ValueError("fit: precision cannot be combined with privacy: DP-SGD's guarantee rests on every example's "
                          "clipped gradient having norm at most l2_clip, and in a low-precision compute dtype the "
                          "per-example norms that set the clipping are off by its rounding (2^-8 relative for "
                          "bfloat16), so the bound would not hold. Train privately in float32 (precision=None)")
     if mesh is not None:
-        x, y, params, state, opt_state = _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state,
-                                                                opt_state)
+        x, y, params, state, opt_state = preflight.data_parallel_setting(mesh, privacy, batch_size, n, x, y, params,
+                                                                         state, opt_state)
     step_jit, scan_jit, evaluate_jit = compiled_epoch(model, loss, optimizer, augment, telemetry, private, mesh,
                                                  precision)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, telemetry_stats(telemetry)) \
@@ -409,33 +408,6 @@ def _result(loop: fresume.LoopState, early_stopping, telemetry) -> FitResult:
                      telemetry_history if telemetry else None, loop.divergence.get("at"))
 
 
-def _telemetry_setting(model: Layer, telemetry):
-    """``telemetry`` checked: a bool, or a tuple of statistic names (checked before training)."""
-    if isinstance(telemetry, bool):
-        return telemetry
-    if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
-        raise TypeError(f"fit: telemetry must be True, False or a list of statistic names from "
-                        f"{ftelemetry.STATS}, got {telemetry!r}")
-    ftelemetry.Instrumented.of(model, None, stats=telemetry)  # names checked before training
-    return tuple(telemetry)
-
-
-def _optimizer_setting(optimizer, x, y, privacy) -> GradientTransformation:
-    """``optimizer`` as a transformation (a ``fbp.kfac.KFAC`` becomes one, its factors shaped by
-    the first example); one that reads curvature from the pass is refused under DP-SGD."""
-    from fbp.kfac import KFAC
-
-    if isinstance(optimizer, KFAC):
-        optimizer = optimizer.transformation(x[:1], y[:1])
-    if not isinstance(optimizer, GradientTransformation):
-        raise TypeError(f"fit: optimizer must be a fbp.optim transformation (e.g. fbp.optim.adam(1e-3)) or a "
-                        f"fbp.kfac.KFAC, got {type(optimizer).__name__}")
-    if privacy is not None and optimizer.extensions:
-        raise ValueError(f"fit: privacy cannot be combined with an optimizer that reads curvature from the pass "
-                         f"({[e.name for e in optimizer.extensions]}): its factors are built from every example's "
-                         f"unclipped, un-noised gradients, so the updates would not be private. Use a first-order "
-                         f"optimizer under DP-SGD")
-    return optimizer
 
 
 def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, value: float, epoch: int) -> None:
@@ -451,31 +423,3 @@ def _early_stopping(early_stopping: EarlyStopping, loop: fresume.LoopState, valu
         loop.stop_reason = (f"early stopping: {early_stopping.monitor} did not improve for {early_stopping.patience} "
                             f"epochs (best epoch {loop.best_epoch + 1})" if loop.best_epoch is not None else
                             f"early stopping: {early_stopping.monitor} was never finite")
-
-
-def _data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
-    """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
-    parallel.require_mesh(mesh, "fit")
-    if privacy is not None and privacy.sampling == "poisson":  # the buffer is rounded up to the device count
-        fprivacy.buffer_rows(n, batch_size, mesh)
-    elif privacy is None or privacy.sampling == "fixed":
-        parallel.require_divisible(n if batch_size is None else batch_size, mesh,
-                               "fit: the training set (batch_size=None)" if batch_size is None else "fit: batch_size")
-    rep = parallel.replicated(mesh)
-    return tuple(parallel.place(t, rep) for t in (x, y, params, state, opt_state))
-
-
-def _private_setting(privacy, batch_size, telemetry, n):
-    if not isinstance(privacy, fprivacy.DPSGD):
-        raise TypeError(f"fit: privacy must be an fbp.privacy.DPSGD, got {type(privacy).__name__}")
-    if batch_size is None or batch_size > n:
-        raise ValueError(f"fit: DP-SGD needs an expected batch_size between 1 and the {n} training examples, "
-                         f"got {batch_size}")
-    if telemetry:
-        warnings.warn("fit: telemetry under DP-SGD reads the clipped pass (each example's cotangents scaled by its "
-                      "clipping weight, the buffer's padding rows left out), before the noise: the statistics are "
-                      "not differentially private and epsilon does not cover them; keep them to yourself",
-                      UserWarning, stacklevel=3)
-    return privacy, n, int(batch_size)
-
-

@@ -115,6 +115,26 @@ with jax.enable_x64(True):
                                                      key=jax.random.PRNGKey(0))[0]
     out["control_no_mean"] = max_diff(bad, good)
 
+# DP-SGD and K-FAC in fit over 4 devices equal one device (float64: the sums differ only in order)
+from fbp import kfac, privacy  # noqa: E402
+
+four = parallel.data_mesh(4)
+plain = nn.Serial(nn.Dense(16), nn.Tanh(), nn.Dense(4))
+with jax.enable_x64(True):
+    x64 = x.astype(jnp.float64)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), plain.init(jax.random.PRNGKey(1), x64))
+    kw = dict(key=jax.random.PRNGKey(6), epochs=2, batch_size=16, progress=False)
+    for sampling in ("poisson", "fixed"):
+        spec = privacy.DPSGD(l2_clip=0.5, noise_multiplier=1.0, sampling=sampling)
+        a = train.fit(plain, CCE, optim.sgd(0.1), params, x64, y, privacy=spec, **kw)
+        b = train.fit(plain, CCE, optim.sgd(0.1), params, x64, y, privacy=spec, mesh=four, **kw)
+        out[f"private_{sampling}"] = max_diff(a.params, b.params)
+        out[f"private_{sampling}_epsilon"] = [float(a.history["epsilon"][-1]), float(b.history["epsilon"][-1])]
+    k = kfac.kfac(plain, CCE, optim.sgd(0.05, momentum=0.9), mc_samples=None)
+    a = train.fit(plain, CCE, k, params, x64, y, **kw)
+    b = train.fit(plain, CCE, k, params, x64, y, mesh=four, **kw)
+    out["kfac_fit"] = max_diff(a.params, b.params)
+
 # a batch the 8 devices cannot share
 try:
     train.make_step(MLP, CCE, optim.sgd(0.1), mesh=mesh)(MLP.init(jax.random.PRNGKey(1), x), optim.sgd(0.1).init(

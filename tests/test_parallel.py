@@ -27,6 +27,13 @@ def test_one_step_and_twenty_adam_steps_equal_one_device(measured):
     assert measured["fit_params"] <= 1e-5 and measured["fit_history"] <= 1e-5
 
 
+def test_private_and_kfac_training_on_four_devices_equal_one_device(measured):
+    # DP-SGD: the Poisson buffer rounded up to the device count, the same noise keys; float64
+    assert measured["private_poisson"] <= 1e-10 and measured["private_fixed"] <= 1e-10
+    assert measured["private_poisson_epsilon"][0] == measured["private_poisson_epsilon"][1]
+    assert measured["kfac_fit"] <= 1e-10  # K-FAC's factors from the sharded pass
+
+
 def test_the_check_catches_a_step_without_the_cross_device_mean(measured):
     # each device stepping on its own shard's gradient: the same comparison fails by far
     assert measured["control_no_mean"] > 1e-3

@@ -12,13 +12,13 @@ dilation ``d``, and ``G`` feature groups; a transposed convolution is the case `
   ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
 * ``d_w`` — for ungrouped convolutions, matmuls of the input's shifted windows with ``d_y``
   (``conv_kernel_grad_matmul``, measured faster here); otherwise (groups, transposed)
-  correlate the input with ``d_y``: the batch axis becomes the contracted feature
-  axis (dimension numbers ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``,
+  correlate the input with ``d_y``: the batch axis becomes the contracted feature axis
+  (dimension numbers ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``,
   ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
   batch groups.
 
-Residuals: ``(x, w)``. Kernel layout ``(*kernel_size, in_channels / G, features)``.
-"""
+Residuals: ``(x, w)``. Kernel layout ``(*kernel_size, in_channels / G, features)``. Per
+example, an ungrouped convolution is a Dense over its output pixels (``per_example_positions``)."""
 
 from __future__ import annotations
 
@@ -344,15 +344,14 @@ class _Conv(_ConvBase):
         return strides, pads, (1,) * self.rank, dilation
 
     def per_example_positions(self, res, d_y):
-        """Per-example rule (``fbp.nn.positions``): an ungrouped convolution is a Dense over the
-        output pixels, one part per kernel tap (``conv_windows``; the im2col patches are never
-        concatenated); ``None`` for a grouped one (then its rules run on each example alone)."""
+        """Per-example rule (``fbp.nn.positions``): a Dense over the output pixels, one part per
+        kernel tap (``conv_windows``); ``None`` if grouped (its rules then run per example)."""
         x, w = res
         if self.feature_group_count != 1:
             return None
         strides, pads, _, rhs_dilation = self._geometry(x)
-        parts = conv_windows(x, w.shape, strides, pads, rhs_dilation, d_y.shape[1:-1])
-        g3 = d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
+        parts, g3 = conv_windows(x, w.shape, strides, pads, rhs_dilation, d_y.shape[1:-1]), d_y.reshape(
+            d_y.shape[0], -1, d_y.shape[-1])
         return [Positions(((("w",), parts, w.shape),), g3, ("b",) if self.use_bias else None)], {}
 
 
