@@ -10,11 +10,10 @@ dilation ``d``, and ``G`` feature groups; a transposed convolution is the case `
   channels are swapped within each group, strides and input dilation exchanged
   (``window_strides = a``, ``lhs_dilation = s``), padding ``lo' = k_d - 1 - lo`` and
   ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
-* ``d_w`` — for ungrouped convolutions, matmuls of the input's shifted windows with ``d_y``
-  (``conv_kernel_grad_matmul``, measured faster here); otherwise (groups, transposed)
-  correlate the input with ``d_y``: the batch axis becomes the contracted feature axis
-  (dimension numbers ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``,
-  ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
+* ``d_w`` — ungrouped: matmuls of the input's shifted windows with ``d_y``
+  (``conv_kernel_grad_matmul``, faster here); otherwise (groups, transposed) correlate the
+  input with ``d_y``: the batch axis becomes the contracted feature axis (dimension numbers
+  ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``, ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
   batch groups.
 
 Residuals: ``(x, w)``. Kernel layout ``(*kernel_size, in_channels / G, features)``. Per
