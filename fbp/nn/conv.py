@@ -13,8 +13,8 @@ dilation ``d``, and ``G`` feature groups; a transposed convolution is the case `
 * ``d_w`` — ungrouped: matmuls of the input's shifted windows with ``d_y``
   (``conv_kernel_grad_matmul``, faster here); otherwise (groups, transposed) correlate the
   input with ``d_y``: the batch axis becomes the contracted feature axis (dimension numbers
-  ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``, ``rhs_dilation = s``, padding ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become
-  batch groups.
+  ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``, ``rhs_dilation = s``, padding
+  ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become batch groups.
 
 Residuals: ``(x, w)``. Kernel layout ``(*kernel_size, in_channels / G, features)``. Per
 example, an ungrouped convolution is a Dense over its output pixels (``per_example_positions``)."""
