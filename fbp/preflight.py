@@ -180,7 +180,18 @@ def _named(what: str) -> Iterator[None]:
 
 
 def telemetry_setting(model: Layer, telemetry):
-    """``telemetry`` checked: a bool, or a tuple of statistic names (checked before training)."""
+    """``fit``'s ``telemetry`` checked before training.
+
+    Args:
+        model: the model (the names are checked against its probes).
+        telemetry: ``True``, ``False`` or a selection of ``fbp.telemetry.STATS``.
+
+    Returns:
+        The bool, or the names as a tuple.
+
+    Raises:
+        TypeError: anything else.
+    """
     if isinstance(telemetry, bool):
         return telemetry
     if isinstance(telemetry, str) or not isinstance(telemetry, Sequence):
@@ -190,8 +201,22 @@ def telemetry_setting(model: Layer, telemetry):
     return tuple(telemetry)
 
 def optimizer_setting(optimizer, x, y, privacy) -> GradientTransformation:
-    """``optimizer`` as a transformation (a ``fbp.kfac.KFAC`` becomes one, its factors shaped by
-    the first example); one that reads curvature from the pass is refused under DP-SGD."""
+    """``fit``'s ``optimizer`` as a transformation.
+
+    Args:
+        optimizer: a ``GradientTransformation`` or a ``fbp.kfac.KFAC`` (made one, its factors
+            shaped by the first example).
+        x: the training inputs.
+        y: the training targets.
+        privacy: the ``DPSGD`` settings, or ``None``.
+
+    Returns:
+        The transformation.
+
+    Raises:
+        TypeError: neither.
+        ValueError: one that reads curvature from the pass, under DP-SGD.
+    """
     from fbp.kfac import KFAC
 
     if isinstance(optimizer, KFAC):
@@ -207,7 +232,25 @@ def optimizer_setting(optimizer, x, y, privacy) -> GradientTransformation:
     return optimizer
 
 def data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt_state):
-    """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh."""
+    """Checks for ``fit(mesh=...)``; the data set and the carried trees replicated on the mesh.
+
+    Args:
+        mesh: a ``fbp.parallel.data_mesh``.
+        privacy: the ``DPSGD`` settings, or ``None``.
+        batch_size: ``fit``'s batch size.
+        n: the number of training examples.
+        x: the training inputs.
+        y: the training targets.
+        params: the params.
+        state: the model state.
+        opt_state: the optimizer state.
+
+    Returns:
+        ``(x, y, params, state, opt_state)`` on the mesh's devices.
+
+    Raises:
+        ValueError: a batch the devices cannot share (a Poisson buffer: one larger than the data).
+    """
     parallel.require_mesh(mesh, "fit")
     if privacy is not None and privacy.sampling == "poisson":  # the buffer is rounded up to the device count
         fprivacy.buffer_rows(n, batch_size, mesh)
@@ -218,6 +261,21 @@ def data_parallel_setting(mesh, privacy, batch_size, n, x, y, params, state, opt
     return tuple(parallel.place(t, rep) for t in (x, y, params, state, opt_state))
 
 def private_setting(privacy, batch_size, telemetry, n):
+    """``fit``'s ``privacy`` checked (a warning when telemetry reads the clipped pass).
+
+    Args:
+        privacy: the ``DPSGD`` settings.
+        batch_size: the expected batch size.
+        telemetry: ``fit``'s telemetry setting.
+        n: the number of training examples.
+
+    Returns:
+        ``(privacy, n, batch_size)`` for ``fbp.privacy.private_step``.
+
+    Raises:
+        TypeError: not a ``DPSGD``.
+        ValueError: no batch size between 1 and ``n``.
+    """
     if not isinstance(privacy, fprivacy.DPSGD):
         raise TypeError(f"fit: privacy must be an fbp.privacy.DPSGD, got {type(privacy).__name__}")
     if batch_size is None or batch_size > n:

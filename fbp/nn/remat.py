@@ -88,12 +88,18 @@ class Remat(Layer):
     def backward(self, res, d_y):
         x, params, state, key, train, _ = res
 
+        static = {}  # what the backward returns that is no array (a probe's book-keeping: keys, shapes)
+
         def recompute_and_backward(operands):
             x, params, state, key, d_y = operands
             _, inner = run_forward(self.block, params, x, state=state, key=key, train=train)
-            return self.block.backward(inner, d_y)
+            leaves, static["tree"] = jax.tree_util.tree_flatten(self.block.backward(inner, d_y))
+            static["kept"] = [None if isinstance(a, jax.Array) else a for a in leaves]
+            return [a for a in leaves if isinstance(a, jax.Array)]
 
         probe = jax.tree_util.tree_leaves(d_y)[0].reshape(-1)[0]
-        d_params, d_x = lax.cond(probe == probe, recompute_and_backward, recompute_and_backward,
-                                 (x, params, state, key, d_y))
+        arrays = iter(lax.cond(probe == probe, recompute_and_backward, recompute_and_backward,
+                               (x, params, state, key, d_y)))
+        leaves = [next(arrays) if a is None else a for a in static["kept"]]
+        d_params, d_x = jax.tree_util.tree_unflatten(static["tree"], leaves)
         return {"block": d_params}, d_x
