@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbp import capabilities, curvature, engine, nn, per_example, privacy, telemetry
+from fbp import capabilities, curvature, engine, per_example, privacy, telemetry
 from fbp.core import leaf_layers, map_leaf_params, run_forward
 from fbp.extensions import Extension
 
@@ -129,7 +129,7 @@ def test_every_cell_equals_autodiff_in_float64(case):
                 ref = telemetry.value_grad_and_stats(model, LOSS, input_cotangents=True, alignment=False,
                                                      has_state=state is not None)
                 args = (params, state, x, y) if state is not None else (params, x, y)
-                _close(q["stats"], jax.jit(lambda *a, k: ref(*a, key=k)[-1])(*args, k=model_key), 1e-9)
+                _close(q["stats"], jax.jit(lambda *a, k, f=ref: f(*a, key=k)[-1])(*args, k=model_key), 1e-9)
             elif e.name == "kronecker_factors":  # exact GGN diagonal where there is no block
                 diag = _by_path(model, exact)
                 for path, factors in q[e.name].items():
