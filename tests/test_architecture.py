@@ -14,9 +14,10 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fbp"
 # Helpers the families share with the engine; they define no layer.
 HELPERS = {"fbp.nn.positions", "fbp.nn.init", "fbp.nn.function"}
-# Where families are assembled (the catalogue, the command line, the package's namespace) or
+# Where families are assembled (the catalogue and its capability table, the command line, the
+# package namespace) or
 # defined (fbp.credit's layers, the families' own packages).
-ASSEMBLY = {"catalog", "__main__", "__init__", "credit"}
+ASSEMBLY = {"catalog", "capabilities", "__main__", "__init__", "credit"}
 
 
 def _engine_modules():
