@@ -1,15 +1,18 @@
-"""Several quantities from one backward pass against one pass per quantity.
+"""Several quantities from one backward pass against one pass per quantity, and against BackPACK.
 
 ``fbp.value_and_grad(model, loss, extensions=[...])`` computes the loss, the gradient and every
-requested extension in one forward and one backward pass. The alternative a user had before is
-one entry point per quantity, each its own pass. On the MLP (784-1024-1024-1024-10, batch 256)
-and the CNN (28×28×1, batch 128) of bench_mlp.py / bench_cnn.py, float32, each a jitted call:
+requested extension in one forward and one backward pass. On the MLP (784-1024-1024-1024-10,
+batch 256) and the CNN (28×28×1, batch 128) of bench_mlp.py / bench_cnn.py, float32, each a
+jitted call:
 
   * ``plain``: ``fbp.value_and_grad`` without extensions;
-  * ``engine``: the gradient plus GradNorms, SumGradSquared, Variance and ClippedGrad in one call;
-  * ``separate``: the gradient, ``per_example.grad_norms``, ``per_example.sum_grad_squared``,
-    ``per_example.variance`` and ``privacy.clipped_grad`` as five jitted calls;
-  * ``norms``: the gradient plus GradNorms alone.
+  * ``nvc``: the gradient with GradNorms, Variance and ClippedGrad in one call;
+  * ``separate``: the same three from their own entry points, one jitted call each
+    (``per_example.grad_norms``, ``per_example.variance``, ``privacy.clipped_grad``);
+  * ``nvc+mc``: ``nvc`` with DiagGGNMC (one sample) in the same call;
+  * ``bp``: the gradient with GradNorms, Variance and DiagGGNMC — what BackPACK computes with
+    ``BatchL2Grad``, ``Variance`` and ``DiagGGNMC`` in one extended backward (``backpack``,
+    PyTorch eager on the same weights and batch: only when torch and BackPACK are installed).
 
 Run: ``python benchmarks/bench_extensions.py [--runs K] [--only mlp,cnn]``: each run's medians
 (interleaved rounds in one process) and the range of the ratios over runs.
@@ -22,24 +25,34 @@ import jax.numpy as jnp
 from common import cnn_workload, mlp_workload, ratio_runs
 
 import fbp
-from fbp import losses, per_example, privacy
+from fbp import curvature, losses, per_example, privacy
 
 CCE = losses.CategoricalCrossEntropy(from_logits=True)
-ALL = [per_example.GradNorms(), per_example.SumGradSquared(), per_example.Variance(), privacy.ClippedGrad(1.0)]
+NVC = [per_example.GradNorms(), per_example.Variance(), privacy.ClippedGrad(1.0)]
+MC = curvature.DiagGGNMC(1)
 
 
-def calls(model, shape):
+def calls(name, model, shape):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     y = jax.random.randint(jax.random.PRNGKey(1), (shape[0],), 0, 10)
     params = model.init(jax.random.PRNGKey(2), x)
+    key = jax.random.PRNGKey(3)
     plain = jax.jit(fbp.value_and_grad(model, CCE))
-    engine = jax.jit(fbp.value_and_grad(model, CCE, extensions=ALL))
-    norms = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms()]))
-    apart = [jax.jit(f) for f in (per_example.grad_norms(model, CCE), per_example.sum_grad_squared(model, CCE),
-                                  per_example.variance(model, CCE), privacy.clipped_grad(model, CCE, 1.0))]
-    return {"plain": lambda: plain(params, x, y), "engine": lambda: engine(params, x, y),
-            "separate": lambda: [plain(params, x, y)] + [f(params, x, y) for f in apart],
-            "norms": lambda: norms(params, x, y)}
+    nvc = jax.jit(fbp.value_and_grad(model, CCE, extensions=NVC))
+    nvc_mc = jax.jit(fbp.value_and_grad(model, CCE, extensions=[*NVC, MC]))
+    bp = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms(), per_example.Variance(), MC]))
+    apart = [jax.jit(f) for f in (per_example.grad_norms(model, CCE), per_example.variance(model, CCE),
+                                  privacy.clipped_grad(model, CCE, 1.0))]
+    out = {"plain": lambda: plain(params, x, y), "nvc": lambda: nvc(params, x, y),
+           "separate": lambda: [f(params, x, y) for f in apart],
+           "nvc+mc": lambda: nvc_mc(params, x, y, key=key), "bp": lambda: bp(params, x, y, key=key)}
+    try:
+        from extension_peers import backpack_call
+    except ImportError as missing:
+        print(f"  BackPACK not timed ({missing.name} is not installed)")
+        return out, False
+    out["backpack"] = backpack_call(name, params, x, y)
+    return out, True
 
 
 def main(argv=None):
@@ -53,8 +66,10 @@ def main(argv=None):
     for name in args.only.split(","):
         model, shape = workloads[name]()
         print(f"\n{name} {shape}")
-        ratios = ratio_runs(calls(model, shape), ["engine / separate", "engine / plain", "norms / plain"],
-                            args.runs, args.rounds, reps=3)
+        candidates, peer = calls(name, model, shape)
+        wanted = ["nvc / plain", "nvc / separate", "separate / plain", "nvc+mc / plain", "bp / plain"]
+        ratios = ratio_runs(candidates, wanted + (["bp / backpack"] if peer else []), args.runs, args.rounds,
+                            reps=3)
         for key, values in ratios.items():
             print(f"  {key}: {min(values):.2f}–{max(values):.2f}")
     return jnp.zeros(())

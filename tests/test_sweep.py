@@ -69,7 +69,7 @@ SKIP = {  # public callables that take no plain-value hyperparameter (arrays, py
     "apply_updates", "global_norm", "chain", "join_schedules", "learning_rate", "compose", "validate",
     "train_test_split", "batches", "read_idx", "load_mnist", "evaluate", "fit", "make_step", "restore",
     "all_steps", "latest_step", "step_directory", "saved_paths", "check_directory", "save", "routes", "run",
-    "backward_columns", "with_context", "poisson_batch", "max_batch", "private_step", "current_scale",
+    "backward_columns", "with_context", "poisson_batch", "max_batch", "buffer_rows", "private_step", "current_scale",
     "value_grad_and_output", "correct_count", "plot_gradient_flow", "zero_stats", "record_epoch", "probe",
     "input_side", "floating_leaves", "Instrumented", "telemetry_stats", "epoch_batches", "compiled_epoch",
     "gradient_function", "examples_counted", "diag_hessian", "layer", "FunctionLayer", "Activation",
