@@ -354,20 +354,48 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Call
         InputError: for a model that keeps state without ``has_state=True`` (its new running
             statistics would be lost silently), or a loss with ``reduction="none"``.
     """
-    require_state_mode(model, has_state, "fbp.value_and_grad")
+    def body(params, x, y, *, state=None, key=None):
+        value, d_params, _, new_state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+        return (value, d_params, new_state) if has_state else (value, d_params)
+
+    return with_context(model, has_state, "fbp.value_and_grad", body)
+
+
+def with_context(model: Layer, has_state: bool, caller: str, body: Callable) -> Callable:
+    """The one has-state adapter: give a body function the public signature of fbp's transforms.
+
+    Every entry point that takes a model's state (``value_and_grad``, the engine, per-example
+    and private gradients, curvature products, telemetry) is ``with_context`` around its body.
+
+    Args:
+        model: the model (checked against ``has_state``).
+        has_state: the model keeps state.
+        caller: the public function's name, for messages.
+        body: ``body(params, x, y, *rest, state=None, key=None, **kwargs)``; further positional
+            arguments (a direction ``v``) and keyword arguments (``mask``, ``noise_key``) pass through.
+
+    Returns:
+        ``f(params, x, y, *rest, **kwargs)``, or ``f(params, state, x, y, *rest, **kwargs)`` with
+        ``has_state=True`` (which refuses ``state=None``).
+
+    Raises:
+        InputError: ``has_state=False`` for a stateful model.
+    """
+    require_state_mode(model, has_state, caller)
     if has_state:
-        def value_and_grad_with_state(params, state, x, y, *, key=None):
-            require_state(model, state, "fbp.value_and_grad")
-            value, d_params, _, new_state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
-            return value, d_params, new_state
+        def with_state(params, state, x, y, *rest, key=None, **kwargs):
+            require_state(model, state, caller)
+            return body(params, x, y, *rest, state=state, key=key, **kwargs)
 
-        return value_and_grad_with_state
+        return with_state
 
-    def value_and_grad_fn(params: PyTree, x: Array, y: Array, *, key: Array | None = None) -> tuple[Array, PyTree]:
-        value, d_params, _, _ = value_grad_and_output(model, loss, params, x, y, key=key)
-        return value, d_params
+    def without_state(params, x, y, *rest, key=None, **kwargs):
+        if "state" in kwargs:
+            raise TypeError(f"{caller}: state= is for models that keep state; build it with has_state=True and "
+                            f"call f(params, state, x, y)")
+        return body(params, x, y, *rest, key=key, **kwargs)
 
-    return value_and_grad_fn
+    return without_state
 
 
 def grad(model: Layer, loss: Loss, *, has_state: bool = False) -> Callable:

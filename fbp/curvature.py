@@ -286,11 +286,7 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
         hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)
         return back(hu)
 
-    if has_state:
-        def with_state(params, state, x, y, v, *, key=None):
-            return product(params, x, y, v, state=state, key=key)
-        return with_state
-    return lambda params, x, y, v, *, key=None: product(params, x, y, v, key=key)
+    return with_context(model, has_state, "fbp.curvature.ggn_vector_product", product)
 
 
 def _require_like_params(params, v) -> None:

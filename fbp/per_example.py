@@ -45,14 +45,13 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import (
+from fbp.core import (  # noqa: F401  (with_context re-exported: the engine and privacy import it from here)
     InputError,
     Layer,
     Loss,
     map_leaf_params,
-    require_state,
-    require_state_mode,
     run_forward,
+    with_context,
 )
 from fbp.extensions import Extension
 from fbp.probes import MODES, probe_model, split_probed
@@ -201,41 +200,6 @@ def backward_columns(model: Layer, params, x, columns: Callable, *, mode: str, g
         grads = one(gradient(pred))[0]
     new_state = None if state is None else probed.next_state(state, res)
     return pred, grads, per, choices, new_state
-
-
-@typed_arguments
-def with_context(model: Layer, has_state: bool, caller: str, body: Callable) -> Callable:
-    """Give a body function the public signature of the per-example and privacy functions.
-
-    Args:
-        model: the model (checked against ``has_state``).
-        has_state: the model keeps state.
-        caller: the public function's name, for messages.
-        body: ``body(params, x, y, *, state=None, key=None, ...)``; its other keyword arguments
-            (``mask``, ``noise_key``) pass through.
-
-    Returns:
-        ``f(params, x, y, **kwargs)``, or ``f(params, state, x, y, **kwargs)`` with
-        ``has_state=True`` (which refuses ``state=None``).
-
-    Raises:
-        InputError: ``has_state=False`` for a stateful model.
-    """
-    require_state_mode(model, has_state, caller)
-    if has_state:
-        def with_state(params, state, x, y, *, key=None, **kwargs):
-            require_state(model, state, caller)
-            return body(params, x, y, state=state, key=key, **kwargs)
-
-        return with_state
-
-    def without_state(params, x, y, *, key=None, **kwargs):
-        if "state" in kwargs:
-            raise TypeError(f"{caller}: state= is for models that keep state; build it with has_state=True and "
-                            f"call f(params, state, x, y)")
-        return body(params, x, y, key=key, **kwargs)
-
-    return without_state
 
 
 @typed_arguments

@@ -39,10 +39,10 @@ from fbp.core import (
     children,
     describe,
     map_leaf_params,
-    require_state,
     require_state_mode,
     run_forward,
     transform_layers,
+    with_context,
 )
 from fbp.deviation import exact_model
 from fbp.extensions import Extension
@@ -369,19 +369,12 @@ def value_grad_and_stats(model: Layer, loss: Loss, *, has_state: bool = False, a
     """
     require_state_mode(model, has_state, "fbp.telemetry.value_grad_and_stats")
     inst = Instrumented.of(model, alignment, input_cotangents, stats)
-    if has_state:
-        def with_state(params, state, x, y, *, key=None):
-            require_state(model, state, "fbp.telemetry.value_grad_and_stats")
-            value, grads, _, new_state, stats = inst.run(loss, params, x, y, state=state, key=key)
-            return value, grads, new_state, stats
 
-        return with_state
+    def body(params, x, y, *, state=None, key=None):
+        value, grads, _, new_state, found = inst.run(loss, params, x, y, state=state, key=key)
+        return (value, grads, new_state, found) if has_state else (value, grads, found)
 
-    def without_state(params, x, y, *, key=None):
-        value, grads, _, _, stats = inst.run(loss, params, x, y, key=key)
-        return value, grads, stats
-
-    return without_state
+    return with_context(model, has_state, "fbp.telemetry.value_grad_and_stats", body)
 
 
 def zero_stats(model: Layer, loss: Loss, params, state, x, y, batch_size, stats=None):
