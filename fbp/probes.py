@@ -153,7 +153,7 @@ def _diagonal_only(mode, sums):
     return {"blocks": [], "tree": sums}  # shaped like the layer's params
 
 
-def probe_model(model: Layer, mode: str | tuple, choices: dict, hooks: tuple = (), check: bool = True) -> Layer:
+def probe_model(model: Layer, mode: str | tuple, choices: dict, hooks=(), check: bool = True) -> Layer:
     """``model`` with every leaf layer wrapped in a per-example probe.
 
     Args:
@@ -163,14 +163,16 @@ def probe_model(model: Layer, mode: str | tuple, choices: dict, hooks: tuple = (
         hooks: extensions that read every leaf's output and cotangents (``needs = "layer"``):
             ``from_output(y)`` in the forward, ``from_backward(part, d_y, d_x, d_params, params)``
             in the backward; their results come back under ``"layer"``, for parameter-free
-            leaves too.
+            leaves too. A tuple for every leaf, or ``path -> tuple`` (telemetry's hooks know
+            which cotangents training never computes at their leaf).
         check: refuse a leaf that mixes the examples of a batch (``fbp.independence``).
 
     Returns:
         The probed model; its params are ``map_leaf_params(model, params, lambda *_, p: (p, None))``.
     """
+    hooks_at = hooks if callable(hooks) else (lambda path, every=tuple(hooks): every)
     return transform_layers(model, lambda path, layer: None if children(layer) else
-                            _PerExample(layer, path, mode, choices, tuple(hooks), check))
+                            _PerExample(layer, path, mode, choices, tuple(hooks_at(path)), check))
 
 
 def sum_squares_probe(layer: Layer, path: str) -> Layer:

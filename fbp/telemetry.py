@@ -34,18 +34,16 @@ from fbp.core import (
     InputError,
     Layer,
     Loss,
-    Wrapper,
     check_gradient_structure,
-    children,
     describe,
     map_leaf_params,
     require_state_mode,
     run_forward,
-    transform_layers,
     with_context,
 )
 from fbp.deviation import exact_model
 from fbp.extensions import Extension
+from fbp.probes import probe_model, split_probed
 from fbp.telemetry_history import leaf_paths, plot_gradient_flow, record_epoch  # noqa: F401  (public here)
 from fbp.validation import typed_arguments
 
@@ -126,28 +124,24 @@ def _output_stats(y, want: frozenset[str], rows=None) -> dict[str, jax.Array]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class _Probe(Wrapper):
-    """``layer`` with its statistics returned beside its gradient: params ``(θ, slots)``,
-    d_params ``(∂L/∂θ, stats)`` — so they travel through every combinator untouched."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StatsHook:
+    """Telemetry at one leaf, as a hook of the one probe (``fbp.probes``): the output statistics
+    in the forward, the cotangent and gradient ones in the backward."""
 
-    layer: Layer
     want: frozenset = frozenset(STATS)  # the statistics to compute (with "nonfinite": its three parts)
     skip_d_out: bool = False  # the cotangent at this layer's output is one training never computes
     skip_d_in: bool = False  # likewise the one at its input
     rows: Any = None  # (B,) bools: the output statistics read only these rows (None: all)
+    name: ClassVar[str] = "stats"
 
-    def forward(self, params, x, *, state=None, key=None, train=False):
-        inner_params, _ = params
-        y, res = run_forward(self.layer, inner_params, x, state=state, key=key, train=train)
-        param_norm = _norm(inner_params) if "param_norm" in self.want else None
-        return y, (res, _output_stats(y, self.want, self.rows), param_norm)
+    def from_output(self, y):
+        return _output_stats(y, self.want, self.rows)
 
-    def backward(self, res, d_y):
-        inner, out, param_norm = res
-        d_params, d_x = self.layer.backward(inner, d_y)
-        stats = _backward_stats(self.want, out, d_y, d_x, d_params, param_norm, self.skip_d_out, self.skip_d_in)
-        return (d_params, {k: stats[k] for k in sorted(self.want)}), d_x
+    def from_backward(self, part, d_y, d_x, d_params, params):
+        param_norm = _norm(params) if "param_norm" in self.want else None
+        stats = _backward_stats(self.want, part, d_y, d_x, d_params, param_norm, self.skip_d_out, self.skip_d_in)
+        return {k: stats[k] for k in sorted(self.want)}
 
 
 def _backward_stats(want, out, d_y, d_x, d_params, param_norm, skip_d_out=False, skip_d_in=False) -> dict:
@@ -187,7 +181,9 @@ def _wanted(names) -> frozenset:
 
 
 def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | None = None, rows=None) -> Layer:
-    """``model`` with every leaf layer wrapped in a probe: same paths, same forward, statistics on the side.
+    """``model`` with every leaf layer probed for its statistics: same paths, same forward,
+    statistics on the side — the per-example probe (``fbp.probes``) with telemetry's hook at
+    every leaf and no per-example quantity.
 
     Args:
         model: the model.
@@ -196,11 +192,12 @@ def probe(model: Layer, want: frozenset, skip: dict[str, tuple[bool, bool]] | No
         rows: ``(B,)`` bools: the output statistics read only these rows (``None``: all).
 
     Returns:
-        The probed model.
+        The probed model; its params are ``(θ, None)`` at every leaf, its ``d_params``
+        ``(∂L/∂θ, {"layer": {"stats": {name: value}}})``.
     """
     skip = skip or {}
-    return transform_layers(model, lambda path, layer: None if children(layer) else
-                            _Probe(layer, want, *skip.get(path, (False, False)), rows))
+    return probe_model(model, (), {}, lambda path: (_StatsHook(want, *skip.get(path, (False, False)), rows),),
+                       check=False)
 
 
 def input_side(model: Layer, params: PyTree) -> dict[str, tuple[bool, bool]]:
@@ -227,19 +224,9 @@ def input_side(model: Layer, params: PyTree) -> dict[str, tuple[bool, bool]]:
     return skip
 
 
-def _with_slots(model: Layer, params: PyTree, want: frozenset) -> PyTree:
-    slots = {name: jnp.zeros((), jnp.result_type(float)) for name in sorted(want)}
-    return map_leaf_params(model, params, lambda path, leaf, p: (p, slots))
-
-
 def _split(model: Layer, d_probed: PyTree) -> tuple[PyTree, dict[str, dict[str, jax.Array]]]:
-    stats: dict[str, dict[str, jax.Array]] = {}
-
-    def take(path, leaf, d):
-        stats[path] = d[1]
-        return d[0]
-
-    return map_leaf_params(model, d_probed, take), stats
+    grads, found = split_probed(model, d_probed)
+    return grads, {path: got["layer"]["stats"] for path, got in found.items()}
 
 
 def _angle(rule, exact) -> jax.Array:
@@ -306,8 +293,8 @@ class Instrumented:
         inner = params if policy is None else policy.cast(params, policy.compute)
         inner_state = state if policy is None or state is None else policy.cast(state, policy.compute)
         x_in = x if policy is None else policy.cast(x, policy.compute)
-        pred, res = run_forward(probed, _with_slots(self.model, inner, want), x_in, state=inner_state, key=key,
-                                train=train)
+        slotted = map_leaf_params(self.model, inner, lambda path, leaf, p: (p, None))
+        pred, res = run_forward(probed, slotted, x_in, state=inner_state, key=key, train=train)
         out = pred if policy is None else pred.astype(policy.output)
         each = loss if weights is None else dataclasses.replace(loss, reduction="none")
         value, loss_res = each.forward(out, y)
@@ -428,11 +415,10 @@ class Stats(Extension):
         object.__setattr__(self, "names", tuple(sorted([names] if isinstance(names, str) else names)))
 
     def from_output(self, y):
-        return _output_stats(y, _wanted(self.names))
+        return _StatsHook(_wanted(self.names)).from_output(y)
 
     def from_backward(self, part, d_y, d_x, d_params, params):
-        want = _wanted(self.names)
-        stats = _backward_stats(want, part, d_y, d_x, d_params, _norm(params) if "param_norm" in want else None)
+        stats = _StatsHook(_wanted(self.names)).from_backward(part, d_y, d_x, d_params, params)
         return {k: stats[k] for k in self.names}
 
     def finalize(self, found, context):
