@@ -1,5 +1,6 @@
 """Every cell of the capability table (family × extension, ``fbp.capabilities``) against JAX
-autodiff of the plain forward, in float64.
+autodiff of the plain forward, in float64: every family with parameters, and the random ones
+(Dropout: the head's per-example quantities under the same mask as the reference's).
 
 The table is generated from the catalogue, and this test is parametrised over the same
 catalogue and the same extensions: a new family or a new extension gets its cells checked
@@ -31,7 +32,7 @@ BUILT = {"grads": per_example.Grads(), "grad_norms": per_example.GradNorms(),
          "diag_ggn_mc": curvature.DiagGGNMC(2), "kronecker_factors": curvature.KroneckerFactors(None),
          "stats": telemetry.Stats()}
 CASES = [(name, model, shape, ctx) for name, model, shape, ctx in capabilities.cases()
-         if any(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree_util.tree_leaves(
+         if "key" in ctx or any(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree_util.tree_leaves(
              jax.eval_shape(lambda m=model, s=shape, c=ctx: capabilities.inputs(m, s, c, jnp.float32)[0])[0]))]
 
 
