@@ -18,6 +18,8 @@ The routes:
 * Kronecker factors: ``A ⊗ G`` per Dense-like weight (its kernels listed), the exact GGN
   diagonal for every other parameter;
 * telemetry's statistics: every leaf, without needing the examples kept apart;
+* alignment angles: where a family's rule deviates from its gradient by design and it has an
+  exact VJP beside the rule (``fbp.credit``, ``fbp.nn.hooks``);
 * ``refused``: the family mixes the examples of a batch (``fbp.independence``), so no
   per-example quantity exists.
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 
 from fbp import catalog, nn
 from fbp.core import InputError, Layer, leaf_layers
+from fbp.deviation import exact_model
 from fbp.losses import CategoricalCrossEntropy
 from fbp.per_example import routes
 
@@ -41,7 +44,7 @@ LOSS = CategoricalCrossEntropy(from_logits=True)
 # per-example gradients as "sgs" does; Variance reads "sgs" and the gradient)
 EXTENSIONS = {"grads": "grads", "grad_norms": "norms", "sum_grad_squared": "sgs", "variance": "sgs",
               "clipped_grad": "clip", "diag_ggn": "sgs", "diag_ggn_mc": "sgs", "kronecker_factors": "kfac-expand",
-              "stats": None}
+              "stats": None, "alignment": "exact"}
 
 
 def cases() -> list[tuple[str, Layer, tuple, dict]]:
@@ -82,6 +85,8 @@ def _route(extension: str, model: Layer, params, state, x, y, key) -> str:
     mode = EXTENSIONS[extension]
     if mode is None:
         return "every leaf (batch statistics)"
+    if mode == "exact":
+        return "no rule that deviates" if exact_model(model) is None else "rule vs exact VJP, same residuals"
     try:
         found = routes(model, LOSS, params, x, y, mode=mode, state=state, key=key)
     except InputError as error:

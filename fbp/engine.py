@@ -25,19 +25,23 @@ import jax
 
 from fbp import core, per_example
 from fbp.core import InputError, Layer, Loss, map_leaf_params
+from fbp.deviation import exact_model
 from fbp.extensions import Context, Extension, check_extensions
 
 
 def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
-                   extensions: Sequence[Extension] | None = None) -> Callable:
+                   extensions: Sequence[Extension] | None = None, train: bool = True) -> Callable:
     """The backward transform, with any set of extensions computed in the same pass.
 
     Args:
-        model: the network, in training mode.
+        model: the network.
         loss: a loss with ``reduction="mean"`` or ``"sum"``.
         has_state: for models that keep state: ``f`` then takes the state and returns the new one.
         extensions: quantities to compute in the same pass (``fbp.extensions``); ``None`` or
             empty: the plain backward transform, ``fbp.core.value_and_grad``.
+        train: run the model in training mode (default); ``False`` for evaluation mode (BatchNorm
+            with its running statistics keeps the examples of a batch apart there). Only with
+            extensions.
 
     Returns:
         Without extensions, ``fbp.core.value_and_grad(model, loss, has_state=has_state)``. With
@@ -51,6 +55,9 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
         InputError: a layer that mixes the examples of a batch (naming its path).
     """
     if not extensions:
+        if not train:
+            raise ValueError("fbp.value_and_grad: train=False is for the extensions' pass (evaluation-mode "
+                             "curvature, per-example quantities); the plain transform trains")
         return core.value_and_grad(model, loss, has_state=has_state)
     extensions = check_extensions(extensions)
     if getattr(loss, "reduction", "mean") not in ("mean", "sum"):
@@ -58,13 +65,14 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
                          f"reduction='mean' or 'sum' (per-example values come from the extensions)")
 
     def body(params, x, y, *, state=None, key=None):
-        value, grads, _, new_state, q = run(model, loss, extensions, params, x, y, state=state, key=key)
+        value, grads, _, new_state, q = run(model, loss, extensions, params, x, y, state=state, key=key, train=train)
         return (value, grads, new_state, q) if has_state else (value, grads, q)
 
     return per_example.with_context(model, has_state, "fbp.value_and_grad", body)
 
 
-def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y, *, state=None, key=None):
+def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y, *, state=None, key=None,
+        train: bool = True):
     """The pass itself, for the training steps (``fbp.steps``): ``(value, grads, pred, new_state, q)``.
 
     Args:
@@ -76,11 +84,12 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
         y: the targets.
         state: the model state, or ``None``.
         key: a random key (required when the model or an extension samples).
+        train: training mode.
 
     Returns:
         ``(value, grads, pred, new_state, q)`` as ``value_and_grad``, with the model's output.
     """
-    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer")))
+    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer", "exact")))
     by_columns = [e for e in extensions if e.needs == "columns"]
     hooks = tuple(e for e in extensions if e.needs == "layer")
     check = any(e.requires_independence for e in extensions)
@@ -93,9 +102,16 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
         if model.needs_key:  # as fbp.curvature: one key for the model, one for the samples
             model_key, sample_key = tuple(jax.random.split(key))
     column_sets = tuple((e.column_mode, e.columns(loss, y, sample_key)) for e in by_columns)
-    values, summed, per, column_per, new_state, pred = per_example.one_pass(
+    exact = None
+    if any(e.needs == "exact" for e in extensions):
+        exact = exact_model(model)
+        if exact is None:
+            raise InputError(repr(model), f"{[e.name for e in extensions if e.needs == 'exact']} compare each "
+                                          f"layer's rule with its exact gradient: the model needs layers with "
+                                          f"a rule and an exact VJP beside it (fbp.credit, fbp.nn.hooks)")
+    values, summed, per, column_per, new_state, pred, exact_summed = per_example.one_pass(
         model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
-        key=model_key, train=True)
+        key=model_key, train=train, exact=exact)
     found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
     scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
     value = values.sum() * scale
@@ -111,6 +127,10 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
                 {path: {"out": out, "layout": layout[path]} for path, out in quantity.items()}
         if e.needs == "layer":
             return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
+        if e.needs == "exact":  # the exact gradient Σ_b ∇ℓ_b of every leaf, beside the rule's (leaf_grads)
+            found_exact: dict = {}
+            map_leaf_params(model, exact_summed, lambda path, leaf, g: found_exact.setdefault(path, g))
+            return {path: g for path, g in found_exact.items() if path in leaf_grads}
         return {path: got[e.needs] for path, got in per.items() if e.needs in got}
 
     q = {e.name: e.finalize(found(e), context) for e in extensions}

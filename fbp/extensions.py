@@ -6,9 +6,10 @@ quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"
 layer's gradients for the cotangent columns its ``columns(loss, y, key)`` gives, summed — a
 second, column-vmapped backward on the same forward's residuals, as the GGN diagonal needs;
 or ``"layer"``: what its own ``from_output(y)`` and ``from_backward(part, d_y, d_x, d_params,
-params)`` compute at every leaf, parameter-free ones included, as telemetry's statistics),
-and ``finalize``, which turns what every leaf
-produced into its result, keyed by leaf path::
+params)`` compute at every leaf, parameter-free ones included, as telemetry's statistics; or
+``"exact"``: every leaf's exact gradient from the exact twin's backward on the same residuals,
+beside the rule's in ``Context.leaf_grads``, as the alignment angles), and ``finalize``, which
+turns what every leaf produced into its result, keyed by leaf path::
 
     value, grads, q = fbp.value_and_grad(model, loss, extensions=[
         fbp.per_example.GradNorms(), fbp.per_example.Variance()])(params, x, y)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer")
+NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer", "exact")
 
 
 class Context(NamedTuple):

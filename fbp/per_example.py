@@ -113,7 +113,7 @@ def run(model: Layer, loss: Loss, params, x, y, *, mode: str, state=None, key=No
 
 
 def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_sets: tuple = (), hooks: tuple = (),
-             check: bool = True, state=None, key=None, train: bool = True):
+             check: bool = True, state=None, key=None, train: bool = True, exact: Layer | None = None):
     """The engine's pass: one probed forward, the backward of the per-example losses computing
     every quantity in ``modes``, and, on the same residuals, the column-vmapped backward of each
     entry of ``column_sets``.
@@ -134,12 +134,15 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         state: the model state, or ``None``.
         key: a random key for layers that need one.
         train: training mode.
+        exact: the model's exact twin (``fbp.deviation.exact_model``), or ``None``: its backward
+            runs on the same residuals, giving the exact gradient beside the rules' one.
 
     Returns:
-        ``(values, summed, per, column_per, new_state, pred)``: per-example losses, ``Σ_b ∇ℓ_b``,
-        ``per[path][mode]`` (and ``per[path]["layer"][hook name]``), ``column_per[i]`` =
-        ``(found, layout)`` with ``found[path]`` the column set's quantity and ``layout[path]``
-        how each layer computed it, the new state and the model's output.
+        ``(values, summed, per, column_per, new_state, pred, exact_summed)``: per-example losses,
+        ``Σ_b ∇ℓ_b``, ``per[path][mode]`` (and ``per[path]["layer"][hook name]``),
+        ``column_per[i]`` = ``(found, layout)`` with ``found[path]`` the column set's quantity and
+        ``layout[path]`` how each layer computed it, the new state, the model's output, and the
+        exact twin's ``Σ_b ∇ℓ_b`` (``None`` without ``exact``).
     """
     if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
@@ -158,8 +161,11 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         if mode == "sgs":
             found = {path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()}
         column_per.append((found, layout))
+    exact_summed = None
+    if exact is not None:  # the same residuals, every leaf's exact VJP in place of its rule
+        exact_summed = split_probed(model, probe_model(exact, (), {}, check=False).backward(res, d_pred)[0])[0]
     new_state = None if state is None else probed.next_state(state, res)
-    return values, summed, per, column_per, new_state, pred
+    return values, summed, per, column_per, new_state, pred, exact_summed
 
 
 @typed_arguments

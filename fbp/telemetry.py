@@ -426,3 +426,20 @@ class Stats(Extension):
         cotangent = {"d_out_norm", "d_in_norm", "d_params_norm"}
         return {path: {k: v * context.scale if k in cotangent else v for k, v in stats.items()}
                 for path, stats in found.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment(Extension):
+    """Telemetry's alignment angle as an extension, ``q["alignment"][path]`` in degrees for every
+    leaf with parameters: the angle between the layer's update from its rule (feedback alignment,
+    straight-through, ...) and its exact gradient, the exact twin's backward run on the same
+    forward's residuals (Lillicrap et al., 2016). The model needs deviating layers with an exact
+    VJP (``fbp.credit``, ``fbp.nn.hooks``); ``value_grad_and_stats``' ``alignment_angle``."""
+
+    name: ClassVar[str] = "alignment"
+    needs: ClassVar[str] = "exact"
+    requires_independence: ClassVar[bool] = False
+
+    def finalize(self, found, context):
+        return {path: _angle(context.leaf_grads[path], exact) for path, exact in found.items()
+                if floating_leaves(exact)}

@@ -30,7 +30,7 @@ BUILT = {"grads": per_example.Grads(), "grad_norms": per_example.GradNorms(),
          "sum_grad_squared": per_example.SumGradSquared(), "variance": per_example.Variance(),
          "clipped_grad": privacy.ClippedGrad(CLIP), "diag_ggn": curvature.DiagGGN(),
          "diag_ggn_mc": curvature.DiagGGNMC(2), "kronecker_factors": curvature.KroneckerFactors(None),
-         "stats": telemetry.Stats()}
+         "stats": telemetry.Stats(), "alignment": telemetry.Alignment()}
 CASES = [(name, model, shape, ctx) for name, model, shape, ctx in capabilities.cases()
          if "key" in ctx or any(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree_util.tree_leaves(
              jax.eval_shape(lambda m=model, s=shape, c=ctx: capabilities.inputs(m, s, c, jnp.float32)[0])[0]))]
@@ -73,6 +73,13 @@ def _reference(model, params, state, x, y, key, sample_key):
     return per, _unflatten(params, exact), _unflatten(params, mc)
 
 
+def grads_of_rule(model, params, state, x, y, key):
+    """The gradient by the model's rules (fbp's backward, deviating where the rule does)."""
+    pred, res = run_forward(model, params, x, state=state, key=key, train=True)
+    value, loss_res = LOSS.forward(pred, y)
+    return model.backward(res, LOSS.backward(loss_res, jnp.ones((), value.dtype)))[0]
+
+
 def _keyed(tree) -> dict:
     """``{(key, ...): leaf}`` of a nested dict of arrays."""
     return {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): leaf
@@ -113,7 +120,7 @@ def _expected(name, model, params, per, exact, mc):
 def test_every_cell_equals_autodiff_in_float64(case):
     name, model, shape, ctx = case
     row = capabilities.row(model, shape, ctx)
-    wanted = [BUILT[e] for e, route in row.items() if not route.startswith("refused")]
+    wanted = [BUILT[e] for e, route in row.items() if not route.startswith(("refused", "no rule"))]
     with jax.enable_x64(True):
         params, state, x, y, _ = capabilities.inputs(model, shape, ctx)
         key = jax.random.PRNGKey(11)
@@ -132,7 +139,17 @@ def test_every_cell_equals_autodiff_in_float64(case):
 
         per, exact, mc, stats = jax.jit(references)(params, state, x, y, model_key, sample_key)
         for e in wanted:
-            if e.name == "stats":  # telemetry's own pass, held to autodiff in test_telemetry.py
+            if e.name == "alignment":  # the rule's gradient against jax.grad's, leaf by leaf
+                exact = _by_path(model, jax.grad(lambda p: LOSS(model.apply(p, x, state=state, key=model_key,
+                                                                             train=True), y))(params))
+                rule = _by_path(model, grads_of_rule(model, params, state, x, y, model_key))
+                for path, angle in q["alignment"].items():
+                    a, b = (jnp.concatenate([t.ravel() for t in jax.tree_util.tree_leaves(d[path])])
+                            for d in (rule, exact))
+                    cos = jnp.clip(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)), -1, 1)
+                    # arccos near 1 turns float64 rounding into ~1e-6 degrees
+                    np.testing.assert_allclose(angle, jnp.degrees(jnp.arccos(cos)), atol=1e-5)
+            elif e.name == "stats":  # telemetry's own pass, held to autodiff in test_telemetry.py
                 _close(q["stats"], stats, 1e-9)
             elif e.name == "kronecker_factors":  # exact GGN diagonal where there is no block
                 diag = _by_path(model, exact)

@@ -222,3 +222,43 @@ def test_telemetry_stats_join_the_pass_and_equal_value_grad_and_stats():
     assert set(q["stats"]) == {"0", "1", "2", "3", "4", "5", "6"} and set(q["grad_norms"]) == {"0", "2", "4", "6"}
     with pytest.raises(ValueError, match="telemetry: stats must be"):
         telemetry.Stats(("bogus",))
+
+
+def test_alignment_joins_the_pass_and_a_model_without_deviating_rules_is_refused():
+    from fbp import telemetry
+
+    with jax.enable_x64(True):
+        model = credit.feedback_alignment(nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(3)))
+        x = jax.random.normal(jax.random.PRNGKey(0), (6, 5), jnp.float64)
+        y = jnp.arange(6) % 3
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
+        state = model.init_state(params)
+        f = jax.jit(fbp.value_and_grad(model, CCE, has_state=True, extensions=[telemetry.Alignment(), pe.Grads()]))
+        _, _, _, q = f(params, state, x, y)
+        *_, stats = telemetry.value_grad_and_stats(model, CCE, has_state=True)(params, state, x, y)
+        assert set(q["alignment"]) == {"0", "2"} and float(q["alignment"]["0"]) > 1.0
+        for path, angle in q["alignment"].items():
+            np.testing.assert_allclose(angle, stats[path]["alignment_angle"], rtol=1e-12)
+    with pytest.raises(fbp.core.InputError, match="exact VJP"):
+        x, y, params = _data(jnp.float32)
+        fbp.value_and_grad(MODEL, CCE, extensions=[telemetry.Alignment()])(params, x, y)
+
+
+def test_evaluation_mode_reaches_batchnorm_with_its_running_statistics():
+    """train=False: BatchNorm normalises with its state, keeps examples apart, and every
+    per-example quantity equals vmap(jax.grad) of the evaluation-mode forward; train=True refuses."""
+    with jax.enable_x64(True):
+        model = nn.Serial(nn.Dense(4), nn.BatchNorm(), nn.Tanh(), nn.Dense(3))
+        x = jax.random.normal(jax.random.PRNGKey(0), (6, 5), jnp.float64)
+        y = jnp.arange(6) % 3
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
+        state = jax.tree_util.tree_map(lambda a: a + 0.3, model.init_state(params))
+        f = jax.jit(fbp.value_and_grad(model, CCE, has_state=True, train=False, extensions=[pe.Grads()]))
+        _, _, new_state, q = f(params, state, x, y)
+        one = lambda a, b: jax.grad(lambda p: CCE(model.apply(p, a[None], state=state), b[None]))(params)  # noqa: E731
+        ref = jax.vmap(one)(x, y)
+        for path in ("0", "1", "3"):
+            _close(q["grads"][path], ref[int(path)], 1e-12)
+        _close(new_state, state, 0)  # evaluation mode leaves the running statistics alone
+        with pytest.raises(fbp.core.InputError, match="at path '1'"):
+            fbp.value_and_grad(model, CCE, has_state=True, extensions=[pe.Grads()])(params, state, x, y)
