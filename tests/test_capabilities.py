@@ -184,8 +184,8 @@ def test_the_reference_catches_a_planted_error():
     name, model, shape, ctx = next(c for c in CASES if c[0].startswith("Dense(features=7)"))
     with jax.enable_x64(True):
         params, state, x, y, _ = capabilities.inputs(model, shape, ctx)
-        q = engine.run(model, LOSS, [BUILT["grads"]], params, x, y)[4]
-        per, _, _ = _reference(model, params, state, x, y, None, jax.random.PRNGKey(0))
+        q = jax.jit(lambda p, a, b: engine.run(model, LOSS, [BUILT["grads"]], p, a, b)[4])(params, x, y)
+        per = jax.jit(lambda p, a, b: _reference(model, p, None, a, b, None, jax.random.PRNGKey(0))[0])(params, x, y)
         wrong = jax.tree_util.tree_map(lambda a: a.at[-1].multiply(1.001), q["grads"])
         with pytest.raises(AssertionError):
             _close(wrong, _expected("grads", model, params, per, None, None))
