@@ -17,6 +17,8 @@ The routes:
   ``(x²)ᵀ(g²)`` at one position, else squares of materialised per-example gradients;
 * Kronecker factors: ``A ⊗ G`` per Dense-like weight (its kernels listed), the exact GGN
   diagonal for every other parameter;
+* GGN-vector products: ``J v`` by transposing the rules' backward, for every family — the
+  batch's GGN, so families that mix the batch are no exception;
 * telemetry's statistics: every leaf, without needing the examples kept apart;
 * alignment angles: where a family's rule deviates from its gradient by design and it has an
   exact VJP beside the rule (``fbp.credit``, ``fbp.nn.hooks``);
@@ -44,7 +46,7 @@ LOSS = CategoricalCrossEntropy(from_logits=True)
 # per-example gradients as "sgs" does; Variance reads "sgs" and the gradient)
 EXTENSIONS = {"grads": "grads", "grad_norms": "norms", "sum_grad_squared": "sgs", "variance": "sgs",
               "clipped_grad": "clip", "diag_ggn": "sgs", "diag_ggn_mc": "sgs", "kronecker_factors": "kfac-expand",
-              "stats": None, "alignment": "exact"}
+              "ggn_vector_product": "backward", "stats": None, "alignment": "exact"}
 
 
 def cases() -> list[tuple[str, Layer, tuple, dict]]:
@@ -85,6 +87,8 @@ def _route(extension: str, model: Layer, params, state, x, y, key) -> str:
     mode = EXTENSIONS[extension]
     if mode is None:
         return "every leaf (batch statistics)"
+    if mode == "backward":
+        return "Jᵀ H J v through the rules (the batch's GGN)"
     if mode == "exact":
         return "no rule that deviates" if exact_model(model) is None else "rule vs exact VJP, same residuals"
     try:

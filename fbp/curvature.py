@@ -279,14 +279,41 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
     def product(params, x, y, v, *, state=None, key=None):
         _require_like_params(params, v)
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
-        back = lambda u: model.backward(res, u)[0]  # noqa: E731  u ↦ Jᵀu, linear
-        (jv,) = jax.linear_transpose(back, pred)(v)
-        s = loss.hessian_factor(pred, y)
-        axes = tuple(range(1, pred.ndim))
-        hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)
-        return back(hu)
+        return _ggn_product(lambda u: model.backward(res, u)[0], pred, loss, y, v)
 
     return with_context(model, has_state, "fbp.curvature.ggn_vector_product", product)
+
+
+def _ggn_product(back, pred, loss, y, v):
+    """``Jᵀ H J v`` from the linear backward ``back: u ↦ Jᵀu`` (``J v`` is its transpose)."""
+    (jv,) = jax.linear_transpose(back, pred)(v)
+    s = loss.hessian_factor(pred, y)
+    axes = tuple(range(1, pred.ndim))
+    hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)
+    return back(hu)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGNVectorProduct(Extension):
+    """``G v = Jᵀ H J v`` as an extension, per leaf (``ggn_vector_product``'s quantity), on the
+    same forward's residuals: ``J v`` by transposing the pass's linear backward, ``H`` from the
+    loss's factor, then one more backward. ``v`` is fixed when the extension is built — build it
+    inside your jitted function when it changes from call to call.
+
+    Args:
+        v: the direction, shaped like the params.
+    """
+
+    v: Any = None
+    name: ClassVar[str] = "ggn_vector_product"
+    needs: ClassVar[str] = "backward"
+    requires_independence: ClassVar[bool] = False  # the batch's GGN: no per-example quantity
+
+    def from_pass(self, back, pred, loss, y, params):
+        """``G v`` shaped like ``params`` from the pass's backward (``fbp.extensions``)."""
+        _require_curvature(loss, "fbp.curvature.GGNVectorProduct")
+        _require_like_params(params, self.v)
+        return _ggn_product(back, pred, loss, y, self.v)
 
 
 def _require_like_params(params, v) -> None:

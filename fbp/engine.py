@@ -89,7 +89,8 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
     Returns:
         ``(value, grads, pred, new_state, q)`` as ``value_and_grad``, with the model's output.
     """
-    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer", "exact")))
+    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer", "exact",
+                                                                               "backward")))
     by_columns = [e for e in extensions if e.needs == "columns"]
     hooks = tuple(e for e in extensions if e.needs == "layer")
     check = any(e.requires_independence for e in extensions)
@@ -109,7 +110,7 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
             raise InputError(repr(model), f"{[e.name for e in extensions if e.needs == 'exact']} compare each "
                                           f"layer's rule with its exact gradient: the model needs layers with "
                                           f"a rule and an exact VJP beside it (fbp.credit, fbp.nn.hooks)")
-    values, summed, per, column_per, new_state, pred, exact_summed = per_example.one_pass(
+    values, summed, per, column_per, new_state, pred, exact_summed, back = per_example.one_pass(
         model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
         key=model_key, train=train, exact=exact)
     found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
@@ -127,10 +128,11 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
                 {path: {"out": out, "layout": layout[path]} for path, out in quantity.items()}
         if e.needs == "layer":
             return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
-        if e.needs == "exact":  # the exact gradient Σ_b ∇ℓ_b of every leaf, beside the rule's (leaf_grads)
-            found_exact: dict = {}
-            map_leaf_params(model, exact_summed, lambda path, leaf, g: found_exact.setdefault(path, g))
-            return {path: g for path, g in found_exact.items() if path in leaf_grads}
+        if e.needs in ("exact", "backward"):  # a params-shaped tree, split by leaf
+            tree = exact_summed if e.needs == "exact" else e.from_pass(back, pred, loss, y, params)
+            found_tree: dict = {}
+            map_leaf_params(model, tree, lambda path, leaf, g: found_tree.setdefault(path, g))
+            return {path: g for path, g in found_tree.items() if path in leaf_grads}
         return {path: got[e.needs] for path, got in per.items() if e.needs in got}
 
     q = {e.name: e.finalize(found(e), context) for e in extensions}

@@ -8,7 +8,9 @@ second, column-vmapped backward on the same forward's residuals, as the GGN diag
 or ``"layer"``: what its own ``from_output(y)`` and ``from_backward(part, d_y, d_x, d_params,
 params)`` compute at every leaf, parameter-free ones included, as telemetry's statistics; or
 ``"exact"``: every leaf's exact gradient from the exact twin's backward on the same residuals,
-beside the rule's in ``Context.leaf_grads``, as the alignment angles), and ``finalize``, which
+beside the rule's in ``Context.leaf_grads``, as the alignment angles; or ``"backward"``: what
+its own ``from_pass(back, pred, loss, y, params)`` computes with the pass's linear backward
+``back: u ↦ Jᵀu`` on the same residuals, as GGN-vector products), and ``finalize``, which
 turns what every leaf produced into its result, keyed by leaf path::
 
     value, grads, q = fbp.value_and_grad(model, loss, extensions=[
@@ -30,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer", "exact")
+NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer", "exact", "backward")
 
 
 class Context(NamedTuple):

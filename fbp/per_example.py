@@ -138,11 +138,12 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
             runs on the same residuals, giving the exact gradient beside the rules' one.
 
     Returns:
-        ``(values, summed, per, column_per, new_state, pred, exact_summed)``: per-example losses,
-        ``Σ_b ∇ℓ_b``, ``per[path][mode]`` (and ``per[path]["layer"][hook name]``),
+        ``(values, summed, per, column_per, new_state, pred, exact_summed, back)``: per-example
+        losses, ``Σ_b ∇ℓ_b``, ``per[path][mode]`` (and ``per[path]["layer"][hook name]``),
         ``column_per[i]`` = ``(found, layout)`` with ``found[path]`` the column set's quantity and
-        ``layout[path]`` how each layer computed it, the new state, the model's output, and the
-        exact twin's ``Σ_b ∇ℓ_b`` (``None`` without ``exact``).
+        ``layout[path]`` how each layer computed it, the new state, the model's output, the
+        exact twin's ``Σ_b ∇ℓ_b`` (``None`` without ``exact``), and ``back: u ↦ Jᵀu``, the
+        rules' backward of an output cotangent on the same residuals (linear in ``u``).
     """
     if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
@@ -165,7 +166,12 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
     if exact is not None:  # the same residuals, every leaf's exact VJP in place of its rule
         exact_summed = split_probed(model, probe_model(exact, (), {}, check=False).backward(res, d_pred)[0])[0]
     new_state = None if state is None else probed.next_state(state, res)
-    return values, summed, per, column_per, new_state, pred, exact_summed
+    plain = probe_model(model, (), {}, check=False)
+
+    def back(u):
+        return split_probed(model, plain.backward(res, u)[0])[0]
+
+    return values, summed, per, column_per, new_state, pred, exact_summed, back
 
 
 @typed_arguments

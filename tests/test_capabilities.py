@@ -30,7 +30,8 @@ BUILT = {"grads": per_example.Grads(), "grad_norms": per_example.GradNorms(),
          "sum_grad_squared": per_example.SumGradSquared(), "variance": per_example.Variance(),
          "clipped_grad": privacy.ClippedGrad(CLIP), "diag_ggn": curvature.DiagGGN(),
          "diag_ggn_mc": curvature.DiagGGNMC(2), "kronecker_factors": curvature.KroneckerFactors(None),
-         "stats": telemetry.Stats(), "alignment": telemetry.Alignment()}
+         "ggn_vector_product": curvature.GGNVectorProduct(), "stats": telemetry.Stats(),
+         "alignment": telemetry.Alignment()}
 CASES = [(name, model, shape, ctx) for name, model, shape, ctx in capabilities.cases()
          if "key" in ctx or any(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree_util.tree_leaves(
              jax.eval_shape(lambda m=model, s=shape, c=ctx: capabilities.inputs(m, s, c, jnp.float32)[0])[0]))]
@@ -58,7 +59,7 @@ def _pullback(model, params, x, state, key):
     return pred, lambda c: pull(c)[0]
 
 
-def _reference(model, params, state, x, y, key, sample_key):
+def _reference(model, params, state, x, y, key, sample_key, v=None):
     pred, pull = _pullback(model, params, x, state, key)
     b = pred.shape[0]
     one = lambda e: pull(jax.grad(lambda z: jnp.sum(EACH(z, y) * e))(pred))  # noqa: E731
@@ -70,7 +71,11 @@ def _reference(model, params, state, x, y, key, sample_key):
     exact = jnp.einsum("ip,ij,jp->p", flat_jac, hess, flat_jac)
     s = LOSS.sampled_hessian_factor(pred, y, sample_key, 2).reshape(b, -1, 2)
     mc = jnp.sum(jnp.einsum("bcp,bcm->bmp", flat_jac.reshape(b, -1, flat_jac.shape[1]), s) ** 2, axis=(0, 1))
-    return per, _unflatten(params, exact), _unflatten(params, mc)
+    if v is None:
+        return per, _unflatten(params, exact), _unflatten(params, mc)
+    flat_v = jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(v)])
+    gv = flat_jac.T @ (hess @ (flat_jac @ flat_v))
+    return per, _unflatten(params, exact), _unflatten(params, mc), _unflatten(params, gv)
 
 
 def grads_of_rule(model, params, state, x, y, key):
@@ -124,20 +129,27 @@ def test_every_cell_equals_autodiff_in_float64(case):
     with jax.enable_x64(True):
         params, state, x, y, _ = capabilities.inputs(model, shape, ctx)
         key = jax.random.PRNGKey(11)
-        model_key, sample_key = jax.random.split(key) if model.needs_key else (key, key)
-        run = jax.jit(lambda p, s, a, b, k: engine.run(model, LOSS, wanted, p, a, b, state=s, key=k)[4])
-        q = run(params, state, x, y, key)
-        if len(wanted) == 1:  # refused for every per-example quantity: the statistics alone
-            assert set(q) == {"stats"}
-            return
+        sampled = any(e.samples for e in wanted)  # the engine splits the key only when something samples
+        model_key, sample_key = jax.random.split(key) if model.needs_key and sampled else (key, key)
+        direction = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)),
+                                           params)
+
+        def run(p, s, a, b, k, v):  # the GGN-vector product's direction is built inside the trace
+            chosen = [curvature.GGNVectorProduct(v) if e.name == "ggn_vector_product" else e for e in wanted]
+            return engine.run(model, LOSS, chosen, p, a, b, state=s, key=k)[4]
+
+        q = jax.jit(run)(params, state, x, y, key, direction)
+        if {e.name for e in wanted} <= {"stats", "ggn_vector_product"}:  # mixes the batch: no per-example quantity
+            assert all(route.startswith("refused") for e, route in row.items()
+                       if e not in ("stats", "ggn_vector_product", "alignment"))
         stats_of = telemetry.value_grad_and_stats(model, LOSS, input_cotangents=True, alignment=False,
                                                   has_state=state is not None)
 
-        def references(p, s, a, b, k1, k2):  # one compiled program for every reference
+        def references(p, s, a, b, k1, k2, v):  # one compiled program for every reference
             stats = stats_of(*((p, s, a, b) if s is not None else (p, a, b)), key=k1)[-1]
-            return (*_reference(model, p, s, a, b, k1, k2), stats)
+            return (*_reference(model, p, s, a, b, k1, k2, v), stats)
 
-        per, exact, mc, stats = jax.jit(references)(params, state, x, y, model_key, sample_key)
+        per, exact, mc, gv, stats = jax.jit(references)(params, state, x, y, model_key, sample_key, direction)
         for e in wanted:
             if e.name == "alignment":  # the rule's gradient against jax.grad's, leaf by leaf
                 exact = _by_path(model, jax.grad(lambda p: LOSS(model.apply(p, x, state=state, key=model_key,
@@ -151,6 +163,8 @@ def test_every_cell_equals_autodiff_in_float64(case):
                     np.testing.assert_allclose(angle, jnp.degrees(jnp.arccos(cos)), atol=1e-5)
             elif e.name == "stats":  # telemetry's own pass, held to autodiff in test_telemetry.py
                 _close(q["stats"], stats, 1e-9)
+            elif e.name == "ggn_vector_product":  # Jᵀ H J v with the dense Jacobian and Hessian
+                _close(q[e.name], _by_path(model, gv))
             elif e.name == "kronecker_factors":  # exact GGN diagonal where there is no block
                 diag = _by_path(model, exact)
                 for path, factors in q[e.name].items():
