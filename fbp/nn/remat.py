@@ -15,15 +15,16 @@ second effect on XLA:CPU, and a ``lax.optimization_barrier`` does not prevent it
 ties the saved operands to the cotangent: XLA:CPU expands barriers into scheduling hints early,
 after which the recomputation is again an exact copy of the forward and is merged with it.
 
-Here the recomputation and the block's backward run inside a ``lax.cond`` whose predicate is
-read from the block's output cotangent, ``d_y[0] == d_y[0]``, with the same function in both
-branches (the predicate is false only for a NaN, and then the other branch computes the same
-thing). XLA does not move computations out of a conditional's branches or merge them with
-computations outside, and it cannot enter the branch before the predicate exists — that is,
-before the backward has reached this block. Values are untouched: gradients equal those without
-``Remat`` up to how XLA fuses the operations inside the branch (measured: bit-equal under
-``jit`` on XLA:CPU, within 1e-13 relative eagerly). (Under ``vmap``, as in the per-example fallback, the cond
-becomes a select that runs both branches: correct, twice the cost.)
+Here the recomputation and the block's backward run inside a ``lax.cond`` that takes the
+block's output cotangent as an operand, with the same function in both branches and a
+predicate read from the saved params (``p[0] == p[0]``, false only for a NaN, and then the
+other branch computes the same thing). XLA does not move computations out of a conditional's
+branches or merge them with computations outside, and it cannot run the conditional before
+its operands exist — that is, before the backward has reached this block. The predicate reads
+the residuals, not the cotangent, so the backward stays linear in the cotangent and can be
+transposed (``J v`` for GGN-vector products). Values are untouched: gradients equal those
+without ``Remat`` up to how XLA fuses the operations inside the branch (measured: bit-equal
+under ``jit`` on XLA:CPU, within 1e-13 relative eagerly).
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ class Remat(Layer):
             static["kept"] = [None if isinstance(a, jax.Array) else a for a in leaves]
             return [a for a in leaves if isinstance(a, jax.Array)]
 
-        probe = jax.tree_util.tree_leaves(d_y)[0].reshape(-1)[0]
-        arrays = iter(lax.cond(probe == probe, recompute_and_backward, recompute_and_backward,
-                               (x, params, state, key, d_y)))
+        # the predicate reads the residuals, not d_y: the backward stays linear in d_y (J v by
+        # linear_transpose, fbp.curvature's GGN-vector products), and the cond still waits for d_y
+        probe = next((a.reshape(-1)[0] for a in jax.tree_util.tree_leaves((params, x)) if a.size), None)
+        operands = (x, params, state, key, d_y)
+        arrays = iter(recompute_and_backward(operands) if probe is None else
+                      lax.cond(probe == probe, recompute_and_backward, recompute_and_backward, operands))
         leaves = [next(arrays) if a is None else a for a in static["kept"]]
         d_params, d_x = jax.tree_util.tree_unflatten(static["tree"], leaves)
         return {"block": d_params}, d_x
