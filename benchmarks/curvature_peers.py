@@ -15,12 +15,17 @@ from backpack.extensions import KFAC, DiagGGNExact, DiagGGNMC
 from torch_models import _t, cnn_nchw, mlp
 
 
-def candidates(name, params, x, y, lr=1e-2):
+def extended(name, params, x, y):
+    """``(model, loss_fn, xt, yt)``: fbp's weights in the torch network, both extended for
+    BackPACK, and the batch as CPU tensors (NCHW for the CNN)."""
     build = mlp if name == "mlp" else cnn_nchw
     xt = _t(x) if name == "mlp" else _t(np.asarray(x).reshape(-1, 28, 28, 1)).permute(0, 3, 1, 2).contiguous()
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    model = extend(build(params))
-    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
+    return extend(build(params)), extend(torch.nn.CrossEntropyLoss(reduction="mean")), xt, yt
+
+
+def candidates(name, params, x, y, lr=1e-2):
+    model, loss_fn, xt, yt = extended(name, params, x, y)
 
     def step():
         model.zero_grad(set_to_none=True)

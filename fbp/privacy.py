@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp import per_example
+from fbp import parallel, per_example
+from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, leaf_layers, map_leaf_params
 from fbp.extensions import Extension
 from fbp.nn.positions import assemble
@@ -329,8 +330,6 @@ def private_step(model: Layer, loss: Loss, optimizer, spec: DPSGD, n: int, batch
         ``stats`` count the examples actually sampled this epoch (``"examples"``) and, with
         ``telemetry``, sum the per-layer statistics (``"layers"``).
     """
-    from fbp import parallel
-    from fbp import telemetry as ftelemetry
     from fbp.optim import apply_updates
 
     rate, size = batch_size / n, buffer_rows(n, batch_size, mesh)

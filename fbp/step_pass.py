@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from fbp import engine
 from fbp import precision as fprecision
+from fbp import telemetry as ftelemetry
 from fbp.core import InputError, Layer, Loss, describe, path_name, value_grad_and_output
 from fbp.optim import GradientTransformation
 
@@ -47,13 +48,15 @@ def gradient_function(model: Layer, loss: Loss, precision=None) -> Callable:
 
 
 def optimizer_update(model: Layer, loss: Loss, optimizer: GradientTransformation, precision=None,
-                     caller: str = "fbp.train", stats=None) -> Callable:
+                     caller: str = "fbp.train", telemetry=None) -> Callable:
     """The pass and the optimizer's update, with what the optimizer reads from the pass.
 
-    A plain optimizer gets the gradient of ``gradient_function``'s pass. One that names engine
+    A plain optimizer gets the gradient of ``gradient_function``'s pass (with ``telemetry``: of
+    ``fbp.telemetry.Instrumented``'s, under the same policy and loss scale). One that names engine
     extensions (``GradientTransformation.extensions``: K-FAC's factors) gets them from the same
-    pass (``fbp.engine.run``) as ``update(grads, state, params, extras=q)``; on the steps its
-    ``due(state)`` is false the plain backward runs and ``q`` holds zeros.
+    pass (``fbp.engine.run``, telemetry's ``Stats`` beside them) as ``update(grads, state, params,
+    extras=q)``; on the steps its ``due(state)`` is false the plain backward runs and ``q`` holds
+    zeros.
 
     Args:
         model: the model.
@@ -61,30 +64,25 @@ def optimizer_update(model: Layer, loss: Loss, optimizer: GradientTransformation
         optimizer: the transformation.
         precision: a mixed-precision policy, or ``None`` (not with extensions).
         caller: for messages.
-        stats: a ``fbp.telemetry.Stats`` extension to compute in the same pass, or ``None``.
+        telemetry: ``None`` (none), or the statistic names to compute in the same pass (an empty
+            tuple or ``True``: all of them).
 
     Returns:
         ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, updates, opt_state,
-        pred, new_state, q)``; ``q["stats"]`` holds the statistics when ``stats`` is given.
+        pred, new_state, q)``; ``q["stats"]`` holds the statistics with ``telemetry``.
 
     Raises:
         ValueError: extensions under a precision policy.
     """
     reads = tuple(getattr(optimizer, "extensions", ()) or ())
-    if not reads and stats is None:
-        grads_of = gradient_function(model, loss, precision)
-
-        def plain(params, opt_state, x, y, **context):
-            value, grads, pred, new_state = grads_of(params, opt_state, x, y, **context)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return value, updates, opt_state, pred, new_state, {}
-
-        return plain
+    names = None if telemetry is True or telemetry == () else telemetry
+    if not reads:
+        return _first_order(model, loss, optimizer, precision, telemetry is not None, names)
     if precision is not None:
         raise ValueError(f"{caller}: precision cannot be combined with an optimizer that reads curvature from the "
                          f"pass ({[e.name for e in reads]}): the engine's extensions run in the params' dtype, and "
                          f"K-FAC's eigendecompositions need float32. Train it with precision=None")
-    every = reads + ((stats,) if stats is not None else ())
+    every = reads + ((ftelemetry.Stats(names),) if telemetry is not None else ())
     due = getattr(optimizer, "due", None) if reads else None
     others = tuple(e for e in every if e not in reads)
 
@@ -114,6 +112,30 @@ def optimizer_update(model: Layer, loss: Loss, optimizer: GradientTransformation
         return value, updates, opt_state, pred, new_state, q
 
     return f
+
+
+def _first_order(model, loss, optimizer, precision, telemetry: bool, names):
+    """``optimizer_update`` for an optimizer that reads the gradient alone."""
+    if not telemetry:
+        grads_of = gradient_function(model, loss, precision)
+
+        def plain(params, opt_state, x, y, **context):
+            value, grads, pred, new_state = grads_of(params, opt_state, x, y, **context)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return value, updates, opt_state, pred, new_state, {}
+
+        return plain
+    probed, policy = ftelemetry.Instrumented.of(model, None, stats=names), parse_policy(precision)
+
+    def instrumented(params, opt_state, x, y, **context):
+        if policy is not None:
+            _require_params_dtype(policy, params)
+        value, grads, pred, new_state, stats = probed.run(loss, params, x, y, policy=policy,
+                                                          scale=fprecision.current_scale(opt_state), **context)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return value, updates, opt_state, pred, new_state, {"stats": stats}
+
+    return instrumented
 
 
 def parse_policy(precision):

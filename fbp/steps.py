@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp import parallel
-from fbp import precision as fprecision
 from fbp import privacy as fprivacy
-from fbp import telemetry as ftelemetry
 from fbp.core import (
     Layer,
     Loss,
@@ -27,7 +25,7 @@ from fbp.core import (
     require_state_mode,
 )
 from fbp.optim import GradientTransformation, apply_updates
-from fbp.step_pass import _require_params_dtype, gradient_function, optimizer_update, parse_policy  # noqa: F401
+from fbp.step_pass import gradient_function, optimizer_update  # noqa: F401  (gradient_function: public here)
 
 PyTree = Any
 
@@ -207,11 +205,8 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
     the summed per-layer statistics of ``fbp.telemetry`` from the same pass."""
     reads = bool(getattr(optimizer, "extensions", ()))
-    probed = ftelemetry.Instrumented.of(model, None, stats=telemetry_stats(telemetry)) if telemetry and not reads \
-        else None
-    stats_ext = ftelemetry.Stats(telemetry_stats(telemetry)) if telemetry and reads else None
-    update = optimizer_update(model, loss, optimizer, precision, "fit", stats_ext)
-    policy = parse_policy(precision)
+    update = optimizer_update(model, loss, optimizer, precision, "fit",
+                              telemetry=(telemetry_stats(telemetry) or ()) if telemetry else None)
 
     def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
         params, state, opt_state, loss_sum, correct, stat_sum, first_loss = carry
@@ -223,17 +218,9 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
         if augment is not None:
             xb = augment(jax.random.fold_in(step_key, 1), xb)
         key = step_key if model.needs_key or reads else None  # sampled curvature needs one too
-        if probed is None:
-            value, updates, opt_state, pred, state, q = update(params, opt_state, xb, yb, state=state, key=key)
-            if stats_ext is not None:  # telemetry from the engine's pass (the optimizer reads extensions too)
-                stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, q["stats"])
-        else:
-            if policy is not None:
-                _require_params_dtype(policy, params)
-            value, grads, pred, state, stats = probed.run(loss, params, xb, yb, state=state, key=key, policy=policy,
-                                                          scale=fprecision.current_scale(opt_state))
-            stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, stats)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+        value, updates, opt_state, pred, state, q = update(params, opt_state, xb, yb, state=state, key=key)
+        if telemetry:  # the statistics of the same pass
+            stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, q["stats"])
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         first_loss = jnp.where(step_number == 0, value.astype(jnp.float32) * per_batch / idx.shape[0], first_loss)
