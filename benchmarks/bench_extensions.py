@@ -9,6 +9,9 @@ jitted call:
   * ``nvc``: the gradient with GradNorms, Variance and ClippedGrad in one call;
   * ``separate``: the same three from their own entry points, one jitted call each
     (``per_example.grad_norms``, ``per_example.variance``, ``privacy.clipped_grad``);
+  * ``floor`` / ``floor plain`` (MLP only): the same quantities and the plain gradient written
+    by hand as bare matmuls (``extension_floor.py``): ``floor / floor plain`` is what this CPU
+    allows for the three quantities, ``nvc / floor`` what the engine costs beyond it;
   * ``nvc+mc``: ``nvc`` with DiagGGNMC (one sample) in the same call;
   * ``bp``: the gradient with GradNorms, Variance and DiagGGNMC — what BackPACK computes with
     ``BatchL2Grad``, ``Variance`` and ``DiagGGNMC`` in one extended backward (``backpack``,
@@ -46,6 +49,11 @@ def calls(name, model, shape):
     out = {"plain": lambda: plain(params, x, y), "nvc": lambda: nvc(params, x, y),
            "separate": lambda: [f(params, x, y) for f in apart],
            "nvc+mc": lambda: nvc_mc(params, x, y, key=key), "bp": lambda: bp(params, x, y, key=key)}
+    if name == "mlp":
+        import extension_floor
+
+        floor, floor_plain = jax.jit(extension_floor.norms_variance_clipped), jax.jit(extension_floor.plain)
+        out |= {"floor": lambda: floor(params, x, y), "floor plain": lambda: floor_plain(params, x, y)}
     try:
         from extension_peers import backpack_call
     except ImportError as missing:
@@ -68,6 +76,8 @@ def main(argv=None):
         print(f"\n{name} {shape}")
         candidates, peer = calls(name, model, shape)
         wanted = ["nvc / plain", "nvc / separate", "separate / plain", "nvc+mc / plain", "bp / plain"]
+        if name == "mlp":
+            wanted += ["floor / floor plain", "nvc / floor", "plain / floor plain"]
         ratios = ratio_runs(candidates, wanted + (["bp / backpack"] if peer else []), args.runs, args.rounds,
                             reps=3)
         for key, values in ratios.items():
