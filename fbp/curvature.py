@@ -135,6 +135,7 @@ class DiagGGN(Extension):
 
     name: ClassVar[str] = "diag_ggn"
     needs: ClassVar[str] = "columns"
+    column_key: ClassVar[str] = "diag_ggn"  # extensions with this key share one column pass
 
     def columns(self, loss, y, key):
         _require_curvature(loss, "fbp.curvature.DiagGGN")

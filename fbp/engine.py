@@ -72,7 +72,7 @@ def value_and_grad(model: Layer, loss: Loss, *, has_state: bool = False,
 
 
 def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y, *, state=None, key=None,
-        train: bool = True):
+        train: bool = True, with_context: bool = False):
     """The pass itself, for the training steps (``fbp.steps``): ``(value, grads, pred, new_state, q)``.
 
     Args:
@@ -85,14 +85,18 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
         state: the model state, or ``None``.
         key: a random key (required when the model or an extension samples).
         train: training mode.
+        with_context: also return the ``fbp.extensions.Context`` the extensions read (its
+            ``back`` gives Jacobian-vector products on the pass's residuals: ``fbp.diagnostics``
+            projects the examples' gradients onto the update with it).
 
     Returns:
-        ``(value, grads, pred, new_state, q)`` as ``value_and_grad``, with the model's output.
+        ``(value, grads, pred, new_state, q)`` as ``value_and_grad``, with the model's output
+        (and the context last, with ``with_context``).
     """
-    modes = tuple(dict.fromkeys(e.needs for e in extensions if e.needs not in ("columns", "layer", "exact",
-                                                                               "backward")))
-    by_columns = [e for e in extensions if e.needs == "columns"]
-    hooks = tuple(e for e in extensions if e.needs == "layer")
+    modes = tuple(dict.fromkeys(n for e in extensions for n in needs_of(e) if n not in ("columns", "layer", "exact",
+                                                                                          "backward")))
+    by_columns = [e for e in extensions if "columns" in needs_of(e)]
+    hooks = tuple(e for e in extensions if "layer" in needs_of(e))
     check = any(e.requires_independence for e in extensions)
     sampled = any(e.samples for e in by_columns)
     model_key, sample_key = key, key
@@ -102,41 +106,51 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
                                                    f"targets: pass key=jax.random.key(...)")
         if model.needs_key:  # as fbp.curvature: one key for the model, one for the samples
             model_key, sample_key = tuple(jax.random.split(key))
-    column_sets = tuple((e.column_mode, e.columns(loss, y, sample_key)) for e in by_columns)
+    shared = {}  # one column pass per column_key (the GGN diagonal's, shared by its readers)
+    for e in by_columns:
+        shared.setdefault(e.column_key or e.name, (e.column_mode, e.columns(loss, y, sample_key)))
+    column_sets = tuple(shared.values())
     exact = None
-    if any(e.needs == "exact" for e in extensions):
+    if any("exact" in needs_of(e) for e in extensions):
         exact = exact_model(model)
         if exact is None:
-            raise InputError(repr(model), f"{[e.name for e in extensions if e.needs == 'exact']} compare each "
+            raise InputError(repr(model), f"{[e.name for e in extensions if 'exact' in needs_of(e)]} compare each "
                                           f"layer's rule with its exact gradient: the model needs layers with "
                                           f"a rule and an exact VJP beside it (fbp.credit, fbp.nn.hooks)")
     values, summed, per, column_per, new_state, pred, exact_summed, back = per_example.one_pass(
         model, loss, params, x, y, modes=modes, column_sets=column_sets, hooks=hooks, check=check, state=state,
         key=model_key, train=train, exact=exact)
-    found_columns = dict(zip((e.name for e in by_columns), column_per, strict=True))
+    by_key = dict(zip(shared, column_per, strict=True))
+    found_columns = {e.name: by_key[e.column_key or e.name] for e in by_columns}
     scale = 1.0 / values.size if loss.reduction == "mean" else 1.0
     value = values.sum() * scale
     grads = summed if scale == 1.0 else _scaled(summed, scale)
     leaf_grads: dict = {}
     map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
-    context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale, pred)
+    context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale, pred, loss, y, back)
 
-    def found(e):
-        if e.needs == "columns":
+    def found(e, need):
+        if need == "columns":
             quantity, layout = found_columns[e.name]
             return quantity if e.column_mode == "sgs" else \
                 {path: {"out": out, "layout": layout[path]} for path, out in quantity.items()}
-        if e.needs == "layer":
+        if need == "layer":
             return {path: got["layer"][e.name] for path, got in per.items() if "layer" in got}
-        if e.needs in ("exact", "backward"):  # a params-shaped tree, split by leaf
-            tree = exact_summed if e.needs == "exact" else e.from_pass(back, pred, loss, y, params)
+        if need in ("exact", "backward"):  # a params-shaped tree, split by leaf
+            tree = exact_summed if need == "exact" else e.from_pass(back, pred, loss, y, params)
             found_tree: dict = {}
             map_leaf_params(model, tree, lambda path, leaf, g: found_tree.setdefault(path, g))
             return {path: g for path, g in found_tree.items() if path in leaf_grads}
-        return {path: got[e.needs] for path, got in per.items() if e.needs in got}
+        return {path: got[need] for path, got in per.items() if need in got}
 
-    q = {e.name: e.finalize(found(e), context) for e in extensions}
-    return value, grads, pred, new_state, q
+    q = {e.name: e.finalize(found(e, e.needs) if isinstance(e.needs, str) else {n: found(e, n) for n in e.needs},
+                            context) for e in extensions}
+    return (value, grads, pred, new_state, q) + ((context,) if with_context else ())
+
+
+def needs_of(e: Extension) -> tuple[str, ...]:
+    """An extension's ``needs`` as a tuple (one kind, or several: then ``finalize`` gets ``{kind: found}``)."""
+    return (e.needs,) if isinstance(e.needs, str) else tuple(e.needs)
 
 
 def _scaled(tree, scale):

@@ -11,7 +11,11 @@ params)`` compute at every leaf, parameter-free ones included, as telemetry's st
 beside the rule's in ``Context.leaf_grads``, as the alignment angles; or ``"backward"``: what
 its own ``from_pass(back, pred, loss, y, params)`` computes with the pass's linear backward
 ``back: u ↦ Jᵀu`` on the same residuals, as GGN-vector products), and ``finalize``, which
-turns what every leaf produced into its result, keyed by leaf path::
+turns what every leaf produced into its result, keyed by leaf path. An extension that reads
+several kinds names them all, ``needs = ("norms", "backward")``; its ``finalize`` then gets
+``{kind: what that kind found}`` (``fbp.diagnostics``' tests combine norms, projections and
+curvature this way). A whole-model quantity (a noise scale, a trace) may return an array
+instead of a dict by leaf path::
 
     value, grads, q = fbp.value_and_grad(model, loss, extensions=[
         fbp.per_example.GradNorms(), fbp.per_example.Variance()])(params, x, y)
@@ -50,6 +54,12 @@ class Context(NamedTuple):
             sum): the cotangents of the pass are those of ``Σ_b ℓ_b``; times ``scale`` they are
             the reduced loss's.
         pred: the model's output.
+        loss: the loss.
+        y: the targets.
+        back: the pass's linear backward ``u ↦ Jᵀu`` on the same residuals (``u`` shaped like
+            ``pred``, the result like ``params``); its transpose ``jax.linear_transpose(back,
+            pred)`` is ``v ↦ J v``, the model's Jacobian-vector product. An extension reads
+            projections onto any direction from it (``fbp.diagnostics``); unused, it costs nothing.
     """
 
     model: Any
@@ -61,6 +71,9 @@ class Context(NamedTuple):
     batch: int
     scale: float = 1.0
     pred: Any = None
+    loss: Any = None
+    y: Any = None
+    back: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +81,11 @@ class Extension:
     """The base of every extension (module docstring): set ``name`` and ``needs``, write ``finalize``."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[str] = "grads"
+    needs: ClassVar[str | tuple] = "grads"
     samples: ClassVar[bool] = False  # its columns are drawn at random (then the call needs a key)
     requires_independence: ClassVar[bool] = True  # per-example quantities need examples kept apart
     column_mode: ClassVar[str] = "sgs"  # needs "columns": the probes' mode on each column ("sgs": summed squares)
+    column_key: ClassVar[str | None] = None  # needs "columns": extensions with one key share one column pass
 
     def from_output(self, y):
         """For ``needs = "layer"``: what to keep from a leaf's output ``y`` in the forward pass.
@@ -117,11 +131,11 @@ class Extension:
 
         Args:
             found: ``{leaf path: the quantity named by needs}`` for every leaf with parameters
-                (every leaf for ``needs = "layer"``).
+                (every leaf for ``needs = "layer"``); with several kinds, ``{kind: that dict}``.
             context: the rest of the pass (``Context``).
 
         Returns:
-            ``{leaf path: result}``.
+            ``{leaf path: result}``, or an array for a whole-model quantity.
         """
         return dict(found)
 
@@ -147,8 +161,10 @@ def check_extensions(extensions) -> tuple[Extension, ...]:
         if not isinstance(e, Extension):
             hint = " (an instance is needed: add ())" if isinstance(e, type) and issubclass(e, Extension) else ""
             raise TypeError(f"extensions: {e!r} is not an fbp extension{hint}")
-        if e.needs not in NEEDS or not e.name:
-            raise ValueError(f"extensions: {type(e).__name__} needs {e.needs!r} (one of {NEEDS}) and a name, got "
+        kinds = (e.needs,) if isinstance(e.needs, str) else tuple(e.needs)
+        if not kinds or any(k not in NEEDS for k in kinds) or not e.name:
+            raise ValueError(f"extensions: {type(e).__name__} needs {e.needs!r} (one of {NEEDS}, or a tuple of "
+                             f"them) and a name, got "
                              f"name {e.name!r}")
     names = [e.name for e in extensions]
     twice = sorted({n for n in names if names.count(n) > 1})

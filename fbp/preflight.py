@@ -287,3 +287,46 @@ def private_setting(privacy, batch_size, telemetry, n):
                       "not differentially private and epsilon does not cover them; keep them to yourself",
                       UserWarning, stacklevel=3)
     return privacy, n, int(batch_size)
+
+
+def diagnostics_setting(diagnostics, every, telemetry, privacy, precision, optimizer, opt_state, params):
+    """``fit``'s ``diagnostics`` as a ``fbp.diagnostics.Watch`` and the optimizer state that
+    carries them (``DiagnosticsState``), or ``(None, opt_state)``.
+
+    Args:
+        diagnostics: ``fit``'s argument (``None``: none).
+        every: ``diagnostics_every``.
+        telemetry: the telemetry setting.
+        privacy: the ``DPSGD`` settings, or ``None``.
+        precision: the precision policy, or ``None``.
+        optimizer: the transformation.
+        opt_state: its state.
+        params: the initial params.
+
+    Returns:
+        ``(watch, opt_state)``.
+
+    Raises:
+        ValueError: a combination that cannot be diagnosed (with the reason), or a bad setting.
+    """
+    from fbp.diagnostics import DiagnosticsState, watch
+
+    if diagnostics is None:
+        return None, opt_state
+    reasons = {"privacy": (privacy is not None, "the diagnostics read every example's unclipped gradient (norms, "
+                           "projections, histograms): recorded in a private run they would leak what DP-SGD "
+                           "protects"),
+               "precision": (precision is not None, "the diagnostics' pass runs in the params' dtype, not under a "
+                             "mixed-precision policy; diagnose a float32 run"),
+               "telemetry": (bool(telemetry), "both instrument the pass and are not yet combined in one step; the "
+                             "diagnostics hold per-layer gradient norms and update ratios, or run telemetry apart"),
+               "an optimizer that reads curvature from the pass (K-FAC)": (
+                   bool(getattr(optimizer, "extensions", ())), "its own extensions and the diagnostics' are not yet "
+                   "run in one pass; diagnose a first-order optimizer")}
+    for name, (given, why) in reasons.items():
+        if given:
+            raise ValueError(f"fit: diagnostics cannot be combined with {name}: {why}")
+    settings = watch(diagnostics, every)
+    if not isinstance(opt_state, DiagnosticsState):
+        opt_state = DiagnosticsState.begin(opt_state, params)
+    return settings, opt_state

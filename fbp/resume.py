@@ -42,7 +42,7 @@ _PROBE_RTOL = 1e-5  # the optimizer probe is compared with this tolerance (the a
 
 
 def signature(optimizer, params, *, n: int, batch_size, shuffle: bool, validation: int | None, telemetry,
-              privacy, precision) -> dict:
+              privacy, precision, diagnostics=None) -> dict:
     """What must stay the same for a run to be resumed (module docstring).
 
     Args:
@@ -56,6 +56,7 @@ def signature(optimizer, params, *, n: int, batch_size, shuffle: bool, validatio
         telemetry: ``fit``'s telemetry setting.
         privacy: the ``DPSGD`` settings, or ``None``.
         precision: the precision policy, or ``None``.
+        diagnostics: the ``fbp.diagnostics.Watch``, or ``None`` (absent from older checkpoints: none).
 
     Returns:
         A JSON-able dict.
@@ -69,7 +70,8 @@ def signature(optimizer, params, *, n: int, batch_size, shuffle: bool, validatio
             "validation examples": validation,
             "telemetry": telemetry if isinstance(telemetry, bool) else list(telemetry),
             "privacy": None if privacy is None else repr(privacy),
-            "precision": None if precision is None else repr(_policy(precision)), "optimizer probe": sums}
+            "precision": None if precision is None else repr(_policy(precision)), "optimizer probe": sums} | \
+        ({} if diagnostics is None else {"diagnostics": repr(diagnostics)})
 
 
 def _policy(precision):

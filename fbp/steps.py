@@ -200,13 +200,20 @@ class EpochCarry(NamedTuple):
         return self.params, self.state, self.opt_state
 
 
-def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None, precision=None):
+def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=None, precision=None, diagnostics=None):
     """The step the fit loop runs: gathers its batch by index and accumulates, in the carry, the
     epoch's summed loss and correct count (no host round trip per step) and, with ``telemetry``,
-    the summed per-layer statistics of ``fbp.telemetry`` from the same pass."""
-    reads = bool(getattr(optimizer, "extensions", ()))
-    update = optimizer_update(model, loss, optimizer, precision, "fit",
-                              telemetry=(telemetry_stats(telemetry) or ()) if telemetry else None)
+    the summed per-layer statistics of ``fbp.telemetry`` from the same pass; with
+    ``diagnostics`` (a ``fbp.diagnostics.Watch``), writes the step's into its row of the carry."""
+    reads = bool(getattr(optimizer, "extensions", ())) or diagnostics is not None
+    if diagnostics is not None:
+        from fbp.diagnostics import record
+        from fbp.diagnostics.training import watched_update
+
+        update = watched_update(model, loss, optimizer, diagnostics)
+    else:
+        update = optimizer_update(model, loss, optimizer, precision, "fit",
+                                  telemetry=(telemetry_stats(telemetry) or ()) if telemetry else None)
 
     def step(carry: EpochCarry, x, y, batches, row, epoch_key, step_number) -> EpochCarry:
         params, state, opt_state, loss_sum, correct, stat_sum, first_loss = carry
@@ -221,6 +228,8 @@ def _indexed_step(model, loss, optimizer, augment=None, telemetry=False, mesh=No
         value, updates, opt_state, pred, state, q = update(params, opt_state, xb, yb, state=state, key=key)
         if telemetry:  # the statistics of the same pass
             stat_sum = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), stat_sum, q["stats"])
+        if diagnostics is not None:
+            stat_sum = record.write(stat_sum, step_number, q)
         per_batch = idx.shape[0] if loss.reduction == "mean" else 1  # "sum" already adds the examples up
         loss_sum = loss_sum + value.astype(jnp.float32) * per_batch
         first_loss = jnp.where(step_number == 0, value.astype(jnp.float32) * per_batch / idx.shape[0], first_loss)
@@ -266,10 +275,12 @@ def epoch_batches(n: int, batch_size: int | None, key):
     return full, (order[k * size:][None] if n % size else None)
 
 
-def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None, precision=None):
-    step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh, precision) if private is None else \
-        fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment, telemetry=telemetry,
-                              mesh=mesh)
+def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=None, precision=None,
+           diagnostics=None):
+    step = _indexed_step(model, loss, optimizer, augment, telemetry, mesh, precision, diagnostics) \
+        if private is None else fprivacy.private_step(model, loss, optimizer, *private, correct_count, augment,
+                                                      telemetry=telemetry, mesh=mesh)
+
     def scan_epoch(carry, x, y, batches, epoch_key):
         body = lambda c, i: (step(c, x, y, batches, i, epoch_key, i), None)
         return jax.lax.scan(body, carry, jnp.arange(batches.shape[0]))[0]
@@ -281,7 +292,8 @@ def _build(model, loss, optimizer, augment, telemetry=False, private=None, mesh=
 _build_cached = functools.lru_cache(maxsize=32)(_build)
 
 
-def compiled_epoch(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None, precision=None):
+def compiled_epoch(model, loss, optimizer, augment=None, telemetry=False, private=None, mesh=None, precision=None,
+                   diagnostics=None):
     """The jitted pieces of a ``fit`` epoch, cached so a second ``fit`` with the same objects does not recompile.
 
     Layers and losses are hashable frozen dataclasses; an unhashable user layer is built afresh.
@@ -295,15 +307,16 @@ def compiled_epoch(model, loss, optimizer, augment=None, telemetry=False, privat
         private: ``(spec, n, batch_size)`` for DP-SGD, or ``None``.
         mesh: a device mesh for data parallelism, or ``None``.
         precision: a mixed-precision policy, or ``None``.
+        diagnostics: a ``fbp.diagnostics.Watch``, or ``None``.
 
     Returns:
         ``(step, scan_epoch, evaluate)``, each jitted: one step, a whole epoch of steps under
         ``lax.scan``, and the evaluation-mode loss and correct count.
     """
     try:
-        return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh, precision)
+        return _build_cached(model, loss, optimizer, augment, telemetry, private, mesh, precision, diagnostics)
     except TypeError:  # an unhashable user layer: build afresh
-        return _build(model, loss, optimizer, augment, telemetry, private, mesh, precision)
+        return _build(model, loss, optimizer, augment, telemetry, private, mesh, precision, diagnostics)
 
 
 def _eval_stats(model, loss, params, state, x, y):

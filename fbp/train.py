@@ -37,6 +37,7 @@ from fbp import privacy as fprivacy
 from fbp import resume as fresume
 from fbp import telemetry as ftelemetry
 from fbp.core import Layer, Loss, require_number
+from fbp.diagnostics import record as fdiag_record
 from fbp.optim import learning_rate as read_learning_rate
 from fbp.steps import (
     EpochCarry,
@@ -70,6 +71,9 @@ class FitResult(NamedTuple):
     ``telemetry`` (``fit(..., telemetry=True)``): ``{path: {stat: array over epochs}}`` with
     ``fbp.telemetry``'s statistics, each the mean over the epoch's steps (``nonfinite``: the
     sum); plot it with ``fbp.telemetry.plot_gradient_flow``.
+
+    ``diagnostics`` (``fit(..., diagnostics=...)``): ``{step: {quantity: value or {path: value}}}``
+    (``fbp.diagnostics``); α of a step arrives with the next one.
     """
 
     params: PyTree
@@ -81,6 +85,7 @@ class FitResult(NamedTuple):
     stop_reason: str = ""
     telemetry: dict[str, dict[str, np.ndarray]] | None = None
     diverged_at: int | None = None
+    diagnostics: dict[int, dict] | None = None
 
     @property
     def diverged(self) -> bool:
@@ -121,7 +126,7 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         augment: Callable | None = None, telemetry: bool | Sequence[str] = False,
         privacy: fprivacy.DPSGD | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
         resume: bool = False, keep_checkpoints: int | None = 3, mesh=None, precision=None,
-        divergence_factor: float | None = 1e3) -> FitResult:
+        divergence_factor: float | None = 1e3, diagnostics=None, diagnostics_every: int = 1) -> FitResult:
     """Train ``params`` on ``(x, y)`` for ``epochs`` epochs; deterministic given ``key``.
 
     Args:
@@ -187,6 +192,9 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         divergence_factor: stop as diverged when an epoch's training loss is finite but above
             both its value before training (the first step's batch) and this many times its
             lowest value so far; ``None`` judges divergence by NaN/inf alone.
+        diagnostics: ``"economy"``, ``"business"``, ``"full"`` or a list of names and extensions
+            (``fbp.diagnostics``), computed inside the jitted step every ``diagnostics_every``
+            steps, in ``result.diagnostics`` and in ``diagnostics.jsonl`` beside the checkpoints.
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch
@@ -234,6 +242,8 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
     optimizer = preflight.optimizer_setting(optimizer, x, y, privacy)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     telemetry = preflight.telemetry_setting(model, telemetry)
+    watched, opt_state = preflight.diagnostics_setting(diagnostics, diagnostics_every, telemetry, privacy, precision,
+                                                       optimizer, opt_state, params)
     private = None if privacy is None else preflight.private_setting(privacy, batch_size, telemetry, n)
     if precision is not None and privacy is not None:
         raise ValueError("fit: precision cannot be combined with privacy: DP-SGD's guarantee rests on every example's "
@@ -244,7 +254,7 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         x, y, params, state, opt_state = preflight.data_parallel_setting(mesh, privacy, batch_size, n, x, y, params,
                                                                          state, opt_state)
     step_jit, scan_jit, evaluate_jit = compiled_epoch(model, loss, optimizer, augment, telemetry, private, mesh,
-                                                 precision)
+                                                      precision, watched)
     zero_stats = ftelemetry.zero_stats(model, loss, params, state, x, y, batch_size, telemetry_stats(telemetry)) \
         if telemetry else {}
     if privacy is not None:  # the examples drawn, and the statistics of the clipped pass
@@ -258,8 +268,10 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
     if checkpoint_dir is not None:
         run = fresume.signature(optimizer, params, n=n, batch_size=batch_size, shuffle=shuffle,
                                 validation=None if x_val is None else int(x_val.shape[0]), telemetry=telemetry,
-                                privacy=privacy, precision=precision)
+                                privacy=privacy, precision=precision, diagnostics=watched)
         loop = fresume.prepare(checkpoint_dir, loop, key, resume, run)
+    diagnosed = {} if watched is None or checkpoint_dir is None else \
+        fdiag_record.load(checkpoint_dir, int(loop.carry[2].count))
     epoch_range, bar = _progress(loop.epoch, epochs, progress and loop.stop_reason is None)
     for epoch in (epoch_range if loop.stop_reason is None else ()):
         start = time.perf_counter()
@@ -269,6 +281,8 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         if mesh is not None:  # a batch the devices cannot share evenly is dropped
             rest = None
         epoch_key = jax.random.fold_in(jax.random.fold_in(key, STEP_KEYS), epoch)
+        if watched is not None:  # the rows the epoch's steps write their diagnostics into
+            zero_stats = fdiag_record.buffer_for(model, loss, optimizer, watched, loop.carry, x, y, full, rest, mesh)
         start_carry = EpochCarry.start(*loop.carry, zero_stats)
         carry = _run_epoch(step_jit, scan_jit, start_carry, x, y, full, rest, epoch_key, scan_epochs)
         measured = _measure_epoch(carry, names, loss, y, n, epoch, batch_size, privacy, evaluate_jit, x_val, y_val)
@@ -278,6 +292,10 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
         if telemetry:
             ftelemetry.record_epoch(loop.stat_history, carry.stats["layers"] if privacy is not None else carry.stats,
                                     full.shape[0] + (rest is not None))
+        if watched is not None:
+            lines = fdiag_record.record_epoch(diagnosed, carry.stats, watched.every)
+            if checkpoint_dir is not None:
+                fdiag_record.append(checkpoint_dir, lines)
         loop.epoch = epoch + 1
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k not in ("seconds", "learning_rate")})
@@ -307,7 +325,7 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
             break
     if bar is not None:
         bar.close()
-    return _result(loop, early_stopping, telemetry)
+    return _result(loop, early_stopping, telemetry)._replace(diagnostics=diagnosed if watched is not None else None)
 
 
 # Keys fit derives from its ``key`` (fixed numbers: a run is reproducible from its key, and a

@@ -1,0 +1,171 @@
+"""Curvature diagnostics of the reduced loss's generalised Gauss-Newton matrix ``G = Jᵀ H J``.
+
+* **Trace**: exact as the sum of the GGN diagonal (the loss's Hessian-factor columns
+  backpropagated on the pass's residuals, ``fbp.curvature.DiagGGN``; its cost grows with the
+  number of classes), or **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher
+  ``v_m`` (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product
+  per sample (``S`` the loss's Hessian factor, ``H = S Sᵀ``). Its standard error is
+  ``sqrt(2 ‖G‖_F² / M)`` at most.
+* **Largest eigenvalue** by **Lanczos** (Lanczos, 1950) on GGN-vector products (``J v`` by
+  transposing the pass's linear backward, ``H``, then the backward), with full
+  reorthogonalisation: ``k`` products give the top Ritz value of a Krylov space of dimension
+  ``k``, which converges to ``λ_max`` from below, geometrically in the gap to ``λ_2``.
+* **TIC** with diagonal curvature (Thomas et al., 2020, as Cockpit's TICDiag): ``Σ_i C_ii / (G_ii + ε)``
+  with ``C = (1/B) Σ_b g_b g_bᵀ`` the uncentred second moment of the per-example gradients
+  (``SGS/B``) and ``G_ii`` the exact GGN diagonal.
+
+All are of the reduced loss (the mean, for ``reduction="mean"``), as ``fbp.curvature``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fbp.curvature import DiagGGN
+from fbp.extensions import Extension
+
+
+def _hessian_sqrt_jvp(context, v):
+    """``Sᵀ J v`` per example: ``(B, M)``; ``‖·‖²`` summed is ``vᵀ G v``."""
+    (jv,) = jax.linear_transpose(context.back, context.pred)(v)
+    s = context.loss.hessian_factor(context.pred, context.y)
+    return jnp.einsum("n...m,n...->nm", s, jv)
+
+
+def ggn_product(context, v):
+    """``G v`` shaped like the params (the pass's ``J``, the loss's ``H``, the pass's ``Jᵀ``)."""
+    s = context.loss.hessian_factor(context.pred, context.y)
+    return context.back(jnp.einsum("n...m,nm->n...", s, _hessian_sqrt_jvp(context, v)))
+
+
+def _leaf_sum(tree) -> jax.Array:
+    return sum((jnp.sum(a) for a in jax.tree_util.tree_leaves(tree)), jnp.zeros(()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGNTrace(Extension):
+    """``{"total", "layers": {path: trace}}`` of the GGN (exact) or ``{"total", "stderr"}``
+    (Hutchinson; module docstring).
+
+    Args:
+        method: ``"exact"`` (the diagonal's sum) or ``"hutchinson"``.
+        vectors: Hutchinson's ``M``, the random vectors.
+        key: Hutchinson's random key (build the extension inside the jitted step when it changes).
+    """
+
+    method: str = "exact"
+    vectors: int = 8
+    key: Any = None
+    name: ClassVar[str] = "ggn_trace"
+    requires_independence: ClassVar[bool] = False
+    column_key: ClassVar[str] = "diag_ggn"  # shares the GGN diagonal's columns with DiagGGN and TICDiag
+
+    def __post_init__(self):
+        if self.method not in ("exact", "hutchinson"):
+            raise ValueError(f"GGNTrace: method must be 'exact' or 'hutchinson', got {self.method!r}")
+        if self.method == "hutchinson" and (self.key is None or int(self.vectors) < 1):
+            raise ValueError("GGNTrace(method='hutchinson') needs key=jax.random.key(...) and vectors >= 1")
+
+    @property
+    def needs(self):  # the exact trace reads the GGN diagonal's columns; Hutchinson only the pass
+        return "columns" if self.method == "exact" else "norms"
+
+    def columns(self, loss, y, key):
+        return DiagGGN().columns(loss, y, key)
+
+    def finalize(self, found, context):
+        if self.method == "exact":
+            layers = {path: _leaf_sum(d) for path, d in found.items()}
+            return {"total": sum(layers.values(), jnp.zeros(())), "layers": layers}
+        flat, unravel = ravel_pytree(context.grads)
+        signs = jax.random.rademacher(self.key, (self.vectors, flat.size), flat.dtype)
+        quad = jax.vmap(lambda v: jnp.sum(jnp.square(_hessian_sqrt_jvp(context, unravel(v)))))(signs)
+        return {"total": jnp.mean(quad), "stderr": jnp.std(quad, ddof=1) / jnp.sqrt(self.vectors)
+                if self.vectors > 1 else jnp.zeros(())}
+
+
+def lanczos_top(matvec, dim: int, iterations: int, key, dtype) -> jax.Array:
+    """The largest Ritz value of ``matvec`` (symmetric) after ``iterations`` Lanczos steps with
+    full reorthogonalisation, started from a random unit vector.
+
+    Args:
+        matvec: ``v -> A v`` on flat vectors of length ``dim``.
+        dim: the dimension.
+        iterations: ``k`` (at most ``dim``).
+        key: the start vector's key.
+        dtype: the vectors' dtype.
+
+    Returns:
+        The top eigenvalue of the ``k×k`` tridiagonal matrix.
+    """
+    k = min(int(iterations), dim)
+    v0 = jax.random.normal(key, (dim,), dtype)
+    basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+
+    def body(i, carry):
+        basis, alphas, betas = carry
+        w = matvec(basis[i])
+        alpha = jnp.dot(w, basis[i])
+        w = w - basis.T @ (basis @ w)  # full reorthogonalisation (rows beyond i are zero)
+        w = w - basis.T @ (basis @ w)
+        beta = jnp.linalg.norm(w)
+        basis = basis.at[i + 1].set(jnp.where(beta > 0, w / jnp.where(beta > 0, beta, 1), 0))
+        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta)
+
+    _, alphas, betas = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype), jnp.zeros((k,), dtype)))
+    tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    return jnp.linalg.eigvalsh(tridiagonal)[-1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGNMaxEigenvalue(Extension):
+    """The GGN's largest eigenvalue by Lanczos on GGN-vector products (module docstring).
+
+    Args:
+        iterations: Lanczos steps (GGN-vector products).
+        key: the start vector's key.
+    """
+
+    iterations: int = 20
+    key: Any = None
+    name: ClassVar[str] = "ggn_max_eigenvalue"
+    needs: ClassVar[str] = "norms"
+    requires_independence: ClassVar[bool] = False
+
+    def finalize(self, found, context):
+        flat, unravel = ravel_pytree(context.grads)
+        key = jax.random.key(0) if self.key is None else self.key
+        return lanczos_top(lambda v: ravel_pytree(ggn_product(context, unravel(v)))[0], flat.size,
+                           self.iterations, key, flat.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TICDiag(Extension):
+    """The Takeuchi information criterion with the GGN diagonal, ``Σ_i (SGS_i/B) / (G_ii + ε)``
+    (module docstring; Cockpit's TICDiag with ``curvature="diag_ggn_exact"``).
+
+    Args:
+        epsilon: ``ε``.
+    """
+
+    epsilon: float = 1e-7
+    name: ClassVar[str] = "tic_diag"
+    needs: ClassVar[tuple] = ("sgs", "columns")
+    column_key: ClassVar[str] = "diag_ggn"
+
+    def columns(self, loss, y, key):
+        return DiagGGN().columns(loss, y, key)
+
+    def finalize(self, found, context):
+        b = context.batch
+        total = jnp.zeros(())
+        for path, sgs in found["sgs"].items():
+            for s, d in zip(jax.tree_util.tree_leaves(sgs), jax.tree_util.tree_leaves(found["columns"][path]),
+                            strict=True):
+                total = total + jnp.sum((s / b) / (d + self.epsilon))
+        return total

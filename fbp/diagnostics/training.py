@@ -1,0 +1,206 @@
+"""Diagnostics inside the jitted training step: which quantities, how often, and the step.
+
+``fit(..., diagnostics="economy", diagnostics_every=N)`` runs, on every ``N``-th step, the
+one-pass engine with the diagnostics' extensions (``fbp.engine``) instead of the plain
+backward, then the optimizer's update, then the quantities of the update itself (α's ends,
+the update's size and ratio, the distance from the initial params: ``fbp.diagnostics.step``);
+the other steps run the plain pass (``lax.cond``: one compiled step). What outlives a step —
+the initial params, the last update direction and α's start — lives in the optimizer state
+(``DiagnosticsState``), so checkpoints resume bit-exactly and a mesh shards it like the rest.
+
+Presets, named and sized like Cockpit's (Schneider, Dangel & Hennig, 2021):
+
+* ``"economy"``: α, distance, the per-example gradient histogram, gradient norms, the inner
+  product, norm and orthogonality tests, the loss, update size and ratio — and the gradient
+  noise scale, which the norms give for free;
+* ``"business"``: economy + TIC (diagonal) + the GGN trace + the gradient signal-to-noise ratio;
+* ``"full"``: business + the GGN's largest eigenvalue + the 2-D gradient/parameter histogram.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fbp import engine
+from fbp.core import value_grad_and_output
+from fbp.diagnostics import curvature, histograms, moments, step
+from fbp.extensions import Extension, check_extensions
+from fbp.optim import apply_updates
+
+# name -> the extension that computes it (built per step: some take the step's key)
+_EXTENSIONS = {
+    "noise_scale": lambda key: moments.NoiseScale(),
+    "norm_test": lambda key: moments.NormTest(),
+    "inner_test": lambda key: moments.InnerTest(),
+    "ortho_test": lambda key: moments.OrthoTest(),
+    "gradient_snr": lambda key: moments.GradientSNR(),
+    "grad_norm": lambda key: moments.GradNorm(),
+    "ggn_trace": lambda key: curvature.GGNTrace(),
+    "ggn_max_eigenvalue": lambda key: curvature.GGNMaxEigenvalue(key=key),
+    "tic_diag": lambda key: curvature.TICDiag(),
+    "grad_hist_1d": lambda key: histograms.GradHistogram1d(),
+    "grad_hist_2d": lambda key: histograms.GradHistogram2d(),
+}
+STEP_QUANTITIES = ("loss", "alpha", "update_size", "update_ratio", "distance")
+ECONOMY = ("alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test", "ortho_test",
+           "update_size", "update_ratio", "noise_scale")
+BUSINESS = ECONOMY + ("tic_diag", "ggn_trace", "gradient_snr")
+FULL = BUSINESS + ("ggn_max_eigenvalue", "grad_hist_2d")
+PRESETS = {"economy": ECONOMY, "business": BUSINESS, "full": FULL}
+NAMES = tuple(_EXTENSIONS) + STEP_QUANTITIES
+
+
+@dataclasses.dataclass(frozen=True)
+class Watch:
+    """What ``fit`` computes and how often (``watch(...)`` builds it from ``fit``'s arguments).
+
+    Attributes:
+        names: the quantities by name (``NAMES``).
+        own: extensions given as instances (a user's, or a built-in one with other settings).
+        every: compute on every ``every``-th step (α also on the step after, its end point).
+    """
+
+    names: tuple
+    own: tuple = ()
+    every: int = 1
+
+    def extensions(self, key) -> tuple[Extension, ...]:
+        """The step's extensions (``key``: the step's key, for the sampled ones)."""
+        keys = jax.random.split(key, len(self.names) + 1) if key is not None else [None] * (len(self.names) + 1)
+        built = tuple(_EXTENSIONS[n](k) for n, k in zip(self.names, keys, strict=False) if n in _EXTENSIONS)
+        return built + self.own
+
+    def wants(self, name: str) -> bool:
+        return name in self.names
+
+
+def watch(diagnostics, every: int = 1) -> Watch:
+    """``fit``'s ``diagnostics`` and ``diagnostics_every`` as a ``Watch``.
+
+    Args:
+        diagnostics: ``"economy"``, ``"business"``, ``"full"``, or a list of names (``NAMES``)
+            and extension instances.
+        every: compute every ``every``-th step (≥ 1).
+
+    Returns:
+        The ``Watch``.
+
+    Raises:
+        ValueError: an unknown preset or name, or ``every`` below 1.
+        TypeError: an entry that is neither a name nor an extension.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"fit: diagnostics_every must be an int >= 1, got {every!r}")
+    if isinstance(diagnostics, str):
+        if diagnostics not in PRESETS:
+            raise ValueError(f"fit: diagnostics must be one of {tuple(PRESETS)} or a list of names from {NAMES}, "
+                             f"got {diagnostics!r}")
+        return Watch(PRESETS[diagnostics], (), every)
+    if not isinstance(diagnostics, Sequence):
+        raise TypeError(f"fit: diagnostics must be a preset name or a list, got {type(diagnostics).__name__}")
+    names, own = [], []
+    for entry in diagnostics:
+        if isinstance(entry, str):
+            if entry not in NAMES:
+                raise ValueError(f"fit: unknown diagnostic {entry!r}; the names are {NAMES}")
+            names.append(entry)
+        else:
+            own.append(entry)
+    check_extensions(own + [_EXTENSIONS[n](None) for n in names if n in _EXTENSIONS and n != "ggn_max_eigenvalue"])
+    return Watch(tuple(dict.fromkeys(names)), tuple(own), every)
+
+
+class DiagnosticsState(NamedTuple):
+    """The optimizer state with what the diagnostics carry from step to step."""
+
+    inner: Any  # the optimizer's own state
+    count: jax.Array  # the steps taken
+    init: Any  # the params at the start (for the distance)
+    direction: Any  # the last diagnosed step's update (α's end point projects onto it)
+    start: jax.Array  # α's start point: (f, var_f, df, var_df, t)
+    has_start: jax.Array  # whether the last step recorded a start point
+
+    @classmethod
+    def begin(cls, inner, params) -> DiagnosticsState:
+        """The state before the first step."""
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        first = jax.tree_util.tree_leaves(params)[0].dtype if jax.tree_util.tree_leaves(params) else jnp.float32
+        return cls(inner, jnp.zeros((), jnp.int32), params, zeros, jnp.zeros((5,), first), jnp.zeros((), bool))
+
+
+def watched_update(model, loss, optimizer, settings: Watch):
+    """The training step's pass and update with the diagnostics (``fbp.step_pass.optimizer_update``'s
+    signature): ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, updates,
+    opt_state, pred, new_state, q)`` with ``opt_state`` a ``DiagnosticsState`` and
+    ``q["diagnostics"]`` the step's results (zeros where it was not due; ``q["due"]`` says)."""
+
+    def full(params, opt_state: DiagnosticsState, x, y, state, key):
+        key_pass = None if key is None else jax.random.fold_in(key, 7)
+        exts = check_extensions(list(settings.extensions(key_pass)))
+        value, grads, pred, new_state, q, context = engine.run(model, loss, exts, params, x, y, state=state,
+                                                               key=key, with_context=True)
+        updates, inner = optimizer.update(grads, opt_state.inner, params)
+        out = {e.name: q[e.name] for e in exts}
+        new_params = apply_updates(params, updates)
+        if settings.wants("loss"):
+            out["loss"] = value
+        if settings.wants("update_size"):
+            out["update_size"] = step.update_size(model, updates)
+        if settings.wants("update_ratio"):
+            out["update_ratio"] = step.update_ratio(model, updates, params)
+        if settings.wants("distance"):
+            out["distance"] = step.distance(model, new_params, opt_state.init)
+        start, has_start = opt_state.start, jnp.zeros((), bool)
+        if settings.wants("alpha"):
+            c = context.batch * context.scale  # u_b = c ℓ_b: their mean is the reduced loss
+            losses = c * jnp.sum(context.values.reshape(context.batch, -1), axis=1)
+            t_prev = _length(opt_state.direction)
+            end = step.point(losses, c * moments.projections(context, opt_state.direction) / _safe(t_prev))
+            s0 = opt_state.start
+            out["alpha"] = jnp.where(opt_state.has_start,
+                                     step.alpha(step.Point(s0[0], s0[1], s0[2], s0[3]), end, s0[4]), jnp.nan)
+            t = _length(updates)
+            here = step.point(losses, c * moments.projections(context, updates) / _safe(t))
+            start = jnp.stack([here.f, here.var_f, here.df, here.var_df, t]).astype(start.dtype)
+            has_start = opt_state.count % settings.every == 0
+        new_state_d = opt_state._replace(inner=inner, count=opt_state.count + 1, direction=updates, start=start,
+                                         has_start=has_start)
+        return value, updates, new_state_d, pred, new_state, out
+
+    def plain(params, opt_state: DiagnosticsState, x, y, state, key):
+        value, grads, pred, new_state = value_grad_and_output(model, loss, params, x, y, state=state, key=key)
+        updates, inner = optimizer.update(grads, opt_state.inner, params)
+        return value, updates, opt_state._replace(inner=inner, count=opt_state.count + 1,
+                                                  has_start=jnp.zeros((), bool)), pred, new_state
+
+    def f(params, opt_state, x, y, *, state=None, key=None):
+        shapes = jax.eval_shape(lambda: full(params, opt_state, x, y, state, key))[5]
+        due = opt_state.count % settings.every == 0
+        if settings.wants("alpha") and settings.every > 1:
+            due = due | (opt_state.count % settings.every == 1)
+
+        def between():
+            zeros = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype) if
+                                           jnp.issubdtype(s.dtype, jnp.inexact) else jnp.zeros(s.shape, s.dtype),
+                                           shapes)
+            return (*plain(params, opt_state, x, y, state, key), zeros)
+
+        value, updates, opt_state, pred, new_state, out = jax.lax.cond(
+            due, lambda: full(params, opt_state, x, y, state, key), between)
+        return value, updates, opt_state, pred, new_state, {"diagnostics": out, "due": due,
+                                                            "step": opt_state.count - 1}
+
+    return f
+
+
+def _length(tree):
+    return jnp.sqrt(sum((jnp.sum(jnp.square(a)) for a in jax.tree_util.tree_leaves(tree)), jnp.zeros(())))
+
+
+def _safe(t):
+    return jnp.where(t > 0, t, 1.0)
