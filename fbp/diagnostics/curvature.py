@@ -108,16 +108,20 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype) -> jax.Array:
     basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
 
     def body(i, carry):
-        basis, alphas, betas = carry
+        basis, alphas, betas, scale = carry
         w = matvec(basis[i])
         alpha = jnp.dot(w, basis[i])
         w = w - basis.T @ (basis @ w)  # full reorthogonalisation (rows beyond i are zero)
         w = w - basis.T @ (basis @ w)
         beta = jnp.linalg.norm(w)
-        basis = basis.at[i + 1].set(jnp.where(beta > 0, w / jnp.where(beta > 0, beta, 1), 0))
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta)
+        scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
+        # an invariant subspace is found when the residual is rounding: stop there (zero rows after)
+        found = beta > 100 * jnp.finfo(dtype).eps * scale
+        basis = basis.at[i + 1].set(jnp.where(found, w / jnp.where(found, beta, 1), 0))
+        return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(found, beta, 0)), scale
 
-    _, alphas, betas = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype), jnp.zeros((k,), dtype)))
+    _, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype), jnp.zeros((k,), dtype),
+                                                         jnp.zeros((), dtype)))
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     return jnp.linalg.eigvalsh(tridiagonal)[-1]
 
