@@ -136,3 +136,14 @@ def test_second_order_kfac_reaches_the_target_loss_in_fewer_steps_and_plots(tmp_
     assert kfac_steps < 100 and float(lines["MLP K-FAC"].split("accuracy ")[1].split(",")[0]) > 0.95
     assert "not reached" in lines["MLP Adam"] or kfac_steps < int(lines["MLP Adam"].split("0.1: ")[1].split(",")[0])
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_diagnostics_example_names_the_too_small_and_too_large_runs(tmp_path):
+    result = run("diagnostics.py", "--epochs", "8", "--dashboard", str(tmp_path / "d.png"))
+    assert result.returncode == 0, result.stderr
+    runs = result.stdout.split("\nlr ")
+    small, good, large = runs[0], runs[1], runs[2]
+    assert "too small" in small and "[step-too-small]" in small and "[loss-rising]" not in small
+    assert "step size too" not in good
+    assert "(too large)" in large and ("[step-too-large]" in large or "[loss-rising]" in large)
+    assert (tmp_path / "d_lr0.3.png").stat().st_size > 10000

@@ -16,14 +16,19 @@ its docstring:
 In training: ``fbp.fit(..., diagnostics="economy" | "business" | "full" | [names],
 diagnostics_every=N)``; the results are in ``FitResult.diagnostics`` (``{step: {quantity: value
 or {layer path: value}}}``) — ``fbp.diagnostics.training`` says what each preset holds.
+``fbp.diagnostics.findings(result.diagnostics)`` turns them into advice, each finding with the
+rule that fired; ``fbp.diagnostics.plot(result)`` draws the dashboard.
 """
 
 from fbp.diagnostics.curvature import GGNMaxEigenvalue, GGNTrace, TICDiag, lanczos_top
+from fbp.diagnostics.findings import Finding, findings
 from fbp.diagnostics.histograms import GradHistogram1d, GradHistogram2d
 from fbp.diagnostics.moments import GradientSNR, GradNorm, InnerTest, NoiseScale, NormTest, OrthoTest
+from fbp.diagnostics.plot import plot
 from fbp.diagnostics.step import alpha, distance, update_ratio, update_size
 from fbp.diagnostics.training import NAMES, PRESETS, DiagnosticsState, Watch, watch
 
-__all__ = ["NAMES", "PRESETS", "DiagnosticsState", "GGNMaxEigenvalue", "GGNTrace", "GradHistogram1d",
+__all__ = ["NAMES", "PRESETS", "DiagnosticsState", "Finding", "GGNMaxEigenvalue", "GGNTrace", "GradHistogram1d",
            "GradHistogram2d", "GradNorm", "GradientSNR", "InnerTest", "NoiseScale", "NormTest", "OrthoTest",
-           "TICDiag", "Watch", "alpha", "distance", "lanczos_top", "update_ratio", "update_size", "watch"]
+           "TICDiag", "Watch", "alpha", "distance", "findings", "lanczos_top", "plot", "update_ratio", "update_size",
+           "watch"]

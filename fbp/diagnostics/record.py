@@ -50,7 +50,9 @@ def _python(tree):
     if isinstance(tree, dict):
         return {k: _python(v) for k, v in tree.items()}
     a = np.asarray(tree)
-    return float(a) if a.ndim == 0 else a
+    if a.ndim:
+        return a
+    return int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
 
 
 def record_epoch(record: dict, buffer, every: int) -> list[dict]:
@@ -83,7 +85,8 @@ def _jsonable(tree):
     if isinstance(tree, dict):
         return {k: _jsonable(v) for k, v in tree.items()}
     if isinstance(tree, np.ndarray):
-        return tree.tolist()
+        return [None if isinstance(v, float) and not math.isfinite(v) else v for v in tree.ravel().tolist()] \
+            if tree.ndim == 1 else [_jsonable(row) for row in tree]
     return None if isinstance(tree, float) and not math.isfinite(tree) else tree
 
 

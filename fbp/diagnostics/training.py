@@ -30,7 +30,7 @@ from fbp import engine
 from fbp.core import value_grad_and_output
 from fbp.diagnostics import curvature, histograms, moments, step
 from fbp.extensions import Extension, check_extensions
-from fbp.optim import apply_updates
+from fbp.optim import apply_updates, learning_rate
 
 # name -> the extension that computes it (built per step: some take the step's key)
 _EXTENSIONS = {
@@ -147,6 +147,10 @@ def watched_update(model, loss, optimizer, settings: Watch):
         updates, inner = optimizer.update(grads, opt_state.inner, params)
         out = {e.name: q[e.name] for e in exts}
         new_params = apply_updates(params, updates)
+        out["batch"] = jnp.asarray(context.batch, jnp.int32)  # the findings compare it with the noise scale
+        rate = learning_rate(inner, default=None)  # and the step size with the curvature
+        if rate is not None:
+            out["learning_rate"] = jnp.asarray(rate, jnp.float32)
         if settings.wants("loss"):
             out["loss"] = value
         if settings.wants("update_size"):
