@@ -135,7 +135,8 @@ def _train(args: argparse.Namespace) -> int:
                        validation_split=0.1, progress=not args.no_progress, scan_epochs=True, num_classes=None,
                        early_stopping=train.EarlyStopping("val_loss", patience=args.patience)
                        if args.patience else None, telemetry=GRADIENT_FLOW if args.plot_gradients else False,
-                       precision=None if args.precision == "float32" else args.precision)
+                       precision=None if args.precision == "float32" else args.precision,
+                       diagnostics=args.diagnostics if args.dashboard else None)
     metrics = train.evaluate(model, loss, result.params, ds.x_test, y_test, state=result.state)
     print(f"trained {result.epochs_run} epochs" + (f", best epoch {result.best_epoch + 1}"
                                                    if result.best_epoch is not None else "")
@@ -168,6 +169,13 @@ def _train(args: argparse.Namespace) -> int:
 
         plot_gradient_flow(result.telemetry, model=model).savefig(args.plot_gradients, dpi=120)
         print(f"gradient flow (per-layer output-cotangent norms) written to {args.plot_gradients}")
+    if args.dashboard:
+        from fbp import diagnostics
+
+        diagnostics.plot(result, args.dashboard)
+        print(f"diagnostics dashboard ({args.diagnostics}, every step) written to {args.dashboard}")
+        for finding in diagnostics.findings(result.diagnostics):
+            print(f"finding [{finding.name}]: {finding.message}   [rule: {finding.rule}]")
     if result.diverged:
         print(f"verdict: diverged at epoch {result.diverged_at} ({result.stop_reason}); the figures above are for "
               f"the params before it. Try a smaller --lr.", file=sys.stderr)
@@ -228,12 +236,20 @@ def main(argv: list[str] | None = None) -> int:
                          help="credit assignment: backpropagation, feedback alignment, sign symmetry, direct FA")
     p_train.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
                          help="the dtype layers compute in (params stay float32; fbp.precision)")
+    p_train.add_argument("--dashboard", metavar="PATH", type=_writable_png,
+                         help="record training diagnostics inside the jitted step (fbp.diagnostics), draw their "
+                              "dashboard to this PNG and print the findings")
+    p_train.add_argument("--diagnostics", choices=("economy", "business", "full"), default="full",
+                         help="the diagnostics preset for --dashboard")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.set_defaults(run=_train)
     args = parser.parse_args(argv)
     if getattr(args, "plot_gradients", None) and args.precision != "float32":
         parser.error(f"--plot-gradients records telemetry, which runs in float32: it cannot be combined with "
                      f"--precision {args.precision}")
+    if getattr(args, "dashboard", None) and (args.plot_gradients or args.precision != "float32"):
+        parser.error("--dashboard records diagnostics in float32 from the step's own pass: it cannot be combined with "
+                     "--plot-gradients (telemetry) or --precision other than float32")
     if getattr(args, "batch_size", None) == 0:
         args.batch_size = None
     return args.run(args)

@@ -2,7 +2,8 @@
 
 An extension is a small frozen value with a ``name`` (its key in the result), the per-example
 quantity it ``needs`` from each leaf layer's rule (one of the probe's modes: ``"grads"``,
-``"norms"``, ``"sgs"`` or ``"clip"``, ``fbp.probes``; or ``"columns"``: the squares of each
+``"norms"``, ``"sgs"``, ``"clip"`` or ``"project"`` — what ``fbp.probes.project`` needs to
+project every example's gradient onto any direction afterwards, ``fbp.probes``; or ``"columns"``: the squares of each
 layer's gradients for the cotangent columns its ``columns(loss, y, key)`` gives, summed — a
 second, column-vmapped backward on the same forward's residuals, as the GGN diagonal needs;
 or ``"layer"``: what its own ``from_output(y)`` and ``from_backward(part, d_y, d_x, d_params,
@@ -36,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
-NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer", "exact", "backward")
+NEEDS = ("grads", "norms", "sgs", "clip", "columns", "layer", "exact", "backward", "project")
 
 
 class Context(NamedTuple):

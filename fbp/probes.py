@@ -20,7 +20,7 @@ from fbp import independence
 from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_forward, transform_layers
 from fbp.nn.positions import assemble, sq_norm
 
-MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce")
+MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce", "project")
 
 
 def _has_params(params) -> bool:
@@ -104,6 +104,12 @@ class _PerExample(Wrapper):
 
     def _quantity(self, d_params, inner, params, x, d_y, context, found):
         """This probe's mode's quantity for the layer, by the cheapest route it has."""
+        if self.mode == "project":  # what per-example projections onto any direction read later (project())
+            self.choices[self.path] = "Σ_t x_btᵀ V g_bt (positions)" if found is not None else "materialised"
+            if found is not None:
+                return {"groups": found[0], "rest": found[1]}
+            own = getattr(self.layer, "per_example_grads", None)
+            return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)}
         if found is not None:
             return self._positions(d_params, *found)
         own_norms = getattr(self.layer, "per_example_sq_norms", None)
@@ -144,6 +150,37 @@ class _PerExample(Wrapper):
             return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         self.choices[self.path] = f"materialised ({how})"
         return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
+
+
+def _at(tree, key):
+    for k in key if isinstance(key, tuple) else (key,):
+        tree = tree[k]
+    return tree
+
+
+def project(kept, direction) -> jax.Array:
+    """``(B,)``: each example's gradient at one leaf projected onto ``direction`` (that leaf's
+    params' shape), ``⟨∇ℓ_b, V⟩``, from what its probe kept in ``"project"`` mode: ``Σ_t x_btᵀ V
+    g_bt`` over a Dense-like weight's positions (one forward-sized product, ``Positions.dots``),
+    or the materialised per-example gradients (other layers).
+
+    Args:
+        kept: the probe's ``"project"`` quantity at the leaf.
+        direction: ``V``, shaped like the leaf's params.
+
+    Returns:
+        The projections.
+    """
+    def dot(per, v):
+        return sum(jnp.tensordot(a.reshape(a.shape[0], -1), b.ravel().astype(a.dtype), 1)
+                   for a, b in zip(jax.tree_util.tree_leaves(per), jax.tree_util.tree_leaves(v), strict=True)
+                   if jnp.issubdtype(a.dtype, jnp.inexact))
+
+    if "per" in kept:
+        return dot(kept["per"], direction)
+    out = sum(group.dots(lambda key: _at(direction, key)) for group in kept["groups"])
+    rest = kept["rest"]
+    return out + dot([rest[k] for k in rest], [_at(direction, k) for k in rest]) if rest else out
 
 
 def _diagonal_only(mode, sums):

@@ -155,3 +155,17 @@ def test_a_zero_gradient_row_shows_what_it_is_judged_on_and_every_catalogue_row_
     assert "judged err" in text and "(abs/scale)" in text and "no meaningful relative error" in text
     names = [name for name, _ in catalog.checks()]
     assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+
+
+def test_cli_train_dashboard(tmp_path, capsys):
+    from fbp.__main__ import main
+
+    path = tmp_path / "dashboard.png"
+    assert main(["train", "--no-progress", "--epochs", "2", "--hidden", "16", "--patience", "0", "--dashboard",
+                 str(path), "--diagnostics", "economy"]) == 0
+    out = capsys.readouterr().out
+    assert f"diagnostics dashboard (economy, every step) written to {path}" in out
+    assert path.stat().st_size > 10000
+    with pytest.raises(SystemExit):
+        main(["train", "--dashboard", str(path), "--precision", "bfloat16"])
+    assert "--dashboard records diagnostics in float32" in capsys.readouterr().err

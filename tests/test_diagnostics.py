@@ -126,7 +126,8 @@ def test_float32_agrees_with_float64():
         model, params, state, x, y, key, train = _inputs("cnn")
         q64 = jax.jit(fbp.value_and_grad(model, LOSS, extensions=_extensions(params)))(params, x, y)[-1]
     to32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
-    q32 = jax.jit(fbp.value_and_grad(model, LOSS, extensions=_extensions(params)))(to32(params), to32(x), y)[-1]
+    q32 = jax.jit(fbp.value_and_grad(model, LOSS, extensions=_extensions(params)))(to32(params), to32(x),
+                                                                                   y.astype(jnp.int32))[-1]
     for name in ("noise_scale", "norm_test", "inner_test", "ortho_test", "ggn_trace", "tic_diag"):
         _compare(q32[name], jax.tree_util.tree_map(np.asarray, q64[name]), 2e-3)
 
@@ -145,7 +146,7 @@ def test_the_references_catch_planted_errors(monkeypatch):
             _compare(q["noise_scale"], want["noise_scale"], 1e-10)
         monkeypatch.undo()
         flipped = moments.projections
-        monkeypatch.setattr(moments, "projections", lambda context, v: -flipped(context, v) * 1.01)
+        monkeypatch.setattr(moments, "projections", lambda kept, v: -flipped(kept, v) * 1.01)
         q = fbp.value_and_grad(model, LOSS, extensions=[diagnostics.InnerTest()])(params, x, y)[-1]
         with pytest.raises(AssertionError):
             _compare(q["inner_test"], want["inner_test"], 1e-10)
@@ -237,3 +238,32 @@ def test_fit_alpha_and_steps_equal_a_direct_computation():
                                                                      jax.tree_util.tree_leaves(params),
                                                                      strict=True)))), rel=1e-10)
         assert r.diagnostics[0]["loss"] == pytest.approx(float(start.f), rel=1e-12)
+
+
+def test_sampled_histogram_elements_are_per_example_gradient_entries():
+    """A convolution's sampled elements ``Σ_t x_bti g_btj`` equal the reference per-example
+    gradients at the drawn (example, row, column) to 1e-10, and a histogram sampled at every
+    leaf (max_exact=0) is within sampling error of the exact one."""
+    from fbp.probes import _PerExample
+
+    with jax.enable_x64(True):
+        model, params, state, x, y, key, train = _inputs("cnn")
+        conv = model.layers[0]
+        y0, res = fbp.core.run_forward(conv, params[0], x)
+        d_y = jax.random.normal(jax.random.PRNGKey(9), y0.shape)
+        (group,), _ = conv.per_example_positions(res, d_y)
+        per = jax.vmap(lambda xb, gb: conv.backward(fbp.core.run_forward(conv, params[0], xb[None])[1],
+                                                    gb[None])[0]["w"])(x, d_y)
+        for _, values, ex, rows, cols, weight in group.sample(jax.random.key(3), 500):
+            want = per.reshape(per.shape[0], -1, per.shape[-1])[ex, rows, cols]
+            np.testing.assert_allclose(values, want, rtol=1e-10, atol=1e-12)
+            assert weight == per.size / 500
+        assert _PerExample is not None
+        exact = diagnostics.GradHistogram1d(bins=20, range=(-0.52, 0.48))
+        sampled = diagnostics.GradHistogram1d(bins=20, range=(-0.52, 0.48), samples=1 << 15, max_exact=0,
+                                              key=jax.random.key(4))
+        q = jax.jit(fbp.value_and_grad(model, LOSS, extensions=[exact]))(params, x, y)[-1]
+        s = jax.jit(fbp.value_and_grad(model, LOSS, extensions=[dataclasses.replace(sampled)]))(params, x, y)[-1]
+        a, b = np.asarray(q["grad_hist_1d"]["counts"]), np.asarray(s["grad_hist_1d"]["counts"])
+        assert b.sum() == pytest.approx(a.sum(), rel=1e-9)
+        assert np.abs(a / a.sum() - b / b.sum()).sum() < 0.05

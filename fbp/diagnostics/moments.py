@@ -4,8 +4,8 @@ Notation: ``g_b = ∇ℓ_b`` is example ``b``'s gradient (its own loss, as ``fbp
 ``ḡ = (1/B) Σ_b g_b`` the mini-batch mean, ``S = Σ_b ‖g_b‖²`` and ``p_b = g_bᵀ ḡ``. Every
 quantity is a whole-model scalar built from these sums; none materialises a per-example
 gradient: ``‖g_b‖²`` comes from each layer's norm rule (``‖x_b‖²‖g_b‖²``, the ghost norm), and
-``p_b`` from one Jacobian-vector product ``J ḡ`` on the pass's residuals (the transpose of its
-linear backward), contracted with each example's output cotangent: ``p_b = ⟨∂ℓ_b/∂f_b, (J ḡ)_b⟩``.
+``p_b`` from each layer's inputs and output cotangents, ``Σ_t x_btᵀ Ḡ g_bt`` per Dense-like
+weight (``fbp.probes.project``: one product the size of the layer's forward).
 
 * **Gradient noise scale** (McCandlish et al., 2018, App. A, ``B_small = 1``, ``B_big = B``):
   unbiased ``|G|² ≈ (B ‖ḡ‖² − S/B)/(B − 1)`` and ``tr Σ ≈ (S − B ‖ḡ‖²)/(B − 1)``;
@@ -30,7 +30,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from fbp.core import map_leaf_params
 from fbp.extensions import Extension
+from fbp.probes import project
 
 
 def _sq(tree) -> jax.Array:
@@ -47,24 +49,18 @@ def example_sq_norms(found_norms: dict, context) -> jax.Array:
     return sum(found_norms.values(), jnp.zeros((context.batch,), context.values.dtype))
 
 
-def output_cotangents(context) -> jax.Array:
-    """Each example's ``∂ℓ_b/∂f_b`` (the per-example losses' cotangent at the model's output)."""
-    each = dataclasses.replace(context.loss, reduction="none")
-    values, res = each.forward(context.pred, context.y)
-    return each.backward(res, jnp.ones(values.shape, values.dtype))
+def by_leaf(model, tree) -> dict:
+    """``{leaf path: that leaf's part of tree}`` (a params-shaped tree)."""
+    out: dict = {}
+    map_leaf_params(model, tree, lambda path, leaf, p: out.setdefault(path, p))
+    return out
 
 
-def projections(context, direction) -> jax.Array:
-    """``(B,)``: ``g_bᵀ v`` for a direction ``v`` shaped like the params, from one
-    Jacobian-vector product on the pass's residuals (module docstring)."""
-    (jv,) = jax.linear_transpose(context.back, context.pred)(direction)
-    e = output_cotangents(context)
-    return jnp.sum((e * jv).reshape(e.shape[0], -1), axis=1)
-
-
-def mean_gradient(context):
-    """``ḡ`` shaped like the params."""
-    return jax.tree_util.tree_map(lambda g: g / context.batch, context.summed)
+def projections(kept: dict, direction: dict) -> jax.Array:
+    """``(B,)``: ``g_bᵀ v`` for a direction given by leaf path, from what the ``"project"`` probes
+    kept (``fbp.probes.project``: ``Σ_t x_btᵀ V g_bt`` per Dense-like weight — one product of
+    the forward's size per direction — never the per-example gradient where positions exist)."""
+    return sum(project(k, direction[path]) for path, k in kept.items())
 
 
 def _unbiased(context, s, g2):
@@ -98,16 +94,22 @@ class NormTest(Extension):
         return jnp.sqrt(jnp.maximum(trace_cov, 0) / (context.batch * g2))
 
 
+def _mean_projections(kept, context):
+    b = context.batch
+    return projections(kept, {path: jax.tree_util.tree_map(lambda g: g / b, context.leaf_grads[path])
+                              for path in kept})
+
+
 @dataclasses.dataclass(frozen=True)
 class InnerTest(Extension):
     """The inner-product test's largest passing θ (Bollapragada et al., 2018; module docstring)."""
 
     name: ClassVar[str] = "inner_test"
-    needs: ClassVar[str] = "norms"  # nothing per leaf: the per-example losses must be kept apart
+    needs: ClassVar[str] = "project"
 
     def finalize(self, found, context):
         g2, b = mean_sq_norm(context), context.batch
-        p = projections(context, mean_gradient(context))
+        p = _mean_projections(found, context)
         var = (jnp.sum(jnp.square(p)) - b * g2 ** 2) / (b - 1)
         return jnp.sqrt(jnp.maximum(var, 0) / (b * g2 ** 2))
 
@@ -117,12 +119,12 @@ class OrthoTest(Extension):
     """The orthogonality test's largest passing ν (Bollapragada et al., 2018; module docstring)."""
 
     name: ClassVar[str] = "ortho_test"
-    needs: ClassVar[str] = "norms"
+    needs: ClassVar[tuple] = ("norms", "project")
 
     def finalize(self, found, context):
         g2, b = mean_sq_norm(context), context.batch
-        p = projections(context, mean_gradient(context))
-        var = (jnp.sum(example_sq_norms(found, context)) - jnp.sum(jnp.square(p)) / g2) / (b - 1)
+        p = _mean_projections(found["project"], context)
+        var = (jnp.sum(example_sq_norms(found["norms"], context)) - jnp.sum(jnp.square(p)) / g2) / (b - 1)
         return jnp.sqrt(jnp.maximum(var, 0) / (b * g2))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ _EXTENSIONS = {
     "ggn_trace": lambda key: curvature.GGNTrace(),
     "ggn_max_eigenvalue": lambda key: curvature.GGNMaxEigenvalue(key=key),
     "tic_diag": lambda key: curvature.TICDiag(),
-    "grad_hist_1d": lambda key: histograms.GradHistogram1d(),
-    "grad_hist_2d": lambda key: histograms.GradHistogram2d(),
+    "grad_hist_1d": lambda key: histograms.GradHistogram1d(key=key),
+    "grad_hist_2d": lambda key: histograms.GradHistogram2d(key=key),
 }
 STEP_QUANTITIES = ("loss", "alpha", "update_size", "update_ratio", "distance")
 ECONOMY = ("alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test", "ortho_test",
@@ -141,11 +141,11 @@ def watched_update(model, loss, optimizer, settings: Watch):
 
     def full(params, opt_state: DiagnosticsState, x, y, state, key):
         key_pass = None if key is None else jax.random.fold_in(key, 7)
-        exts = check_extensions(list(settings.extensions(key_pass)))
+        exts = check_extensions(list(settings.extensions(key_pass)) + ([_Kept()] if settings.wants("alpha") else []))
         value, grads, pred, new_state, q, context = engine.run(model, loss, exts, params, x, y, state=state,
                                                                key=key, with_context=True)
         updates, inner = optimizer.update(grads, opt_state.inner, params)
-        out = {e.name: q[e.name] for e in exts}
+        out = {e.name: q[e.name] for e in exts if e.name != _Kept.name}
         new_params = apply_updates(params, updates)
         out["batch"] = jnp.asarray(context.batch, jnp.int32)  # the findings compare it with the noise scale
         rate = learning_rate(inner, default=None)  # and the step size with the curvature
@@ -164,12 +164,13 @@ def watched_update(model, loss, optimizer, settings: Watch):
             c = context.batch * context.scale  # u_b = c ℓ_b: their mean is the reduced loss
             losses = c * jnp.sum(context.values.reshape(context.batch, -1), axis=1)
             t_prev = _length(opt_state.direction)
-            end = step.point(losses, c * moments.projections(context, opt_state.direction) / _safe(t_prev))
+            end = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, opt_state.direction))
+                             / _safe(t_prev))
             s0 = opt_state.start
             out["alpha"] = jnp.where(opt_state.has_start,
                                      step.alpha(step.Point(s0[0], s0[1], s0[2], s0[3]), end, s0[4]), jnp.nan)
             t = _length(updates)
-            here = step.point(losses, c * moments.projections(context, updates) / _safe(t))
+            here = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, updates)) / _safe(t))
             start = jnp.stack([here.f, here.var_f, here.df, here.var_df, t]).astype(start.dtype)
             has_start = opt_state.count % settings.every == 0
         new_state_d = opt_state._replace(inner=inner, count=opt_state.count + 1, direction=updates, start=start,
@@ -200,6 +201,14 @@ def watched_update(model, loss, optimizer, settings: Watch):
                                                             "step": opt_state.count - 1}
 
     return f
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept(Extension):
+    """What α's projections onto the update read after it (``fbp.probes.project``)."""
+
+    name: ClassVar[str] = "alpha_projections"
+    needs: ClassVar[str] = "project"
 
 
 def _length(tree):

@@ -120,6 +120,53 @@ class Positions(NamedTuple):
         a_mean, g_sum = a.mean(axis=1), self.g.sum(axis=1)
         return a_mean.T @ a_mean / b, g_sum.T @ g_sum
 
+    def dots(self, direction) -> jax.Array:
+        """``(B,)``: each example's ``⟨∇ℓ_b, V⟩`` over these kernels (and bias), as
+        ``Σ_t x_btᵀ V g_bt`` — ``G Vᵀ`` is one product shaped like the forward's, and no
+        per-example gradient exists. ``direction(key)`` is ``V`` at that key (its param's shape)."""
+        out = jnp.zeros(self.g.shape[:1], self.g.dtype)
+        for key, parts, _ in self.kernels:
+            gv = jnp.einsum("btj,ij->bti", self.g, direction(key).reshape(-1, self.g.shape[-1]))
+            offset = 0
+            for part in parts:
+                n = part.shape[-1]
+                out = out + jnp.einsum("bti,bti->b", part, gv[..., offset:offset + n])
+                offset += n
+        if self.bias is not None:
+            out = out + self.g.sum(axis=1) @ direction(self.bias)
+        return out
+
+    def sample(self, key, count: int):
+        """``count`` per-example gradient elements of these kernels drawn uniformly, without
+        the per-example gradient: element ``(b, i, j)`` of a part is ``Σ_t x_bti g_btj``.
+
+        Args:
+            key: the random key.
+            count: how many elements per kernel.
+
+        Returns:
+            ``[(key, values, examples, rows, cols, weight)]`` per kernel: ``count`` values of
+            the examples at rows and columns of the kernel as a ``(fan_in, n_out)`` matrix, and ``weight`` = the kernel's
+            per-example elements over ``count``, so that weighted counts estimate its histogram.
+        """
+        out = []
+        b, _, n_out = self.g.shape
+        for k, (kernel, parts, _) in enumerate(self.kernels):
+            widths = [part.shape[-1] for part in parts]
+            keys = jax.random.split(jax.random.fold_in(key, k), 3)
+            row = jax.random.randint(keys[0], (count,), 0, sum(widths))
+            ex = jax.random.randint(keys[1], (count,), 0, b)
+            col = jax.random.randint(keys[2], (count,), 0, n_out)
+            g_col = self.g[ex, :, col]  # (count, T)
+            values, offset = jnp.zeros((count,), self.g.dtype), 0
+            for part, n in zip(parts, widths, strict=True):
+                inside = (row >= offset) & (row < offset + n)
+                x_col = part[ex, :, jnp.clip(row - offset, 0, n - 1)]  # (count, T)
+                values = values + jnp.where(inside, jnp.sum(x_col * g_col, axis=1), 0)
+                offset += n
+            out.append((kernel, values, ex, row, col, b * sum(widths) * n_out / count))
+        return out
+
     def weighted_sum(self, c) -> dict:
         """``{key: Σ_b c_b X_bᵀ G_b}`` (and the bias ``Σ_b c_b Σ_t g_bt``) as ``Xᵀ (c ⊙ G)``."""
         g = (self.g * c.astype(self.g.dtype)[:, None, None]).reshape(-1, self.g.shape[-1])  # (B·T, n_out)
