@@ -7,7 +7,7 @@ Each candidate runs 16 training steps (SGD) in one jitted ``lax.scan`` over 16 b
     (``fbp.diagnostics.training.watched_update``);
   * ``full/16``: the full preset on one step in 16 (and α's end point on the step after),
     the plain pass on the others — as ``fit(diagnostics="full", diagnostics_every=16)``;
-  * ``economy/16``, ``full`` for reference.
+  * ``full`` (every step) for reference.
 
 Networks: 3C3D, Cockpit's own benchmark network (DeepOBS ``cifar10_3c3d``: three convolutions
 5×5/3×3/3×3 with 64/96/128 channels, max-pools, dense 512-256-10; 895k parameters) on random
@@ -71,7 +71,7 @@ def calls(model, shape):
     plain = _scan(optimizer_update(model, LOSS, opt))
     out = {"plain": lambda: plain(params, opt.init(params), xs, ys)}
     for name, preset, every in (("economy", "economy", 1), ("business", "business", 1), ("full/16", "full", 16),
-                                ("economy/16", "economy", 16), ("full", "full", 1)):
+                                ("full", "full", 1)):
         update = watched_update(model, LOSS, opt, watch(preset, every))
         keyed = lambda p, o, x, y, u=update: u(p, o, x, y, key=jax.random.PRNGKey(3))  # noqa: E731
         run = _scan(keyed)

@@ -127,7 +127,8 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
     grads = summed if scale == 1.0 else _scaled(summed, scale)
     leaf_grads: dict = {}
     map_leaf_params(model, summed, lambda path, leaf, g: leaf_grads.setdefault(path, g))
-    context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale, pred, loss, y, back)
+    context = Context(model, params, values, grads, summed, leaf_grads, values.shape[0], scale, pred, loss, y, back,
+                      {})
 
     def found(e, need):
         if need == "columns":

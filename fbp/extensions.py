@@ -61,6 +61,9 @@ class Context(NamedTuple):
             ``pred``, the result like ``params``); its transpose ``jax.linear_transpose(back,
             pred)`` is ``v ↦ J v``, the model's Jacobian-vector product. An extension reads
             projections onto any direction from it (``fbp.diagnostics``); unused, it costs nothing.
+        shared: a dict, fresh for each pass, where extensions keep what several of them derive
+            from the same quantities (``fbp.diagnostics``' tests share the examples' projections
+            onto the mean gradient), under a key they agree on.
     """
 
     model: Any
@@ -75,6 +78,7 @@ class Context(NamedTuple):
     loss: Any = None
     y: Any = None
     back: Any = None
+    shared: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

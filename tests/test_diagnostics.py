@@ -257,7 +257,7 @@ def test_sampled_histogram_elements_are_per_example_gradient_entries():
         for _, values, ex, rows, cols, weight in group.sample(jax.random.key(3), 500):
             want = per.reshape(per.shape[0], -1, per.shape[-1])[ex, rows, cols]
             np.testing.assert_allclose(values, want, rtol=1e-10, atol=1e-12)
-            assert weight == per.size / 500
+            assert weight * values.size == pytest.approx(per.size / 9, rel=0.05)  # 9 taps share the draws
         assert _PerExample is not None
         exact = diagnostics.GradHistogram1d(bins=20, range=(-0.52, 0.48))
         sampled = diagnostics.GradHistogram1d(bins=20, range=(-0.52, 0.48), samples=1 << 15, max_exact=0,

@@ -95,9 +95,12 @@ class NormTest(Extension):
 
 
 def _mean_projections(kept, context):
-    b = context.batch
-    return projections(kept, {path: jax.tree_util.tree_map(lambda g: g / b, context.leaf_grads[path])
-                              for path in kept})
+    """``p_b = g_bᵀ ḡ``, once per pass (the inner-product and orthogonality tests share it)."""
+    b, shared = context.batch, context.shared if context.shared is not None else {}
+    if "projections onto the mean gradient" not in shared:
+        shared["projections onto the mean gradient"] = projections(
+            kept, {path: jax.tree_util.tree_map(lambda g: g / b, context.leaf_grads[path]) for path in kept})
+    return shared["projections onto the mean gradient"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,34 +137,34 @@ class Positions(NamedTuple):
         return out
 
     def sample(self, key, count: int):
-        """``count`` per-example gradient elements of these kernels drawn uniformly, without
-        the per-example gradient: element ``(b, i, j)`` of a part is ``Σ_t x_bti g_btj``.
+        """About ``count`` per-example gradient elements of each kernel drawn uniformly, without
+        the per-example gradient: element ``(b, i, j)`` of a part is ``Σ_t x_bti g_btj``
+        (``count × T`` products; each part gets its share of ``count`` by its width).
 
         Args:
             key: the random key.
             count: how many elements per kernel.
 
         Returns:
-            ``[(key, values, examples, rows, cols, weight)]`` per kernel: ``count`` values of
-            the examples at rows and columns of the kernel as a ``(fan_in, n_out)`` matrix, and ``weight`` = the kernel's
-            per-example elements over ``count``, so that weighted counts estimate its histogram.
+            ``[(key, values, examples, rows, cols, weight)]`` per part of each kernel: values of
+            the examples at rows and columns of the kernel as a ``(fan_in, n_out)`` matrix, and
+            ``weight`` = the part's per-example elements over its draws, so that weighted
+            counts estimate the kernel's histogram.
         """
         out = []
         b, _, n_out = self.g.shape
         for k, (kernel, parts, _) in enumerate(self.kernels):
-            widths = [part.shape[-1] for part in parts]
-            keys = jax.random.split(jax.random.fold_in(key, k), 3)
-            row = jax.random.randint(keys[0], (count,), 0, sum(widths))
-            ex = jax.random.randint(keys[1], (count,), 0, b)
-            col = jax.random.randint(keys[2], (count,), 0, n_out)
-            g_col = self.g[ex, :, col]  # (count, T)
-            values, offset = jnp.zeros((count,), self.g.dtype), 0
-            for part, n in zip(parts, widths, strict=True):
-                inside = (row >= offset) & (row < offset + n)
-                x_col = part[ex, :, jnp.clip(row - offset, 0, n - 1)]  # (count, T)
-                values = values + jnp.where(inside, jnp.sum(x_col * g_col, axis=1), 0)
-                offset += n
-            out.append((kernel, values, ex, row, col, b * sum(widths) * n_out / count))
+            fan_in, offset = sum(part.shape[-1] for part in parts), 0
+            for n, part in enumerate(parts):
+                width = part.shape[-1]
+                draws = max(1, -(-count * width // fan_in))
+                keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, k), n), 3)
+                ex = jax.random.randint(keys[0], (draws,), 0, b)
+                row = jax.random.randint(keys[1], (draws,), 0, width)
+                col = jax.random.randint(keys[2], (draws,), 0, n_out)
+                values = jnp.sum(part[ex, :, row] * self.g[ex, :, col], axis=1)
+                out.append((kernel, values, ex, row + offset, col, b * width * n_out / draws))
+                offset += width
         return out
 
     def weighted_sum(self, c) -> dict:
