@@ -10,7 +10,9 @@ Sections, each independent (a failure is recorded and the next one runs):
     DP-SGD (``private_grad``) one jitted step;
   * ``sharded``: ``make_step(mesh=data_mesh())`` against the unsharded step, three steps;
   * ``speed``: fbp's jitted step against ``jax.grad``'s on bench_mlp's MLP and bench_cnn's CNN
-    (interleaved rounds, medians, one process), float32 and bfloat16.
+    (interleaved rounds, medians, one process), float32 and bfloat16;
+  * ``diagnostics``: ``fbp.diagnostics`` against ``vmap(jax.grad)`` and the dense GGN (float64),
+    ``fit(diagnostics="full")``, and bench_diagnostics' 3C3D presets against a plain step.
 
 Run: ``python benchmarks/gpu_check.py [--out results.json]``.
 """
@@ -142,8 +144,54 @@ def section_speed(results):
             results[f"speed {name} {jnp.dtype(dtype).name}"] = _speed_one(model, shape, dtype)
 
 
+def section_diagnostics(results):
+    """fbp.diagnostics on the device: the tests and curvature against vmap(grad) and the dense GGN
+    (float64), a diagnosed fit, and bench_diagnostics' 3C3D presets against a plain step."""
+    from bench_diagnostics import c3d3, calls
+
+    from fbp import diagnostics
+
+    model = nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(4))
+    x = jax.random.normal(jax.random.key(0), (12, 5), jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (12,), 0, 4)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(2), x))
+    exts = [diagnostics.NoiseScale(), diagnostics.InnerTest(), diagnostics.GGNTrace(),
+            diagnostics.GGNMaxEigenvalue(iterations=80, key=jax.random.key(3))]
+    q = jax.jit(fbp.value_and_grad(model, CCE, extensions=exts))(params, x, y)[-1]
+    flat = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])  # noqa: E731
+    per = jax.vmap(lambda a, b: flat(jax.grad(lambda p: CCE(model.apply(p, a[None]), b[None]))(params)))(x, y)
+    b, mean = per.shape[0], per.mean(0)
+    s, g2 = jnp.sum(per ** 2), mean @ mean
+    pred, pull = jax.vjp(lambda p: model.apply(p, x), params)
+    rows = jax.vmap(lambda c: flat(pull(c)[0]))(jnp.eye(pred.size, dtype=pred.dtype).reshape(pred.size, *pred.shape))
+    ggn = rows.T @ jax.hessian(lambda z: CCE(z, y))(pred).reshape(pred.size, pred.size) @ rows
+    proj = per @ mean
+    want = {"b_simple": float((s - b * g2) / (b * g2 - s / b)),
+            "inner_test": float(jnp.sqrt(((proj ** 2).sum() - b * g2 ** 2) / (b - 1) / (b * g2 ** 2))),
+            "ggn_trace": float(jnp.trace(ggn)), "ggn_max_eigenvalue": float(jnp.linalg.eigvalsh(ggn)[-1])}
+    got = {"b_simple": float(q["noise_scale"]["b_simple"]), "inner_test": float(q["inner_test"]),
+           "ggn_trace": float(q["ggn_trace"]["total"]), "ggn_max_eigenvalue": float(q["ggn_max_eigenvalue"])}
+    results["diagnostics vs autodiff (float64, max relative error)"] = max(abs(got[k] - want[k]) / abs(want[k])
+                                                                         for k in want)
+    ds = data.load_digits()
+    mlp = nn.Serial(nn.Dense(64), nn.Tanh(), nn.Dense(10))
+    xd = ds.x_train.astype(np.float32)
+    start = time.perf_counter()
+    r = train.fit(mlp, CCE, optim.sgd(0.3), mlp.init(jax.random.key(0), xd[:1]), xd, ds.y_train, key=jax.random.key(1),
+                  epochs=5, batch_size=128, progress=False, scan_epochs=True, diagnostics="full")
+    leaves = [v for e in r.diagnostics.values() for v in jax.tree_util.tree_leaves(e)]
+    results["fit(diagnostics='full') digits MLP 5 epochs"] = {
+        "steps": len(r.diagnostics), "seconds": round(time.perf_counter() - start, 2),
+        "all finite (alpha of the last step excepted)": bool(sum(not np.all(np.isfinite(v)) for v in leaves) <= 1),
+        "findings": [f.name for f in diagnostics.findings(r.diagnostics)]}
+    cands, *_ = calls(*c3d3())
+    t = interleaved({k: cands[k] for k in ("plain", "economy", "business", "full/16", "full")}, rounds=5, reps=2)
+    results["3C3D 16 SGD steps, preset / plain"] = {k: round(v / t["plain"], 3) for k, v in t.items() if k != "plain"}
+    results["3C3D plain ms per step"] = round(t["plain"] / 16 * 1e3, 3)
+
+
 SECTIONS = {"engine": section_engine, "sharded": section_sharded, "fit": section_fit, "speed": section_speed,
-            "check": section_check}
+            "diagnostics": section_diagnostics, "check": section_check}
 
 
 def main(argv=None):

@@ -88,6 +88,12 @@ class Layer:
     (Dense, convolutions, pooling, ReLU, shape layers): ``fbp.curvature.diag_hessian`` adds no
     term there. An elementwise activation with curvature defines ``second_derivative(res)``."""
 
+    linear_in_params: ClassVar[bool] = False
+    """True when the output is linear in the params, ``forward(a·p + c·q, x) = a·forward(p, x) +
+    c·forward(q, x)`` (Dense, convolutions, Embedding): then an example's gradient projected onto
+    a direction ``V`` is ``⟨d_y_b, forward(V, x)_b⟩`` — one forward of the layer
+    (``fbp.probes.project``)."""
+
     chain: ClassVar[bool] = False
     """True for a combinator that applies its children one after another, each one's output the
     next one's input (``Serial``): ``fbp.curvature.diag_hessian`` backpropagates through it."""

@@ -150,7 +150,14 @@ def run(model: Layer, loss: Loss, extensions: Sequence[Extension], params, x, y,
 
 
 def needs_of(e: Extension) -> tuple[str, ...]:
-    """An extension's ``needs`` as a tuple (one kind, or several: then ``finalize`` gets ``{kind: found}``)."""
+    """An extension's ``needs`` as a tuple (one kind, or several: then ``finalize`` gets ``{kind: found}``).
+
+    Args:
+        e: the extension.
+
+    Returns:
+        The kinds it reads.
+    """
     return (e.needs,) if isinstance(e.needs, str) else tuple(e.needs)
 
 

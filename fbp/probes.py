@@ -106,8 +106,11 @@ class _PerExample(Wrapper):
         """This probe's mode's quantity for the layer, by the cheapest route it has."""
         if self.mode == "project":  # what per-example projections onto any direction read later (project())
             self.choices[self.path] = "Σ_t x_btᵀ V g_bt (positions)" if found is not None else "materialised"
-            if found is not None:
-                return {"groups": found[0], "rest": found[1]}
+            linear = {"x": x, "d_y": d_y} if self.layer.linear_in_params else {}
+            if found is not None:  # (the positions serve sampled histograms; XLA drops what nothing reads)
+                return {"groups": found[0], "rest": found[1]} | linear
+            if linear:
+                return linear
             own = getattr(self.layer, "per_example_grads", None)
             return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)}
         if found is not None:
@@ -158,15 +161,18 @@ def _at(tree, key):
     return tree
 
 
-def project(kept, direction) -> jax.Array:
+def project(kept, direction, layer: Layer | None = None) -> jax.Array:
     """``(B,)``: each example's gradient at one leaf projected onto ``direction`` (that leaf's
-    params' shape), ``⟨∇ℓ_b, V⟩``, from what its probe kept in ``"project"`` mode: ``Σ_t x_btᵀ V
-    g_bt`` over a Dense-like weight's positions (one forward-sized product, ``Positions.dots``),
-    or the materialised per-example gradients (other layers).
+    params' shape), ``⟨∇ℓ_b, V⟩``, from what its probe kept in ``"project"`` mode: for a layer
+    linear in its params (``Layer.linear_in_params``) ``⟨d_y_b, forward(V, x)_b⟩`` — one forward
+    of the layer, convolutions included; else ``Σ_t x_btᵀ V g_bt`` over a Dense-like weight's
+    positions (one forward-sized product, ``Positions.dots``); else the materialised per-example
+    gradients.
 
     Args:
         kept: the probe's ``"project"`` quantity at the leaf.
         direction: ``V``, shaped like the leaf's params.
+        layer: the leaf layer (needed for the linear route).
 
     Returns:
         The projections.
@@ -178,6 +184,9 @@ def project(kept, direction) -> jax.Array:
 
     if "per" in kept:
         return dot(kept["per"], direction)
+    if "x" in kept and layer is not None:
+        y = run_forward(layer, direction, kept["x"])[0]
+        return jnp.sum((y * kept["d_y"].astype(y.dtype)).reshape(y.shape[0], -1), axis=1)
     out = sum(group.dots(lambda key: _at(direction, key)) for group in kept["groups"])
     rest = kept["rest"]
     return out + dot([rest[k] for k in rest], [_at(direction, k) for k in rest]) if rest else out

@@ -193,8 +193,9 @@ def fit(model: Layer, loss: Loss, optimizer, params: PyTree, x, y, *, key,
             both its value before training (the first step's batch) and this many times its
             lowest value so far; ``None`` judges divergence by NaN/inf alone.
         diagnostics: ``"economy"``, ``"business"``, ``"full"`` or a list of names and extensions
-            (``fbp.diagnostics``), computed inside the jitted step every ``diagnostics_every``
-            steps, in ``result.diagnostics`` and in ``diagnostics.jsonl`` beside the checkpoints.
+            (``fbp.diagnostics``), computed inside the jitted step, in ``result.diagnostics`` and
+            in ``diagnostics.jsonl`` beside the checkpoints.
+        diagnostics_every: compute them every this many steps (the plain pass in between).
 
     Before the first step every argument, the targets (against the model's output and the
     loss's conventions) and the validation data are checked, so nothing fails after an epoch

@@ -134,6 +134,13 @@ with jax.enable_x64(True):
     a = train.fit(plain, CCE, k, params, x64, y, **kw)
     b = train.fit(plain, CCE, k, params, x64, y, mesh=four, **kw)
     out["kfac_fit"] = max_diff(a.params, b.params)
+    # training diagnostics inside the sharded step: the same record as one device
+    a = train.fit(plain, CCE, optim.sgd(0.1), params, x64, y, diagnostics="full", **kw)
+    b = train.fit(plain, CCE, optim.sgd(0.1), params, x64, y, diagnostics="full", mesh=four, **kw)
+    flat = lambda r: [v for s in sorted(r.diagnostics) for v in jax.tree_util.tree_leaves(r.diagnostics[s])]  # noqa
+    out["diagnostics_fit"] = max(max_diff(a.params, b.params), max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v)) / (1 + np.abs(np.asarray(u)))))
+        for u, v in zip(flat(a), flat(b), strict=True)))
 
 # a batch the 8 devices cannot share
 try:

@@ -146,7 +146,7 @@ def test_the_references_catch_planted_errors(monkeypatch):
             _compare(q["noise_scale"], want["noise_scale"], 1e-10)
         monkeypatch.undo()
         flipped = moments.projections
-        monkeypatch.setattr(moments, "projections", lambda kept, v: -flipped(kept, v) * 1.01)
+        monkeypatch.setattr(moments, "projections", lambda kept, v, m: -flipped(kept, v, m) * 1.01)
         q = fbp.value_and_grad(model, LOSS, extensions=[diagnostics.InnerTest()])(params, x, y)[-1]
         with pytest.raises(AssertionError):
             _compare(q["inner_test"], want["inner_test"], 1e-10)

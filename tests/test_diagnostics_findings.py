@@ -67,3 +67,30 @@ def test_the_dashboard_draws_whatever_was_recorded(tmp_path):
     assert (tmp_path / "full.png").stat().st_size > 10000 and (tmp_path / "bare.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="no diagnostics"):
         plot({})
+
+
+def test_tensorboard_event_file_holds_the_scalars_and_histograms(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    from fbp.diagnostics import tensorboard
+
+    record = _record(steps=3, alpha=0.1, noise_scale={"b_simple": 5.0, "trace_cov": 1.0, "grad_sq": 0.2},
+                     update_ratio={"total": 1e-3, "layers": {"0": 2e-3}},
+                     grad_hist_1d={"counts": np.array([1.0, 3.0, 0.0]), "edges": np.array([-1.0, 0.0, 1.0, 2.0])})
+    assert tensorboard.write(record, tmp_path) == 3 * 6
+    events = []
+    for path in tmp_path.iterdir():
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            n = int.from_bytes(data[i:i + 8], "little")
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            events.append(event)
+            i += 16 + n
+    tags = {v.tag for e in events for v in e.summary.value}
+    assert {"alpha", "noise_scale/b_simple", "update_ratio/layers/0", "grad_hist_1d"} <= tags
+    hist = next(v.histo for e in events for v in e.summary.value if v.tag == "grad_hist_1d")
+    assert list(hist.bucket) == [1.0, 3.0, 0.0] and hist.num == 4.0
+    with pytest.raises(ValueError, match="no diagnostics"):
+        tensorboard.write({}, tmp_path)

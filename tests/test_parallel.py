@@ -32,6 +32,7 @@ def test_private_and_kfac_training_on_four_devices_equal_one_device(measured):
     assert measured["private_poisson"] <= 1e-10 and measured["private_fixed"] <= 1e-10
     assert measured["private_poisson_epsilon"][0] == measured["private_poisson_epsilon"][1]
     assert measured["kfac_fit"] <= 1e-10  # K-FAC's factors from the sharded pass
+    assert measured["diagnostics_fit"] <= 1e-9  # every diagnostic of every step, relative, float64
 
 
 def test_the_check_catches_a_step_without_the_cross_device_mean(measured):

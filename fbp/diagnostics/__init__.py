@@ -17,7 +17,8 @@ In training: ``fbp.fit(..., diagnostics="economy" | "business" | "full" | [names
 diagnostics_every=N)``; the results are in ``FitResult.diagnostics`` (``{step: {quantity: value
 or {layer path: value}}}``) — ``fbp.diagnostics.training`` says what each preset holds.
 ``fbp.diagnostics.findings(result.diagnostics)`` turns them into advice, each finding with the
-rule that fired; ``fbp.diagnostics.plot(result)`` draws the dashboard.
+rule that fired; ``fbp.diagnostics.plot(result)`` draws the dashboard;
+``fbp.diagnostics.tensorboard.write(result, logdir)`` writes TensorBoard scalars and histograms.
 """
 
 from fbp.diagnostics.curvature import GGNMaxEigenvalue, GGNTrace, TICDiag, lanczos_top

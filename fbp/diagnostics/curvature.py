@@ -38,7 +38,15 @@ def _hessian_sqrt_jvp(context, v):
 
 
 def ggn_product(context, v):
-    """``G v`` shaped like the params (the pass's ``J``, the loss's ``H``, the pass's ``Jᵀ``)."""
+    """``G v`` shaped like the params (the pass's ``J``, the loss's ``H``, the pass's ``Jᵀ``).
+
+    Args:
+        context: the pass (``fbp.extensions.Context``: its ``back``, ``pred``, ``loss``, ``y``).
+        v: the direction, shaped like the params.
+
+    Returns:
+        ``G v``, shaped like the params.
+    """
     s = context.loss.hessian_factor(context.pred, context.y)
     return context.back(jnp.einsum("n...m,nm->n...", s, _hessian_sqrt_jvp(context, v)))
 

@@ -31,8 +31,18 @@ from fbp.probes import _at
 
 
 def bin_index(values, bins: int, low: float, high: float, centre_clamp: bool = False):
-    """Each value's bin among ``bins`` equal bins on ``[low, high]`` (clamped into range;
-    ``centre_clamp``: outliers to the edge bins' centres first, as Cockpit's 2-D histogram)."""
+    """Each value's bin among ``bins`` equal bins on ``[low, high]``, clamped into range.
+
+    Args:
+        values: the values.
+        bins: the number of bins.
+        low: the lower edge.
+        high: the upper edge.
+        centre_clamp: clamp outliers to the edge bins' centres first (Cockpit's 2-D histogram).
+
+    Returns:
+        int32 bin indices, shaped like ``values``.
+    """
     width = (high - low) / bins
     if centre_clamp:
         values = jnp.clip(values, low + width / 2, high - width / 2)

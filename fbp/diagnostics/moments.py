@@ -30,7 +30,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fbp.core import map_leaf_params
+from fbp.core import leaf_layers, map_leaf_params
 from fbp.extensions import Extension
 from fbp.probes import project
 
@@ -40,27 +40,60 @@ def _sq(tree) -> jax.Array:
 
 
 def mean_sq_norm(context) -> jax.Array:
-    """``‖ḡ‖²``: the squared norm of the mean per-example gradient."""
+    """``‖ḡ‖²``: the squared norm of the mean per-example gradient.
+
+    Args:
+        context: the pass (``fbp.extensions.Context``).
+
+    Returns:
+        A scalar.
+    """
     return _sq(context.summed) / context.batch ** 2
 
 
 def example_sq_norms(found_norms: dict, context) -> jax.Array:
-    """``(B,)``: each example's squared gradient norm over the whole model."""
+    """Each example's squared gradient norm over the whole model.
+
+    Args:
+        found_norms: ``{leaf path: (B,) squared norms}`` (the ``"norms"`` probes).
+        context: the pass.
+
+    Returns:
+        ``(B,)``.
+    """
     return sum(found_norms.values(), jnp.zeros((context.batch,), context.values.dtype))
 
 
 def by_leaf(model, tree) -> dict:
-    """``{leaf path: that leaf's part of tree}`` (a params-shaped tree)."""
+    """A params-shaped tree split by leaf layer.
+
+    Args:
+        model: the model.
+        tree: a tree shaped like its params.
+
+    Returns:
+        ``{leaf path: that leaf's part of tree}``.
+    """
     out: dict = {}
     map_leaf_params(model, tree, lambda path, leaf, p: out.setdefault(path, p))
     return out
 
 
-def projections(kept: dict, direction: dict) -> jax.Array:
+def projections(kept: dict, direction: dict, model) -> jax.Array:
     """``(B,)``: ``g_bᵀ v`` for a direction given by leaf path, from what the ``"project"`` probes
     kept (``fbp.probes.project``: ``Σ_t x_btᵀ V g_bt`` per Dense-like weight — one product of
-    the forward's size per direction — never the per-example gradient where positions exist)."""
-    return sum(project(k, direction[path]) for path, k in kept.items())
+    the forward's size per direction — never the per-example gradient where positions exist).
+
+    Args:
+        kept: ``{leaf path: what its "project" probe kept}``.
+        direction: ``{leaf path: v at that leaf}`` (``by_leaf``).
+        model: the model (its leaf layers).
+
+    Returns:
+        ``(B,)``.
+    """
+    layers = dict(leaf_layers(model))
+    return sum(project(k, direction[path], layers[path]) for path, k in kept.items())
 
 
 def _unbiased(context, s, g2):
@@ -99,7 +132,8 @@ def _mean_projections(kept, context):
     b, shared = context.batch, context.shared if context.shared is not None else {}
     if "projections onto the mean gradient" not in shared:
         shared["projections onto the mean gradient"] = projections(
-            kept, {path: jax.tree_util.tree_map(lambda g: g / b, context.leaf_grads[path]) for path in kept})
+            kept, {path: jax.tree_util.tree_map(lambda g: g / b, context.leaf_grads[path]) for path in kept},
+            context.model)
     return shared["projections onto the mean gradient"]
 
 

@@ -41,7 +41,16 @@ def zero_buffer(shapes, steps: int) -> dict:
 
 
 def write(buffer: dict, row, q: dict) -> dict:
-    """The buffer with row ``row`` set to this step's ``q``."""
+    """The buffer with one row set to this step's results.
+
+    Args:
+        buffer: the epoch's buffer (``zero_buffer``).
+        row: the step's row (its index in the epoch).
+        q: the watched update's ``q``.
+
+    Returns:
+        The new buffer.
+    """
     return jax.tree_util.tree_map(lambda b, v: b.at[row].set(v.astype(b.dtype)), buffer,
                                   {k: q[k] for k in ("diagnostics", "due", "step")})
 
@@ -91,8 +100,16 @@ def _jsonable(tree):
 
 
 def append(directory, lines: list[dict]) -> None:
-    """Append lines to ``directory/diagnostics.jsonl`` (flushed and synced: it is written
-    before the checkpoint that follows it)."""
+    """Append lines to ``directory/diagnostics.jsonl``, flushed and synced (it is written
+    before the checkpoint that follows it).
+
+    Args:
+        directory: the checkpoint directory.
+        lines: the lines (``record_epoch``).
+
+    Returns:
+        None.
+    """
     if not lines:
         return
     path = pathlib.Path(directory) / FILE

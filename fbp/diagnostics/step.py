@@ -34,8 +34,15 @@ class Point(NamedTuple):
 
 
 def point(losses, projections) -> Point:
-    """An end of the step from the per-example losses ``u_b`` (whose mean is the reduced loss)
-    and the per-example projections ``∇u_bᵀ d/‖d‖``, with sample variances (``ddof=1``)."""
+    """An end of the step, with sample variances (``ddof=1``).
+
+    Args:
+        losses: the per-example losses ``u_b`` (their mean is the reduced loss).
+        projections: the per-example projections ``∇u_bᵀ d/‖d‖``.
+
+    Returns:
+        The ``Point``.
+    """
     return Point(jnp.mean(losses), jnp.var(losses, ddof=1), jnp.mean(projections), jnp.var(projections, ddof=1))
 
 
@@ -80,19 +87,45 @@ def _total(layers: dict):
 
 
 def update_size(model, updates) -> dict:
-    """``{"total", "layers"}``: the update's norm ``‖Δθ‖``, whole and per leaf (Cockpit's UpdateSize)."""
+    """The update's norm ``‖Δθ‖``, whole and per leaf (Cockpit's UpdateSize).
+
+    Args:
+        model: the model.
+        updates: the update, shaped like its params.
+
+    Returns:
+        ``{"total", "layers": {path: norm}}``.
+    """
     layers = _norms(model, updates)
     return {"total": _total(layers), "layers": layers}
 
 
 def update_ratio(model, updates, params) -> dict:
-    """``{"total", "layers"}``: ``‖Δθ‖ / ‖θ‖`` per leaf and whole (the update-to-parameter
-    ratio; around 1e-3 is the folklore healthy value for SGD-like training)."""
+    """``‖Δθ‖ / ‖θ‖`` per leaf and whole: the update-to-parameter ratio (around 1e-3 is the
+    folklore healthy value for SGD-like training).
+
+    Args:
+        model: the model.
+        updates: the update.
+        params: the params before it.
+
+    Returns:
+        ``{"total", "layers": {path: ratio}}``.
+    """
     step, size = _norms(model, updates), _norms(model, params)
     return {"total": _total(step) / _total(size), "layers": {p: step[p] / size[p] for p in step}}
 
 
 def distance(model, params, init) -> dict:
-    """``{"total", "layers"}``: ``‖θ − θ_init‖`` per leaf and whole (Cockpit's Distance)."""
+    """``‖θ − θ_init‖`` per leaf and whole (Cockpit's Distance).
+
+    Args:
+        model: the model.
+        params: the params now.
+        init: the params at the start.
+
+    Returns:
+        ``{"total", "layers": {path: distance}}``.
+    """
     layers = _norms(model, jax.tree_util.tree_map(lambda a, b: a - b, params, init))
     return {"total": _total(layers), "layers": layers}

@@ -135,9 +135,19 @@ class DiagnosticsState(NamedTuple):
 
 def watched_update(model, loss, optimizer, settings: Watch):
     """The training step's pass and update with the diagnostics (``fbp.step_pass.optimizer_update``'s
-    signature): ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, updates,
-    opt_state, pred, new_state, q)`` with ``opt_state`` a ``DiagnosticsState`` and
-    ``q["diagnostics"]`` the step's results (zeros where it was not due; ``q["due"]`` says)."""
+    signature).
+
+    Args:
+        model: the model.
+        loss: the loss.
+        optimizer: the optimizer (its state sits in ``DiagnosticsState.inner``).
+        settings: the ``Watch``.
+
+    Returns:
+        ``f(params, opt_state, x, y, *, state=None, key=None) -> (value, updates, opt_state,
+        pred, new_state, q)`` with ``opt_state`` a ``DiagnosticsState`` and ``q["diagnostics"]``
+        the step's results (NaN where it was not due; ``q["due"]`` says, ``q["step"]`` numbers it).
+    """
 
     def full(params, opt_state: DiagnosticsState, x, y, state, key):
         key_pass = None if key is None else jax.random.fold_in(key, 7)
@@ -164,13 +174,15 @@ def watched_update(model, loss, optimizer, settings: Watch):
             c = context.batch * context.scale  # u_b = c ℓ_b: their mean is the reduced loss
             losses = c * jnp.sum(context.values.reshape(context.batch, -1), axis=1)
             t_prev = _length(opt_state.direction)
-            end = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, opt_state.direction))
+            end = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, opt_state.direction),
+                                                     model)
                              / _safe(t_prev))
             s0 = opt_state.start
             out["alpha"] = jnp.where(opt_state.has_start,
                                      step.alpha(step.Point(s0[0], s0[1], s0[2], s0[3]), end, s0[4]), jnp.nan)
             t = _length(updates)
-            here = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, updates)) / _safe(t))
+            here = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, updates), model)
+                              / _safe(t))
             start = jnp.stack([here.f, here.var_f, here.df, here.var_df, t]).astype(start.dtype)
             has_start = opt_state.count % settings.every == 0
         new_state_d = opt_state._replace(inner=inner, count=opt_state.count + 1, direction=updates, start=start,

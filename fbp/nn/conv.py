@@ -227,8 +227,8 @@ def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> l
 class _ConvBase(Layer):
     """Shared fields and checks; subclasses fix the rank and how strides/padding map onto
     the general convolution."""
-
     piecewise_linear = True
+    linear_in_params = True  # projections onto a direction: the forward with it as the kernel (core.Layer)
 
     features: int
     kernel_size: int | tuple[int, ...]

@@ -85,6 +85,7 @@ class Dense(Layer):
     independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
+    linear_in_params = True  # projections onto a direction: the forward with it as the params (core.Layer)
 
     features: int
     use_bias: bool = True

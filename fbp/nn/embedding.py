@@ -42,6 +42,7 @@ class Embedding(Layer):
         ``ids (...) -> y (..., features)``.
     """
     independent_examples = True  # each example's output and input cotangent are its own
+    linear_in_params = True  # projections onto a direction: the lookup in it (core.Layer)
 
     vocab: int
     features: int
