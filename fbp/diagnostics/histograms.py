@@ -104,8 +104,8 @@ class GradHistogram1d(Extension):
 
     bins: int = 100
     range: tuple = (-2.0, 2.0)
-    samples: int = 1 << 16
-    max_exact: int = 1 << 22
+    samples: int = 1 << 12
+    max_exact: int = 1 << 18
     key: Any = None
     name: ClassVar[str] = "grad_hist_1d"
     needs: ClassVar[str] = "project"
@@ -140,8 +140,8 @@ class GradHistogram2d(Extension):
 
     bins: tuple = (40, 50)
     range: tuple = ((-1.0, 1.0), (-2.0, 2.0))
-    samples: int = 1 << 16
-    max_exact: int = 1 << 22
+    samples: int = 1 << 12
+    max_exact: int = 1 << 18
     key: Any = None
     name: ClassVar[str] = "grad_hist_2d"
     needs: ClassVar[str] = "project"

@@ -153,6 +153,7 @@ class Positions(NamedTuple):
         """
         out = []
         b, _, n_out = self.g.shape
+        g_t = self.g.swapaxes(1, 2)  # (B, n_out, T): each drawn (example, column) reads T contiguous values
         for k, (kernel, parts, _) in enumerate(self.kernels):
             fan_in, offset = sum(part.shape[-1] for part in parts), 0
             for n, part in enumerate(parts):
@@ -162,7 +163,7 @@ class Positions(NamedTuple):
                 ex = jax.random.randint(keys[0], (draws,), 0, b)
                 row = jax.random.randint(keys[1], (draws,), 0, width)
                 col = jax.random.randint(keys[2], (draws,), 0, n_out)
-                values = jnp.sum(part[ex, :, row] * self.g[ex, :, col], axis=1)
+                values = jnp.sum(part.swapaxes(1, 2)[ex, row] * g_t[ex, col], axis=1)
                 out.append((kernel, values, ex, row + offset, col, b * width * n_out / draws))
                 offset += width
         return out
