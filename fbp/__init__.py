@@ -31,5 +31,5 @@ from fbp.nn.function import layer
 __version__ = "0.1.0"
 
 __all__ = ["InputError", "Layer", "Loss", "accounting", "augment", "check", "credit", "curvature", "data", "debug",
-           "deviation", "diagnostics", "grad", "kfac", "layer", "losses", "nn", "optim", "per_example", "privacy", "telemetry",
-           "to_jax", "train", "value_and_grad", "vjp", "__version__"]
+           "deviation", "diagnostics", "grad", "kfac", "layer", "losses", "nn", "optim", "per_example", "privacy",
+           "telemetry", "to_jax", "train", "value_and_grad", "vjp", "__version__"]

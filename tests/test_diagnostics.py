@@ -1,8 +1,9 @@
 """fbp.diagnostics against direct computations: per-example gradients by JAX autodiff of the
 plain forward (``vmap`` of its VJP over one-hot cotangents: each example's own gradient), the
 dense GGN ``Jᵀ H J`` from ``jax.jacobian``-style rows and ``jax.hessian`` of the loss, in
-float64 — on small models of every family kind (MLP, CNN, LSTM, transformer, BatchNorm in
-evaluation mode with state, Dropout with a key). Each check is shown to catch a planted error.
+float64 — on small models of every family kind (MLP, CNN, LSTM, transformer, an embedding,
+BatchNorm in evaluation mode with state, Dropout with a key): projections take each route
+(a layer's own forward with the direction as params, positions, materialised gradients). Each check is shown to catch a planted error.
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ LOSS = losses.CategoricalCrossEntropy(from_logits=True)
 EACH = dataclasses.replace(LOSS, reduction="none")
 PREFIXES = {"mlp": "Serial(Dense(features=8), Tanh()", "cnn": "Conv2D(features=4, kernel_size=3)",
             "lstm": "LSTM(hidden=4)", "transformer": "TransformerBlock(", "batchnorm-eval": "Serial(Conv2D(",
-            "dropout": "Dropout("}
+            "dropout": "Dropout(", "embedding": "Embedding("}
 CASES = {kind: next(c for c in capabilities.cases() if c[0].startswith(prefix)) for kind, prefix in PREFIXES.items()}
 BATCH = 6
 

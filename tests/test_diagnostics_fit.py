@@ -107,3 +107,16 @@ def test_batchnorm_in_training_is_named():
     with pytest.raises(fbp.InputError, match="1"):
         fbp.train.fit(model, LOSS, optim.sgd(0.1), params, X, Y, key=jax.random.PRNGKey(1), epochs=1, batch_size=32,
                       progress=False, diagnostics=["noise_scale"])
+
+
+def test_a_users_extension_is_recorded_every_step():
+    """fit(diagnostics=[...]) takes any engine extension: a per-example one too (the epoch's last,
+    smaller batch NaN-padded), equal to the same extension computed by fbp.value_and_grad."""
+    from fbp import per_example
+
+    r = _fit(diagnostics=["loss", per_example.GradNorms()], epochs=1, shuffle=False, batch_size=48)
+    assert sorted(r.diagnostics) == [0, 1, 2, 3, 4]  # 200 = 4 × 48 + 8
+    first = fbp.value_and_grad(MODEL, LOSS, extensions=[per_example.GradNorms()])(PARAMS, X[:48], Y[:48])[-1]
+    np.testing.assert_allclose(r.diagnostics[0]["grad_norms"]["0"], first["grad_norms"]["0"], rtol=1e-5)
+    last = r.diagnostics[4]["grad_norms"]["0"]
+    assert last.shape == (48,) and np.all(np.isfinite(last[:8])) and np.all(np.isnan(last[8:]))

@@ -106,14 +106,15 @@ def findings(diagnostics: dict, window: int = 200) -> list[Finding]:
     if trace.size and batch.size and np.mean(signal) > 0 and not step_size:
         scale, b = float(np.mean(trace) / np.mean(signal)), float(np.median(batch))
         if scale > b:
-            out.append(Finding("batch-below-noise-scale", f"batch smaller than the noise scale: B_simple ≈ {scale:.0f} "
-                                                          f"> batch {b:.0f}: a larger batch (with a larger rate) would "
-                                                          f"train in fewer steps", "mean trace_cov / mean grad_sq > batch"))
+            out.append(Finding("batch-below-noise-scale",
+                               f"batch smaller than the noise scale: B_simple ≈ {scale:.0f} > batch {b:.0f}: a larger "
+                               f"batch (with a larger rate) would train in fewer steps",
+                               "mean trace_cov / mean grad_sq > batch"))
         elif 0 < scale * NOISE_FACTOR < b:
-            out.append(Finding("batch-above-noise-scale", f"batch much larger than the noise scale: B_simple ≈ "
-                                                          f"{scale:.0f} < batch {b:.0f} / {NOISE_FACTOR:.0f}: a smaller "
-                                                          f"batch would cost less per step for almost the same progress",
-                               f"batch > {NOISE_FACTOR:.0f} × mean trace_cov / mean grad_sq"))
+            out.append(Finding("batch-above-noise-scale",
+                               f"batch much larger than the noise scale: B_simple ≈ {scale:.0f} < batch {b:.0f} / "
+                               f"{NOISE_FACTOR:.0f}: a smaller batch would cost less per step for almost the same "
+                               f"progress", f"batch > {NOISE_FACTOR:.0f} × mean trace_cov / mean grad_sq"))
     layers = sorted({p for s in diagnostics.values() for p in s.get("update_ratio", {}).get("layers", {})})
     for path in layers:
         ratio = _series(diagnostics, window, "update_ratio", "layers", path)

@@ -18,15 +18,13 @@ counts always total ``B × P`` (exactly for the exact leaves, in expectation for
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from typing import Any
-
-from fbp.extensions import Extension
 from fbp.diagnostics.moments import by_leaf
+from fbp.extensions import Extension
 from fbp.probes import _at
 
 

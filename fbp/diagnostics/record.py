@@ -41,7 +41,8 @@ def zero_buffer(shapes, steps: int) -> dict:
 
 
 def write(buffer: dict, row, q: dict) -> dict:
-    """The buffer with one row set to this step's results.
+    """The buffer with one row set to this step's results (a per-example result of a smaller
+    last batch padded with NaN to the buffer's batch).
 
     Args:
         buffer: the epoch's buffer (``zero_buffer``).
@@ -51,8 +52,13 @@ def write(buffer: dict, row, q: dict) -> dict:
     Returns:
         The new buffer.
     """
-    return jax.tree_util.tree_map(lambda b, v: b.at[row].set(v.astype(b.dtype)), buffer,
-                                  {k: q[k] for k in ("diagnostics", "due", "step")})
+    def put(b, v):
+        if v.shape != b.shape[1:]:  # a per-example result of the epoch's last, smaller batch: NaN-padded
+            v = jnp.pad(v.astype(b.dtype), [(0, b.shape[1] - v.shape[0])] + [(0, 0)] * (v.ndim - 1),
+                        constant_values=jnp.nan)
+        return b.at[row].set(v.astype(b.dtype))
+
+    return jax.tree_util.tree_map(put, buffer, {k: q[k] for k in ("diagnostics", "due", "step")})
 
 
 def _python(tree):
