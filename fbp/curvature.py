@@ -160,6 +160,10 @@ class DiagGGNMC(Extension):
         check_fields(self)
         _require_samples(self.mc_samples, "DiagGGNMC")
 
+    @property
+    def column_key(self):  # one column pass for every reader of this many samples
+        return f"diag_ggn_mc{self.mc_samples}"
+
     def columns(self, loss, y, key):
         _require_curvature(loss, "fbp.curvature.DiagGGNMC")
         return _columns(loss, y, self.mc_samples, key)

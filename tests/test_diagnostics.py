@@ -268,3 +268,22 @@ def test_sampled_histogram_elements_are_per_example_gradient_entries():
         a, b = np.asarray(q["grad_hist_1d"]["counts"]), np.asarray(s["grad_hist_1d"]["counts"])
         assert b.sum() == pytest.approx(a.sum(), rel=1e-9)
         assert np.abs(a / a.sum() - b / b.sum()).sum() < 0.05
+
+
+def test_monte_carlo_trace_and_tic_share_the_sampled_columns():
+    """GGNTrace(method="mc") and TICDiag(curvature="mc") read the one sampled column pass that
+    DiagGGNMC(1) reads: the trace is that diagonal's sum, the TIC its ratio with Σ_b g_b²/B."""
+    from fbp import curvature, per_example
+
+    with jax.enable_x64(True):
+        model, params, state, x, y, key, train = _inputs("mlp")
+        exts = [diagnostics.GGNTrace(method="mc"), diagnostics.TICDiag(curvature="mc"), curvature.DiagGGNMC(1),
+                per_example.SumGradSquared()]
+        q = jax.jit(fbp.value_and_grad(model, LOSS, extensions=exts))(params, x, y, key=jax.random.key(4))[-1]
+        mc, sgs = q["diag_ggn_mc"], q["sum_grad_squared"]
+        leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
+        assert float(q["ggn_trace"]["total"]) == pytest.approx(float(sum(jnp.sum(a) for a in leaves(mc))), rel=1e-12)
+        tic = sum(jnp.sum((s / BATCH) / (d + 1e-7)) for s, d in zip(leaves(sgs), leaves(mc), strict=True))
+        assert float(q["tic_diag"]) == pytest.approx(float(tic), rel=1e-12)
+        with pytest.raises(ValueError, match="curvature must be"):
+            diagnostics.TICDiag(curvature="hessian")

@@ -2,7 +2,8 @@
 
 * **Trace**: exact as the sum of the GGN diagonal (the loss's Hessian-factor columns
   backpropagated on the pass's residuals, ``fbp.curvature.DiagGGN``; its cost grows with the
-  number of classes), or **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher
+  number of classes: one backward per class), or the sum of the **Monte-Carlo** diagonal (one
+  sampled column per example, ``DiagGGNMC(1)``: one more backward, unbiased), or **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher
   ``v_m`` (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product
   per sample (``S`` the loss's Hessian factor, ``H = S Sᵀ``). Its standard error is
   ``sqrt(2 ‖G‖_F² / M)`` at most.
@@ -12,7 +13,8 @@
   ``k``, which converges to ``λ_max`` from below, geometrically in the gap to ``λ_2``.
 * **TIC** with diagonal curvature (Thomas et al., 2020, as Cockpit's TICDiag): ``Σ_i C_ii / (G_ii + ε)``
   with ``C = (1/B) Σ_b g_b g_bᵀ`` the uncentred second moment of the per-example gradients
-  (``SGS/B``) and ``G_ii`` the exact GGN diagonal.
+  (``SGS/B``) and ``G_ii`` the exact GGN diagonal (or the Monte-Carlo one, as Cockpit's
+  ``curvature="diag_ggn_mc"``).
 
 All are of the reduced loss (the mean, for ``reduction="mean"``), as ``fbp.curvature``.
 """
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fbp.curvature import DiagGGN
+from fbp.curvature import DiagGGN, DiagGGNMC
 from fbp.extensions import Extension
 
 
@@ -51,6 +53,10 @@ def ggn_product(context, v):
     return context.back(jnp.einsum("n...m,nm->n...", s, _hessian_sqrt_jvp(context, v)))
 
 
+def _diagonal(mc: bool):
+    return DiagGGNMC(1) if mc else DiagGGN()
+
+
 def _leaf_sum(tree) -> jax.Array:
     return sum((jnp.sum(a) for a in jax.tree_util.tree_leaves(tree)), jnp.zeros(()))
 
@@ -61,7 +67,8 @@ class GGNTrace(Extension):
     (Hutchinson; module docstring).
 
     Args:
-        method: ``"exact"`` (the diagonal's sum) or ``"hutchinson"``.
+        method: ``"exact"`` (the diagonal's sum), ``"mc"`` (the Monte-Carlo diagonal's sum, one
+            sample per example; the call needs a key) or ``"hutchinson"``.
         vectors: Hutchinson's ``M``, the random vectors.
         key: Hutchinson's random key (build the extension inside the jitted step when it changes).
     """
@@ -71,23 +78,30 @@ class GGNTrace(Extension):
     key: Any = None
     name: ClassVar[str] = "ggn_trace"
     requires_independence: ClassVar[bool] = False
-    column_key: ClassVar[str] = "diag_ggn"  # shares the GGN diagonal's columns with DiagGGN and TICDiag
 
     def __post_init__(self):
-        if self.method not in ("exact", "hutchinson"):
-            raise ValueError(f"GGNTrace: method must be 'exact' or 'hutchinson', got {self.method!r}")
+        if self.method not in ("exact", "mc", "hutchinson"):
+            raise ValueError(f"GGNTrace: method must be 'exact', 'mc' or 'hutchinson', got {self.method!r}")
         if self.method == "hutchinson" and (self.key is None or int(self.vectors) < 1):
             raise ValueError("GGNTrace(method='hutchinson') needs key=jax.random.key(...) and vectors >= 1")
 
     @property
-    def needs(self):  # the exact trace reads the GGN diagonal's columns; Hutchinson only the pass
-        return "columns" if self.method == "exact" else "norms"
+    def needs(self):  # the diagonal's columns; Hutchinson reads only the pass
+        return "norms" if self.method == "hutchinson" else "columns"
+
+    @property
+    def samples(self):  # the Monte-Carlo columns are drawn (the call needs a key)
+        return self.method == "mc"
+
+    @property
+    def column_key(self):  # one column pass with DiagGGN (DiagGGNMC(1)) and TICDiag of the same kind
+        return _diagonal(self.method == "mc").column_key
 
     def columns(self, loss, y, key):
-        return DiagGGN().columns(loss, y, key)
+        return _diagonal(self.method == "mc").columns(loss, y, key)
 
     def finalize(self, found, context):
-        if self.method == "exact":
+        if self.method != "hutchinson":
             layers = {path: _leaf_sum(d) for path, d in found.items()}
             return {"total": sum(layers.values(), jnp.zeros(())), "layers": layers}
         flat, unravel = ravel_pytree(context.grads)
@@ -163,15 +177,28 @@ class TICDiag(Extension):
 
     Args:
         epsilon: ``ε``.
+        curvature: ``"exact"`` (the GGN diagonal) or ``"mc"`` (the Monte-Carlo one, one sample).
     """
 
     epsilon: float = 1e-7
+    curvature: str = "exact"
     name: ClassVar[str] = "tic_diag"
     needs: ClassVar[tuple] = ("sgs", "columns")
-    column_key: ClassVar[str] = "diag_ggn"
+
+    def __post_init__(self):
+        if self.curvature not in ("exact", "mc"):
+            raise ValueError(f"TICDiag: curvature must be 'exact' or 'mc', got {self.curvature!r}")
+
+    @property
+    def samples(self):
+        return self.curvature == "mc"
+
+    @property
+    def column_key(self):
+        return _diagonal(self.curvature == "mc").column_key
 
     def columns(self, loss, y, key):
-        return DiagGGN().columns(loss, y, key)
+        return _diagonal(self.curvature == "mc").columns(loss, y, key)
 
     def finalize(self, found, context):
         b = context.batch
