@@ -109,10 +109,9 @@ class _PerExample(Wrapper):
             linear = {"x": x, "d_y": d_y} if self.layer.linear_in_params else {}
             if found is not None:  # (the positions serve sampled histograms; XLA drops what nothing reads)
                 return {"groups": found[0], "rest": found[1]} | linear
-            if linear:
-                return linear
-            own = getattr(self.layer, "per_example_grads", None)
-            return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)}
+            own = getattr(self.layer, "per_example_grads", None)  # (histograms read them; unread, XLA drops them)
+            return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)} \
+                | linear
         if found is not None:
             return self._positions(d_params, *found)
         own_norms = getattr(self.layer, "per_example_sq_norms", None)
@@ -182,11 +181,11 @@ def project(kept, direction, layer: Layer | None = None) -> jax.Array:
                    for a, b in zip(jax.tree_util.tree_leaves(per), jax.tree_util.tree_leaves(v), strict=True)
                    if jnp.issubdtype(a.dtype, jnp.inexact))
 
-    if "per" in kept:
-        return dot(kept["per"], direction)
     if "x" in kept and layer is not None:
         y = run_forward(layer, direction, kept["x"])[0]
         return jnp.sum((y * kept["d_y"].astype(y.dtype)).reshape(y.shape[0], -1), axis=1)
+    if "per" in kept:
+        return dot(kept["per"], direction)
     out = sum(group.dots(lambda key: _at(direction, key)) for group in kept["groups"])
     rest = kept["rest"]
     return out + dot([rest[k] for k in rest], [_at(direction, k) for k in rest]) if rest else out

@@ -3,8 +3,8 @@
 * **Trace**: exact as the sum of the GGN diagonal (the loss's Hessian-factor columns
   backpropagated on the pass's residuals, ``fbp.curvature.DiagGGN``; its cost grows with the
   number of classes: one backward per class), or the sum of the **Monte-Carlo** diagonal (one
-  sampled column per example, ``DiagGGNMC(1)``: one more backward, unbiased), or **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher
-  ``v_m`` (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product
+  sampled column per example, ``DiagGGNMC(1)``: one more backward, unbiased), or
+  **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher ``v_m`` (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product
   per sample (``S`` the loss's Hessian factor, ``H = S Sᵀ``). Its standard error is
   ``sqrt(2 ‖G‖_F² / M)`` at most.
 * **Largest eigenvalue** by **Lanczos** (Lanczos, 1950) on GGN-vector products (``J v`` by
@@ -111,9 +111,9 @@ class GGNTrace(Extension):
                 if self.vectors > 1 else jnp.zeros(())}
 
 
-def lanczos_top(matvec, dim: int, iterations: int, key, dtype) -> jax.Array:
+def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_vector: bool = False):
     """The largest Ritz value of ``matvec`` (symmetric) after ``iterations`` Lanczos steps with
-    full reorthogonalisation, started from a random unit vector.
+    full reorthogonalisation, started from a random unit vector (or ``start``).
 
     Args:
         matvec: ``v -> A v`` on flat vectors of length ``dim``.
@@ -121,12 +121,17 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype) -> jax.Array:
         iterations: ``k`` (at most ``dim``).
         key: the start vector's key.
         dtype: the vectors' dtype.
+        start: a start vector (a warm start: the last top Ritz vector converges in a few steps
+            when the matrix changed little), or ``None``; a zero one falls back to random.
+        with_vector: also return the top Ritz vector (unit length).
 
     Returns:
-        The top eigenvalue of the ``k×k`` tridiagonal matrix.
+        The top eigenvalue of the ``k×k`` tridiagonal matrix (and the Ritz vector).
     """
     k = min(int(iterations), dim)
     v0 = jax.random.normal(key, (dim,), dtype)
+    if start is not None:
+        v0 = jnp.where(jnp.linalg.norm(start) > 0, start.astype(dtype), v0)
     basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
 
     def body(i, carry):
@@ -142,10 +147,14 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype) -> jax.Array:
         basis = basis.at[i + 1].set(jnp.where(found, w / jnp.where(found, beta, 1), 0))
         return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(found, beta, 0)), scale
 
-    _, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype), jnp.zeros((k,), dtype),
-                                                         jnp.zeros((), dtype)))
+    basis, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype),
+                                                             jnp.zeros((k,), dtype), jnp.zeros((), dtype)))
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    return jnp.linalg.eigvalsh(tridiagonal)[-1]
+    values, vectors = jnp.linalg.eigh(tridiagonal)
+    if not with_vector:
+        return values[-1]
+    ritz = basis[:k].T @ vectors[:, -1]
+    return values[-1], ritz / jnp.maximum(jnp.linalg.norm(ritz), jnp.finfo(dtype).tiny)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,10 +164,15 @@ class GGNMaxEigenvalue(Extension):
     Args:
         iterations: Lanczos steps (GGN-vector products).
         key: the start vector's key.
+        start: a warm start, shaped like the params (``fit`` passes the last step's Ritz vector),
+            or ``None``.
+        with_vector: return ``{"value", "vector"}`` (the Ritz vector shaped like the params).
     """
 
     iterations: int = 20
     key: Any = None
+    start: Any = None
+    with_vector: bool = False
     name: ClassVar[str] = "ggn_max_eigenvalue"
     needs: ClassVar[str] = "norms"
     requires_independence: ClassVar[bool] = False
@@ -166,8 +180,10 @@ class GGNMaxEigenvalue(Extension):
     def finalize(self, found, context):
         flat, unravel = ravel_pytree(context.grads)
         key = jax.random.key(0) if self.key is None else self.key
-        return lanczos_top(lambda v: ravel_pytree(ggn_product(context, unravel(v)))[0], flat.size,
-                           self.iterations, key, flat.dtype)
+        start = None if self.start is None else ravel_pytree(self.start)[0]
+        out = lanczos_top(lambda v: ravel_pytree(ggn_product(context, unravel(v)))[0], flat.size, self.iterations,
+                          key, flat.dtype, start, self.with_vector)
+        return {"value": out[0], "vector": unravel(out[1])} if self.with_vector else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,12 @@ Presets, named and sized like Cockpit's (Schneider, Dangel & Hennig, 2021):
   noise scale, which the norms give for free;
 * ``"business"``: economy + TIC (diagonal) + the GGN trace + the gradient signal-to-noise ratio;
 * ``"full"``: business + the GGN's largest eigenvalue + the 2-D gradient/parameter histogram.
+
+By name, the trace and the TIC read the Monte-Carlo GGN diagonal (one sampled column per
+example: one more backward, unbiased; Cockpit's ``diag_ggn_mc``) and the top eigenvalue runs
+``WARM_ITERATIONS`` Lanczos steps warm-started from the previous diagnosed step's Ritz vector
+(kept in the state): the exact trace costs one backward per class, and a cold Lanczos 20 GGN
+products per step. Give instances for other settings (``GGNTrace()``: exact).
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ _EXTENSIONS = {
     "ortho_test": lambda key: moments.OrthoTest(),
     "gradient_snr": lambda key: moments.GradientSNR(),
     "grad_norm": lambda key: moments.GradNorm(),
-    "ggn_trace": lambda key: curvature.GGNTrace(),
-    "ggn_max_eigenvalue": lambda key: curvature.GGNMaxEigenvalue(key=key),
-    "tic_diag": lambda key: curvature.TICDiag(),
+    "ggn_trace": lambda key: curvature.GGNTrace(method="mc"),
+    "ggn_max_eigenvalue": lambda key: curvature.GGNMaxEigenvalue(iterations=WARM_ITERATIONS, key=key,
+                                                                 with_vector=True),
+    "tic_diag": lambda key: curvature.TICDiag(curvature="mc"),
     "grad_hist_1d": lambda key: histograms.GradHistogram1d(key=key),
     "grad_hist_2d": lambda key: histograms.GradHistogram2d(key=key),
 }
+WARM_ITERATIONS = 5  # Lanczos steps per diagnosed step, warm-started from the last one's Ritz vector
 STEP_QUANTITIES = ("loss", "alpha", "update_size", "update_ratio", "distance")
 ECONOMY = ("alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test", "ortho_test",
            "update_size", "update_ratio", "noise_scale")
@@ -69,13 +77,31 @@ class Watch:
     own: tuple = ()
     every: int = 1
 
-    def extensions(self, key) -> tuple[Extension, ...]:
-        """The step's extensions (``key``: the step's key, for the sampled ones)."""
+    def extensions(self, key, start=None) -> tuple[Extension, ...]:
+        """The step's extensions.
+
+        Args:
+            key: the step's key (for the sampled ones), or ``None``.
+            start: the top eigenvector's warm start, shaped like the params, or ``None``.
+
+        Returns:
+            The extensions.
+        """
         keys = jax.random.split(key, len(self.names) + 1) if key is not None else [None] * (len(self.names) + 1)
         built = tuple(_EXTENSIONS[n](k) for n, k in zip(self.names, keys, strict=False) if n in _EXTENSIONS)
+        built = tuple(dataclasses.replace(e, start=start) if isinstance(e, curvature.GGNMaxEigenvalue) and start
+                      is not None else e for e in built)
         return built + self.own
 
     def wants(self, name: str) -> bool:
+        """Whether ``name`` is asked for.
+
+        Args:
+            name: a quantity's name.
+
+        Returns:
+            True or False.
+        """
         return name in self.names
 
 
@@ -124,13 +150,14 @@ class DiagnosticsState(NamedTuple):
     direction: Any  # the last diagnosed step's update (α's end point projects onto it)
     start: jax.Array  # α's start point: (f, var_f, df, var_df, t)
     has_start: jax.Array  # whether the last step recorded a start point
+    eigenvector: Any  # the GGN's last top Ritz vector (the next Lanczos' warm start; zeros: none yet)
 
     @classmethod
     def begin(cls, inner, params) -> DiagnosticsState:
         """The state before the first step."""
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         first = jax.tree_util.tree_leaves(params)[0].dtype if jax.tree_util.tree_leaves(params) else jnp.float32
-        return cls(inner, jnp.zeros((), jnp.int32), params, zeros, jnp.zeros((5,), first), jnp.zeros((), bool))
+        return cls(inner, jnp.zeros((), jnp.int32), params, zeros, jnp.zeros((5,), first), jnp.zeros((), bool), zeros)
 
 
 def watched_update(model, loss, optimizer, settings: Watch):
@@ -149,44 +176,26 @@ def watched_update(model, loss, optimizer, settings: Watch):
         the step's results (NaN where it was not due; ``q["due"]`` says, ``q["step"]`` numbers it).
     """
 
-    def full(params, opt_state: DiagnosticsState, x, y, state, key):
+    def full(params, opt_state: DiagnosticsState, x, y, state, key, only_alpha=False):
         key_pass = None if key is None else jax.random.fold_in(key, 7)
-        exts = check_extensions(list(settings.extensions(key_pass)) + ([_Kept()] if settings.wants("alpha") else []))
+        warm = opt_state.eigenvector if settings.wants("ggn_max_eigenvalue") else None
+        exts = [] if only_alpha else list(settings.extensions(key_pass, warm))
+        exts = check_extensions(exts + ([_Kept()] if settings.wants("alpha") else []))
         value, grads, pred, new_state, q, context = engine.run(model, loss, exts, params, x, y, state=state,
                                                                key=key, with_context=True)
         updates, inner = optimizer.update(grads, opt_state.inner, params)
         out = {e.name: q[e.name] for e in exts if e.name != _Kept.name}
-        new_params = apply_updates(params, updates)
-        out["batch"] = jnp.asarray(context.batch, jnp.int32)  # the findings compare it with the noise scale
-        rate = learning_rate(inner, default=None)  # and the step size with the curvature
-        if rate is not None:
-            out["learning_rate"] = jnp.asarray(rate, jnp.float32)
-        if settings.wants("loss"):
-            out["loss"] = value
-        if settings.wants("update_size"):
-            out["update_size"] = step.update_size(model, updates)
-        if settings.wants("update_ratio"):
-            out["update_ratio"] = step.update_ratio(model, updates, params)
-        if settings.wants("distance"):
-            out["distance"] = step.distance(model, new_params, opt_state.init)
+        eigenvector = opt_state.eigenvector
+        if isinstance(out.get("ggn_max_eigenvalue"), dict):  # the Ritz vector: the next warm start
+            eigenvector = out["ggn_max_eigenvalue"]["vector"]
+            out["ggn_max_eigenvalue"] = out["ggn_max_eigenvalue"]["value"]
+        out |= _update_quantities(model, settings, context, value, updates, inner, params, opt_state.init)
         start, has_start = opt_state.start, jnp.zeros((), bool)
         if settings.wants("alpha"):
-            c = context.batch * context.scale  # u_b = c ℓ_b: their mean is the reduced loss
-            losses = c * jnp.sum(context.values.reshape(context.batch, -1), axis=1)
-            t_prev = _length(opt_state.direction)
-            end = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, opt_state.direction),
-                                                     model)
-                             / _safe(t_prev))
-            s0 = opt_state.start
-            out["alpha"] = jnp.where(opt_state.has_start,
-                                     step.alpha(step.Point(s0[0], s0[1], s0[2], s0[3]), end, s0[4]), jnp.nan)
-            t = _length(updates)
-            here = step.point(losses, c * moments.projections(q[_Kept.name], moments.by_leaf(model, updates), model)
-                              / _safe(t))
-            start = jnp.stack([here.f, here.var_f, here.df, here.var_df, t]).astype(start.dtype)
-            has_start = opt_state.count % settings.every == 0
+            out["alpha"], start = _alpha_ends(model, context, q[_Kept.name], opt_state, updates)
+            has_start = jnp.logical_and(opt_state.count % settings.every == 0, not only_alpha)
         new_state_d = opt_state._replace(inner=inner, count=opt_state.count + 1, direction=updates, start=start,
-                                         has_start=has_start)
+                                         has_start=has_start, eigenvector=eigenvector)
         return value, updates, new_state_d, pred, new_state, out
 
     def plain(params, opt_state: DiagnosticsState, x, y, state, key):
@@ -197,19 +206,26 @@ def watched_update(model, loss, optimizer, settings: Watch):
 
     def f(params, opt_state, x, y, *, state=None, key=None):
         shapes = jax.eval_shape(lambda: full(params, opt_state, x, y, state, key))[5]
-        due = opt_state.count % settings.every == 0
-        if settings.wants("alpha") and settings.every > 1:
-            due = due | (opt_state.count % settings.every == 1)
+
+        def nan(names=()):
+            return {k: jax.tree_util.tree_map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype) if jnp.issubdtype(
+                a.dtype, jnp.inexact) else jnp.zeros(a.shape, a.dtype), v) for k, v in shapes.items() if k not in names}
 
         def between():
-            zeros = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype) if
-                                           jnp.issubdtype(s.dtype, jnp.inexact) else jnp.zeros(s.shape, s.dtype),
-                                           shapes)
-            return (*plain(params, opt_state, x, y, state, key), zeros)
+            return (*plain(params, opt_state, x, y, state, key), nan())
 
-        value, updates, opt_state, pred, new_state, out = jax.lax.cond(
-            due, lambda: full(params, opt_state, x, y, state, key), between)
-        return value, updates, opt_state, pred, new_state, {"diagnostics": out, "due": due,
+        def alpha_end():  # the step after a diagnosed one: only α's end point (projections onto the last update)
+            value, updates, o, pred, new_state, out = full(params, opt_state, x, y, state, key, only_alpha=True)
+            return value, updates, o, pred, new_state, nan(("alpha",)) | {"alpha": out["alpha"]}
+
+        phase = opt_state.count % settings.every
+        branches = [lambda: full(params, opt_state, x, y, state, key), between]
+        branch = jnp.where(phase == 0, 0, 1)
+        if settings.wants("alpha") and settings.every > 1:
+            branches.insert(1, alpha_end)
+            branch = jnp.where(phase == 0, 0, jnp.where(phase == 1, 1, 2))
+        value, updates, opt_state, pred, new_state, out = jax.lax.switch(branch, branches)
+        return value, updates, opt_state, pred, new_state, {"diagnostics": out, "due": branch < len(branches) - 1,
                                                             "step": opt_state.count - 1}
 
     return f
@@ -221,6 +237,40 @@ class _Kept(Extension):
 
     name: ClassVar[str] = "alpha_projections"
     needs: ClassVar[str] = "project"
+
+
+def _update_quantities(model, settings, context, value, updates, inner, params, init) -> dict:
+    """The step's own numbers: its batch and learning rate (the findings read them), the loss,
+    the update's size and ratio, the distance from the start."""
+    out = {"batch": jnp.asarray(context.batch, jnp.int32)}
+    rate = learning_rate(inner, default=None)
+    if rate is not None:
+        out["learning_rate"] = jnp.asarray(rate, jnp.float32)
+    if settings.wants("loss"):
+        out["loss"] = value
+    if settings.wants("update_size"):
+        out["update_size"] = step.update_size(model, updates)
+    if settings.wants("update_ratio"):
+        out["update_ratio"] = step.update_ratio(model, updates, params)
+    if settings.wants("distance"):
+        out["distance"] = step.distance(model, apply_updates(params, updates), init)
+    return out
+
+
+def _alpha_ends(model, context, kept, opt_state, updates):
+    """α of the previous step (its end point is this pass) and this step's start point."""
+    c = context.batch * context.scale  # u_b = c ℓ_b: their mean is the reduced loss
+    losses = c * jnp.sum(context.values.reshape(context.batch, -1), axis=1)
+
+    def point(direction):
+        t = _length(direction)
+        return step.point(losses, c * moments.projections(kept, moments.by_leaf(model, direction), model) / _safe(t)), t
+
+    end, _ = point(opt_state.direction)
+    s0 = opt_state.start
+    alpha = jnp.where(opt_state.has_start, step.alpha(step.Point(s0[0], s0[1], s0[2], s0[3]), end, s0[4]), jnp.nan)
+    here, t = point(updates)
+    return alpha, jnp.stack([here.f, here.var_f, here.df, here.var_df, t]).astype(s0.dtype)
 
 
 def _length(tree):
