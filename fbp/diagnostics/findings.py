@@ -8,7 +8,7 @@ Every rule reads ``FitResult.diagnostics`` over a window of the last ``window`` 
   rate. ``step-too-small`` — median α < −0.5: the steps stop short, far from the minimum along
   their direction (−1 is not moving); raise it. (Cockpit's α; Schneider et al., 2021.)
 * ``loss-rising`` — the loss's median over the last window above its median over the first
-  recorded steps while the median α is positive: the run is getting worse and its steps
+  recorded steps (a tenth of them, at most 5: the loss at the start) while the median α is positive: the run is getting worse and its steps
   overshoot — the learning rate is too large (a diverging run saturates and its α stays
   moderate, so the rising loss is the stronger evidence there).
 * ``beyond-stability`` — median of ``learning_rate × λ_max`` > 2, with λ_max the GGN's top
@@ -84,13 +84,13 @@ def findings(diagnostics: dict, window: int = 200) -> list[Finding]:
                                                  f"direction): raise the learning rate", f"median α < {ALPHA_LOW}"))
         loss = _series(diagnostics, len(diagnostics), "loss")
         if not out and loss.size >= 4:  # (once step-too-large fired, this says nothing new)
-            first = float(np.median(loss[:max(1, min(20, loss.size // 10))]))  # the loss at the start
+            first = float(np.median(loss[:max(1, min(5, loss.size // 10))]))  # the loss at the start
             last = float(np.median(loss[-window:]))
             if last > first and med > 0:
                 out.append(Finding("loss-rising", f"step size too large: the loss rose from {first:.3g} to {last:.3g} "
                                                   f"while the steps overshoot (median α {med:.2f} > 0): lower the "
                                                   f"learning rate", "median loss (last window) > median loss (first "
-                                                                    "tenth, ≤ 20 steps) and median α > 0"))
+                                                                    "tenth, ≤ 5 steps) and median α > 0"))
     top, rate = _series(diagnostics, window, "ggn_max_eigenvalue"), _series(diagnostics, window, "learning_rate")
     if top.size and rate.size == top.size:
         sharp = float(np.median(top * rate))
