@@ -8,9 +8,10 @@ Every rule reads ``FitResult.diagnostics`` over a window of the last ``window`` 
   rate. ``step-too-small`` — median α < −0.5: the steps stop short, far from the minimum along
   their direction (−1 is not moving); raise it. (Cockpit's α; Schneider et al., 2021.)
 * ``loss-rising`` — the loss's median over the last window above its median over the first
-  recorded steps (a tenth of them, at most 5: the loss at the start) while the median α is positive: the run is getting worse and its steps
-  overshoot — the learning rate is too large (a diverging run saturates and its α stays
-  moderate, so the rising loss is the stronger evidence there).
+  recorded steps (a tenth of them, at most 5: the loss at the start) while the median α is
+  positive: the run is getting worse and its steps overshoot — the learning rate is too large
+  (a diverging run saturates and its α stays moderate, so the rising loss is the stronger
+  evidence there).
 * ``beyond-stability`` — median of ``learning_rate × λ_max`` > 2, with λ_max the GGN's top
   eigenvalue: plain gradient descent on a quadratic with that curvature diverges along its top
   direction (the edge of stability: Cohen et al., 2021); lower the rate below ``2/λ_max``.
