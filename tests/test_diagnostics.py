@@ -3,7 +3,8 @@ plain forward (``vmap`` of its VJP over one-hot cotangents: each example's own g
 dense GGN ``Jᵀ H J`` from ``jax.jacobian``-style rows and ``jax.hessian`` of the loss, in
 float64 — on small models of every family kind (MLP, CNN, LSTM, transformer, an embedding,
 BatchNorm in evaluation mode with state, Dropout with a key): projections take each route
-(a layer's own forward with the direction as params, positions, materialised gradients). Each check is shown to catch a planted error.
+(a layer's own forward with the direction as params, positions, materialised gradients).
+Each check is shown to catch a planted error.
 """
 
 import dataclasses

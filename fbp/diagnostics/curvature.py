@@ -5,7 +5,8 @@
   number of classes: one backward per class), or the sum of the **Monte-Carlo** diagonal (one
   sampled column per example, ``DiagGGNMC(1)``: one more backward, unbiased), or
   **Hutchinson**'s estimate ``tr G ≈ (1/M) Σ_m v_mᵀ G v_m`` with Rademacher ``v_m``
-  (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product per sample (``S`` the loss's Hessian factor, ``H = S Sᵀ``). Its standard error is
+  (Hutchinson, 1989), where ``vᵀ G v = ‖Sᵀ J v‖²`` needs one Jacobian-vector product per
+  sample (``S`` the loss's Hessian factor, ``H = S Sᵀ``). Its standard error is
   ``sqrt(2 ‖G‖_F² / M)`` at most.
 * **Largest eigenvalue** by **Lanczos** (Lanczos, 1950) on GGN-vector products (``J v`` by
   transposing the pass's linear backward, ``H``, then the backward), with full
