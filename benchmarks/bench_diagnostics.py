@@ -15,7 +15,9 @@ Networks: 3C3D, Cockpit's own benchmark network (DeepOBS ``cifar10_3c3d``: three
 torchvision wheel), Cockpit itself times the same 3C3D and batch in PyTorch on this CPU (its
 plain step, and each configuration on every step), interleaved the same way.
 
-Run: ``python benchmarks/bench_diagnostics.py [--runs 3] [--only 3c3d,mlp] [--no-peer]``; ratios
+With ``--each``, one quantity at a time on every step instead of the presets (what each costs).
+
+Run: ``python benchmarks/bench_diagnostics.py [--runs 3] [--only 3c3d,mlp] [--no-peer] [--each]``; ratios
 per run and their range (Cockpit's presets take 2–4 s a step here: with it, one round is
 several minutes).
 """
@@ -63,14 +65,21 @@ def _scan(update):
     return run
 
 
-def calls(model, shape):
+EACH = {"norms": ["noise_scale"], "tests": ["inner_test", "ortho_test"], "alpha": ["alpha"],
+        "histogram": ["grad_hist_1d"], "sgs": ["gradient_snr"], "mc column": ["tic_diag"],
+        "eigenvalue": ["ggn_max_eigenvalue"]}
+
+
+def calls(model, shape, each=False):
     xs = jax.random.normal(jax.random.PRNGKey(0), (STEPS, *shape))
     ys = jax.random.randint(jax.random.PRNGKey(1), (STEPS, shape[0]), 0, 10)
     params = model.init(jax.random.PRNGKey(2), xs[0])
     opt = optim.sgd(0.01)
     plain = _scan(optimizer_update(model, LOSS, opt))
     out = {"plain": lambda: plain(params, opt.init(params), xs, ys)}
-    for name, preset, every in (("economy", "economy", 1), ("business", "business", 1), ("full/16", "full", 16)):
+    settings = [(name, names, 1) for name, names in EACH.items()] if each else \
+        [("economy", "economy", 1), ("business", "business", 1), ("full/16", "full", 16)]
+    for name, preset, every in settings:
         update = watched_update(model, LOSS, opt, watch(preset, every))
         keyed = lambda p, o, x, y, u=update: u(p, o, x, y, key=jax.random.PRNGKey(3))  # noqa: E731
         run = _scan(keyed)
@@ -85,14 +94,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default="3c3d,mlp")
     parser.add_argument("--no-peer", action="store_true", help="time fbp alone (Cockpit takes minutes per round)")
+    parser.add_argument("--each", action="store_true", help="one quantity at a time (every step), fbp alone")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; {STEPS} SGD steps per call")
     for name in args.only.split(","):
         model, shape = {"3c3d": c3d3, "mlp": mlp}[name]()
         print(f"\n{name} {shape}")
-        candidates, params, xs, ys = calls(model, shape)
+        candidates, params, xs, ys = calls(model, shape, args.each)
         wanted = [f"{k} / plain" for k in candidates if k != "plain"]
-        if name == "3c3d" and not args.no_peer:
+        if name == "3c3d" and not (args.no_peer or args.each):
             try:
                 from diagnostics_peers import cockpit_calls
             except ImportError as missing:
