@@ -305,3 +305,17 @@ def test_a_warm_started_lanczos_converges_in_few_steps():
         cold = lanczos_top(lambda v: a @ v, 60, 5, jax.random.key(0), jnp.float64)
         assert abs(float(warm) - 10.0) < 1e-4 and abs(float(cold) - 10.0) > 5e-2
         assert abs(abs(float(vector @ q_[:, 0])) - 1) < 1e-4
+
+
+def test_every_diagnostic_extension_is_checked():
+    """Each extension class of fbp.diagnostics is among those compared with a reference above
+    (the capability table's test leaves them to this file)."""
+    from fbp.extensions import Extension
+
+    def subclasses(cls):
+        return {c for s in cls.__subclasses__() for c in {s} | subclasses(s)}
+
+    mine = {c.name for c in subclasses(Extension) if c.__module__.startswith("fbp.diagnostics") and
+            not c.__name__.startswith("_")}
+    checked = {e.name for e in _extensions({"w": jnp.zeros(3)})}
+    assert mine == checked, mine ^ checked
