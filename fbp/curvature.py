@@ -284,13 +284,24 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
     def product(params, x, y, v, *, state=None, key=None):
         _require_like_params(params, v)
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
-        return _ggn_product(lambda u: model.backward(res, u)[0], pred, loss, y, v)
+        return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, y, v)
 
     return with_context(model, has_state, "fbp.curvature.ggn_vector_product", product)
 
 
-def _ggn_product(back, pred, loss, y, v):
-    """``Jᵀ H J v`` from the linear backward ``back: u ↦ Jᵀu`` (``J v`` is its transpose)."""
+def ggn_product_of_pass(back, pred, loss, y, v):
+    """``Jᵀ H J v`` from a pass's linear backward ``back: u ↦ Jᵀu`` (``J v`` is its transpose).
+
+    Args:
+        back: the linear backward on the pass's residuals.
+        pred: the model's output.
+        loss: the loss (its ``hessian_factor``).
+        y: the targets.
+        v: the direction, shaped like the params.
+
+    Returns:
+        ``G v``, shaped like the params.
+    """
     (jv,) = jax.linear_transpose(back, pred)(v)
     s = loss.hessian_factor(pred, y)
     axes = tuple(range(1, pred.ndim))
@@ -318,7 +329,7 @@ class GGNVectorProduct(Extension):
         """``G v`` shaped like ``params`` from the pass's backward (``fbp.extensions``)."""
         _require_curvature(loss, "fbp.curvature.GGNVectorProduct")
         _require_like_params(params, self.v)
-        return _ggn_product(back, pred, loss, y, self.v)
+        return ggn_product_of_pass(back, pred, loss, y, self.v)
 
 
 def _require_like_params(params, v) -> None:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fbp.curvature import DiagGGN, DiagGGNMC
+from fbp.curvature import DiagGGN, DiagGGNMC, ggn_product_of_pass
 from fbp.extensions import Extension
 
 
@@ -41,7 +41,8 @@ def _hessian_sqrt_jvp(context, v):
 
 
 def ggn_product(context, v):
-    """``G v`` shaped like the params (the pass's ``J``, the loss's ``H``, the pass's ``Jᵀ``).
+    """``G v`` shaped like the params (the pass's ``J``, the loss's ``H``, the pass's ``Jᵀ``):
+    ``fbp.curvature``'s product on this pass.
 
     Args:
         context: the pass (``fbp.extensions.Context``: its ``back``, ``pred``, ``loss``, ``y``).
@@ -50,8 +51,7 @@ def ggn_product(context, v):
     Returns:
         ``G v``, shaped like the params.
     """
-    s = context.loss.hessian_factor(context.pred, context.y)
-    return context.back(jnp.einsum("n...m,nm->n...", s, _hessian_sqrt_jvp(context, v)))
+    return ggn_product_of_pass(context.back, context.pred, context.loss, context.y, v)
 
 
 def _diagonal(mc: bool):

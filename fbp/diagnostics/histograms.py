@@ -86,8 +86,25 @@ def elements(kept, params, key, samples: int, max_exact: int) -> list:
     return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class _Sampled(Extension):
+    """What both histograms share: the sampling settings and the walk over every leaf's elements."""
+
+    samples: int = 1 << 12
+    max_exact: int = 1 << 18
+    key: Any = None
+    needs: ClassVar[str] = "project"
+
+    def leaf_elements(self, found, context, default_key: int):
+        """``(path, [(values, parameter values, weight)])`` for every leaf (``elements``)."""
+        key = jax.random.key(default_key) if self.key is None else self.key
+        leaves = by_leaf(context.model, context.params)
+        for i, (path, kept) in enumerate(found.items()):
+            yield path, elements(kept, leaves[path], jax.random.fold_in(key, i), self.samples, self.max_exact)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class GradHistogram1d(Extension):
+class GradHistogram1d(_Sampled):
     """``{"counts": (bins,), "edges": (bins+1,), "layers": {path: counts}}``: per-example
     gradient elements in ``bins`` bins on ``range`` (Cockpit's defaults: 100 on ``(-2, 2)``),
     exact up to ``max_exact`` elements per leaf, sampled above (module docstring).
@@ -102,27 +119,18 @@ class GradHistogram1d(Extension):
 
     bins: int = 100
     range: tuple = (-2.0, 2.0)
-    samples: int = 1 << 12
-    max_exact: int = 1 << 18
-    key: Any = None
     name: ClassVar[str] = "grad_hist_1d"
-    needs: ClassVar[str] = "project"
 
     def finalize(self, found, context):
         low, high = self.range
-        key = jax.random.key(0) if self.key is None else self.key
-        leaves = by_leaf(context.model, context.params)
-        layers = {}
-        for i, (path, kept) in enumerate(found.items()):
-            layers[path] = sum((_counts(bin_index(v, self.bins, low, high), self.bins, w)
-                                for v, _, w in elements(kept, leaves[path], jax.random.fold_in(key, i), self.samples,
-                                                        self.max_exact)), jnp.zeros((self.bins,)))
+        layers = {path: sum((_counts(bin_index(v, self.bins, low, high), self.bins, w) for v, _, w in parts),
+                            jnp.zeros((self.bins,))) for path, parts in self.leaf_elements(found, context, 0)}
         return {"counts": sum(layers.values(), jnp.zeros((self.bins,))),
                 "edges": jnp.linspace(low, high, self.bins + 1), "layers": layers}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GradHistogram2d(Extension):
+class GradHistogram2d(_Sampled):
     """``{"counts": (bins_g, bins_θ), "edges_grad", "edges_param"}``: per-example gradient
     elements against their parameter's value (Cockpit's defaults: ``(40, 50)`` bins on
     ``((-1, 1), (-2, 2))``, outliers clamped to the edge bins' centres); exact or sampled as
@@ -138,19 +146,13 @@ class GradHistogram2d(Extension):
 
     bins: tuple = (40, 50)
     range: tuple = ((-1.0, 1.0), (-2.0, 2.0))
-    samples: int = 1 << 12
-    max_exact: int = 1 << 18
-    key: Any = None
     name: ClassVar[str] = "grad_hist_2d"
-    needs: ClassVar[str] = "project"
 
     def finalize(self, found, context):
         (bg, bp), ((gl, gh), (pl, ph)) = self.bins, self.range
-        key = jax.random.key(1) if self.key is None else self.key
-        leaves = by_leaf(context.model, context.params)
         counts = jnp.zeros((bg * bp,))
-        for i, (path, kept) in enumerate(found.items()):
-            for v, p, w in elements(kept, leaves[path], jax.random.fold_in(key, i), self.samples, self.max_exact):
+        for _, parts in self.leaf_elements(found, context, 1):
+            for v, p, w in parts:
                 index = bin_index(v, bg, gl, gh, centre_clamp=True) * bp + bin_index(p, bp, pl, ph, centre_clamp=True)
                 counts = counts + _counts(index, bg * bp, w)
         return {"counts": counts.reshape(bg, bp), "edges_grad": jnp.linspace(gl, gh, bg + 1),
