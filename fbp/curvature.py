@@ -79,6 +79,33 @@ class KroneckerBlock:
     G: jax.Array
 
 
+def _get(tree, key: tuple):
+    for k in key:
+        tree = tree[k]
+    return tree
+
+
+def block_matrix(g, block: KroneckerBlock) -> jax.Array:
+    """The block's entries of a leaf's params-shaped ``g`` as the matrix ``W: (fan_in [+1], n_out)``
+    (kernels' rows stacked in order, the bias a last row)."""
+    n_out = block.G.shape[0]
+    rows = [_get(g, key).reshape(-1, n_out) for key, _ in block.kernels]
+    rows += [_get(g, block.bias)[None]] if block.bias is not None else []
+    return jnp.concatenate(rows, axis=0)
+
+
+def block_entries(w, block: KroneckerBlock, g) -> dict:
+    """``block_matrix``'s inverse: ``{key: entry}`` of ``W`` for ``fbp.nn.positions.assemble`` into ``g``."""
+    out, start = {}, 0
+    for key, shape in block.kernels:
+        size = _get(g, key).size // block.G.shape[0]
+        out[key] = w[start:start + size].reshape(shape)
+        start += size
+    if block.bias is not None:
+        out[block.bias] = w[start]
+    return out
+
+
 class Factors(NamedTuple):
     """``kfac_factors``' result for one leaf layer: its Kronecker ``blocks`` and ``diagonal``,
     the exact GGN diagonal of every parameter no block covers (params-shaped, 0 elsewhere)."""
@@ -416,5 +443,5 @@ def _leaf_params(model, params, path):
 
 from fbp.curvature_hessian import diag_hessian  # noqa: E402  (public here; it uses the helpers above)
 
-__all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "diag_ggn", "diag_ggn_mc", "diag_hessian",
+__all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "block_entries", "block_matrix", "diag_ggn", "diag_ggn_mc", "diag_hessian",
            "ggn_vector_product", "kfac_factors"]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.core import InputError, map_leaf_params, value_and_grad
-from fbp.curvature import Factors, KroneckerBlock, KroneckerFactors, kfac_factors
+from fbp.curvature import Factors, KroneckerBlock, KroneckerFactors, block_entries, block_matrix, kfac_factors
 from fbp.nn.positions import assemble
 from fbp.optim.base import GradientTransformation, apply_updates
 from fbp.validation import require_number, typed_arguments
@@ -62,12 +62,6 @@ def _eigen(block: KroneckerBlock, damping: float, mode: str):
     inverse = lambda q, lam, shift: (q / (lam + shift)) @ q.T  # noqa: E731
     zero = jnp.zeros((), la.dtype)
     return inverse(qa, la, pi * jnp.sqrt(damping)), zero, inverse(qg, lg, jnp.sqrt(damping) / pi), zero
-
-
-def _get(tree, key: tuple):
-    for k in key:
-        tree = tree[k]
-    return tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,22 +132,12 @@ class KFAC:
         return map_leaf_params(self.model, grads, leaf)
 
     def _block(self, g, block: KroneckerBlock, qa, la, qg, lg) -> dict:
-        n_out = block.G.shape[0]
-        rows = [_get(g, key).reshape(-1, n_out) for key, _ in block.kernels]
-        rows += [_get(g, block.bias)[None]] if block.bias is not None else []
-        w = jnp.concatenate(rows, axis=0)
+        w = block_matrix(g, block)
         if self.damping_mode == "exact":
             nat = qa @ ((qa.T @ w @ qg) / (la[:, None] * lg[None, :] + self.damping)) @ qg.T
         else:  # qa, qg hold the damped inverses
             nat = qa @ w @ qg
-        out, start = {}, 0
-        for key, shape in block.kernels:
-            size = _get(g, key).size // n_out
-            out[key] = nat[start:start + size].reshape(shape)
-            start += size
-        if block.bias is not None:
-            out[block.bias] = nat[start]
-        return out
+        return block_entries(nat, block, g)
 
     def transformation(self, x, y, *, key=None) -> GradientTransformation:
         """K-FAC as an optimizer like the others, for ``fbp.train.make_step`` and ``fit``.

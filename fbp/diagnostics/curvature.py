@@ -31,6 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from fbp.curvature import DiagGGN, DiagGGNMC, ggn_product_of_pass
 from fbp.extensions import Extension
+from fbp.lanczos import lanczos
 
 
 def _hessian_sqrt_jvp(context, v):
@@ -114,7 +115,7 @@ class GGNTrace(Extension):
 
 def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_vector: bool = False):
     """The largest Ritz value of ``matvec`` (symmetric) after ``iterations`` Lanczos steps with
-    full reorthogonalisation, started from a random unit vector (or ``start``).
+    full reorthogonalisation (``fbp.lanczos``), started from a random unit vector (or ``start``).
 
     Args:
         matvec: ``v -> A v`` on flat vectors of length ``dim``.
@@ -129,32 +130,11 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_
     Returns:
         The top eigenvalue of the ``k×k`` tridiagonal matrix (and the Ritz vector).
     """
-    k = min(int(iterations), dim)
-    v0 = jax.random.normal(key, (dim,), dtype)
-    if start is not None:
-        v0 = jnp.where(jnp.linalg.norm(start) > 0, start.astype(dtype), v0)
-    basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-
-    def body(i, carry):
-        basis, alphas, betas, scale = carry
-        w = matvec(basis[i])
-        alpha = jnp.dot(w, basis[i])
-        w = w - basis.T @ (basis @ w)  # full reorthogonalisation (rows beyond i are zero)
-        w = w - basis.T @ (basis @ w)
-        beta = jnp.linalg.norm(w)
-        scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
-        # an invariant subspace is found when the residual is rounding: stop there (zero rows after)
-        found = beta > 100 * jnp.finfo(dtype).eps * scale
-        basis = basis.at[i + 1].set(jnp.where(found, w / jnp.where(found, beta, 1), 0))
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(found, beta, 0)), scale
-
-    basis, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype),
-                                                             jnp.zeros((k,), dtype), jnp.zeros((), dtype)))
-    tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    values, vectors = jnp.linalg.eigh(tridiagonal)
+    t = lanczos(matvec, dim, iterations, key, dtype, start)
+    values, vectors, _ = t.ritz()
     if not with_vector:
         return values[-1]
-    ritz = basis[:k].T @ vectors[:, -1]
+    ritz = t.basis.T @ vectors[:, -1]
     return values[-1], ritz / jnp.maximum(jnp.linalg.norm(ritz), jnp.finfo(dtype).tiny)
 
 

@@ -1,0 +1,180 @@
+r"""The Hessian structures of a Laplace posterior, all in the flat coordinates of a
+``fbp.subspace.Subspace``: the likelihood's curvature ``H`` (without its scale ``s``) and, for a
+prior precision ``δ`` (one per layer: ``delta``, a vector over the coordinates), the posterior
+precision ``P = s H + diag(δ)`` through three operations:
+
+* ``logdet(s, delta)`` — ``log det P`` (closed form from eigenvalues, differentiable in ``s, δ``);
+* ``solve(v, s, delta)`` — ``P⁻¹ v``;
+* ``sample(key, s, delta)`` — ``P^{-1/2} ε`` with ``ε ~ N(0, I)``: a draw from ``N(0, P⁻¹)``.
+
+**Diagonal**: ``H = diag(diag G)``, the exact GGN diagonal (``fbp.curvature.diag_ggn``).
+
+**Kronecker**: every Dense-like weight's block ``A ⊗ G`` (``fbp.curvature.kfac_factors``) with
+``A`` averaged and ``G`` summed over the data, so that ``A ⊗ G ≈ Σ_n vec(∇ℓ_n)vec(∇ℓ_n)ᵀ``;
+every other parameter its exact diagonal. With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` the
+damped block has the eigenvalues ``s λ_{A,i} λ_{G,j} + δ`` in the basis ``Q_A ⊗ Q_G``, so
+``log det``, the solve and the square root are exact for the Kronecker-factored ``P``
+(Ritter, Botev & Barber, 2018; Immer et al., 2021), never the factored-damping approximation.
+
+**Dense**: ``H = Σ_{n,m} r_nm r_nmᵀ`` with ``r_nm = J_nᵀ s_nm`` the per-example gradients of the
+loss's Hessian-factor columns (``fbp.per_example.backward_columns``, mode ``"grads"``): the
+exact GGN of the chosen coordinates, ``dim × dim`` — the last layer, or a small model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.scipy.linalg  # noqa: F401  (loaded on import)
+import jax.numpy as jnp
+import numpy as np
+
+from fbp.curvature import block_entries, block_matrix
+from fbp.nn.positions import assemble
+from fbp.walk import map_leaf_params
+
+STRUCTURES = ("diag", "kfac", "full", "last_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal:
+    """``H = diag(d)``. Attributes: ``d (dim,)``."""
+
+    d: jax.Array
+
+    def logdet(self, s, delta):
+        return jnp.sum(jnp.log(s * self.d + delta))
+
+    def solve(self, v, s, delta):
+        return v / (s * self.d + delta)
+
+    def sample(self, key, s, delta):
+        return jax.random.normal(key, self.d.shape, self.d.dtype) / jnp.sqrt(s * self.d + delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """``H`` as a ``(dim, dim)`` matrix, with its eigendecomposition ``H = U diag(λ) Uᵀ``."""
+
+    values: jax.Array
+    vectors: jax.Array
+
+    @classmethod
+    def of(cls, h):
+        values, vectors = jnp.linalg.eigh((h + h.T) / 2)
+        return cls(jnp.maximum(values, 0), vectors)
+
+    def logdet(self, s, delta):
+        if jnp.ndim(delta) == 0:
+            return jnp.sum(jnp.log(s * self.values + delta))
+        precision = (self.vectors * (s * self.values)) @ self.vectors.T + jnp.diag(delta)
+        return 2 * jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(precision))))
+
+    def solve(self, v, s, delta):
+        if jnp.ndim(delta) == 0:
+            return self.vectors @ ((self.vectors.T @ v) / (s * self.values + delta))
+        precision = (self.vectors * (s * self.values)) @ self.vectors.T + jnp.diag(delta)
+        return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(precision), True), v)
+
+    def sample(self, key, s, delta):
+        eps = jax.random.normal(key, self.values.shape, self.values.dtype)
+        if jnp.ndim(delta) == 0:
+            return self.vectors @ (eps / jnp.sqrt(s * self.values + delta))
+        precision = (self.vectors * (s * self.values)) @ self.vectors.T + jnp.diag(delta)
+        # P = L Lᵀ: x = L⁻ᵀ ε has covariance P⁻¹
+        return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(precision), eps, lower=True, trans="T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kronecker:
+    """Per leaf layer (``paths``, static) its blocks' eigendecompositions ``eigen[path] =
+    [(Q_A, λ_A, Q_G, λ_G), ...]`` and ``diagonal``: the exact GGN diagonal of the coordinates no
+    block covers (0 at covered ones), and ``covered``: 1 at covered coordinates. ``blocks`` and
+    ``unravel`` (static) map between the flat coordinates and the blocks' matrices."""
+
+    eigen: dict
+    diagonal: jax.Array
+    covered: jax.Array
+    blocks: dict
+    space: Any
+    model: Any
+
+    @classmethod
+    def of(cls, factors: dict, model, params, space):
+        """From ``{path: fbp.curvature.Factors}`` (data totals) and the ``Subspace``."""
+        eigen, blocks = {}, {}
+        covered_tree = map_leaf_params(model, params, lambda path, layer, p: jax.tree_util.tree_map(
+            lambda a: np.zeros(np.shape(a)), p))
+        for path, f in factors.items():
+            eigen[path], blocks[path] = [], tuple(f.blocks)
+            for b in f.blocks:
+                la, qa = jnp.linalg.eigh(b.A)
+                lg, qg = jnp.linalg.eigh(b.G)
+                eigen[path].append((qa, jnp.maximum(la, 0), qg, jnp.maximum(lg, 0)))
+        diag_tree = map_leaf_params(model, params, lambda path, layer, p: factors[path].diagonal
+                                    if path in factors else jax.tree_util.tree_map(jnp.zeros_like, p))
+
+        def mark(path, layer, p):
+            out = p
+            for b in blocks.get(path, ()):
+                ones = {key: np.ones(shape) for key, shape in b.kernels}
+                if b.bias is not None:
+                    ones[b.bias] = np.ones((b.G.shape[0],))
+                out = assemble(out, ones)
+            return out
+
+        covered_tree = map_leaf_params(model, covered_tree, mark)
+        covered = space.restrict(jax.tree_util.tree_map(jnp.asarray, covered_tree))
+        keep = {path: e for path, e in eigen.items() if path in space.groups}
+        return cls(keep, space.restrict(diag_tree) * (1 - covered), covered,
+                   {p: b for p, b in blocks.items() if p in keep}, space, model)
+
+    def _delta_of(self, delta, path):
+        if jnp.ndim(delta) == 0:
+            return delta
+        start, _ = self.space.groups[path]
+        return delta[start]  # one prior precision per layer: every coordinate of the layer has it
+
+    def logdet(self, s, delta):
+        total = jnp.sum(jnp.where(self.covered > 0, 0, jnp.log(s * self.diagonal + delta)))
+        for path, eig in self.eigen.items():
+            d = self._delta_of(delta, path)
+            for _, la, _, lg in eig:
+                total = total + jnp.sum(jnp.log(s * la[:, None] * lg[None, :] + d))
+        return total
+
+    def _apply(self, v, s, delta, scale):
+        """``P^{-1}`` (scale=1) or ``P^{-1/2}`` (scale=½) on each block and the diagonal."""
+        out_flat = jnp.where(self.covered > 0, 0, v * (s * self.diagonal + delta) ** -scale)
+        tree = self.space.embed(v)
+        out_tree = self.space.embed(out_flat)
+
+        def leaf(path, layer, g):
+            if path not in self.eigen:
+                return g
+            d = self._delta_of(delta, path)
+            src = _leaf(tree, self.model, path)
+            for block, (qa, la, qg, lg) in zip(self.blocks[path], self.eigen[path], strict=True):
+                w = block_matrix(src, block)
+                mid = (qa.T @ w @ qg) * (s * la[:, None] * lg[None, :] + d) ** -scale
+                g = assemble(g, block_entries(qa @ mid @ qg.T, block, src))
+            return g
+
+        return self.space.restrict(map_leaf_params(self.model, out_tree, leaf))
+
+    def solve(self, v, s, delta):
+        return self._apply(v, s, delta, 1.0)
+
+    def sample(self, key, s, delta):
+        return self._apply(jax.random.normal(key, self.covered.shape, self.covered.dtype), s, delta, 0.5)
+
+
+def _leaf(tree, model, path):
+    found = {}
+    map_leaf_params(model, tree, lambda p, layer, t: found.setdefault(p, t) if p == path else t)
+    return found[path]
+
+
+__all__ = ["STRUCTURES", "Dense", "Diagonal", "Kronecker"]

@@ -1,0 +1,236 @@
+r"""The curvature spectrum of a trained (or training) network from matrix-vector products only:
+top eigenvalues, the trace and the spectral density, of the whole model or of one layer.
+
+The matrix is the loss's **GGN** ``G = Jᵀ H J`` (``curvature="ggn"``: positive semi-definite;
+``J v`` by transposing the pass's hand-written linear backward, ``fbp.curvature``) or its
+**Hessian** (``curvature="hessian"``: ``∇²L v`` as the forward-mode derivative ``jax.jvp`` of
+fbp's own backward pass — the hand-written rules, differentiated once more, so it is exact
+wherever the rules are the derivative: every built-in family, checked against ``jax.hessian``;
+piecewise-linear activations (ReLU) contribute their almost-everywhere second derivative 0).
+``layer="…"`` restricts it to one layer's block ``P G P`` (``fbp.subspace``).
+
+* **Top eigenvalues** (``eigenvalues``): Lanczos with full reorthogonalisation (``fbp.lanczos``);
+  each Ritz value comes with its residual bound ``‖A y − θ y‖`` (an eigenvalue lies within it).
+* **Trace** (``trace``): Hutchinson's ``tr A ≈ (1/M) Σ_m z_mᵀ A z_m`` with Rademacher ``z_m``
+  (Hutchinson, 1989), with its standard error.
+* **Spectral density** (``density``): stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao,
+  2019; Lin, Saad & Yang, 2016): ``runs`` Lanczos runs of ``k`` steps from random unit vectors;
+  each run's Ritz values ``θ_i`` with weights ``u_{1,i}²`` is a Gauss quadrature of the spectral
+  measure, exact for the moments ``zᵀ A^p z`` with ``p ≤ 2k − 1``; the density is their
+  average, smoothed by a Gaussian of width ``σ`` for plotting.
+
+Data larger than one batch: ``batch_size`` splits ``x, y`` into equal batches and sums (or, for
+``reduction="mean"``, averages) each product over them in a ``lax.map`` — the curvature of the
+whole set, batch by batch, as PyHessian does.
+
+Use it under ``jax.jit`` by building the operator inside the jitted function::
+
+    top = jax.jit(lambda p: fbp.spectrum.eigenvalues(fbp.spectrum.operator(model, loss, p, x, y), k=5))(params)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import InputError, Layer, Loss, run_forward, value_grad_and_output
+from fbp.curvature import _require_curvature, ggn_product_of_pass
+from fbp.lanczos import lanczos
+from fbp.subspace import Subspace, subspace
+
+CURVATURES = ("ggn", "hessian")
+
+
+class Operator(NamedTuple):
+    """A symmetric curvature matrix given by its products on flat vectors of the chosen coordinates.
+
+    Attributes:
+        matvec: ``v -> A v`` on ``(dim,)`` vectors.
+        dim: the dimension.
+        dtype: the vectors' dtype.
+        space: the ``fbp.subspace.Subspace`` (``space.embed(v)`` gives the params-shaped direction).
+    """
+
+    matvec: Callable
+    dim: int
+    dtype: Any
+    space: Subspace
+
+
+def _batches(x, y, batch_size):
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    if batch_size is None or batch_size >= n:
+        return None
+    if n % batch_size:
+        raise InputError("fbp.spectrum.operator", f"batch_size={batch_size} must divide the {n} examples (the "
+                                                  f"curvature of the set is the sum over equal batches); pass a "
+                                                  f"divisor of {n} or trim the data")
+    split = lambda a: a.reshape(n // batch_size, batch_size, *a.shape[1:])  # noqa: E731
+    return jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y)
+
+
+def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", layer=None, state=None, key=None,
+             train: bool = False, batch_size: int | None = None) -> Operator:
+    """The curvature operator of ``loss(model(params, x), y)`` (module docstring).
+
+    Args:
+        model: the network.
+        loss: a ``fbp.losses`` loss (its reduction scales the matrix).
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        curvature: ``"ggn"`` or ``"hessian"``.
+        layer: ``None`` (every parameter), a leaf path (``"2"``) or a list of paths: the block.
+        state: the model's state (BatchNorm), or ``None``.
+        key: a random key for layers that need one.
+        train: run the model in training mode (the GGN; the Hessian differentiates the training
+            pass, as ``fbp.value_and_grad``).
+        batch_size: split the data into batches of this size (it must divide the number of examples).
+
+    Returns:
+        An ``Operator``.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "ggn":
+        _require_curvature(loss, "fbp.spectrum.operator")
+    space = subspace(model, params, layer)
+    leaves = jax.tree_util.tree_leaves(params)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+
+    def product(xb, yb, v_tree):
+        if curvature == "ggn":
+            pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
+            return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, yb, v_tree)
+        grad = lambda p: value_grad_and_output(model, loss, p, xb, yb, state=state, key=key)[1]  # noqa: E731
+        return jax.jvp(grad, (params,), (v_tree,))[1]
+
+    batches = _batches(x, y, batch_size)
+    if batches is None:
+        if curvature == "ggn":  # one forward for every product: the residuals are shared
+            pred, res = run_forward(model, params, x, state=state, key=key, train=train)
+            matvec = lambda v: space.restrict(ggn_product_of_pass(  # noqa: E731
+                lambda u: model.backward(res, u)[0], pred, loss, y, space.embed(v)))
+        else:
+            matvec = lambda v: space.restrict(product(x, y, space.embed(v)))  # noqa: E731
+    else:
+        mean = getattr(loss, "reduction", "mean") == "mean"
+
+        def matvec(v):
+            v_tree = space.embed(v)
+            each = lax.map(lambda b: space.restrict(product(b[0], b[1], v_tree)), batches)
+            return each.mean(axis=0) if mean else each.sum(axis=0)
+
+    return Operator(matvec, space.dim, dtype, space)
+
+
+class Eigen(NamedTuple):
+    """``eigenvalues``' result: ``values (k,)`` descending, their ``residuals (k,)`` (each
+    eigenvalue of the operator lies within that distance of a Ritz value), and the Ritz
+    ``vectors (k, dim)`` (unit length; ``space.embed`` makes them params-shaped)."""
+
+    values: jax.Array
+    residuals: jax.Array
+    vectors: jax.Array
+
+
+def _key(key):
+    return jax.random.key(0) if key is None else key
+
+
+def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=None) -> Eigen:
+    """The ``k`` largest eigenvalues by ``iterations`` Lanczos steps (default ``max(3k, 20)``,
+    at most ``dim``): one product each.
+
+    Returns:
+        An ``Eigen``; compare ``residuals`` with the gaps to judge convergence.
+    """
+    k = int(k)
+    if not 1 <= k <= op.dim:
+        raise ValueError(f"fbp.spectrum.eigenvalues: k must be in [1, {op.dim}], got {k}")
+    steps = min(op.dim, max(3 * k, 20) if iterations is None else int(iterations))
+    if steps < k:
+        raise ValueError(f"fbp.spectrum.eigenvalues: {steps} iterations cannot give k={k} eigenvalues")
+    t = lanczos(op.matvec, op.dim, steps, _key(key), op.dtype)
+    values, vectors, residuals = t.ritz()
+    order = jnp.argsort(-values)[:k]
+    return Eigen(values[order], residuals[order], (t.basis.T @ vectors[:, order]).T)
+
+
+class Trace(NamedTuple):
+    """``trace``' result: the ``estimate`` and its ``stderr``."""
+
+    estimate: jax.Array
+    stderr: jax.Array
+
+
+def trace(op: Operator, samples: int = 100, *, key=None) -> Trace:
+    """Hutchinson's trace estimate from ``samples`` Rademacher vectors (one product each)."""
+    if int(samples) < 2:
+        raise ValueError(f"fbp.spectrum.trace: samples must be at least 2 (for the standard error), got {samples}")
+    z = jax.random.rademacher(_key(key), (int(samples), op.dim), op.dtype)
+    quad = lax.map(lambda v: jnp.dot(v, op.matvec(v)), z)
+    return Trace(jnp.mean(quad), jnp.std(quad, ddof=1) / math.sqrt(int(samples)))
+
+
+class Density(NamedTuple):
+    """``density``' result: per run, the quadrature ``nodes (runs, k)`` and ``weights (runs, k)``
+    (each run's weights sum to 1), and the operator's ``dim``."""
+
+    nodes: jax.Array
+    weights: jax.Array
+    dim: int
+
+    def moments(self, p: int) -> jax.Array:
+        """``tr(A^p) / dim`` estimated: the runs' mean of ``Σ_i w_i θ_i^p``."""
+        return jnp.mean(jnp.sum(self.weights * self.nodes ** p, axis=1))
+
+    def evaluate(self, grid, sigma: float | None = None) -> jax.Array:
+        """The density on ``grid``, smoothed with a Gaussian of width ``sigma`` (default: 1 % of
+        the nodes' range); it integrates to 1 (eigenvalues per unit, divided by ``dim``)."""
+        grid = jnp.asarray(grid)
+        if sigma is None:
+            sigma = 0.01 * (jnp.max(self.nodes) - jnp.min(self.nodes)) + 1e-12
+        kernel = jnp.exp(-0.5 * ((grid[:, None, None] - self.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=2), axis=1)
+
+
+def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> Density:
+    """The spectral density by stochastic Lanczos quadrature (module docstring):
+    ``runs × iterations`` products."""
+    steps = min(op.dim, int(iterations))
+
+    def one(k):
+        start = jax.random.rademacher(k, (op.dim,), op.dtype)
+        return lanczos(op.matvec, op.dim, steps, k, op.dtype, start).quadrature()
+
+    nodes, weights = lax.map(one, jax.random.split(_key(key), int(runs)))
+    return Density(nodes, weights, op.dim)
+
+
+def plot_density(result: Density, ax=None, *, points: int = 500, sigma: float | None = None, log: bool = True):
+    """Plot the smoothed density (``matplotlib``; log scale by default, as the spectra of trained
+    networks span orders of magnitude near 0). Returns the axes."""
+    import matplotlib.pyplot as plt  # optional: the `examples` and `diagnostics` extras
+    import numpy as np
+
+    ax = plt.subplots(figsize=(6, 3.5))[1] if ax is None else ax
+    lo, hi = float(jnp.min(result.nodes)), float(jnp.max(result.nodes))
+    pad = 0.05 * (hi - lo) + 1e-12
+    grid = np.linspace(lo - pad, hi + pad, points)
+    values = np.asarray(result.evaluate(grid, sigma))
+    ax.plot(grid, np.maximum(values, 1e-12) if log else values)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    return ax
+
+
+__all__ = ["CURVATURES", "Density", "Eigen", "Operator", "Trace", "density", "eigenvalues", "operator",
+           "plot_density", "trace"]

@@ -1,0 +1,103 @@
+"""A flat view of some of a model's parameters: the coordinates that a spectrum, a Laplace
+posterior or an influence score lives on (every parameter, or the layers a user names).
+
+``Subspace.restrict`` takes a params-shaped tree to the flat vector of the chosen coordinates
+(``jax.flatten_util.ravel_pytree``'s order, the chosen ones kept); ``Subspace.embed`` is its
+transpose: a flat vector back into a params-shaped tree with zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fbp.core import InputError, Layer
+from fbp.walk import map_leaf_params
+
+PyTree = Any
+
+
+def leaf_paths(model: Layer, params) -> list[str]:
+    """The paths of the leaf layers that hold floating parameters, in the params' order."""
+    found = []
+
+    def leaf(path, layer, p):
+        if any(jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in jax.tree_util.tree_leaves(p)):
+            found.append(path)
+        return p
+
+    map_leaf_params(model, params, leaf)
+    return found
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subspace:
+    """The coordinates of ``layers`` (leaf paths, or a path's whole sub-model) in the flat params.
+
+    Attributes:
+        indices: ``(dim,)`` numpy indices into the flat params.
+        size: the flat params' length.
+        unravel: flat params → params tree.
+        groups: ``{path: (start, stop)}``: each chosen leaf layer's slice of the subspace.
+    """
+
+    indices: np.ndarray
+    size: int
+    unravel: Any
+    groups: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def full(self) -> bool:
+        return self.dim == self.size
+
+    def restrict(self, tree) -> jax.Array:
+        """The chosen coordinates of a params-shaped ``tree`` (leading axes kept: vmapped)."""
+        flat = ravel_pytree(tree)[0]
+        return flat if self.full else flat[self.indices]
+
+    def embed(self, v) -> PyTree:
+        """A params-shaped tree holding ``v`` at the chosen coordinates, zeros elsewhere."""
+        flat = v if self.full else jnp.zeros((self.size,), v.dtype).at[self.indices].set(v)
+        return self.unravel(flat)
+
+
+def subspace(model: Layer, params, layers=None) -> Subspace:
+    """The ``Subspace`` of ``layers`` (``None``: every parameter; a path or a list of paths —
+    ``"2"`` or ``"block/attention"``, a path naming a sub-model takes all its leaves).
+
+    Raises:
+        InputError: a path that names no layer with parameters (the message lists the paths).
+    """
+    flat, unravel = ravel_pytree(params)
+    paths = leaf_paths(model, params)
+    wanted = paths if layers is None else [layers] if isinstance(layers, str) else list(layers)
+    chosen = {p for p in paths for w in wanted if p == w or p.startswith(w + "/") or w == ""}
+    missing = [w for w in wanted if not any(p == w or p.startswith(w + "/") or w == "" for p in paths)]
+    if missing:
+        raise InputError(repr(model), f"no layer with parameters at {missing}; the layers with parameters are "
+                                      f"{paths}")
+    marks = map_leaf_params(model, params, lambda path, layer, p: jax.tree_util.tree_map(
+        lambda a: np.full(np.shape(a), paths.index(path) if path in chosen else -1), p))
+    owner = np.concatenate([np.ravel(m) for m in jax.tree_util.tree_leaves(marks)] or [np.zeros(0, int)])
+    indices = np.nonzero(owner >= 0)[0]
+    chosen_owner = owner[indices]
+    groups, start = {}, 0
+    for run in np.split(chosen_owner, np.nonzero(np.diff(chosen_owner))[0] + 1) if chosen_owner.size else []:
+        path = paths[int(run[0])]
+        if path in groups:
+            raise InputError(repr(model), f"the parameters of {path!r} are not contiguous in the flat params")
+        groups[path] = (start, start + run.size)
+        start += run.size
+    return Subspace(indices, int(flat.size), unravel, groups)
+
+
+__all__ = ["Subspace", "leaf_paths", "subspace"]
