@@ -23,17 +23,120 @@ def _data_term(loss_sum, likelihood, pred, y):
     return value * pred[0].size / 2 if likelihood == "regression" else value
 
 
-def _dense_rows(model, loss_sum, params, x, y, space, state):
-    """``H`` of one batch on the subspace, from the per-example gradients of the loss's factor columns."""
+def _slices(tree, lo, hi):
+    return jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+
+
+def _per_column_grads(model, loss_sum, params, x, y, state):
+    """The per-example gradients of the loss's factor columns: a params-shaped tree, leaves ``(M, B, ...)``."""
     pred, _, per, _, _ = backward_columns(model, params, x, lambda p: loss_sum.hessian_factor(p, y), mode="grads",
                                           state=state, train=False)
-    m, n = next(iter(jax.tree_util.tree_leaves(per))).shape[:2] if per else (0, 0)
+    m, n = pred.shape[-1] if pred.ndim > 1 else 1, pred.shape[0]
+    m = next(iter(jax.tree_util.tree_leaves(per))).shape[0] if per else m
 
     def leaf(path, layer, p):
         return per[path] if path in per else jax.tree_util.tree_map(lambda a: jnp.zeros((m, n, *a.shape), a.dtype), p)
 
-    rows = jax.vmap(jax.vmap(space.restrict))(map_leaf_params(model, params, leaf)).reshape(m * n, space.dim)
-    return pred, rows.T @ rows
+    return pred, map_leaf_params(model, params, leaf)
+
+
+def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, space, state=None, batch_size: int = 256,
+                 approximation: str = "expand", hessian: bool = False):
+    """The likelihood's curvature ``H`` over the data as a structure, batch by batch.
+
+    Args:
+        model: the network (inference mode).
+        loss: the loss (``likelihood_of``); its sum over the data is differentiated.
+        params: the params.
+        x: the inputs.
+        y: the targets.
+        structure: ``"diag"``, ``"kfac"``, ``"ekfac"`` or ``"full"``.
+        space: the ``fbp.subspace.Subspace``.
+        state: the model state, or ``None``.
+        batch_size: examples per compiled batch.
+        approximation: K-FAC's ``"expand"`` or ``"reduce"``.
+        hessian: ``"full"`` only: the dense Hessian of the summed loss (by Hessian-vector products,
+            ``fbp.spectrum``) instead of the GGN; it may be indefinite.
+
+    Returns:
+        ``(H, data_term, n_outputs)``: the structure (scaled to the Gaussian likelihood for
+        regression), ``Σ_n CE_n`` or ``½ Σ_n ‖f_n − y_n‖²``, and the outputs per example.
+    """
+    likelihood = likelihood_of(loss)
+    loss_sum = dataclasses.replace(loss, reduction="sum")
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    if n == 0:
+        raise InputError("fbp.laplace", "no training examples")
+    context = {} if state is None else {"state": state}
+    has_state = state is not None
+    args = (params, state) if has_state else (params,)
+
+    def term(xb, yb):
+        return _data_term(loss_sum, likelihood, run_forward(model, params, xb, **context)[0], yb)
+
+    if structure == "diag":
+        curvature = diag_ggn(model, loss_sum, has_state=has_state)
+        batch = jax.jit(lambda xb, yb: (space.restrict(curvature(*args, xb, yb)), term(xb, yb)))
+    elif structure in ("kfac", "ekfac"):
+        curvature = kfac_factors(model, loss_sum, approximation=approximation, has_state=has_state)
+        batch = jax.jit(lambda xb, yb: (curvature(*args, xb, yb), term(xb, yb)))
+    elif hessian:
+        from fbp.spectrum import operator  # the Hessian-vector product of the summed loss
+        batch = jax.jit(lambda xb, yb: (jax.lax.map(operator(model, loss_sum, params, xb, yb, curvature="hessian",
+                                                             layer=_layers(space), state=state).matvec,
+                                                    jnp.eye(space.dim, dtype=space.restrict(params).dtype)),
+                                        term(xb, yb)))
+    else:
+        def batch(xb, yb):
+            _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
+            rows = jax.vmap(jax.vmap(space.restrict))(tree)
+            rows = rows.reshape(-1, space.dim)
+            return rows.T @ rows, term(xb, yb)
+        batch = jax.jit(batch)
+
+    total, value = None, 0.0
+    for lo, hi in _chunks(n, batch_size):
+        got, v = batch(_slices(x, lo, hi), _slices(y, lo, hi))
+        value = value + v
+        if structure in ("kfac", "ekfac"):  # A is each batch's mean: weight it by the batch's share
+            got = {path: f._replace(blocks=[dataclasses.replace(b, A=b.A * (hi - lo) / n) for b in f.blocks])
+                   for path, f in got.items()}
+        total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
+    n_outputs = int(jax.eval_shape(lambda a: run_forward(model, params, a, **context)[0], _slices(x, 0, 1)).size)
+    scale = n_outputs / 2 if likelihood == "regression" else 1.0  # GGN(Σ MSE_n) = (2/C) JᵀJ
+    if structure == "diag":
+        found = Diagonal(total * scale)
+    elif structure in ("kfac", "ekfac"):
+        total = {path: f._replace(blocks=[dataclasses.replace(b, G=b.G * scale) for b in f.blocks],
+                                  diagonal=jax.tree_util.tree_map(lambda d: d * scale, f.diagonal))
+                 for path, f in total.items()}
+        found = Kronecker.of(total, model, params, space)
+        if structure == "ekfac":
+            found = _refit(found, model, loss_sum, params, x, y, state, batch_size, scale)
+    else:
+        found = Dense.of((total + total.T) / 2 * scale, clip=not hessian)
+    return found, value, n_outputs
+
+
+def _layers(space):
+    return list(space.groups)
+
+
+def _refit(kron: Kronecker, model, loss_sum, params, x, y, state, batch_size, scale) -> Kronecker:
+    """EK-FAC: ``Λ = Σ_{n,m} (Q_Aᵀ R_nm Q_G)²`` in K-FAC's eigenbases (``structures``)."""
+
+    def batch(xb, yb):
+        _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
+        rotated = jax.vmap(jax.vmap(kron.rotate))(tree)
+        return jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r), axis=(0, 1)), rotated)
+
+    batch = jax.jit(batch)
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    total = None
+    for lo, hi in _chunks(n, batch_size):
+        got = batch(_slices(x, lo, hi), _slices(y, lo, hi))
+        total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
+    return kron.with_eigenvalues(jax.tree_util.tree_map(lambda t: t * scale, total))
 
 
 def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", layers=None, state=None,
@@ -48,8 +151,8 @@ def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", laye
         params: the MAP estimate.
         x: the training inputs.
         y: the training targets.
-        structure: ``"diag"``, ``"kfac"``, ``"full"`` (the dense GGN: small models or few layers)
-            or ``"last_layer"`` (``"full"`` on the last layer with parameters).
+        structure: ``"diag"``, ``"kfac"``, ``"ekfac"``, ``"full"`` (the dense GGN: small models or
+            few layers) or ``"last_layer"`` (``"full"`` on the last layer with parameters).
         layers: the layers the posterior covers (leaf paths; ``None``: all), the others fixed at ``params``.
         state: the model's state, or ``None``.
         prior_precision: the initial ``δ`` (a scalar, or one per layer).
@@ -70,59 +173,14 @@ def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", laye
                              "structure='full' instead")
         layers = leaf_paths(model, params)[-1:]
     space = subspace(model, params, layers)
-    loss_sum = dataclasses.replace(loss, reduction="sum")
-    n = jax.tree_util.tree_leaves(x)[0].shape[0]
-    if n == 0:
-        raise InputError("fbp.laplace.fit", "no training examples")
-    context = {} if state is None else {"state": state}
-    has_state = state is not None
-    args = (params, state) if has_state else (params,)
-    scale = 1.0
-
-    if structure == "diag":
-        curvature = diag_ggn(model, loss_sum, has_state=has_state)
-        batch = jax.jit(lambda xb, yb: (curvature(*args, xb, yb), _forward_term(xb, yb)))
-    elif structure == "kfac":
-        curvature = kfac_factors(model, loss_sum, approximation=approximation, has_state=has_state)
-        batch = jax.jit(lambda xb, yb: (curvature(*args, xb, yb), _forward_term(xb, yb)))
-    else:
-        def dense(xb, yb):
-            pred, h = _dense_rows(model, loss_sum, params, xb, yb, space, state)
-            return h, _data_term(loss_sum, likelihood, pred, yb)
-        batch = jax.jit(dense)
-
-    def _forward_term(xb, yb):
-        pred = run_forward(model, params, xb, **context)[0]
-        return _data_term(loss_sum, likelihood, pred, yb)
-
-    total, term, n_outputs = None, 0.0, None
-    for lo, hi in _chunks(n, batch_size):
-        xb = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], x)
-        yb = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], y)
-        got, value = batch(xb, yb)
-        term = term + value
-        if structure == "kfac":  # A is each batch's mean: weight it by the batch's share; G and the diagonal add
-            got = {path: f._replace(blocks=[dataclasses.replace(b, A=b.A * (hi - lo) / n) for b in f.blocks])
-                   for path, f in got.items()}
-        total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
-    if n_outputs is None:
-        n_outputs = int(jax.eval_shape(lambda a: run_forward(model, params, a, **context)[0],
-                                       jax.tree_util.tree_map(lambda a: a[:1], x)).size)
-    if likelihood == "regression":
-        scale = n_outputs / 2  # the GGN of Σ MSE_n is (2/C) JᵀJ; the Gaussian likelihood's is JᵀJ/σ²
-    if structure == "diag":
-        hessian = Diagonal(space.restrict(total) * scale)
-    elif structure == "kfac":
-        total = {path: f._replace(blocks=[dataclasses.replace(b, G=b.G * scale) for b in f.blocks],
-                                  diagonal=jax.tree_util.tree_map(lambda d: d * scale, f.diagonal))
-                 for path, f in total.items()}
-        hessian = Kronecker.of(total, model, params, space)
-    else:
-        hessian = Dense.of(total * scale)
+    hessian, term, n_outputs = curvature_of(model, loss, params, x, y, space=space, state=state,
+                                            structure="full" if structure == "last_layer" else structure,
+                                            batch_size=batch_size, approximation=approximation)
     dtype = space.restrict(params).dtype
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
     return Laplace(model, loss, likelihood, params, state, space, hessian, structure,
                    jnp.asarray(prior_precision, dtype), jnp.asarray(sigma_noise, dtype), float(temperature), n,
                    n_outputs, jnp.asarray(term, dtype))
 
 
-__all__ = ["fit"]
+__all__ = ["curvature_of", "fit"]
