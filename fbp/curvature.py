@@ -443,5 +443,5 @@ def _leaf_params(model, params, path):
 
 from fbp.curvature_hessian import diag_hessian  # noqa: E402  (public here; it uses the helpers above)
 
-__all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "block_entries", "block_matrix", "diag_ggn", "diag_ggn_mc", "diag_hessian",
-           "ggn_vector_product", "kfac_factors"]
+__all__ = ["APPROXIMATIONS", "Factors", "KroneckerBlock", "block_entries", "block_matrix", "diag_ggn", "diag_ggn_mc",
+           "diag_hessian", "ggn_vector_product", "kfac_factors"]

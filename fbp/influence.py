@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp.core import Layer, Loss
 from fbp.laplace.fitting import _chunks, _slices, curvature_of
@@ -191,7 +192,7 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("fbp.influence.tracin: no checkpoints")
-    rates = [learning_rates] * len(checkpoints) if jnp.ndim(learning_rates) == 0 else list(learning_rates)
+    rates = [learning_rates] * len(checkpoints) if np.ndim(learning_rates) == 0 else list(learning_rates)
     if len(rates) != len(checkpoints):
         raise ValueError(f"fbp.influence.tracin: {len(rates)} learning rates for {len(checkpoints)} checkpoints")
     space = subspace(model, checkpoints[0], layers)

@@ -88,8 +88,7 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         layer: ``None`` (every parameter), a leaf path (``"2"``) or a list of paths: the block.
         state: the model's state (BatchNorm), or ``None``.
         key: a random key for layers that need one.
-        train: run the model in training mode (the GGN; the Hessian differentiates the training
-            pass, as ``fbp.value_and_grad``).
+        train: run the model in training mode (Dropout masks from ``key``, BatchNorm's batch statistics).
         batch_size: split the data into batches of this size (it must divide the number of examples).
 
     Returns:
@@ -107,7 +106,7 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         if curvature == "ggn":
             pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
             return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, yb, v_tree)
-        grad = lambda p: value_grad_and_output(model, loss, p, xb, yb, state=state, key=key)[1]  # noqa: E731
+        grad = lambda p: value_grad_and_output(model, loss, p, xb, yb, state=state, key=key, train=train)[1]  # noqa: E731
         return jax.jvp(grad, (params,), (v_tree,))[1]
 
     batches = _batches(x, y, batch_size)
@@ -196,7 +195,8 @@ class Density(NamedTuple):
         grid = jnp.asarray(grid)
         if sigma is None:
             sigma = 0.01 * (jnp.max(self.nodes) - jnp.min(self.nodes)) + 1e-12
-        kernel = jnp.exp(-0.5 * ((grid[:, None, None] - self.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        gap = (grid[:, None, None] - self.nodes[None]) / sigma
+        kernel = jnp.exp(-0.5 * gap ** 2) / (sigma * math.sqrt(2 * math.pi))
         return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=2), axis=1)
 
 

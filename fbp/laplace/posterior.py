@@ -34,15 +34,15 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (jax.scipy.* submodules load on import)
 import jax.scipy.optimize  # noqa: F401
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fbp.core import InputError, run_forward
 from fbp.laplace.structures import Dense
-from fbp.losses import BinaryCrossEntropy, CategoricalCrossEntropy, MSE
+from fbp.losses import MSE, BinaryCrossEntropy, CategoricalCrossEntropy
 from fbp.per_example import backward_columns
 from fbp.walk import map_leaf_params
 
@@ -185,7 +185,7 @@ class Laplace:
             noise = jnp.exp(z[groups]) if sigma else None
             return -self.log_marginal_likelihood(prior, noise)
 
-        found = jax.jit(lambda z0: jax.scipy.optimize.minimize(objective, z0, method="BFGS").x)(
+        found = jax.jit(lambda z0: jax.scipy.optimize.minimize(objective, z0, method="BFGS", options={"gtol": 1e-9}).x)(
             start.astype(self.mean.dtype))
         prior = jnp.exp(found[:groups]) if layerwise else jnp.exp(found[0])
         noise = jnp.exp(found[groups]) if sigma else self.sigma_noise

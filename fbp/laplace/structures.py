@@ -32,8 +32,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.scipy.linalg  # noqa: F401  (loaded on import)
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401  (loaded on import)
 import numpy as np
 
 from fbp.curvature import block_entries, block_matrix
@@ -102,10 +102,17 @@ class Dense:
 
 @dataclasses.dataclass(frozen=True)
 class Kronecker:
-    """Per leaf layer its blocks' eigenbases and eigenvalues ``eigen[path] = [(Q_A, Q_G, Λ), ...]``
-    (``Λ_ij = λ_{A,i} λ_{G,j}`` for K-FAC; refitted for EK-FAC: ``with_eigenvalues``) and ``diagonal``: the exact GGN diagonal of the coordinates no
-    block covers (0 at covered ones), and ``covered``: 1 at covered coordinates. ``blocks`` and
-    ``unravel`` (static) map between the flat coordinates and the blocks' matrices."""
+    """Kronecker-factored curvature (``"kfac"``, ``"ekfac"``; module docstring).
+
+    Attributes:
+        eigen: per leaf layer its blocks' eigenbases and eigenvalues, ``[(Q_A, Q_G, Λ), ...]``
+            (``Λ_ij = λ_{A,i} λ_{G,j}`` for K-FAC; refitted for EK-FAC: ``with_eigenvalues``).
+        diagonal: the exact GGN diagonal of the coordinates no block covers (0 at covered ones).
+        covered: 1 at the coordinates a block covers.
+        blocks: per leaf layer its ``KroneckerBlock`` layouts (flat coordinates ↔ block matrices).
+        space: the ``Subspace``.
+        model: the model.
+    """
 
     eigen: dict
     diagonal: jax.Array
