@@ -47,8 +47,14 @@ METHODS = ("exact", "hessian", "kfac", "ekfac", "diag", "gradient", "cosine")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Term:
-    """One term of a score: per-example gradients at ``params`` on ``space``, preconditioned by
-    ``solve`` (``None``: the identity), weighted by ``weight``."""
+    """One term of a score: per-example gradients at ``params``, preconditioned and weighted.
+
+    Attributes:
+        params: the params the gradients are taken at (a checkpoint, for TracIn).
+        weight: the term's weight (``η_t``).
+        solve: ``g -> (H + λI)⁻¹ g`` on flat gradients, or ``None`` (the identity).
+        normalise: use unit-length gradients (``"cosine"``).
+    """
 
     params: Any
     weight: float
@@ -69,6 +75,7 @@ class Influence:
         terms: the ``Term`` s summed.
         batch_size: examples per compiled batch.
         state: the model state, or ``None``.
+        cache: the compiled batch functions.
     """
 
     model: Any
@@ -188,6 +195,9 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
         layers: the layers whose parameters count.
         state: the model's state, or ``None``.
         batch_size: examples per compiled batch.
+
+    Returns:
+        An ``Influence`` (``scores``, ``self_influence``).
     """
     checkpoints = list(checkpoints)
     if not checkpoints:

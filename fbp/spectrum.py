@@ -143,8 +143,13 @@ def _key(key):
 
 
 def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=None) -> Eigen:
-    """The ``k`` largest eigenvalues by ``iterations`` Lanczos steps (default ``max(3k, 20)``,
-    at most ``dim``): one product each.
+    """The ``k`` largest eigenvalues by Lanczos (one product per step).
+
+    Args:
+        op: the ``Operator``.
+        k: how many.
+        iterations: Lanczos steps (default ``max(3k, 20)``, at most ``dim``).
+        key: the start vector's key.
 
     Returns:
         An ``Eigen``; compare ``residuals`` with the gaps to judge convergence.
@@ -169,7 +174,16 @@ class Trace(NamedTuple):
 
 
 def trace(op: Operator, samples: int = 100, *, key=None) -> Trace:
-    """Hutchinson's trace estimate from ``samples`` Rademacher vectors (one product each)."""
+    """Hutchinson's trace estimate.
+
+    Args:
+        op: the ``Operator``.
+        samples: Rademacher vectors (one product each; at least 2).
+        key: their key.
+
+    Returns:
+        A ``Trace``.
+    """
     if int(samples) < 2:
         raise ValueError(f"fbp.spectrum.trace: samples must be at least 2 (for the standard error), got {samples}")
     z = jax.random.rademacher(_key(key), (int(samples), op.dim), op.dtype)
@@ -201,8 +215,17 @@ class Density(NamedTuple):
 
 
 def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> Density:
-    """The spectral density by stochastic Lanczos quadrature (module docstring):
-    ``runs × iterations`` products."""
+    """The spectral density by stochastic Lanczos quadrature (module docstring).
+
+    Args:
+        op: the ``Operator``.
+        iterations: Lanczos steps per run.
+        runs: random start vectors (``runs × iterations`` products in all).
+        key: their key.
+
+    Returns:
+        A ``Density``.
+    """
     steps = min(op.dim, int(iterations))
 
     def one(k):
@@ -214,8 +237,18 @@ def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> 
 
 
 def plot_density(result: Density, ax=None, *, points: int = 500, sigma: float | None = None, log: bool = True):
-    """Plot the smoothed density (``matplotlib``; log scale by default, as the spectra of trained
-    networks span orders of magnitude near 0). Returns the axes."""
+    """Plot the smoothed density (``matplotlib``).
+
+    Args:
+        result: a ``Density``.
+        ax: the axes, or ``None`` for a new figure.
+        points: grid points.
+        sigma: the smoothing width (``Density.evaluate``).
+        log: a log scale (the spectra of trained networks span orders of magnitude near 0).
+
+    Returns:
+        The axes.
+    """
     import matplotlib.pyplot as plt  # optional: the `examples` and `diagnostics` extras
     import numpy as np
 

@@ -23,7 +23,15 @@ PyTree = Any
 
 
 def leaf_paths(model: Layer, params) -> list[str]:
-    """The paths of the leaf layers that hold floating parameters, in the params' order."""
+    """The leaf layers that hold floating parameters.
+
+    Args:
+        model: the model.
+        params: its params.
+
+    Returns:
+        Their paths (``"0"``, ``"block/attention"``), in the model's order.
+    """
     found = []
 
     def leaf(path, layer, p):
@@ -71,8 +79,16 @@ class Subspace:
 
 
 def subspace(model: Layer, params, layers=None) -> Subspace:
-    """The ``Subspace`` of ``layers`` (``None``: every parameter; a path or a list of paths —
-    ``"2"`` or ``"block/attention"``, a path naming a sub-model takes all its leaves).
+    """The coordinates of some layers' parameters.
+
+    Args:
+        model: the model.
+        params: its params.
+        layers: ``None`` (every parameter), a path or a list of paths (``"2"``,
+            ``"block/attention"``; a path naming a sub-model takes all its leaves).
+
+    Returns:
+        A ``Subspace``.
 
     Raises:
         InputError: a path that names no layer with parameters (the message lists the paths).

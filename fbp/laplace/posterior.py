@@ -42,7 +42,6 @@ from jax.flatten_util import ravel_pytree
 
 from fbp.core import InputError, run_forward
 from fbp.laplace.structures import Dense
-from fbp.losses import MSE, BinaryCrossEntropy, CategoricalCrossEntropy
 from fbp.per_example import backward_columns
 from fbp.walk import map_leaf_params
 
@@ -50,13 +49,20 @@ LIKELIHOODS = ("classification", "binary", "regression")
 
 
 def likelihood_of(loss) -> str:
-    """The likelihood a loss is the negative log of, or an error naming the supported ones."""
-    if isinstance(loss, CategoricalCrossEntropy) and loss.from_logits:
-        return "classification"
-    if isinstance(loss, BinaryCrossEntropy) and loss.from_logits:
-        return "binary"
-    if isinstance(loss, MSE):
-        return "regression"
+    """The likelihood a loss is the negative log of.
+
+    Args:
+        loss: a ``fbp.losses`` loss.
+
+    Returns:
+        ``"classification"`` (softmax cross-entropy on logits), ``"binary"`` (sigmoid) or ``"regression"`` (MSE).
+
+    Raises:
+        InputError: any other loss (the message names the supported ones).
+    """
+    found = getattr(loss, "likelihood", None)  # declared by the loss's class (fbp.losses.base.LossBase)
+    if found in LIKELIHOODS:
+        return found
     raise InputError(repr(loss), "fbp.laplace needs a loss that is a negative log-likelihood: "
                                  "CategoricalCrossEntropy(from_logits=True) (classification), "
                                  "BinaryCrossEntropy(from_logits=True) (binary) or MSE (Gaussian regression)")
@@ -73,9 +79,21 @@ class Laplace:
     It is immutable: ``optimize_prior`` returns a new posterior (``la = la.optimize_prior()``).
 
     Attributes:
+        model: the network.
+        loss: its training loss.
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"`` (``likelihood_of``).
+        params: the MAP estimate ``θ*``.
+        state: the model's state, or ``None``.
+        space: the ``fbp.subspace.Subspace`` of the coordinates the posterior covers.
+        hessian: ``H``, a structure of ``fbp.laplace.structures``.
+        structure: its name (``STRUCTURES``).
         prior_precision: ``δ``, a scalar array or one per layer of ``space.groups``.
         sigma_noise: ``σ`` (regression; 1 otherwise).
+        temperature: ``T``.
+        n_data: the number of training examples.
+        n_outputs: the outputs per example.
         data_term: ``Σ_n CE_n`` (classification) or ``½ Σ_n ‖f_n − y_n‖²`` (regression) at ``θ*``.
+        cache: compiled predictive functions, shared by the posteriors ``optimize_prior`` derives.
     """
 
     model: Any

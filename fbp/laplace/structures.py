@@ -45,7 +45,11 @@ STRUCTURES = ("diag", "kfac", "ekfac", "full", "last_layer")
 
 @dataclasses.dataclass(frozen=True)
 class Diagonal:
-    """``H = diag(d)``. Attributes: ``d (dim,)``."""
+    """``H = diag(d)``.
+
+    Attributes:
+        d: ``(dim,)``, the GGN diagonal.
+    """
 
     d: jax.Array
 
@@ -64,7 +68,12 @@ class Diagonal:
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """``H`` as a ``(dim, dim)`` matrix, with its eigendecomposition ``H = U diag(λ) Uᵀ``."""
+    """``H`` as a ``(dim, dim)`` matrix, by its eigendecomposition ``H = U diag(λ) Uᵀ``.
+
+    Attributes:
+        values: ``λ``, ``(dim,)``.
+        vectors: ``U``, ``(dim, dim)``.
+    """
 
     values: jax.Array
     vectors: jax.Array

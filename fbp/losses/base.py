@@ -109,10 +109,14 @@ class LossBase(Loss):
       rows), so one prediction is counted per row rather than per entry;
     * ``score_threshold`` / ``label_threshold``: for a single output, a prediction counts as
       positive above ``score_threshold`` (0 for logits and hinge scores, 0.5 for probabilities)
-      and a target above ``label_threshold`` (0 for ±1 labels, 0.5 for {0, 1}).
+      and a target above ``label_threshold`` (0 for ±1 labels, 0.5 for {0, 1});
+    * ``likelihood``: the likelihood the loss is the negative log of, for ``fbp.laplace`` and
+      ``fbp.influence`` — ``"classification"`` (softmax on logits), ``"binary"`` (sigmoid on
+      logits), ``"regression"`` (Gaussian) or ``None``.
     """
 
     classification = False
+    likelihood = None
     class_axis = False
     score_threshold = 0.5
     label_threshold = 0.5

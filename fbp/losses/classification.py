@@ -46,6 +46,10 @@ class BinaryCrossEntropy(LossBase):
     def score_threshold(self) -> float:
         return 0.0 if self.from_logits else 0.5
 
+    @property
+    def likelihood(self):
+        return "binary" if self.from_logits else None
+
     def _target(self, pred, target):
         t = self._same_shape(pred, target)
         ok = self._values_ok((t >= 0) & (t <= 1), t, "binary targets must lie in [0, 1]",
@@ -146,6 +150,10 @@ class CategoricalCrossEntropy(LossBase):
     reduction: str = "mean"
     classification = True
     class_axis = True
+
+    @property
+    def likelihood(self):
+        return "classification" if self.from_logits else None
 
     def _target(self, pred, target):
         t = self._class_target(pred, target)

@@ -23,6 +23,7 @@ class MSE(LossBase):
     """
 
     reduction: str = "mean"
+    likelihood = "regression"
 
     def forward(self, pred, target):
         diff = pred - self._same_shape(pred, target)
