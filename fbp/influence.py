@@ -29,6 +29,7 @@ training set is ever held, and no ``vmap(jax.grad)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,14 +53,47 @@ class Term:
     Attributes:
         params: the params the gradients are taken at (a checkpoint, for TracIn).
         weight: the term's weight (``η_t``).
-        solve: ``g -> (H + λI)⁻¹ g`` on flat gradients, or ``None`` (the identity).
+        hessian: a structure of ``fbp.laplace.structures`` (``H`` summed over the data), or
+            ``None``: no preconditioning.
+        scale: ``s`` in ``(s H + λI)⁻¹`` (``1/N``: the mean loss's curvature).
+        damping: ``λ``.
         normalise: use unit-length gradients (``"cosine"``).
     """
 
     params: Any
     weight: float
-    solve: Any
+    hessian: Any = None
+    scale: float = 1.0
+    damping: float = 0.0
     normalise: bool = False
+
+
+@functools.lru_cache(maxsize=64)
+def _functions(model, loss, space, normalise: bool, has_state: bool, preconditioned: bool):
+    """The jitted per-batch functions, shared by every ``Influence`` of the same model and shapes."""
+    grads_of = per_example_grads(model, loss, has_state=has_state)
+
+    def gradients(params, state, x, y):
+        g = jax.vmap(space.restrict)(grads_of(*((params, state) if has_state else (params,)), x, y)[1])
+        if normalise:
+            g = g / jnp.maximum(jnp.linalg.norm(g, axis=1, keepdims=True), jnp.finfo(g.dtype).tiny)
+        return g
+
+    def solved(params, state, x, y, hessian, scale, damping, weight):
+        g = gradients(params, state, x, y)
+        return g, weight * (jax.vmap(lambda r: hessian.solve(r, scale, damping))(g) if preconditioned else g)
+
+    def test(params, state, x, y, hessian, scale, damping, weight):
+        return solved(params, state, x, y, hessian, scale, damping, weight)[1]
+
+    def own(params, state, x, y, hessian, scale, damping, weight):
+        g, pre = solved(params, state, x, y, hessian, scale, damping, weight)
+        return jnp.sum(g * pre, axis=1)
+
+    def scores(v, params, state, x, y):
+        return v @ gradients(params, state, x, y).T
+
+    return jax.jit(test), jax.jit(own), jax.jit(scores)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,7 +109,6 @@ class Influence:
         terms: the ``Term`` s summed.
         batch_size: examples per compiled batch.
         state: the model state, or ``None``.
-        cache: the compiled batch functions.
     """
 
     model: Any
@@ -86,63 +119,44 @@ class Influence:
     terms: tuple
     batch_size: int = 256
     state: Any = None
-    cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def _gradients(self, params, x, y, normalise):
-        """``(B, dim)`` per-example gradients (one pass of the engine)."""
-        args = (params, self.state) if self.state is not None else (params,)
-        g = jax.vmap(self.space.restrict)(per_example_grads(self.model, self.loss, has_state=self.state is not None)(
-            *args, x, y)[1])
-        if normalise:
-            g = g / jnp.maximum(jnp.linalg.norm(g, axis=1, keepdims=True), jnp.finfo(g.dtype).tiny)
-        return g
+    def _of(self, t: Term):
+        return _functions(self.model, self.loss, self.space, t.normalise, self.state is not None, t.hessian is not None)
 
-    def _jit(self, name, fn):
-        if name not in self.cache:
-            self.cache[name] = jax.jit(fn)
-        return self.cache[name]
+    def _args(self, t: Term):
+        return t.hessian, jnp.asarray(t.scale), jnp.asarray(t.damping), jnp.asarray(t.weight)
 
-    def _preconditioned(self, x, y):
-        """Per term, ``(H + λI)⁻¹`` applied to the test gradients, weighted: ``[(n, dim), ...]``."""
-        out = []
-        for i, t in enumerate(self.terms):
-            def run(x, y, t=t):
-                g = self._gradients(t.params, x, y, t.normalise)
-                return t.weight * (g if t.solve is None else jax.vmap(t.solve)(g))
-            n = jax.tree_util.tree_leaves(x)[0].shape[0]
-            out.append(jnp.concatenate([self._jit(("test", i), run)(_slices(x, lo, hi), _slices(y, lo, hi))
-                                        for lo, hi in _chunks(n, self.batch_size)]))
-        return out
+    def _each_chunk(self, x, y):
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        return [(_slices(x, lo, hi), _slices(y, lo, hi)) for lo, hi in _chunks(n, self.batch_size)]
 
     def scores(self, x_test, y_test) -> jax.Array:
-        """``(n_test, n_train)``: ``I(z_test, z_n)`` for every pair."""
-        pre = self._preconditioned(x_test, y_test)
-        n = jax.tree_util.tree_leaves(self.x)[0].shape[0]
-        columns = []
-        for lo, hi in _chunks(n, self.batch_size):
-            xb, yb = _slices(self.x, lo, hi), _slices(self.y, lo, hi)
-            total = 0.0
-            for i, (t, v) in enumerate(zip(self.terms, pre, strict=True)):
-                run = self._jit(("train", i), lambda v, xb, yb, t=t: v @ self._gradients(t.params, xb, yb,
-                                                                                           t.normalise).T)
-                total = total + run(v, xb, yb)
-            columns.append(total)
-        return jnp.concatenate(columns, axis=1)
+        """``(n_test, n_train)``: ``I(z_test, z_n)`` for every pair.
+
+        Args:
+            x_test: the test inputs.
+            y_test: their targets (the test loss's gradient is taken at them).
+
+        Returns:
+            The scores.
+        """
+        total = 0.0
+        for t in self.terms:
+            test, _, scores = self._of(t)
+            v = jnp.concatenate([test(t.params, self.state, xb, yb, *self._args(t))
+                                 for xb, yb in self._each_chunk(x_test, y_test)])
+            total = total + jnp.concatenate([scores(v, t.params, self.state, xb, yb)
+                                             for xb, yb in self._each_chunk(self.x, self.y)], axis=1)
+        return total
 
     def self_influence(self) -> jax.Array:
         """``(n_train,)``: ``I(z_n, z_n)`` — rank by it to find mislabelled examples."""
-        n = jax.tree_util.tree_leaves(self.x)[0].shape[0]
-        out = []
-        for lo, hi in _chunks(n, self.batch_size):
-            xb, yb = _slices(self.x, lo, hi), _slices(self.y, lo, hi)
-            total = 0.0
-            for i, t in enumerate(self.terms):
-                def run(xb, yb, t=t):
-                    g = self._gradients(t.params, xb, yb, t.normalise)
-                    return t.weight * jnp.sum(g * (g if t.solve is None else jax.vmap(t.solve)(g)), axis=1)
-                total = total + self._jit(("self", i), run)(xb, yb)
-            out.append(total)
-        return jnp.concatenate(out)
+        total = 0.0
+        for t in self.terms:
+            own = self._of(t)[1]
+            total = total + jnp.concatenate([own(t.params, self.state, xb, yb, *self._args(t))
+                                             for xb, yb in self._each_chunk(self.x, self.y)])
+        return total
 
 
 def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", damping: float | None = None, layers=None,
@@ -169,16 +183,15 @@ def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", dampin
         raise ValueError(f"fbp.influence.fit: method must be one of {METHODS}, got {method!r}")
     space = subspace(model, params, layers)
     if method in ("gradient", "cosine"):
-        term = Term(params, 1.0, None, method == "cosine")
-        return Influence(model, loss, x, y, space, (term,), batch_size, state)
+        return Influence(model, loss, x, y, space, (Term(params, 1.0, normalise=method == "cosine"),), batch_size,
+                         state)
     likelihood_of(loss)
     structure = {"exact": "full", "hessian": "full"}.get(method, method)
     h, _, _ = curvature_of(model, loss, params, x, y, structure=structure, space=space, state=state,
                            batch_size=batch_size, approximation=approximation, hessian=method == "hessian")
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     lam = 0.1 * h.mean_eigenvalue() / n if damping is None else damping
-    return Influence(model, loss, x, y, space, (Term(params, 1.0, lambda g: h.solve(g, 1.0 / n, lam)),),
-                     batch_size, state)
+    return Influence(model, loss, x, y, space, (Term(params, 1.0, h, 1.0 / n, lam),), batch_size, state)
 
 
 def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_rates=1.0, layers=None, state=None,
@@ -206,7 +219,7 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
     if len(rates) != len(checkpoints):
         raise ValueError(f"fbp.influence.tracin: {len(rates)} learning rates for {len(checkpoints)} checkpoints")
     space = subspace(model, checkpoints[0], layers)
-    terms = tuple(Term(p, float(r), None) for p, r in zip(checkpoints, rates, strict=True))
+    terms = tuple(Term(p, float(r)) for p, r in zip(checkpoints, rates, strict=True))
     return Influence(model, loss, x, y, space, terms, batch_size, state)
 
 

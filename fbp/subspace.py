@@ -52,12 +52,24 @@ class Subspace:
         size: the flat params' length.
         unravel: flat params → params tree.
         groups: ``{path: (start, stop)}``: each chosen leaf layer's slice of the subspace.
+        signature: the params' tree structure, shapes and dtypes (with the rest, what makes two
+            subspaces equal).
     """
 
     indices: np.ndarray
     size: int
     unravel: Any
     groups: dict
+    signature: tuple = ()
+
+    def _key(self):
+        return (self.indices.tobytes(), self.size, tuple(self.groups.items()), self.signature)
+
+    def __eq__(self, other):  # by value: two fits of the same model share compiled functions
+        return isinstance(other, Subspace) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     @property
     def dim(self) -> int:
@@ -113,7 +125,9 @@ def subspace(model: Layer, params, layers=None) -> Subspace:
             raise InputError(repr(model), f"the parameters of {path!r} are not contiguous in the flat params")
         groups[path] = (start, start + run.size)
         start += run.size
-    return Subspace(indices, int(flat.size), unravel, groups)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    signature = (treedef, tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in leaves))
+    return Subspace(indices, int(flat.size), unravel, groups, signature)
 
 
 __all__ = ["Subspace", "leaf_paths", "subspace"]

@@ -16,6 +16,7 @@ from _dense_reference import CASES, case, dense, jacobians, kronecker_dense, x64
 from fbp import laplace, losses, nn
 from fbp.core import InputError
 from fbp.curvature import block_matrix
+from fbp.laplace import fitting
 
 LOSS = losses.CategoricalCrossEntropy(from_logits=True)
 SUM = dataclasses.replace(LOSS, reduction="sum")
@@ -188,8 +189,10 @@ def test_planted_errors_are_caught(mlp, monkeypatch):
     assert abs(float(la.log_marginal_likelihood()) - want) > 1e-3
     monkeypatch.undo()
     monkeypatch.setattr("fbp.laplace.fitting._data_term", lambda loss_sum, likelihood, pred, y: loss_sum(pred, y) / 2)
+    fitting._batch_function.cache_clear()  # the compiled batch functions are shared between fits
     la = laplace.fit(model, LOSS, params, x, y, structure="full", prior_precision=DELTA)
     assert abs(float(la.log_marginal_likelihood()) - want) > 1e-3
+    fitting._batch_function.cache_clear()
 
 
 def test_bad_input_is_refused(mlp):

@@ -4,6 +4,7 @@ batch, as one of the structures of ``fbp.laplace.structures``, and the ``Laplace
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,37 @@ def _per_column_grads(model, loss_sum, params, x, y, state):
     return pred, map_leaf_params(model, params, leaf)
 
 
+@functools.lru_cache(maxsize=32)
+def _batch_function(model, loss_sum, structure, space, has_state, approximation, hessian):
+    """One batch's curvature and data term, jitted once per (model, loss, structure, subspace, …):
+    a second fit of the same model and shapes reuses the compiled function."""
+    likelihood = likelihood_of(loss_sum)
+
+    def term(params, state, xb, yb):
+        pred = run_forward(model, params, xb, **({} if state is None else {"state": state}))[0]
+        return _data_term(loss_sum, likelihood, pred, yb)
+
+    def run(params, state, xb, yb):
+        args = (params, state) if has_state else (params,)
+        if structure == "diag":
+            return space.restrict(diag_ggn(model, loss_sum, has_state=has_state)(*args, xb, yb)), \
+                term(params, state, xb, yb)
+        if structure in ("kfac", "ekfac"):
+            factors = kfac_factors(model, loss_sum, approximation=approximation, has_state=has_state)
+            return factors(*args, xb, yb), term(params, state, xb, yb)
+        if hessian:  # the dense Hessian of the summed loss, by Hessian-vector products (fbp.spectrum)
+            from fbp.spectrum import operator
+            op = operator(model, loss_sum, params, xb, yb, curvature="hessian", layer=list(space.groups),
+                          state=state)
+            return jax.lax.map(op.matvec, jnp.eye(space.dim, dtype=space.restrict(params).dtype)), \
+                term(params, state, xb, yb)
+        _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
+        rows = jax.vmap(jax.vmap(space.restrict))(tree).reshape(-1, space.dim)
+        return rows.T @ rows, term(params, state, xb, yb)
+
+    return jax.jit(run)
+
+
 def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, space, state=None, batch_size: int = 256,
                  approximation: str = "expand", hessian: bool = False):
     """The likelihood's curvature ``H`` over the data as a structure, batch by batch.
@@ -68,32 +100,8 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
     if n == 0:
         raise InputError("fbp.laplace", "no training examples")
     context = {} if state is None else {"state": state}
-    has_state = state is not None
-    args = (params, state) if has_state else (params,)
-
-    def term(xb, yb):
-        return _data_term(loss_sum, likelihood, run_forward(model, params, xb, **context)[0], yb)
-
-    if structure == "diag":
-        curvature = diag_ggn(model, loss_sum, has_state=has_state)
-        batch = jax.jit(lambda xb, yb: (space.restrict(curvature(*args, xb, yb)), term(xb, yb)))
-    elif structure in ("kfac", "ekfac"):
-        curvature = kfac_factors(model, loss_sum, approximation=approximation, has_state=has_state)
-        batch = jax.jit(lambda xb, yb: (curvature(*args, xb, yb), term(xb, yb)))
-    elif hessian:
-        from fbp.spectrum import operator  # the Hessian-vector product of the summed loss
-        batch = jax.jit(lambda xb, yb: (jax.lax.map(operator(model, loss_sum, params, xb, yb, curvature="hessian",
-                                                             layer=_layers(space), state=state).matvec,
-                                                    jnp.eye(space.dim, dtype=space.restrict(params).dtype)),
-                                        term(xb, yb)))
-    else:
-        def batch(xb, yb):
-            _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
-            rows = jax.vmap(jax.vmap(space.restrict))(tree)
-            rows = rows.reshape(-1, space.dim)
-            return rows.T @ rows, term(xb, yb)
-        batch = jax.jit(batch)
-
+    compiled = _batch_function(model, loss_sum, structure, space, state is not None, approximation, hessian)
+    batch = lambda xb, yb: compiled(params, state, xb, yb)  # noqa: E731
     total, value = None, 0.0
     for lo, hi in _chunks(n, batch_size):
         got, v = batch(_slices(x, lo, hi), _slices(y, lo, hi))
@@ -118,23 +126,23 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
     return found, value, n_outputs
 
 
-def _layers(space):
-    return list(space.groups)
-
-
-def _refit(kron: Kronecker, model, loss_sum, params, x, y, state, batch_size, scale) -> Kronecker:
-    """EK-FAC: ``Λ = Σ_{n,m} (Q_Aᵀ R_nm Q_G)²`` in K-FAC's eigenbases (``structures``)."""
-
-    def batch(xb, yb):
+@functools.lru_cache(maxsize=32)
+def _refit_function(model, loss_sum, space, has_state):
+    def run(kron, params, state, xb, yb):
         _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
         rotated = jax.vmap(jax.vmap(kron.rotate))(tree)
         return jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r), axis=(0, 1)), rotated)
 
-    batch = jax.jit(batch)
+    return jax.jit(run)
+
+
+def _refit(kron: Kronecker, model, loss_sum, params, x, y, state, batch_size, scale) -> Kronecker:
+    """EK-FAC: ``Λ = Σ_{n,m} (Q_Aᵀ R_nm Q_G)²`` in K-FAC's eigenbases (``structures``)."""
+    batch = _refit_function(model, loss_sum, kron.space, state is not None)
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     total = None
     for lo, hi in _chunks(n, batch_size):
-        got = batch(_slices(x, lo, hi), _slices(y, lo, hi))
+        got = batch(kron, params, state, _slices(x, lo, hi), _slices(y, lo, hi))
         total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
     return kron.with_eigenvalues(jax.tree_util.tree_map(lambda t: t * scale, total))
 

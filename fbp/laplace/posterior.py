@@ -176,7 +176,8 @@ class Laplace:
             sigma: also tune ``σ`` (regression, ``"marglik"``).
             x_val: validation inputs (``"nll"``).
             y_val: validation targets (``"nll"``).
-            grid: ``δ`` values to try (``"nll"``; default ``logspace(-4, 4, 33)``).
+            grid: ``δ`` values to try (``"nll"``); default ``logspace(-4, 4, 33)``, then a grid 16
+                times finer around the best of those.
             **predict_options: passed to ``predict`` (``"nll"``).
         """
         if method == "marglik":
@@ -185,11 +186,17 @@ class Laplace:
             raise ValueError(f"fbp.laplace.optimize_prior: method must be 'marglik' or 'nll', got {method!r}")
         if x_val is None or y_val is None:
             raise ValueError("fbp.laplace.optimize_prior(method='nll') needs x_val and y_val")
-        grid = np.logspace(-4, 4, 33) if grid is None else np.asarray(grid)
-        scores = [float(self._replace(prior_precision=jnp.asarray(d, self.mean.dtype)).nll(x_val, y_val,
-                                                                                            **predict_options))
-                  for d in grid]
-        return self._replace(prior_precision=jnp.asarray(grid[int(np.nanargmin(scores))], self.mean.dtype))
+        refine = grid is None
+        grid = np.logspace(-4, 4, 33) if grid is None else np.asarray(grid, dtype=float)
+        score = lambda d: float(self._replace(prior_precision=jnp.asarray(d, self.mean.dtype)).nll(  # noqa: E731
+            x_val, y_val, **predict_options))
+        scores = [score(d) for d in grid]
+        best = grid[int(np.nanargmin(scores))]
+        if refine:  # a second, 16 times finer grid around the best of the first
+            fine = best * np.logspace(-0.25, 0.25, 9)
+            fine_scores = [score(d) for d in fine]
+            best = fine[int(np.nanargmin(fine_scores))] if min(fine_scores) < min(scores) else best
+        return self._replace(prior_precision=jnp.asarray(best, self.mean.dtype))
 
     def _marglik(self, layerwise: bool, sigma: bool) -> Laplace:
         if sigma and self.likelihood != "regression":

@@ -29,6 +29,7 @@ exact GGN of the chosen coordinates, ``dim × dim`` — the last layer, or a sma
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -43,6 +44,7 @@ from fbp.walk import map_leaf_params
 STRUCTURES = ("diag", "kfac", "ekfac", "full", "last_layer")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Diagonal:
     """``H = diag(d)``.
@@ -66,6 +68,7 @@ class Diagonal:
         return jnp.mean(self.d)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Dense:
     """``H`` as a ``(dim, dim)`` matrix, by its eigendecomposition ``H = U diag(λ) Uᵀ``.
@@ -109,6 +112,8 @@ class Dense:
         return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(precision), eps, lower=True, trans="T")
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["eigen", "diagonal", "covered"],
+                   meta_fields=["layout", "space", "model"])
 @dataclasses.dataclass(frozen=True)
 class Kronecker:
     """Kronecker-factored curvature (``"kfac"``, ``"ekfac"``; module docstring).
@@ -118,7 +123,8 @@ class Kronecker:
             (``Λ_ij = λ_{A,i} λ_{G,j}`` for K-FAC; refitted for EK-FAC: ``with_eigenvalues``).
         diagonal: the exact GGN diagonal of the coordinates no block covers (0 at covered ones).
         covered: 1 at the coordinates a block covers.
-        blocks: per leaf layer its ``KroneckerBlock`` layouts (flat coordinates ↔ block matrices).
+        layout: ``((path, blocks), ...)``: per leaf layer its ``KroneckerBlock`` s with shapes in
+            place of ``A`` and ``G`` (how flat coordinates map to block matrices; static).
         space: the ``Subspace``.
         model: the model.
     """
@@ -126,9 +132,13 @@ class Kronecker:
     eigen: dict
     diagonal: jax.Array
     covered: jax.Array
-    blocks: dict
+    layout: tuple
     space: Any
     model: Any
+
+    @property
+    def blocks(self) -> dict:
+        return dict(self.layout)
 
     @classmethod
     def of(cls, factors: dict, model, params, space):
@@ -157,8 +167,10 @@ class Kronecker:
         covered_tree = map_leaf_params(model, covered_tree, mark)
         covered = space.restrict(jax.tree_util.tree_map(jnp.asarray, covered_tree))
         keep = {path: e for path, e in eigen.items() if path in space.groups}
-        return cls(keep, space.restrict(diag_tree) * (1 - covered), covered,
-                   {p: b for p, b in blocks.items() if p in keep}, space, model)
+        shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+        layout = tuple((p, tuple(dataclasses.replace(b, A=shape(b.A), G=shape(b.G)) for b in blocks[p]))
+                       for p in keep)
+        return cls(keep, space.restrict(diag_tree) * (1 - covered), covered, layout, space, model)
 
     def with_eigenvalues(self, lam: dict) -> Kronecker:
         """The same eigenbases with the eigenvalues ``lam[path] = [Λ, ...]`` (EK-FAC's refit)."""

@@ -1,0 +1,169 @@
+"""What the curvature tools cost (issue 29's speed targets), side by side in one process.
+
+**Spectrum** (``--part spectrum``): 20 Lanczos iterations on GGN-vector products
+(``fbp.spectrum.eigenvalues(fbp.spectrum.operator(...), k=1, iterations=20)``, one jitted call)
+against fbp's plain SGD step, on bench_mlp.py's MLP (784-1024³-10, batch 256) and
+bench_cnn.py's CNN (batch 128); and against the same Lanczos with the JAX idiom's GGN product
+(``jax.jvp`` of the model, the loss's Hessian by ``jax.hessian``-free closed form, ``jax.vjp``).
+Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). Interleaved rounds,
+medians, ratio ranges over ``--runs``.
+
+**Influence** (``--part influence``): the influence of 500 test digits on the 1,257 training
+digits (digits MLP 64-32-10, ``load_digits(0.3)``), with EK-FAC and with the exact dense GGN
+(``fbp.influence``), against (a) ten epochs of training the same network (SGD, batch 32, one
+jitted step per batch) and (b) the JAX idiom: per-example gradients by ``vmap(jax.grad)``, the
+dense GGN by ``jax.jacrev`` and ``jax.hessian``, a dense solve. Each pipeline is timed whole
+(for fbp: ``influence.fit`` and ``scores``) — its first call, compilation included, and then warm
+in interleaved rounds (fbp's compiled batch functions are shared between fits of the same model
+and shapes). Targets: fbp ≤ 10 epochs' time and ≥ 20× faster than the idiom.
+
+Run: ``python benchmarks/bench_curvature_uses.py [--part spectrum|influence|all] [--runs 3]``.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import block, cnn_workload, mlp_workload, ratio_runs, sgd
+
+import fbp
+from fbp import data, influence, losses, nn, optim, spectrum
+from fbp.lanczos import lanczos
+
+LOSS = losses.CategoricalCrossEntropy(from_logits=True)
+
+
+def _jax_ggn_matvec(model, params, x, y):
+    """The JAX idiom's GGN product on flat vectors: ``J v`` by ``jax.jvp``, the softmax
+    cross-entropy's Hessian ``(diag p − p pᵀ)/B``, ``Jᵀ u`` by ``jax.vjp``."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    f = lambda v: model.apply(unravel(v), x)  # noqa: E731
+    logits, pull = jax.vjp(f, flat)
+    p = jax.nn.softmax(logits)
+
+    def matvec(v):
+        jv = jax.jvp(f, (flat,), (v,))[1]
+        hu = (p * jv - p * jnp.sum(p * jv, -1, keepdims=True)) / x.shape[0]
+        return pull(hu)[0]
+
+    return matvec, flat.size, flat.dtype
+
+
+def spectrum_part(runs):
+    for name, (model, shape) in {"mlp": mlp_workload(), "cnn": cnn_workload()}.items():
+        _spectrum_workload(name, model, shape, runs)
+
+
+def _spectrum_workload(name, model, shape, runs):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    y = jax.random.randint(jax.random.PRNGKey(1), (shape[0],), 0, 10)
+    params = model.init(jax.random.PRNGKey(2), x)
+    vg = fbp.value_and_grad(model, LOSS)
+    step = jax.jit(lambda p: sgd(p, vg(p, x, y)[1]))
+    fbp_lanczos = jax.jit(lambda p: spectrum.eigenvalues(spectrum.operator(model, LOSS, p, x, y), 1,
+                                                          iterations=20).values)
+
+    def jax_lanczos(p):
+        matvec, dim, dtype = _jax_ggn_matvec(model, p, x, y)
+        return lanczos(matvec, dim, 20, jax.random.key(0), dtype).ritz()[0][-1]
+
+    jax_lanczos = jax.jit(jax_lanczos)
+    top_fbp, top_jax = float(fbp_lanczos(params)[0]), float(jax_lanczos(params))
+    print(f"\n{name}: top GGN eigenvalue after 20 iterations: fbp {top_fbp:.6g}, JAX idiom {top_jax:.6g}")
+    calls = {"step": lambda: step(params), "lanczos20": lambda: fbp_lanczos(params),
+             "jax-lanczos20": lambda: jax_lanczos(params)}
+    ratios = ratio_runs(calls, ["lanczos20 / step", "lanczos20 / jax-lanczos20"], runs, rounds=5, reps=2)
+    for key, values in ratios.items():
+        target = "   (target ≤ 30)" if key.endswith("step") else ""
+        print(f"  {key}: {min(values):.2f}–{max(values):.2f}{target}")
+
+
+def _digits():
+    ds = data.load_digits(0.3, seed=0)
+    return (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), jnp.asarray(ds.x_test[:500]),
+            jnp.asarray(ds.y_test[:500]))
+
+
+def _epochs(model, params, x, y, epochs=10, batch=32):
+    opt = optim.sgd(0.1)
+    vg = fbp.value_and_grad(model, LOSS)
+
+    @jax.jit
+    def step(params, state, xb, yb):
+        updates, state = opt.update(vg(params, xb, yb)[1], state, params)
+        return optim.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for _ in range(epochs):
+        for start in range(0, x.shape[0] - batch + 1, batch):
+            params, state = step(params, state, x[start:start + batch], y[start:start + batch])
+    return block(params)
+
+
+def _jax_idiom_functions(model, params):
+    """The JAX idiom's jitted pieces: per-example gradients by ``vmap(jax.grad)``, the dense GGN."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    one = lambda f, xb, yb: LOSS(model.apply(unravel(f), xb[None]), yb[None])  # noqa: E731
+    grads = jax.jit(jax.vmap(jax.grad(one), (None, 0, 0)))
+
+    @jax.jit
+    def ggn(f, x, y):
+        out = lambda v: model.apply(unravel(v), x)  # noqa: E731
+        pred = out(f)
+        rows = jax.jacrev(lambda v: out(v).ravel())(f)
+        h = jax.hessian(lambda z: LOSS(z.reshape(pred.shape), y))(pred.ravel())
+        return rows.T @ h @ rows
+
+    def run(params, x, y, xt, yt, damping):
+        f = jax.flatten_util.ravel_pytree(params)[0]
+        g = ggn(f, x, y)
+        pre = jnp.linalg.solve(g + damping * jnp.eye(g.shape[0]), grads(f, xt, yt).T)
+        return block(pre.T @ grads(f, x, y).T)
+
+    return run
+
+
+def influence_part(runs):
+    x, y, xt, yt = _digits()
+    model = nn.Serial(nn.Dense(32), nn.Tanh(), nn.Dense(10))
+    params = _epochs(model, model.init(jax.random.PRNGKey(0), x[:1]), x, y, epochs=30)
+    damping = 1e-3
+    idiom = _jax_idiom_functions(model, params)
+
+    def fbp_influence(method):
+        return block(influence.fit(model, LOSS, params, x, y, method=method, damping=damping).scores(xt, yt))
+
+    calls = {"10 epochs": lambda: _epochs(model, params, x, y), "ekfac": lambda: fbp_influence("ekfac"),
+             "exact": lambda: fbp_influence("exact"), "jax idiom": lambda: idiom(params, x, y, xt, yt, damping)}
+    cold = {}
+    for name, fn in calls.items():  # the first call of each, compilation included, as a user runs it once
+        start = time.perf_counter()
+        fn()
+        cold[name] = time.perf_counter() - start
+    print("  first call (compiling): " + "   ".join(f"{k} {v:.2f} s" for k, v in cold.items()))
+    exact, reference = np.asarray(fbp_influence("exact")), np.asarray(calls["jax idiom"]())
+    print(f"  fbp exact vs the idiom: max |difference| / max |score| = "
+          f"{np.abs(exact - reference).max() / np.abs(reference).max():.2e}")
+    ratios = ratio_runs(calls, ["ekfac / 10 epochs", "exact / 10 epochs", "jax idiom / ekfac", "jax idiom / exact"],
+                        runs, rounds=3, reps=1)
+    for key, values in ratios.items():
+        print(f"  {key} (warm): {min(values):.2f}–{max(values):.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="all", choices=["spectrum", "influence", "all"])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    print(f"[{jax.devices()[0].platform}: {jax.devices()[0].device_kind}]")
+    if args.part in ("spectrum", "all"):
+        spectrum_part(args.runs)
+    if args.part in ("influence", "all"):
+        print("\ninfluence of 500 test digits on the training digits (seconds, end to end and warm)")
+        influence_part(args.runs)
+
+
+if __name__ == "__main__":
+    main()
