@@ -1,10 +1,12 @@
 """What the curvature tools cost (issue 29's speed targets), side by side in one process.
 
 **Spectrum** (``--part spectrum``): 20 Lanczos iterations on GGN-vector products
-(``fbp.spectrum.eigenvalues(fbp.spectrum.operator(...), k=1, iterations=20)``, one jitted call)
-against fbp's plain SGD step, on bench_mlp.py's MLP (784-1024³-10, batch 256) and
-bench_cnn.py's CNN (batch 128); and against the same Lanczos with the JAX idiom's GGN product
-(``jax.jvp`` of the model, the loss's Hessian by ``jax.hessian``-free closed form, ``jax.vjp``).
+(``fbp.spectrum.eigenvalues(fbp.spectrum.operator(...), k=1, iterations=20)``, one jitted call;
+``lanczos20`` with full reorthogonalisation, ``lanczos20-local`` without) and one GGN-vector
+product (``product``, the forward included) against fbp's plain SGD step, on bench_mlp.py's
+MLP (784-1024³-10, batch 256) and bench_cnn.py's CNN (batch 128); and against the same Lanczos
+with the JAX idiom's GGN product (``jax.jvp`` of the model, the softmax cross-entropy's Hessian
+in closed form, ``jax.vjp``).
 Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). Interleaved rounds,
 medians, ratio ranges over ``--runs``.
 
@@ -64,6 +66,10 @@ def _spectrum_workload(name, model, shape, runs):
     step = jax.jit(lambda p: sgd(p, vg(p, x, y)[1]))
     fbp_lanczos = jax.jit(lambda p: spectrum.eigenvalues(spectrum.operator(model, LOSS, p, x, y), 1,
                                                           iterations=20).values)
+    fbp_local = jax.jit(lambda p: spectrum.eigenvalues(spectrum.operator(model, LOSS, p, x, y), 1, iterations=20,
+                                                        reorthogonalize=False).values)
+    ggn_product = jax.jit(lambda p, v: spectrum.operator(model, LOSS, p, x, y).matvec(v))
+    v0 = jnp.ones((sum(a.size for a in jax.tree_util.tree_leaves(params)),), jnp.float32)
 
     def jax_lanczos(p):
         matvec, dim, dtype = _jax_ggn_matvec(model, p, x, y)
@@ -72,11 +78,13 @@ def _spectrum_workload(name, model, shape, runs):
     jax_lanczos = jax.jit(jax_lanczos)
     top_fbp, top_jax = float(fbp_lanczos(params)[0]), float(jax_lanczos(params))
     print(f"\n{name}: top GGN eigenvalue after 20 iterations: fbp {top_fbp:.6g}, JAX idiom {top_jax:.6g}")
-    calls = {"step": lambda: step(params), "lanczos20": lambda: fbp_lanczos(params),
+    calls = {"step": lambda: step(params), "product": lambda: ggn_product(params, v0),
+             "lanczos20": lambda: fbp_lanczos(params), "lanczos20-local": lambda: fbp_local(params),
              "jax-lanczos20": lambda: jax_lanczos(params)}
-    ratios = ratio_runs(calls, ["lanczos20 / step", "lanczos20 / jax-lanczos20"], runs, rounds=5, reps=2)
+    ratios = ratio_runs(calls, ["product / step", "lanczos20 / step", "lanczos20-local / step",
+                                "lanczos20 / jax-lanczos20"], runs, rounds=5, reps=2)
     for key, values in ratios.items():
-        target = "   (target ≤ 30)" if key.endswith("step") else ""
+        target = "   (target ≤ 30)" if key.startswith("lanczos20") and key.endswith("step") else ""
         print(f"  {key}: {min(values):.2f}–{max(values):.2f}{target}")
 
 

@@ -142,7 +142,8 @@ def _key(key):
     return jax.random.key(0) if key is None else key
 
 
-def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=None) -> Eigen:
+def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=None,
+                reorthogonalize: bool = True) -> Eigen:
     """The ``k`` largest eigenvalues by Lanczos (one product per step).
 
     Args:
@@ -150,6 +151,9 @@ def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=
         k: how many.
         iterations: Lanczos steps (default ``max(3k, 20)``, at most ``dim``).
         key: the start vector's key.
+        reorthogonalize: full reorthogonalisation (``fbp.lanczos``); ``False`` for large models,
+            where reading the basis twice a step costs more than the product (the top values
+            still converge; copies of converged ones may appear further down).
 
     Returns:
         An ``Eigen``; compare ``residuals`` with the gaps to judge convergence.
@@ -160,7 +164,7 @@ def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=
     steps = min(op.dim, max(3 * k, 20) if iterations is None else int(iterations))
     if steps < k:
         raise ValueError(f"fbp.spectrum.eigenvalues: {steps} iterations cannot give k={k} eigenvalues")
-    t = lanczos(op.matvec, op.dim, steps, _key(key), op.dtype)
+    t = lanczos(op.matvec, op.dim, steps, _key(key), op.dtype, reorthogonalize=reorthogonalize)
     values, vectors, residuals = t.ritz()
     order = jnp.argsort(-values)[:k]
     return Eigen(values[order], residuals[order], (t.basis.T @ vectors[:, order]).T)
@@ -214,7 +218,7 @@ class Density(NamedTuple):
         return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=2), axis=1)
 
 
-def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> Density:
+def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None, reorthogonalize: bool = True) -> Density:
     """The spectral density by stochastic Lanczos quadrature (module docstring).
 
     Args:
@@ -222,6 +226,8 @@ def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> 
         iterations: Lanczos steps per run.
         runs: random start vectors (``runs × iterations`` products in all).
         key: their key.
+        reorthogonalize: full reorthogonalisation (``fbp.lanczos``; without it the quadrature
+            stays a good approximation of the density, but is no longer exact for the moments).
 
     Returns:
         A ``Density``.
@@ -230,7 +236,7 @@ def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None) -> 
 
     def one(k):
         start = jax.random.rademacher(k, (op.dim,), op.dtype)
-        return lanczos(op.matvec, op.dim, steps, k, op.dtype, start).quadrature()
+        return lanczos(op.matvec, op.dim, steps, k, op.dtype, start, reorthogonalize).quadrature()
 
     nodes, weights = lax.map(one, jax.random.split(_key(key), int(runs)))
     return Density(nodes, weights, op.dim)

@@ -147,3 +147,24 @@ def test_diagnostics_example_names_the_too_small_and_too_large_runs(tmp_path):
     assert "step size too" not in good
     assert "(too large)" in large and ("[step-too-large]" in large or "[loss-rising]" in large)
     assert (tmp_path / "d_lr0.3.png").stat().st_size > 10000
+
+
+def test_laplace_digits_improves_nll_and_ece_over_the_map_network():
+    result = run("laplace_digits.py")
+    assert result.returncode == 0, result.stderr
+    rows = {line[:24].strip(): line[24:].split() for line in result.stdout.splitlines()[1:] if line.strip()}
+    nll, ece = float(rows["MAP"][1]), float(rows["MAP"][2])
+    for structure in ("diag", "kfac", "last_layer"):
+        tuned = rows[f"{structure} (val NLL)"]
+        assert float(tuned[1]) < nll and float(tuned[2]) < ece, (structure, tuned, nll, ece)
+    for structure in ("kfac", "last_layer"):  # the marginal likelihood's wider posterior tells noise images apart
+        assert float(rows[f"{structure} (marglik)"][4]) > float(rows["MAP"][4])
+
+
+def test_influence_digits_finds_the_flipped_labels():
+    result = run("influence_digits.py", "--epochs", "15")
+    assert result.returncode == 0, result.stderr
+    found = {line[:22].strip(): float(line[22:].split()[0]) for line in result.stdout.splitlines()[2:]
+             if line.strip()}
+    assert set(found) >= {"exact", "kfac", "ekfac", "diag", "gradient", "training loss"}
+    assert all(v >= 0.5 for v in found.values()), found  # random ranking: 0.1

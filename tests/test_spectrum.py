@@ -55,6 +55,8 @@ def test_eigenvalues_converge_with_their_residual_bounds(mlp_dense):
         for value, bound in zip(np.asarray(few.values), np.asarray(few.residuals), strict=True):
             assert np.min(np.abs(np.linalg.eigvalsh(matrix) - value)) <= bound + 1e-10
         np.testing.assert_allclose(few.values[0], exact[0], rtol=1e-6)  # the top one converges first
+        plain = spectrum.eigenvalues(op, k=1, iterations=25, reorthogonalize=False)
+        np.testing.assert_allclose(plain.values[0], exact[0], rtol=1e-6)  # without reorthogonalisation too
         ritz = np.asarray(few.vectors[0])
         np.testing.assert_allclose(matrix @ ritz, few.values[0] * ritz, atol=float(few.residuals[0]) + 1e-9)
     wrong = spectrum.Operator(lambda v: 0.9 * op.matvec(v), op.dim, op.dtype, op.space)
