@@ -86,8 +86,15 @@ def _get(tree, key: tuple):
 
 
 def block_matrix(g, block: KroneckerBlock) -> jax.Array:
-    """The block's entries of a leaf's params-shaped ``g`` as the matrix ``W: (fan_in [+1], n_out)``
-    (kernels' rows stacked in order, the bias a last row)."""
+    """A K-FAC block's entries of a leaf's params as one matrix.
+
+    Args:
+        g: the leaf layer's params-shaped tree (params, a gradient, a direction).
+        block: the ``KroneckerBlock`` (its ``kernels`` and ``bias`` say where the entries are).
+
+    Returns:
+        ``W: (fan_in [+1], n_out)``: the kernels' rows stacked in order, the bias a last row.
+    """
     n_out = block.G.shape[0]
     rows = [_get(g, key).reshape(-1, n_out) for key, _ in block.kernels]
     rows += [_get(g, block.bias)[None]] if block.bias is not None else []
@@ -95,7 +102,16 @@ def block_matrix(g, block: KroneckerBlock) -> jax.Array:
 
 
 def block_entries(w, block: KroneckerBlock, g) -> dict:
-    """``block_matrix``'s inverse: ``{key: entry}`` of ``W`` for ``fbp.nn.positions.assemble`` into ``g``."""
+    """``block_matrix``'s inverse.
+
+    Args:
+        w: a ``(fan_in [+1], n_out)`` matrix.
+        block: the ``KroneckerBlock``.
+        g: the leaf layer's params-shaped tree (for the entries' sizes).
+
+    Returns:
+        ``{key: entry}``, for ``fbp.nn.positions.assemble`` into ``g``.
+    """
     out, start = {}, 0
     for key, shape in block.kernels:
         size = _get(g, key).size // block.G.shape[0]

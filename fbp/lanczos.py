@@ -16,7 +16,8 @@ Each step subtracts the three-term recurrence ``α_i q_i + β_{i−1} q_{i−1}`
 reorthogonalisation, which keeps ``Q`` orthonormal in floating point (Parlett, §13.8) at the cost
 of reading the ``k × dim`` basis twice per step; for millions of parameters that costs more than
 the product itself. Without it, only the recurrence: the extreme Ritz values still converge (lost
-orthogonality shows as repeated copies of converged ones), at ``O(dim)`` per step. When the
+orthogonality shows as repeated copies of converged ones), at ``O(dim)`` per step and with two
+vectors in memory instead of the basis (so no Ritz vectors). When the
 residual falls to rounding an invariant subspace has been found: the iteration stops there and
 the later rows of ``T`` are zero (their Ritz values are 0 with quadrature weight 0).
 """
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 
 class Tridiagonal(NamedTuple):
     """``lanczos``' result: ``alphas (k,)``, ``betas (k,)`` (``betas[i]`` couples steps ``i`` and
-    ``i + 1``; ``betas[k-1]`` is the last residual's norm) and the basis ``(k, dim)``."""
+    ``i + 1``; ``betas[k-1]`` is the last residual's norm) and the basis ``(k, dim)`` (``None``
+    without reorthogonalisation: then only two vectors are kept)."""
 
     alphas: jax.Array
     betas: jax.Array
@@ -73,15 +75,17 @@ def lanczos(matvec, dim: int, iterations: int, key, dtype, start=None, reorthogo
     v0 = jax.random.normal(key, (dim,), dtype)
     if start is not None:
         v0 = jnp.where(jnp.linalg.norm(start) > 0, start.astype(dtype), v0)
-    basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    v0 = v0 / jnp.linalg.norm(v0)
+    if not reorthogonalize:
+        return _three_term(matvec, v0, k, dtype)
+    basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0)
 
     def body(i, carry):
         basis, alphas, betas, scale = carry
         w = matvec(basis[i])
         alpha = jnp.dot(w, basis[i])
         w = w - alpha * basis[i] - betas[i - 1] * basis[i - 1]  # at i = 0 both are zero (the last row, the last β)
-        if reorthogonalize:  # against every earlier vector (rows beyond i are zero)
-            w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ (basis @ w)  # against every earlier vector (rows beyond i are zero)
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
         found = beta > 100 * jnp.finfo(dtype).eps * scale  # else an invariant subspace: stop (zero rows)
@@ -91,6 +95,26 @@ def lanczos(matvec, dim: int, iterations: int, key, dtype, start=None, reorthogo
     basis, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (basis, jnp.zeros((k,), dtype),
                                                              jnp.zeros((k,), dtype), jnp.zeros((), dtype)))
     return Tridiagonal(alphas, betas, basis[:k])
+
+
+def _three_term(matvec, v0, k, dtype) -> Tridiagonal:
+    """Lanczos without reorthogonalisation: two vectors in the carry, no basis (``basis`` is ``None``)."""
+
+    def body(i, carry):
+        previous, current, alphas, betas, scale = carry
+        w = matvec(current)
+        alpha = jnp.dot(w, current)
+        w = w - alpha * current - betas[i - 1] * previous
+        beta = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
+        found = beta > 100 * jnp.finfo(dtype).eps * scale
+        following = jnp.where(found, w / jnp.where(found, beta, 1), 0)
+        return current, following, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(found, beta, 0)), scale
+
+    zeros = jnp.zeros((k,), dtype)
+    _, _, alphas, betas, _ = jax.lax.fori_loop(0, k, body, (jnp.zeros_like(v0), v0, zeros, zeros,
+                                                            jnp.zeros((), dtype)))
+    return Tridiagonal(alphas, betas, None)
 
 
 __all__ = ["Tridiagonal", "lanczos"]

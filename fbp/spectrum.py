@@ -130,8 +130,10 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
 
 class Eigen(NamedTuple):
     """``eigenvalues``' result: ``values (k,)`` descending, their ``residuals (k,)`` (each
-    eigenvalue of the operator lies within that distance of a Ritz value), and the Ritz
-    ``vectors (k, dim)`` (unit length; ``space.embed`` makes them params-shaped)."""
+    eigenvalue of the operator lies within that distance of a Ritz value; 0 when the iteration
+    stopped at an invariant subspace, the residual having fallen to rounding), and the Ritz
+    ``vectors (k, dim)`` (unit length; ``space.embed`` makes them params-shaped; ``None``
+    without reorthogonalisation, which keeps no basis)."""
 
     values: jax.Array
     residuals: jax.Array
@@ -167,7 +169,8 @@ def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=
     t = lanczos(op.matvec, op.dim, steps, _key(key), op.dtype, reorthogonalize=reorthogonalize)
     values, vectors, residuals = t.ritz()
     order = jnp.argsort(-values)[:k]
-    return Eigen(values[order], residuals[order], (t.basis.T @ vectors[:, order]).T)
+    ritz = None if t.basis is None else (t.basis.T @ vectors[:, order]).T
+    return Eigen(values[order], residuals[order], ritz)
 
 
 class Trace(NamedTuple):

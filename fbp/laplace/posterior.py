@@ -188,8 +188,7 @@ class Laplace:
             raise ValueError("fbp.laplace.optimize_prior(method='nll') needs x_val and y_val")
         refine = grid is None
         grid = np.logspace(-4, 4, 33) if grid is None else np.asarray(grid, dtype=float)
-        score = lambda d: float(self._replace(prior_precision=jnp.asarray(d, self.mean.dtype)).nll(  # noqa: E731
-            x_val, y_val, **predict_options))
+        score = self._nll_scorer(x_val, y_val, **predict_options)
         scores = [score(d) for d in grid]
         best = grid[int(np.nanargmin(scores))]
         if refine:  # a second, 16 times finer grid around the best of the first
@@ -197,6 +196,29 @@ class Laplace:
             fine_scores = [score(d) for d in fine]
             best = fine[int(np.nanargmin(fine_scores))] if min(fine_scores) < min(scores) else best
         return self._replace(prior_precision=jnp.asarray(best, self.mean.dtype))
+
+    def _nll_scorer(self, x_val, y_val, **predict_options):
+        """``δ -> validation NLL``; for the linearised probit predictive the validation
+        Jacobians are rotated into ``H``'s eigenbasis once, so each ``δ`` costs one weighted sum."""
+        if predict_options.get("pred_type", "glm") != "glm" or predict_options.get("link", "probit") != "probit" \
+                or not self.hessian.diagonal_in_eigenbasis(jnp.asarray(1.0)):
+            return lambda d: float(self._replace(prior_precision=jnp.asarray(d, self.mean.dtype)).nll(
+                x_val, y_val, **predict_options))
+        size = predict_options.get("batch_size", 256)
+        rotate = self._compiled("rotate", lambda: jax.jit(
+            lambda x: (lambda f, j: (f, jax.vmap(jax.vmap(self.hessian.spectral))(j)))(*self._jacobians(x))))
+        n = jax.tree_util.tree_leaves(x_val)[0].shape[0]
+        parts = [rotate(jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], x_val)) for lo, hi in _chunks(n, size)]
+        f = jnp.concatenate([p[0] for p in parts])
+        rotated = jnp.concatenate([p[1] for p in parts])
+        probs_of = self._compiled("probit from rotated", lambda: jax.jit(lambda f, r, prior, sigma: self._outputs(
+            f, self._whitened_covariance(r, prior, sigma), sigma, "probit", 1, jax.random.key(0))))
+
+        def score(d):
+            out = probs_of(f, rotated, jnp.asarray(d, self.mean.dtype), self.sigma_noise)
+            return float(self._nll_of(out, y_val))
+
+        return score
 
     def _marglik(self, layerwise: bool, sigma: bool) -> Laplace:
         if sigma and self.likelihood != "regression":
@@ -247,8 +269,15 @@ class Laplace:
     def _covariance(self, x, prior, sigma):
         pred, jac = self._jacobians(x)
         s, delta = self._scale(sigma), self._delta(prior)
+        if self.hessian.diagonal_in_eigenbasis(delta):  # J P⁻¹ Jᵀ = Σ_k (Qᵀ J)_k (Qᵀ J)_kᵀ / (s λ_k + δ_k)
+            return pred, self._whitened_covariance(jax.vmap(jax.vmap(self.hessian.spectral))(jac), prior, sigma)
         solved = jax.vmap(jax.vmap(lambda r: self.hessian.solve(r, s, delta)))(jac)
         return pred, jnp.einsum("bcd,bkd->bck", jac, solved)
+
+    def _whitened_covariance(self, rotated, prior, sigma):
+        """``J P⁻¹ Jᵀ`` from the Jacobians in ``H``'s eigenbasis (``structures``' ``spectral``)."""
+        weight = 1 / (self._scale(sigma) * self.hessian.eigenvalues() + self._delta(prior))
+        return jnp.einsum("bcd,d,bkd->bck", rotated, weight, rotated)
 
     def functional_covariance(self, x):
         """``(f(x), Σ_f(x))``: outputs ``(B, C)`` and ``J P⁻¹ Jᵀ``, ``(B, C, C)``."""
@@ -293,9 +322,13 @@ class Laplace:
                 return outs.mean(0), outs.var(0) + sigma2
             return self._link(outs).mean(0)
         f, cov = self._covariance(x, prior, sigma)
+        return self._outputs(f, cov, sigma, link, samples, key)
+
+    def _outputs(self, f, cov, sigma, link, samples, key):
+        """The predictive from the linearised model's mean ``f`` and covariance ``cov``."""
         var = jnp.diagonal(cov, axis1=1, axis2=2)
         if self.likelihood == "regression":
-            return f, var + sigma2
+            return f, var + sigma ** 2
         if link == "probit":
             return self._link(f / jnp.sqrt(1 + math.pi / 8 * var))
         jitter = 1e-10 * jnp.eye(f.shape[-1], dtype=f.dtype)
@@ -309,7 +342,9 @@ class Laplace:
     def nll(self, x, y, **predict_options):
         """The mean predictive negative log-likelihood of ``(x, y)`` (integer classes, 0/1
         targets, or real targets: the Gaussian with the predictive variance)."""
-        out = self.predict(x, **predict_options)
+        return self._nll_of(self.predict(x, **predict_options), y)
+
+    def _nll_of(self, out, y):
         tiny = 1e-300 if jnp.result_type(self.mean) == jnp.float64 else 1e-30
         if self.likelihood == "regression":
             mean, var = out

@@ -67,6 +67,16 @@ class Diagonal:
     def mean_eigenvalue(self):
         return jnp.mean(self.d)
 
+    def spectral(self, v):
+        """``v`` in an eigenbasis of ``H`` (here the identity); ``eigenvalues()`` in the same layout."""
+        return v
+
+    def eigenvalues(self):
+        return self.d
+
+    def diagonal_in_eigenbasis(self, delta) -> bool:
+        return True
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +100,15 @@ class Dense:
 
     def mean_eigenvalue(self):
         return jnp.mean(self.values)
+
+    def spectral(self, v):
+        return self.vectors.T @ v
+
+    def eigenvalues(self):
+        return self.values
+
+    def diagonal_in_eigenbasis(self, delta) -> bool:
+        return jnp.ndim(delta) == 0  # one δ per layer is not diagonal in H's eigenbasis
 
     def logdet(self, s, delta):
         if jnp.ndim(delta) == 0:
@@ -231,6 +250,28 @@ class Kronecker:
 
     def sample(self, key, s, delta):
         return self._apply(jax.random.normal(key, self.covered.shape, self.covered.dtype), s, delta, 0.5)
+
+    def _blockwise(self, v, inner):
+        """``v`` with every block's matrix ``W`` replaced by ``inner(W, Q_A, Q_G, Λ)`` in place."""
+        tree = self.space.embed(v)
+
+        def leaf(path, layer, g):
+            for block, (qa, qg, lam) in zip(self.blocks.get(path, ()), self.eigen.get(path, ()), strict=True):
+                g = assemble(g, block_entries(inner(block_matrix(g, block), qa, qg, lam), block, g))
+            return g
+
+        return self.space.restrict(map_leaf_params(self.model, tree, leaf))
+
+    def spectral(self, v):
+        """``v`` in the eigenbasis: each block's ``Q_Aᵀ W Q_G`` in the block's place, the rest unchanged."""
+        return self._blockwise(v, lambda w, qa, qg, lam: qa.T @ w @ qg)
+
+    def eigenvalues(self):
+        """The eigenvalues in ``spectral``'s layout: ``Λ`` in each block's place, the diagonal elsewhere."""
+        return self._blockwise(self.diagonal, lambda w, qa, qg, lam: lam)
+
+    def diagonal_in_eigenbasis(self, delta) -> bool:
+        return True  # δ is one per layer, and every block lies in one layer
 
 
 def _leaf(tree, model, path):
