@@ -77,6 +77,17 @@ def test_kfac_eigenvalues_and_ekfac_refit_in_the_dense_basis(mlp):
         np.testing.assert_allclose(np.asarray(lam).ravel(), np.diag(q.T @ ggn[np.ix_(ind, ind)] @ q), rtol=1e-8,
                                    atol=1e-12)
         np.testing.assert_allclose(np.asarray(kfac.eigen[path][0][0]), np.asarray(qa))  # the same basis
+    # separate_bias=True: the same blocks without the weight-bias cross terms (laplace-torch's convention)
+    split = laplace.fit(model, LOSS, params, x, y, structure="kfac", separate_bias=True)
+    s_dense, joint = kronecker_dense(split.hessian, params), k_dense.copy()
+    for leaf in (index[0], index[2]):
+        b, w = np.asarray(leaf["b"]).astype(int).ravel(), np.asarray(leaf["w"]).astype(int).ravel()
+        joint[np.ix_(b, w)] = 0
+        joint[np.ix_(w, b)] = 0
+    np.testing.assert_allclose(s_dense, joint, atol=1e-10 * np.abs(joint).max())
+    v = np.asarray(jax.random.normal(jax.random.key(5), (len(joint),)))
+    np.testing.assert_allclose(split.hessian.solve(v, 1.0, DELTA), np.linalg.solve(s_dense + DELTA * np.eye(len(v)), v),
+                               rtol=1e-8)
     # the Frobenius-closest matrix in that basis: closer to the GGN's diagonal blocks than K-FAC
     blocks = np.where((k_dense != 0) | np.eye(len(k_dense), dtype=bool), ggn, 0)
     assert np.linalg.norm(e_dense - blocks) < np.linalg.norm(k_dense - blocks)

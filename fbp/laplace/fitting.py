@@ -73,7 +73,7 @@ def _batch_function(model, loss_sum, structure, space, has_state, approximation,
 
 
 def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, space, state=None, batch_size: int = 256,
-                 approximation: str = "expand", hessian: bool = False):
+                 approximation: str = "expand", hessian: bool = False, separate_bias: bool = False):
     """The likelihood's curvature ``H`` over the data as a structure, batch by batch.
 
     Args:
@@ -89,6 +89,7 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
         approximation: K-FAC's ``"expand"`` or ``"reduce"``.
         hessian: ``"full"`` only: the dense Hessian of the summed loss (by Hessian-vector products,
             ``fbp.spectrum``) instead of the GGN; it may be indefinite.
+        separate_bias: ``"kfac"``/``"ekfac"``: a bias block of its own (``Kronecker.of``).
 
     Returns:
         ``(H, data_term, n_outputs)``: the structure (scaled to the Gaussian likelihood for
@@ -118,7 +119,7 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
         total = {path: f._replace(blocks=[dataclasses.replace(b, G=b.G * scale) for b in f.blocks],
                                   diagonal=jax.tree_util.tree_map(lambda d: d * scale, f.diagonal))
                  for path, f in total.items()}
-        found = Kronecker.of(total, model, params, space)
+        found = Kronecker.of(total, model, params, space, separate_bias)
         if structure == "ekfac":
             found = _refit(found, model, loss_sum, params, x, y, state, batch_size, scale)
     else:
@@ -149,7 +150,7 @@ def _refit(kron: Kronecker, model, loss_sum, params, x, y, state, batch_size, sc
 
 def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", layers=None, state=None,
         prior_precision=1.0, sigma_noise: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
-        approximation: str = "expand") -> Laplace:
+        approximation: str = "expand", separate_bias: bool = False) -> Laplace:
     """The Laplace approximation around trained ``params`` (``fbp.laplace.posterior``).
 
     Args:
@@ -168,6 +169,9 @@ def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", laye
         temperature: ``T``.
         batch_size: examples per compiled batch.
         approximation: K-FAC's ``"expand"`` or ``"reduce"`` for weights shared over positions.
+        separate_bias: ``"kfac"``/``"ekfac"``: give each bias a Kronecker block of its own,
+            dropping the weight-bias cross terms (laplace-torch's convention). By default a
+            layer's weights and bias form one block ``[W; b]``, which keeps them.
 
     Returns:
         A ``Laplace``.
@@ -183,7 +187,8 @@ def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", laye
     space = subspace(model, params, layers)
     hessian, term, n_outputs = curvature_of(model, loss, params, x, y, space=space, state=state,
                                             structure="full" if structure == "last_layer" else structure,
-                                            batch_size=batch_size, approximation=approximation)
+                                            batch_size=batch_size, approximation=approximation,
+                                            separate_bias=separate_bias)
     dtype = space.restrict(params).dtype
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     return Laplace(model, loss, likelihood, params, state, space, hessian, structure,

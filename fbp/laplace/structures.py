@@ -160,8 +160,15 @@ class Kronecker:
         return dict(self.layout)
 
     @classmethod
-    def of(cls, factors: dict, model, params, space):
-        """From ``{path: fbp.curvature.Factors}`` (data totals) and the ``Subspace``."""
+    def of(cls, factors: dict, model, params, space, separate_bias: bool = False):
+        """From ``{path: fbp.curvature.Factors}`` (data totals) and the ``Subspace``.
+
+        ``separate_bias``: split each block ``[W; b]`` into ``A_W ⊗ G`` and a bias block
+        ``1 ⊗ G``, dropping the weight-bias cross terms (laplace-torch's and BackPACK's convention;
+        fbp keeps them by default)."""
+        if separate_bias:
+            factors = {path: f._replace(blocks=[part for b in f.blocks for part in _split_bias(b)])
+                       for path, f in factors.items()}
         eigen, blocks = {}, {}
         covered_tree = map_leaf_params(model, params, lambda path, layer, p: jax.tree_util.tree_map(
             lambda a: np.zeros(np.shape(a)), p))
@@ -272,6 +279,13 @@ class Kronecker:
 
     def diagonal_in_eigenbasis(self, delta) -> bool:
         return True  # δ is one per layer, and every block lies in one layer
+
+
+def _split_bias(block):
+    if block.bias is None or not block.kernels:
+        return [block]
+    return [dataclasses.replace(block, bias=None, A=block.A[:-1, :-1]),
+            dataclasses.replace(block, kernels=(), A=block.A[-1:, -1:])]
 
 
 def _leaf(tree, model, path):
