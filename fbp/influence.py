@@ -23,7 +23,7 @@ the first-order decrease of the test loss when ``z_n`` is upweighted (``−I`` i
 Per-example training gradients come from the one-pass engine (``fbp.per_example.grads``), one
 batch at a time; the test gradients are preconditioned once (``(H + λI)⁻¹ G_test``), so the
 scores of a batch are one ``(n_test × dim) · (dim × B)`` product — no Jacobian of the whole
-training set is ever held, and no ``vmap(jax.grad)``.
+training set is ever held, and JAX's autodiff is never vmapped over examples.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from fbp.laplace.fitting import _chunks, _slices, curvature_of
 from fbp.laplace.posterior import likelihood_of
 from fbp.per_example import grads as per_example_grads
 from fbp.subspace import subspace
+from fbp.validation import typed_arguments
 
 METHODS = ("exact", "hessian", "kfac", "ekfac", "diag", "gradient", "cosine")
 
@@ -159,6 +160,7 @@ class Influence:
         return total
 
 
+@typed_arguments
 def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", damping: float | None = None, layers=None,
         state=None, batch_size: int = 256, approximation: str = "expand") -> Influence:
     """Influence functions over the training set ``(x, y)`` at trained ``params`` (module docstring).
@@ -181,6 +183,8 @@ def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", dampin
     """
     if method not in METHODS:
         raise ValueError(f"fbp.influence.fit: method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"fbp.influence.fit: batch_size must be at least 1, got {batch_size}")
     space = subspace(model, params, layers)
     if method in ("gradient", "cosine"):
         return Influence(model, loss, x, y, space, (Term(params, 1.0, normalise=method == "cosine"),), batch_size,
@@ -194,6 +198,7 @@ def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", dampin
     return Influence(model, loss, x, y, space, (Term(params, 1.0, h, 1.0 / n, lam),), batch_size, state)
 
 
+@typed_arguments
 def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_rates=1.0, layers=None, state=None,
            batch_size: int = 256) -> Influence:
     """TracIn-CP (Pruthi et al., 2020): ``Σ_t η_t ∇ℓ(z; θ_t)ᵀ ∇ℓ(z_n; θ_t)`` over ``checkpoints``.

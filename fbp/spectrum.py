@@ -5,7 +5,7 @@ The matrix is the loss's **GGN** ``G = Jᵀ H J`` (``curvature="ggn"``: positive
 ``J v`` by transposing the pass's hand-written linear backward, ``fbp.curvature``) or its
 **Hessian** (``curvature="hessian"``: ``∇²L v`` as the forward-mode derivative ``jax.jvp`` of
 fbp's own backward pass — the hand-written rules, differentiated once more, so it is exact
-wherever the rules are the derivative: every built-in family, checked against ``jax.hessian``;
+wherever the rules are the derivative: every built-in family, checked against JAX's dense ``hessian``;
 piecewise-linear activations (ReLU) contribute their almost-everywhere second derivative 0).
 ``layer="…"`` restricts it to one layer's block ``P G P`` (``fbp.subspace``).
 
@@ -42,6 +42,7 @@ from fbp.core import InputError, Layer, Loss, run_forward, value_grad_and_output
 from fbp.curvature import _require_curvature, ggn_product_of_pass
 from fbp.lanczos import lanczos
 from fbp.subspace import Subspace, subspace
+from fbp.validation import typed_arguments
 
 CURVATURES = ("ggn", "hessian")
 
@@ -74,6 +75,7 @@ def _batches(x, y, batch_size):
     return jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y)
 
 
+@typed_arguments
 def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", layer=None, state=None, key=None,
              train: bool = False, batch_size: int | None = None) -> Operator:
     """The curvature operator of ``loss(model(params, x), y)`` (module docstring).
@@ -144,6 +146,7 @@ def _key(key):
     return jax.random.key(0) if key is None else key
 
 
+@typed_arguments
 def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=None,
                 reorthogonalize: bool = True) -> Eigen:
     """The ``k`` largest eigenvalues by Lanczos (one product per step).
@@ -180,6 +183,7 @@ class Trace(NamedTuple):
     stderr: jax.Array
 
 
+@typed_arguments
 def trace(op: Operator, samples: int = 100, *, key=None) -> Trace:
     """Hutchinson's trace estimate.
 
@@ -221,6 +225,7 @@ class Density(NamedTuple):
         return jnp.mean(jnp.sum(self.weights[None] * kernel, axis=2), axis=1)
 
 
+@typed_arguments
 def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None, reorthogonalize: bool = True) -> Density:
     """The spectral density by stochastic Lanczos quadrature (module docstring).
 

@@ -212,6 +212,10 @@ def test_bad_input_is_refused(mlp):
         laplace.fit(model, losses.Hinge(), params, x, y)
     with pytest.raises(ValueError, match="structure must be one of"):
         laplace.fit(model, LOSS, params, x, y, structure="kron")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        laplace.fit(model, LOSS, params, x, y, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        laplace.fit(model, LOSS, params, x, y, batch_size=2.5)
     with pytest.raises(InputError, match=r"no layer with parameters at \['7'\]"):
         laplace.fit(model, LOSS, params, x, y, layers=["7"])
     la = laplace.fit(model, LOSS, params, x, y, structure="diag")

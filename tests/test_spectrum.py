@@ -118,3 +118,5 @@ def test_plot_and_bad_input(tmp_path):
         spectrum.operator(model, LOSS, params, x, y, layer="9")
     with pytest.raises(ValueError, match="k must be in"):
         spectrum.eigenvalues(op, k=0)
+    with pytest.raises(Exception, match="k"):
+        spectrum.eigenvalues(op, k=2.5)  # an int, not truncated silently

@@ -75,7 +75,7 @@ SKIP = {  # public callables that take no plain-value hyperparameter (arrays, py
     "gradient_function", "examples_counted", "diag_hessian", "layer", "FunctionLayer", "Activation",
     "Layer", "Loss", "GradientTransformation", "KFAC", "KFACState", "KroneckerBlock", "Factors", "Dataset",
     "FitResult", "LossScaleState", "sign_symmetry", "assemble", "exact_model", "DirectFeedbackAlignment",
-    "sign_feedback", "draw_by_length", "probe_model", "split_probed", "one_pass",
+    "sign_feedback", "draw_by_length", "probe_model", "split_probed", "one_pass", "block_matrix", "block_entries",
 }
 FREE_TEXT = {"name", "monitor", "directory", "path"}  # any string is a valid value
 INF_OK = {"l2_clip", "max_norm", "max_delta", "patience"}  # inf means "no bound" for these

@@ -15,6 +15,7 @@ from fbp.laplace.posterior import Laplace, _chunks, likelihood_of
 from fbp.laplace.structures import STRUCTURES, Dense, Diagonal, Kronecker
 from fbp.per_example import backward_columns
 from fbp.subspace import leaf_paths, subspace
+from fbp.validation import typed_arguments
 from fbp.walk import map_leaf_params
 
 
@@ -148,6 +149,7 @@ def _refit(kron: Kronecker, model, loss_sum, params, x, y, state, batch_size, sc
     return kron.with_eigenvalues(jax.tree_util.tree_map(lambda t: t * scale, total))
 
 
+@typed_arguments
 def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", layers=None, state=None,
         prior_precision=1.0, sigma_noise: float = 1.0, temperature: float = 1.0, batch_size: int = 256,
         approximation: str = "expand", separate_bias: bool = False) -> Laplace:
@@ -178,6 +180,8 @@ def fit(model: Layer, loss: Loss, params, x, y, *, structure: str = "kfac", laye
     """
     if structure not in STRUCTURES:
         raise ValueError(f"fbp.laplace.fit: structure must be one of {STRUCTURES}, got {structure!r}")
+    if batch_size < 1:
+        raise ValueError(f"fbp.laplace.fit: batch_size must be at least 1, got {batch_size}")
     likelihood = likelihood_of(loss)
     if structure == "last_layer":
         if layers is not None:
