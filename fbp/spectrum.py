@@ -1,13 +1,11 @@
 r"""The curvature spectrum of a trained (or training) network from matrix-vector products only:
 top eigenvalues, the trace and the spectral density, of the whole model or of one layer.
 
-The matrix is the loss's **GGN** ``G = Jᵀ H J`` (``curvature="ggn"``: positive semi-definite;
-``J v`` by transposing the pass's hand-written linear backward, ``fbp.curvature``) or its
-**Hessian** (``curvature="hessian"``: ``∇²L v`` as the forward-mode derivative ``jax.jvp`` of
-fbp's own backward pass — the hand-written rules, differentiated once more, so it is exact
-wherever the rules are the derivative: every built-in family, checked against JAX's dense ``hessian``;
-piecewise-linear activations (ReLU) contribute their almost-everywhere second derivative 0).
-``layer="…"`` restricts it to one layer's block ``P G P`` (``fbp.subspace``).
+The matrix is the loss's **GGN** ``G = Jᵀ H J`` (positive semi-definite; ``J v`` by transposing
+the pass's hand-written linear backward, ``fbp.curvature``); ``layer="…"`` restricts it to one
+layer's block ``P G P`` (``fbp.subspace``). The Hessian's products are not offered: they need a
+hand-written second-order (R-op) rule per family, which fbp does not have yet — its diagonal is
+``fbp.curvature.diag_hessian`` (chains of layers with second-derivative rules).
 
 * **Top eigenvalues** (``eigenvalues``): Lanczos with full reorthogonalisation (``fbp.lanczos``);
   each Ritz value comes with its residual bound ``‖A y − θ y‖`` (an eigenvalue lies within it).
@@ -38,13 +36,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import InputError, Layer, Loss, run_forward, value_grad_and_output
+from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import _require_curvature, ggn_product_of_pass
 from fbp.lanczos import lanczos
 from fbp.subspace import Subspace, subspace
 from fbp.validation import typed_arguments
 
-CURVATURES = ("ggn", "hessian")
+CURVATURES = ("ggn",)
 
 
 class Operator(NamedTuple):
@@ -86,7 +84,7 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         params: the params.
         x: the inputs.
         y: the targets.
-        curvature: ``"ggn"`` or ``"hessian"``.
+        curvature: ``"ggn"`` (the only one: module docstring).
         layer: ``None`` (every parameter), a leaf path (``"2"``) or a list of paths: the block.
         state: the model's state (BatchNorm), or ``None``.
         key: a random key for layers that need one.
@@ -97,28 +95,23 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         An ``Operator``.
     """
     if curvature not in CURVATURES:
-        raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r}")
-    if curvature == "ggn":
-        _require_curvature(loss, "fbp.spectrum.operator")
+        raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r} "
+                         f"(Hessian-vector products need hand-written second-order rules, not built yet; "
+                         f"the Hessian's diagonal is fbp.curvature.diag_hessian)")
+    _require_curvature(loss, "fbp.spectrum.operator")
     space = subspace(model, params, layer)
     leaves = jax.tree_util.tree_leaves(params)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
 
     def product(xb, yb, v_tree):
-        if curvature == "ggn":
-            pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
-            return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, yb, v_tree)
-        grad = lambda p: value_grad_and_output(model, loss, p, xb, yb, state=state, key=key, train=train)[1]  # noqa: E731
-        return jax.jvp(grad, (params,), (v_tree,))[1]
+        pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
+        return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, yb, v_tree)
 
     batches = _batches(x, y, batch_size)
-    if batches is None:
-        if curvature == "ggn":  # one forward for every product: the residuals are shared
-            pred, res = run_forward(model, params, x, state=state, key=key, train=train)
-            matvec = lambda v: space.restrict(ggn_product_of_pass(  # noqa: E731
-                lambda u: model.backward(res, u)[0], pred, loss, y, space.embed(v)))
-        else:
-            matvec = lambda v: space.restrict(product(x, y, space.embed(v)))  # noqa: E731
+    if batches is None:  # one forward for every product: the residuals are shared
+        pred, res = run_forward(model, params, x, state=state, key=key, train=train)
+        matvec = lambda v: space.restrict(ggn_product_of_pass(  # noqa: E731
+            lambda u: model.backward(res, u)[0], pred, loss, y, space.embed(v)))
     else:
         mean = getattr(loss, "reduction", "mean") == "mean"
 

@@ -11,12 +11,10 @@ import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import diag_ggn, kfac_factors
-from fbp.laplace.posterior import Laplace, _chunks, likelihood_of
+from fbp.laplace.posterior import Laplace, _chunks, likelihood_of, per_column_gradients
 from fbp.laplace.structures import STRUCTURES, Dense, Diagonal, Kronecker
-from fbp.per_example import backward_columns
 from fbp.subspace import leaf_paths, subspace
 from fbp.validation import typed_arguments
-from fbp.walk import map_leaf_params
 
 
 def _data_term(loss_sum, likelihood, pred, y):
@@ -29,21 +27,8 @@ def _slices(tree, lo, hi):
     return jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
 
 
-def _per_column_grads(model, loss_sum, params, x, y, state):
-    """The per-example gradients of the loss's factor columns: a params-shaped tree, leaves ``(M, B, ...)``."""
-    pred, _, per, _, _ = backward_columns(model, params, x, lambda p: loss_sum.hessian_factor(p, y), mode="grads",
-                                          state=state, train=False)
-    m, n = pred.shape[-1] if pred.ndim > 1 else 1, pred.shape[0]
-    m = next(iter(jax.tree_util.tree_leaves(per))).shape[0] if per else m
-
-    def leaf(path, layer, p):
-        return per[path] if path in per else jax.tree_util.tree_map(lambda a: jnp.zeros((m, n, *a.shape), a.dtype), p)
-
-    return pred, map_leaf_params(model, params, leaf)
-
-
 @functools.lru_cache(maxsize=32)
-def _batch_function(model, loss_sum, structure, space, has_state, approximation, hessian):
+def _batch_function(model, loss_sum, structure, space, has_state, approximation):
     """One batch's curvature and data term, jitted once per (model, loss, structure, subspace, …):
     a second fit of the same model and shapes reuses the compiled function."""
     likelihood = likelihood_of(loss_sum)
@@ -60,13 +45,7 @@ def _batch_function(model, loss_sum, structure, space, has_state, approximation,
         if structure in ("kfac", "ekfac"):
             factors = kfac_factors(model, loss_sum, approximation=approximation, has_state=has_state)
             return factors(*args, xb, yb), term(params, state, xb, yb)
-        if hessian:  # the dense Hessian of the summed loss, by Hessian-vector products (fbp.spectrum)
-            from fbp.spectrum import operator
-            op = operator(model, loss_sum, params, xb, yb, curvature="hessian", layer=list(space.groups),
-                          state=state)
-            return jax.lax.map(op.matvec, jnp.eye(space.dim, dtype=space.restrict(params).dtype)), \
-                term(params, state, xb, yb)
-        _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
+        _, tree = per_column_gradients(model, params, xb, lambda p: loss_sum.hessian_factor(p, yb), state)
         rows = jax.vmap(jax.vmap(space.restrict))(tree).reshape(-1, space.dim)
         return rows.T @ rows, term(params, state, xb, yb)
 
@@ -74,7 +53,7 @@ def _batch_function(model, loss_sum, structure, space, has_state, approximation,
 
 
 def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, space, state=None, batch_size: int = 256,
-                 approximation: str = "expand", hessian: bool = False, separate_bias: bool = False):
+                 approximation: str = "expand", separate_bias: bool = False):
     """The likelihood's curvature ``H`` over the data as a structure, batch by batch.
 
     Args:
@@ -88,8 +67,6 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
         state: the model state, or ``None``.
         batch_size: examples per compiled batch.
         approximation: K-FAC's ``"expand"`` or ``"reduce"``.
-        hessian: ``"full"`` only: the dense Hessian of the summed loss (by Hessian-vector products,
-            ``fbp.spectrum``) instead of the GGN; it may be indefinite.
         separate_bias: ``"kfac"``/``"ekfac"``: a bias block of its own (``Kronecker.of``).
 
     Returns:
@@ -102,7 +79,7 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
     if n == 0:
         raise InputError("fbp.laplace", "no training examples")
     context = {} if state is None else {"state": state}
-    compiled = _batch_function(model, loss_sum, structure, space, state is not None, approximation, hessian)
+    compiled = _batch_function(model, loss_sum, structure, space, state is not None, approximation)
     batch = lambda xb, yb: compiled(params, state, xb, yb)  # noqa: E731
     total, value = None, 0.0
     for lo, hi in _chunks(n, batch_size):
@@ -124,14 +101,14 @@ def curvature_of(model: Layer, loss: Loss, params, x, y, *, structure: str, spac
         if structure == "ekfac":
             found = _refit(found, model, loss_sum, params, x, y, state, batch_size, scale)
     else:
-        found = Dense.of((total + total.T) / 2 * scale, clip=not hessian)
+        found = Dense.of((total + total.T) / 2 * scale)
     return found, value, n_outputs
 
 
 @functools.lru_cache(maxsize=32)
 def _refit_function(model, loss_sum, space, has_state):
     def run(kron, params, state, xb, yb):
-        _, tree = _per_column_grads(model, loss_sum, params, xb, yb, state)
+        _, tree = per_column_gradients(model, params, xb, lambda p: loss_sum.hessian_factor(p, yb), state)
         rotated = jax.vmap(jax.vmap(kron.rotate))(tree)
         return jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r), axis=(0, 1)), rotated)
 

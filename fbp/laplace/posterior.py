@@ -41,7 +41,6 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fbp.core import InputError, run_forward
-from fbp.laplace.structures import Dense
 from fbp.per_example import backward_columns
 from fbp.walk import map_leaf_params
 
@@ -66,6 +65,31 @@ def likelihood_of(loss) -> str:
     raise InputError(repr(loss), "fbp.laplace needs a loss that is a negative log-likelihood: "
                                  "CategoricalCrossEntropy(from_logits=True) (classification), "
                                  "BinaryCrossEntropy(from_logits=True) (binary) or MSE (Gaussian regression)")
+
+
+def per_column_gradients(model, params, x, columns, state=None):
+    """The per-example gradients of output cotangent columns, in inference mode
+    (``fbp.per_example.backward_columns``, mode ``"grads"``).
+
+    Args:
+        model: the model.
+        params: its params.
+        x: the inputs.
+        columns: ``pred -> (*pred.shape, M)``: the cotangent columns (the loss's Hessian factor,
+            or the identity for output Jacobians).
+        state: the model state, or ``None``.
+
+    Returns:
+        ``(pred, tree)``: the outputs, and a params-shaped tree with leaves ``(M, B, ...)``.
+    """
+    pred, _, per, _, _ = backward_columns(model, params, x, columns, mode="grads", state=state, train=False)
+    m = next(iter(jax.tree_util.tree_leaves(per))).shape[0] if per else 0
+
+    def leaf(path, layer, p):
+        return per[path] if path in per else jax.tree_util.tree_map(
+            lambda a: jnp.zeros((m, pred.shape[0], *a.shape), a.dtype), p)
+
+    return pred, map_leaf_params(model, params, leaf)
 
 
 def _chunks(n: int, size: int):
@@ -254,15 +278,7 @@ class Laplace:
             c = pred.shape[-1]
             return jnp.broadcast_to(jnp.eye(c, dtype=pred.dtype), (*pred.shape, c))
 
-        pred, _, per, _, _ = backward_columns(self.model, self.params, x, eye, mode="grads", state=self.state,
-                                              train=False)
-        n, c = pred.shape
-
-        def leaf_rows(path, layer, p):
-            return per[path] if path in per else jax.tree_util.tree_map(
-                lambda a: jnp.zeros((c, n, *a.shape), a.dtype), p)
-
-        rows = map_leaf_params(self.model, self.params, leaf_rows)
+        pred, rows = per_column_gradients(self.model, self.params, x, eye, self.state)
         jac = jax.vmap(jax.vmap(self.space.restrict))(rows)  # (C, B, dim)
         return pred, jnp.swapaxes(jac, 0, 1)
 
@@ -357,4 +373,4 @@ class Laplace:
         return -jnp.mean(jnp.log(p + tiny))
 
 
-__all__ = ["LIKELIHOODS", "Dense", "Laplace", "likelihood_of"]
+__all__ = ["LIKELIHOODS", "Laplace", "likelihood_of", "per_column_gradients"]

@@ -92,11 +92,10 @@ class Dense:
     vectors: jax.Array
 
     @classmethod
-    def of(cls, h, clip: bool = True):
-        """From ``h`` (symmetrised); ``clip``: rounding's tiny negative eigenvalues to 0 (a GGN;
-        not a Hessian, which may be indefinite)."""
+    def of(cls, h):
+        """From a GGN ``h`` (symmetrised; rounding's tiny negative eigenvalues set to 0)."""
         values, vectors = jnp.linalg.eigh((h + h.T) / 2)
-        return cls(jnp.maximum(values, 0) if clip else values, vectors)
+        return cls(jnp.maximum(values, 0), vectors)
 
     def mean_eigenvalue(self):
         return jnp.mean(self.values)
