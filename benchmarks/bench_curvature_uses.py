@@ -7,8 +7,9 @@ product (``product``, the forward included) against fbp's plain SGD step, on ben
 MLP (784-1024³-10, batch 256) and bench_cnn.py's CNN (batch 128); and against the same Lanczos
 with the JAX idiom's GGN product (``jax.jvp`` of the model, the softmax cross-entropy's Hessian
 in closed form, ``jax.vjp``), timed apart on three calls after the rounds.
-Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). Interleaved rounds,
-medians, ratio ranges over ``--runs``.
+Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). ``…-transposed``: the
+same with ``J v`` by transposing the backward (``fbp.linear_pass.transpose_only``), the path before
+the layers' tangent rules. Interleaved rounds, medians, ratio ranges over ``--runs``.
 
 **Influence** (``--part influence``): the influence of 500 test digits on the 1,257 training
 digits (digits MLP 64-32-10, ``load_digits(0.3)``), with EK-FAC and with the exact dense GGN
@@ -33,6 +34,7 @@ from common import block, cnn_workload, mlp_workload, ratio_runs, sgd
 import fbp
 from fbp import data, influence, losses, nn, optim, spectrum
 from fbp.lanczos import lanczos
+from fbp.linear_pass import transpose_only
 
 LOSS = losses.CategoricalCrossEntropy(from_logits=True)
 
@@ -71,6 +73,11 @@ def _spectrum_workload(name, model, shape, runs):
                                                         reorthogonalize=False).values)
     ggn_product = jax.jit(lambda p, v: spectrum.operator(model, LOSS, p, x, y).matvec(v))
     v0 = jnp.ones((sum(a.size for a in jax.tree_util.tree_leaves(params)),), jnp.float32)
+    with transpose_only():  # J v by transposing the backward, as before the tangent rules (traced here)
+        transposed = jax.jit(lambda p: spectrum.eigenvalues(spectrum.operator(model, LOSS, p, x, y), 1,
+                                                             iterations=20, reorthogonalize=False).values)
+        transposed_product = jax.jit(lambda p, v: spectrum.operator(model, LOSS, p, x, y).matvec(v))
+        block(transposed(params)), block(transposed_product(params, v0))
 
     def jax_lanczos(p):
         matvec, dim, dtype = _jax_ggn_matvec(model, p, x, y)
@@ -80,9 +87,12 @@ def _spectrum_workload(name, model, shape, runs):
     top_fbp, top_jax = float(fbp_lanczos(params)[0]), float(jax_lanczos(params))
     print(f"\n{name}: top GGN eigenvalue after 20 iterations: fbp {top_fbp:.6g}, JAX idiom {top_jax:.6g}")
     calls = {"step": lambda: step(params), "product": lambda: ggn_product(params, v0),
-             "lanczos20": lambda: fbp_lanczos(params), "lanczos20-local": lambda: fbp_local(params)}
-    ratios = ratio_runs(calls, ["product / step", "lanczos20 / step", "lanczos20-local / step"], runs, rounds=5,
-                        reps=2)
+             "lanczos20": lambda: fbp_lanczos(params), "lanczos20-local": lambda: fbp_local(params),
+             "product-transposed": lambda: transposed_product(params, v0),
+             "lanczos20-local-transposed": lambda: transposed(params)}
+    ratios = ratio_runs(calls, ["product / step", "lanczos20 / step", "lanczos20-local / step",
+                                "product-transposed / step", "lanczos20-local-transposed / step",
+                                "product / product-transposed"], runs, rounds=5, reps=2)
     apart = []  # the JAX idiom apart, three calls after the rounds (tens of seconds a call on the CNN)
     for _ in range(3):
         start = time.perf_counter()

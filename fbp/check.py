@@ -12,6 +12,9 @@ loss       ``g · loss(pred, target)``                 ``loss.backward(res, g)``
 model      ``loss(model.apply(params, x), y)``        ``fbp.value_and_grad(model, loss)``
 =========  =========================================  ====================================
 
+A layer that writes forward mode (``fbp.linear_pass``) gets one more row, ``tangent``: its
+tangent rule in a random direction against ``jax.jvp`` of the same plain forward.
+
 and compares, leaf by leaf (every parameter path and the input cotangent ``x``):
 
 * **jax** — ``jax.grad(f)``. Error: ``max |actual - desired|`` and the normwise relative error
@@ -54,6 +57,7 @@ from fbp.compare import (
 )
 from fbp.core import Layer, Loss, path_name, require_floating, run_forward, value_grad_and_output
 from fbp.deviation import deviations, reference_model
+from fbp.linear_pass import has_tangent, tangent
 from fbp.report import Report, Row, format_table  # noqa: F401  (fbp.check.Report is the public name)
 
 PyTree = Any
@@ -114,6 +118,25 @@ def _by_design(model: Layer) -> tuple[Layer, tuple[str, ...]]:
                                              "forward")
 
 
+def _tangent_row(layer, reference, args, inputs, ctx, key, rtol, atol, jit) -> Row:
+    """The layer's tangent rule (``fbp.linear_pass``) in a random direction of its params and
+    floating inputs, against ``jax.jvp`` of the reference's plain ``apply`` (the row ``tangent``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    direction = jax.tree_util.tree_unflatten(treedef, [standard_normal(jax.random.fold_in(key, 7919 + i), a.shape,
+                                                                       a.dtype) for i, a in enumerate(leaves)])
+
+    def ours(a, d):
+        _, res = run_forward(layer, a["params"], inputs.rebuild(a), **ctx)
+        out = tangent(layer, res, d["params"], inputs.rebuild_tangent(d))
+        return jnp.zeros(y.shape, y.dtype) if out is None else out
+
+    y, desired = jax.jit(lambda a, d: jax.jvp(lambda q: reference.apply(q["params"], inputs.rebuild(q), **ctx),
+                                                (a,), (d,)))(args, direction)
+    actual = (jax.jit(ours) if jit else ours)(args, direction)
+    scale = float(jnp.max(jnp.abs(desired))) if desired.size else 0.0
+    return compare_jax("tangent", actual, desired, rtol, rtol * scale if atol is None else atol)
+
+
 class _Inputs:
     """The floating leaves of a layer's input pytree (``x``, or ``(x, h0)``, or ``(x, mask)``):
     those are differentiated; integer and boolean leaves (ids, masks) are held fixed."""
@@ -131,6 +154,16 @@ class _Inputs:
         leaves = list(self.leaves)
         for j, i in enumerate(self.floating):
             leaves[i] = a["x"][j]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def rebuild_tangent(self, d):
+        """A tangent of the input for ``fbp.linear_pass``: the floating leaves' from ``d["x"]``,
+        ``None`` at the others (and ``None`` for an input with no floating leaf)."""
+        if "x" not in d:
+            return None
+        leaves = [None] * len(self.leaves)
+        for j, i in enumerate(self.floating):
+            leaves[i] = d["x"][j]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def select(self, d_x):
@@ -192,6 +225,9 @@ def layer(layer: Layer, params: PyTree, x, *, d_y=None, state=None, key=None, tr
         rt, frt = default_tolerances(y.dtype, rtol, fd_rtol)
         report = _run(f"fbp.check.layer: {layer!r}", f, fbp_grad, args, dtype=dtype, jit=jit, rtol=rt, atol=atol,
                       fd=fd and not notes, fd_rtol=frt, fd_directions=fd_directions, key=check_key)
+        if has_tangent(layer):  # forward mode too, where the family writes it (fbp.linear_pass)
+            report = dataclasses.replace(report, rows=(*report.rows, _tangent_row(layer, reference, args, inputs, ctx,
+                                                                                     check_key, rt, atol, jit)))
         return dataclasses.replace(report, notes=notes)
 
     return with_precision(dtype, body)

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_name, run_forward, tree_mismatch
 from fbp.curvature_blocks import block_entries, block_matrix  # noqa: F401  (public here)
 from fbp.extensions import Extension
+from fbp.linear_pass import LinearPass, jacobian_vector_product
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
 from fbp.validation import check_fields, typed_arguments
@@ -267,8 +268,10 @@ def diag_ggn_mc(model: Layer, loss: Loss, mc_samples: int = 1, *, has_state: boo
 def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, train: bool = False) -> Callable:
     """``G v = Σ_b J_bᵀ H_b J_b v`` for conjugate-gradient / Hessian-free methods.
 
-    ``J v`` is the transpose of the hand-written backward ``u ↦ Jᵀ u`` (linear in ``u``, taken
-    by ``jax.linear_transpose``); ``H_b`` is applied as ``S_b (S_bᵀ u)`` from the loss's factor.
+    ``J v`` comes from the layers' hand-written tangent rules (forward mode, ``fbp.linear_pass``),
+    or, in a model with a layer that has none, from transposing the hand-written backward
+    ``u ↦ Jᵀ u`` (``jax.linear_transpose``); ``H_b`` is applied as ``S_b (S_bᵀ u)`` from the
+    loss's factor.
 
     Args:
         model: the network.
@@ -285,13 +288,14 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
     def product(params, x, y, v, *, state=None, key=None):
         _require_like_params(params, v)
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
-        return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, y, v)
+        return ggn_product_of_pass(LinearPass(model, res, pred), pred, loss, y, v)
 
     return with_context(model, has_state, "fbp.curvature.ggn_vector_product", product)
 
 
 def ggn_product_of_pass(back, pred, loss, y, v):
-    """``Jᵀ H J v`` from a pass's linear backward ``back: u ↦ Jᵀu`` (``J v`` is its transpose).
+    """``Jᵀ H J v`` from a pass's linear backward ``back: u ↦ Jᵀu`` (``J v``: its tangent rules,
+    ``fbp.linear_pass``, or its transpose).
 
     Args:
         back: the linear backward on the pass's residuals.
@@ -303,7 +307,7 @@ def ggn_product_of_pass(back, pred, loss, y, v):
     Returns:
         ``G v``, shaped like the params.
     """
-    (jv,) = jax.linear_transpose(back, pred)(v)
+    jv = jacobian_vector_product(back, pred, v)
     s = loss.hessian_factor(pred, y)
     axes = tuple(range(1, pred.ndim))
     hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)

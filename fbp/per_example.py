@@ -54,6 +54,7 @@ from fbp.core import (  # noqa: F401  (with_context re-exported: the engine and 
     with_context,
 )
 from fbp.extensions import Extension
+from fbp.linear_pass import LinearPass
 from fbp.probes import MODES, probe_model, split_probed
 from fbp.validation import typed_arguments
 
@@ -143,7 +144,8 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
         ``column_per[i]`` = ``(found, layout)`` with ``found[path]`` the column set's quantity and
         ``layout[path]`` how each layer computed it, the new state, the model's output, the
         exact twin's ``Σ_b ∇ℓ_b`` (``None`` without ``exact``), and ``back: u ↦ Jᵀu``, the
-        rules' backward of an output cotangent on the same residuals (linear in ``u``).
+        rules' backward of an output cotangent on the same residuals (linear in ``u``; a
+        ``fbp.linear_pass.LinearPass``, whose ``tangent(v)`` is ``J v``).
     """
     if not isinstance(loss, Loss) or not hasattr(loss, "reduction") or not dataclasses.is_dataclass(loss):
         raise InputError(repr(loss), "per-example quantities need a loss with a reduction field")
@@ -166,11 +168,9 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
     if exact is not None:  # the same residuals, every leaf's exact VJP in place of its rule
         exact_summed = split_probed(model, probe_model(exact, (), {}, check=False).backward(res, d_pred)[0])[0]
     new_state = None if state is None else probed.next_state(state, res)
-    plain = probe_model(model, (), {}, check=False)
-
-    def back(u):
-        return split_probed(model, plain.backward(res, u)[0])[0]
-
+    back = LinearPass(model, res, pred, layer=probe_model(model, (), {}, check=False),
+                      split=lambda d: split_probed(model, d)[0],
+                      slot=lambda v: map_leaf_params(model, v, lambda path, leaf, p: (p, None)))
     return values, summed, per, column_per, new_state, pred, exact_summed, back
 
 

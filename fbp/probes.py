@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from fbp import independence
 from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_forward, transform_layers
+from fbp.linear_pass import tangent
 from fbp.nn.positions import assemble, sq_norm
 
 MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce", "project")
@@ -81,6 +82,10 @@ class _PerExample(Wrapper):
         y, res = run_forward(self.layer, inner_params, x, **context)
         seen = tuple(hook.from_output(y) for hook in self.hooks)
         return y, (res, inner_params, x, context, seen)
+
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): the wrapped layer's tangent (the probe's params are ``(p, None)``)."""
+        return tangent(self.layer, res[0], d_params[0], d_x)
 
     def backward(self, res, d_y):
         inner, params, x, context, seen = res

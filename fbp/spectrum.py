@@ -39,6 +39,7 @@ from jax import lax
 from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import _require_curvature, ggn_product_of_pass
 from fbp.lanczos import lanczos
+from fbp.linear_pass import LinearPass
 from fbp.subspace import Subspace, subspace
 from fbp.validation import typed_arguments
 
@@ -105,13 +106,14 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
 
     def product(xb, yb, v_tree):
         pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
-        return ggn_product_of_pass(lambda u: model.backward(res, u)[0], pred, loss, yb, v_tree)
+        return ggn_product_of_pass(LinearPass(model, res, pred), pred, loss, yb, v_tree)
 
     batches = _batches(x, y, batch_size)
     if batches is None:  # one forward for every product: the residuals are shared
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
+        linear = LinearPass(model, res, pred)
         matvec = lambda v: space.restrict(ggn_product_of_pass(  # noqa: E731
-            lambda u: model.backward(res, u)[0], pred, loss, y, space.embed(v)))
+            linear, pred, loss, y, space.embed(v)))
     else:
         mean = getattr(loss, "reduction", "mean") == "mean"
 

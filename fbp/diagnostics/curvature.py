@@ -32,11 +32,12 @@ from jax.flatten_util import ravel_pytree
 from fbp.curvature import DiagGGN, DiagGGNMC, ggn_product_of_pass
 from fbp.extensions import Extension
 from fbp.lanczos import lanczos
+from fbp.linear_pass import jacobian_vector_product
 
 
 def _hessian_sqrt_jvp(context, v):
     """``Sᵀ J v`` per example: ``(B, M)``; ``‖·‖²`` summed is ``vᵀ G v``."""
-    (jv,) = jax.linear_transpose(context.back, context.pred)(v)
+    jv = jacobian_vector_product(context.back, context.pred, v)
     s = context.loss.hessian_factor(context.pred, context.y)
     return jnp.einsum("n...m,n...->nm", s, jv)
 

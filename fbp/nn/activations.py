@@ -3,7 +3,8 @@
 Every activation is parameter-free (params ``{}``, d_params ``{}``). For elementwise
 ``y = f(x)`` the backward is ``d_x = f'(x) * d_y``; written, where it is cheaper, in terms of
 the saved output ``y`` (sigmoid, tanh, ReLU), so the residual is the array the next layer
-keeps anyway.
+keeps anyway. An elementwise Jacobian is diagonal, so forward mode (``fbp.linear_pass``) is the
+backward itself (``self_adjoint``); softmax's is symmetric too; log-softmax writes ``_tangent``.
 
 Conventions at kinks follow JAX's ``grad`` of the same ``jnp`` forward, so results agree
 exactly:
@@ -39,6 +40,7 @@ class Activation(ParameterFree):
 class Identity(Activation):
     """``y = x``;  ``d_x = d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         return x, NO_RESIDUAL
@@ -53,6 +55,7 @@ class Identity(Activation):
 class Sigmoid(Activation):
     """``y = 1 / (1 + e^{-x})``;  ``d_x = y (1 - y) d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         y = jax.nn.sigmoid(x)
@@ -70,6 +73,7 @@ class Sigmoid(Activation):
 class Tanh(Activation):
     """``y = tanh x``;  ``d_x = (1 - y²) d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         y = jnp.tanh(x)
@@ -87,6 +91,7 @@ class Tanh(Activation):
 class ReLU(Activation):
     """``y = max(x, 0)``;  ``d_x = [y > 0] d_y`` (0 at x = 0, as ``jax.nn.relu``)."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         y = jnp.where(x > 0, x, jnp.zeros_like(x))
@@ -106,6 +111,7 @@ class LeakyReLU(Activation):
         negative_slope: the slope ``a`` for ``x < 0`` (default 0.01).
     """
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     negative_slope: float = 0.01
 
@@ -130,6 +136,7 @@ class ELU(Activation):
         alpha: ``α``, the value approached as ``x → -∞`` is ``-α`` (default 1).
     """
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     alpha: float = 1.0
 
@@ -173,6 +180,7 @@ class GELU(Activation):
         approximate: the tanh approximation (default, as ``jax.nn.gelu``) or the exact ``x Φ(x)``.
     """
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     approximate: bool = True
 
@@ -209,6 +217,7 @@ class GELU(Activation):
 class Softplus(Activation):
     """``y = log(1 + e^x)`` (as ``logaddexp(x, 0)``, stable);  ``d_x = σ(x) d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         return jnp.logaddexp(x, jnp.zeros_like(x)), x
@@ -226,6 +235,7 @@ class Softplus(Activation):
 class SiLU(Activation):
     """Swish/SiLU: ``y = x σ(x)``;  ``d_x = σ(x) (1 + x (1 - σ(x))) d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # elementwise: a diagonal Jacobian, so the tangent is the backward (fbp.linear_pass)
 
     def _forward(self, x):
         s = jax.nn.sigmoid(x)
@@ -273,6 +283,8 @@ class Softmax(Activation):
     def _backward(self, y, d_y):
         return (y * (_wide(d_y) - (_wide(d_y) * y).sum(axis=self.axis, keepdims=True))).astype(d_y.dtype)
 
+    self_adjoint = True  # J = diag(s) - s sᵀ is symmetric: the tangent is the backward (fbp.linear_pass)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class LogSoftmax(Activation):
@@ -299,3 +311,7 @@ class LogSoftmax(Activation):
 
     def _backward(self, y, d_y):
         return (_wide(d_y) - jnp.exp(y) * _wide(d_y).sum(axis=self.axis, keepdims=True)).astype(d_y.dtype)
+
+    def _tangent(self, y, d_x):
+        """Forward mode (``fbp.linear_pass``): ``J = I - 1 sᵀ``, so ``d_y = d_x - Σ s ⊙ d_x``."""
+        return (_wide(d_x) - (jnp.exp(y) * _wide(d_x)).sum(axis=self.axis, keepdims=True)).astype(d_x.dtype)

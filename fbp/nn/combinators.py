@@ -14,7 +14,8 @@ applied right to left — backpropagation::
     d_x = d_h_0
 
 Params and residuals are tuples with one entry per child, so ``params[2]["w"]`` is the
-kernel of the third layer and its path in reports and errors is ``2/w``.
+kernel of the third layer and its path in reports and errors is ``2/w``. Forward mode
+(``tangent``, ``fbp.linear_pass``) runs the same compositions left to right.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, at_path, describe, run_forward
+from fbp.linear_pass import add, tangent
 
 PyTree = Any
 
@@ -200,6 +202,12 @@ class Serial(Combinator):
                 d_params[i], d_y = self.layers[i].backward(res[i], d_y)
         return tuple(d_params), d_y
 
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): the children's tangents, first to last."""
+        for i, child in enumerate(self.layers):
+            d_x = tangent(child, res[i], d_params[i], d_x)
+        return d_x
+
     def _check_params(self, params):
         _require_tuple(self, params, "layer")
 
@@ -304,6 +312,14 @@ class Residual(Combinator):
         d_params["projection"], d_skip = self.projection.backward(residuals["projection"], d_y)
         return d_params, d_x + d_skip
 
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): the block's tangent plus the skip path's."""
+        residuals = res.children
+        block = tangent(self.block, residuals["block"], d_params["block"], d_x)
+        skip = d_x if self.projection is None else tangent(self.projection, residuals["projection"],
+                                                           d_params["projection"], d_x)
+        return add(block, skip)
+
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Parallel(Combinator):
@@ -358,3 +374,13 @@ class Parallel(Combinator):
             d_params.append(dp)
             d_x = dx if d_x is None else d_x + dx
         return tuple(d_params), d_x
+
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): the branches' tangents, concatenated (a zero one as zeros)."""
+        residuals, widths = res
+        outs = [tangent(c, r, p, d_x) for c, r, p in zip(self.layers, residuals, d_params, strict=True)]
+        known = next((o for o in outs if o is not None), None)
+        if known is None:
+            return None
+        return jnp.concatenate([jnp.zeros((*known.shape[:-1], w), known.dtype) if o is None else o
+                                for o, w in zip(outs, widths, strict=True)], axis=-1)

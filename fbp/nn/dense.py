@@ -134,6 +134,14 @@ class Dense(Layer):
         x3, g3 = x.reshape(x.shape[0], -1, x.shape[-1]), d_y.reshape(d_y.shape[0], -1, d_y.shape[-1])
         return [Positions(((("w",), [x3], (x.shape[-1], d_y.shape[-1])),), g3, ("b",) if self.use_bias else None)], {}
 
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): ``d_y = x d_w + d_b + d_x w``."""
+        x, w = res
+        d_y = x @ d_params["w"]
+        if self.use_bias:
+            d_y = d_y + d_params["b"]
+        return d_y if d_x is None else d_y + d_x @ w
+
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its
         place — so ``backward(res', d_y)`` sends ``d_x = d_y kernelᵀ`` (feedback alignment, ``fbp.credit``)."""

@@ -29,6 +29,7 @@ class Dropout(ParameterFree):
     independent_examples = True  # each example's output and input cotangent are its own
 
     piecewise_linear = True
+    self_adjoint = True  # d_x = mask ⊙ d_y / (1 - rate): diagonal, so the tangent is the backward (fbp.linear_pass)
 
     rate: float
     contextual = True

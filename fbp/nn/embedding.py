@@ -95,6 +95,11 @@ class Embedding(Layer):
                                                                              mode="drop")
         return {"table": d_table.astype(table.dtype)}, None
 
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): the tangent table's rows, ``d_table[ids]`` (ids do not vary)."""
+        ids, _ = res
+        return jnp.take(d_params["table"], ids, axis=0, mode="fill", fill_value=0)
+
     def per_example_grads(self, res, d_y):
         """Per-example rule (``fbp.per_example``): each example's rows scattered into a table of
         its own, ``(B, vocab, features)``."""

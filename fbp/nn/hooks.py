@@ -42,6 +42,7 @@ class _LinearHook(ParameterFree):
     """``y = x``, ``d_x = g · d_y`` with ``g = self._factor()``."""
 
     deviation: ClassVar[str] = ""
+    self_adjoint = True  # d_x = g d_y: the tangent is the backward, the rule's own transpose (fbp.linear_pass)
 
     def _factor(self) -> float:
         raise NotImplementedError
@@ -115,6 +116,8 @@ class StopGradient(_LinearHook):
 
     def _backward(self, res, d_y):
         return jnp.zeros_like(d_y)
+
+    self_adjoint = True  # the zero map: the tangent (fbp.linear_pass) is zero too
 
     def reference_apply(self, params, x, **context):
         return jax.lax.stop_gradient(x)

@@ -8,7 +8,9 @@ those same axes::
     d_γ = Σ d_y x̂          d_β = Σ d_y         (sums over every axis but the channel axis)
 
 (Ioffe & Szegedy, 2015, eq. after Alg. 1, rearranged.) In evaluation mode BatchNorm uses its
-running averages, which are constants: ``d_x = γ d_y / sqrt(σ²_run + ε)``.
+running averages, which are constants: ``d_x = γ d_y / sqrt(σ²_run + ε)``. The map ``x ↦ x̂``
+has a symmetric Jacobian, so forward mode (``tangent``, ``fbp.linear_pass``) applies the same
+formula to ``d_x``: ``d_y = d_γ x̂ + d_β + γ d_x̂``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ def _normalize(x, axes, epsilon):
 def _normalize_backward(x_hat, inv, g, axes):
     """``d_x`` of ``x̂`` given ``g = ∂L/∂x̂``; statistics over ``axes``."""
     return inv * (g - g.mean(axis=axes, keepdims=True) - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
+
+
+def _tangent(x_hat, scale, d_params, d_x_hat, dtype):
+    """Forward mode (``fbp.linear_pass``): ``d_y = d_γ x̂ + d_β + γ d_x̂``, with ``d_x̂`` the
+    normalisation's tangent (or ``None`` when the input does not vary)."""
+    d_y = _wide(d_params["scale"]) * x_hat + _wide(d_params["b"])
+    return (d_y if d_x_hat is None else d_y + scale * d_x_hat).astype(dtype)
 
 
 def _param_grads(x_hat, d_y, dtype=None):
@@ -187,6 +196,17 @@ class BatchNorm(Layer):
             d_x = _normalize_backward(x_hat, inv, g, tuple(range(x_hat.ndim - 1)))
         return _param_grads(x_hat, d_y, scale.dtype), d_x.astype(d_y.dtype)
 
+    def tangent(self, res: BatchNormRes, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``); ``x ↦ x̂`` has a symmetric Jacobian, so its tangent is its backward."""
+        x_hat, inv, scale, stats = res
+        if d_x is None:
+            d_x_hat = None
+        elif stats is None:
+            d_x_hat = _wide(d_x) * inv
+        else:
+            d_x_hat = _normalize_backward(x_hat, inv, _wide(d_x), tuple(range(x_hat.ndim - 1)))
+        return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
+
     def next_state(self, state, res):
         stats = res.stats
         if state is None or stats is None:
@@ -230,6 +250,12 @@ class LayerNorm(Layer):
         x_hat, inv, scale = res
         d_x = _normalize_backward(x_hat, inv, d_y * scale, (-1,)).astype(d_y.dtype)
         return _param_grads(x_hat, d_y, scale.dtype), d_x
+
+    def tangent(self, res: NormRes, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``); ``x ↦ x̂`` has a symmetric Jacobian, so its tangent is its backward."""
+        x_hat, inv, scale = res
+        d_x_hat = None if d_x is None else _normalize_backward(x_hat, inv, _wide(d_x), (-1,))
+        return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)
@@ -287,6 +313,16 @@ class GroupNorm(Layer):
         axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
         d_x = _normalize_backward(xg_hat, inv, g, axes).reshape(x_hat.shape).astype(d_y.dtype)
         return _param_grads(x_hat, d_y, scale.dtype), d_x
+
+    def tangent(self, res: NormRes, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``); ``x ↦ x̂`` has a symmetric Jacobian, so its tangent is its backward."""
+        x_hat, inv, scale = res
+        d_x_hat = None
+        if d_x is not None:
+            xg_hat = self._grouped(x_hat)
+            axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
+            d_x_hat = _normalize_backward(xg_hat, inv, self._grouped(_wide(d_x)), axes).reshape(x_hat.shape)
+        return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)

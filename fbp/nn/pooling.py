@@ -155,6 +155,15 @@ class MaxPool2D(_Pool):
             d_xp = _scatter(share, padded_shape, self._window, self._strides, d_y.shape[1:3])
         return _unpad(d_xp, pads)
 
+    def _tangent(self, res: MaxPoolRes, d_x):
+        """Forward mode (``fbp.linear_pass``): each window's tied maxima share ``d_x`` equally."""
+        mask, pads, _ = res
+        d_xp = _pad(d_x, pads, 0.0)
+        if mask.ndim == 6:
+            return (mask * _tiles(d_xp, self._window, (mask.shape[1], mask.shape[3]))).sum(axis=(2, 4)) / mask.sum(
+                axis=(2, 4))
+        return (mask * _gather(d_xp, self._window, self._strides, mask.shape[2:4])).sum(axis=0) / mask.sum(axis=0)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class AvgPool2D(_Pool):
@@ -195,6 +204,14 @@ class AvgPool2D(_Pool):
             d_xp = _scatter(parts, padded_shape, self._window, self._strides, d_y.shape[1:3])
         return _unpad(d_xp, pads)
 
+    def _tangent(self, res: AvgPoolRes, d_x):
+        """Forward mode (``fbp.linear_pass``): the forward itself (it is linear)."""
+        count, pads, _, tiled = res
+        d_xp, out = _pad(d_x, pads, 0.0), count.shape[1:3]
+        if tiled:
+            return _tiles(d_xp, self._window, out).sum(axis=(2, 4)) / count
+        return _gather(d_xp, self._window, self._strides, out).sum(axis=0) / count
+
 
 @dataclasses.dataclass(frozen=True)
 class GlobalAvgPool(ParameterFree):
@@ -213,6 +230,10 @@ class GlobalAvgPool(ParameterFree):
         count = math.prod(shape[1:-1])
         return jnp.broadcast_to((d_y / count).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1]), shape)
 
+    def _tangent(self, shape, d_x):
+        """Forward mode (``fbp.linear_pass``): the forward itself (it is linear)."""
+        return d_x.mean(axis=tuple(range(1, d_x.ndim - 1)))
+
 
 @dataclasses.dataclass(frozen=True)
 class Flatten(ParameterFree):
@@ -230,6 +251,10 @@ class Flatten(ParameterFree):
 
     def _backward(self, shape, d_y):
         return d_y.reshape(shape)
+
+    def _tangent(self, shape, d_x):
+        """Forward mode (``fbp.linear_pass``): the forward itself."""
+        return d_x.reshape(d_x.shape[0], -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,3 +281,7 @@ class Reshape(ParameterFree):
 
     def _backward(self, shape, d_y):
         return d_y.reshape(shape)
+
+    def _tangent(self, shape, d_x):
+        """Forward mode (``fbp.linear_pass``): the forward itself."""
+        return d_x.reshape(d_x.shape[0], *self.shape)

@@ -63,6 +63,8 @@ class _Quantizer(ParameterFree):
             return d_y
         return jnp.where(jnp.abs(x) <= 1, d_y, jnp.zeros_like(d_y))
 
+    self_adjoint = True  # the straight-through rule is diagonal: its transpose is itself (fbp.linear_pass)
+
     def _surrogate(self, x):
         return x if self.ste == "identity" else jnp.clip(x, -1, 1)
 

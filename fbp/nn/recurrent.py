@@ -422,3 +422,7 @@ class LastStep(ParameterFree):
 
     def _backward(self, shape, d_y):
         return jnp.zeros(shape, d_y.dtype).at[:, -1].set(d_y)
+
+    def _tangent(self, shape, d_x):
+        """Forward mode (``fbp.linear_pass``): the last step's tangent."""
+        return d_x[:, -1]

@@ -1,0 +1,222 @@
+"""The convolution kernels of ``fbp.nn.conv``: the forward and its two vector-Jacobian products.
+
+Every convolution is one general dilated convolution ``y = conv(x, w)`` with window strides
+``s``, explicit padding ``(lo, hi)``, input (lhs) dilation ``a`` and kernel (rhs) dilation
+``d``, and ``G`` feature groups; a transposed convolution is the case ``s = 1``, ``a = strides``.
+Its two vector-Jacobian products are convolutions too (the rules JAX's own
+``conv_general_dilated`` transpose uses, written out here):
+
+* ``d_x`` — convolve ``d_y`` with the spatially **flipped** kernel whose input and output
+  channels are swapped within each group, strides and input dilation exchanged
+  (``window_strides = a``, ``lhs_dilation = s``), padding ``lo' = k_d - 1 - lo`` and
+  ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
+* ``d_w`` — ungrouped: matmuls of the input's shifted windows with ``d_y``
+  (``conv_kernel_grad_matmul``, faster here); otherwise (groups, transposed) correlate the
+  input with ``d_y``: the batch axis becomes the contracted feature axis (dimension numbers
+  ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``, ``rhs_dilation = s``, padding
+  ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become batch groups.
+
+The forward is bilinear in ``(x, w)``, so its tangent (forward mode, ``fbp.linear_pass``) is
+two forward convolutions: ``conv(x, d_w) + conv(d_x, w)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.nn.dense import accumulator, weight_grad
+
+SPATIAL_AXES = {1: "W", 2: "HW", 3: "DHW"}
+
+
+def dilated_size(size: int, factor: int) -> int:
+    """The extent of ``size`` taps spread ``factor`` apart: ``1 + factor (size - 1)`` (0 for none).
+
+    Args:
+        size: the number of taps (or cells).
+        factor: the dilation.
+
+    Returns:
+        The dilated extent.
+    """
+    return 0 if size == 0 else 1 + factor * (size - 1)
+
+
+def specs(n: int) -> tuple[str, str, str]:
+    """Dimension numbers of an ``n``-D channels-last convolution.
+
+    Args:
+        n: the number of spatial dimensions (1, 2 or 3).
+
+    Returns:
+        ``("NHWC", "HWIO", "NHWC")`` for ``n = 2``, and likewise for 1 and 3.
+    """
+    s = SPATIAL_AXES[n]
+    return f"N{s}C", f"{s}IO", f"N{s}C"
+
+
+def conv(x, w, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """The forward: one general dilated convolution, channels last.
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        w: the kernel, ``(*taps, C_in / groups, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``(N, *out_spatial, C_out)``.
+    """
+    lhs, rhs, out = specs(x.ndim - 2)
+    return lax.conv_general_dilated(x, w, strides, pads, lhs_dilation, rhs_dilation, (lhs, rhs, out),
+                                    feature_group_count=groups)
+
+
+def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """``d_x`` of ``conv``: a convolution of ``d_y`` with the flipped, channel-swapped kernel.
+
+    Args:
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        w: the kernel, ``(*taps, C_in / groups, C_out)``.
+        x_shape: the input's shape, ``(N, *spatial, C_in)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``d_x`` with shape ``x_shape``.
+    """
+    n = len(strides)
+    k = w.shape[:n]
+    in_sizes, out_sizes = x_shape[1:-1], d_y.shape[1:-1]
+    new_pads = []
+    for i in range(n):
+        k_d = dilated_size(k[i], rhs_dilation[i])
+        lo = k_d - 1 - pads[i][0]
+        hi = dilated_size(in_sizes[i], lhs_dilation[i]) + k_d - 1 - dilated_size(out_sizes[i], strides[i]) - lo
+        new_pads.append((lo, hi))
+    c_in_g, c_out = w.shape[-2], w.shape[-1]
+    # (..., I, G, O/G) -> (..., G, I, O/G) -> (..., G*I, O/G): per group, swap input and output channels
+    wt = w.reshape(*k, c_in_g, groups, c_out // groups)
+    wt = jnp.moveaxis(wt, n + 1, n).reshape(*k, groups * c_in_g, c_out // groups)
+    wt = jnp.flip(wt, axis=tuple(range(n)))
+    s = SPATIAL_AXES[n]
+    return lax.conv_general_dilated(d_y, wt, lhs_dilation, new_pads, strides, rhs_dilation,
+                                    (f"N{s}C", f"{s}OI", f"N{s}C"), feature_group_count=groups)
+
+
+def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dilation, groups):
+    """``d_w`` of ``conv``: the input correlated with ``d_y`` over batch and space.
+
+    Accumulates in float32 for half-precision inputs (``accumulator``).
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        kernel_shape: ``(*taps, C_in / groups, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        lhs_dilation: the input dilation per spatial dimension (``ConvTranspose``'s stride).
+        rhs_dilation: the kernel dilation per spatial dimension.
+        groups: the feature group count (``C_in`` for a depthwise convolution).
+
+    Returns:
+        ``d_w`` with shape ``kernel_shape``, in ``x``'s dtype.
+    """
+    n = len(strides)
+    in_sizes, out_sizes = x.shape[1:-1], d_y.shape[1:-1]
+    new_pads = []
+    for i in range(n):
+        k_d = dilated_size(kernel_shape[i], rhs_dilation[i])
+        hi = dilated_size(out_sizes[i], strides[i]) - dilated_size(in_sizes[i], lhs_dilation[i]) + k_d - 1 - pads[i][0]
+        new_pads.append((pads[i][0], hi))
+    s = SPATIAL_AXES[n]
+    return lax.conv_general_dilated(x, d_y, rhs_dilation, new_pads, lhs_dilation, strides,
+                                    (f"C{s}N", f"I{s}O", f"{s}NC"), batch_group_count=groups,
+                                    preferred_element_type=accumulator(x.dtype)).astype(x.dtype)
+
+
+IM2COL_MAX_WIDTH = 64  # patch width (kernel taps × input channels) up to which one im2col matmul wins
+
+
+def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
+    """``d_w`` of an ungrouped convolution without input dilation, as matmuls over the batch.
+
+    For kernel offset ``t``, ``X_t`` is the (strided, dilated) window of the padded input that
+    meets ``w[t]``, flattened to ``(M, C_in)`` with ``M = N·prod(out)``; then
+    ``d_w[t] = X_tᵀ D`` with ``D = d_y`` as ``(M, C_out)``. Narrow patches (``taps·C_in <= 64``)
+    are concatenated into one im2col matrix and multiplied once; wide ones take one matmul per
+    offset, which never holds all patches at once. On this project's CPU both beat XLA's
+    kernel-gradient convolution (see ``benchmarks/bench_cnn.py``).
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        d_y: the output cotangent, ``(N, *out_spatial, C_out)``.
+        kernel_shape: ``(*taps, C_in, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        rhs_dilation: the kernel dilation per spatial dimension.
+
+    Returns:
+        ``d_w`` with shape ``kernel_shape``.
+    """
+    n = len(strides)
+    taps, c_in, c_out = kernel_shape[:n], kernel_shape[-2], kernel_shape[-1]
+    out = d_y.shape[1:-1]
+    d2 = d_y.reshape(-1, c_out)
+    if math.prod(taps) * c_in <= IM2COL_MAX_WIDTH:
+        windows = conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out)
+        patches = jnp.concatenate([w.reshape(-1, c_in) for w in windows], axis=-1)
+        return weight_grad(patches.T, d2).reshape(kernel_shape)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    offsets = list(itertools.product(*(range(k) for k in taps)))
+    # one offset at a time inside a loop, so only one window is ever materialised
+    sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out, strict=True))
+
+    def one(offset):
+        lo = (o * d for o, d in zip(offset, rhs_dilation, strict=True))
+        start = tuple(jnp.asarray(v, jnp.int32) for v in (0, *lo, 0))
+        block = lax.dynamic_slice(xp, start, (xp.shape[0], *sizes, c_in))
+        block = block[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+        return weight_grad(block.reshape(-1, c_in).T, d2)
+
+    return lax.map(one, jnp.array(offsets, jnp.int32)).reshape(kernel_shape)
+
+
+def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> list:
+    """The im2col patches of an ungrouped convolution without input dilation, one kernel tap at a time.
+
+    The windows come in the order of ``w.reshape(-1, C_out)``'s rows, so the kernel gradient of
+    example ``b`` is ``concat_k(windows[k][b]ᵀ d_y[b])``. They are kept apart (never concatenated
+    into one ``taps·C_in``-wide patch matrix) so per-example gradients and Gram matrices
+    (``fbp.per_example``) need one window at a time.
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)``.
+        kernel_shape: ``(*taps, C_in, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        rhs_dilation: the kernel dilation per spatial dimension.
+        out_spatial: the output's spatial sizes.
+
+    Returns:
+        A list, one ``(N, prod(out_spatial), C_in)`` window per kernel tap.
+    """
+    n = len(strides)
+    taps, c_in = kernel_shape[:n], kernel_shape[-2]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+    windows = []
+    for offset in itertools.product(*(range(k) for k in taps)):
+        index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                      for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial, strict=True))
+        windows.append(xp[(slice(None), *index, slice(None))].reshape(x.shape[0], -1, c_in))
+    return windows
