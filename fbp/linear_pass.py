@@ -45,7 +45,6 @@ import jax.numpy as jnp
 from fbp.core import Layer
 from fbp.walk import children
 
-
 _TRANSPOSE_ONLY = [False]
 
 
