@@ -402,17 +402,19 @@ def curvature_references(model: Layer, loss: Loss, params, x, y, v=None) -> dict
 
     Returns:
         ``{"diag_ggn": diag(Jᵀ H J), "diag_hessian": diag(∇²_θ (loss ∘ apply))}``, plus
-        ``"ggn_vector_product": Jᵀ H J v`` with ``v``; each shaped like ``params``.
+        ``"ggn_vector_product": Jᵀ H J v`` and ``"hessian_vector_product": ∇²_θ (loss ∘ apply) v``
+        with ``v``; each shaped like ``params``.
     """
     flat, unravel = ravel_pytree(params)
     apply = lambda f: model.apply(unravel(f), x)  # noqa: E731
     pred = apply(flat)
     jac = jax.jacrev(apply)(flat).reshape(pred.size, flat.size)
     hess = jax.hessian(lambda z: loss(z, y))(pred).reshape(pred.size, pred.size)
-    out = {"diag_ggn": unravel(jnp.einsum("pi,pq,qi->i", jac, hess, jac)),
-           "diag_hessian": unravel(jnp.diag(jax.hessian(lambda f: loss(apply(f), y))(flat)))}
+    full = jax.hessian(lambda f: loss(apply(f), y))(flat)
+    out = {"diag_ggn": unravel(jnp.einsum("pi,pq,qi->i", jac, hess, jac)), "diag_hessian": unravel(jnp.diag(full))}
     if v is not None:
         out["ggn_vector_product"] = unravel(jac.T @ (hess @ (jac @ ravel_pytree(v)[0])))
+        out["hessian_vector_product"] = unravel(full @ ravel_pytree(v)[0])
     return out
 
 

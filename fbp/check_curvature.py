@@ -23,8 +23,9 @@ from fbp.validation import path_name
 
 def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jnp.float64, jit: bool = False,
               rtol: float | None = None, atol: float | None = None) -> Report:
-    """Check ``diag_ggn``, ``ggn_vector_product`` (a random ``v``) and, where the model is a
-    chain it covers, ``diag_hessian`` against JAX autodiff (``fbp.check.curvature_references``).
+    """Check ``diag_ggn``, ``ggn_vector_product`` (a random ``v``), where the model is a chain it
+    covers ``diag_hessian``, and where every layer has a second-order rule
+    ``hessian_vector_product``, against JAX autodiff (``fbp.check.curvature_references``).
 
     Args:
         model: the network (evaluation mode; no state).
@@ -53,7 +54,11 @@ def curvature(model: Layer, loss: Loss, params, x, y, *, seed: int = 0, dtype=jn
         try:
             ours["diag_hessian"] = _maybe_jit(fc.diag_hessian(model, loss), jit)(p, xx, yy)
         except InputError:
-            pass  # not a chain diag_hessian covers: the other two are still checked
+            pass  # not a chain diag_hessian covers: the others are still checked
+        try:
+            ours["hessian_vector_product"] = _maybe_jit(fc.hessian_vector_product(model, loss), jit)(p, xx, yy, v)
+        except InputError:
+            pass  # a layer without a second-order rule (fbp.second_order)
         refs = jax.jit(lambda *args: curvature_references(model, loss, *args))(p, xx, yy, v)
         dt = jax.tree_util.tree_leaves(p)[0].dtype
         rt = default_tolerances(dt, rtol, None)[0]

@@ -46,12 +46,13 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, Loss, describe, map_leaf_params, path_name, run_forward, tree_mismatch
+from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
 from fbp.curvature_blocks import block_entries, block_matrix  # noqa: F401  (public here)
 from fbp.extensions import Extension
 from fbp.linear_pass import LinearPass, jacobian_vector_product
 from fbp.nn.positions import assemble
 from fbp.per_example import backward_columns, with_context
+from fbp.second_order import hessian_vector_product, loss_hessian_product, require_like_params  # noqa: F401
 from fbp.validation import check_fields, typed_arguments
 from fbp.walk import child_params
 
@@ -286,7 +287,7 @@ def ggn_vector_product(model: Layer, loss: Loss, *, has_state: bool = False, tra
     _require_curvature(loss, "fbp.curvature.ggn_vector_product")
 
     def product(params, x, y, v, *, state=None, key=None):
-        _require_like_params(params, v)
+        require_like_params(params, v, "fbp.curvature.ggn_vector_product")
         pred, res = run_forward(model, params, x, state=state, key=key, train=train)
         return ggn_product_of_pass(LinearPass(model, res, pred), pred, loss, y, v)
 
@@ -307,11 +308,7 @@ def ggn_product_of_pass(back, pred, loss, y, v):
     Returns:
         ``G v``, shaped like the params.
     """
-    jv = jacobian_vector_product(back, pred, v)
-    s = loss.hessian_factor(pred, y)
-    axes = tuple(range(1, pred.ndim))
-    hu = jnp.einsum("n...m,nm->n...", s, jnp.einsum("n...m,n...->nm", s, jv)) if axes else s @ (s.T @ jv)
-    return back(hu)
+    return back(loss_hessian_product(loss, pred, y, jacobian_vector_product(back, pred, v)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -333,21 +330,8 @@ class GGNVectorProduct(Extension):
     def from_pass(self, back, pred, loss, y, params):
         """``G v`` shaped like ``params`` from the pass's backward (``fbp.extensions``)."""
         _require_curvature(loss, "fbp.curvature.GGNVectorProduct")
-        _require_like_params(params, self.v)
+        require_like_params(params, self.v, "fbp.curvature.ggn_vector_product")
         return ggn_product_of_pass(back, pred, loss, y, self.v)
-
-
-def _require_like_params(params, v) -> None:
-    """``v`` must have the params' structure, shapes and floating dtypes (it is a direction in parameter space)."""
-    found = tree_mismatch(params, v)
-    if found is not None:
-        raise InputError("fbp.curvature.ggn_vector_product", f"the vector v must be shaped like params: {found[1]}. "
-                                                              f"Build it with jax.tree_util.tree_map(..., params)")
-    for (path, p), u in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(v),
-                            strict=True):
-        if jnp.issubdtype(jnp.result_type(p), jnp.inexact) and not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
-            raise InputError("fbp.curvature.ggn_vector_product", f"the vector v must be floating like params; at "
-                                                                  f"'{path_name(path)}' received {describe(u)}")
 
 
 @typed_arguments

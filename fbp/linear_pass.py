@@ -69,16 +69,21 @@ def _owner(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in vars(k)), None)
 
 
-def _declares(layer: Layer) -> bool:
-    """Whether ``layer``'s class writes a tangent (or declares itself self-adjoint) at or below
-    the class that writes its backward."""
+def _declares_rule(layer: Layer, names: tuple[str, ...]) -> bool:
+    """Whether ``layer``'s class writes one of the rules ``names`` at or below the class that
+    writes its backward (so a subclass that replaces the backward does not inherit them)."""
     cls = type(layer)
     backs = [k for k in (_owner(cls, "backward"), _owner(cls, "_backward")) if k is not None]
     backward = max(backs, key=lambda k: len(k.__mro__))  # the most derived of the two
-    rules = [k for k in (_owner(cls, "tangent"), _owner(cls, "_tangent")) if k is not None]
-    if getattr(layer, "self_adjoint", False):
-        rules.append(_owner(cls, "self_adjoint"))
+    rules = [k for k in (_owner(cls, name) for name in names) if k is not None]
     return any(issubclass(k, backward) for k in rules)
+
+
+def _declares(layer: Layer) -> bool:
+    """Whether ``layer``'s class writes a tangent (or declares itself self-adjoint) beside its backward."""
+    names = ("tangent", "_tangent", "self_adjoint") if getattr(layer, "self_adjoint", False) else ("tangent",
+                                                                                                    "_tangent")
+    return _declares_rule(layer, names)
 
 
 def has_tangent(model: Layer) -> bool:

@@ -1,11 +1,13 @@
 r"""The curvature spectrum of a trained (or training) network from matrix-vector products only:
 top eigenvalues, the trace and the spectral density, of the whole model or of one layer.
 
-The matrix is the loss's **GGN** ``G = Jᵀ H J`` (positive semi-definite; ``J v`` by transposing
-the pass's hand-written linear backward, ``fbp.curvature``); ``layer="…"`` restricts it to one
-layer's block ``P G P`` (``fbp.subspace``). The Hessian's products are not offered: they need a
-hand-written second-order (R-op) rule per family, which fbp does not have yet — its diagonal is
-``fbp.curvature.diag_hessian`` (chains of layers with second-derivative rules).
+The matrix is the loss's **GGN** ``G = Jᵀ H J`` (positive semi-definite; ``J v`` from the layers'
+tangent rules, ``fbp.linear_pass``, ``Jᵀu`` from their backward), or with
+``curvature="hessian"`` the **Hessian** of the loss in the parameters (indefinite; products from
+the layers' hand-written second-order rules, ``fbp.second_order``: Dense, convolutions,
+elementwise activations, pooling and shape layers, Dropout, Embedding and the combinators — a
+model with another layer is refused, naming it). ``layer="…"`` restricts either to one layer's
+block ``P A P`` (``fbp.subspace``).
 
 * **Top eigenvalues** (``eigenvalues``): Lanczos with full reorthogonalisation (``fbp.lanczos``);
   each Ritz value comes with its residual bound ``‖A y − θ y‖`` (an eigenvalue lies within it).
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fbp import second_order
 from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import _require_curvature, ggn_product_of_pass
 from fbp.lanczos import lanczos
@@ -43,7 +46,7 @@ from fbp.linear_pass import LinearPass
 from fbp.subspace import Subspace, subspace
 from fbp.validation import typed_arguments
 
-CURVATURES = ("ggn",)
+CURVATURES = ("ggn", "hessian")
 
 
 class Operator(NamedTuple):
@@ -85,7 +88,7 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         params: the params.
         x: the inputs.
         y: the targets.
-        curvature: ``"ggn"`` (the only one: module docstring).
+        curvature: ``"ggn"`` or ``"hessian"`` (module docstring).
         layer: ``None`` (every parameter), a leaf path (``"2"``) or a list of paths: the block.
         state: the model's state (BatchNorm), or ``None``.
         key: a random key for layers that need one.
@@ -96,24 +99,30 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         An ``Operator``.
     """
     if curvature not in CURVATURES:
-        raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r} "
-                         f"(Hessian-vector products need hand-written second-order rules, not built yet; "
-                         f"the Hessian's diagonal is fbp.curvature.diag_hessian)")
+        raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r}")
     _require_curvature(loss, "fbp.spectrum.operator")
+    if curvature == "hessian":
+        second_order.require(model, "fbp.spectrum.operator(curvature='hessian')")
     space = subspace(model, params, layer)
     leaves = jax.tree_util.tree_leaves(params)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
 
-    def product(xb, yb, v_tree):
+    def on_pass(xb, yb):
+        """``v_tree -> A v_tree`` on one forward of the batch ``xb`` (its residuals shared)."""
         pred, res = run_forward(model, params, xb, state=state, key=key, train=train)
-        return ggn_product_of_pass(LinearPass(model, res, pred), pred, loss, yb, v_tree)
+        if curvature == "ggn":
+            linear = LinearPass(model, res, pred)
+            return lambda v_tree: ggn_product_of_pass(linear, pred, loss, yb, v_tree)
+        loss_res = loss.forward(pred, yb)[1]
+        return lambda v_tree: second_order.hessian_product_of_pass(model, res, pred, loss, loss_res, yb, v_tree)
+
+    def product(xb, yb, v_tree):
+        return on_pass(xb, yb)(v_tree)
 
     batches = _batches(x, y, batch_size)
     if batches is None:  # one forward for every product: the residuals are shared
-        pred, res = run_forward(model, params, x, state=state, key=key, train=train)
-        linear = LinearPass(model, res, pred)
-        matvec = lambda v: space.restrict(ggn_product_of_pass(  # noqa: E731
-            linear, pred, loss, y, space.embed(v)))
+        whole = on_pass(x, y)
+        matvec = lambda v: space.restrict(whole(space.embed(v)))  # noqa: E731
     else:
         mean = getattr(loss, "reduction", "mean") == "mean"
 

@@ -53,6 +53,8 @@ def test_every_family_matches_jax_autodiff_in_float64(name, model, shape, loss, 
     assert any(r.path.startswith("diag_ggn:") for r in report.rows)
     chain_only = name in ("dense", "dense-sequence", "conv-pool", "conv1d")
     assert any(r.path.startswith("diag_hessian:") for r in report.rows) == chain_only
+    second_order_rules = chain_only or name == "residual"  # fbp.second_order: no norms, recurrent cells, attention
+    assert any(r.path.startswith("hessian_vector_product:") for r in report.rows) == second_order_rules
 
 
 @pytest.mark.parametrize("index", [0, 2, 7])
@@ -80,7 +82,8 @@ def test_the_check_catches_a_wrong_factor_and_a_wrong_second_derivative():
         bad = nn.Serial(nn.Dense(4), BadTanh(), nn.Dense(3))
         report = fbp.check.curvature(bad, CE, params, x, y)
         failed = {r.path for r in report.failures}
-        assert failed and all(p.startswith("diag_hessian:0/") for p in failed)  # below the activation only
+        assert {p.split(":")[0] for p in failed} == {"diag_hessian", "hessian_vector_product"}
+        assert all(p.split(":")[1].startswith("0/") for p in failed)  # below the activation only
 
 
 # --------------------------------------------------------------------------- the losses' factors

@@ -10,7 +10,7 @@ import pytest
 from _dense_reference import CASES, case, x64  # noqa: F401  (x64: the module runs in float64)
 from _dense_reference import dense as _dense
 
-from fbp import losses, spectrum
+from fbp import losses, second_order, spectrum
 from fbp.lanczos import lanczos
 
 LOSS = losses.CategoricalCrossEntropy(from_logits=True)
@@ -23,9 +23,11 @@ def dense(model, params, state, x, y):
 @pytest.mark.parametrize("kind", list(CASES))
 def test_products_equal_the_dense_matrices(kind):
     model, params, state, x, y = case(kind)
-    ggn, _ = dense(model, params, state, x, y)
+    ggn, hessian = dense(model, params, state, x, y)
     v = np.asarray(jax.random.normal(jax.random.key(3), (ggn.shape[0],), jnp.float64))
-    for curvature, matrix in (("ggn", ggn),):
+    ruled = second_order.unsupported(model) is None  # Hessian products where every layer has a second-order rule
+    assert ruled == (kind in ("mlp", "cnn"))
+    for curvature, matrix in (("ggn", ggn), ("hessian", hessian))[:2 if ruled else 1]:
         op = spectrum.operator(model, LOSS, params, x, y, curvature=curvature, state=state)
         np.testing.assert_allclose(jax.jit(op.matvec)(v), matrix @ v, rtol=1e-9, atol=1e-11 * np.abs(matrix).max())
         batched = spectrum.operator(model, LOSS, params, x, y, curvature=curvature, state=state, batch_size=3)
@@ -44,8 +46,9 @@ def mlp_dense():
 
 
 def test_eigenvalues_converge_with_their_residual_bounds(mlp_dense):
-    (model, params, state, x, y), (ggn, _) = mlp_dense
-    for curvature, matrix in (("ggn", ggn),):
+    (model, params, state, x, y), (ggn, hessian) = mlp_dense
+    assert np.linalg.eigvalsh(hessian).min() < -1e-6  # indefinite: Lanczos on it is tested too
+    for curvature, matrix in (("ggn", ggn), ("hessian", hessian)):
         op = spectrum.operator(model, LOSS, params, x, y, curvature=curvature)
         exact = np.linalg.eigvalsh(matrix)[::-1]
         full = spectrum.eigenvalues(op, k=4, iterations=op.dim)
@@ -112,8 +115,9 @@ def test_plot_and_bad_input(tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="curvature must be"):
         spectrum.operator(model, LOSS, params, x, y, curvature="fisher")
-    with pytest.raises(ValueError, match="diag_hessian"):  # not built: says what exists instead
-        spectrum.operator(model, LOSS, params, x, y, curvature="hessian")
+    lstm, lstm_params, _, lstm_x, lstm_y = case("lstm")
+    with pytest.raises(Exception, match=r"LSTM.*at path '0'.*second-order term.*curvature='ggn'"):
+        spectrum.operator(lstm, LOSS, lstm_params, lstm_x, lstm_y, curvature="hessian")
     with pytest.raises(Exception, match="batch_size=4 must divide the 6 examples"):
         spectrum.operator(model, LOSS, params, x, y, batch_size=4)
     with pytest.raises(Exception, match=r"no layer with parameters at \['9'\]"):

@@ -285,6 +285,13 @@ class Softmax(Activation):
 
     self_adjoint = True  # J = diag(s) - s sᵀ is symmetric: the tangent is the backward (fbp.linear_pass)
 
+    def _backward_tangent(self, y, t, d_y):
+        """Second order (``fbp.second_order``): with ``ds = s ⊙ (t - ⟨s, t⟩)``, the backward's
+        derivative is ``ds ⊙ (d_y - ⟨s, d_y⟩) - s ⟨ds, d_y⟩``."""
+        t, d_y, ax = _wide(t), _wide(d_y), self.axis
+        ds = y * (t - (y * t).sum(axis=ax, keepdims=True))
+        return ds * (d_y - (y * d_y).sum(axis=ax, keepdims=True)) - y * (ds * d_y).sum(axis=ax, keepdims=True)
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class LogSoftmax(Activation):
@@ -315,3 +322,9 @@ class LogSoftmax(Activation):
     def _tangent(self, y, d_x):
         """Forward mode (``fbp.linear_pass``): ``J = I - 1 sᵀ``, so ``d_y = d_x - Σ s ⊙ d_x``."""
         return (_wide(d_x) - (jnp.exp(y) * _wide(d_x)).sum(axis=self.axis, keepdims=True)).astype(d_x.dtype)
+
+    def _backward_tangent(self, y, t, d_y):
+        """Second order (``fbp.second_order``): ``d_x = d_y - s Σ d_y`` moves with ``s`` only:
+        ``-s ⊙ (t - ⟨s, t⟩) Σ d_y``."""
+        s, t = jnp.exp(y), _wide(t)
+        return -s * (t - (s * t).sum(axis=self.axis, keepdims=True)) * _wide(d_y).sum(axis=self.axis, keepdims=True)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from fbp.core import InputError, Layer, at_path, describe, run_forward
 from fbp.linear_pass import add, tangent
+from fbp.second_order import second_order
 
 PyTree = Any
 
@@ -208,6 +209,18 @@ class Serial(Combinator):
             d_x = tangent(child, res[i], d_params[i], d_x)
         return d_x
 
+    def second_order(self, res, v, t, d_y, r_y):
+        """Second order (``fbp.second_order``): the children's input tangents first to last, then
+        their R-backward last to first."""
+        inputs = []
+        for i, child in enumerate(self.layers):
+            inputs.append(t)
+            t = tangent(child, res[i], v[i], t)
+        out = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            out[i], d_y, r_y = second_order(self.layers[i], res[i], v[i], inputs[i], d_y, r_y)
+        return tuple(out), d_y, r_y
+
     def _check_params(self, params):
         _require_tuple(self, params, "layer")
 
@@ -320,6 +333,16 @@ class Residual(Combinator):
                                                            d_params["projection"], d_x)
         return add(block, skip)
 
+    def second_order(self, res, v, t, d_y, r_y):
+        """Second order (``fbp.second_order``): the block's and the skip path's, added."""
+        residuals, out = res.children, {}
+        out["block"], d_x, r_x = second_order(self.block, residuals["block"], v["block"], t, d_y, r_y)
+        if self.projection is None:
+            return out, d_x + d_y, r_x + r_y
+        out["projection"], d_s, r_s = second_order(self.projection, residuals["projection"], v["projection"], t,
+                                                   d_y, r_y)
+        return out, d_x + d_s, r_x + r_s
+
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Parallel(Combinator):
@@ -384,3 +407,12 @@ class Parallel(Combinator):
             return None
         return jnp.concatenate([jnp.zeros((*known.shape[:-1], w), known.dtype) if o is None else o
                                 for o, w in zip(outs, widths, strict=True)], axis=-1)
+
+    def second_order(self, res, v, t, d_y, r_y):
+        """Second order (``fbp.second_order``): every branch's on its slice of the cotangents, added."""
+        residuals, widths = res
+        out, d_x, r_x, start = [], None, None, 0
+        for child, r, p, w in zip(self.layers, residuals, v, widths, strict=True):
+            o, dx, rx = second_order(child, r, p, t, d_y[..., start:start + w], r_y[..., start:start + w])
+            out, d_x, r_x, start = [*out, o], add(d_x, dx), add(r_x, rx), start + w
+        return tuple(out), d_x, r_x

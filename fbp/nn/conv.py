@@ -28,7 +28,7 @@ from fbp.nn.conv_ops import (
     conv_windows,
     dilated_size,
 )
-from fbp.nn.dense import bias_grad
+from fbp.nn.dense import bias_grad, bilinear_backward_tangent
 from fbp.nn.positions import Positions
 from fbp.nn.windows import as_tuple, check_padding, window_padding
 from fbp.validation import check_fields
@@ -150,6 +150,10 @@ class _ConvBase(Layer):
         if self.use_bias:
             d_y = d_y + d_params["b"]
         return d_y if d_x is None else d_y + conv(d_x, w, *geometry)
+
+    def backward_tangent(self, res, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): the kernel gradient of ``d_x``, the input gradient through ``d_w``."""
+        return bilinear_backward_tangent(self, res, d_params, d_x, d_y)
 
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its

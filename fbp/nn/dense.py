@@ -70,6 +70,29 @@ def bias_grad(d_y):
     return d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
 
 
+def bilinear_backward_tangent(layer: Layer, res, d_params, d_x, d_y):
+    """The second-order term (``fbp.second_order``) of a layer ``y = f(x, w) + b`` bilinear in
+    ``(x, w)`` whose residuals are ``(x, w)`` (Dense, the convolutions): the derivative of its
+    backward as ``(x, w)`` move along ``(d_x, d_w)``, ``d_y`` held — the weight gradient of the
+    input's tangent and the input gradient through the weights' tangent (``d_b' = 0``).
+
+    Args:
+        layer: the layer.
+        res: its residuals ``(x, w)``.
+        d_params: the params' direction.
+        d_x: the input's tangent, or ``None`` (zero).
+        d_y: the output cotangent.
+
+    Returns:
+        ``(d_params', d_x')``: for Dense ``d_w' = d_xᵀ d_y`` and ``d_x' = d_y d_wᵀ``.
+    """
+    x, w = res
+    second = {"w": jnp.zeros_like(w) if d_x is None else layer.backward((d_x, w), d_y)[0]["w"]}
+    if layer.use_bias:
+        second["b"] = jnp.zeros_like(d_params["b"])
+    return second, layer.backward((x, d_params["w"]), d_y)[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Dense(Layer):
     """``y = x @ w + b`` over the last axis of ``x``.
@@ -141,6 +164,10 @@ class Dense(Layer):
         if self.use_bias:
             d_y = d_y + d_params["b"]
         return d_y if d_x is None else d_y + d_x @ w
+
+    def backward_tangent(self, res, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): ``d_w' = d_xᵀ d_y``, ``d_x' = d_y d_wᵀ``."""
+        return bilinear_backward_tangent(self, res, d_params, d_x, d_y)
 
     def swap_kernel(self, res, kernel):
         """``(w, res')``: the kernel held in the residuals and the residuals with ``kernel`` in its

@@ -100,6 +100,10 @@ class Embedding(Layer):
         ids, _ = res
         return jnp.take(d_params["table"], ids, axis=0, mode="fill", fill_value=0)
 
+    def backward_tangent(self, res, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): zero — the backward depends on neither the table nor the ids' values."""
+        return {"table": jnp.zeros_like(d_params["table"])}, None
+
     def per_example_grads(self, res, d_y):
         """Per-example rule (``fbp.per_example``): each example's rows scattered into a table of
         its own, ``(B, vocab, features)``."""
