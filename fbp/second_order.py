@@ -25,7 +25,7 @@ the Hessian adds. The term, per family, written beside its backward:
 
 Layers without a term (normalisations, attention, recurrent cells)
 are refused, naming the layer: their GGN is still available (``fbp.curvature``). Checked against
-``jax.hessian`` of the plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
+the dense autodiff Hessian of the plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
 """
 
 from __future__ import annotations
