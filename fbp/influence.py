@@ -220,6 +220,9 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
     if not checkpoints:
         raise ValueError("fbp.influence.tracin: no checkpoints")
     rates = [learning_rates] * len(checkpoints) if np.ndim(learning_rates) == 0 else list(learning_rates)
+    if not all(isinstance(r, (int, float, np.number)) and not isinstance(r, bool) and np.isfinite(r) for r in rates):
+        raise ValueError(f"fbp.influence.tracin: learning_rates must be finite numbers (one, or one per checkpoint), "
+                         f"got {learning_rates!r}")
     if len(rates) != len(checkpoints):
         raise ValueError(f"fbp.influence.tracin: {len(rates)} learning rates for {len(checkpoints)} checkpoints")
     space = subspace(model, checkpoints[0], layers)

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fbp.validation import typed_arguments
+
 
 class Tridiagonal(NamedTuple):
     """``lanczos``' result: ``alphas (k,)``, ``betas (k,)`` (``betas[i]`` couples steps ``i`` and
@@ -56,6 +58,7 @@ class Tridiagonal(NamedTuple):
         return values, jnp.square(vectors[0])
 
 
+@typed_arguments
 def lanczos(matvec, dim: int, iterations: int, key, dtype, start=None, reorthogonalize: bool = True) -> Tridiagonal:
     """``iterations`` Lanczos steps with full reorthogonalisation (module docstring).
 
@@ -71,6 +74,9 @@ def lanczos(matvec, dim: int, iterations: int, key, dtype, start=None, reorthogo
     Returns:
         A ``Tridiagonal``.
     """
+    if dim < 1 or iterations < 1:
+        raise ValueError(f"fbp.lanczos.lanczos: dim and iterations must be at least 1, got dim={dim}, "
+                         f"iterations={iterations}")
     k = min(int(iterations), dim)
     v0 = jax.random.normal(key, (dim,), dtype)
     if start is not None:

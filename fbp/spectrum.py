@@ -100,6 +100,8 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
     """
     if curvature not in CURVATURES:
         raise ValueError(f"fbp.spectrum.operator: curvature must be one of {CURVATURES}, got {curvature!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"fbp.spectrum.operator: batch_size must be at least 1 (or None: one batch), got {batch_size}")
     _require_curvature(loss, "fbp.spectrum.operator")
     if curvature == "hessian":
         second_order.require(model, "fbp.spectrum.operator(curvature='hessian')")
@@ -244,6 +246,9 @@ def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None, reo
     Returns:
         A ``Density``.
     """
+    if iterations < 1 or runs < 1:
+        raise ValueError(f"fbp.spectrum.density: iterations and runs must be at least 1, got iterations={iterations}, "
+                         f"runs={runs}")
     steps = min(op.dim, int(iterations))
 
     def one(k):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -32,20 +33,26 @@ from fbp import (
     credit,
     curvature,
     data,
+    influence,
     kfac,
+    lanczos,
+    laplace,
+    linear_pass,
     losses,
     nn,
     optim,
     per_example,
     precision,
     privacy,
+    second_order,
+    spectrum,
     telemetry,
     train,
 )
 from fbp.core import InputError
 
 MODULES = [nn, losses, optim, augment, accounting, precision, privacy, kfac, curvature, credit, per_example,
-           telemetry, train, data, checkpoint]
+           telemetry, train, data, checkpoint, spectrum, laplace, influence, second_order, linear_pass, lanczos]
 CCE = losses.CategoricalCrossEntropy(from_logits=True)
 MODEL = nn.Serial(nn.Dense(4), nn.Tanh(), nn.Dense(3))
 
@@ -63,7 +70,10 @@ SAMPLES = {  # a valid value for each required argument, by name
     "sigma": 0.1, "init_scale": 2.0, "schedule": optim.constant_schedule(0.1), "decay": 0.9, "eps": 1e-8,
     "vocab_size": 7, "dim": 4, "out_features": 3, "channels": 3, "strides": 1, "mc_samples": 1, "epochs": 1,
     "key": None, "augments": (), "layers": (), "block": nn.Dense(3), "quantizer": nn.Sign(), "params": {},
-    "coefficient": 0.01,
+    "coefficient": 0.01, "checkpoints": [MODEL.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))],
+    "op": spectrum.operator(MODEL, CCE, MODEL.init(jax.random.PRNGKey(0), jnp.ones((4, 3))), jnp.ones((4, 3)),
+                            jnp.arange(4) % 3),
+    "matvec": lambda v: 2 * v, "iterations": 3, "dtype": jnp.float32,
 }
 SKIP = {  # public callables that take no plain-value hyperparameter (arrays, pytrees, callables, files only)
     "apply_updates", "global_norm", "chain", "join_schedules", "learning_rate", "compose", "validate",
@@ -76,6 +86,9 @@ SKIP = {  # public callables that take no plain-value hyperparameter (arrays, py
     "Layer", "Loss", "GradientTransformation", "KFAC", "KFACState", "KroneckerBlock", "Factors", "Dataset",
     "FitResult", "LossScaleState", "sign_symmetry", "assemble", "exact_model", "DirectFeedbackAlignment",
     "sign_feedback", "draw_by_length", "probe_model", "split_probed", "one_pass", "block_matrix", "block_entries",
+    "Dense", "Diagonal", "Kronecker", "Laplace", "Influence", "Term", "hessian_product_of_pass", "plot_density",
+    "loss_hessian_product", "require", "require_like_params", "second_order", "add", "jacobian_vector_product",
+    "tangent",
 }
 FREE_TEXT = {"name", "monitor", "directory", "path"}  # any string is a valid value
 INF_OK = {"l2_clip", "max_norm", "max_delta", "patience"}  # inf means "no bound" for these
