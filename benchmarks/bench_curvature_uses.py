@@ -9,7 +9,9 @@ with the JAX idiom's GGN product (``jax.jvp`` of the model, the softmax cross-en
 in closed form, ``jax.vjp``), timed apart on three calls after the rounds.
 Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). ``…-transposed``: the
 same with ``J v`` by transposing the backward (``fbp.linear_pass.transpose_only``), the path before
-the layers' tangent rules. Interleaved rounds, medians, ratio ranges over ``--runs``.
+the layers' tangent rules. ``hessian-product``: one Hessian-vector product from the layers'
+second-order rules (``curvature="hessian"``, the forward included), against the JAX idiom's
+forward-over-reverse product (``jax.jvp`` of ``jax.grad``). Interleaved rounds, medians, ratio ranges over ``--runs``.
 
 **Influence** (``--part influence``): the influence of 500 test digits on the 1,257 training
 digits (digits MLP 64-32-10, ``load_digits(0.3)``), with EK-FAC and with the exact dense GGN
@@ -73,6 +75,13 @@ def _spectrum_workload(name, model, shape, runs):
                                                         reorthogonalize=False).values)
     ggn_product = jax.jit(lambda p, v: spectrum.operator(model, LOSS, p, x, y).matvec(v))
     v0 = jnp.ones((sum(a.size for a in jax.tree_util.tree_leaves(params)),), jnp.float32)
+    hessian_product = jax.jit(lambda p, v: spectrum.operator(model, LOSS, p, x, y, curvature="hessian").matvec(v))
+    _, unravel = jax.flatten_util.ravel_pytree(params)
+    jax_hessian_product = jax.jit(lambda p, v: jax.jvp(jax.grad(  # the JAX idiom: forward over reverse
+        lambda f: LOSS(model.apply(unravel(f), x), y)), (jax.flatten_util.ravel_pytree(p)[0],), (v,))[1])
+    gap = float(jnp.max(jnp.abs(hessian_product(params, v0) - jax_hessian_product(params, v0))))
+    print(f"  Hessian-vector product: fbp's rules against the JAX idiom, max |difference| {gap:.2e} "
+          f"(of max |Hv| {float(jnp.max(jnp.abs(jax_hessian_product(params, v0)))):.2e})")
     with transpose_only():  # J v by transposing the backward, as before the tangent rules (traced here)
         transposed = jax.jit(lambda p: spectrum.eigenvalues(spectrum.operator(model, LOSS, p, x, y), 1,
                                                              iterations=20, reorthogonalize=False).values)
@@ -89,10 +98,13 @@ def _spectrum_workload(name, model, shape, runs):
     calls = {"step": lambda: step(params), "product": lambda: ggn_product(params, v0),
              "lanczos20": lambda: fbp_lanczos(params), "lanczos20-local": lambda: fbp_local(params),
              "product-transposed": lambda: transposed_product(params, v0),
-             "lanczos20-local-transposed": lambda: transposed(params)}
+             "lanczos20-local-transposed": lambda: transposed(params),
+             "hessian-product": lambda: hessian_product(params, v0),
+             "jax-hessian-product": lambda: jax_hessian_product(params, v0)}
     ratios = ratio_runs(calls, ["product / step", "lanczos20 / step", "lanczos20-local / step",
                                 "product-transposed / step", "lanczos20-local-transposed / step",
-                                "product / product-transposed"], runs, rounds=5, reps=2)
+                                "product / product-transposed", "hessian-product / step",
+                                "hessian-product / jax-hessian-product"], runs, rounds=5, reps=2)
     apart = []  # the JAX idiom apart, three calls after the rounds (tens of seconds a call on the CNN)
     for _ in range(3):
         start = time.perf_counter()

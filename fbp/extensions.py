@@ -58,9 +58,11 @@ class Context(NamedTuple):
         loss: the loss.
         y: the targets.
         back: the pass's linear backward ``u ↦ Jᵀu`` on the same residuals (``u`` shaped like
-            ``pred``, the result like ``params``); its transpose ``jax.linear_transpose(back,
-            pred)`` is ``v ↦ J v``, the model's Jacobian-vector product. An extension reads
-            projections onto any direction from it (``fbp.diagnostics``); unused, it costs nothing.
+            ``pred``, the result like ``params``), a ``fbp.linear_pass.LinearPass``: its
+            ``back.tangent(v)`` is ``J v``, the model's Jacobian-vector product, forward on the
+            layers' tangent rules where every layer has one and by transposing ``back``
+            otherwise. An extension reads projections onto any direction from it
+            (``fbp.diagnostics``); unused, it costs nothing.
         shared: a dict, fresh for each pass, where extensions keep what several of them derive
             from the same quantities (``fbp.diagnostics``' tests share the examples' projections
             onto the mean gradient), under a key they agree on.

@@ -15,12 +15,16 @@ factored Tikhonov damping (§6.3),
 products per step, the inverses formed with the eigendecompositions. Every other parameter
 (norm scales, embeddings) is divided by its exact GGN diagonal plus ``λ``.
 
-The factors are exponential moving averages ``F ← decay F + (1 - decay) F_batch`` (the first
-batch's factors at step 0), updated every ``curvature_every`` steps (the other steps run the
-plain backward); the eigendecompositions are refreshed every ``inverse_every`` steps
-(Martens & Grosse, 2015). The preconditioned gradient then goes through any ``fbp.optim``
-transformation — momentum, a learning-rate schedule, clipping — so
-``kfac(model, loss, fbp.optim.sgd(0.1, momentum=0.9))`` is K-FAC with momentum.
+The factors are exponential moving averages, **bias-corrected** by default: after ``t``
+observations ``F_t = Σ_i decay^{t-i} F_i / Σ_i decay^{t-i}`` — the update
+``F ← (1 - c_t) F + c_t F_batch`` with ``c_t = (1 - decay) / (1 - decay^t)`` (Adam's
+correction; kfac-jax's weighted moving average), so the first batch weighs ``1/t``-like at
+first, not ``decay`` for tens of steps. ``debias=False`` keeps the plain average
+``F ← decay F + (1 - decay) F_batch`` started at the first batch's factors. They are updated
+every ``curvature_every`` steps (the other steps run the plain backward); the
+eigendecompositions are refreshed every ``inverse_every`` steps (Martens & Grosse, 2015).
+The preconditioned gradient then goes through any ``fbp.optim`` transformation — momentum,
+a learning-rate schedule, clipping — so ``kfac(model, loss, fbp.optim.sgd(0.1, momentum=0.9))`` is K-FAC with momentum.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class KFAC:
         approximation: ``"expand"`` or ``"reduce"`` for weight sharing.
         damping_mode: ``"exact"`` or ``"factored"``.
         curvature_every: steps between factor updates.
+        debias: bias-correct the factors' moving average (module docstring).
     """
 
     model: Any
@@ -91,6 +96,7 @@ class KFAC:
     approximation: str
     damping_mode: str = "exact"
     curvature_every: int = 1
+    debias: bool = True
 
     @property
     def _factors_of(self):
@@ -111,8 +117,10 @@ class KFAC:
     def observe(self, state: KFACState, factors: dict) -> KFACState:
         """``state`` with the moving averages updated by this batch's ``factors`` and, on every
         ``inverse_every``-th step, fresh eigendecompositions."""
-        first = state.count == 0
-        mix = lambda old, new: jnp.where(first, new, self.decay * old + (1 - self.decay) * new)  # noqa: E731
+        t = (state.count // self.curvature_every + 1).astype(jnp.result_type(float))  # this observation: 1, 2, ...
+        later = (1 - self.decay) / (1 - self.decay ** t) if self.debias else 1 - self.decay
+        weight = jnp.where(t == 1, 1.0, later)  # the first observation is the average
+        mix = lambda old, new: (1 - weight).astype(old.dtype) * old + weight.astype(new.dtype) * new  # noqa: E731
         averaged = jax.tree_util.tree_map(mix, state.factors, factors)
         eigen = lax.cond(state.count % self.inverse_every == 0, self._eigen_of, lambda _: state.eigen, averaged)
         return state._replace(factors=averaged, eigen=eigen)
@@ -198,7 +206,7 @@ class KFAC:
 @typed_arguments
 def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1, decay: float = 0.95,
          inverse_every: int = 10, mc_samples: int | None = 1, approximation: str = "expand",
-         damping_mode: str = "exact", curvature_every: int = 1) -> KFAC:
+         damping_mode: str = "exact", curvature_every: int = 1, debias: bool = True) -> KFAC:
     """K-FAC with ``optimizer`` applied to the preconditioned gradient.
 
     Args:
@@ -214,6 +222,8 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
         damping_mode: ``"exact"`` (the damped Kronecker product inverted exactly) or
             ``"factored"`` (Martens & Grosse's factored damping: half the products per step).
         curvature_every: steps between factor updates (the steps between run the plain backward).
+        debias: bias-correct the factors' moving average (module docstring); ``False``: the plain
+            average from the first batch (fbp's only average before).
 
     Returns:
         A ``KFAC`` with ``init(params, x, y) -> state`` and
@@ -244,7 +254,7 @@ def kfac(model, loss, optimizer: GradientTransformation, *, damping: float = 0.1
                         f"got {type(optimizer).__name__}")
     kfac_factors(model, loss, mc_samples=mc_samples, approximation=approximation)  # checks both
     return KFAC(model, loss, optimizer, damping, decay, inverse_every, mc_samples, approximation, damping_mode,
-                curvature_every)
+                curvature_every, debias)
 
 
 __all__ = ["KFAC", "KFACState", "kfac"]

@@ -49,7 +49,7 @@ MODEL = nn.Serial(nn.Dense(32), nn.Tanh(), nn.Dense(10))
 def test_moving_averages_and_the_inverse_period():
     x, y = _digits(64)
     params = MODEL.init(jax.random.key(0), x)
-    k = kfac.kfac(MODEL, CE, optim.sgd(0.05), decay=0.9, inverse_every=2, mc_samples=None)
+    k = kfac.kfac(MODEL, CE, optim.sgd(0.05), decay=0.9, inverse_every=2, mc_samples=None, debias=False)
     state = k.init(params, x, y)
     factors_of, observe = jax.jit(k._factors_of), jax.jit(k.observe)  # one compilation each, not op by op
     f1 = factors_of(params, x[:32], y[:32])[2]
@@ -66,6 +66,15 @@ def test_moving_averages_and_the_inverse_period():
     s3 = observe(s2._replace(count=s2.count + 1), f2)
     qa, la, _, _ = s3.eigen["0"][0]
     assert jnp.allclose(qa @ jnp.diag(la) @ qa.T, s3.factors["0"].blocks[0].A, atol=1e-5)
+    # bias-corrected (the default): Σ_i 0.9^{t-i} F_i / Σ_i 0.9^{t-i} after every observation
+    debiased = kfac.kfac(MODEL, CE, optim.sgd(0.05), decay=0.9, inverse_every=2, mc_samples=None)
+    d_observe = jax.jit(debiased.observe)
+    d1 = d_observe(debiased.init(params, x, y), f1)
+    d2 = d_observe(d1._replace(count=d1.count + 1), f2)
+    d3 = d_observe(d2._replace(count=d2.count + 1), f1)
+    assert jnp.allclose(d1.factors["0"].blocks[0].A, a1)
+    assert jnp.allclose(d2.factors["0"].blocks[0].A, (0.9 * a1 + a2) / 1.9, rtol=1e-6)
+    assert jnp.allclose(d3.factors["0"].blocks[0].A, (0.81 * a1 + 0.9 * a2 + a1) / 2.71, rtol=1e-6)
 
 
 def test_kfac_trains_the_digits_mlp_and_compiles_once():
