@@ -74,7 +74,8 @@ def test_report_table_columns():
     for column in ("path", "vs", "max abs err", "max rel err", "judged err", "worst index", "actual (fbp)", "desired"):
         assert column in header
     assert "[float64]  PASS" in text.splitlines()[0]
-    assert {line.split()[0] for line in text.splitlines()[2:-1]} == {"w", "b", "x"}  # the last: what is judged
+    rows = {line.split()[0] for line in text.splitlines()[2:-1]}  # the last line: what is judged
+    assert rows == {"w", "b", "x", "tangent"}  # the tangent: forward mode (fbp.linear_pass)
 
 
 def test_float64_is_enabled_only_inside_the_check():
