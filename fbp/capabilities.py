@@ -17,8 +17,9 @@ The routes:
   ``(x²)ᵀ(g²)`` at one position, else squares of materialised per-example gradients;
 * Kronecker factors: ``A ⊗ G`` per Dense-like weight (its kernels listed), the exact GGN
   diagonal for every other parameter;
-* GGN-vector products: ``J v`` by transposing the rules' backward, for every family — the
-  batch's GGN, so families that mix the batch are no exception;
+* GGN-vector products: ``J v`` forward on the family's tangent rule (``fbp.linear_pass``), or
+  by transposing the rules' backward where it has none — the batch's GGN either way, so
+  families that mix the batch are no exception;
 * telemetry's statistics: every leaf, without needing the examples kept apart;
 * alignment angles: where a family's rule deviates from its gradient by design and it has an
   exact VJP beside the rule (``fbp.credit``, ``fbp.nn.hooks``);
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 from fbp import catalog, nn
 from fbp.core import InputError, Layer, leaf_layers
 from fbp.deviation import exact_model
+from fbp.linear_pass import has_tangent
 from fbp.losses import CategoricalCrossEntropy
 from fbp.per_example import routes
 
@@ -87,8 +89,10 @@ def _route(extension: str, model: Layer, params, state, x, y, key, traced: dict)
     mode = EXTENSIONS[extension]
     if mode is None:
         return "every leaf (batch statistics)"
-    if mode == "backward":
-        return "Jᵀ H J v through the rules (the batch's GGN)"
+    if mode == "backward":  # the case's own layer decides: the head (Flatten, Dense) has tangent rules
+        if has_tangent(model):
+            return "J v forward (tangent rules), Jᵀ H J v (the batch's GGN)"
+        return "J v by transposing the backward, Jᵀ H J v (the batch's GGN)"
     if mode == "exact":
         return "no rule that deviates" if exact_model(model) is None else "rule vs exact VJP, same residuals"
     if mode not in traced:  # one trace per probe mode (four extensions read "sgs")
