@@ -21,10 +21,12 @@ the Hessian adds. The term, per family, written beside its backward:
   softmax and log-softmax write theirs (``_backward_tangent(res, t, d_y)``);
 * **piecewise-linear parameter-free** layers (ReLU, pooling, shape layers, Dropout): zero;
 * Embedding: zero (its backward does not depend on the table);
+* the normalisations (LayerNorm, GroupNorm, BatchNorm with batch or running statistics):
+  ``backward_tangent``, through ``x̂`` and ``1/σ`` and the scale's tangent;
 * combinators (``Serial``, ``Residual``, ``Parallel``): ``second_order``, their children's in turn.
 
-Layers without a term (normalisations, attention, recurrent cells)
-are refused, naming the layer: their GGN is still available (``fbp.curvature``). Checked against
+Layers without a term (attention, recurrent cells, positional embeddings, cotangent maps) are
+refused, naming the layer: their GGN is still available (``fbp.curvature``). Checked against
 the dense autodiff Hessian of the plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
 """
 
@@ -194,9 +196,9 @@ def require(model: Layer, caller: str) -> None:
     if found is not None:
         path, layer = found
         raise InputError(repr(layer), f"{caller}: a Hessian-vector product needs, at every layer, a tangent rule and "
-                                      f"a second-order term (fbp.second_order: Dense, convolutions, elementwise "
-                                      f"activations, pooling and shape layers, Dropout, Embedding, Serial, Residual, "
-                                      f"Parallel); this layer has none. Use the GGN (curvature='ggn', "
+                                      f"a second-order term (fbp.second_order: Dense, convolutions, activations, "
+                                      f"normalisations, pooling and shape layers, Dropout, Embedding, Serial, "
+                                      f"Residual, Parallel); this layer has none. Use the GGN (curvature='ggn', "
                                       f"fbp.curvature.ggn_vector_product)", path=tuple(path.split("/")) if path else ())
 
 

@@ -5,8 +5,8 @@ The matrix is the loss's **GGN** ``G = Jᵀ H J`` (positive semi-definite; ``J v
 tangent rules, ``fbp.linear_pass``, ``Jᵀu`` from their backward), or with
 ``curvature="hessian"`` the **Hessian** of the loss in the parameters (indefinite; products from
 the layers' hand-written second-order rules, ``fbp.second_order``: Dense, convolutions,
-elementwise activations, pooling and shape layers, Dropout, Embedding and the combinators — a
-model with another layer is refused, naming it). ``layer="…"`` restricts either to one layer's
+activations, pooling and shape layers, normalisations, Dropout, Embedding and the combinators —
+a model with another layer is refused, naming it). ``layer="…"`` restricts either to one layer's
 block ``P A P`` (``fbp.subspace``).
 
 * **Top eigenvalues** (``eigenvalues``): Lanczos with full reorthogonalisation (``fbp.lanczos``);

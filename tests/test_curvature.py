@@ -53,7 +53,7 @@ def test_every_family_matches_jax_autodiff_in_float64(name, model, shape, loss, 
     assert any(r.path.startswith("diag_ggn:") for r in report.rows)
     chain_only = name in ("dense", "dense-sequence", "conv-pool", "conv1d")
     assert any(r.path.startswith("diag_hessian:") for r in report.rows) == chain_only
-    second_order_rules = chain_only or name == "residual"  # fbp.second_order: no norms, recurrent cells, attention
+    second_order_rules = chain_only or name in ("residual", "layernorm", "groupnorm")  # not recurrent, attention
     assert any(r.path.startswith("hessian_vector_product:") for r in report.rows) == second_order_rules
 
 

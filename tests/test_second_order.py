@@ -95,9 +95,24 @@ def test_the_check_catches_a_missing_mixed_term():
         assert failed and all(p.startswith("hessian_vector_product:0/") for p in failed)  # below the planted layer
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["batch statistics", "running statistics"])
+def test_batch_norm_in_both_modes(train):
+    model = nn.Serial(nn.Dense(5), nn.BatchNorm(), nn.Tanh(), nn.Dense(3))
+    with jax.enable_x64(True):
+        x, y = jax.random.normal(KEY, (4, 6), jnp.float64), jnp.array([0, 2, 1, 1])
+        params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.fold_in(KEY, a.size + 1),
+                                                                               a.shape, a.dtype), model.init(KEY, x))
+        state = jax.tree_util.tree_map(lambda a: a + 0.3, model.init_state(params))  # not the batch's statistics
+        v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(KEY, a.size), a.shape, a.dtype),
+                                   params)
+        ours = curvature.hessian_vector_product(model, CE, has_state=True, train=train)(params, state, x, y, v)
+        desired = _dense_hessian_times(model, CE, params, x, y, v, state=state, train=train)
+        np.testing.assert_allclose(ravel_pytree(ours)[0], desired, rtol=1e-10, atol=1e-12)
+
+
 def test_a_layer_without_a_rule_is_refused_by_name_and_path():
-    model = nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4), nn.LayerNorm())), nn.Dense(2))
-    with pytest.raises(fbp.InputError, match=r"LayerNorm.*at path '1/block/1'.*second-order term"):
+    model = nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4), nn.MultiHeadAttention(2))), nn.Dense(2))
+    with pytest.raises(fbp.InputError, match=r"MultiHeadAttention.*at path '1/block/1'.*second-order term"):
         curvature.hessian_vector_product(model, CE)
     lstm = nn.Serial(nn.LSTM(3), nn.LastStep(), nn.Dense(2))
     with pytest.raises(fbp.InputError, match=r"LSTM.*at path '0'"):

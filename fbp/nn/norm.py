@@ -94,6 +94,38 @@ def _tangent(x_hat, scale, d_params, d_x_hat, dtype):
     return (d_y if d_x_hat is None else d_y + scale * d_x_hat).astype(dtype)
 
 
+def _second_order(x_hat, inv, scale, d_params, t, d_y, axes, group=None, ungroup=None):
+    """The second-order term (``fbp.second_order``): the backward's derivative as ``(x, γ)`` move
+    along ``(t, v)``, ``d_y`` held. With ``g = γ d_y`` and ``d_x = inv (g − ⟨g⟩ − x̂ ⟨g x̂⟩)``:
+    ``x̂' = inv (t − ⟨t⟩ − x̂ ⟨x̂ t⟩)`` (the tangent: the same formula), ``inv' = −inv² ⟨x̂ t⟩``,
+    ``d_x' = inv' (g − ⟨g⟩ − x̂ ⟨g x̂⟩) − inv (x̂' ⟨g x̂⟩ + x̂ ⟨g x̂'⟩) + inv (g' − ⟨g'⟩ − x̂ ⟨g' x̂⟩)``
+    with ``g' = v_γ d_y``; ``d_γ' = Σ d_y x̂'``, ``d_β' = 0``. ``axes=None``: evaluation-mode
+    BatchNorm, whose statistics are constants (``x̂' = inv t``, ``d_x' = v_γ inv d_y``).
+    ``group``/``ungroup`` reshape for GroupNorm's statistics."""
+    group = group or (lambda a: a)
+    ungroup = ungroup or (lambda a: a)
+    d_y = _wide(d_y)
+    g_v = group(d_y * _wide(d_params["scale"]))
+    if axes is None:
+        d_x, x_hat_t = g_v * inv, None if t is None else _wide(t) * inv
+    else:
+        mean = lambda a: a.mean(axis=axes, keepdims=True)  # noqa: E731
+        xg = group(x_hat)
+        d_x = _normalize_backward(xg, inv, g_v, axes)
+        x_hat_t = None
+        if t is not None:
+            tg, g = group(_wide(t)), group(d_y * scale)
+            x_hat_t = _normalize_backward(xg, inv, tg, axes)
+            inv_t = -inv * inv * mean(xg * tg)
+            d_x = d_x + inv_t / inv * _normalize_backward(xg, inv, g, axes) - inv * (
+                x_hat_t * mean(g * xg) + xg * mean(g * x_hat_t))
+            x_hat_t = ungroup(x_hat_t)
+    channels = x_hat.shape[-1]
+    d_scale = jnp.zeros((channels,), scale.dtype) if x_hat_t is None else \
+        (d_y * x_hat_t).reshape(-1, channels).sum(0).astype(scale.dtype)
+    return {"scale": d_scale, "b": jnp.zeros((channels,), scale.dtype)}, ungroup(d_x)
+
+
 def _param_grads(x_hat, d_y, dtype=None):
     """``scale``/``b`` gradients, summed in at least float32, in ``dtype`` (default ``d_y``'s)."""
     channels, dtype = x_hat.shape[-1], dtype or d_y.dtype
@@ -207,6 +239,13 @@ class BatchNorm(Layer):
             d_x_hat = _normalize_backward(x_hat, inv, _wide(d_x), tuple(range(x_hat.ndim - 1)))
         return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
 
+    def backward_tangent(self, res: BatchNormRes, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): ``_second_order`` over the batch axes, or with constant statistics."""
+        x_hat, inv, scale, stats = res
+        axes = None if stats is None else tuple(range(x_hat.ndim - 1))
+        d_params_t, d_x_t = _second_order(x_hat, inv, scale, d_params, d_x, d_y, axes)
+        return d_params_t, d_x_t.astype(d_y.dtype)
+
     def next_state(self, state, res):
         stats = res.stats
         if state is None or stats is None:
@@ -256,6 +295,12 @@ class LayerNorm(Layer):
         x_hat, inv, scale = res
         d_x_hat = None if d_x is None else _normalize_backward(x_hat, inv, _wide(d_x), (-1,))
         return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
+
+    def backward_tangent(self, res: NormRes, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): ``_second_order`` over the features."""
+        x_hat, inv, scale = res
+        d_params_t, d_x_t = _second_order(x_hat, inv, scale, d_params, d_x, d_y, (-1,))
+        return d_params_t, d_x_t.astype(d_y.dtype)
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)
@@ -323,6 +368,15 @@ class GroupNorm(Layer):
             axes = (*range(1, xg_hat.ndim - 2), xg_hat.ndim - 1)
             d_x_hat = _normalize_backward(xg_hat, inv, self._grouped(_wide(d_x)), axes).reshape(x_hat.shape)
         return _tangent(x_hat, scale, d_params, d_x_hat, scale.dtype if d_x is None else d_x.dtype)
+
+    def backward_tangent(self, res: NormRes, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): ``_second_order`` over each group's positions and channels."""
+        x_hat, inv, scale = res
+        xg = self._grouped(x_hat)
+        axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
+        d_params_t, d_x_t = _second_order(x_hat, inv, scale, d_params, d_x, d_y, axes, self._grouped,
+                                          lambda a: a.reshape(x_hat.shape))
+        return d_params_t, d_x_t.astype(d_y.dtype)
 
     def per_example_positions(self, res, d_y):
         return _per_example_param_grads(res, d_y)
