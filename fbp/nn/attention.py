@@ -352,6 +352,8 @@ def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
 class SinusoidalPositionalEmbedding(ParameterFree):
     """``y = x + PE`` with the fixed sinusoidal table; no parameters; ``d_x = d_y``."""
     independent_examples = True  # each example's output and input cotangent are its own
+    self_adjoint = True  # d_x = d_y: the tangent is the backward (fbp.linear_pass)
+    piecewise_linear = True  # affine in x: no second-order term (fbp.second_order, diag_hessian)
 
     def _forward(self, x):
         if x.ndim != 3:
