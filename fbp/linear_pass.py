@@ -29,7 +29,7 @@ transpose of its input-gradient convolution, which XLA's CPU backend runs severa
 than the forward convolution). With them, ``J v`` costs about one forward: every GGN-vector
 product, Lanczos step (``fbp.spectrum``, ``fbp.diagnostics``) and Laplace/influence product
 gets cheaper (``benchmarks/bench_curvature_uses.py``). A model any of whose layers has no rule
-(recurrent layers, attention, normalisation, hooks) uses the transpose, whole; the results
+(recurrent layers, attention, a cotangent map, feedback alignment) uses the transpose, whole; the results
 agree to rounding (``tests/test_linear_pass.py``), and ``fbp.check.layer`` checks each rule
 against the JAX forward-mode reference of the plain forward.
 """
@@ -69,9 +69,18 @@ def _owner(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in vars(k)), None)
 
 
-def _declares_rule(layer: Layer, names: tuple[str, ...]) -> bool:
+def declares_rule(layer: Layer, names: tuple[str, ...]) -> bool:
     """Whether ``layer``'s class writes one of the rules ``names`` at or below the class that
-    writes its backward (so a subclass that replaces the backward does not inherit them)."""
+    writes its backward (so a subclass that replaces the backward does not inherit them); also
+    ``fbp.second_order``'s test for its rules.
+
+    Args:
+        layer: the layer.
+        names: the rules' attribute names (``"tangent"``, ``"backward_tangent"``, …).
+
+    Returns:
+        ``True`` when one of them is written beside (or below) the backward.
+    """
     cls = type(layer)
     backs = [k for k in (_owner(cls, "backward"), _owner(cls, "_backward")) if k is not None]
     backward = max(backs, key=lambda k: len(k.__mro__))  # the most derived of the two
@@ -79,11 +88,19 @@ def _declares_rule(layer: Layer, names: tuple[str, ...]) -> bool:
     return any(issubclass(k, backward) for k in rules)
 
 
-def _declares(layer: Layer) -> bool:
-    """Whether ``layer``'s class writes a tangent (or declares itself self-adjoint) beside its backward."""
+def declares_tangent(layer: Layer) -> bool:
+    """Whether ``layer`` itself (not its children) writes a tangent, or declares itself
+    self-adjoint, beside its backward.
+
+    Args:
+        layer: the layer.
+
+    Returns:
+        ``True`` when it does.
+    """
     names = ("tangent", "_tangent", "self_adjoint") if getattr(layer, "self_adjoint", False) else ("tangent",
                                                                                                     "_tangent")
-    return _declares_rule(layer, names)
+    return declares_rule(layer, names)
 
 
 def has_tangent(model: Layer) -> bool:
@@ -95,7 +112,7 @@ def has_tangent(model: Layer) -> bool:
     Returns:
         ``True`` when ``J v`` runs on the rules (``tangent``); else it is the transposed backward.
     """
-    return _declares(model) and all(has_tangent(child) for child in children(model).values())
+    return declares_tangent(model) and all(has_tangent(child) for child in children(model).values())
 
 
 def tangent(layer: Layer, res, d_params, d_x):

@@ -48,16 +48,16 @@ from fbp.core import (
     tree_mismatch,
     with_context,
 )
-from fbp.linear_pass import _declares, _declares_rule, has_tangent, tangent
+from fbp.linear_pass import declares_rule, declares_tangent, has_tangent, tangent
 from fbp.validation import typed_arguments
 from fbp.walk import children
 
 
 def _leaf_term(layer: Layer) -> str | None:
     """How a leaf gives its second-order term: ``"own"``, ``"elementwise"``, ``"zero"``, or ``None``."""
-    if _declares_rule(layer, ("backward_tangent",)):
+    if declares_rule(layer, ("backward_tangent",)):
         return "own"
-    if _declares_rule(layer, ("_backward_tangent",)):
+    if declares_rule(layer, ("_backward_tangent",)):
         return "parameter-free"
     if isinstance(layer, ParameterFree):
         if callable(getattr(layer, "second_derivative", None)):
@@ -83,7 +83,7 @@ def unsupported(model: Layer, path: str = "") -> tuple[str, Layer] | None:
             found = unsupported(child, f"{path}/{name}" if path else name)
             if found is not None:
                 return found
-        return None if _declares(model) and _declares_rule(model, ("second_order",)) else (path, model)
+        return None if declares_tangent(model) and declares_rule(model, ("second_order",)) else (path, model)
     return None if has_tangent(model) and _leaf_term(model) is not None else (path, model)
 
 

@@ -118,9 +118,6 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
         loss_res = loss.forward(pred, yb)[1]
         return lambda v_tree: second_order.hessian_product_of_pass(model, res, pred, loss, loss_res, yb, v_tree)
 
-    def product(xb, yb, v_tree):
-        return on_pass(xb, yb)(v_tree)
-
     batches = _batches(x, y, batch_size)
     if batches is None:  # one forward for every product: the residuals are shared
         whole = on_pass(x, y)
@@ -130,7 +127,7 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
 
         def matvec(v):
             v_tree = space.embed(v)
-            each = lax.map(lambda b: space.restrict(product(b[0], b[1], v_tree)), batches)
+            each = lax.map(lambda b: space.restrict(on_pass(b[0], b[1])(v_tree)), batches)
             return each.mean(axis=0) if mean else each.sum(axis=0)
 
     return Operator(matvec, space.dim, dtype, space)

@@ -88,7 +88,7 @@ SKIP = {  # public callables that take no plain-value hyperparameter (arrays, py
     "sign_feedback", "draw_by_length", "probe_model", "split_probed", "one_pass", "block_matrix", "block_entries",
     "Dense", "Diagonal", "Kronecker", "Laplace", "Influence", "Term", "hessian_product_of_pass", "plot_density",
     "loss_hessian_product", "require", "require_like_params", "second_order", "add", "jacobian_vector_product",
-    "tangent",
+    "tangent", "declares_rule", "declares_tangent",
 }
 FREE_TEXT = {"name", "monitor", "directory", "path"}  # any string is a valid value
 INF_OK = {"l2_clip", "max_norm", "max_delta", "patience"}  # inf means "no bound" for these

@@ -116,8 +116,7 @@ def _second_order(x_hat, inv, scale, d_params, t, d_y, axes, group=None, ungroup
         if t is not None:
             tg, g = group(_wide(t)), group(d_y * scale)
             x_hat_t = _normalize_backward(xg, inv, tg, axes)
-            inv_t = -inv * inv * mean(xg * tg)
-            d_x = d_x + inv_t / inv * _normalize_backward(xg, inv, g, axes) - inv * (
+            d_x = d_x - inv * mean(xg * tg) * _normalize_backward(xg, inv, g, axes) - inv * (  # inv'/inv = −inv ⟨x̂ t⟩
                 x_hat_t * mean(g * xg) + xg * mean(g * x_hat_t))
             x_hat_t = ungroup(x_hat_t)
     channels = x_hat.shape[-1]
