@@ -113,7 +113,13 @@ class _PerExample(Wrapper):
             self.choices[self.path] = "Σ_t x_btᵀ V g_bt (positions)" if found is not None else "materialised"
             linear = {"x": x, "d_y": d_y} if self.layer.linear_in_params else {}
             if found is not None:  # (the positions serve sampled histograms; XLA drops what nothing reads)
-                return {"groups": found[0], "rest": found[1]} | linear
+                kept = {"groups": found[0], "rest": found[1]} | linear
+                if any(g.length > 1 and not g.ghost_is_cheaper(with_grads=False) for g in found[0]):
+                    # the norms materialise these per-example gradients (the same ops: XLA computes
+                    # them once), so a projection is a dot, not one more forward of the layer
+                    self.choices[self.path] = "dots with the materialised per-example gradients"
+                    kept["per"] = assemble(d_params, {k: v for g in found[0] for k, v in g.grads().items()} | found[1])
+                return kept
             own = getattr(self.layer, "per_example_grads", None)  # (histograms read them; unread, XLA drops them)
             return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)} \
                 | linear
@@ -138,7 +144,7 @@ class _PerExample(Wrapper):
         if self.mode == "grads":
             self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
             return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
-        found = [g.sq_norms() for g in groups]
+        found = [g.sq_norms(with_grads=self.mode == "clip") for g in groups]
         self.choices[self.path] = ", ".join(dict.fromkeys(how for _, how, _ in found)) or \
             "materialised (the layer's per-example rule)"
         sq = sum((s for s, _, _ in found), sq_norm(rest) if rest else 0.0)
@@ -167,11 +173,13 @@ def _at(tree, key):
 
 def project(kept, direction, layer: Layer | None = None) -> jax.Array:
     """``(B,)``: each example's gradient at one leaf projected onto ``direction`` (that leaf's
-    params' shape), ``⟨∇ℓ_b, V⟩``, from what its probe kept in ``"project"`` mode: for a layer
-    linear in its params (``Layer.linear_in_params``) ``⟨d_y_b, forward(V, x)_b⟩`` — one forward
-    of the layer, convolutions included; else ``Σ_t x_btᵀ V g_bt`` over a Dense-like weight's
-    positions (one forward-sized product, ``Positions.dots``); else the materialised per-example
-    gradients.
+    params' shape), ``⟨∇ℓ_b, V⟩``, from what its probe kept in ``"project"`` mode: a dot with
+    the per-example gradients where they are materialised anyway (a layer without positions, or
+    one whose norms materialise them: 3C3D's first convolution, where a forward with ``V`` cost
+    more than the shared gradients); for a layer linear in its params
+    (``Layer.linear_in_params``) ``⟨d_y_b, forward(V, x)_b⟩`` — one forward of the layer,
+    convolutions included; else ``Σ_t x_btᵀ V g_bt`` over a Dense-like weight's positions (one
+    forward-sized product, ``Positions.dots``).
 
     Args:
         kept: the probe's ``"project"`` quantity at the leaf.
@@ -186,11 +194,11 @@ def project(kept, direction, layer: Layer | None = None) -> jax.Array:
                    for a, b in zip(jax.tree_util.tree_leaves(per), jax.tree_util.tree_leaves(v), strict=True)
                    if jnp.issubdtype(a.dtype, jnp.inexact))
 
+    if "per" in kept:
+        return dot(kept["per"], direction)
     if "x" in kept and layer is not None:
         y = run_forward(layer, direction, kept["x"])[0]
         return jnp.sum((y * kept["d_y"].astype(y.dtype)).reshape(y.shape[0], -1), axis=1)
-    if "per" in kept:
-        return dot(kept["per"], direction)
     out = sum(group.dots(lambda key: _at(direction, key)) for group in kept["groups"])
     rest = kept["rest"]
     return out + dot([rest[k] for k in rest], [_at(direction, k) for k in rest]) if rest else out

@@ -67,7 +67,7 @@ def elements(kept, params, key, samples: int, max_exact: int) -> list:
     def exact(per):  # {key: (B, *shape)}
         return [(v, jnp.broadcast_to(_at(params, k), v.shape), 1.0) for k, v in per.items()]
 
-    if "per" in kept:
+    if "groups" not in kept:  # the layer's own per-example gradients (positions are sampled instead)
         flat = jax.tree_util.tree_leaves(kept["per"])
         return [(v, jnp.broadcast_to(p, v.shape), 1.0) for v, p in zip(flat, jax.tree_util.tree_leaves(params),
                                                                          strict=True)]

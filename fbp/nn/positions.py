@@ -53,15 +53,25 @@ class Positions(NamedTuple):
     def fan_in(self) -> int:
         return sum(part.shape[-1] for _, parts, _ in self.kernels for part in parts)
 
-    def ghost_is_cheaper(self) -> bool:
+    def ghost_is_cheaper(self, with_grads: bool = True) -> bool:
+        """Whether the ghost norm's ``T²(n_in + n_out)`` products beat materialising ``T·n_in·n_out``.
+
+        Without the gradients (``with_grads=False``: norms only) the ghost norm wins up to twice
+        the products: its two Gram matrices are large batched products, where materialising
+        writes every example's gradient (3C3D's middle convolution, ``T = 144``: 30 ms against
+        39 ms at batch 128 on this project's CPU, ``benchmarks/bench_diagnostics.py``)."""
         t, n_out = self.length, self.g.shape[-1]
-        return t * t * (self.fan_in + n_out) < t * self.fan_in * n_out
+        return t * t * (self.fan_in + n_out) < (1 if with_grads else 2) * t * self.fan_in * n_out
+
+    def _part_grads(self) -> list:
+        """``[(key, [(B, n_k, n_out) per part], shape)]``: per-example gradients, one part at a time."""
+        return [(key, [jnp.einsum("bti,btj->bij", part, self.g) for part in parts], shape)
+                for key, parts, shape in self.kernels]
 
     def grads(self) -> dict:
         """``{key: (B, *shape)}`` per-example gradients, materialised."""
         b = self.g.shape[0]
-        out = {key: _rows([jnp.einsum("bti,btj->bij", part, self.g) for part in parts], axis=1)
-                    .reshape((b, *shape)) for key, parts, shape in self.kernels}
+        out = {key: _rows(per, axis=1).reshape((b, *shape)) for key, per, shape in self._part_grads()}
         if self.bias is not None:
             out[self.bias] = self.g.sum(axis=1)
         return out
@@ -69,15 +79,16 @@ class Positions(NamedTuple):
     def bias_sq_norm(self):
         return jnp.sum(jnp.square(self.g.sum(axis=1)), axis=1) if self.bias is not None else 0.0
 
-    def sq_norms(self) -> tuple[jax.Array, str, dict | None]:
+    def sq_norms(self, with_grads: bool = True) -> tuple[jax.Array, str, dict | None]:
         """``(squared norms (B,), route, per-example grads or None)``: ``‖x‖²‖g‖²`` at one position,
-        else the ghost norm or materialisation, whichever costs less for these shapes (the grads
-        come back when they were materialised, so a clipped sum can weigh them directly)."""
+        else the ghost norm or materialisation, whichever costs less for these shapes
+        (``ghost_is_cheaper``; the grads come back when they were materialised, so a clipped sum
+        can weigh them directly; ``with_grads=False`` says nothing will)."""
         parts = [part for _, ps, _ in self.kernels for part in ps]
         if self.length == 1:
             x_sq = sum(jnp.sum(jnp.square(part[:, 0]), 1) for part in parts)
             return x_sq * jnp.sum(jnp.square(self.g[:, 0]), 1) + self.bias_sq_norm(), "norms ‖x‖‖g‖", None
-        if self.ghost_is_cheaper():
+        if self.ghost_is_cheaper(with_grads):
             x_gram = sum(jnp.einsum("bti,bsi->bts", part, part) for part in parts)
             gram = x_gram * jnp.einsum("btj,bsj->bts", self.g, self.g)
             return jnp.sum(gram, axis=(1, 2)) + self.bias_sq_norm(), f"ghost norm (T={self.length})", None
@@ -87,9 +98,15 @@ class Positions(NamedTuple):
     def sum_squares(self) -> dict:
         """``{key: Σ_b (X_bᵀ G_b)²}`` elementwise (BackPACK's SumGradSquared). At one position it
         is ``(x²)ᵀ (g²)`` — one matmul, no per-example gradient; otherwise the per-example
-        gradients of this layer are materialised and squared."""
+        gradients of this layer are materialised and squared one part (kernel tap) at a time,
+        the small sums concatenated: never the whole per-example gradient (concatenating it
+        cost 4× the squares at 3C3D's last convolution, ``benchmarks/bench_diagnostics.py``)."""
         if self.length > 1:
-            return {key: jnp.sum(jnp.square(v), axis=0) for key, v in self.grads().items()}
+            out = {key: _rows([jnp.sum(jnp.square(p), axis=0) for p in per]).reshape(shape)
+                   for key, per, shape in self._part_grads()}
+            if self.bias is not None:
+                out[self.bias] = jnp.sum(jnp.square(self.g.sum(axis=1)), axis=0)
+            return out
         g2 = jnp.square(self.g[:, 0])
         out = {key: _rows([jnp.square(part[:, 0]).T @ g2 for part in parts]).reshape(shape)
                for key, parts, shape in self.kernels}
