@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp import checkpoint_io, checkpoint_shards
+
 try:  # POSIX; elsewhere saves are not locked against each other
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -150,14 +152,6 @@ def _storable(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind in "biufc" and type(a.dtype).__module__ == "numpy":
         return a
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _manifest_digest(manifest: dict) -> str:
@@ -257,33 +251,53 @@ def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
         raise ValueError(f"checkpoint.save: step must be a non-negative int, got {step!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"checkpoint.save: keep must be a positive int or None, got {keep!r}")
-    directory = check_directory(directory) if not os.path.isdir(directory) else os.fspath(directory)
-    entries, arrays = [], {}
-    for i, (path, leaf) in enumerate(_flatten(tree)[0]):
+    several = jax.process_count() > 1
+    if not several or jax.process_index() == 0:
+        directory = check_directory(directory) if not os.path.isdir(directory) else os.fspath(directory)
+    directory = os.fspath(directory)
+    entries, leaves = [], []
+    for path, leaf in _flatten(tree)[0]:
         if isinstance(leaf, _PLAIN) and not isinstance(leaf, np.generic):
             entries.append({"path": path, "kind": "value", "value": leaf})
+            leaves.append(None)
             continue
         if _is_key(leaf):
-            data = np.asarray(jax.random.key_data(leaf))
+            data = jax.random.key_data(leaf)
             entries.append({"path": path, "kind": "key", "impl": str(jax.random.key_impl(leaf)),
-                            "shape": list(leaf.shape)})
+                            "shape": list(leaf.shape), "data_shape": list(data.shape)})
         elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            data = np.asarray(leaf)
+            data = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
             entries.append({"path": path, "kind": "array", "dtype": str(data.dtype), "shape": list(data.shape)})
         else:
             raise TypeError(f"checkpoint.save: the leaf at {path!r} is a {type(leaf).__name__}; checkpoints hold "
                             f"arrays, PRNG keys and plain values (int, float, str, bool, None)")
-        arrays[f"a{i}"] = _storable(data)
-        entries[-1]["name"] = f"a{i}"
-    final = step_directory(directory, step)
+        leaves.append(data)
+    if several:  # each process writes its own shards (fbp.checkpoint_shards)
+        return checkpoint_shards.save(directory, entries, leaves, step,
+                                      lambda tmp, parts: _commit(directory, tmp, step, keep, parts))
+    arrays = {}
+    for i, (entry, data) in enumerate(zip(entries, leaves, strict=True)):
+        if data is not None:
+            arrays[f"a{i}"] = _storable(np.asarray(data))
+            entry["name"] = f"a{i}"
     tmp = tempfile.mkdtemp(prefix=f".tmp-step_{int(step):08d}-", dir=directory)
     try:
         with open(os.path.join(tmp, _ARRAYS), "wb") as f:
-            np.savez(f, **arrays)
+            digest = {_ARRAYS: checkpoint_io.write_npz(f, arrays)}
             f.flush()
             os.fsync(f.fileno())
-        manifest = {"format": FORMAT, "version": VERSION, "step": int(step), "leaves": entries,
-                    "sha256": {_ARRAYS: _sha256(os.path.join(tmp, _ARRAYS))},
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit(directory, tmp, step, keep, {"leaves": entries, "sha256": digest})
+
+
+def _commit(directory: str, tmp: str, step: int, keep: int | None, parts: dict) -> str:
+    """Write the manifest into ``tmp`` (holding the step's array files), fsync, and make the step
+    appear with one rename under the directory's lock; then retention. Returns the step's path."""
+    final = step_directory(directory, step)
+    try:
+        manifest = {"format": FORMAT, "version": VERSION, "step": int(step), **parts,
                     "versions": {"jax": jax.__version__, "numpy": np.__version__}}
         manifest["self_sha256"] = _manifest_digest(manifest)
         with open(os.path.join(tmp, _MANIFEST), "w") as f:
@@ -301,6 +315,7 @@ def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
                 os.rename(tmp, final)
             _fsync(directory)
             _retain(directory, int(step), keep)
+            checkpoint_shards.remove_leftovers(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -343,26 +358,35 @@ def _read_manifest(where: str) -> dict:
     return manifest
 
 
-def _load_arrays(where: str, manifest: dict) -> dict[str, np.ndarray]:
-    path = os.path.join(where, _ARRAYS)
+def _load_file(where: str, manifest: dict, name: str) -> dict[str, np.ndarray]:
+    path = os.path.join(where, name)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing")
-    if _sha256(path) != manifest.get("sha256", {}).get(_ARRAYS):
-        raise CheckpointError(f"{path}: checksum mismatch — the file is corrupt or truncated")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except ValueError as e:  # an object array (pickle) or a malformed member
+    try:  # one read, the digest on what was read, the members as views (fbp.checkpoint_io)
+        return checkpoint_io.read_npz(path, manifest.get("sha256", {}).get(name, ""))
+    except checkpoint_io.DigestError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except checkpoint_io.UnreadableError as e:  # an object array (pickle) or a malformed member
         raise CheckpointError(f"{path}: refused ({e})") from None
-    except Exception as e:  # noqa: BLE001 - zipfile/format errors of a damaged file
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _load_arrays(where: str, manifest: dict) -> dict[str, np.ndarray]:
+    """``{member: stored array}``; for a multi-process checkpoint ``{path: assembled array}``."""
+    if "processes" not in manifest:
+        return _load_file(where, manifest, _ARRAYS)
+    files = {name: _load_file(where, manifest, name) for name in manifest["sha256"]}
+    try:
+        return {e["path"]: checkpoint_shards.assemble(e, files) for e in manifest["leaves"] if e["kind"] != "value"}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: a piece of an array is missing or malformed ({type(e).__name__}: {e})") \
+            from None
 
 
 def _leaf(entry, arrays, target_leaf):
     path = entry["path"]
     if entry["kind"] == "value":
         return entry["value"]
-    data = arrays.get(entry.get("name"))
+    data = arrays.get(entry["path"] if "pieces" in entry else entry.get("name"))
     if data is None:
         raise CheckpointError(f"the array for {path!r} is missing from the checkpoint")
     if entry["kind"] == "key":

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp import checkpoint
+from fbp import checkpoint, checkpoint_shards
 
 NO_DIVERGENCE = {"initial": None, "lowest": None, "lowest_epoch": None, "at": None}
 _PROBE_RTOL = 1e-5  # the optimizer probe is compared with this tolerance (the arithmetic may differ by backend)
@@ -163,9 +163,9 @@ def _key_data(key) -> np.ndarray:
 
 
 def _on_device(tree, like):
-    """Restored NumPy arrays as JAX arrays of the same dtype (plain values stay as they are)."""
-    return jax.tree_util.tree_map(lambda a, _: jnp.asarray(a) if isinstance(a, np.ndarray) else a, tree, like,
-                                  is_leaf=lambda a: a is None)
+    """Restored NumPy arrays as JAX arrays of the same dtype, laid out as ``like``'s leaves where
+    those span several processes (``fbp.checkpoint_shards.place_like``); plain values stay."""
+    return checkpoint_shards.place_like(tree, like)
 
 
 def prepare(directory, loop: LoopState, key, resume: bool, run: dict | None = None) -> LoopState:

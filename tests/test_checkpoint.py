@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic writes, refusals of damaged or foreign files."""
 
+import hashlib
 import json
 import os
 import zipfile
@@ -114,7 +115,7 @@ def test_a_pickle_payload_is_never_executed(tmp_path, monkeypatch):
         np.lib.format.write_array(f, np.array([_Payload()], dtype=object), allow_pickle=True)
     manifest_path = tmp_path / "step_00000001" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["sha256"]["arrays.npz"] = checkpoint._sha256(str(_arrays(tmp_path)))
+    manifest["sha256"]["arrays.npz"] = hashlib.sha256(_arrays(tmp_path).read_bytes()).hexdigest()
     manifest["self_sha256"] = checkpoint._manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="refused"):

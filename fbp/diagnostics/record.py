@@ -116,7 +116,7 @@ def append(directory, lines: list[dict]) -> None:
     Returns:
         None.
     """
-    if not lines:
+    if not lines or jax.process_index() != 0:  # several processes: the first one writes the record
         return
     path = pathlib.Path(directory) / FILE
     with open(path, "a", encoding="utf-8") as f:
@@ -147,9 +147,10 @@ def load(directory, before: int) -> dict:
                                           and len(line) == 2):
             kept.append(text)
             record.setdefault(line["step"], {}).update({k: v for k, v in line.items() if k != "step"})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(t + "\n" for t in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    if jax.process_index() == 0:  # several processes: the first one rewrites the record
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(t + "\n" for t in kept), encoding="utf-8")
+        os.replace(tmp, path)
     return record
 
 
