@@ -67,7 +67,14 @@ def _pieces(leaf, i: int) -> list[tuple[np.ndarray, list]]:
 
 
 def remove_leftovers(directory: str) -> None:
-    """Remove what a multi-process save killed before its rename left (``.tmp-step_*-shards``)."""
+    """Remove what a multi-process save killed before its rename left (``.tmp-step_*-shards``).
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        None.
+    """
     for stale in glob.glob(os.path.join(directory, ".tmp-step_*-shards")):
         shutil.rmtree(stale, ignore_errors=True)
 
