@@ -407,7 +407,7 @@ def _leaf(entry, arrays, target_leaf):
     return value[()] if isinstance(target_leaf, np.generic) else value
 
 
-def restore(directory, target: Any, step: int | None = None) -> Any:
+def restore(directory, target: Any, step: int | None = None, *, prefix: str | None = None) -> Any:
     """The checkpoint ``step`` (default: the latest) of ``directory``, as a pytree with the
     structure of ``target`` (whose values are not used; arrays come back as NumPy arrays, keys
     as typed JAX keys, plain values as themselves).
@@ -416,6 +416,8 @@ def restore(directory, target: Any, step: int | None = None) -> Any:
         directory: the checkpoint directory.
         target: a pytree with the structure to restore into.
         step: which step; ``None`` for the latest.
+        prefix: restore only the subtree at this path (``"carry/params"``: the params of a
+            ``fit`` checkpoint); ``target`` then has that subtree's structure.
 
     Returns:
         The restored pytree. Raises ``CheckpointError`` when there is no checkpoint, no such step, or the structure
@@ -430,6 +432,12 @@ def restore(directory, target: Any, step: int | None = None) -> Any:
     manifest = _read_manifest(where)
     saved = {e["path"]: e for e in manifest["leaves"]}
     flat, treedef = _flatten(target)
+    if prefix is not None:  # the target's paths, under the prefix
+        flat = [(prefix if p == "<root>" else f"{prefix}/{p}", leaf) for p, leaf in flat]
+        saved = {p: e for p, e in saved.items() if p == prefix or p.startswith(prefix + "/")}
+        if not saved:
+            raise CheckpointError(f"{where}: nothing saved under {prefix!r} (the top-level entries are "
+                                  f"{sorted({p.split('/')[0] for p in saved_paths(directory, step)})})")
     wanted = [p for p, _ in flat]
     missing, extra = [p for p in wanted if p not in saved], [p for p in saved if p not in set(wanted)]
     if missing or extra:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp import checkpoint
 from fbp.core import Layer, Loss
 from fbp.laplace.fitting import _chunks, _slices, curvature_of
 from fbp.laplace.posterior import likelihood_of
@@ -198,14 +200,16 @@ def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", dampin
 
 
 @typed_arguments
-def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_rates=1.0, layers=None, state=None,
-           batch_size: int = 256) -> Influence:
+def tracin(model: Layer, loss: Loss, checkpoints: Sequence | str | os.PathLike, x, y, *, learning_rates=1.0,
+           layers=None, state=None, batch_size: int = 256) -> Influence:
     """TracIn-CP (Pruthi et al., 2020): ``Σ_t η_t ∇ℓ(z; θ_t)ᵀ ∇ℓ(z_n; θ_t)`` over ``checkpoints``.
 
     Args:
         model: the network.
         loss: the loss.
-        checkpoints: the saved params ``θ_t`` (a list of params pytrees).
+        checkpoints: the saved params ``θ_t``: a list of params pytrees, or the
+            ``checkpoint_dir`` of a ``fit`` run (a path): the params of every step it holds,
+            oldest first (``fit(..., keep_checkpoints=None)`` keeps every epoch's).
         x: the training inputs.
         y: the training targets.
         learning_rates: ``η_t``: one number, or one per checkpoint.
@@ -216,6 +220,8 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
     Returns:
         An ``Influence`` (``scores``, ``self_influence``).
     """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = _fit_params(model, checkpoints, x)
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("fbp.influence.tracin: no checkpoints")
@@ -228,6 +234,16 @@ def tracin(model: Layer, loss: Loss, checkpoints: Sequence, x, y, *, learning_ra
     space = subspace(model, checkpoints[0], layers)
     terms = tuple(Term(p, float(r)) for p, r in zip(checkpoints, rates, strict=True))
     return Influence(model, loss, x, y, space, terms, batch_size, state)
+
+
+def _fit_params(model: Layer, directory, x) -> list:
+    """The params of every step in a ``fit`` run's checkpoint directory, oldest first."""
+    steps = checkpoint.all_steps(directory)
+    if not steps:
+        raise ValueError(f"fbp.influence.tracin: no checkpoint in {os.fspath(directory)!r}")
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(x[:1])))
+    return [jax.tree_util.tree_map(jnp.asarray, checkpoint.restore(directory, target, s, prefix="carry/params"))
+            for s in steps]
 
 
 __all__ = ["METHODS", "Influence", "Term", "fit", "tracin"]

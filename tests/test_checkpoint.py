@@ -226,3 +226,15 @@ def test_concurrent_saves_from_two_processes_leave_complete_checkpoints(tmp_path
         assert back["who"] in (1, 2)
         np.testing.assert_array_equal(back["w"], np.full(64, 100 * back["who"] + step + 57, np.float32))
     assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", ".old-"))]
+
+
+def test_a_subtree_restores_by_its_prefix(tmp_path):
+    tree = {"carry": {"params": {"w": np.arange(3.0), "b": np.ones(2, np.float32)}, "n": 4}, "key": "x"}
+    checkpoint.save(tmp_path, tree, 2)
+    back = checkpoint.restore(tmp_path, {"w": np.zeros(3), "b": np.zeros(2, np.float32)}, prefix="carry/params")
+    np.testing.assert_array_equal(back["w"], tree["carry"]["params"]["w"])
+    np.testing.assert_array_equal(back["b"], tree["carry"]["params"]["b"])
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        checkpoint.restore(tmp_path, {"w": np.zeros(3)}, prefix="carry/params")
+    with pytest.raises(CheckpointError, match="nothing saved under 'params'"):
+        checkpoint.restore(tmp_path, {"w": np.zeros(3)}, prefix="params")

@@ -76,6 +76,28 @@ def test_kronecker_and_similarity_methods_equal_their_formulas(mlp):
                                @ train.T, rtol=1e-8)
 
 
+def test_tracin_reads_the_params_of_every_epoch_of_a_fit_run(mlp, tmp_path):
+    """``tracin(checkpoint_dir)`` equals ``tracin`` of the params after each epoch, got by
+    training 1 and 2 epochs from the same key (fit is deterministic given it)."""
+    model, params, x, y = mlp
+    from fbp import optim, train
+
+    def run(epochs, directory=None):
+        return train.fit(model, LOSS, optim.sgd(0.1), params, x, y, key=jax.random.key(4), epochs=epochs,
+                         batch_size=8, progress=False, checkpoint_dir=directory, keep_checkpoints=None).params
+
+    second = run(2, tmp_path / "run")
+    first = run(1)
+    xt, yt = x[:4] + 0.2, y[:4]
+    got = influence.tracin(model, LOSS, tmp_path / "run", x, y, learning_rates=[0.1, 0.05])
+    want = influence.tracin(model, LOSS, [first, second], x, y, learning_rates=[0.1, 0.05])
+    np.testing.assert_allclose(got.scores(xt, yt), want.scores(xt, yt), rtol=1e-12)
+    with pytest.raises(ValueError, match="2 learning rates for 1 checkpoints"):
+        influence.tracin(model, LOSS, [first], x, y, learning_rates=[0.1, 0.05])
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        influence.tracin(model, LOSS, tmp_path / "empty", x, y)
+
+
 def test_ekfac_ranks_like_the_exact_influence_on_a_trained_mlp():
     from scipy.stats import spearmanr
     from sklearn.datasets import load_digits
