@@ -12,9 +12,16 @@ Sections, each independent (a failure is recorded and the next one runs):
   * ``speed``: fbp's jitted step against ``jax.grad``'s on bench_mlp's MLP and bench_cnn's CNN
     (interleaved rounds, medians, one process), float32 and bfloat16;
   * ``diagnostics``: ``fbp.diagnostics`` against ``vmap(jax.grad)`` and the dense GGN (float64),
-    ``fit(diagnostics="full")``, and bench_diagnostics' 3C3D presets against a plain step.
+    ``fit(diagnostics="full")``, and bench_diagnostics' 3C3D presets against a plain step;
+  * ``steps``: the private step (clipping and the noise draw included) and the K-FAC step
+    against the plain step, on bench_mlp's MLP and bench_cnn's CNN (issue 30's ratios);
+  * ``peers``: which peers are installed (torch, Opacus, BackPACK, kfac-jax, jax-privacy), and
+    for each installed set its side-by-side benchmark's ratio lines (one run).
 
-Run: ``python benchmarks/gpu_check.py [--out results.json]``.
+Run: ``python benchmarks/gpu_check.py [--out results.json] [--only s1,s2] [--dry-run]``, or
+``bash benchmarks/gpu_check.sh`` (all of it, one JSON report). ``--dry-run`` runs every section
+at the smallest sizes (one round, two epochs, one dtype for the checks) so the script is proved
+end to end on a CPU before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -44,13 +51,19 @@ from fbp import curvature, data, losses, nn, optim, parallel, per_example, priva
 
 CCE = losses.CategoricalCrossEntropy(from_logits=True)
 F32 = jnp.float32
+DRY = {"on": False}  # --dry-run: the smallest sizes (set by main)
+
+
+def _rounds(n: int) -> int:
+    return 1 if DRY["on"] else n
 
 
 def section_check(results):
-    for dtype, env in (("float64", {}), ("float32", {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})):
+    for dtype, env in (("float64", {}), ("float32", {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}))[
+            :1 if DRY["on"] else 2]:
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "fbp", "check", "--dtype", dtype, "--jit"], capture_output=True,
-                             text=True, timeout=240, env=os.environ | env, cwd=os.path.dirname(HERE))
+                             text=True, timeout=600, env=os.environ | env, cwd=os.path.dirname(HERE))
         tail = out.stdout.strip().splitlines()[-3:] + out.stderr.strip().splitlines()[-2:]
         results[f"check {dtype} --jit"] = {"rc": out.returncode, "seconds": round(time.perf_counter() - start, 1),
                                            "tail": tail}
@@ -91,7 +104,7 @@ def section_fit(results):
     for label, kw in (("float32", {}), ("bfloat16", {"precision": "bfloat16"})):
         params = model.init(jax.random.key(0), x[:1])
         start = time.perf_counter()
-        result = train.fit(model, CCE, optim.adam(1e-3), params, x, y, key=jax.random.key(1), epochs=20,
+        result = train.fit(model, CCE, optim.adam(1e-3), params, x, y, key=jax.random.key(1), epochs=_rounds(20),
                            batch_size=64, progress=False, **kw)
         acc = train.evaluate(model, CCE, result.params, ds.x_test.astype(np.float32), ds.y_test)["accuracy"]
         results[f"fit digits MLP {label}"] = {"test_accuracy": round(acc, 4), "seconds": round(
@@ -132,7 +145,7 @@ def _speed_one(model, shape, dtype):
     engine = jax.jit(fbp.value_and_grad(model, CCE, extensions=[per_example.GradNorms(), per_example.Variance(),
                                                                 privacy.ClippedGrad(1.0)]))
     t = interleaved({"fbp": lambda: ours(params, x, y), "jax.grad": lambda: theirs(params, x, y),
-                     "engine3": lambda: engine(params, x, y)}, rounds=9, reps=20)
+                     "engine3": lambda: engine(params, x, y)}, rounds=_rounds(9), reps=_rounds(20))
     return {"fbp ms": round(t["fbp"] * 1e3, 3), "jax.grad ms": round(t["jax.grad"] * 1e3, 3),
             "fbp / jax.grad": round(t["fbp"] / t["jax.grad"], 3),
             "norms+variance+clip / plain": round(t["engine3"] / t["fbp"], 3)}
@@ -178,29 +191,78 @@ def section_diagnostics(results):
     xd = ds.x_train.astype(np.float32)
     start = time.perf_counter()
     r = train.fit(mlp, CCE, optim.sgd(0.3), mlp.init(jax.random.key(0), xd[:1]), xd, ds.y_train, key=jax.random.key(1),
-                  epochs=5, batch_size=128, progress=False, scan_epochs=True, diagnostics="full")
+                  epochs=_rounds(5), batch_size=128, progress=False, scan_epochs=True, diagnostics="full")
     leaves = [v for e in r.diagnostics.values() for v in jax.tree_util.tree_leaves(e)]
-    results["fit(diagnostics='full') digits MLP 5 epochs"] = {
+    results[f"fit(diagnostics='full') digits MLP {_rounds(5)} epochs"] = {
         "steps": len(r.diagnostics), "seconds": round(time.perf_counter() - start, 2),
         "all finite (alpha of the last step excepted)": bool(sum(not np.all(np.isfinite(v)) for v in leaves) <= 1),
         "findings": [f.name for f in diagnostics.findings(r.diagnostics)]}
     cands, *_ = calls(*c3d3())
-    t = interleaved({k: cands[k] for k in ("plain", "economy", "business", "full/16", "full")}, rounds=5, reps=2)
+    t = interleaved({k: cands[k] for k in ("plain", "economy", "business", "full/16")}, rounds=_rounds(5),
+                    reps=_rounds(2))
     results["3C3D 16 SGD steps, preset / plain"] = {k: round(v / t["plain"], 3) for k, v in t.items() if k != "plain"}
     results["3C3D plain ms per step"] = round(t["plain"] / 16 * 1e3, 3)
 
 
+def section_steps(results):
+    """The private and K-FAC steps against the plain one (float32, one process, interleaved)."""
+    from bench_curvature import candidates as curvature_steps
+    from bench_per_example import candidates as private_steps
+
+    def one(model, shape):
+        x = jax.random.normal(jax.random.key(0), shape, F32)
+        y = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+        params = model.init(jax.random.key(2), x)
+        key = jax.random.key(3)
+        private = private_steps(model, shape[0])
+        kfac_step, extra = curvature_steps(model, params, x, y)["kfac-step"]
+        t = interleaved({"plain": lambda: private["step"](params, x, y, key),
+                         "private": lambda: private["dp"](params, x, y, key),
+                         "kfac": lambda: kfac_step(params, x, y, key, *extra)}, rounds=_rounds(9), reps=_rounds(10))
+        return {"plain ms": round(t["plain"] * 1e3, 3),
+                "private (noise included) / plain": round(t["private"] / t["plain"], 3),
+                "kfac / plain": round(t["kfac"] / t["plain"], 3)}
+
+    for name, workload in (("mlp", mlp_workload()), ("cnn", cnn_workload())):
+        results[f"steps {name}"] = one(*workload)
+
+
+PEERS = {"torch+opacus+backpack": (("torch", "opacus", "backpack"), "bench_per_example.py", "--only", "mlp,cnn"),
+         "kfac-jax": (("kfac_jax",), "bench_kfac_average.py"),
+         "jax-privacy": (("jax_privacy",), "bench_per_example.py", "--only", "mlp")}
+
+
+def section_peers(results):
+    """Which peers are here; each installed set's benchmark, one run, its ratio lines."""
+    import importlib.util
+
+    for label, (modules, script, *args) in PEERS.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            results[f"peer {label}"] = f"not installed ({', '.join(missing)})"
+            continue
+        if DRY["on"]:
+            results[f"peer {label}"] = "installed (not run in a dry run)"
+            continue
+        out = subprocess.run([sys.executable, os.path.join(HERE, script), "--runs", "1", *args], capture_output=True,
+                             text=True, timeout=1800, cwd=HERE)
+        results[f"peer {label}"] = {"rc": out.returncode, "ratios": [line.strip() for line in out.stdout.splitlines()
+                                                                     if "/" in line and ":" in line][-40:]}
+
+
 SECTIONS = {"engine": section_engine, "sharded": section_sharded, "fit": section_fit, "speed": section_speed,
-            "diagnostics": section_diagnostics, "check": section_check}
+            "diagnostics": section_diagnostics, "steps": section_steps, "check": section_check, "peers": section_peers}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default=",".join(SECTIONS))
+    parser.add_argument("--dry-run", action="store_true", help="every section at the smallest sizes (on a CPU)")
     args = parser.parse_args(argv)
+    DRY["on"] = args.dry_run
     results = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-               "kind": jax.devices()[0].device_kind}
+               "kind": jax.devices()[0].device_kind, "dry run": args.dry_run}
     print(json.dumps(results), flush=True)
     for name in args.only.split(","):
         start, before = time.perf_counter(), set(results)
