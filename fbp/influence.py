@@ -9,7 +9,9 @@ Grosse et al.'s sign convention, 2023) is
 the first-order decrease of the test loss when ``z_n`` is upweighted (``−I`` is Koh & Liang's
 ``I_{up,loss}``): positive = the example supports the prediction. ``H`` is the curvature of the
 *mean* training loss — the GGN (``method="exact"``: dense; ``"kfac"``, ``"ekfac"``, ``"diag"``:
-``fbp.laplace.structures``, all from fbp's one backward pass) — and ``λ`` a damping
+``fbp.laplace.structures``, all from fbp's one backward pass) or the Hessian itself
+(``"hessian"``: dense, from the layers' second-order rules; indefinite, so a damping that leaves
+``H + λI`` indefinite is refused — ``fbp.influence_hessian``) — and ``λ`` a damping
 (default ``0.1 ×`` the mean eigenvalue of the structure, as Grosse et al.).
 
 * **Self-influence** ``I(z_n, z_n)`` ranks training examples by how much their own loss depends
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp import checkpoint
+from fbp import checkpoint, influence_hessian
 from fbp.core import Layer, Loss
 from fbp.laplace.fitting import _chunks, _slices, curvature_of
 from fbp.laplace.posterior import likelihood_of
@@ -45,7 +47,7 @@ from fbp.per_example import grads as per_example_grads
 from fbp.subspace import subspace
 from fbp.validation import typed_arguments
 
-METHODS = ("exact", "kfac", "ekfac", "diag", "gradient", "cosine")
+METHODS = ("exact", "hessian", "kfac", "ekfac", "diag", "gradient", "cosine")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,10 +193,15 @@ def fit(model: Layer, loss: Loss, params, x, y, *, method: str = "ekfac", dampin
         return Influence(model, loss, x, y, space, (Term(params, 1.0, normalise=method == "cosine"),), batch_size,
                          state)
     likelihood_of(loss)
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    if method == "hessian":  # dense, indefinite: fbp.influence_hessian
+        h = influence_hessian.hessian_of(model, loss, params, x, y, space=space, state=state, batch_size=batch_size)
+        lam = influence_hessian.default_damping(h, n) if damping is None else damping
+        influence_hessian.require_definite(h, n, lam)
+        return Influence(model, loss, x, y, space, (Term(params, 1.0, h, 1.0 / n, lam),), batch_size, state)
     structure = "full" if method == "exact" else method
     h, _, _ = curvature_of(model, loss, params, x, y, structure=structure, space=space, state=state,
                            batch_size=batch_size, approximation=approximation)
-    n = jax.tree_util.tree_leaves(x)[0].shape[0]
     lam = 0.1 * h.mean_eigenvalue() / n if damping is None else damping
     return Influence(model, loss, x, y, space, (Term(params, 1.0, h, 1.0 / n, lam),), batch_size, state)
 

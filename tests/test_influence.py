@@ -36,6 +36,33 @@ def test_exact_influence_equals_the_dense_inverse(kind):
         np.testing.assert_allclose(inf.self_influence(), own, rtol=1e-7, atol=1e-9 * np.abs(own).max())
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hessian_influence_equals_the_dense_hessian_inverse_and_refuses_an_indefinite_one(kind):
+    """``method="hessian"``: the Hessian from the second-order rules against ``jax.hessian``
+    (``_dense_reference``), at untrained params where it is indefinite: a damping above
+    ``−λ_min`` equals the dense inverse; one below it is refused; the default is raised past it."""
+    model, params, state, x, y = case(kind, batch=10)
+    xt, yt = x[:3] * 0.5, y[:3]
+    ggn, hess = dense(model, params, state, x, y, LOSS)
+    lowest = float(np.linalg.eigvalsh(hess)[0])
+    assert lowest < 0  # the case this method exists for
+    lam = -lowest + 0.05
+    inf = influence.fit(model, LOSS, params, x, y, method="hessian", damping=lam, state=state, batch_size=4)
+    train = per_example_grads(model, params, state, x, y, LOSS)
+    test = per_example_grads(model, params, state, xt, yt, LOSS)
+    inverse = np.linalg.inv(hess + lam * np.eye(len(hess)))
+    scores = test @ inverse @ train.T
+    np.testing.assert_allclose(inf.scores(xt, yt), scores, rtol=1e-7, atol=1e-9 * np.abs(scores).max())
+    np.testing.assert_allclose(inf.self_influence(), np.einsum("np,pq,nq->n", train, inverse, train), rtol=1e-7)
+    wrong = np.linalg.inv(ggn + lam * np.eye(len(hess)))  # the GGN in the Hessian's place is caught
+    assert not np.allclose(inf.scores(xt, yt), test @ wrong @ train.T, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"not positive definite .* pass damping > "):
+        influence.fit(model, LOSS, params, x, y, method="hessian", damping=-lowest / 2, state=state)
+    with pytest.warns(UserWarning, match="would leave H \\+ λI indefinite"):
+        chosen = influence.fit(model, LOSS, params, x, y, method="hessian", state=state).terms[0].damping
+    assert chosen >= -2 * lowest * 0.999
+
+
 @pytest.fixture(scope="module")
 def mlp():
     model = nn.Serial(nn.Dense(6), nn.Tanh(), nn.Dense(3))
