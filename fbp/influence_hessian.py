@@ -105,7 +105,7 @@ def default_damping(h: Signed, n: int) -> float:
         warnings.warn(f"fbp.influence.fit(method='hessian'): the mean loss's Hessian has the eigenvalue {lowest:.3g}; "
                       f"the default damping 0.1 × mean |eigenvalue| = {lam:.3g} would leave H + λI indefinite, so λ = "
                       f"{-2 * lowest:.3g} (twice its size) is used. Pass damping= to choose", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # the caller of influence.fit (through typed_arguments)
         lam = -2 * lowest
     return lam
 

@@ -166,5 +166,5 @@ def test_influence_digits_finds_the_flipped_labels():
     assert result.returncode == 0, result.stderr
     found = {line[:22].strip(): float(line[22:].split()[0]) for line in result.stdout.splitlines()[2:]
              if line.strip()}
-    assert set(found) >= {"exact", "kfac", "ekfac", "diag", "gradient", "training loss"}
+    assert set(found) >= {"exact", "hessian", "kfac", "ekfac", "diag", "gradient", "training loss"}
     assert all(v >= 0.5 for v in found.values()), found  # random ranking: 0.1
