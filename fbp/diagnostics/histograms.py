@@ -9,7 +9,9 @@ per-example elements number at most ``max_exact`` is counted exactly (its per-ex
 gradients materialised, as BackPACK's BatchGrad under Cockpit). A larger Dense-like weight is
 *sampled*: ``samples`` elements ``(b, i, j)`` drawn uniformly, each ``Σ_t x_bti g_btj`` from
 the layer's inputs and output cotangents (``Positions.sample``: ``samples × T`` products, no
-per-example gradient), counted with weight ``B·P_leaf / samples`` — an unbiased estimate of the
+per-example gradient) — or, where the norms materialise that layer's per-example gradients
+anyway (``fbp.probes.project``), drawn from them — counted with weight ``B·P_leaf / samples``
+— an unbiased estimate of the
 histogram, whose relative error in a bin holding a fraction ``q`` of the elements is about
 ``sqrt((1 − q)/(q · samples))``. Biases and other small parameters are always exact. So the
 counts always total ``B × P`` (exactly for the exact leaves, in expectation for the sampled ones).
@@ -74,6 +76,8 @@ def elements(kept, params, key, samples: int, max_exact: int) -> list:
     groups, out = kept["groups"], exact(kept["rest"])
     batch = groups[0].g.shape[0] if groups else 0
     size = sum(a.size for a in jax.tree_util.tree_leaves(params))
+    if "per" in kept and batch * size > max_exact:  # materialised for the norms: draw from them, not from (x, g)
+        return _drawn(kept["per"], params, key, samples)
     for n, group in enumerate(groups):
         if batch * size <= max_exact:
             out += exact(group.grads())
@@ -83,6 +87,21 @@ def elements(kept, params, key, samples: int, max_exact: int) -> list:
             out.append((values, matrix[rows, cols], weight))
         if group.bias is not None:
             out += exact({group.bias: group.g.sum(axis=1)})
+    return out
+
+
+def _drawn(per, params, key, samples: int) -> list:
+    """``samples`` uniform draws ``(b, i)`` from each materialised per-example kernel (biases
+    and other 1-D leaves exact), weighted ``B·P_leaf / samples`` as ``Positions.sample``'s."""
+    out = []
+    for n, (v, p) in enumerate(zip(jax.tree_util.tree_leaves(per), jax.tree_util.tree_leaves(params), strict=True)):
+        if p.ndim < 2:
+            out.append((v, jnp.broadcast_to(p, v.shape), 1.0))
+            continue
+        keys = jax.random.split(jax.random.fold_in(key, n), 2)
+        ex = jax.random.randint(keys[0], (samples,), 0, v.shape[0])
+        at = jax.random.randint(keys[1], (samples,), 0, p.size)
+        out.append((v.reshape(v.shape[0], -1)[ex, at], p.reshape(-1)[at], v.shape[0] * p.size / samples))
     return out
 
 
