@@ -147,13 +147,6 @@ def _is_key(leaf) -> bool:
     return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def _storable(a: np.ndarray) -> np.ndarray:
-    """``a`` as a dtype NumPy writes natively (bfloat16 etc. as same-width unsigned ints)."""
-    if a.dtype.kind in "biufc" and type(a.dtype).__module__ == "numpy":
-        return a
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
 def _manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's canonical JSON without its own digest (so a flipped byte in the
     structure, a step number or a plain value is caught like one in the arrays)."""
@@ -278,7 +271,7 @@ def save(directory, tree: Any, step: int, *, keep: int | None = 3) -> str:
     arrays = {}
     for i, (entry, data) in enumerate(zip(entries, leaves, strict=True)):
         if data is not None:
-            arrays[f"a{i}"] = _storable(np.asarray(data))
+            arrays[f"a{i}"] = checkpoint_io.storable(np.asarray(data))
             entry["name"] = f"a{i}"
     tmp = tempfile.mkdtemp(prefix=f".tmp-step_{int(step):08d}-", dir=directory)
     try:

@@ -38,6 +38,21 @@ ZIP64_AT = _FULL32  # sizes and offsets from here on take zip64 fields (a test l
 _DATE = (0, 33)  # 1980-01-01 00:00: the zip epoch (the files' times are the directory's)
 
 
+def storable(a: np.ndarray) -> np.ndarray:
+    """``a`` as a dtype NumPy writes natively (bfloat16 etc. viewed as same-width unsigned ints;
+    the manifest keeps the real dtype).
+
+    Args:
+        a: the array.
+
+    Returns:
+        ``a`` or a view of it.
+    """
+    if a.dtype.kind in "biufc" and type(a.dtype).__module__ == "numpy":
+        return a
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
 def write_npz(f, arrays: dict[str, np.ndarray]) -> str:
     """Write ``arrays`` to the open binary file ``f`` as an uncompressed ``.npz`` (zip64 where
     a size or offset needs it) and return the SHA-256 of every byte written.

@@ -112,7 +112,7 @@ def save(directory: str, entries: list[dict], leaves: list, step: int, commit) -
             continue
         for k, (data, index) in enumerate(_pieces(leaf, i)):
             member = f"a{i}_{k}"
-            arrays[member] = _storable(data)
+            arrays[member] = checkpoint_io.storable(data)
             listed.append({"leaf": i, "name": member, "index": index})
     with open(os.path.join(tmp, name + ".npz"), "wb") as f:
         digest = checkpoint_io.write_npz(f, arrays)
@@ -142,12 +142,6 @@ def save(directory: str, entries: list[dict], leaves: list, step: int, commit) -
         final = commit(tmp, {"leaves": entries, "sha256": files, "processes": count})
     _sync(f"step {step}: committed")
     return final or os.path.join(directory, f"step_{int(step):08d}")
-
-
-def _storable(a: np.ndarray) -> np.ndarray:
-    from fbp.checkpoint import _storable as storable  # one definition of the stored dtypes
-
-    return storable(a)
 
 
 def _require_cover(entry: dict) -> None:

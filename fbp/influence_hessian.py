@@ -9,9 +9,10 @@ layers (``layers=``).
 Unlike the GGN, the Hessian is **indefinite** away from a minimum — and at a trained network's
 "minimum" of a non-convex loss its smallest eigenvalues are often slightly negative. Koh &
 Liang (2017, §3) damp it, ``(H/N + λI)⁻¹``; that inverse is an influence only when
-``H/N + λI`` is positive definite, i.e. ``λ > −λ_min(H)/N``. ``Signed`` keeps the negative
-eigenvalues (no clamping: the GGN's ``Dense`` clamps rounding's), and ``require_definite``
-refuses a damping that leaves ``H/N + λI`` indefinite, naming the smallest one that would do.
+``H/N + λI`` is positive definite, i.e. ``λ > −λ_min(H)/N``. The negative eigenvalues are kept
+(a ``fbp.laplace.structures.Dense`` built from them directly: ``Dense.of`` would clamp them,
+as it clamps a GGN's rounding), and ``require_definite`` refuses a damping that leaves
+``H/N + λI`` indefinite, naming the smallest one that would do.
 The default damping is ``0.1 ×`` the mean *absolute* eigenvalue (the GGN methods' rule on
 ``|λ|``), raised to ``2 × (−λ_min)`` where that is larger, with a warning that says so.
 """
@@ -27,29 +28,10 @@ import jax.numpy as jnp
 
 from fbp.core import Layer, Loss
 from fbp.laplace.fitting import _chunks, _slices
+from fbp.laplace.structures import Dense
 from fbp.second_order import hessian_vector_product
 
 COLUMNS_PER_MAP = 64  # Hessian columns computed at once (memory: that many passes' tangents)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Signed:
-    """``H = U diag(λ) Uᵀ`` with its negative eigenvalues kept (``solve`` as the GGN's ``Dense``).
-
-    Attributes:
-        values: ``λ``, ascending, ``(dim,)``.
-        vectors: ``U``, ``(dim, dim)``.
-    """
-
-    values: jax.Array
-    vectors: jax.Array
-
-    def mean_eigenvalue(self):
-        return jnp.mean(jnp.abs(self.values))
-
-    def solve(self, v, s, delta):
-        return self.vectors @ ((self.vectors.T @ v) / (s * self.values + delta))
 
 
 @functools.lru_cache(maxsize=32)
@@ -67,7 +49,7 @@ def _batch_function(model: Layer, loss_sum: Loss, space, has_state: bool):
     return jax.jit(run)
 
 
-def hessian_of(model: Layer, loss: Loss, params, x, y, *, space, state=None, batch_size: int = 256) -> Signed:
+def hessian_of(model: Layer, loss: Loss, params, x, y, *, space, state=None, batch_size: int = 256) -> Dense:
     """The Hessian of the summed loss over ``(x, y)`` in ``space``'s coordinates (module docstring).
 
     Args:
@@ -81,16 +63,17 @@ def hessian_of(model: Layer, loss: Loss, params, x, y, *, space, state=None, bat
         batch_size: examples per compiled batch.
 
     Returns:
-        The ``Signed`` eigendecomposition (of the symmetrised matrix).
+        Its eigendecomposition (of the symmetrised matrix), negative eigenvalues kept, as a
+        ``fbp.laplace.structures.Dense`` (whose ``solve`` is ``(s H + λI)⁻¹ v``).
     """
     run = _batch_function(model, dataclasses.replace(loss, reduction="sum"), space, state is not None)
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     total = sum(run(params, state, _slices(x, lo, hi), _slices(y, lo, hi)) for lo, hi in _chunks(n, batch_size))
     values, vectors = jnp.linalg.eigh((total + total.T) / 2)
-    return Signed(values, vectors)
+    return Dense(values, vectors)
 
 
-def default_damping(h: Signed, n: int) -> float:
+def default_damping(h: Dense, n: int) -> float:
     """``0.1 ×`` the mean ``|λ|`` of ``H/N``, raised to ``2 × (−λ_min/N)`` when that is larger (warned).
 
     Args:
@@ -100,7 +83,7 @@ def default_damping(h: Signed, n: int) -> float:
     Returns:
         ``λ``.
     """
-    lam, lowest = 0.1 * float(h.mean_eigenvalue()) / n, float(h.values[0]) / n
+    lam, lowest = 0.1 * float(jnp.mean(jnp.abs(h.values))) / n, float(h.values[0]) / n
     if lam <= -lowest:
         warnings.warn(f"fbp.influence.fit(method='hessian'): the mean loss's Hessian has the eigenvalue {lowest:.3g}; "
                       f"the default damping 0.1 × mean |eigenvalue| = {lam:.3g} would leave H + λI indefinite, so λ = "
@@ -110,7 +93,7 @@ def default_damping(h: Signed, n: int) -> float:
     return lam
 
 
-def require_definite(h: Signed, n: int, damping: float) -> None:
+def require_definite(h: Dense, n: int, damping: float) -> None:
     """Refuse a damping that leaves ``H/N + λI`` indefinite (module docstring).
 
     Args:

@@ -114,11 +114,11 @@ class _PerExample(Wrapper):
             linear = {"x": x, "d_y": d_y} if self.layer.linear_in_params else {}
             if found is not None:  # (the positions serve sampled histograms; XLA drops what nothing reads)
                 kept = {"groups": found[0], "rest": found[1]} | linear
-                if any(g.length > 1 and not g.ghost_is_cheaper(with_grads=False) for g in found[0]):
+                if any(g.materialises_norms(with_grads=False) for g in found[0]):
                     # the norms materialise these per-example gradients (the same ops: XLA computes
                     # them once), so a projection is a dot, not one more forward of the layer
                     self.choices[self.path] = "dots with the materialised per-example gradients"
-                    kept["per"] = assemble(d_params, {k: v for g in found[0] for k, v in g.grads().items()} | found[1])
+                    kept["per"] = _grads_of(d_params, *found)
                 return kept
             own = getattr(self.layer, "per_example_grads", None)  # (histograms read them; unread, XLA drops them)
             return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)} \
@@ -143,7 +143,7 @@ class _PerExample(Wrapper):
                             {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()})
         if self.mode == "grads":
             self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
-            return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
+            return _grads_of(d_params, groups, rest)
         found = [g.sq_norms(with_grads=self.mode == "clip") for g in groups]
         self.choices[self.path] = ", ".join(dict.fromkeys(how for _, how, _ in found)) or \
             "materialised (the layer's per-example rule)"
@@ -163,6 +163,12 @@ class _PerExample(Wrapper):
             return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         self.choices[self.path] = f"materialised ({how})"
         return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
+
+
+def _grads_of(d_params, groups, rest):
+    """The layer's per-example gradients, shaped like its params: its groups' outer products
+    over positions, and the rest as its rule gave them."""
+    return assemble(d_params, {k: v for g in groups for k, v in g.grads().items()} | rest)
 
 
 def _at(tree, key):

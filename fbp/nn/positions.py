@@ -63,6 +63,11 @@ class Positions(NamedTuple):
         t, n_out = self.length, self.g.shape[-1]
         return t * t * (self.fan_in + n_out) < (1 if with_grads else 2) * t * self.fan_in * n_out
 
+    def materialises_norms(self, with_grads: bool = True) -> bool:
+        """Whether ``sq_norms`` materialises the per-example gradients (several positions, and
+        the ghost norm not cheaper)."""
+        return self.length > 1 and not self.ghost_is_cheaper(with_grads)
+
     def _part_grads(self) -> list:
         """``[(key, [(B, n_k, n_out) per part], shape)]``: per-example gradients, one part at a time."""
         return [(key, [jnp.einsum("bti,btj->bij", part, self.g) for part in parts], shape)
@@ -88,7 +93,7 @@ class Positions(NamedTuple):
         if self.length == 1:
             x_sq = sum(jnp.sum(jnp.square(part[:, 0]), 1) for part in parts)
             return x_sq * jnp.sum(jnp.square(self.g[:, 0]), 1) + self.bias_sq_norm(), "norms ‖x‖‖g‖", None
-        if self.ghost_is_cheaper(with_grads):
+        if not self.materialises_norms(with_grads):
             x_gram = sum(jnp.einsum("bti,bsi->bts", part, part) for part in parts)
             gram = x_gram * jnp.einsum("btj,bsj->bts", self.g, self.g)
             return jnp.sum(gram, axis=(1, 2)) + self.bias_sq_norm(), f"ghost norm (T={self.length})", None
