@@ -3,8 +3,9 @@
 10 % of the digits training labels are flipped to another class at random; the MLP is trained
 on them (SGD, the params saved after every epoch for TracIn); then every training example is
 ranked by its self-influence ``∇ℓ_nᵀ (H + λI)⁻¹ ∇ℓ_n`` under each method — exact (the dense
-GGN), the dense Hessian (indefinite even here: its default damping is raised, with a warning), K-FAC, EK-FAC, the GGN diagonal, TracIn over the saved checkpoints, and the plain squared
-gradient norm — and by the training loss itself. For each it prints the fraction of the flipped
+GGN), the dense Hessian (indefinite even here: its default damping is raised, with a
+warning), K-FAC, EK-FAC, the GGN diagonal, TracIn over the saved checkpoints, and the plain
+squared gradient norm — and by the training loss itself. For each it prints the fraction of the flipped
 examples found in the top 10 % of the ranking (random: 10 %) and the time it took.
 
 Run: ``python examples/influence_digits.py [--epochs 30] [--seed 0]``. Prints::

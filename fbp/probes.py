@@ -21,7 +21,7 @@ from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_
 from fbp.linear_pass import tangent
 from fbp.nn.positions import assemble, sq_norm
 
-MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce", "project")
+MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce", "project", "positions")
 
 
 def _has_params(params) -> bool:
@@ -123,6 +123,13 @@ class _PerExample(Wrapper):
             own = getattr(self.layer, "per_example_grads", None)  # (histograms read them; unread, XLA drops them)
             return {"per": own(inner, d_y) if callable(own) else _fallback_grads(self.layer, params, x, d_y, context)} \
                 | linear
+        if self.mode == "positions":  # the layer's (X, G) as arrays, their layout in choices (fbp.laplace.variances)
+            if found is None:
+                self.choices[self.path] = None
+                return {"per": self._materialised(inner, params, x, d_y, context, record=False)}
+            self.choices[self.path] = [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in found[0]]
+            return {"parts": [[list(parts) for _, parts, _ in g.kernels] for g in found[0]],
+                    "g": [g.g for g in found[0]], "rest": found[1]}
         if found is not None:
             return self._positions(d_params, *found)
         own_norms = getattr(self.layer, "per_example_sq_norms", None)
@@ -152,12 +159,14 @@ class _PerExample(Wrapper):
             return {"sq": sq, "groups": groups, "per": [per for _, _, per in found], "rest": rest}
         return sq
 
-    def _materialised(self, inner, params, x, d_y, context):
+    def _materialised(self, inner, params, x, d_y, context, record=True):
         own = getattr(self.layer, "per_example_grads", None)
         if callable(own):
             per, how = own(inner, d_y), "the layer's per_example_grads"
         else:
             per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
+        if not record:
+            return per
         if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
             self.choices[self.path] = [] if self.mode.startswith("kfac") else how
             return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))

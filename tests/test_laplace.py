@@ -51,6 +51,15 @@ def test_structures_and_marginal_likelihood_equal_dense_references(kind):
                                        rtol=1e-8)
         np.testing.assert_allclose(float(la.log_marginal_likelihood()),
                                    marglik(loglik, h + DELTA * eye, np.full(theta.size, DELTA), theta), rtol=1e-9)
+        if structure != "full":  # the probit predictive from the layers' inputs and cotangents (fbp.laplace.variances)
+            np.testing.assert_allclose(la.predict(x[:3]), probit_reference(model, params, state, x[:3], h), rtol=1e-9)
+
+
+def probit_reference(model, params, state, x, h, prior=DELTA):
+    """``softmax(f / sqrt(1 + π/8 · diag(J (H + δ)⁻¹ Jᵀ)))`` with dense autodiff Jacobians."""
+    jac = jacobians(model, params, state, x)
+    var = np.einsum("bcp,pq,bcq->bc", jac, np.linalg.inv(h + np.diag(np.broadcast_to(prior, len(h)))), jac)
+    return jax.nn.softmax(np.asarray(model.apply(params, x, state=state)) / np.sqrt(1 + math.pi / 8 * var))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +131,40 @@ def test_predictive_equals_the_linearised_formulas(mlp):
         np.testing.assert_allclose(np.cov(np.asarray(sampled).T), want, atol=0.03 * np.abs(want).max())
     nn_probs = la.predict(xt, pred_type="nn", samples=4000, key=jax.random.key(5))
     np.testing.assert_allclose(nn_probs.sum(1), 1, rtol=1e-9)
+
+
+def test_variances_without_jacobians_under_every_option(mlp, monkeypatch):
+    """EK-FAC, one layer only, a prior per layer, separate bias blocks, K-FAC's "reduce" — the
+    probit predictive against the dense formula; and the validation-NLL tuning's prepared
+    squares against ``nll`` itself. Each route is shown to catch a planted error."""
+    model, params, x, y = mlp
+    ggn, _ = dense(model, params, None, x, y, SUM)
+    xt = x[:4] + 0.2
+    for options in ({"structure": "ekfac"}, {"structure": "kfac", "separate_bias": True},
+                    {"structure": "kfac", "approximation": "reduce"}, {"structure": "diag", "layers": ["2"]}):
+        la = laplace.fit(model, LOSS, params, x, y, prior_precision=DELTA, **options)
+        h = np.diag(np.diag(ggn)) if options["structure"] == "diag" else kronecker_dense(la.hessian, params)
+        if "layers" in options:  # the first layer is fixed: no variance, as if its prior were infinite
+            first = np.setdiff1d(np.arange(len(h)), la.space.indices)
+            h[first, first] = 1e300
+        np.testing.assert_allclose(la.predict(xt), probit_reference(model, params, None, xt, h), rtol=1e-9,
+                                   err_msg=str(options))
+    la = laplace.fit(model, LOSS, params, x, y, structure="kfac")
+    layered = la._replace(prior_precision=jnp.asarray([0.3, 3.0]))
+    prior = np.repeat([0.3, 3.0], [sum(a.size for a in jax.tree_util.tree_leaves(params[0])),
+                                   sum(a.size for a in jax.tree_util.tree_leaves(params[2]))])
+    np.testing.assert_allclose(layered.predict(xt), probit_reference(model, params, None, xt,
+                                                                     kronecker_dense(la.hessian, params), prior),
+                               rtol=1e-9)
+    score = la._nll_scorer(xt, y[:4])
+    for d in (0.05, 2.0):
+        assert score(d) == pytest.approx(float(la._replace(prior_precision=jnp.asarray(d)).nll(xt, y[:4])), rel=1e-12)
+    from fbp.laplace import variances  # planted: a Kronecker block's inputs left unrotated
+    rows = variances._block_rows
+    monkeypatch.setattr(variances, "_block_rows", lambda *a: [jnp.concatenate(rows(*a), -1)[..., ::-1]])
+    wrong = laplace.fit(model, LOSS, params, x, y, structure="kfac", prior_precision=DELTA)
+    assert np.abs(wrong.predict(xt) - probit_reference(model, params, None, xt,
+                                                       kronecker_dense(wrong.hessian, params))).max() > 1e-6
 
 
 def test_the_prior_maximises_the_marginal_likelihood(mlp):

@@ -41,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fbp.core import InputError, run_forward
+from fbp.laplace.variances import evaluate, prepare, variances
 from fbp.per_example import backward_columns
 from fbp.walk import map_leaf_params
 
@@ -222,27 +223,43 @@ class Laplace:
         return self._replace(prior_precision=jnp.asarray(best, self.mean.dtype))
 
     def _nll_scorer(self, x_val, y_val, **predict_options):
-        """``δ -> validation NLL``; for the linearised probit predictive the validation
-        Jacobians are rotated into ``H``'s eigenbasis once, so each ``δ`` costs one weighted sum."""
+        """``δ -> validation NLL``; for the linearised probit predictive what the variances
+        need is computed once (``_variance_parts``), so each ``δ`` costs one weighing of it."""
         if predict_options.get("pred_type", "glm") != "glm" or predict_options.get("link", "probit") != "probit" \
                 or not self.hessian.diagonal_in_eigenbasis(jnp.asarray(1.0)):
             return lambda d: float(self._replace(prior_precision=jnp.asarray(d, self.mean.dtype)).nll(
                 x_val, y_val, **predict_options))
         size = predict_options.get("batch_size", 256)
-        rotate = self._compiled("rotate", lambda: jax.jit(
-            lambda x: (lambda f, j: (f, jax.vmap(jax.vmap(self.hessian.spectral))(j)))(*self._jacobians(x))))
+        prepared, weighed = self._variance_parts()
         n = jax.tree_util.tree_leaves(x_val)[0].shape[0]
-        parts = [rotate(jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], x_val)) for lo, hi in _chunks(n, size)]
+        parts = [prepared(jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], x_val))
+                 for lo, hi in _chunks(n, size)]
         f = jnp.concatenate([p[0] for p in parts])
-        rotated = jnp.concatenate([p[1] for p in parts])
-        probs_of = self._compiled("probit from rotated", lambda: jax.jit(lambda f, r, prior, sigma: self._outputs(
-            f, self._whitened_covariance(r, prior, sigma), sigma, "probit", 1, jax.random.key(0))))
 
         def score(d):
-            out = probs_of(f, rotated, jnp.asarray(d, self.mean.dtype), self.sigma_noise)
-            return float(self._nll_of(out, y_val))
+            var = jnp.concatenate([weighed(p[1], jnp.asarray(d, self.mean.dtype), self.sigma_noise) for p in parts])
+            return float(self._nll_of(self._link(f / jnp.sqrt(1 + math.pi / 8 * var)), y_val))
 
         return score
+
+    def _variance_parts(self):
+        """``(prepared, weighed)``, compiled: ``x -> (f(x), parts)`` once, and
+        ``(parts, δ, σ) -> diag Σ_f(x)`` for any ``δ, σ`` — ``fbp.laplace.variances``' squares
+        for a structure with ``variance_weights``, else the Jacobians rotated into ``H``'s
+        eigenbasis and squared, ``diag Σ_f = (Qᵀ J)² · 1/(s λ + δ)``."""
+
+        def build():
+            if hasattr(self.hessian, "variance_weights"):
+                specs: list = []  # filled when prepared is traced
+                return (jax.jit(lambda x: prepare(self.model, self.params, self.state, x, self.hessian, self.space,
+                                                  specs)),
+                        jax.jit(lambda parts, prior, sigma: evaluate(self.model, parts, specs, self.hessian, self.space,
+                                                                     self._scale(sigma), self._delta(prior))))
+            rotated = lambda f, j: (f, jnp.square(jax.vmap(jax.vmap(self.hessian.spectral))(j)))  # noqa: E731
+            return (jax.jit(lambda x: rotated(*self._jacobians(x))),
+                    jax.jit(lambda sq, prior, sigma: sq @ self._eigen_weights(prior, sigma)))
+
+        return self._compiled("variance parts", build)
 
     def _marglik(self, layerwise: bool, sigma: bool) -> Laplace:
         if sigma and self.likelihood != "regression":
@@ -286,14 +303,27 @@ class Laplace:
         pred, jac = self._jacobians(x)
         s, delta = self._scale(sigma), self._delta(prior)
         if self.hessian.diagonal_in_eigenbasis(delta):  # J P⁻¹ Jᵀ = Σ_k (Qᵀ J)_k (Qᵀ J)_kᵀ / (s λ_k + δ_k)
-            return pred, self._whitened_covariance(jax.vmap(jax.vmap(self.hessian.spectral))(jac), prior, sigma)
+            rotated = jax.vmap(jax.vmap(self.hessian.spectral))(jac)
+            return pred, jnp.einsum("bcd,d,bkd->bck", rotated, self._eigen_weights(prior, sigma), rotated)
         solved = jax.vmap(jax.vmap(lambda r: self.hessian.solve(r, s, delta)))(jac)
         return pred, jnp.einsum("bcd,bkd->bck", jac, solved)
 
-    def _whitened_covariance(self, rotated, prior, sigma):
-        """``J P⁻¹ Jᵀ`` from the Jacobians in ``H``'s eigenbasis (``structures``' ``spectral``)."""
-        weight = 1 / (self._scale(sigma) * self.hessian.eigenvalues() + self._delta(prior))
-        return jnp.einsum("bcd,d,bkd->bck", rotated, weight, rotated)
+    def _variances(self, x, prior, sigma):
+        """``(f(x), diag Σ_f(x))``, ``(B, C)`` each: what the probit and the regression
+        predictives read, without the ``C × C`` covariance (``C`` times fewer products)."""
+        s, delta = self._scale(sigma), self._delta(prior)
+        if hasattr(self.hessian, "variance_weights"):
+            return variances(self.model, self.params, self.state, x, self.hessian, self.space, s, delta)
+        pred, jac = self._jacobians(x)
+        if self.hessian.diagonal_in_eigenbasis(delta):  # diag J P⁻¹ Jᵀ = (Qᵀ J)² · 1/(s λ + δ)
+            rotated = jax.vmap(jax.vmap(self.hessian.spectral))(jac)
+            return pred, jnp.square(rotated) @ self._eigen_weights(prior, sigma)
+        solved = jax.vmap(jax.vmap(lambda r: self.hessian.solve(r, s, delta)))(jac)
+        return pred, jnp.sum(jac * solved, axis=-1)
+
+    def _eigen_weights(self, prior, sigma):
+        """``1/(s λ + δ)`` in ``H``'s eigenbasis (``structures``' ``spectral`` layout)."""
+        return 1 / (self._scale(sigma) * self.hessian.eigenvalues() + self._delta(prior))
 
     def functional_covariance(self, x):
         """``(f(x), Σ_f(x))``: outputs ``(B, C)`` and ``J P⁻¹ Jᵀ``, ``(B, C, C)``."""
@@ -337,16 +367,12 @@ class Laplace:
             if self.likelihood == "regression":
                 return outs.mean(0), outs.var(0) + sigma2
             return self._link(outs).mean(0)
-        f, cov = self._covariance(x, prior, sigma)
-        return self._outputs(f, cov, sigma, link, samples, key)
-
-    def _outputs(self, f, cov, sigma, link, samples, key):
-        """The predictive from the linearised model's mean ``f`` and covariance ``cov``."""
-        var = jnp.diagonal(cov, axis1=1, axis2=2)
-        if self.likelihood == "regression":
-            return f, var + sigma ** 2
-        if link == "probit":
+        if self.likelihood == "regression" or link == "probit":  # these read the variances only
+            f, var = self._variances(x, prior, sigma)
+            if self.likelihood == "regression":
+                return f, var + sigma2
             return self._link(f / jnp.sqrt(1 + math.pi / 8 * var))
+        f, cov = self._covariance(x, prior, sigma)
         jitter = 1e-10 * jnp.eye(f.shape[-1], dtype=f.dtype)
         chol = jnp.linalg.cholesky(cov + jitter)
         eps = jax.random.normal(key, (samples, *f.shape), f.dtype)

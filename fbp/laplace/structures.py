@@ -67,6 +67,10 @@ class Diagonal:
     def mean_eigenvalue(self):
         return jnp.mean(self.d)
 
+    def variance_weights(self, s, delta):
+        """``(1/(s d + δ), {})``: ``P⁻¹``'s diagonal and no blocks (``fbp.laplace.variances``)."""
+        return 1 / (s * self.d + delta), {}
+
     def spectral(self, v):
         """``v`` in an eigenbasis of ``H`` (here the identity); ``eigenvalues()`` in the same layout."""
         return v
@@ -211,6 +215,15 @@ class Kronecker:
             out[path] = [qa.T @ block_matrix(src, block) @ qg
                          for block, (qa, qg, _) in zip(self.blocks[path], eig, strict=True)]
         return out
+
+    def variance_weights(self, s, delta):
+        """``P⁻¹`` in the eigenbases, for ``fbp.laplace.variances``: ``1/(s d + δ)`` at the
+        coordinates no block covers (0 at the others), and ``{path: [(block, Q_A, Q_G, 1/(s Λ + δ)), ...]}``."""
+        diag = jnp.where(self.covered > 0, 0, 1 / (s * self.diagonal + delta))
+        blocks = {path: [(block, qa, qg, 1 / (s * lam + self._delta_of(delta, path)))
+                         for block, (qa, qg, lam) in zip(self.blocks[path], eig, strict=True)]
+                  for path, eig in self.eigen.items()}
+        return diag, blocks
 
     def mean_eigenvalue(self):
         total = jnp.sum(self.diagonal)
