@@ -116,7 +116,20 @@ def prepare(model, params, state, x, hessian, space, specs: list):
 
 
 def evaluate(model, arrays, specs, hessian, space, s, delta):
-    """``(B, C)``: ``diag Σ_f`` from ``prepare``'s squares, weighed by ``P⁻¹`` at ``s, δ``."""
+    """``diag Σ_f`` from ``prepare``'s squares, weighed by ``P⁻¹`` at ``s, δ``.
+
+    Args:
+        model: the network.
+        arrays: ``prepare``'s squares.
+        specs: ``prepare``'s ``specs`` (which weights each square takes).
+        hessian: the structure ``prepare`` was given.
+        space: the posterior's ``Subspace``.
+        s: the likelihood's scale.
+        delta: the prior precision (a scalar or one per coordinate).
+
+    Returns:
+        The variances, ``(B, C)``.
+    """
     diag, blocks = hessian.variance_weights(s, delta)
     trees = {}
     map_leaf_params(model, space.embed(diag), lambda path, layer, t: trees.setdefault(path, t))  # 0 outside
@@ -143,8 +156,21 @@ def evaluate(model, arrays, specs, hessian, space, s, delta):
 
 
 def variances(model, params, state, x, hessian, space, s, delta):
-    """``(f(x), diag Σ_f(x))``, ``(B, C)`` each, for a structure with ``variance_weights``
-    (``prepare`` then ``evaluate``; the arguments are theirs)."""
+    """``prepare`` then ``evaluate``: the linearised predictive's outputs and variances.
+
+    Args:
+        model: the network (run in inference mode).
+        params: the MAP params.
+        state: its state, or ``None``.
+        x: the inputs.
+        hessian: a structure with ``variance_weights`` (``Diagonal``, ``Kronecker``).
+        space: the posterior's ``Subspace``.
+        s: the likelihood's scale.
+        delta: the prior precision (a scalar or one per coordinate).
+
+    Returns:
+        ``(f(x), diag Σ_f(x))``, ``(B, C)`` each.
+    """
     specs: list = []
     pred, arrays = prepare(model, params, state, x, hessian, space, specs)
     return pred, evaluate(model, arrays, specs, hessian, space, s, delta)
