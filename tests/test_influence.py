@@ -144,14 +144,16 @@ def test_ekfac_ranks_like_the_exact_influence_on_a_trained_mlp():
         u, state = opt.update(g, state, params)
         return optim.apply_updates(params, u), state
 
-    for _ in range(60):
+    for _ in range(300):  # trained to a loss of 0.006: influence is a statement about the optimum
         params, state = step(params, state)
     xt, yt = jnp.asarray(digits.data[1500:1520] / 16.0), jnp.asarray(digits.target[1500:1520])
     exact = influence.fit(model, LOSS, params, x, y, method="exact", damping=0.1)
     ek = influence.fit(model, LOSS, params, x, y, method="ekfac", damping=0.1)
     own = spearmanr(ek.self_influence(), exact.self_influence()).statistic
     pairs = spearmanr(np.ravel(ek.scores(xt, yt)), np.ravel(exact.scores(xt, yt))).statistic
-    assert own >= 0.99 and pairs >= 0.8, (own, pairs)
+    # issue 29's bar; seeds 0-4 give 0.975-0.988 at this damping (0.70-0.80 at 0.01: the
+    # cross-layer blocks EK-FAC drops weigh more as the damping falls; docs/guides/curvature-uses.md)
+    assert own >= 0.99 and pairs >= 0.9, (own, pairs)
     wrong = dataclasses.replace(ek, x=jnp.roll(x, 1, axis=0))  # planted: inputs and labels misaligned by one
     assert spearmanr(wrong.self_influence(), exact.self_influence()).statistic < 0.5
     assert spearmanr(np.ravel(wrong.scores(xt, yt)), np.ravel(exact.scores(xt, yt))).statistic < 0.5
