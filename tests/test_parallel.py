@@ -9,6 +9,7 @@ import sys
 import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name("_data_parallel_script.py")
+pytestmark = pytest.mark.xdist_group("data parallel script")  # one worker runs the script once
 
 
 @pytest.fixture(scope="module")
