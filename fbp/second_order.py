@@ -23,11 +23,14 @@ the Hessian adds. The term, per family, written beside its backward:
 * Embedding: zero (its backward does not depend on the table);
 * the normalisations (LayerNorm, GroupNorm, BatchNorm with batch or running statistics):
   ``backward_tangent``, through ``x̂`` and ``1/σ`` and the scale's tangent;
+* multi-head attention: ``backward_tangent``, its scores, softmax weights and heads
+  differentiated once more along the tangent; the TransformerBlock: its parts' terms in turn
+  (``second_order`` on each with ``R{d_y} = 0``); positional embeddings: zero;
 * combinators (``Serial``, ``Residual``, ``Parallel``): ``second_order``, their children's in turn.
 
-Layers without a term (attention, recurrent cells, positional embeddings, cotangent maps) are
-refused, naming the layer: their GGN is still available (``fbp.curvature``). Checked against
-the dense autodiff Hessian of the plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
+Layers without a term (recurrent cells, cotangent maps) are refused, naming the layer: their
+GGN is still available (``fbp.curvature``). Checked against the dense autodiff Hessian of the
+plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def second_order(layer: Layer, res, v, t, d_y, r_y):
     if kind == "own":
         s_params, s_x = layer.backward_tangent(res, v, t, d_y)
         r_params = jax.tree_util.tree_map(jnp.add, r_params, s_params)
-        r_x = r_x if s_x is None else r_x + s_x
+        r_x = r_x if s_x is None else jax.tree_util.tree_map(jnp.add, r_x, s_x)  # (d_x, None) with a mask
     elif kind == "elementwise":
         r_x = r_x + (layer.second_derivative(res) * t * d_y).astype(r_x.dtype)
     elif kind == "parameter-free":

@@ -35,6 +35,10 @@ WITH_RULES = {
                           nn.LayerNorm(), nn.Sign(), nn.GradientReversal(2.0), nn.Dense(3), nn.StopGradient(),
                           nn.Round(ste="hardtanh"), nn.Dense(2)), (3, 4, 4, 2)),
     "sequence": (lambda: nn.Serial(nn.Dense(4), nn.Tanh(), nn.LastStep(), nn.Dense(2)), (2, 3, 5)),
+    "attention and transformer": (
+        lambda: nn.Serial(nn.Dense(4), nn.LearnedPositionalEmbedding(6), nn.SinusoidalPositionalEmbedding(),
+                          nn.MultiHeadAttention(num_heads=2, causal=True), nn.TransformerBlock(2, 8), nn.LastStep(),
+                          nn.Dense(3)), (2, 5, 3)),
 }
 
 
@@ -101,10 +105,29 @@ def test_dropout_in_training_uses_the_forwards_mask():
     np.testing.assert_allclose(ours, _reference(model, params, x, v, key=key, train=True), rtol=2e-5, atol=1e-6)
 
 
+def test_attention_with_a_padding_mask_and_no_input_tangent():
+    """``(x, mask)`` inputs (the mask has no tangent), and a first layer whose input tangent is zero."""
+    with jax.enable_x64(True):
+        _masked_attention_against_jvp()
+
+
+def _masked_attention_against_jvp():
+    x = jax.random.normal(KEY, (3, 5, 4), jnp.float64)
+    mask = jnp.array([[True] * 5, [True, True, True, False, False], [False, True, True, True, True]])
+    for layer in (nn.MultiHeadAttention(num_heads=2), nn.TransformerBlock(2, 6, causal=True)):
+        params = layer.init(KEY, (x, mask))
+        v = _direction(params)
+        pred, res = run_forward(layer, params, (x, mask))
+        assert has_tangent(layer)
+        ours = LinearPass(layer, res, pred).tangent(v)
+        desired = jax.jvp(lambda p, layer=layer: layer.apply(p, (x, mask)), (params,), (v,))[1]
+        np.testing.assert_allclose(ours, desired, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(desired))))
+
+
 @pytest.mark.parametrize("model", [nn.Serial(nn.LSTM(4), nn.LastStep(), nn.Dense(2)),
-                                   nn.Serial(nn.Dense(4), nn.MultiHeadAttention(num_heads=2), nn.Dense(2)),
+                                   nn.Serial(nn.Dense(4), nn.SimpleRNN(3), nn.Dense(2)),
                                    nn.Serial(nn.Dense(4), nn.MapCotangent(jnp.negative), nn.Dense(2))],
-                         ids=["lstm", "attention", "cotangent map"])
+                         ids=["lstm", "simple rnn", "cotangent map"])
 def test_a_model_with_a_layer_without_rules_transposes_the_backward(model):
     x = jax.random.normal(KEY, (2, 3, 5))
     params = model.init(KEY, x)

@@ -1,8 +1,9 @@
 """fbp.second_order: Hessian-vector products from the layers' hand-written second-order rules,
 against ``jax.hessian`` of the plain loss (dense, float64 tight, float32 under jit), the
 families ``fbp.check.curvature`` does not reach (softmax and log-softmax inside the network,
-Embedding, transposed and 1-D convolutions, Parallel, Dropout in training), planted errors, and
-the refusal of a layer without a rule."""
+Embedding, transposed and 1-D convolutions, Parallel, Dropout in training, attention, the
+transformer block, positional embeddings), planted errors, and the refusal of a layer without a
+rule."""
 
 import dataclasses
 
@@ -26,6 +27,9 @@ MODELS = {
     "transposed and 1-D convolutions": (nn.Serial(nn.ConvTranspose2D(2, (2, 2), strides=(2, 2)), nn.Tanh(),
                                                   nn.Reshape((-1, 2)), nn.Conv1D(3, (3,), strides=2), nn.Sigmoid(),
                                                   nn.GlobalAvgPool(), nn.Dense(3)), (2, 3, 3, 1), CE),
+    "attention and transformer": (nn.Serial(nn.Dense(4), nn.LearnedPositionalEmbedding(6),
+                                            nn.SinusoidalPositionalEmbedding(), nn.MultiHeadAttention(2, causal=True),
+                                            nn.TransformerBlock(2, 6), nn.LastStep(), nn.Dense(3)), (2, 5, 3), CE),
 }
 
 
@@ -110,9 +114,26 @@ def test_batch_norm_in_both_modes(train):
         np.testing.assert_allclose(ravel_pytree(ours)[0], desired, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("first", [nn.MultiHeadAttention(2, causal=True), nn.TransformerBlock(2, 6, causal=True)],
+                         ids=repr)
+def test_attention_with_a_padding_mask_and_queries_that_see_no_key(first):
+    """``(x, mask)`` inputs; left padding under the causal mask leaves the first queries no key."""
+    with jax.enable_x64(True):
+        model = nn.Serial(first, nn.Flatten(), nn.Dense(3))
+        x = jax.random.normal(KEY, (2, 6, 4), jnp.float64)
+        mask = jnp.array([[False, False, True, True, True, True], [True, True, True, True, False, False]])
+        params = model.init(KEY, (x, mask))
+        y = jnp.array([0, 2])
+        v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.fold_in(KEY, a.size), a.shape, a.dtype),
+                                   params)
+        ours = ravel_pytree(curvature.hessian_vector_product(model, CE)(params, (x, mask), y, v))[0]
+        desired = _dense_hessian_times(model, CE, params, (x, mask), y, v)
+        np.testing.assert_allclose(ours, desired, rtol=1e-10, atol=1e-12 * float(np.max(np.abs(desired))))
+
+
 def test_a_layer_without_a_rule_is_refused_by_name_and_path():
-    model = nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4), nn.MultiHeadAttention(2))), nn.Dense(2))
-    with pytest.raises(fbp.InputError, match=r"MultiHeadAttention.*at path '1/block/1'.*second-order term"):
+    model = nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4), nn.MapCotangent(jnp.negative))), nn.Dense(2))
+    with pytest.raises(fbp.InputError, match=r"MapCotangent.*at path '1/block/1'.*second-order term"):
         curvature.hessian_vector_product(model, CE)
     lstm = nn.Serial(nn.LSTM(3), nn.LastStep(), nn.Dense(2))
     with pytest.raises(fbp.InputError, match=r"LSTM.*at path '0'"):

@@ -16,12 +16,7 @@ from fbp.nn.activations import (
     Softplus,
     Tanh,
 )
-from fbp.nn.attention import (
-    LearnedPositionalEmbedding,
-    MultiHeadAttention,
-    SinusoidalPositionalEmbedding,
-    TransformerBlock,
-)
+from fbp.nn.attention import MultiHeadAttention, TransformerBlock
 from fbp.nn.combinators import Parallel, Residual, Serial
 from fbp.nn.conv import Conv1D, Conv2D, ConvTranspose2D
 from fbp.nn.dense import Dense
@@ -31,6 +26,7 @@ from fbp.nn.function import FunctionLayer, layer
 from fbp.nn.hooks import GradientReversal, MapCotangent, ScaleGradient, StopGradient
 from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
+from fbp.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from fbp.nn.quantize import QuantizeWeights, Round, Sign
 from fbp.nn.recurrent import GRU, LSTM, LastStep, SimpleRNN
 from fbp.nn.remat import Remat

@@ -1,4 +1,5 @@
-"""Attention: multi-head self-attention, a pre-LayerNorm transformer block, positional embeddings.
+"""Attention: multi-head self-attention and a pre-LayerNorm transformer block (positional
+embeddings: ``fbp.nn.positional``).
 
 Self-attention over ``x (B, T, d)`` with ``h`` heads of width ``k = d / h``::
 
@@ -20,17 +21,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fbp.core import InputError, Layer, ParameterFree, check_params, describe, require_floating
+from fbp.core import InputError, Layer, check_params, describe, require_floating
+from fbp.linear_pass import add, tangent
 from fbp.nn import init as initializers
 from fbp.nn.activations import GELU
 from fbp.nn.dense import Dense, bias_grad
 from fbp.nn.norm import LayerNorm
 from fbp.nn.positions import Positions
+from fbp.second_order import second_order
 from fbp.validation import check_fields
 
 _NAMES = ("q", "k", "v", "o")
@@ -57,10 +60,17 @@ def _flat(a):
     return a.reshape(-1, a.shape[-1])
 
 
+def _where_allowed(allowed, a):
+    """``a`` with the scores that were masked out set to 0: a query that may see no key has
+    uniform weights over the masked ones (``S`` is constant there), and no score moves."""
+    return a if allowed is None else jnp.where(allowed, a, 0)
+
+
 class AttentionRes(NamedTuple):
     """What attention's backward keeps: the input, the scaled queries, keys, values (``(B, h, T, k)``),
     the attention weights ``p`` (``(B, h, T, T)``), the heads' merged output ``o``, the scale
-    ``1/√k``, the projection kernels by name, and whether the input carried a padding mask."""
+    ``1/√k``, the projection kernels by name, whether the input carried a padding mask, and
+    which scores were allowed (``_allowed``; ``None`` when all were)."""
 
     x: jax.Array
     q: jax.Array
@@ -71,6 +81,7 @@ class AttentionRes(NamedTuple):
     scale: float
     w: dict
     has_mask: bool
+    allowed: Any = None
 
 
 class TransformerBlockRes(NamedTuple):
@@ -170,7 +181,7 @@ class MultiHeadAttention(Layer):
         o = self._merge(jnp.einsum("bhqj,bhjk->bhqk", p, v))
         y = o @ params["w_o"] + params["b_o"]
         kernels = {n: params[f"w_{n}"] for n in _NAMES}
-        return y, AttentionRes(x, q, k, v, p, o, scale, kernels, isinstance(inputs, tuple))
+        return y, AttentionRes(x, q, k, v, p, o, scale, kernels, isinstance(inputs, tuple), allowed)
 
     def _cotangents(self, res: AttentionRes, d_y):
         """``(d_q, d_k, d_v)``: the cotangents of the three input projections, ``(B, T, d)`` each."""
@@ -178,7 +189,7 @@ class MultiHeadAttention(Layer):
         d_o = self._heads(d_y @ w["o"].T)
         d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
         d_v = jnp.einsum("bhqj,bhqk->bhjk", p, d_o)
-        d_s = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True))
+        d_s = _where_allowed(res.allowed, p * (d_p - (d_p * p).sum(axis=-1, keepdims=True)))
         d_q = jnp.einsum("bhqj,bhjk->bhqk", d_s, k) * scale  # q in the residuals is already scaled
         d_k = jnp.einsum("bhqj,bhqk->bhjk", d_s, q)
         return tuple(self._merge(d) for d in (d_q, d_k, d_v))
@@ -195,6 +206,62 @@ class MultiHeadAttention(Layer):
             d_x = d_x + d2 @ w[name].T
         d_x = d_x.reshape(x.shape)
         return grads, ((d_x, None) if has_mask else d_x)
+
+    def _tangents(self, res: AttentionRes, d_params, d_x):
+        """``(q̇, k̇, v̇, ṗ, ȯ)``: the forward's tangents (``tangent``'s docstring), heads split except ``ȯ``."""
+        x, q, k, v, p, o, scale, w, _, allowed = res
+
+        def projection(name):
+            t = x @ d_params[f"w_{name}"] + d_params[f"b_{name}"]
+            return self._heads(t if d_x is None else t + d_x @ w[name])
+
+        t_q, t_k, t_v = projection("q") * scale, projection("k"), projection("v")
+        t_s = _where_allowed(allowed, jnp.einsum("bhqk,bhjk->bhqj", t_q, k) + jnp.einsum("bhqk,bhjk->bhqj", q, t_k))
+        t_p = p * (t_s - (t_s * p).sum(axis=-1, keepdims=True))
+        t_o = self._merge(jnp.einsum("bhqj,bhjk->bhqk", t_p, v) + jnp.einsum("bhqj,bhjk->bhqk", p, t_v))
+        return t_q, t_k, t_v, t_p, t_o
+
+    def tangent(self, res: AttentionRes, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): with ``ṫ`` a tangent, the projections
+        ``q̇ = (x ẇ_q + ḃ_q + ẋ w_q)/√k`` (likewise ``k̇, v̇``), the scores ``ṡ = q̇ kᵀ + q k̇ᵀ``, the
+        weights ``ṗ = p ⊙ (ṡ − Σ_j p ṡ)`` (softmax's Jacobian; a masked score has ``p = 0`` and no
+        tangent), the heads ``ȯ = ṗ v + p v̇`` and ``ẏ = ȯ w_o + o ẇ_o + ḃ_o``."""
+        d_x = d_x[0] if isinstance(d_x, tuple) else d_x  # (x, mask): the mask has no tangent
+        t_o = self._tangents(res, d_params, d_x)[4]
+        return t_o @ res.w["o"] + res.o @ d_params["w_o"] + d_params["b_o"]
+
+    def backward_tangent(self, res: AttentionRes, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): the derivative of ``backward`` as the forward moves
+        along ``(ẇ, ẋ)`` (``_tangents``), ``d_y`` held. With ``D`` the backward's cotangents
+        (``_cotangents``; heads split):
+
+        * ``Ḋ_o = d_y ẇ_oᵀ``, ``Ḋ_p = Ḋ_o vᵀ + D_o v̇ᵀ``, ``Ḋ_v = ṗᵀ D_o + pᵀ Ḋ_o``;
+        * ``Ḋ_s = ṗ ⊙ (D_p − Σ_j p D_p) + p ⊙ (Ḋ_p − Σ_j (p Ḋ_p + ṗ D_p))``;
+        * ``Ḋ_q = (Ḋ_s k + D_s k̇)/√k``, ``Ḋ_k = Ḋ_sᵀ q + D_sᵀ q̇`` (``q`` scaled);
+        * ``ẇ_o``'s gradient ``ȯᵀ d_y``; ``w_n``'s ``ẋᵀ D_n + xᵀ Ḋ_n``; ``b_n``'s ``Σ Ḋ_n``;
+          ``d_x``'s ``Σ_n Ḋ_n w_nᵀ + D_n ẇ_nᵀ`` (``n`` = q, k, v; ``b_o``'s is zero).
+        """
+        x, q, k, v, p, o, scale, w, has_mask, allowed = res
+        t_x = d_x[0] if isinstance(d_x, tuple) else d_x
+        t_q, t_k, t_v, t_p, t_o = self._tangents(res, d_params, t_x)
+        d_o, r_o = self._heads(d_y @ w["o"].T), self._heads(d_y @ d_params["w_o"].T)
+        d_p = jnp.einsum("bhqk,bhjk->bhqj", d_o, v)
+        r_p = jnp.einsum("bhqk,bhjk->bhqj", r_o, v) + jnp.einsum("bhqk,bhjk->bhqj", d_o, t_v)
+        r_v = jnp.einsum("bhqj,bhqk->bhjk", t_p, d_o) + jnp.einsum("bhqj,bhqk->bhjk", p, r_o)
+        centred = d_p - (d_p * p).sum(axis=-1, keepdims=True)
+        d_s = _where_allowed(allowed, p * centred)
+        r_s = _where_allowed(allowed, t_p * centred + p * (r_p - (r_p * p + d_p * t_p).sum(axis=-1, keepdims=True)))
+        r_q = (jnp.einsum("bhqj,bhjk->bhqk", r_s, k) + jnp.einsum("bhqj,bhjk->bhqk", d_s, t_k)) * scale
+        r_k = jnp.einsum("bhqj,bhqk->bhjk", r_s, q) + jnp.einsum("bhqj,bhqk->bhjk", d_s, t_q)
+        grads = {"w_o": _flat(t_o).T @ _flat(d_y), "b_o": jnp.zeros_like(d_params["b_o"])}
+        s_x = 0
+        for name, d, r in zip("qkv", self._cotangents(res, d_y), (r_q, r_k, r_v), strict=True):
+            d2, r2 = _flat(d), _flat(self._merge(r))
+            grads[f"w_{name}"] = _flat(x).T @ r2 if t_x is None else _flat(x).T @ r2 + _flat(t_x).T @ d2
+            grads[f"b_{name}"] = bias_grad(r2)
+            s_x = s_x + r2 @ w[name].T + d2 @ d_params[f"w_{name}"].T
+        s_x = s_x.reshape(x.shape)
+        return grads, ((s_x, None) if has_mask else s_x)
 
     def per_example_positions(self, res, d_y):
         """Per-example rule (``fbp.nn.positions``): each projection is used at every token —
@@ -276,6 +343,42 @@ class TransformerBlock(Layer):
         d_x = d_h + back("ln1", r_ln1, g)
         return grads, ((d_x, None) if has_mask else d_x), seen
 
+    def tangent(self, res, d_params, d_x):
+        """Forward mode (``fbp.linear_pass``): its parts' tangent rules in the forward's order,
+        each skip adding its input's tangent."""
+        r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
+        parts = self._parts(d)
+        d_x = d_x[0] if isinstance(d_x, tuple) else d_x
+        t = tangent(parts["ln1"], r_ln1, d_params["ln1"], d_x)
+        t_h = add(d_x, tangent(parts["attention"], r_att, d_params["attention"], t))
+        t = tangent(parts["ln2"], r_ln2, d_params["ln2"], t_h)
+        t = tangent(parts["mlp_in"], r_in, d_params["mlp_in"], t)
+        t = tangent(parts["gelu"], r_gelu, {}, t)
+        return add(t_h, tangent(parts["mlp_out"], r_out, d_params["mlp_out"], t))
+
+    def backward_tangent(self, res, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): its parts' terms in turn — the parts' input
+        tangents first to last, then their R-backward last to first with ``R{d_y} = 0`` (the
+        block's backward is linear in its cotangent, so that leaves the second-order terms only)."""
+        r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
+        parts, v = self._parts(d), d_params
+        t_x = d_x[0] if isinstance(d_x, tuple) else d_x
+        t_att = tangent(parts["ln1"], r_ln1, v["ln1"], t_x)
+        t_h = add(t_x, tangent(parts["attention"], r_att, v["attention"], t_att))
+        t_in = tangent(parts["ln2"], r_ln2, v["ln2"], t_h)
+        t_gelu = tangent(parts["mlp_in"], r_in, v["mlp_in"], t_in)
+        t_out = tangent(parts["gelu"], r_gelu, {}, t_gelu)
+        out = {}
+        out["mlp_out"], g, r = second_order(parts["mlp_out"], r_out, v["mlp_out"], t_out, d_y, jnp.zeros_like(d_y))
+        _, g, r = second_order(parts["gelu"], r_gelu, {}, t_gelu, g, r)
+        out["mlp_in"], g, r = second_order(parts["mlp_in"], r_in, v["mlp_in"], t_in, g, r)
+        out["ln2"], g, r_h = second_order(parts["ln2"], r_ln2, v["ln2"], t_h, g, r)
+        out["attention"], g, r = second_order(parts["attention"], r_att, v["attention"], t_att, d_y + g, r_h)
+        if has_mask:
+            g, r = g[0], r[0]
+        out["ln1"], _, r = second_order(parts["ln1"], r_ln1, v["ln1"], t_x, g, r)
+        return out, ((r_h + r, None) if has_mask else r_h + r)
+
     def per_example_positions(self, res, d_y):
         """Per-example rule (``fbp.nn.positions``): its parts' own, keys under the part's name."""
         groups, rest = [], {}
@@ -285,80 +388,3 @@ class TransformerBlock(Layer):
                                  None if grp.bias is None else (name, *grp.bias)) for grp in part_groups]
             rest.update({(name, *key): value for key, value in part_rest.items()})
         return groups, rest
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnedPositionalEmbedding(Layer):
-    """``y[:, t] = x[:, t] + P[t]`` with a learned table ``P (max_len, d)``;
-    ``d_P[t] = Σ_batch d_y[:, t]`` for ``t < T``, ``d_x = d_y``.
-
-    Args:
-        max_len: the longest sequence the table covers.
-        embedding_init: initializer of the table (default N(0, 0.02²)).
-
-    Shapes:
-        ``x (B, T, d) -> y (B, T, d)`` with ``T <= max_len``; params ``{"table": (max_len, d)}``.
-    """
-    independent_examples = True  # each example's output and input cotangent are its own
-
-    max_len: int
-    embedding_init: Callable = initializers.normal(0.02)
-
-    def init(self, key, x):
-        require_floating(repr(self), x)
-        return {"table": self.embedding_init(key, (self.max_len, x.shape[-1]), x.dtype)}
-
-    def forward(self, params, x):
-        require_floating(repr(self), x)
-        if x.ndim != 3 or x.shape[1] > self.max_len:
-            raise InputError(repr(self), f"input must be (batch, time <= {self.max_len}, d), received {describe(x)}")
-        check_params(repr(self), params, {"table": (self.max_len, x.shape[-1])}, x)
-        table = params["table"]
-        return x + table[: x.shape[1]], table.shape
-
-    def backward(self, shape, d_y):
-        d_table = jnp.zeros(shape, d_y.dtype).at[: d_y.shape[1]].set(d_y.sum(0))
-        return {"table": d_table}, d_y
-
-    def per_example_positions(self, shape, d_y):
-        """Per-example rule (``fbp.nn.positions``): example ``b``'s table gradient is ``d_y[b]``
-        in the first ``T`` rows."""
-        per = jnp.zeros((d_y.shape[0], *shape), d_y.dtype).at[:, : d_y.shape[1]].set(d_y)
-        return [], {("table",): per}
-
-
-def sinusoidal_table(length: int, d: int, dtype=jnp.float32):
-    """The sinusoidal position table of Vaswani et al. (2017).
-
-    ``PE[t, 2i] = sin(t / 10000^{2i/d})``, ``PE[t, 2i+1] = cos(t / 10000^{2i/d})``.
-
-    Args:
-        length: the number of positions.
-        d: the model width.
-        dtype: the table's dtype (computed in float32).
-
-    Returns:
-        ``(length, d)``.
-    """
-    position = jnp.arange(length, dtype=jnp.float32)[:, None]
-    rate = jnp.exp(-math.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    table = jnp.zeros((length, d), jnp.float32)
-    table = table.at[:, 0::2].set(jnp.sin(position * rate))
-    table = table.at[:, 1::2].set(jnp.cos(position * rate[: d // 2]))
-    return table.astype(dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class SinusoidalPositionalEmbedding(ParameterFree):
-    """``y = x + PE`` with the fixed sinusoidal table; no parameters; ``d_x = d_y``."""
-    independent_examples = True  # each example's output and input cotangent are its own
-    self_adjoint = True  # d_x = d_y: the tangent is the backward (fbp.linear_pass)
-    piecewise_linear = True  # affine in x: no second-order term (fbp.second_order, diag_hessian)
-
-    def _forward(self, x):
-        if x.ndim != 3:
-            raise InputError(repr(self), f"input must be (batch, time, d), received {describe(x)}")
-        return x + sinusoidal_table(x.shape[1], x.shape[2], x.dtype), None
-
-    def _backward(self, res, d_y):
-        return d_y

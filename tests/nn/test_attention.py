@@ -36,6 +36,21 @@ def test_lengths_including_one(layer, length):
 
 @pytest.mark.parametrize("layer", [nn.MultiHeadAttention(2, causal=True), nn.TransformerBlock(2, 8, causal=True)],
                          ids=repr)
+def test_a_query_that_may_see_no_key(layer, monkeypatch):
+    """Left padding under a causal mask: the first two queries may see no key. Their weights are
+    uniform over the masked keys and no score moves (the backward, the tangent and the
+    second-order term); without the masking of those scores the check fails."""
+    mask = jnp.array([[False, False, True, True, True, True], [True] * 6])
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4))
+    params = _perturbed(layer.init(jax.random.PRNGKey(1), (x, mask)))
+    fbp.check.assert_layer(layer, params, (x, mask))
+    monkeypatch.setattr(fbp.nn.attention, "_where_allowed", lambda allowed, a: a)
+    with pytest.raises(AssertionError):
+        fbp.check.assert_layer(layer, params, (x, mask))
+
+
+@pytest.mark.parametrize("layer", [nn.MultiHeadAttention(2, causal=True), nn.TransformerBlock(2, 8, causal=True)],
+                         ids=repr)
 def test_causal_attention_leaks_nothing(layer):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 4))
     params = layer.init(jax.random.PRNGKey(1), x)
@@ -66,7 +81,7 @@ def test_positional_embeddings():
     learned = nn.LearnedPositionalEmbedding(8)
     fbp.check.assert_layer(learned, learned.init(jax.random.PRNGKey(1), x), x)
     fbp.check.assert_layer(nn.SinusoidalPositionalEmbedding(), {}, x)
-    table = nn.attention.sinusoidal_table(4, 6)
+    table = nn.positional.sinusoidal_table(4, 6)
     np.testing.assert_allclose(table[0], [0, 1, 0, 1, 0, 1], atol=1e-7)
     np.testing.assert_allclose(table[1, 0], np.sin(1.0), rtol=1e-6)
     with pytest.raises(fbp.InputError, match="time <= 8"):
