@@ -4,7 +4,8 @@
 (``fbp.spectrum.eigenvalues(fbp.spectrum.operator(...), k=1, iterations=20)``, one jitted call;
 ``lanczos20`` with full reorthogonalisation, ``lanczos20-local`` without) and one GGN-vector
 product (``product``, the forward included) against fbp's plain SGD step, on bench_mlp.py's
-MLP (784-1024³-10, batch 256) and bench_cnn.py's CNN (batch 128); and against the same Lanczos
+MLP (784-1024³-10, batch 256), bench_cnn.py's CNN (batch 128) and bench_sequence.py's
+transformer block (``--only transformer``: d 256, 4 heads, batch 16 × 128 tokens); and against the same Lanczos
 with the JAX idiom's GGN product (``jax.jvp`` of the model, the softmax cross-entropy's Hessian
 in closed form, ``jax.vjp``), timed apart on three calls after the rounds.
 Target: ``lanczos20 / step ≤ 30`` (20 iterations ≤ 20 × 1.5 plain steps). ``…-transposed``: the
@@ -44,7 +45,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import block, cnn_workload, mlp_workload, ratio_runs, sgd
+from common import block, cnn_workload, mlp_workload, ratio_runs, sgd, transformer_workload
 
 import fbp
 from fbp import data, influence, laplace, losses, nn, optim, spectrum
@@ -71,7 +72,8 @@ def _jax_ggn_matvec(model, params, x, y):
 
 
 def spectrum_part(runs, only):
-    for name, (model, shape) in {"mlp": mlp_workload(), "cnn": cnn_workload()}.items():
+    for name, (model, shape) in {"mlp": mlp_workload(), "cnn": cnn_workload(),
+                                 "transformer": transformer_workload()}.items():
         if name in only:
             _spectrum_workload(name, model, shape, runs)
 
@@ -270,7 +272,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=["spectrum", "influence", "laplace", "agreement", "all"])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="mlp,cnn", help="spectrum workloads: mlp, cnn")
+    parser.add_argument("--only", default="mlp,cnn", help="spectrum workloads: mlp, cnn, transformer")
     args = parser.parse_args()
     print(f"[{jax.devices()[0].platform}: {jax.devices()[0].device_kind}]")
     if args.part in ("spectrum", "all"):
