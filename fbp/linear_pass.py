@@ -29,7 +29,7 @@ transpose of its input-gradient convolution, which XLA's CPU backend runs severa
 than the forward convolution). With them, ``J v`` costs about one forward: every GGN-vector
 product, Lanczos step (``fbp.spectrum``, ``fbp.diagnostics``) and Laplace/influence product
 gets cheaper (``benchmarks/bench_curvature_uses.py``). A model any of whose layers has no rule
-(recurrent layers, a cotangent map, feedback alignment) uses the transpose, whole; the results
+(a cotangent map, feedback alignment) uses the transpose, whole; the results
 agree to rounding (``tests/test_linear_pass.py``), and ``fbp.check.layer`` checks each rule
 against the JAX forward-mode reference of the plain forward.
 """

@@ -35,6 +35,7 @@ WITH_RULES = {
                           nn.LayerNorm(), nn.Sign(), nn.GradientReversal(2.0), nn.Dense(3), nn.StopGradient(),
                           nn.Round(ste="hardtanh"), nn.Dense(2)), (3, 4, 4, 2)),
     "sequence": (lambda: nn.Serial(nn.Dense(4), nn.Tanh(), nn.LastStep(), nn.Dense(2)), (2, 3, 5)),
+    "recurrent": (lambda: nn.Serial(nn.SimpleRNN(4), nn.LSTM(3), nn.GRU(5), nn.LastStep(), nn.Dense(2)), (2, 4, 3)),
     "attention and transformer": (
         lambda: nn.Serial(nn.Dense(4), nn.LearnedPositionalEmbedding(6), nn.SinusoidalPositionalEmbedding(),
                           nn.MultiHeadAttention(num_heads=2, causal=True), nn.TransformerBlock(2, 8), nn.LastStep(),
@@ -105,6 +106,21 @@ def test_dropout_in_training_uses_the_forwards_mask():
     np.testing.assert_allclose(ours, _reference(model, params, x, v, key=key, train=True), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer", [nn.SimpleRNN(3), nn.LSTM(3), nn.GRU(3)], ids=repr)
+def test_recurrent_rules_with_an_initial_state_and_its_tangent(layer):
+    """``(x, h0)`` (``(x, (h0, c0))`` for the LSTM) with tangents of the input and the initial state."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (2, 4, 5), jnp.float64)
+        carry = jax.random.normal(jax.random.PRNGKey(7), (2, 3), jnp.float64)
+        carry = (carry, -carry) if isinstance(layer, nn.LSTM) else carry
+        params = layer.init(KEY, (x, carry))
+        v, t_x, t_carry = _direction(params), _direction(x, 2), _direction(carry, 3)
+        _, res = run_forward(layer, params, (x, carry))
+        ours = layer.tangent(res, v, (t_x, t_carry))
+        desired = jax.jvp(lambda p, a, c: layer.apply(p, (a, c)), (params, x, carry), (v, t_x, t_carry))[1]
+        np.testing.assert_allclose(ours, desired, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(desired))))
+
+
 def test_attention_with_a_padding_mask_and_no_input_tangent():
     """``(x, mask)`` inputs (the mask has no tangent), and a first layer whose input tangent is zero."""
     with jax.enable_x64(True):
@@ -124,10 +140,11 @@ def _masked_attention_against_jvp():
         np.testing.assert_allclose(ours, desired, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(desired))))
 
 
-@pytest.mark.parametrize("model", [nn.Serial(nn.LSTM(4), nn.LastStep(), nn.Dense(2)),
-                                   nn.Serial(nn.Dense(4), nn.SimpleRNN(3), nn.Dense(2)),
-                                   nn.Serial(nn.Dense(4), nn.MapCotangent(jnp.negative), nn.Dense(2))],
-                         ids=["lstm", "simple rnn", "cotangent map"])
+@pytest.mark.parametrize("model", [nn.Serial(nn.LSTM(4), nn.MapCotangent(jnp.negative), nn.LastStep(), nn.Dense(2)),
+                                   nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4),
+                                                                                nn.MapCotangent(jnp.negative))),
+                                             nn.Dense(2))],
+                         ids=["cotangent map", "cotangent map in a residual"])
 def test_a_model_with_a_layer_without_rules_transposes_the_backward(model):
     x = jax.random.normal(KEY, (2, 3, 5))
     params = model.init(KEY, x)

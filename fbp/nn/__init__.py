@@ -23,12 +23,13 @@ from fbp.nn.dense import Dense
 from fbp.nn.dropout import Dropout
 from fbp.nn.embedding import Embedding
 from fbp.nn.function import FunctionLayer, layer
+from fbp.nn.gated import GRU, LSTM
 from fbp.nn.hooks import GradientReversal, MapCotangent, ScaleGradient, StopGradient
 from fbp.nn.norm import BatchNorm, GroupNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
 from fbp.nn.positional import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from fbp.nn.quantize import QuantizeWeights, Round, Sign
-from fbp.nn.recurrent import GRU, LSTM, LastStep, SimpleRNN
+from fbp.nn.recurrent import LastStep, SimpleRNN
 from fbp.nn.remat import Remat
 
 __all__ = [
