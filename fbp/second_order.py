@@ -26,9 +26,11 @@ the Hessian adds. The term, per family, written beside its backward:
 * multi-head attention: ``backward_tangent``, its scores, softmax weights and heads
   differentiated once more along the tangent; the TransformerBlock: its parts' terms in turn
   (``second_order`` on each with ``R{d_y} = 0``); positional embeddings: zero;
+* the recurrent cells (SimpleRNN, LSTM, GRU): ``backward_tangent``, the reverse scan
+  differentiated along the per-step tangents of the forward scan (``tangent``);
 * combinators (``Serial``, ``Residual``, ``Parallel``): ``second_order``, their children's in turn.
 
-Layers without a term (recurrent cells, cotangent maps) are refused, naming the layer: their
+Layers without a term (cotangent maps, feedback alignment) are refused, naming the layer: their
 GGN is still available (``fbp.curvature``). Checked against the dense autodiff Hessian of the
 plain loss in ``fbp.check.curvature`` and ``tests/test_second_order.py``.
 """

@@ -27,6 +27,8 @@ MODELS = {
     "transposed and 1-D convolutions": (nn.Serial(nn.ConvTranspose2D(2, (2, 2), strides=(2, 2)), nn.Tanh(),
                                                   nn.Reshape((-1, 2)), nn.Conv1D(3, (3,), strides=2), nn.Sigmoid(),
                                                   nn.GlobalAvgPool(), nn.Dense(3)), (2, 3, 3, 1), CE),
+    "recurrent": (nn.Serial(nn.Dense(3), nn.Tanh(), nn.SimpleRNN(4), nn.LSTM(3), nn.GRU(4), nn.Flatten(), nn.Dense(3)),
+                  (2, 4, 3), CE),
     "attention and transformer": (nn.Serial(nn.Dense(4), nn.LearnedPositionalEmbedding(6),
                                             nn.SinusoidalPositionalEmbedding(), nn.MultiHeadAttention(2, causal=True),
                                             nn.TransformerBlock(2, 6), nn.LastStep(), nn.Dense(3)), (2, 5, 3), CE),
@@ -135,6 +137,27 @@ def test_a_layer_without_a_rule_is_refused_by_name_and_path():
     model = nn.Serial(nn.Dense(4), nn.Residual(nn.Serial(nn.Dense(4), nn.MapCotangent(jnp.negative))), nn.Dense(2))
     with pytest.raises(fbp.InputError, match=r"MapCotangent.*at path '1/block/1'.*second-order term"):
         curvature.hessian_vector_product(model, CE)
-    lstm = nn.Serial(nn.LSTM(3), nn.LastStep(), nn.Dense(2))
-    with pytest.raises(fbp.InputError, match=r"LSTM.*at path '0'"):
-        curvature.hessian_vector_product(lstm, CE)
+    first = nn.Serial(nn.MapCotangent(jnp.negative), nn.LSTM(3), nn.LastStep(), nn.Dense(2))
+    with pytest.raises(fbp.InputError, match=r"MapCotangent.*at path '0'"):
+        curvature.hessian_vector_product(first, CE)
+
+
+@pytest.mark.parametrize("layer", [nn.SimpleRNN(3), nn.LSTM(3), nn.GRU(3)], ids=repr)
+def test_recurrent_terms_with_an_initial_state_equal_the_derivative_of_the_backward(layer):
+    """``backward_tangent`` against ``jax.jvp`` of the layer's own backward, its residuals moving
+    with ``(params, x, h0)``: every output, the initial state's term included (float64)."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (2, 4, 5), jnp.float64)
+        carry = jax.random.normal(jax.random.PRNGKey(7), (2, 3), jnp.float64)
+        carry = (carry, 0.5 * carry) if isinstance(layer, nn.LSTM) else carry
+        params = layer.init(KEY, (x, carry))
+        d_y = jax.random.normal(jax.random.PRNGKey(8), (2, 4, 3), jnp.float64)
+        tangents = [jax.tree_util.tree_map(lambda a, i=i: jax.random.normal(jax.random.fold_in(KEY, i + a.size),
+                                                                            a.shape, a.dtype), t)
+                    for i, t in enumerate((params, x, carry))]
+        backward = lambda p, a, c: layer.backward(fbp.core.run_forward(layer, p, (a, c))[1], d_y)  # noqa: E731
+        desired = jax.jvp(backward, (params, x, carry), tuple(tangents))[1]
+        res = fbp.core.run_forward(layer, params, (x, carry))[1]
+        ours = layer.backward_tangent(res, tangents[0], (tangents[1], tangents[2]), d_y)
+        for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(desired), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * float(np.max(np.abs(want))))

@@ -231,6 +231,35 @@ class SimpleRNN(_Recurrent):
         _, out = lax.scan(step, jnp.zeros_like(res.h0) if t_h0 is None else t_h0, (a, res.hs))
         return out.swapaxes(0, 1)
 
+    def backward_tangent(self, res: SimpleRNNRes, d_params, d_x, d_y):
+        """Second order (``fbp.second_order``): the reverse scan differentiated along the forward's
+        tangent (``ḣ_t``, ``tangent``), ``d_y`` held. With ``dh_t = d_y_t + dA_{t+1} W_hᵀ`` and
+        ``dA_t = dh_t ⊙ (1 − h_t²)`` (``_cotangents``), a reverse scan gives
+        ``Ṙ_t = (Ṙ_{t+1} W_hᵀ + dA_{t+1} ẇ_hᵀ) ⊙ (1 − h_t²) − 2 dh_t ⊙ h_t ⊙ ḣ_t``; then
+        ``w_x``'s term is ``Σ_t x_tᵀ Ṙ_t + ẋ_tᵀ dA_t``, ``w_h``'s ``Σ_t h_{t-1}ᵀ Ṙ_t + ḣ_{t-1}ᵀ dA_t``,
+        ``b``'s ``Σ_t Ṙ_t``, the input's ``Ṙ_t W_xᵀ + dA_t ẇ_xᵀ`` and ``h_0``'s ``Ṙ_0 W_hᵀ + dA_0 ẇ_hᵀ``."""
+        t_x, t_h0 = d_x if isinstance(d_x, tuple) else (d_x, None)
+        t_h = self.tangent(res, d_params, d_x).swapaxes(0, 1)  # time-major ḣ_t
+        (d_a,), _, h_prev, _ = self._cotangents(res, d_y)
+        hs, w_h, v_h = res.hs, res.w_h, d_params["w_h"]
+        later = jnp.concatenate([d_a[1:], jnp.zeros_like(d_a[:1])])  # dA_{t+1}, 0 after the last step
+        dh = self._time_major(d_y) + later @ w_h.T
+        u = (later @ v_h.T) * (1 - hs * hs) - 2 * dh * hs * t_h
+
+        def step(carry, inp):
+            u_t, h_t = inp
+            r_a = carry * (1 - h_t * h_t) + u_t
+            return r_a @ w_h.T, r_a
+
+        r_h0, r_a = lax.scan(step, jnp.zeros_like(res.h0), (u, hs), reverse=True)
+        grads, s_x = self._weight_grads(res.x, res.w_x, (r_a,), h_prev)
+        t_prev = self._shifted(jnp.zeros_like(res.h0) if t_h0 is None else t_h0, t_h)
+        moved, s_moved = self._weight_grads(jnp.zeros_like(res.x) if t_x is None else t_x, d_params["w_x"], (d_a,),
+                                            t_prev)
+        grads = {"w_x": grads["w_x"] + moved["w_x"], "w_h": grads["w_h"] + moved["w_h"], "b": grads["b"]}
+        s_x = s_x + s_moved
+        return grads, ((s_x, r_h0 + d_a[0] @ v_h.T) if res.has_carry else s_x)
+
     def _cotangents(self, res: SimpleRNNRes, d_y):
         h0, hs, w_h = res.h0, res.hs, res.w_h
 
