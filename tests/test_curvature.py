@@ -53,8 +53,7 @@ def test_every_family_matches_jax_autodiff_in_float64(name, model, shape, loss, 
     assert any(r.path.startswith("diag_ggn:") for r in report.rows)
     chain_only = name in ("dense", "dense-sequence", "conv-pool", "conv1d")
     assert any(r.path.startswith("diag_hessian:") for r in report.rows) == chain_only
-    second_order_rules = chain_only or name in ("residual", "layernorm", "groupnorm")  # not recurrent, attention
-    assert any(r.path.startswith("hessian_vector_product:") for r in report.rows) == second_order_rules
+    assert any(r.path.startswith("hessian_vector_product:") for r in report.rows)  # every family has its rules
 
 
 @pytest.mark.parametrize("index", [0, 2, 7])

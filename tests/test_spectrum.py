@@ -10,7 +10,7 @@ import pytest
 from _dense_reference import CASES, case, x64  # noqa: F401  (x64: the module runs in float64)
 from _dense_reference import dense as _dense
 
-from fbp import losses, second_order, spectrum
+from fbp import losses, nn, second_order, spectrum
 from fbp.lanczos import lanczos
 
 LOSS = losses.CategoricalCrossEntropy(from_logits=True)
@@ -115,9 +115,9 @@ def test_plot_and_bad_input(tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="curvature must be"):
         spectrum.operator(model, LOSS, params, x, y, curvature="fisher")
-    lstm, lstm_params, _, lstm_x, lstm_y = case("lstm")
-    with pytest.raises(Exception, match=r"LSTM.*at path '0'.*second-order term.*curvature='ggn'"):
-        spectrum.operator(lstm, LOSS, lstm_params, lstm_x, lstm_y, curvature="hessian")
+    hooked = nn.Serial(nn.Dense(3), nn.MapCotangent(jnp.negative), nn.Dense(2))
+    with pytest.raises(Exception, match=r"MapCotangent.*at path '1'.*second-order term.*curvature='ggn'"):
+        spectrum.operator(hooked, LOSS, hooked.init(jax.random.key(0), x), x, y, curvature="hessian")
     with pytest.raises(Exception, match="batch_size=4 must divide the 6 examples"):
         spectrum.operator(model, LOSS, params, x, y, batch_size=4)
     with pytest.raises(Exception, match=r"no layer with parameters at \['9'\]"):

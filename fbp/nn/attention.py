@@ -343,18 +343,23 @@ class TransformerBlock(Layer):
         d_x = d_h + back("ln1", r_ln1, g)
         return grads, ((d_x, None) if has_mask else d_x), seen
 
+    def _part_tangents(self, res, v, d_x):
+        """The tangents entering each part, in the forward's order: ``(ln1, attention, ln2,
+        mlp_in, gelu, mlp_out)``, each skip adding its input's tangent (``None``: zero)."""
+        r_ln1, r_att, r_ln2, r_in, r_gelu, _, d, _ = res
+        parts = self._parts(d)
+        t_x = d_x[0] if isinstance(d_x, tuple) else d_x
+        t_att = tangent(parts["ln1"], r_ln1, v["ln1"], t_x)
+        t_h = add(t_x, tangent(parts["attention"], r_att, v["attention"], t_att))
+        t_in = tangent(parts["ln2"], r_ln2, v["ln2"], t_h)
+        t_gelu = tangent(parts["mlp_in"], r_in, v["mlp_in"], t_in)
+        return t_x, t_att, t_h, t_in, t_gelu, tangent(parts["gelu"], r_gelu, {}, t_gelu)
+
     def tangent(self, res, d_params, d_x):
         """Forward mode (``fbp.linear_pass``): its parts' tangent rules in the forward's order,
         each skip adding its input's tangent."""
-        r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
-        parts = self._parts(d)
-        d_x = d_x[0] if isinstance(d_x, tuple) else d_x
-        t = tangent(parts["ln1"], r_ln1, d_params["ln1"], d_x)
-        t_h = add(d_x, tangent(parts["attention"], r_att, d_params["attention"], t))
-        t = tangent(parts["ln2"], r_ln2, d_params["ln2"], t_h)
-        t = tangent(parts["mlp_in"], r_in, d_params["mlp_in"], t)
-        t = tangent(parts["gelu"], r_gelu, {}, t)
-        return add(t_h, tangent(parts["mlp_out"], r_out, d_params["mlp_out"], t))
+        _, _, t_h, _, _, t_out = self._part_tangents(res, d_params, d_x)
+        return add(t_h, tangent(self._parts(res.d)["mlp_out"], res.mlp_out, d_params["mlp_out"], t_out))
 
     def backward_tangent(self, res, d_params, d_x, d_y):
         """Second order (``fbp.second_order``): its parts' terms in turn — the parts' input
@@ -362,12 +367,7 @@ class TransformerBlock(Layer):
         block's backward is linear in its cotangent, so that leaves the second-order terms only)."""
         r_ln1, r_att, r_ln2, r_in, r_gelu, r_out, d, has_mask = res
         parts, v = self._parts(d), d_params
-        t_x = d_x[0] if isinstance(d_x, tuple) else d_x
-        t_att = tangent(parts["ln1"], r_ln1, v["ln1"], t_x)
-        t_h = add(t_x, tangent(parts["attention"], r_att, v["attention"], t_att))
-        t_in = tangent(parts["ln2"], r_ln2, v["ln2"], t_h)
-        t_gelu = tangent(parts["mlp_in"], r_in, v["mlp_in"], t_in)
-        t_out = tangent(parts["gelu"], r_gelu, {}, t_gelu)
+        t_x, t_att, t_h, t_in, t_gelu, t_out = self._part_tangents(res, v, d_x)
         out = {}
         out["mlp_out"], g, r = second_order(parts["mlp_out"], r_out, v["mlp_out"], t_out, d_y, jnp.zeros_like(d_y))
         _, g, r = second_order(parts["gelu"], r_gelu, {}, t_gelu, g, r)
