@@ -127,7 +127,7 @@ class _PerExample(Wrapper):
             if found is None:
                 self.choices[self.path] = None
                 return {"per": self._materialised(inner, params, x, d_y, context, record=False)}
-            self.choices[self.path] = [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in found[0]]
+            self.choices[self.path] = _layout(found[0])
             return {"parts": [[list(parts) for _, parts, _ in g.kernels] for g in found[0]],
                     "g": [g.g for g in found[0]], "rest": found[1]}
         if found is not None:
@@ -140,7 +140,7 @@ class _PerExample(Wrapper):
 
     def _positions(self, d_params, groups, rest):
         if self.mode.startswith("kfac"):  # fbp.curvature: Kronecker blocks, the rest as a diagonal
-            self.choices[self.path] = [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in groups]
+            self.choices[self.path] = _layout(groups)
             return {"blocks": [g.kronecker_factors(self.mode[5:]) for g in groups],
                     "diagonal": {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()}}
         if self.mode == "sgs":
@@ -172,6 +172,12 @@ class _PerExample(Wrapper):
             return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         self.choices[self.path] = f"materialised ({how})"
         return {"sq": sq_norm(per), "per": per} if self.mode == "clip" else sq_norm(per)
+
+
+def _layout(groups) -> list:
+    """``[(((key, shape), ...), bias key), ...]``: which params each ``Positions`` group's kernels
+    and bias are — the static half of what the K-FAC and ``"positions"`` modes return."""
+    return [(tuple((key, shape) for key, _, shape in g.kernels), g.bias) for g in groups]
 
 
 def _grads_of(d_params, groups, rest):

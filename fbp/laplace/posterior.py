@@ -41,7 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fbp.core import InputError, run_forward
-from fbp.laplace.variances import evaluate, prepare, variances
+from fbp.laplace.variances import evaluate, identity_columns, prepare, variances
 from fbp.per_example import backward_columns
 from fbp.walk import map_leaf_params
 
@@ -255,8 +255,7 @@ class Laplace:
                                                   specs)),
                         jax.jit(lambda parts, prior, sigma: evaluate(self.model, parts, specs, self.hessian, self.space,
                                                                      self._scale(sigma), self._delta(prior))))
-            rotated = lambda f, j: (f, jnp.square(jax.vmap(jax.vmap(self.hessian.spectral))(j)))  # noqa: E731
-            return (jax.jit(lambda x: rotated(*self._jacobians(x))),
+            return (jax.jit(self._rotated_squares),
                     jax.jit(lambda sq, prior, sigma: sq @ self._eigen_weights(prior, sigma)))
 
         return self._compiled("variance parts", build)
@@ -291,11 +290,7 @@ class Laplace:
     def _jacobians(self, x):
         """``(f(x), J)``: the outputs ``(B, C)`` and their Jacobians ``(B, C, dim)`` on the posterior's coordinates."""
 
-        def eye(pred):
-            c = pred.shape[-1]
-            return jnp.broadcast_to(jnp.eye(c, dtype=pred.dtype), (*pred.shape, c))
-
-        pred, rows = per_column_gradients(self.model, self.params, x, eye, self.state)
+        pred, rows = per_column_gradients(self.model, self.params, x, identity_columns, self.state)
         jac = jax.vmap(jax.vmap(self.space.restrict))(rows)  # (C, B, dim)
         return pred, jnp.swapaxes(jac, 0, 1)
 
@@ -314,12 +309,17 @@ class Laplace:
         s, delta = self._scale(sigma), self._delta(prior)
         if hasattr(self.hessian, "variance_weights"):
             return variances(self.model, self.params, self.state, x, self.hessian, self.space, s, delta)
-        pred, jac = self._jacobians(x)
         if self.hessian.diagonal_in_eigenbasis(delta):  # diag J P⁻¹ Jᵀ = (Qᵀ J)² · 1/(s λ + δ)
-            rotated = jax.vmap(jax.vmap(self.hessian.spectral))(jac)
-            return pred, jnp.square(rotated) @ self._eigen_weights(prior, sigma)
+            pred, squares = self._rotated_squares(x)
+            return pred, squares @ self._eigen_weights(prior, sigma)
+        pred, jac = self._jacobians(x)
         solved = jax.vmap(jax.vmap(lambda r: self.hessian.solve(r, s, delta)))(jac)
         return pred, jnp.sum(jac * solved, axis=-1)
+
+    def _rotated_squares(self, x):
+        """``(f(x), (Qᵀ J)²)``: the Jacobian rows in ``H``'s eigenbasis, squared, ``(B, C, dim)``."""
+        pred, jac = self._jacobians(x)
+        return pred, jnp.square(jax.vmap(jax.vmap(self.hessian.spectral))(jac))
 
     def _eigen_weights(self, prior, sigma):
         """``1/(s λ + δ)`` in ``H``'s eigenbasis (``structures``' ``spectral`` layout)."""

@@ -87,7 +87,16 @@ def _layer_terms(path, found, layout, blocks):
     return terms
 
 
-def _eye(pred):
+def identity_columns(pred):
+    """``(*pred.shape, C)``: one output cotangent per output unit, the identity's columns — what
+    backpropagates each output's Jacobian row (the predictive's and ``prepare``'s columns).
+
+    Args:
+        pred: the model's outputs ``(..., C)``.
+
+    Returns:
+        The columns.
+    """
     c = pred.shape[-1]
     return jnp.broadcast_to(jnp.eye(c, dtype=pred.dtype), (*pred.shape, c))
 
@@ -107,7 +116,8 @@ def prepare(model, params, state, x, hessian, space, specs: list):
     Returns:
         The outputs ``(B, C)`` and a list of dicts of arrays, one per term.
     """
-    pred, _, per, layouts, _ = backward_columns(model, params, x, _eye, mode="positions", state=state, train=False)
+    pred, _, per, layouts, _ = backward_columns(model, params, x, identity_columns, mode="positions", state=state,
+                                                train=False)
     _, blocks = hessian.variance_weights(1.0, 1.0)  # the bases only: the weights come in evaluate
     terms = [t for path, found in per.items() if path in space.groups
              for t in _layer_terms(path, found, layouts.get(path) or (), blocks.get(path, ()))]
@@ -176,4 +186,4 @@ def variances(model, params, state, x, hessian, space, s, delta):
     return pred, evaluate(model, arrays, specs, hessian, space, s, delta)
 
 
-__all__ = ["evaluate", "prepare", "variances"]
+__all__ = ["evaluate", "identity_columns", "prepare", "variances"]
