@@ -19,6 +19,10 @@ block ``P A P`` (``fbp.subspace``).
   measure, exact for the moments ``zᵀ A^p z`` with ``p ≤ 2k − 1``; the density is their
   average, smoothed by a Gaussian of width ``σ`` for plotting.
 
+The iterations run on the chosen params arrays themselves (``Operator.leaf_matvec``; the
+products take and return params-shaped trees), not on one flat vector: flattening every
+product's result and slicing every direction back would copy all ``dim`` entries twice a step.
+
 Data larger than one batch: ``batch_size`` splits ``x, y`` into equal batches and sums (or, for
 ``reduction="mean"``, averages) each product over them in a ``lax.map`` — the curvature of the
 whole set, batch by batch, as PyHessian does.
@@ -41,7 +45,7 @@ from jax import lax
 from fbp import second_order
 from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import _require_curvature, ggn_product_of_pass
-from fbp.lanczos import lanczos
+from fbp.lanczos import lanczos, rademacher
 from fbp.linear_pass import LinearPass
 from fbp.subspace import Subspace, subspace
 from fbp.validation import typed_arguments
@@ -57,12 +61,16 @@ class Operator(NamedTuple):
         dim: the dimension.
         dtype: the vectors' dtype.
         space: the ``fbp.subspace.Subspace`` (``space.embed(v)`` gives the params-shaped direction).
+        leaf_matvec: the same products on the chosen params arrays (a list in ``space.select``'s
+            order), without flattening: what ``eigenvalues``, ``trace`` and ``density`` iterate on
+            (``None``: they use ``matvec``).
     """
 
     matvec: Callable
     dim: int
     dtype: Any
     space: Subspace
+    leaf_matvec: Callable | None = None
 
 
 def _batches(x, y, batch_size):
@@ -121,16 +129,29 @@ def operator(model: Layer, loss: Loss, params, x, y, *, curvature: str = "ggn", 
     batches = _batches(x, y, batch_size)
     if batches is None:  # one forward for every product: the residuals are shared
         whole = on_pass(x, y)
-        matvec = lambda v: space.restrict(whole(space.embed(v)))  # noqa: E731
+        product = lambda into, out_of: lambda v: out_of(whole(into(v)))  # noqa: E731
     else:
         mean = getattr(loss, "reduction", "mean") == "mean"
 
-        def matvec(v):
-            v_tree = space.embed(v)
-            each = lax.map(lambda b: space.restrict(on_pass(b[0], b[1])(v_tree)), batches)
-            return each.mean(axis=0) if mean else each.sum(axis=0)
+        def product(into, out_of):
+            def matvec(v):
+                v_tree = into(v)
+                each = lax.map(lambda b: out_of(on_pass(b[0], b[1])(v_tree)), batches)
+                return jax.tree_util.tree_map(lambda a: a.mean(axis=0) if mean else a.sum(axis=0), each)
+            return matvec
 
-    return Operator(matvec, space.dim, dtype, space)
+    uniform = space.positions is not None and all(jnp.dtype(s.dtype) == dtype for s in space.like())
+    return Operator(product(space.embed, space.restrict), space.dim, dtype, space,
+                    product(space.place, space.select) if uniform else None)
+
+
+def _lanczos(op: Operator, steps: int, key, start=None, reorthogonalize: bool = True):
+    """``fbp.lanczos.lanczos`` on the operator's params arrays where it can (no flat copies),
+    with a function taking the basis' combinations to flat ``(m, dim)`` rows."""
+    if op.leaf_matvec is None:
+        return lanczos(op.matvec, op.dim, steps, key, op.dtype, start, reorthogonalize), lambda rows: rows
+    return (lanczos(op.leaf_matvec, op.dim, steps, key, op.dtype, start, reorthogonalize, like=op.space.like()),
+            op.space.rows)
 
 
 class Eigen(NamedTuple):
@@ -172,10 +193,10 @@ def eigenvalues(op: Operator, k: int = 1, *, iterations: int | None = None, key=
     steps = min(op.dim, max(3 * k, 20) if iterations is None else int(iterations))
     if steps < k:
         raise ValueError(f"fbp.spectrum.eigenvalues: {steps} iterations cannot give k={k} eigenvalues")
-    t = lanczos(op.matvec, op.dim, steps, _key(key), op.dtype, reorthogonalize=reorthogonalize)
+    t, rows = _lanczos(op, steps, _key(key), reorthogonalize=reorthogonalize)
     values, vectors, residuals = t.ritz()
     order = jnp.argsort(-values)[:k]
-    ritz = None if t.basis is None else (t.basis.T @ vectors[:, order]).T
+    ritz = None if t.basis is None else rows(t.combine(vectors[:, order]))
     return Eigen(values[order], residuals[order], ritz)
 
 
@@ -200,8 +221,17 @@ def trace(op: Operator, samples: int = 100, *, key=None) -> Trace:
     """
     if int(samples) < 2:
         raise ValueError(f"fbp.spectrum.trace: samples must be at least 2 (for the standard error), got {samples}")
-    z = jax.random.rademacher(_key(key), (int(samples), op.dim), op.dtype)
-    quad = lax.map(lambda v: jnp.dot(v, op.matvec(v)), z)
+    if op.leaf_matvec is None:
+        matvec, like = op.matvec, jax.ShapeDtypeStruct((op.dim,), op.dtype)
+    else:
+        matvec, like = op.leaf_matvec, op.space.like()
+
+    def quadratic(k):  # one sample drawn inside the loop: no (samples, dim) array of signs
+        z = rademacher(k, like)
+        return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(z), jax.tree_util.tree_leaves(matvec(z)),
+                                                  strict=True))
+
+    quad = lax.map(quadratic, jax.random.split(_key(key), int(samples)))
     return Trace(jnp.mean(quad), jnp.std(quad, ddof=1) / math.sqrt(int(samples)))
 
 
@@ -248,9 +278,8 @@ def density(op: Operator, iterations: int = 80, runs: int = 10, *, key=None, reo
                          f"runs={runs}")
     steps = min(op.dim, int(iterations))
 
-    def one(k):
-        start = jax.random.rademacher(k, (op.dim,), op.dtype)
-        return lanczos(op.matvec, op.dim, steps, k, op.dtype, start, reorthogonalize).quadrature()
+    def one(k):  # each run from its own Rademacher start (fbp.lanczos draws one from the key)
+        return _lanczos(op, steps, k, reorthogonalize=reorthogonalize)[0].quadrature()
 
     nodes, weights = lax.map(one, jax.random.split(_key(key), int(runs)))
     return Density(nodes, weights, op.dim)

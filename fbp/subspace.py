@@ -89,6 +89,48 @@ class Subspace:
         flat = v if self.full else jnp.zeros((self.size,), v.dtype).at[self.indices].set(v)
         return self.unravel(flat)
 
+    @property
+    def positions(self) -> tuple[int, ...] | None:
+        """Where the chosen coordinates are whole params arrays: their positions among the
+        params' leaves (``jax.tree_util.tree_leaves`` order, which is the flat order); ``None``
+        when an array is chosen in part. On these arrays a vector needs no flat copy
+        (``select``, ``place``)."""
+        if not self.signature:
+            return None
+        sizes = [int(np.prod(shape)) for shape, _ in self.signature[1]]
+        chosen = np.zeros(self.size, bool)
+        chosen[self.indices] = True
+        offsets, found = np.cumsum([0, *sizes]), []
+        for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+            if b > a and chosen[a:b].all():
+                found.append(i)
+            elif chosen[a:b].any():
+                return None
+        return tuple(found)
+
+    def like(self) -> list:
+        """The chosen arrays' ``jax.ShapeDtypeStruct`` (``positions`` must not be ``None``)."""
+        return [jax.ShapeDtypeStruct(self.signature[1][i][0], self.signature[1][i][1]) for i in self.positions]
+
+    def select(self, tree) -> list:
+        """The chosen arrays of a params-shaped ``tree``, in flat order: ``restrict`` without the
+        flat copy (``concatenate(ravel(a) for a in select(t)) == restrict(t)``)."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [leaves[i] for i in self.positions]
+
+    def place(self, arrays) -> PyTree:
+        """The params-shaped tree holding ``arrays`` (``select``'s order), zeros elsewhere:
+        ``embed`` without the flat copy."""
+        treedef, specs = self.signature
+        out = [jnp.zeros(shape, dtype) for shape, dtype in specs]
+        for i, a in zip(self.positions, arrays, strict=True):
+            out[i] = a
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def rows(self, arrays) -> jax.Array:
+        """``(m, dim)`` from ``select``-ordered arrays that each carry a leading ``m`` axis."""
+        return jnp.concatenate([jnp.reshape(a, (a.shape[0], -1)) for a in arrays], axis=1)
+
 
 def subspace(model: Layer, params, layers=None) -> Subspace:
     """The coordinates of some layers' parameters.

@@ -126,3 +126,56 @@ def test_plot_and_bad_input(tmp_path):
         spectrum.eigenvalues(op, k=0)
     with pytest.raises(Exception, match="k"):
         spectrum.eigenvalues(op, k=2.5)  # an int, not truncated silently
+
+
+def test_the_iteration_on_params_arrays_equals_the_flat_one(mlp_dense):
+    """``Operator.leaf_matvec`` (Lanczos, Hutchinson and SLQ on the params arrays, no flat copies)
+    against the flat ``matvec`` path in float64, for the whole model (under jit) and one layer's
+    block; ``fbp.lanczos`` on a pytree equals it on the flat vector (the same start, entry for entry)."""
+    (model, params, state, x, y), _ = mlp_dense
+    for layer in (None, "2"):
+        op = spectrum.operator(model, LOSS, params, x, y, layer=layer)
+        assert op.leaf_matvec is not None
+        v = jax.random.normal(jax.random.key(7), (op.dim,), jnp.float64)
+        arrays = op.space.select(op.space.embed(v))
+        np.testing.assert_allclose(jnp.concatenate([a.ravel() for a in arrays]), v, rtol=0, atol=0)
+        np.testing.assert_allclose(op.space.restrict(op.space.place(arrays)), v, rtol=0, atol=0)
+        products = jax.jit(lambda v, op=op: (op.space.rows([a[None] for a in op.leaf_matvec(
+            op.space.select(op.space.embed(v)))])[0], op.matvec(v)))(v)
+        np.testing.assert_allclose(*products, rtol=1e-12)
+
+    def run(p, arrays, reorth):
+        o = spectrum.operator(model, LOSS, p, x, y)
+        return spectrum.eigenvalues(o if arrays else o._replace(leaf_matvec=None), 3, iterations=12,
+                                    reorthogonalize=reorth)
+
+    run = jax.jit(run, static_argnums=(1, 2))
+    tree, ref = run(params, True, True), run(params, False, True)
+    np.testing.assert_allclose(tree.values, ref.values, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(tree.vectors), np.abs(ref.vectors), rtol=1e-8, atol=1e-12)
+    # without reorthogonalisation lost orthogonality amplifies rounding: the converged top value
+    np.testing.assert_allclose(run(params, True, False).values[0], run(params, False, False).values[0], rtol=1e-10)
+    flat = op._replace(leaf_matvec=None)  # the last layer's block
+    for fn in (lambda o: spectrum.trace(o, 5).estimate, lambda o: spectrum.density(o, 8, 2).nodes):
+        np.testing.assert_allclose(fn(op), fn(flat), rtol=1e-10, atol=1e-12)
+    # a planted error: one array of the pytree iteration scaled is caught
+    wrong = op._replace(leaf_matvec=lambda a: [b * (1.1 if i == 0 else 1) for i, b in enumerate(op.leaf_matvec(a))])
+    assert abs(float(spectrum.trace(wrong, 5).estimate) / float(spectrum.trace(flat, 5).estimate) - 1) > 1e-3
+
+
+def test_rademacher_signs_from_packed_bits():
+    """32 signs per Threefry word: ±1, fair, uncorrelated across bit positions and words, the
+    same entries flat and as a pytree; a wrong unpacking (one bit repeated) is caught."""
+    from fbp.lanczos import rademacher
+    key = jax.random.key(3)
+    z = np.asarray(rademacher(key, jax.ShapeDtypeStruct((3200 * 32,), jnp.float32)))
+    assert set(np.unique(z)) == {-1.0, 1.0}
+    assert abs(z.mean()) < 4 / np.sqrt(z.size)
+    bits = z.reshape(-1, 32)
+    corr = np.corrcoef(bits.T)[np.triu_indices(32, 1)]
+    assert np.max(np.abs(corr)) < 5 / np.sqrt(bits.shape[0])  # bit positions within a word
+    assert abs(np.mean(z[:-1] * z[1:])) < 4 / np.sqrt(z.size)  # neighbours
+    tree = rademacher(key, {"a": jnp.zeros((7, 5)), "b": jnp.zeros((3200 * 32 - 35,))})
+    np.testing.assert_array_equal(np.concatenate([np.ravel(tree["a"]), tree["b"]]), z)
+    repeated = np.repeat(bits[:, :1], 32, axis=1)  # the planted error
+    assert np.max(np.abs(np.corrcoef(repeated.T)[np.triu_indices(32, 1)])) > 0.9

@@ -73,7 +73,7 @@ SAMPLES = {  # a valid value for each required argument, by name
     "coefficient": 0.01, "checkpoints": [MODEL.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))],
     "op": spectrum.operator(MODEL, CCE, MODEL.init(jax.random.PRNGKey(0), jnp.ones((4, 3))), jnp.ones((4, 3)),
                             jnp.arange(4) % 3),
-    "matvec": lambda v: 2 * v, "iterations": 3, "dtype": jnp.float32,
+    "matvec": lambda v: 2 * v, "iterations": 3, "dtype": jnp.float32, "like": jnp.ones(3),
 }
 SKIP = {  # public callables that take no plain-value hyperparameter (arrays, pytrees, callables, files only)
     "apply_updates", "global_norm", "chain", "join_schedules", "learning_rate", "compose", "validate",

@@ -114,12 +114,12 @@ class GGNTrace(Extension):
                 if self.vectors > 1 else jnp.zeros(())}
 
 
-def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_vector: bool = False):
+def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_vector: bool = False, *, like=None):
     """The largest Ritz value of ``matvec`` (symmetric) after ``iterations`` Lanczos steps with
     full reorthogonalisation (``fbp.lanczos``), started from a random unit vector (or ``start``).
 
     Args:
-        matvec: ``v -> A v`` on flat vectors of length ``dim``.
+        matvec: ``v -> A v`` on flat vectors of length ``dim`` (or on pytrees like ``like``).
         dim: the dimension.
         iterations: ``k`` (at most ``dim``).
         key: the start vector's key.
@@ -127,16 +127,18 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_
         start: a start vector (a warm start: the last top Ritz vector converges in a few steps
             when the matrix changed little), or ``None``; a zero one falls back to random.
         with_vector: also return the top Ritz vector (unit length).
+        like: ``None`` (flat vectors) or the vectors' pytree (``fbp.lanczos.lanczos``).
 
     Returns:
         The top eigenvalue of the ``k×k`` tridiagonal matrix (and the Ritz vector).
     """
-    t = lanczos(matvec, dim, iterations, key, dtype, start)
+    t = lanczos(matvec, dim, iterations, key, dtype, start, like=like)
     values, vectors, _ = t.ritz()
     if not with_vector:
         return values[-1]
-    ritz = t.basis.T @ vectors[:, -1]
-    return values[-1], ritz / jnp.maximum(jnp.linalg.norm(ritz), jnp.finfo(dtype).tiny)
+    ritz = t.combine(vectors[:, -1])
+    norm = jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(ritz)))
+    return values[-1], jax.tree_util.tree_map(lambda a: a / jnp.maximum(norm, jnp.finfo(dtype).tiny), ritz)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,8 +162,15 @@ class GGNMaxEigenvalue(Extension):
     requires_independence: ClassVar[bool] = False
 
     def finalize(self, found, context):
-        flat, unravel = ravel_pytree(context.grads)
         key = jax.random.key(0) if self.key is None else self.key
+        leaves = jax.tree_util.tree_leaves(context.grads)
+        dtype = jnp.result_type(*leaves)
+        size = sum(a.size for a in leaves)
+        if all(a.dtype == dtype for a in leaves):  # on the params-shaped trees: no flat copies
+            out = lanczos_top(lambda v: ggn_product(context, v), size, self.iterations, key, dtype, self.start,
+                              self.with_vector, like=context.grads)
+            return {"value": out[0], "vector": out[1]} if self.with_vector else out
+        flat, unravel = ravel_pytree(context.grads)
         start = None if self.start is None else ravel_pytree(self.start)[0]
         out = lanczos_top(lambda v: ravel_pytree(ggn_product(context, unravel(v)))[0], flat.size, self.iterations,
                           key, flat.dtype, start, self.with_vector)
