@@ -100,6 +100,18 @@ def main(argv=None):
             got = peers["backpack-norms"]().detach().numpy()
             ref = jax.device_get(fns["norms"](*inputs))
             print(f"  BackPACK's norms vs fbp's: max relative difference {abs(got / ref - 1).max():.1e}")
+        if importlib.util.find_spec("jax_privacy"):
+            import jax_privacy_peer
+
+            jp_step = jax_privacy_peer.dp_step(model, CCE, CLIP, SIGMA, shape[0])
+            calls["jax-privacy-dp"] = lambda a=inputs, f=jp_step: f(*a)
+            memory["jax-privacy-dp"] = temp_bytes(jp_step, *inputs)
+            theirs = jax.jit(jax_privacy_peer.clipped_sum(model, CCE, CLIP))(params, x, y)
+            ours = jax.jit(privacy.clipped_grad(model, CCE, CLIP))(params, x, y)[1]
+            gap = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(
+                jax.tree_util.tree_leaves(theirs), jax.tree_util.tree_leaves(ours), strict=True))
+            print(f"  jax-privacy's clipped sum vs fbp's: max |difference| / max |entry| {gap:.1e}")
+            ratios["jax-privacy-dp / dp"] = []
         print(f"\n{name.upper()}, batch {shape[0]}  [{jax.devices()[0].platform}]")
         print("  fbp's route per layer: " + ", ".join(f"{p}: {r}" for p, r in
                                                      per_example.routes(model, CCE, params, x, y).items()))

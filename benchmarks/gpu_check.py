@@ -228,7 +228,7 @@ def section_steps(results):
 
 
 PEERS = {"torch+opacus+backpack": (("torch", "opacus", "backpack"), "bench_per_example.py", "--only", "mlp,cnn"),
-         "kfac-jax": (("kfac_jax",), "bench_kfac_average.py"),
+         "kfac-jax": (("kfac_jax",), "kfac_peers.py", "--seeds", "2"),
          "jax-privacy": (("jax_privacy",), "bench_per_example.py", "--only", "mlp")}
 
 

@@ -12,7 +12,8 @@ from the eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``G = Q_G diag(λ
 matrix products per block and step). ``damping_mode="factored"`` is Martens & Grosse's
 factored Tikhonov damping (§6.3),
 ``(A + π√λ I)⁻¹ ∇_W (G + √λ/π I)⁻¹`` with ``π² = (tr A / dim A) / (tr G / dim G)``: two
-products per step, the inverses formed with the eigendecompositions. Every other parameter
+products per step, the damped factors inverted by Cholesky (no eigendecomposition; ``π`` from
+the traces). Every other parameter
 (norm scales, embeddings) is divided by its exact GGN diagonal plus ``λ``.
 
 The factors are exponential moving averages, **bias-corrected** by default: after ``t``
@@ -56,16 +57,31 @@ class KFACState(NamedTuple):
     inner: PyTree
 
 
+def _by_eigen(m, shift):
+    """``(M + shift I)⁻¹`` from ``M``'s eigendecomposition, rounding's negative eigenvalues set to 0."""
+    lam, q = jnp.linalg.eigh(m)
+    return (q / (jnp.maximum(lam, 0) + shift)) @ q.T
+
+
+def _damped_inverse(m, shift):
+    """``(M + shift I)⁻¹`` for a positive semi-definite ``M``: by Cholesky (measured on the CPU
+    in float32: 0.26 against 1.5 ms for an eigendecomposition at 129 rows, 29 against 98 ms at
+    1025), and from the eigendecomposition where Cholesky fails (a shift below the rounding of ``M``'s
+    null space); ``lax.cond`` runs only the branch taken."""
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    inverse = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m + shift * eye, lower=True), eye)
+    return lax.cond(jnp.all(jnp.isfinite(inverse)), lambda: inverse, lambda: _by_eigen(m, shift))
+
+
 def _eigen(block: KroneckerBlock, damping: float, mode: str):
+    if mode == "factored":  # π from the traces (the eigenvalues' means); no eigendecomposition
+        pi = jnp.sqrt((jnp.trace(block.A) / block.A.shape[0] + 1e-30) / (jnp.trace(block.G) / block.G.shape[0] + 1e-30))
+        zero = jnp.zeros((), block.A.dtype)
+        return (_damped_inverse(block.A, pi * jnp.sqrt(damping)), zero,
+                _damped_inverse(block.G, jnp.sqrt(damping) / pi), zero)
     la, qa = jnp.linalg.eigh(block.A)
     lg, qg = jnp.linalg.eigh(block.G)
-    la, lg = jnp.maximum(la, 0), jnp.maximum(lg, 0)  # rounding can leave tiny negative eigenvalues
-    if mode == "exact":
-        return qa, la, qg, lg
-    pi = jnp.sqrt((jnp.mean(la) + 1e-30) / (jnp.mean(lg) + 1e-30))
-    inverse = lambda q, lam, shift: (q / (lam + shift)) @ q.T  # noqa: E731
-    zero = jnp.zeros((), la.dtype)
-    return inverse(qa, la, pi * jnp.sqrt(damping)), zero, inverse(qg, lg, jnp.sqrt(damping) / pi), zero
+    return qa, jnp.maximum(la, 0), qg, jnp.maximum(lg, 0)  # rounding can leave tiny negative eigenvalues
 
 
 @dataclasses.dataclass(frozen=True)

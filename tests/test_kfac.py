@@ -137,6 +137,21 @@ def test_factored_damping_is_martens_and_grosse():
         assert jnp.allclose(got, expected, rtol=1e-8, atol=1e-12)
 
 
+def test_the_damped_inverse_by_cholesky_and_its_eigen_fallback():
+    """Factored damping inverts ``M + shift I`` by Cholesky; where rounding left ``M`` a negative
+    eigenvalue below ``-shift`` (Cholesky fails), by the eigendecomposition with it set to 0."""
+    from fbp.kfac import _by_eigen, _damped_inverse
+    with jax.enable_x64(True):
+        q = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (5, 5), jnp.float64))[0]
+        psd = (q * jnp.array([3.0, 1.0, 0.5, 0.1, 0.0])) @ q.T
+        inv = jax.jit(_damped_inverse)(psd, 0.2)
+        np.testing.assert_allclose(inv, jnp.linalg.inv(psd + 0.2 * jnp.eye(5)), rtol=1e-12, atol=1e-12)
+        rounded = (q * jnp.array([3.0, 1.0, 0.5, 0.1, -1e-9])) @ q.T  # Cholesky of rounded + 1e-12 I fails
+        fallback = jax.jit(_damped_inverse)(rounded, 1e-12)
+        assert bool(jnp.all(jnp.isfinite(fallback)))
+        np.testing.assert_allclose(fallback, _by_eigen(rounded, 1e-12), rtol=1e-10)
+
+
 def test_curvature_every_skips_the_factors_between_updates():
     x, y = _digits(128)
     params = MODEL.init(jax.random.key(0), x)
