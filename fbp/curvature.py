@@ -50,7 +50,7 @@ from fbp.core import InputError, Layer, Loss, map_leaf_params, run_forward
 from fbp.curvature_blocks import block_entries, block_matrix  # noqa: F401  (public here)
 from fbp.extensions import Extension
 from fbp.linear_pass import LinearPass, jacobian_vector_product
-from fbp.nn.positions import assemble
+from fbp.nn.positions import assemble, sum_columns
 from fbp.per_example import backward_columns, with_context
 from fbp.second_order import hessian_vector_product, loss_hessian_product, require_like_params  # noqa: F401
 from fbp.validation import check_fields, typed_arguments
@@ -120,12 +120,12 @@ def _require_samples(mc_samples, caller: str) -> None:
 
 def _diagonal(model, loss, params, x, y, *, mc_samples, key, caller, **context):
     model_key, sample_key = _keys(model, key, mc_samples is not None, caller)
-    _, _, per, _, _ = backward_columns(model, params, x, _columns(loss, y, mc_samples, sample_key), mode="sgs",
-                                       key=model_key, **context)
+    _, _, per, _, _ = backward_columns(model, params, x, _columns(loss, y, mc_samples, sample_key),
+                                       mode="sgs-columns", key=model_key, **context)
 
     def leaf(path, layer, p):
         if path in per:
-            return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per[path])
+            return sum_columns(per[path])
         return jax.tree_util.tree_map(jnp.zeros_like, p)
 
     return map_leaf_params(model, params, leaf)

@@ -55,6 +55,7 @@ from fbp.core import (  # noqa: F401  (with_context re-exported: the engine and 
 )
 from fbp.extensions import Extension
 from fbp.linear_pass import LinearPass
+from fbp.nn.positions import sum_columns
 from fbp.probes import MODES, probe_model, split_probed
 from fbp.validation import typed_arguments
 
@@ -158,11 +159,11 @@ def one_pass(model: Layer, loss: Loss, params, x, y, *, modes: tuple, column_set
     column_per = []
     for mode, columns in column_sets:
         layout: dict = {}
-        on_columns = probe_model(model, mode, layout, check=False)  # the same forward's residuals
-        found = jax.vmap(lambda c, probe=on_columns: split_probed(model, probe.backward(res, c)[0])[1],
+        on_columns = probe_model(model, "sgs-columns" if mode == "sgs" else mode, layout, check=False)  # the same
+        found = jax.vmap(lambda c, probe=on_columns: split_probed(model, probe.backward(res, c)[0])[1],  # residuals
                          in_axes=-1)(columns(pred))
         if mode == "sgs":
-            found = {path: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), q) for path, q in found.items()}
+            found = {path: sum_columns(q) for path, q in found.items()}
         column_per.append((found, layout))
     exact_summed = None
     if exact is not None:  # the same residuals, every leaf's exact VJP in place of its rule

@@ -21,7 +21,8 @@ from fbp.core import InputError, Layer, Wrapper, children, map_leaf_params, run_
 from fbp.linear_pass import tangent
 from fbp.nn.positions import assemble, sq_norm
 
-MODES = ("grads", "norms", "clip", "sgs", "kfac-expand", "kfac-reduce", "project", "positions")
+MODES = ("grads", "norms", "clip", "sgs", "sgs-columns", "kfac-expand", "kfac-reduce", "project", "positions")
+# "sgs-columns": "sgs" inside a backward vmapped over columns, summed after by ``sum_columns``
 
 
 def _has_params(params) -> bool:
@@ -143,10 +144,12 @@ class _PerExample(Wrapper):
             self.choices[self.path] = _layout(groups)
             return {"blocks": [g.kronecker_factors(self.mode[5:]) for g in groups],
                     "diagonal": {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()}}
-        if self.mode == "sgs":
+        if self.mode in ("sgs", "sgs-columns"):
             self.choices[self.path] = "(x²)ᵀ(g²)" if all(g.length == 1 for g in groups) else \
                 "squares of materialised per-example gradients"
-            return assemble(d_params, {k: v for g in groups for k, v in g.sum_squares().items()} |
+            columns = self.mode == "sgs-columns"  # one position: summed over the columns first (sum_columns)
+            return assemble(d_params, {k: v for g in groups for k, v in (
+                g.column_squares() if columns and g.length == 1 else g.sum_squares()).items()} |
                             {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()})
         if self.mode == "grads":
             self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
@@ -167,7 +170,7 @@ class _PerExample(Wrapper):
             per, how = _fallback_grads(self.layer, params, x, d_y, context), "vmap of the layer's rules"
         if not record:
             return per
-        if self.mode in ("grads", "sgs") or self.mode.startswith("kfac"):
+        if self.mode in ("grads", "sgs", "sgs-columns") or self.mode.startswith("kfac"):
             self.choices[self.path] = [] if self.mode.startswith("kfac") else how
             return per if self.mode == "grads" else _diagonal_only(self.mode, _sum_squares(per))
         self.choices[self.path] = f"materialised ({how})"

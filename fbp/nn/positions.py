@@ -119,6 +119,19 @@ class Positions(NamedTuple):
             out[self.bias] = g2.sum(axis=0)
         return out
 
+    def column_squares(self) -> dict:
+        """``sum_squares`` at one position left unmultiplied, for a backward vmapped over the
+        columns of a loss's Hessian factor: each kernel's ``ColumnSquares(x², g²)`` (the bias'
+        square summed as usual). ``ColumnSquares.total`` then sums the columns' ``g²`` before
+        the one product, ``(x²)ᵀ (Σ_c g_c²)`` (the order BackPACK's DiagGGN contracts in),
+        where the vmapped ``(x²)ᵀ(g_c²)`` would be one product per column."""
+        g2 = jnp.square(self.g[:, 0])
+        out = {key: ColumnSquares(tuple(jnp.square(part[:, 0]) for part in parts), g2, tuple(shape))
+               for key, parts, shape in self.kernels}
+        if self.bias is not None:
+            out[self.bias] = g2.sum(axis=0)
+        return out
+
     def kronecker_factors(self, approximation: str = "expand") -> tuple[jax.Array, jax.Array]:
         """K-FAC's ``(A, G)`` for these kernels as one matrix ``W: (fan_in [+1], n_out)`` (the
         kernels' rows stacked in order, then the bias as a last row of inputs 1), so that
@@ -198,6 +211,40 @@ class Positions(NamedTuple):
         if self.bias is not None:
             out[self.bias] = g.sum(axis=0)
         return out
+
+
+@jax.tree_util.register_pytree_node_class
+class ColumnSquares:
+    """One kernel's ``Σ_b (x_b²)ᵀ (g_b²)`` at one position, not yet multiplied (``Positions.column_squares``).
+
+    Attributes:
+        parts: the inputs' squares ``x²``, one ``(B, n_k)`` array per part (a leading column
+            axis after the column vmap, where they are the same for every column).
+        g2: the cotangent's squares ``(B, n_out)`` (after the vmap ``(C, B, n_out)``).
+        shape: the kernel's shape.
+    """
+
+    def __init__(self, parts, g2, shape):
+        self.parts, self.g2, self.shape = parts, g2, shape
+
+    def tree_flatten(self):
+        return (self.parts, self.g2), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        return cls(*children, shape)
+
+    def total(self) -> jax.Array:
+        """``Σ_c Σ_b (x_b²)ᵀ (g_bc²) = (x²)ᵀ (Σ_c g_c²)``, from the vmapped arrays: one product."""
+        g2 = jnp.sum(self.g2, axis=0)
+        return _rows([part[0].T @ g2 for part in self.parts]).reshape(self.shape)
+
+
+def sum_columns(quantity):
+    """A column-vmapped ``"sgs"`` quantity summed over its leading column axis, each
+    ``ColumnSquares`` by its one product."""
+    return jax.tree_util.tree_map(lambda a: a.total() if isinstance(a, ColumnSquares) else jnp.sum(a, axis=0),
+                                  quantity, is_leaf=lambda a: isinstance(a, ColumnSquares))
 
 
 def _rows(blocks: list, axis: int = 0):
