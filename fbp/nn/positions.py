@@ -242,7 +242,14 @@ class ColumnSquares:
 
 def sum_columns(quantity):
     """A column-vmapped ``"sgs"`` quantity summed over its leading column axis, each
-    ``ColumnSquares`` by its one product."""
+    ``ColumnSquares`` by its one product.
+
+    Args:
+        quantity: a probe's ``"sgs-columns"`` output from a backward vmapped over columns.
+
+    Returns:
+        The same tree with the column axis summed away (``ColumnSquares`` become arrays).
+    """
     return jax.tree_util.tree_map(lambda a: a.total() if isinstance(a, ColumnSquares) else jnp.sum(a, axis=0),
                                   quantity, is_leaf=lambda a: isinstance(a, ColumnSquares))
 
