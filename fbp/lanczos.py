@@ -107,6 +107,7 @@ def rademacher(key, like, dtype=None):
 
 
 def _dot(a, b, dtype):
+    """``⟨a, b⟩`` of two vectors (flat arrays or pytrees alike), accumulated in ``dtype``."""
     return sum((jnp.vdot(u, w).astype(dtype) for u, w in zip(_leaves(a), _leaves(b), strict=True)),
                jnp.zeros((), dtype))
 
@@ -137,11 +138,10 @@ def lanczos(matvec, dim: int, iterations: int, key, dtype, start=None, reorthogo
     if dim < 1 or iterations < 1:
         raise ValueError(f"fbp.lanczos.lanczos: dim and iterations must be at least 1, got dim={dim}, "
                          f"iterations={iterations}")
-    if like is None:
-        like = jax.ShapeDtypeStruct((dim,), dtype)
-    elif sum(math.prod(np.shape(a)) for a in _leaves(like)) != dim:
-        raise ValueError(f"fbp.lanczos.lanczos: like's leaves hold {sum(math.prod(np.shape(a)) for a in _leaves(like))}"
-                         f" entries, not dim={dim}")
+    like = jax.ShapeDtypeStruct((dim,), dtype) if like is None else like
+    held = sum(math.prod(np.shape(a)) for a in _leaves(like))
+    if held != dim:
+        raise ValueError(f"fbp.lanczos.lanczos: like's leaves hold {held} entries, not dim={dim}")
     k = min(int(iterations), dim)
     v0 = _scaled(rademacher(key, like), 1 / math.sqrt(dim))  # unit length
     if start is not None:

@@ -45,7 +45,7 @@ from jax import lax
 from fbp import second_order
 from fbp.core import InputError, Layer, Loss, run_forward
 from fbp.curvature import _require_curvature, ggn_product_of_pass
-from fbp.lanczos import lanczos, rademacher
+from fbp.lanczos import _dot, lanczos, rademacher
 from fbp.linear_pass import LinearPass
 from fbp.subspace import Subspace, subspace
 from fbp.validation import typed_arguments
@@ -228,8 +228,7 @@ def trace(op: Operator, samples: int = 100, *, key=None) -> Trace:
 
     def quadratic(k):  # one sample drawn inside the loop: no (samples, dim) array of signs
         z = rademacher(k, like)
-        return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(z), jax.tree_util.tree_leaves(matvec(z)),
-                                                  strict=True))
+        return _dot(z, matvec(z), op.dtype)
 
     quad = lax.map(quadratic, jax.random.split(_key(key), int(samples)))
     return Trace(jnp.mean(quad), jnp.std(quad, ddof=1) / math.sqrt(int(samples)))

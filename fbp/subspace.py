@@ -9,6 +9,7 @@ transpose: a flat vector back into a params-shaped tree with zeros elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -89,7 +90,7 @@ class Subspace:
         flat = v if self.full else jnp.zeros((self.size,), v.dtype).at[self.indices].set(v)
         return self.unravel(flat)
 
-    @property
+    @functools.cached_property
     def positions(self) -> tuple[int, ...] | None:
         """Where the chosen coordinates are whole params arrays: their positions among the
         params' leaves (``jax.tree_util.tree_leaves`` order, which is the flat order); ``None``

@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from fbp.curvature import DiagGGN, DiagGGNMC, ggn_product_of_pass
 from fbp.extensions import Extension
-from fbp.lanczos import lanczos
+from fbp.lanczos import _dot, lanczos
 from fbp.linear_pass import jacobian_vector_product
 
 
@@ -137,7 +137,7 @@ def lanczos_top(matvec, dim: int, iterations: int, key, dtype, start=None, with_
     if not with_vector:
         return values[-1]
     ritz = t.combine(vectors[:, -1])
-    norm = jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(ritz)))
+    norm = jnp.sqrt(_dot(ritz, ritz, dtype))
     return values[-1], jax.tree_util.tree_map(lambda a: a / jnp.maximum(norm, jnp.finfo(dtype).tiny), ritz)
 
 
