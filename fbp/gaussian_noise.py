@@ -90,6 +90,9 @@ def normal(key, shape, dtype=jnp.float32):
         key: a JAX PRNG key (typed, or raw ``uint32[2]``).
         shape: the output's shape.
         dtype: a floating dtype; float32 with a Threefry key takes the fast path.
+
+    Returns:
+        An array of ``shape`` and ``dtype``.
     """
     shape = tuple(int(d) for d in shape)
     if not _fast(key, shape, dtype):
@@ -115,8 +118,18 @@ def normal(key, shape, dtype=jnp.float32):
 
 
 def noisy_mean(key, sums, stddev, divisor):
-    """``(s + stddev · z) / divisor`` for every leaf ``s`` of ``sums``, ``z ~ N(0, I)`` from its own
-    key (``jax.random.split(key, leaves)``): DP-SGD's noisy mean. One key even for no leaves."""
+    """DP-SGD's noisy mean: ``(s + stddev · z) / divisor`` for every leaf ``s`` of ``sums``.
+
+    Args:
+        key: the noise key; leaf ``i`` draws its ``z ~ N(0, I)`` from
+            ``jax.random.split(key, leaves)[i]`` (one key even for no leaves).
+        sums: a pytree of arrays (the clipped gradient sum).
+        stddev: the noise's standard deviation ``σ C``.
+        divisor: the expected batch size ``B̄``.
+
+    Returns:
+        A pytree like ``sums``.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(sums)
     keys = jax.random.split(key, max(len(leaves), 1))
     noisy = [(s + stddev * normal(k, s.shape, s.dtype)) / divisor for s, k in zip(leaves, keys, strict=False)]
