@@ -1,26 +1,31 @@
-"""DP-SGD's Gaussian noise, drawn with half the hashing of ``jax.random.normal``.
+"""DP-SGD's Gaussian noise, fused into its consumer instead of materialised.
 
 DP-SGD adds ``σ C z`` with ``z ~ N(0, I)`` to the clipped gradient sum: one standard normal per
-parameter, 2.9 million a step for a 784-1024³-10 MLP, where the draw costs about 0.4 of the
-plain step on a CPU. ``jax.random.normal`` with JAX's default, *partitionable* Threefry hashes
-one Threefry-2x32 block ``(hi(i), lo(i))`` per entry ``i`` and XORs the block's two output words
-into one (so that a sharded draw needs no communication): half of the hashing is thrown away.
+parameter, 2.9 million a step for a 784-1024³-10 MLP, where ``jax.random.normal`` costs about
+0.45 of the plain step on this project's 2-core CPU and 22 MiB of temporary memory. Two things
+make it so. JAX's CPU lowering of the Threefry-2x32 hash is a rolled ``while`` loop over whole
+counter arrays, which materialises both output words of every block; and JAX's default,
+*partitionable* layout hashes one block ``(hi(i), lo(i))`` per entry ``i`` (64-bit counter
+arithmetic) and XORs the block's two words into one entry.
 
-``normal`` uses both words of every block. With ``n`` entries and ``m = ⌈n/2⌉`` blocks,
-block ``j`` hashes the counter pair ``(j, m + j)`` (``(m-1, 0)`` for the last block when ``n``
-is odd); its first word becomes entry ``j`` and its second entry ``m + j`` — JAX's original
-(non-partitionable) layout. The transform is JAX's own: 23 mantissa bits give
-``u ∈ [-1+ε, 1)`` and ``z = √2 erf⁻¹(u)``. So ``normal(key, shape)`` is *bitwise*
-``jax.random.normal(key, shape)`` under ``jax.threefry_partitionable(False)``, which the tests
-check, at about 0.74 of the partitionable draw's time and half its temporary memory (a float32
-1024×1024 draw: 2.3 vs 3.0 ms, 6 vs 12 MiB, on this project's 2-core CPU;
-``benchmarks/bench_per_example.py``).
+``normal`` writes the same 20-round hash as elementwise ``uint32`` operations, which XLA fuses
+with the transform and with whatever consumes the noise (the noisy mean, the optimizer's
+update): nothing is materialised. Its counters are JAX's original (non-partitionable) layout:
+with ``n`` entries and ``m = ⌈n/2⌉`` blocks, block ``j`` hashes the pair ``(j, m + j)``
+(``(m-1, 0)`` for the last block when ``n`` is odd); its first word becomes entry ``j`` and its
+second entry ``m + j``. The transform is JAX's own: 23 mantissa bits give ``u ∈ [-1+ε, 1)`` and
+``z = √2 erf⁻¹(u)``. So ``normal(key, shape)`` is *bitwise* ``jax.random.normal(key, shape)``
+under ``jax.threefry_partitionable(False)``, which the tests check. Inside the fused loop each
+entry evaluates its block's hash, so the hash is evaluated as often as in the default draw; the
+gain is the memory traffic. Measured (``benchmarks/bench_per_example.py`` and the performance
+page): the MLP's 2.9M entries with an SGD update 6.8–8.3 ms against 9.8–11.0 ms, temporary
+memory 0 against 22 MiB.
 
 **Why the privacy guarantee is unchanged.** The accountant's Gaussian mechanism needs each
 step's noise to be ``N(0, σ²C²I)``, independent of the data and of every other step's noise.
 The noise is still Threefry-2x32 (20 rounds) in counter mode under a key used for nothing else
 (each leaf's key is split from the step's noise key, itself folded from the step's key with
-its own tag), every counter block is hashed once and every output word feeds exactly one
+its own tag); distinct blocks have distinct counters and every output word feeds exactly one
 entry. Under the assumption every JAX user already makes — that Threefry's outputs on distinct
 counters are indistinguishable from independent uniform words — the entries are independent
 and each has exactly the distribution of ``jax.random.normal``'s (the same transform of 23
@@ -33,8 +38,8 @@ jax-privacy and Opacus outside ``secure_mode``, does not defend against those.
 How the draw is laid out matters to XLA's CPU code generator: a reshape from the flat
 ``(n,)`` draw into a 2-D leaf *inside* the fusion that evaluates ``erf⁻¹`` runs 3–4× slower
 than the draw itself, so a leaf with an even leading axis hashes counters in its own shape
-(two half-leaves, joined along axis 0), and any other leaf reshapes the hashed words before
-the transform. Other dtypes and key implementations are drawn by ``jax.random.normal`` under
+(two half-leaves, joined along axis 0), and any other leaf reshapes the hashed words, behind an
+optimisation barrier, before the transform. Other dtypes and key implementations are drawn by ``jax.random.normal`` under
 ``jax.threefry_partitionable(False)``, so every dtype keeps the same layout.
 """
 
@@ -59,10 +64,9 @@ def _uniform_to_normal(bits):
 
 
 def _threefry2x32(key0, key1, count0, count1):
-    """Threefry-2x32 with 20 rounds (Salmon et al., 2011), unrolled: elementwise ``uint32`` ops that
-    XLA fuses into the transform. JAX's CPU lowering of the same hash is a rolled ``while`` loop
-    over the whole counter arrays, which materialises both words (twice the leaf's bytes); the
-    tests check the two agree bit for bit."""
+    """Threefry-2x32 with 20 rounds (Salmon et al., 2011) as elementwise ``uint32`` ops, which XLA
+    fuses into the transform (JAX's CPU lowering of the same hash is a rolled ``while`` loop that
+    materialises both words); the tests check the two agree bit for bit."""
     keys = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
     x0, x1 = count0 + keys[0], count1 + keys[1]
     for i in range(5):
@@ -106,7 +110,7 @@ def normal(key, shape, dtype=jnp.float32):
         counter = lax.broadcasted_iota(jnp.uint32, half, 0)
         for axis in range(1, len(half)):
             counter = counter * np.uint32(half[axis]) + lax.broadcasted_iota(jnp.uint32, half, axis)
-        first, second = lax.optimization_barrier(_threefry2x32(data[0], data[1], counter, counter + np.uint32(m)))
+        first, second = _threefry2x32(data[0], data[1], counter, counter + np.uint32(m))
         return jnp.concatenate([_uniform_to_normal(first), _uniform_to_normal(second)], axis=0)
     counter = lax.iota(jnp.uint32, m)
     partner = counter + np.uint32(m)

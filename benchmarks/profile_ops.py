@@ -1,0 +1,86 @@
+"""Where a jitted step's time goes, per XLA op: a profile that names the kernels.
+
+Runs each candidate under ``jax.profiler.trace`` (a Perfetto trace, read back here as JSON, so
+nothing beyond JAX is needed) and prints the ops that took the most time per call: XLA's
+fusions (``ynn_fusion`` is a matmul or convolution run by XNNPACK's successor, YNNPACK, on the
+CPU), its dots and its loops. Candidates are the per-example benchmark's (``bench_per_example.py``):
+the plain SGD step, the clipped sum without noise, and the DP-SGD step.
+
+Run: ``python benchmarks/profile_ops.py [--only mlp,cnn] [--candidates step,clip,dp] [--calls 5] [--top 25]``.
+The milliseconds are single-run figures for proportions, not for quoting as ratios.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import tempfile
+
+import jax
+from bench_per_example import CCE, CLIP, SIGMA
+from common import block, cnn_workload, lstm_workload, mlp_workload, sgd, transformer_workload
+
+import fbp
+from fbp import privacy
+
+WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "lstm": lstm_workload, "transformer": transformer_workload}
+
+
+def candidates(model, batch):
+    vg = fbp.value_and_grad(model, CCE)
+    clip = privacy.clipped_grad(model, CCE, CLIP)
+    dp = privacy.private_grad(model, CCE, CLIP, SIGMA, batch)
+    return {
+        "step": jax.jit(lambda p, x, y, k: sgd(p, vg(p, x, y)[1])),
+        "clip": jax.jit(lambda p, x, y, k: sgd(p, jax.tree_util.tree_map(lambda g: g / batch, clip(p, x, y)[1]))),
+        "dp": jax.jit(lambda p, x, y, k: sgd(p, dp(p, x, y, noise_key=k)[1])),
+    }
+
+
+def op_times(fn, args, calls: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Milliseconds per call spent in each traced event, and how often it ran per call."""
+    for _ in range(3):
+        block(fn(*args))
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                block(fn(*args))
+        (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            total[e["name"]] += e["dur"] / 1000 / calls
+            count[e["name"]] += 1
+    return dict(total), {k: v // calls for k, v in count.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="mlp,cnn")
+    parser.add_argument("--candidates", default="step,clip,dp")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    for name in args.only.split(","):
+        model, shape = WORKLOADS[name]()
+        kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(kx, shape)
+        y = jax.random.randint(ky, (shape[0],), 0, 10)
+        params = model.init(kp, x)
+        fns = candidates(model, shape[0])
+        for which in args.candidates.split(","):
+            total, count = op_times(fns[which], (params, x, y, jax.random.PRNGKey(3)), args.calls)
+            ops = {k: v for k, v in total.items() if not k.startswith(("$", "ThunkExecutor", "PjitFunction",
+                                                                          "CommonPjRt", "TfrtCpu"))}
+            print(f"\n{name.upper()} {which}: {sum(ops.values()):.1f} ms a call in XLA ops "
+                  f"(the executor's wall time {total.get('ThunkExecutor::Execute (wait for completion)', 0):.1f} ms)")
+            for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:args.top]:
+                print(f"  {ms:7.2f} ms  ×{count[op]:<3d} {op}")
+
+
+if __name__ == "__main__":
+    main()
