@@ -39,8 +39,9 @@ How the draw is laid out matters to XLA's CPU code generator: a reshape from the
 ``(n,)`` draw into a 2-D leaf *inside* the fusion that evaluates ``erf⁻¹`` runs 3–4× slower
 than the draw itself, so a leaf with an even leading axis hashes counters in its own shape
 (two half-leaves, joined along axis 0), and any other leaf reshapes the hashed words, behind an
-optimisation barrier, before the transform. Other dtypes and key implementations are drawn by ``jax.random.normal`` under
-``jax.threefry_partitionable(False)``, so every dtype keeps the same layout.
+optimisation barrier, before the transform. Other dtypes and key implementations are drawn by
+``jax.random.normal`` under ``jax.threefry_partitionable(False)``, so every dtype keeps the
+same layout.
 """
 
 import math
