@@ -23,13 +23,16 @@ from fbp import (
     privacy,
     telemetry,
     train,
+    xla_cpu,
 )
 from fbp.core import InputError, Layer, Loss, grad, to_jax, vjp
 from fbp.engine import value_and_grad
 from fbp.nn.function import layer
 
+xla_cpu.apply()  # convolutions on XLA's own CPU kernels (fbp/xla_cpu.py); before JAX creates a backend
+
 __version__ = "0.1.0"
 
 __all__ = ["InputError", "Layer", "Loss", "accounting", "augment", "check", "credit", "curvature", "data", "debug",
            "deviation", "diagnostics", "grad", "kfac", "layer", "losses", "nn", "optim", "per_example", "privacy",
-           "telemetry", "to_jax", "train", "value_and_grad", "vjp", "__version__"]
+           "telemetry", "to_jax", "train", "value_and_grad", "vjp", "xla_cpu", "__version__"]
