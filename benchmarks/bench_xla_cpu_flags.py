@@ -1,0 +1,78 @@
+"""fbp's CPU flag (``fbp.xla_cpu``) on and off: one training step of each CNN workload.
+
+XLA reads its flags once per process, so the two settings cannot share a process: each run
+starts one child process with the flag (fbp's default) and one with ``FBP_XLA_CPU_FLAGS=0``,
+in alternating order, and each child times every workload's jitted SGD step (median of
+interleaved rounds). Printed: each run's milliseconds and, over the runs, the range of
+off / on (above 1: the flag is faster).
+
+Workloads: the CNN of ``bench_cnn.py`` (fbp's step and the JAX idiom's, reshape-max pooling)
+and 3C3D, Cockpit's network (``bench_diagnostics.py``), both at batch 128; the MLP of
+``bench_mlp.py`` as a control without convolutions.
+
+Run: ``python benchmarks/bench_xla_cpu_flags.py [--runs 3] [--rounds 7]``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, {here!r})
+import fbp
+from fbp import losses
+from common import interleaved, mlp_workload, sgd
+import bench_cnn, bench_diagnostics
+
+loss = losses.CategoricalCrossEntropy(from_logits=True)
+calls = {{}}
+def add(name, model, shape):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    y = jax.random.randint(jax.random.PRNGKey(1), (shape[0],), 0, 10)
+    params = model.init(jax.random.PRNGKey(2), x)
+    vg = fbp.value_and_grad(model, loss)
+    step = jax.jit(lambda p, x, y: sgd(p, vg(p, x, y)[1]))
+    calls[name] = lambda: step(params, x, y)
+add("cnn", bench_cnn.fbp_model(), (128, 28, 28, 1))
+add("3c3d", *bench_diagnostics.c3d3())
+add("mlp", *mlp_workload())
+times = interleaved(calls, rounds={rounds}, reps=2)
+print(json.dumps({{"active": fbp.xla_cpu.active(), "ms": {{k: v * 1e3 for k, v in times.items()}}}}))
+"""
+
+
+def child(on: bool, rounds: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FBP_XLA_CPU_FLAGS"}
+    if not on:
+        env["FBP_XLA_CPU_FLAGS"] = "0"
+    code = CHILD.format(here=os.path.dirname(os.path.abspath(__file__)), rounds=rounds)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    ratios = {}
+    for run in range(args.runs):
+        order = (True, False) if run % 2 == 0 else (False, True)
+        got = {on: child(on, args.rounds) for on in order}
+        if not got[True]["active"] or got[False]["active"]:
+            print(f"  run {run + 1}: the flag did not take effect as expected (on: {got[True]['active']}, "
+                  f"off: {got[False]['active']}) — a jaxlib without YNNPACK convolutions?")
+        line = "   ".join(f"{k} {got[True]['ms'][k]:.1f} / {got[False]['ms'][k]:.1f} ms" for k in got[True]["ms"])
+        print(f"  run {run + 1} (flag on / off): {line}")
+        for k in got[True]["ms"]:
+            ratios.setdefault(k, []).append(got[False]["ms"][k] / got[True]["ms"][k])
+    for k, values in ratios.items():
+        print(f"  {k}: off / on {min(values):.2f} – {max(values):.2f}")
+
+
+if __name__ == "__main__":
+    main()
