@@ -29,13 +29,14 @@ processes, which inherit the environment. ``active()`` says whether it is in eff
 
 from __future__ import annotations
 
+import functools
 import os
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 SUPPORTED = ((0, 10), (0, 12))  # jaxlib versions [0.10, 0.12): the flag exists and was measured there
 OPT_OUT = "FBP_XLA_CPU_FLAGS"
 
-__all__ = ["FLAG", "SUPPORTED", "OPT_OUT", "apply", "active"]
+__all__ = ["FLAG", "SUPPORTED", "OPT_OUT", "apply", "active", "native_convolutions"]
 
 
 def _jaxlib_version() -> tuple[int, int]:
@@ -79,3 +80,16 @@ def active() -> bool:
     text = jax.jit(lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=(
         "NHWC", "HWIO", "NHWC"))).lower(x, w).compile().as_text()
     return '"__ynn_fusion"' not in text  # the fusion kind in the backend config
+
+
+@functools.cache
+def native_convolutions() -> bool:
+    """``active()``, computed once per process: ``fbp.nn.conv`` asks it at trace time to pick a
+    convolution's kernel gradient. Where convolutions are XLA's own (the flag, or a GPU), XLA's
+    kernel-gradient convolution is the faster one; where they are YNNPACK's, fbp's shifted-window
+    matmuls are (``fbp.nn.conv_ops``).
+
+    Returns:
+        Whether convolutions run on XLA's own kernels.
+    """
+    return active()

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import jax
 
+from fbp import xla_cpu
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.conv_ops import (
@@ -133,7 +134,7 @@ class _ConvBase(Layer):
         x, w = res
         strides, pads, lhs_dil, rhs_dil = self._geometry(x)
         g = self.feature_group_count
-        if g == 1 and all(a == 1 for a in lhs_dil):
+        if g == 1 and all(a == 1 for a in lhs_dil) and not xla_cpu.native_convolutions():  # YNNPACK's: slower
             d_w = conv_kernel_grad_matmul(x, d_y, w.shape, strides, pads, rhs_dil)
         else:
             d_w = conv_kernel_grad(x, d_y, w.shape, strides, pads, lhs_dil, rhs_dil, g)

@@ -10,8 +10,10 @@ Its two vector-Jacobian products are convolutions too (the rules JAX's own
   channels are swapped within each group, strides and input dilation exchanged
   (``window_strides = a``, ``lhs_dilation = s``), padding ``lo' = k_d - 1 - lo`` and
   ``hi' = a(n-1)+1 + k_d - 1 - (s(o-1)+1) - lo'`` (``k_d = d(k-1)+1``).
-* ``d_w`` — ungrouped: matmuls of the input's shifted windows with ``d_y``
-  (``conv_kernel_grad_matmul``, faster here); otherwise (groups, transposed) correlate the
+* ``d_w`` — where XLA's CPU convolutions are YNNPACK's (``fbp.xla_cpu``), ungrouped ones as
+  matmuls of the input's shifted windows with ``d_y`` (``conv_kernel_grad_matmul``, faster
+  there); otherwise (XLA's own convolutions — fbp's default on the CPU — a GPU, groups,
+  transposed) a convolution correlating the
   input with ``d_y``: the batch axis becomes the contracted feature axis (dimension numbers
   ``CHWN``, ``IHWO`` → ``HWNC``), ``window_strides = d``, ``rhs_dilation = s``, padding
   ``(lo, s(o-1)+1 - a(n-1)-1 + k_d - 1 - lo)``; groups become batch groups.

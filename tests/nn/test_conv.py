@@ -62,3 +62,49 @@ def test_errors_name_layer_and_shapes():
         nn.Conv2D(4, 3, feature_group_count=2).init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 3)))
     with pytest.raises(ValueError, match="kernel_size must be"):
         nn.Conv2D(4, (3, 3, 3))
+
+
+def test_both_kernel_gradients_equal_jax_s(monkeypatch):
+    """The kernel gradient has two implementations, picked by what XLA runs convolutions on
+    (``fbp.xla_cpu.native_convolutions``): a convolution, and shifted-window matmuls where the
+    convolutions are YNNPACK's. Each equals ``jax.vjp`` of ``lax.conv_general_dilated`` in float64
+    over strides, padding, dilation and 1-D/2-D/3-D, and a planted error (one kernel tap's
+    window shifted) is caught."""
+    from fbp import xla_cpu
+    from fbp.nn import conv_ops
+
+    with jax.enable_x64(True):
+        key = iter(jax.random.split(jax.random.PRNGKey(3), 64))
+        cases = [((2, 9, 4), (3, 4, 5), (2,), ((1, 2),), (1,)),
+                 ((2, 7, 6, 3), (3, 2, 3, 4), (1, 2), ((1, 1), (0, 1)), (2, 1)),
+                 ((2, 6, 6, 9), (3, 3, 9, 5), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # taps x channels > 64
+                 ((1, 5, 4, 6, 2), (2, 2, 3, 2, 3), (1, 1, 2), ((0, 1), (1, 1), (1, 0)), (1, 2, 1))]
+        for x_shape, k_shape, strides, pads, dil in cases:
+            x = jax.random.normal(next(key), x_shape, jnp.float64)
+            w = jax.random.normal(next(key), k_shape, jnp.float64)
+            lhs, rhs, out = conv_ops.specs(len(strides))
+            def forward(w, x=x, strides=strides, pads=pads, dil=dil, specs=(lhs, rhs, out)):
+                return jax.lax.conv_general_dilated(x, w, strides, pads, None, dil, specs)
+            y, vjp = jax.vjp(forward, w)
+            d_y = jax.random.normal(next(key), y.shape, jnp.float64)
+            (want,) = vjp(d_y)
+            by_matmul = conv_ops.conv_kernel_grad_matmul(x, d_y, w.shape, strides, pads, dil)
+            by_conv = conv_ops.conv_kernel_grad(x, d_y, w.shape, strides, pads, (1,) * len(strides), dil, 1)
+            np.testing.assert_allclose(by_matmul, want, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(by_conv, want, rtol=1e-10, atol=1e-12)
+            shifted = conv_ops.conv_kernel_grad_matmul(jnp.roll(x, 1, axis=1), d_y, w.shape, strides, pads, dil)
+            assert not np.allclose(shifted, want, rtol=1e-6)
+        # and the layer takes the matmul route where convolutions are YNNPACK's, with the same result
+        layer = nn.Conv2D(5, 3)
+        x = jax.random.normal(next(key), (2, 6, 6, 3), jnp.float64)
+        params = layer.init(next(key), x)
+        y, res = layer.forward(params, x)
+        d_y = jax.random.normal(next(key), y.shape, jnp.float64)
+        native = layer.backward(res, d_y)
+        monkeypatch.setattr(xla_cpu, "native_convolutions", lambda: False)
+        called = []
+        real = conv_ops.conv_kernel_grad_matmul
+        monkeypatch.setattr(fbp.nn.conv, "conv_kernel_grad_matmul", lambda *a: called.append(1) or real(*a))
+        ynn = layer.backward(res, d_y)
+        assert called
+        np.testing.assert_allclose(ynn[0]["w"], native[0]["w"], rtol=1e-10)
