@@ -35,7 +35,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from common import block, cnn_workload, mlp_workload, ratio_runs, sgd, temp_bytes
+from common import block, cnn_workload, mlp_workload, random_batch, ratio_runs, sgd, temp_bytes
 
 import fbp
 from fbp import curvature, kfac, losses, optim
@@ -113,10 +113,7 @@ def main(argv=None):
     workloads = {"mlp": mlp_workload, "cnn": cnn_workload}
     for name in args.only.split(","):
         model, shape = workloads[name]()
-        kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-        x = jax.random.normal(kx, shape)
-        y = jax.random.randint(ky, (shape[0],), 0, 10)
-        params = model.init(kp, x)
+        params, x, y = random_batch(model, shape)
         key = jax.random.key(3)
         inputs = (params, x, y, key)
         fns = candidates(model, params, x, y)

@@ -28,7 +28,16 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-from common import cnn_workload, lstm_workload, mlp_workload, ratio_runs, sgd, temp_bytes, transformer_workload
+from common import (
+    cnn_workload,
+    lstm_workload,
+    mlp_workload,
+    random_batch,
+    ratio_runs,
+    sgd,
+    temp_bytes,
+    transformer_workload,
+)
 
 import fbp
 from fbp import losses, per_example, privacy
@@ -82,10 +91,7 @@ def main(argv=None):
     workloads = {"mlp": mlp_workload, "cnn": cnn_workload, "lstm": lstm_workload, "transformer": transformer_workload}
     for name in args.only.split(","):
         model, shape = workloads[name]()
-        kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-        x = jax.random.normal(kx, shape)
-        y = jax.random.randint(ky, (shape[0],), 0, 10)
-        params = model.init(kp, x)
+        params, x, y = random_batch(model, shape)
         fns = candidates(model, shape[0])
         inputs = (params, x, y, jax.random.PRNGKey(3))
         calls = {k: (lambda f=f, a=inputs: f(*a)) for k, f in fns.items()}

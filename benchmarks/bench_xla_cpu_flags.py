@@ -6,9 +6,9 @@ in alternating order, and each child times every workload's jitted SGD step (med
 interleaved rounds). Printed: each run's milliseconds and, over the runs, the range of
 off / on (above 1: the flag is faster).
 
-Workloads: the CNN of ``bench_cnn.py`` (fbp's step and the JAX idiom's, reshape-max pooling)
-and 3C3D, Cockpit's network (``bench_diagnostics.py``), both at batch 128; the MLP of
-``bench_mlp.py`` as a control without convolutions.
+Workloads (fbp's step on each): the CNN of ``bench_cnn.py`` and 3C3D, Cockpit's network
+(``bench_diagnostics.py``), both at batch 128; the MLP of ``bench_mlp.py`` as a control without
+convolutions.
 
 Run: ``python benchmarks/bench_xla_cpu_flags.py [--runs 3] [--rounds 7]``.
 """
@@ -21,19 +21,17 @@ import sys
 
 CHILD = r"""
 import json, sys
-import jax, jax.numpy as jnp
+import jax
 sys.path.insert(0, {here!r})
 import fbp
 from fbp import losses
-from common import interleaved, mlp_workload, sgd
+from common import interleaved, mlp_workload, random_batch, sgd
 import bench_cnn, bench_diagnostics
 
 loss = losses.CategoricalCrossEntropy(from_logits=True)
 calls = {{}}
 def add(name, model, shape):
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    y = jax.random.randint(jax.random.PRNGKey(1), (shape[0],), 0, 10)
-    params = model.init(jax.random.PRNGKey(2), x)
+    params, x, y = random_batch(model, shape)
     vg = fbp.value_and_grad(model, loss)
     step = jax.jit(lambda p, x, y: sgd(p, vg(p, x, y)[1]))
     calls[name] = lambda: step(params, x, y)

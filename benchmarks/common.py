@@ -102,3 +102,12 @@ def transformer_workload():
 
 def sgd(params, grads, lr=1e-2):
     return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+
+
+def random_batch(model, shape, classes: int = 10):
+    """The benchmarks' shared inputs: ``(params, x, y)`` from ``PRNGKey(0)`` split three ways —
+    a standard-normal batch of ``shape``, integer labels below ``classes``, and ``model.init``."""
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, shape)
+    y = jax.random.randint(ky, (shape[0],), 0, classes)
+    return model.init(kp, x), x, y

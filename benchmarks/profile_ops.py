@@ -3,7 +3,7 @@
 Runs each candidate under ``jax.profiler.trace`` (a Perfetto trace, read back here as JSON, so
 nothing beyond JAX is needed) and prints the ops that took the most time per call: XLA's
 fusions (``ynn_fusion`` is a matmul or convolution run by XNNPACK's successor, YNNPACK, on the
-CPU), its dots and its loops. Candidates are the per-example benchmark's (``bench_per_example.py``):
+CPU), its dots and its loops. Candidates are the per-example benchmark's (``bench_per_example.candidates``), by default
 the plain SGD step, the clipped sum without noise, and the DP-SGD step.
 
 Run: ``python benchmarks/profile_ops.py [--only mlp,cnn] [--candidates step,clip,dp] [--calls 5] [--top 25]``.
@@ -18,24 +18,10 @@ import json
 import tempfile
 
 import jax
-from bench_per_example import CCE, CLIP, SIGMA
-from common import block, cnn_workload, lstm_workload, mlp_workload, sgd, transformer_workload
-
-import fbp
-from fbp import privacy
+from bench_per_example import candidates
+from common import block, cnn_workload, lstm_workload, mlp_workload, random_batch, transformer_workload
 
 WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "lstm": lstm_workload, "transformer": transformer_workload}
-
-
-def candidates(model, batch):
-    vg = fbp.value_and_grad(model, CCE)
-    clip = privacy.clipped_grad(model, CCE, CLIP)
-    dp = privacy.private_grad(model, CCE, CLIP, SIGMA, batch)
-    return {
-        "step": jax.jit(lambda p, x, y, k: sgd(p, vg(p, x, y)[1])),
-        "clip": jax.jit(lambda p, x, y, k: sgd(p, jax.tree_util.tree_map(lambda g: g / batch, clip(p, x, y)[1]))),
-        "dp": jax.jit(lambda p, x, y, k: sgd(p, dp(p, x, y, noise_key=k)[1])),
-    }
 
 
 def op_times(fn, args, calls: int) -> tuple[dict[str, float], dict[str, int]]:
@@ -67,10 +53,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for name in args.only.split(","):
         model, shape = WORKLOADS[name]()
-        kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-        x = jax.random.normal(kx, shape)
-        y = jax.random.randint(ky, (shape[0],), 0, 10)
-        params = model.init(kp, x)
+        params, x, y = random_batch(model, shape)
         fns = candidates(model, shape[0])
         for which in args.candidates.split(","):
             total, count = op_times(fns[which], (params, x, y, jax.random.PRNGKey(3)), args.calls)
