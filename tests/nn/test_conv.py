@@ -108,3 +108,56 @@ def test_both_kernel_gradients_equal_jax_s(monkeypatch):
         ynn = layer.backward(res, d_y)
         assert called
         np.testing.assert_allclose(ynn[0]["w"], native[0]["w"], rtol=1e-10)
+
+
+def _conv_layouts(fn, *args) -> list[tuple[str, str, str]]:
+    """``(lhs, kernel, out)`` dimension labels of every convolution XLA compiled for ``fn``."""
+    import re
+
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [tuple(re.split(r"_|->", labels)) for labels in re.findall(r"dim_labels=([^,\s]+)", text)]
+
+
+def _batch_major(layouts) -> bool:
+    """Every convolution in the layout XLA's CPU runs on Eigen: batch first and features last
+    (``b01f``) for the input and the output."""
+    return all(lhs[0] == out[0] == "b" and lhs[-1] == out[-1] == "f" for lhs, _, out in layouts)
+
+
+def test_kernel_gradients_keep_the_fast_layout_inside_loops_and_branches():
+    """XLA's CPU backend moves a convolution into its canonical (Eigen) layout at a program's top
+    level but not inside a ``scan``'s or ``cond``'s body, where a kernel gradient named by
+    dimension numbers (``f01b_i01o->01bf``) ran 35-150× slower — every CNN step of a scanned
+    epoch or a Lanczos loop. ``conv_kernel_grad`` transposes its operands itself. Checked on the
+    compiled program of a scanned and a branched training step, for 1-D and 2-D, strided and
+    dilated convolutions; the planted old formulation is caught."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the layout question is XLA CPU's")
+    from fbp.nn import conv_ops
+
+    for layer, shape in [(nn.Conv1D(4, 3, strides=2), (2, 9, 3)), (nn.Conv2D(4, 3), (2, 6, 6, 3)),
+                         (nn.Conv2D(4, 3, dilation=2, padding="VALID"), (2, 7, 7, 3))]:
+        xs = jax.random.normal(jax.random.PRNGKey(0), (3, *shape))
+        params = layer.init(jax.random.PRNGKey(1), xs[0])
+
+        def step(p, x, layer=layer):
+            y, res = layer.forward(p, x)
+            d_p, d_x = layer.backward(res, jnp.sin(y))
+            return jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, p, d_p), d_x.sum()
+
+        scanned = _conv_layouts(lambda p, xs, step=step: jax.lax.scan(step, p, xs), params, xs)
+        branched = _conv_layouts(lambda p, x, step=step: jax.lax.cond(x.sum() > 0, step, lambda p, x: (p, 0.0), p, x),
+                                 params, xs[0])
+        assert len(scanned) == len(branched) == 3, (layer, scanned, branched)  # forward, d_x, d_w
+        assert _batch_major(scanned) and _batch_major(branched), (layer, scanned, branched)
+
+    def old_kernel_grad(x, d_y):  # the kernel gradient as dimension numbers alone, before the fix
+        return jax.lax.conv_general_dilated(x, d_y, (1, 1), ((1, 1), (1, 1)), None, None, ("CHWN", "IHWO", "HWNC"))
+
+    xs, d_ys = jnp.ones((3, 2, 6, 6, 3)), jnp.ones((3, 2, 6, 6, 4))
+    planted = _conv_layouts(lambda xs, d_ys: jax.lax.scan(lambda c, a: (c + old_kernel_grad(*a), None),
+                                                            jnp.zeros((3, 3, 3, 4)), (xs, d_ys))[0], xs, d_ys)
+    assert planted and not _batch_major(planted), planted
+    np.testing.assert_allclose(old_kernel_grad(xs[0], d_ys[0]),
+                               conv_ops.conv_kernel_grad(xs[0], d_ys[0], (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)),
+                                                         (1, 1), (1, 1), 1), rtol=1e-6)
