@@ -7,8 +7,10 @@ interleaved rounds). Printed: each run's milliseconds and, over the runs, the ra
 off / on (above 1: the flag is faster).
 
 Workloads (fbp's step on each): the CNN of ``bench_cnn.py`` and 3C3D, Cockpit's network
-(``bench_diagnostics.py``), both at batch 128; the MLP of ``bench_mlp.py`` as a control without
-convolutions.
+(``bench_diagnostics.py``), both at batch 128; 3C3D's step again as four steps inside one
+``lax.scan`` (time per step: XLA's CPU backend compiles a loop's body differently, and a
+kernel-gradient convolution once ran 35-150× slower there than at the top level); the MLP of
+``bench_mlp.py`` as a control without convolutions.
 
 Run: ``python benchmarks/bench_xla_cpu_flags.py [--runs 3] [--rounds 7]``.
 """
@@ -35,11 +37,20 @@ def add(name, model, shape):
     vg = fbp.value_and_grad(model, loss)
     step = jax.jit(lambda p, x, y: sgd(p, vg(p, x, y)[1]))
     calls[name] = lambda: step(params, x, y)
+def add_scanned(name, model, shape, steps=4):
+    params, x, y = random_batch(model, shape)
+    vg = fbp.value_and_grad(model, loss)
+    xs, ys = jax.numpy.stack([x] * steps), jax.numpy.stack([y] * steps)
+    run = jax.jit(lambda p, xs, ys: jax.lax.scan(lambda p, b: (sgd(p, vg(p, *b)[1]), None), p, (xs, ys))[0])
+    calls[name] = lambda: run(params, xs, ys)
+    per_step[name] = steps
+per_step = {{}}
 add("cnn", bench_cnn.fbp_model(), (128, 28, 28, 1))
 add("3c3d", *bench_diagnostics.c3d3())
+add_scanned("3c3d, scanned", *bench_diagnostics.c3d3())
 add("mlp", *mlp_workload())
 times = interleaved(calls, rounds={rounds}, reps=2)
-print(json.dumps({{"active": fbp.xla_cpu.active(), "ms": {{k: v * 1e3 for k, v in times.items()}}}}))
+print(json.dumps({{"active": fbp.xla_cpu.active(), "ms": {{k: v * 1e3 / per_step.get(k, 1) for k, v in times.items()}}}}))
 """
 
 
