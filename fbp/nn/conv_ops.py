@@ -110,10 +110,11 @@ def conv_input_grad(d_y, w, x_shape, strides, pads, lhs_dilation, rhs_dilation, 
     # (..., I, G, O/G) -> (..., G, I, O/G) -> (..., G*I, O/G): per group, swap input and output channels
     wt = w.reshape(*k, c_in_g, groups, c_out // groups)
     wt = jnp.moveaxis(wt, n + 1, n).reshape(*k, groups * c_in_g, c_out // groups)
-    wt = jnp.flip(wt, axis=tuple(range(n)))
-    s = SPATIAL_AXES[n]
-    return lax.conv_general_dilated(d_y, wt, lhs_dilation, new_pads, strides, rhs_dilation,
-                                    (f"N{s}C", f"{s}OI", f"N{s}C"), feature_group_count=groups)
+    # flipped, and (..., O/G, G*I) in memory: the kernel layout XLA's CPU runs on Eigen, which XLA
+    # would not make inside a loop's or a branch's body (3-4× slower there; see conv_kernel_grad)
+    wt = jnp.swapaxes(jnp.flip(wt, axis=tuple(range(n))), n, n + 1)
+    return lax.conv_general_dilated(d_y, wt, lhs_dilation, new_pads, strides, rhs_dilation, specs(n),
+                                    feature_group_count=groups)
 
 
 def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dilation, groups):

@@ -120,17 +120,19 @@ def _conv_layouts(fn, *args) -> list[tuple[str, str, str]]:
 
 def _batch_major(layouts) -> bool:
     """Every convolution in the layout XLA's CPU runs on Eigen: batch first and features last
-    (``b01f``) for the input and the output."""
-    return all(lhs[0] == out[0] == "b" and lhs[-1] == out[-1] == "f" for lhs, _, out in layouts)
+    (``b01f``) for the input and the output, the kernel's input then output features last (``01io``)."""
+    return all(lhs[0] == out[0] == "b" and lhs[-1] == out[-1] == "f" and kernel[-2:] == "io"
+               for lhs, kernel, out in layouts)
 
 
-def test_kernel_gradients_keep_the_fast_layout_inside_loops_and_branches():
+def test_gradients_keep_the_fast_layout_inside_loops_and_branches():
     """XLA's CPU backend moves a convolution into its canonical (Eigen) layout at a program's top
     level but not inside a ``scan``'s or ``cond``'s body, where a kernel gradient named by
-    dimension numbers (``f01b_i01o->01bf``) ran 35-150× slower — every CNN step of a scanned
-    epoch or a Lanczos loop. ``conv_kernel_grad`` transposes its operands itself. Checked on the
-    compiled program of a scanned and a branched training step, for 1-D and 2-D, strided and
-    dilated convolutions; the planted old formulation is caught."""
+    dimension numbers (``f01b_i01o->01bf``) ran 35-150× slower and an input gradient with its
+    kernel as ``01oi`` 3-4× slower — every CNN step of a scanned epoch or a Lanczos loop.
+    ``conv_kernel_grad`` and ``conv_input_grad`` transpose their operands themselves. Checked on
+    the compiled program of a scanned and a branched training step, for 1-D and 2-D, strided
+    and dilated convolutions; both planted old formulations are caught."""
     if jax.default_backend() != "cpu":
         pytest.skip("the layout question is XLA CPU's")
     from fbp.nn import conv_ops
@@ -158,6 +160,19 @@ def test_kernel_gradients_keep_the_fast_layout_inside_loops_and_branches():
     planted = _conv_layouts(lambda xs, d_ys: jax.lax.scan(lambda c, a: (c + old_kernel_grad(*a), None),
                                                             jnp.zeros((3, 3, 3, 4)), (xs, d_ys))[0], xs, d_ys)
     assert planted and not _batch_major(planted), planted
+
+    w = jnp.ones((3, 3, 3, 4))
+
+    def old_input_grad(d_y):  # the input gradient's kernel named "HWOI", before the fix
+        return jax.lax.conv_general_dilated(d_y, jnp.flip(w, (0, 1)), (1, 1), ((1, 1), (1, 1)), None, None,
+                                            ("NHWC", "HWOI", "NHWC"))
+
+    planted = _conv_layouts(lambda d_ys: jax.lax.scan(lambda c, d: (c + old_input_grad(d).sum(), None), 0.0, d_ys)[0],
+                            d_ys)
+    assert planted and not _batch_major(planted), planted
+    np.testing.assert_allclose(old_input_grad(d_ys[0]),
+                               conv_ops.conv_input_grad(d_ys[0], w, xs[0].shape, (1, 1), ((1, 1), (1, 1)), (1, 1),
+                                                        (1, 1), 1), rtol=1e-6)
     np.testing.assert_allclose(old_kernel_grad(xs[0], d_ys[0]),
                                conv_ops.conv_kernel_grad(xs[0], d_ys[0], (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)),
                                                          (1, 1), (1, 1), 1), rtol=1e-6)
