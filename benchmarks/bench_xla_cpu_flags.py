@@ -50,7 +50,8 @@ add("3c3d", *bench_diagnostics.c3d3())
 add_scanned("3c3d, scanned", *bench_diagnostics.c3d3())
 add("mlp", *mlp_workload())
 times = interleaved(calls, rounds={rounds}, reps=2)
-print(json.dumps({{"active": fbp.xla_cpu.active(), "ms": {{k: v * 1e3 / per_step.get(k, 1) for k, v in times.items()}}}}))
+ms = {{k: v * 1e3 / per_step.get(k, 1) for k, v in times.items()}}
+print(json.dumps({{"active": fbp.xla_cpu.active(), "ms": ms}}))
 """
 
 
