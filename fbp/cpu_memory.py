@@ -20,8 +20,7 @@ allocations above 256 MiB are mapped and unmapped as before. Nothing about resul
 already sets glibc's malloc (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
 ``glibc.malloc`` in ``GLIBC_TUNABLES``: yours win); off Linux or without glibc. ``applied()``
 says whether it was. The setting is process-wide, like ``fbp.xla_cpu``'s flag: other code in the
-process gets it too. ``FBP_CPU_MALLOC=0`` (or ``MALLOC_TRIM_THRESHOLD_=131072`` for glibc's
-default trimming) restores the old behaviour.
+process gets it too. ``FBP_CPU_MALLOC=0`` restores glibc's defaults (set before ``import fbp``).
 """
 
 from __future__ import annotations
