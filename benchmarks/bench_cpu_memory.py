@@ -3,8 +3,9 @@
 ``import fbp`` raises glibc's mmap and trim thresholds to 256 MiB so that XLA's per-call
 temporary buffers are reused instead of mapped afresh (and page-faulted in) on every call. The
 thresholds can be changed at run time (``mallopt``), so both states share one process: each
-round sets one state (``fbp.cpu_memory.set_thresholds``; "off" is glibc's 128 KiB default,
-without its dynamic mmap threshold), releases free memory (``malloc_trim``), runs one warm-up
+round sets one state (``fbp.cpu_memory.set_thresholds``: "on" is fbp's 256 MiB, "off" 32 MiB,
+where glibc's dynamic mmap threshold settles for buffers this size; the dynamic rule itself cannot
+be restored in a process once set), releases free memory (``malloc_trim``), runs one warm-up
 call and times a median of ``--reps`` calls of every workload, alternating the states' order
 each round. Printed: each state's medians per round, and off / on (above 1: the setting is faster).
 
@@ -16,7 +17,6 @@ Run: ``python benchmarks/bench_cpu_memory.py [--rounds 6] [--reps 5] [--sequence
 """
 
 import argparse
-import ctypes
 import statistics
 import time
 
@@ -54,8 +54,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--sequences", action="store_true")
     args = parser.parse_args(argv)
-    libc = ctypes.CDLL("libc.so.6")
-    if not cpu_memory.set_thresholds(cpu_memory.THRESHOLD):
+    libc = cpu_memory._glibc()
+    if libc is None or not cpu_memory.set_thresholds(cpu_memory.THRESHOLD):
         raise SystemExit("glibc's mallopt is not available here")
     calls = steps(args.sequences)
     times = {(name, on): [] for name in calls for on in (True, False)}

@@ -149,8 +149,7 @@ def conv_kernel_grad(x, d_y, kernel_shape, strides, pads, lhs_dilation, rhs_dila
     # slower (3C3D's kernel gradients in a scanned step: 0.7-2 s instead of 6-17 ms).
     xt = jnp.transpose(x, (n + 1, *range(1, n + 1), 0))
     dt = jnp.transpose(d_y, (*range(1, n + 1), 0, n + 1))
-    lhs, rhs, out = specs(n)
-    d_w = lax.conv_general_dilated(xt, dt, rhs_dilation, new_pads, lhs_dilation, strides, (lhs, rhs, out),
+    d_w = lax.conv_general_dilated(xt, dt, rhs_dilation, new_pads, lhs_dilation, strides, specs(n),
                                    batch_group_count=groups, preferred_element_type=accumulator(x.dtype))
     return jnp.transpose(d_w, (*range(1, n + 1), 0, n + 1)).astype(x.dtype)
 
