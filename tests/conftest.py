@@ -23,6 +23,10 @@ a program compiled alike by two tests, two workers or an eager op in both is com
 Nothing persists between runs: the directory is removed when the run ends. ``FBP_TEST_CACHE=0``
 turns it off.
 
+**One core per worker.** Each xdist worker is pinned to its own core before JAX starts, so that
+XLA's thread pools (sized from the cores a process may use) do not make two workers contend for
+both cores. ``FBP_TEST_PIN=0`` turns it off.
+
 **Precision × jit.** A test that takes both the ``dtype`` and the ``jit`` fixture runs in two
 of the four combinations, float64 eagerly and float32 under jit, so each level of each factor
 is exercised on every case (pairwise testing). Tests marked ``every_mode`` run all four.
@@ -41,6 +45,16 @@ if os.environ.get("FBP_TEST_OPTIMIZED") != "1":  # before JAX creates its CPU cl
 # One compilation cache for the run, shared by the xdist workers and the subprocesses, which
 # inherit the environment: a program that two tests, two workers or an example compile alike
 # is compiled once. The process that made the directory removes it at the end.
+# One core per xdist worker (worker i on the i-th core it may run on, modulo their number), set
+# before JAX starts: XLA's CPU client sizes its thread pools from the cores a process may use, so
+# each worker compiles and runs on one thread instead of two workers' pools contending for the
+# same two cores. Subprocesses (examples, notebooks, multi-device scripts) inherit the core.
+# ``FBP_TEST_PIN=0`` turns it off.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if os.environ.get("FBP_TEST_PIN") != "0" and _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cores[int(_WORKER[2:]) % len(_cores)]})
+
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("FBP_TEST_CACHE") != "0":
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fbp-test-xla-cache-")
@@ -97,12 +111,13 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("jit", list(MODES.values()), indirect=True, ids=list(MODES))
 
 
-# The quick tier (`pytest -m "not slow"`, under two minutes on two cores) runs every test function
+# The quick tier (`pytest -m "not slow"`, about 2.3 minutes on two cores) runs every test function
 # once, in its first parametrisation, and leaves out what runs whole programs or whole
 # catalogues: examples, notebooks, multi-device and multi-process runs, the CLI, every-rule and
 # every-family sweeps, randomised shapes, and the few single tests that take longest (fits,
 # K-FAC on digits, whole sequence models). CI (`.ci/run`) runs everything.
-SLOW_MODULES = ("test_examples.py", "test_notebooks.py", "test_parallel.py", "test_resume.py")
+SLOW_MODULES = ("test_examples.py", "test_notebooks.py", "test_parallel.py", "test_resume.py",
+                "test_checkpoint_multiprocess.py")
 SLOW_NAMES = ("every_builtin_rule", "test_cli_", "random_shapes", "family_in_a_sequence_model", "digits",
               "killed_mid_save", "class_losses_over_sequences", "stateful_random_model_end_to_end",
               "every_family_matches", "every_statistic_equals_its_independent_reference", "state_key_vmap_and_scan",
@@ -113,7 +128,19 @@ SLOW_NAMES = ("every_builtin_rule", "test_cli_", "random_shapes", "family_in_a_s
               "monte_carlo_diagonal_converges", "cotangents_training_never_computes", "bfloat16_training_keeps",
               "alignment_angle_is_the_angle", "names_the_deviating_paths", "reverses_everything_below",
               "scan_epochs_equal_python_loop", "no_mask_reused_across_layers", "metrics_records_exactly",
-              "training_inside_lax_scan", "factored_damping_is_martens", "moving_averages_and_the_inverse")
+              "training_inside_lax_scan", "factored_damping_is_martens", "moving_averages_and_the_inverse",
+              # single tests of 4 s or more in the quick tier (measured with --durations, two workers)
+              "every_built_in_leaf_declares", "an_lstm_with_dropout_and_a_transformer_under_fit",
+              "diagnostics.py::test_without_jit", "property_per_example_grads_equal_vmap",
+              "telemetry_stats_join_the_pass", "ggn_diagonals_join_the_same_call", "docs_page_is_the_generated_table",
+              "eigenvalues_converge_with_their_residual_bounds", "structures_and_marginal_likelihood_equal_dense",
+              "iteration_on_params_arrays_equals_the_flat_one", "ekfac_ranks_like_the_exact_influence",
+              "every_quantity_equals_its_reference", "predictive_equals_the_linearised_formulas",
+              "hessian_influence_equals_the_dense_hessian_inverse", "resumed_run_records_what_an_uninterrupted",
+              "second_order.py::test_batch_norm_in_both_modes", "every_extension_from_one_call_equals_vmap_of_grad",
+              "fit_alpha_and_steps_equal_a_direct", "lengths_including_one", "causal_attention_leaks_nothing",
+              "the_draw_is_jax_s_own_threefry", "sampled_histogram_elements_are_per_example",
+              "kronecker_and_similarity_methods_equal")
 
 
 def pytest_unconfigure(config):
@@ -132,5 +159,6 @@ def pytest_collection_modifyitems(config, items):
         function = (item.path, getattr(item, "originalname", item.name))
         repeat = function in seen
         seen.add(function)
-        if repeat or item.path.name in SLOW_MODULES or any(name in item.name for name in SLOW_NAMES):
+        where = f"{item.path.name}::{item.name}"
+        if repeat or item.path.name in SLOW_MODULES or any(name in where for name in SLOW_NAMES):
             item.add_marker(pytest.mark.slow)
