@@ -42,19 +42,20 @@ if os.environ.get("FBP_TEST_OPTIMIZED") != "1":  # before JAX creates its CPU cl
                                         "--xla_cpu_use_fusion_emitters=false",
                                         "--xla_disable_hlo_passes=tree_reduction_rewriter"]).strip()
 
-# One compilation cache for the run, shared by the xdist workers and the subprocesses, which
-# inherit the environment: a program that two tests, two workers or an example compile alike
-# is compiled once. The process that made the directory removes it at the end.
 # One core per xdist worker (worker i on the i-th core it may run on, modulo their number), set
-# before JAX starts: XLA's CPU client sizes its thread pools from the cores a process may use, so
-# each worker compiles and runs on one thread instead of two workers' pools contending for the
-# same two cores. Subprocesses (examples, notebooks, multi-device scripts) inherit the core.
+# before JAX starts: XLA's CPU client sizes its thread pools from the cores a process may use
+# (13 threads with one core against 17 with two, measured), so each worker keeps to its own core
+# instead of two workers' pools contending for both. Subprocesses (examples, notebooks,
+# multi-device scripts) inherit the core.
 # ``FBP_TEST_PIN=0`` turns it off.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if os.environ.get("FBP_TEST_PIN") != "0" and _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
     _cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {_cores[int(_WORKER[2:]) % len(_cores)]})
 
+# One compilation cache for the run, shared by the xdist workers and the subprocesses, which
+# inherit the environment: a program that two tests, two workers or an example compile alike
+# is compiled once. The process that made the directory removes it at the end.
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("FBP_TEST_CACHE") != "0":
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fbp-test-xla-cache-")
