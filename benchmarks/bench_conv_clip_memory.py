@@ -6,9 +6,9 @@ on `(128, 14, 14, 32)`, with a random output cotangent. Each way returns the cli
 
 - **materialised** is fbp's route today (`Conv2D.per_example_positions`). It builds the nine
   shifted windows `(B, 196, 32)`, then `G` by one batched dot per tap, and keeps all of it live.
-- **looped** loops over the taps and keeps only the squared norms. The clipped sum is then XLA's
-  kernel-gradient convolution of the rescaled cotangent `c_b d_y_b`: less memory, one more
-  convolution.
+- **looped** loops over the taps and keeps only the squared norms. The clipped sum is then
+  fbp's kernel-gradient convolution (`conv_ops.conv_kernel_grad`) of the rescaled cotangent
+  `c_b d_y_b`: less memory, one more convolution.
 - **looped_store** loops over the taps too, but writes each tap's `(B, 32, 64)` block into `G`. It
   never holds more than one window, and `G` is summed with the clip factors as before.
 
@@ -26,40 +26,34 @@ from common import interleaved, temp_bytes
 from jax import lax
 
 import fbp  # noqa: F401  (the XLA flag and malloc thresholds fbp sets at import)
+from fbp.nn.conv_ops import conv_kernel_grad, conv_windows
 
 B, H, W, C, C_OUT, CLIP = 128, 14, 14, 32, 64, 1.0
-
-
-def windows(x):
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [xp[:, i:i + H, j:j + W, :].reshape(B, -1, C) for i in range(3) for j in range(3)]
+PADS = ((1, 1), (1, 1))  # SAME for a 3×3 kernel
 
 
 def materialised(x, dy):
     g3 = dy.reshape(B, -1, C_OUT)
-    g = jnp.concatenate([jnp.einsum("bpc,bpo->bco", w, g3) for w in windows(x)], axis=1)
+    windows = conv_windows(x, (3, 3, C, C_OUT), (1, 1), PADS, (1, 1), (H, W))  # fbp's own, one per tap
+    g = jnp.concatenate([jnp.einsum("bpc,bpo->bco", w, g3) for w in windows], axis=1)
     n = jnp.sqrt(jnp.sum(g ** 2, axis=(1, 2)))
     return jnp.tensordot(jnp.minimum(1.0, CLIP / n), g, 1).reshape(3, 3, C, C_OUT), n
 
 
-def kernel_grad(x, d):
-    conv = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-    return jax.vjp(conv, jnp.zeros((3, 3, C, C_OUT), x.dtype))[1](d)[0]
-
-
 def looped(x, dy):
-    xp, g3 = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), dy.reshape(B, -1, C_OUT)
+    xp, g3 = jnp.pad(x, ((0, 0), *PADS, (0, 0))), dy.reshape(B, -1, C_OUT)
 
     def body(t, acc):
         w = lax.dynamic_slice(xp, (0, t // 3, t % 3, 0), (B, H, W, C)).reshape(B, -1, C)
         return acc + jnp.sum(jnp.einsum("bpc,bpo->bco", w, g3) ** 2, axis=(1, 2))
 
     n = jnp.sqrt(lax.fori_loop(0, 9, body, jnp.zeros(B, x.dtype)))
-    return kernel_grad(x, dy * jnp.minimum(1.0, CLIP / n)[:, None, None, None]), n
+    scaled = dy * jnp.minimum(1.0, CLIP / n)[:, None, None, None]  # fbp's kernel gradient of c_b d_y_b
+    return conv_kernel_grad(x, scaled, (3, 3, C, C_OUT), (1, 1), PADS, (1, 1), (1, 1), 1), n
 
 
 def looped_store(x, dy):
-    xp, g3 = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), dy.reshape(B, -1, C_OUT)
+    xp, g3 = jnp.pad(x, ((0, 0), *PADS, (0, 0))), dy.reshape(B, -1, C_OUT)
 
     def body(t, g):
         w = lax.dynamic_slice(xp, (0, t // 3, t % 3, 0), (B, H, W, C)).reshape(B, -1, C)
