@@ -1,16 +1,18 @@
-"""Prototype for issue 30's CNN memory target: three ways to clip per-example kernel gradients.
+"""Issue 30's CNN memory target, one layer: three ways to clip per-example kernel gradients.
 
 The workload is the second convolution of `bench_per_example.py`'s CNN: 3×3 SAME, 32 → 64 channels,
 on `(128, 14, 14, 32)`, with a random output cotangent. Each way returns the clipped sum
 `Σ_b min(1, C/‖G_b‖) G_b` of the per-example kernel gradients `G_b` and their norms.
 
-- **materialised** is fbp's route today (`Conv2D.per_example_positions`). It builds the nine
-  shifted windows `(B, 196, 32)`, then `G` by one batched dot per tap, and keeps all of it live.
+- **materialised** was fbp's route until 2026-12-05. It builds the nine shifted windows
+  `(B, 196, 32)`, then `G` by one batched dot per tap, and keeps all of it live.
 - **looped** loops over the taps and keeps only the squared norms. The clipped sum is then
   fbp's kernel-gradient convolution (`conv_ops.conv_kernel_grad`) of the rescaled cotangent
   `c_b d_y_b`: less memory, one more convolution.
 - **looped_store** loops over the taps too, but writes each tap's `(B, 32, 64)` block into `G`. It
-  never holds more than one window, and `G` is summed with the clip factors as before.
+  never holds more than one window, and `G` is summed with the clip factors as before. fbp now
+  does this (`fbp.nn.conv_ops.ConvWindows`, `fbp.nn.positions.LoopedParts`) for windows wider
+  than `IM2COL_MAX_WIDTH`.
 
 Run: `python benchmarks/bench_conv_clip_memory.py [--runs 3]`. It prints XLA's temporary memory
 and, per run, the median time of interleaved rounds, with each way's ratio to materialised.

@@ -22,6 +22,10 @@ FAMILIES = {
     "conv1d-transpose": (nn.Serial(nn.Reshape((4, 4, 2)), nn.ConvTranspose2D(3, 2, strides=2), nn.Flatten(),
                                    nn.Dense(3)), (3, 32), "normal"),
     "conv1d": (nn.Serial(nn.Conv1D(4, 3, strides=2), nn.Flatten(), nn.Dense(3)), (3, 9, 2), "normal"),
+    # windows wider than IM2COL_MAX_WIDTH (9·8, 5·16 > 64): made one at a time in a loop (ConvWindows)
+    "conv-wide": (nn.Serial(nn.Conv2D(5, 3, strides=(2, 1), dilation=(1, 2), padding=((1, 2), (2, 1))), nn.Tanh(),
+                            nn.Reshape((-1, 5)), nn.Dense(16), nn.Conv1D(4, 5, strides=2), nn.Flatten(), nn.Dense(3)),
+                  (3, 7, 6, 8), "normal"),
     "recurrent-attention": (nn.Serial(nn.LSTM(6), nn.LayerNorm(), nn.MultiHeadAttention(2), nn.SimpleRNN(4),
                                       nn.LastStep(), nn.Dense(3)), (3, 5, 3), "normal"),
     "embedding-transformer": (nn.Serial(nn.Embedding(9, 6), nn.LearnedPositionalEmbedding(5),
@@ -67,6 +71,9 @@ def test_every_family_matches_vmap_of_grad(name):
         flat = jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), 1) for a in jax.tree_util.tree_leaves(ref)))
         np.testing.assert_allclose(norms, flat, rtol=1e-10)
         assert set(layer_norms) == set(choices) and all(v.shape == (x.shape[0],) for v in layer_norms.values())
+        if name == "conv-wide":  # both convolutions' per-example gradients made one window at a time
+            jaxpr = str(jax.make_jaxpr(per_example.grads(model, CCE))(params, x, y))
+            assert jaxpr.count("dynamic_update_slice") == 2, jaxpr  # one loop per convolution, writing G
 
 
 def test_float32_jit_and_cheap_routes():
@@ -89,7 +96,7 @@ def test_float32_jit_and_cheap_routes():
     assert per_example.routes(narrow, CCE, p, long, y[:2])["0"] == "materialised (T=200)"
 
 
-@pytest.mark.parametrize("name", ["dense", "dense-over-positions", "embedding-transformer"])
+@pytest.mark.parametrize("name", ["dense", "dense-over-positions", "embedding-transformer", "conv", "conv-wide"])
 def test_sum_grad_squared_and_variance_and_a_mean_or_sum_loss(name):
     with jax.enable_x64(True):
         model, params, x, y = _case(name)

@@ -15,6 +15,7 @@ CCE = losses.CategoricalCrossEntropy(from_logits=True)
 MODELS = {
     "mlp": (nn.Serial(nn.Dense(8), nn.Tanh(), nn.Dense(3)), (6, 5)),
     "cnn": (nn.Serial(nn.Conv2D(4, 3), nn.ReLU(), nn.LayerNorm(), nn.Flatten(), nn.Dense(3)), (5, 6, 6, 2)),
+    "cnn-wide": (nn.Serial(nn.Conv2D(4, 3, strides=2), nn.ReLU(), nn.Flatten(), nn.Dense(3)), (5, 6, 6, 8)),  # looped
     "rnn": (nn.Serial(nn.Dense(6), nn.LSTM(5), nn.LastStep(), nn.Dense(3)), (4, 7, 3)),
     "tokens": (nn.Serial(nn.Embedding(9, 6), nn.LearnedPositionalEmbedding(5), nn.TransformerBlock(2, 12),
                          nn.GRU(5), nn.LastStep(), nn.Dense(3)), (4, 5)),

@@ -21,12 +21,13 @@ from fbp import xla_cpu
 from fbp.core import InputError, Layer, check_params, describe, require_floating
 from fbp.nn import init as initializers
 from fbp.nn.conv_ops import (
+    IM2COL_MAX_WIDTH,
     SPATIAL_AXES,
+    ConvWindows,
     conv,
     conv_input_grad,
     conv_kernel_grad,
     conv_kernel_grad_matmul,
-    conv_windows,
     dilated_size,
 )
 from fbp.nn.dense import bias_grad, bilinear_backward_tangent
@@ -172,13 +173,16 @@ class _Conv(_ConvBase):
 
     def per_example_positions(self, res, d_y):
         """Per-example rule (``fbp.nn.positions``): a Dense over the output pixels, one part per
-        kernel tap (``conv_windows``); ``None`` if grouped (its rules then run per example)."""
+        kernel tap (``ConvWindows``, made one at a time where only products need them); ``None``
+        if grouped (its rules then run per example)."""
         x, w = res
         if self.feature_group_count != 1:
             return None
         strides, pads, _, rhs_dilation = self._geometry(x)
-        parts, g3 = conv_windows(x, w.shape, strides, pads, rhs_dilation, d_y.shape[1:-1]), d_y.reshape(
+        parts, g3 = ConvWindows(x, w.shape, strides, pads, rhs_dilation, d_y.shape[1:-1]), d_y.reshape(
             d_y.shape[0], -1, d_y.shape[-1])
+        if parts.count * parts.width <= IM2COL_MAX_WIDTH:  # narrow windows (a first layer's): all at once,
+            parts = list(parts)  # their loop cost the CNN's SumGradSquared 1.10-1.17x its time (bench_per_example)
         return [Positions(((("w",), parts, w.shape),), g3, ("b",) if self.use_bias else None)], {}
 
 

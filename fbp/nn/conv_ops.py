@@ -27,10 +27,12 @@ from __future__ import annotations
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from fbp.nn.dense import accumulator, weight_grad
+from fbp.nn.positions import LoopedParts
 
 SPATIAL_AXES = {1: "W", 2: "HW", 3: "DHW"}
 
@@ -186,19 +188,9 @@ def conv_kernel_grad_matmul(x, d_y, kernel_shape, strides, pads, rhs_dilation):
         windows = conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out)
         patches = jnp.concatenate([w.reshape(-1, c_in) for w in windows], axis=-1)
         return weight_grad(patches.T, d2).reshape(kernel_shape)
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
-    offsets = list(itertools.product(*(range(k) for k in taps)))
-    # one offset at a time inside a loop, so only one window is ever materialised
-    sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out, strict=True))
-
-    def one(offset):
-        lo = (o * d for o, d in zip(offset, rhs_dilation, strict=True))
-        start = tuple(jnp.asarray(v, jnp.int32) for v in (0, *lo, 0))
-        block = lax.dynamic_slice(xp, start, (xp.shape[0], *sizes, c_in))
-        block = block[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
-        return weight_grad(block.reshape(-1, c_in).T, d2)
-
-    return lax.map(one, jnp.array(offsets, jnp.int32)).reshape(kernel_shape)
+    windows = ConvWindows(x, kernel_shape, strides, pads, rhs_dilation, out)  # one live at a time, in a loop
+    return lax.map(lambda i: weight_grad(windows.at(i).reshape(-1, c_in).T, d2),
+                   jnp.arange(len(windows), dtype=jnp.int32)).reshape(kernel_shape)
 
 
 def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> list:
@@ -220,12 +212,58 @@ def conv_windows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial) -> l
     Returns:
         A list, one ``(N, prod(out_spatial), C_in)`` window per kernel tap.
     """
-    n = len(strides)
-    taps, c_in = kernel_shape[:n], kernel_shape[-2]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
-    windows = []
-    for offset in itertools.product(*(range(k) for k in taps)):
-        index = tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
-                      for o, d, s, m in zip(offset, rhs_dilation, strides, out_spatial, strict=True))
-        windows.append(xp[(slice(None), *index, slice(None))].reshape(x.shape[0], -1, c_in))
-    return windows
+    return list(ConvWindows(x, kernel_shape, strides, pads, rhs_dilation, out_spatial))
+
+
+@jax.tree_util.register_pytree_node_class
+class ConvWindows(LoopedParts):
+    """``conv_windows`` made one at a time: the padded input, and each tap's window sliced from it
+    — statically when iterated, at a traced tap index by ``at(i)`` (``lax.dynamic_slice``, then
+    the stride), so a loop over the taps holds one window (``fbp.nn.positions.LoopedParts``).
+
+    Args:
+        x: the input, ``(N, *spatial, C_in)`` (or, with ``padded=True``, already padded).
+        kernel_shape: ``(*taps, C_in, C_out)``.
+        strides: the stride per spatial dimension.
+        pads: ``(low, high)`` padding per spatial dimension.
+        rhs_dilation: the kernel dilation per spatial dimension.
+        out_spatial: the output's spatial sizes.
+    """
+
+    def __init__(self, x, kernel_shape, strides, pads, rhs_dilation, out_spatial, padded=False):
+        n = len(strides)
+        self.geometry = (tuple(kernel_shape), tuple(strides), tuple(map(tuple, pads)), tuple(rhs_dilation),
+                         tuple(out_spatial))
+        self.xp = x if padded else lax.pad(x, jnp.zeros((), x.dtype),
+                                           [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
+        self.offsets = list(itertools.product(*(range(k) for k in kernel_shape[:n])))
+        # (getattr: JAX may unflatten with placeholders in place of arrays)
+        self.count, self.width, self.dtype = len(self.offsets), kernel_shape[-2], getattr(self.xp, "dtype", None)
+
+    def tree_flatten(self):
+        return (self.xp,), self.geometry
+
+    @classmethod
+    def tree_unflatten(cls, geometry, children):
+        return cls(children[0], *geometry, padded=True)
+
+    def _strided(self, block):
+        strides = self.geometry[1]
+        block = block[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+        return block.reshape(block.shape[0], -1, self.width)
+
+    def __iter__(self):
+        _, strides, _, dilation, out = self.geometry
+        for offset in self.offsets:
+            index = tuple(slice(o * d, o * d + s * (m - 1) + 1)
+                          for o, d, s, m in zip(offset, dilation, strides, out, strict=True))
+            yield self._strided(self.xp[(slice(None), *index, slice(None))])
+
+    def at(self, i):
+        _, strides, _, dilation, out = self.geometry
+        lo = jnp.asarray(self.offsets, jnp.int32)[i] * jnp.asarray(dilation, jnp.int32)
+        sizes = tuple(s * (m - 1) + 1 for s, m in zip(strides, out, strict=True))
+        zero = jnp.zeros((), jnp.int32)
+        block = lax.dynamic_slice(self.xp, (zero, *(lo[k] for k in range(len(sizes))), zero),
+                                  (self.xp.shape[0], *sizes, self.width))
+        return self._strided(block)

@@ -20,6 +20,14 @@ A bias beside ``W`` has the per-example gradient ``Σ_t g_bt``. Several kernels 
 ``G`` (an LSTM's ``W_x`` and ``W_h`` both multiply into the gate pre-activations); their inputs
 then stack, ``X = [x_t, h_{t-1}]``, and so do their Gram matrices.
 
+A convolution's parts are its kernel taps' shifted windows of one padded input
+(``LoopedParts``). Where per-example gradients are kept (returned, or weighed by a clipped sum)
+or squared and summed (``sum_squares``), they are made in a loop over the taps, one window live
+at a time, each tap's ``(B, n_in, n_out)`` block written straight into its place (the CNN's
+second convolution: 17 MiB of temporaries instead of 30.5 at the same time,
+``benchmarks/bench_conv_clip_memory.py``; its DP step 59.3 → 46.8 MiB). Norms alone keep all
+windows at once (``grads(looped=False)``).
+
 Layers describe such weights with ``Positions`` through a ``per_example_positions(res, d_y)``
 method (see ``fbp.per_example``). Keys are tuples into the layer's params
 (``("attention", "w_q")`` for nested dicts).
@@ -31,6 +39,40 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+
+class LoopedParts:
+    """Parts of equal width that are slices of one array, made one at a time (a convolution's
+    kernel taps, ``fbp.nn.conv_ops.ConvWindows``). Iterating gives every part as an array;
+    ``at(i)`` gives part ``i`` for a traced index, so a loop over the parts holds only one.
+
+    Subclasses set ``count`` (how many parts), ``width`` (each part's last axis) and ``dtype``,
+    and define ``at``; they are pytrees (their arrays are children)."""
+
+    count: int
+    width: int
+    dtype: Any
+
+    def at(self, i) -> jax.Array:
+        """Part ``i`` (a traced integer), ``(B, T, width)``."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return (self.at(i) for i in range(self.count))
+
+    def loop(self, block, init):
+        """``init`` with ``block(part_i, i)`` written at each ``i`` by ``block``'s own index
+        (``block(part, i) -> (value, start)``, ``lax.dynamic_update_slice``), one part live."""
+
+        def body(i, out):
+            value, start = block(self.at(i), i)
+            return lax.dynamic_update_slice(out, value, start)
+
+        return lax.fori_loop(0, self.count, body, init)
 
 
 class Positions(NamedTuple):
@@ -38,7 +80,8 @@ class Positions(NamedTuple):
 
     ``kernels``: ``((key, parts, shape), ...)`` — the kernel at ``key`` (a tuple into params)
     has the per-example gradient ``concat(parts, -1)_bᵀ g_b`` reshaped to ``shape``, every part
-    ``(B, T, n_k)`` (a convolution's kernel taps are separate parts, never concatenated).
+    ``(B, T, n_k)`` (a convolution's kernel taps are separate parts, never concatenated; they
+    may be a ``LoopedParts``, made one at a time).
     ``bias``: the key of the bias whose gradient is ``Σ_t g_bt``, or ``None``."""
 
     kernels: tuple
@@ -68,15 +111,26 @@ class Positions(NamedTuple):
         the ghost norm not cheaper)."""
         return self.length > 1 and not self.ghost_is_cheaper(with_grads)
 
-    def _part_grads(self) -> list:
-        """``[(key, [(B, n_k, n_out) per part], shape)]``: per-example gradients, one part at a time."""
-        return [(key, [jnp.einsum("bti,btj->bij", part, self.g) for part in parts], shape)
-                for key, parts, shape in self.kernels]
+    def _kernel_grads(self, parts, looped: bool = True) -> jax.Array:
+        """``(B, Σ n_k, n_out)``: one kernel's per-example gradients; for ``LoopedParts`` (and
+        ``looped``) a loop writing each part's block in place, one part live."""
+        if looped and isinstance(parts, LoopedParts):
+            b, n_out = self.g.shape[0], self.g.shape[-1]
+            zeros = jnp.zeros((b, parts.count, parts.width, n_out), jnp.result_type(parts.dtype, self.g.dtype))
+            return parts.loop(lambda part, i: (self._block(part)[:, None], (0, i, 0, 0)), zeros).reshape(b, -1, n_out)
+        return _rows([self._block(part) for part in parts], axis=1)
 
-    def grads(self) -> dict:
-        """``{key: (B, *shape)}`` per-example gradients, materialised."""
+    def _block(self, part) -> jax.Array:
+        """``(B, n_k, n_out)``: the per-example gradients of one part's rows, ``X_bᵀ G_b``."""
+        return jnp.einsum("bti,btj->bij", part, self.g)
+
+    def grads(self, looped: bool = True) -> dict:
+        """``{key: (B, *shape)}`` per-example gradients, materialised; ``looped=False`` makes
+        ``LoopedParts`` all at once (where only their norms are read: XLA's CPU runtime runs the
+        parts' independent products beside the rest of the backward pass, which a loop would
+        serialise — the CNN's norms took 1.08-1.14x the time looped, ``bench_per_example.py``)."""
         b = self.g.shape[0]
-        out = {key: _rows(per, axis=1).reshape((b, *shape)) for key, per, shape in self._part_grads()}
+        out = {key: self._kernel_grads(parts, looped).reshape((b, *shape)) for key, parts, shape in self.kernels}
         if self.bias is not None:
             out[self.bias] = self.g.sum(axis=1)
         return out
@@ -97,7 +151,7 @@ class Positions(NamedTuple):
             x_gram = sum(jnp.einsum("bti,bsi->bts", part, part) for part in parts)
             gram = x_gram * jnp.einsum("btj,bsj->bts", self.g, self.g)
             return jnp.sum(gram, axis=(1, 2)) + self.bias_sq_norm(), f"ghost norm (T={self.length})", None
-        per = self.grads()
+        per = self.grads(looped=with_grads)
         return sq_norm(per), f"materialised (T={self.length})", per
 
     def sum_squares(self) -> dict:
@@ -107,8 +161,7 @@ class Positions(NamedTuple):
         the small sums concatenated: never the whole per-example gradient (concatenating it
         cost 4× the squares at 3C3D's last convolution, ``benchmarks/bench_diagnostics.py``)."""
         if self.length > 1:
-            out = {key: _rows([jnp.sum(jnp.square(p), axis=0) for p in per]).reshape(shape)
-                   for key, per, shape in self._part_grads()}
+            out = {key: self._kernel_squares(parts).reshape(shape) for key, parts, shape in self.kernels}
             if self.bias is not None:
                 out[self.bias] = jnp.sum(jnp.square(self.g.sum(axis=1)), axis=0)
             return out
@@ -118,6 +171,14 @@ class Positions(NamedTuple):
         if self.bias is not None:
             out[self.bias] = g2.sum(axis=0)
         return out
+
+    def _kernel_squares(self, parts) -> jax.Array:
+        """``(Σ n_k, n_out)``: ``Σ_b`` of one kernel's squared per-example gradients, part by part."""
+        if isinstance(parts, LoopedParts):
+            zeros = jnp.zeros((parts.count, parts.width, self.g.shape[-1]), jnp.result_type(parts.dtype, self.g.dtype))
+            squares = lambda part, i: (jnp.sum(jnp.square(self._block(part)), axis=0)[None], (i, 0, 0))  # noqa: E731
+            return parts.loop(squares, zeros).reshape(-1, self.g.shape[-1])
+        return _rows([jnp.sum(jnp.square(self._block(p)), axis=0) for p in parts])
 
     def column_squares(self) -> dict:
         """``sum_squares`` at one position left unmultiplied, for a backward vmapped over the

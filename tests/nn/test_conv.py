@@ -110,6 +110,45 @@ def test_both_kernel_gradients_equal_jax_s(monkeypatch):
         np.testing.assert_allclose(ynn[0]["w"], native[0]["w"], rtol=1e-10)
 
 
+def test_windows_made_one_at_a_time_are_the_kernel_taps():
+    """``ConvWindows`` (the per-example rules' parts, ``fbp.nn.positions.LoopedParts``): each
+    tap's window, static or at a traced index inside a loop, times ``d_y`` is that tap's slice of
+    ``jax.vjp``'s kernel gradient (float64, strides, padding, dilation, 1-D/2-D/3-D); a planted
+    error (the taps' order reversed in the loop) is caught."""
+    from fbp.nn import conv_ops
+
+    class Reversed(conv_ops.ConvWindows):
+        def at(self, i):
+            return super().at(self.count - 1 - i)
+
+    with jax.enable_x64(True):
+        key = iter(jax.random.split(jax.random.PRNGKey(5), 32))
+        cases = [((2, 9, 4), (3, 4, 5), (2,), ((1, 2),), (1,)),
+                 ((2, 7, 6, 3), (3, 2, 3, 4), (1, 2), ((1, 1), (0, 1)), (2, 1)),
+                 ((1, 5, 4, 6, 2), (2, 2, 3, 2, 3), (1, 1, 2), ((0, 1), (1, 1), (1, 0)), (1, 2, 1))]
+        for x_shape, k_shape, strides, pads, dil in cases:
+            x = jax.random.normal(next(key), x_shape, jnp.float64)
+            w = jax.random.normal(next(key), k_shape, jnp.float64)
+            specs = conv_ops.specs(len(strides))
+            y, vjp = jax.vjp(lambda w, x=x, s=strides, p=pads, d=dil, sp=specs:
+                             jax.lax.conv_general_dilated(x, w, s, p, None, d, sp), w)
+            d_y = jax.random.normal(next(key), y.shape, jnp.float64)
+            want = vjp(d_y)[0].reshape(-1, k_shape[-2], k_shape[-1])  # (taps, C_in, C_out)
+            d2 = d_y.reshape(-1, k_shape[-1])
+
+            def looped(x, cls=conv_ops.ConvWindows, geometry=(k_shape, strides, pads, dil, y.shape[1:-1])):
+                windows = cls(x, *geometry)
+                return jax.lax.map(lambda i: windows.at(i).reshape(-1, windows.width).T @ d2,
+                                   jnp.arange(windows.count))
+
+            static = conv_ops.ConvWindows(x, k_shape, strides, pads, dil, y.shape[1:-1])
+            assert len(static) == want.shape[0] and static.width == k_shape[-2]
+            np.testing.assert_allclose(jnp.stack([p.reshape(-1, static.width).T @ d2 for p in static]), want,
+                                       rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(jax.jit(looped)(x), want, rtol=1e-10, atol=1e-12)
+            assert not np.allclose(jax.jit(lambda x: looped(x, Reversed))(x), want, rtol=1e-6)
+
+
 def _conv_layouts(fn, *args) -> list[tuple[str, str, str]]:
     """``(lhs, kernel, out)`` dimension labels of every convolution XLA compiled for ``fn``."""
     import re
