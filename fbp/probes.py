@@ -147,9 +147,9 @@ class _PerExample(Wrapper):
         if self.mode in ("sgs", "sgs-columns"):
             self.choices[self.path] = "(x²)ᵀ(g²)" if all(g.length == 1 for g in groups) else \
                 "squares of materialised per-example gradients"
-            columns = self.mode == "sgs-columns"  # one position: summed over the columns first (sum_columns)
+            columns = self.mode == "sgs-columns"  # finished after the column vmap (sum_columns)
             return assemble(d_params, {k: v for g in groups for k, v in (
-                g.column_squares() if columns and g.length == 1 else g.sum_squares()).items()} |
+                g.column_squares() if columns else g.sum_squares()).items()} |
                             {k: jnp.sum(jnp.square(v), axis=0) for k, v in rest.items()})
         if self.mode == "grads":
             self.choices[self.path] = "outer products over positions" if groups else "the layer's per-example rule"
