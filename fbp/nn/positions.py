@@ -188,12 +188,12 @@ class Positions(NamedTuple):
         At one position ``ColumnSquares.total`` sums the columns' ``g²`` before the one product,
         ``(x²)ᵀ (Σ_c g_c²)`` (the order BackPACK's DiagGGN contracts in), where the vmapped
         ``(x²)ᵀ(g_c²)`` would be one product per column. At several, a convolution's taps
-        (``LoopedParts``, or narrow parts multiplied as one matrix) are multiplied by all
-        columns' cotangents at once, ``X_bᵀ [G_b¹ … G_bᶜ]``: one product per example ``C`` times
-        as wide, the cotangents laid out once, instead of ``C`` narrow products per example
-        with their operands transposed in every iteration of the taps' loop (the CNN's exact
-        GGN diagonal: 0.86-0.88 of the time). Other kernels (a Dense over tokens, an LSTM's)
-        stay in the vmap: there the wide form took 1.5x the time (``bench_curvature.py``)."""
+        (``LoopedParts``, or several narrow parts) become one im2col matrix multiplied by all
+        columns' cotangents at once, ``X_bᵀ [G_b¹ … G_bᶜ]``: per example one product with
+        ``taps · C_in`` rows and ``C`` times as many columns, instead of ``C · taps`` narrow
+        ones (the CNN's exact GGN diagonal: 0.66–0.67 of the time, ``docs/performance.md``).
+        Other kernels (a Dense over tokens, an LSTM's) stay in the vmap: there the wide form
+        took 1.5× the time."""
         if self.length == 1:
             g2 = jnp.square(self.g[:, 0])
             out = {key: ColumnSquares(tuple(jnp.square(part[:, 0]) for part in parts), g2, tuple(shape))
@@ -316,27 +316,41 @@ class ColumnSquares:
 
     def total(self) -> jax.Array:
         """``Σ_c Σ_b (∇_W ℓ_b^c)²`` from the vmapped arrays. One position: ``(x²)ᵀ (Σ_c g_c²)``,
-        one product. Several: per part, ``Σ_b (X_bᵀ [G_b¹ … G_bᶜ])²`` summed over the columns;
-        narrow list parts (``≤ 64`` wide together, a first convolution's taps) as one matrix,
-        ``LoopedParts`` one part at a time."""
+        one product. Several (a convolution's taps): the taps as one im2col matrix ``X_b`` and
+        ``Σ_b (X_bᵀ [G_b¹ … G_bᶜ])²`` summed over the columns, the batch in chunks of up to
+        ``COLUMN_CHUNK`` examples (a ``scan``): each example's product is then ``taps · C_in``
+        rows tall instead of ``C_in`` — at the CNN's second convolution 0.62–0.64 of the time of
+        one tap at a time (scratch comparison, 2 cores)."""
         parts = jax.tree_util.tree_map(lambda a: a[0], self.parts)  # the same for every column
         if not self.positions:
             g2 = jnp.sum(self.g2, axis=0)
             return _rows([part.T @ g2 for part in parts]).reshape(self.shape)
         c, b, t, n_out = self.g2.shape
         wide = jnp.moveaxis(self.g2, 0, 2).reshape(b, t, c * n_out)  # [G_b¹ … G_bᶜ], laid out once
+        if c < IM2COL_COLUMNS and isinstance(parts, LoopedParts):  # few columns: one tap at a time
+            def squares(part, i):
+                per = batch_sum_squares(jnp.einsum("bti,btj->bij", part, wide))
+                return per.reshape(parts.width, c, n_out).sum(axis=1)[None], (i, 0, 0)
 
-        def squares(part):
-            block = jnp.einsum("bti,btj->bij", part, wide)
-            return batch_sum_squares(block).reshape(part.shape[-1], c, n_out).sum(axis=1)
-
-        if isinstance(parts, LoopedParts):
             zeros = jnp.zeros((parts.count, parts.width, n_out), jnp.result_type(parts.dtype, wide.dtype))
-            return parts.loop(lambda part, i: (squares(part)[None], (i, 0, 0)), zeros).reshape(self.shape)
-        parts = list(parts)
-        if len(parts) > 1 and sum(part.shape[-1] for part in parts) <= NARROW:
-            parts = [jnp.concatenate(parts, axis=-1)]
-        return _rows([squares(part) for part in parts]).reshape(self.shape)
+            return parts.loop(squares, zeros).reshape(self.shape)
+        patches = _rows(list(parts), axis=-1)  # (B, T, K)
+        chunk = max(d for d in range(1, min(COLUMN_CHUNK, b) + 1) if b % d == 0)
+
+        dtype = jnp.result_type(patches.dtype, wide.dtype)
+        acc = jnp.float32 if dtype in (jnp.bfloat16, jnp.float16) else dtype  # half precision: sums in float32
+
+        def add(total, rows):
+            return total + batch_sum_squares(jnp.einsum("bti,btj->bij", *rows), acc), None
+
+        k = patches.shape[-1]
+        total, _ = lax.scan(add, jnp.zeros((k, c * n_out), acc), (patches.reshape(b // chunk, chunk, t, k),
+                                                                  wide.reshape(b // chunk, chunk, t, c * n_out)))
+        return total.reshape(k, c, n_out).sum(axis=1).astype(dtype).reshape(self.shape)
+
+
+IM2COL_COLUMNS = 8  # from this many columns on, ColumnSquares.total multiplies one im2col matrix
+COLUMN_CHUNK = 8  # examples per product in ColumnSquares.total (8 and 16: 0.62-0.64 of one tap at a time; 32: 0.70)
 
 
 NARROW = 64  # parts this wide together are multiplied as one matrix (fbp.nn.conv_ops.IM2COL_MAX_WIDTH)
@@ -361,21 +375,22 @@ def sum_columns(quantity):
                                   quantity, is_leaf=lambda a: isinstance(a, ColumnSquares))
 
 
-def batch_sum_squares(a) -> jax.Array:
+def batch_sum_squares(a, dtype=None) -> jax.Array:
     """``Σ_b a_b²`` over the leading axis, as the product ``1ᵀ (a²)``: XLA's CPU runtime reduced
     a batch of per-example gradients ``(128, 32, 640)`` over its leading axis in 8 ms, the
     product with ones in under 1 ms (2 cores; the CNN's exact GGN diagonal, ``bench_curvature.py``).
 
     Args:
         a: ``(B, ...)``.
+        dtype: the result's dtype (default ``a``'s); half precision sums in float32 either way.
 
     Returns:
-        ``a.shape[1:]``, in ``a``'s dtype.
+        ``a.shape[1:]``.
     """
     flat = jnp.square(a).reshape(a.shape[0], -1)
-    wide = jnp.float32 if a.dtype in (jnp.bfloat16, jnp.float16) else None  # half precision: sum in float32
-    return jnp.matmul(jnp.ones((a.shape[0],), a.dtype), flat, preferred_element_type=wide).astype(a.dtype).reshape(
-        a.shape[1:])
+    wide = jnp.float32 if a.dtype in (jnp.bfloat16, jnp.float16) else None
+    total = jnp.matmul(jnp.ones((a.shape[0],), a.dtype), flat, preferred_element_type=wide)
+    return total.astype(dtype or a.dtype).reshape(a.shape[1:])
 
 
 def _rows(blocks: list, axis: int = 0):
