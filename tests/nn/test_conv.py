@@ -136,7 +136,7 @@ def test_windows_made_one_at_a_time_are_the_kernel_taps():
             want = vjp(d_y)[0].reshape(-1, k_shape[-2], k_shape[-1])  # (taps, C_in, C_out)
             d2 = d_y.reshape(-1, k_shape[-1])
 
-            def looped(x, cls=conv_ops.ConvWindows, geometry=(k_shape, strides, pads, dil, y.shape[1:-1])):
+            def looped(x, cls=conv_ops.ConvWindows, geometry=(k_shape, strides, pads, dil, y.shape[1:-1]), d2=d2):
                 windows = cls(x, *geometry)
                 return jax.lax.map(lambda i: windows.at(i).reshape(-1, windows.width).T @ d2,
                                    jnp.arange(windows.count))
