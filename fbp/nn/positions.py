@@ -316,11 +316,13 @@ class ColumnSquares:
 
     def total(self) -> jax.Array:
         """``Σ_c Σ_b (∇_W ℓ_b^c)²`` from the vmapped arrays. One position: ``(x²)ᵀ (Σ_c g_c²)``,
-        one product. Several (a convolution's taps): the taps as one im2col matrix ``X_b`` and
-        ``Σ_b (X_bᵀ [G_b¹ … G_bᶜ])²`` summed over the columns, the batch in chunks of up to
-        ``COLUMN_CHUNK`` examples (a ``scan``): each example's product is then ``taps · C_in``
-        rows tall instead of ``C_in`` — at the CNN's second convolution 0.62–0.64 of the time of
-        one tap at a time (scratch comparison, 2 cores)."""
+        one product. Several (a convolution's taps): ``Σ_b (X_bᵀ [G_b¹ … G_bᶜ])²`` summed over
+        the columns. From ``IM2COL_COLUMNS`` columns on (or for narrow list parts) the taps are
+        one im2col matrix ``X_b`` and the batch goes in chunks of up to ``COLUMN_CHUNK``
+        examples (a ``scan``): each example's product is then ``taps · C_in`` rows tall instead
+        of ``C_in`` — at the CNN's second convolution with 10 columns 0.62–0.64 of the time of
+        one tap at a time (scratch comparison, 2 cores). With fewer columns a ``LoopedParts``
+        goes one tap at a time (the im2col matrix cost more than it saved there)."""
         parts = jax.tree_util.tree_map(lambda a: a[0], self.parts)  # the same for every column
         if not self.positions:
             g2 = jnp.sum(self.g2, axis=0)

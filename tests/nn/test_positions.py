@@ -17,15 +17,17 @@ def _reference(parts, g, shape):
     return jnp.sum(jnp.square(per), axis=(0, 1)).reshape(shape)
 
 
-@pytest.mark.parametrize("batch", [12, 7])  # 12: two chunks of 6 in the scan; 7: one of 7
-@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-6)])
-def test_column_squares_of_taps_equal_the_per_column_sums(batch, dtype, tol):
+@pytest.mark.parametrize("batch, columns, dtype, tol", [
+    (12, 10, jnp.float64, 1e-12),  # im2col (10 >= IM2COL_COLUMNS columns), two chunks of 6 in the scan
+    (7, 3, jnp.float64, 1e-12),  # one tap at a time (3 columns); the narrow parts: one chunk of 7
+    (12, 10, jnp.float32, 2e-6), (7, 3, jnp.float32, 2e-6)])
+def test_column_squares_of_taps_equal_the_per_column_sums(batch, columns, dtype, tol):
     with jax.enable_x64(dtype == jnp.float64):
         keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
         x = jax.random.normal(next(keys), (batch, 5, 6, 8), dtype)
         kernel = (3, 3, 8, 4)  # 72 wide: the taps a LoopedParts
         windows = conv_ops.ConvWindows(x, kernel, (1, 2), ((1, 1), (0, 1)), (1, 1), (5, 3))
-        g = jax.random.normal(next(keys), (3, batch, 15, 4), dtype)  # three columns
+        g = jax.random.normal(next(keys), (columns, batch, 15, 4), dtype)
         want = _reference(windows, g, kernel)
 
         def vmapped(g):  # as the engine's column vmap: the parts do not depend on the column
