@@ -228,6 +228,7 @@ class ConvWindows(LoopedParts):
         pads: ``(low, high)`` padding per spatial dimension.
         rhs_dilation: the kernel dilation per spatial dimension.
         out_spatial: the output's spatial sizes.
+        padded: ``x`` is already padded by ``pads`` (how ``tree_unflatten`` rebuilds it).
     """
 
     def __init__(self, x, kernel_shape, strides, pads, rhs_dilation, out_spatial, padded=False):
