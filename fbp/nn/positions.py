@@ -174,11 +174,7 @@ class Positions(NamedTuple):
 
     def _kernel_squares(self, parts) -> jax.Array:
         """``(Σ n_k, n_out)``: ``Σ_b`` of one kernel's squared per-example gradients, part by part."""
-        if isinstance(parts, LoopedParts):
-            zeros = jnp.zeros((parts.count, parts.width, self.g.shape[-1]), jnp.result_type(parts.dtype, self.g.dtype))
-            squares = lambda part, i: (batch_sum_squares(self._block(part))[None], (i, 0, 0))  # noqa: E731
-            return parts.loop(squares, zeros).reshape(-1, self.g.shape[-1])
-        return _rows([batch_sum_squares(self._block(p)) for p in parts])
+        return _part_squares(parts, self.g)
 
     def column_squares(self) -> dict:
         """``sum_squares`` left unmultiplied, for a backward vmapped over the columns of a loss's
@@ -330,12 +326,7 @@ class ColumnSquares:
         c, b, t, n_out = self.g2.shape
         wide = jnp.moveaxis(self.g2, 0, 2).reshape(b, t, c * n_out)  # [G_b¹ … G_bᶜ], laid out once
         if c < IM2COL_COLUMNS and isinstance(parts, LoopedParts):  # few columns: one tap at a time
-            def squares(part, i):
-                per = batch_sum_squares(jnp.einsum("bti,btj->bij", part, wide))
-                return per.reshape(parts.width, c, n_out).sum(axis=1)[None], (i, 0, 0)
-
-            zeros = jnp.zeros((parts.count, parts.width, n_out), jnp.result_type(parts.dtype, wide.dtype))
-            return parts.loop(squares, zeros).reshape(self.shape)
+            return _part_squares(parts, wide).reshape(-1, c, n_out).sum(axis=1).reshape(self.shape)
         patches = _rows(list(parts), axis=-1)  # (B, T, K)
         chunk = max(d for d in range(1, min(COLUMN_CHUNK, b) + 1) if b % d == 0)
 
@@ -375,6 +366,16 @@ def sum_columns(quantity):
     """
     return jax.tree_util.tree_map(lambda a: a.total() if isinstance(a, ColumnSquares) else jnp.sum(a, axis=0),
                                   quantity, is_leaf=lambda a: isinstance(a, ColumnSquares))
+
+
+def _part_squares(parts, g) -> jax.Array:
+    """``(Σ n_k, n_out)``: ``Σ_b (X_bᵀ G_b)²`` part by part for ``g: (B, T, n_out)``; a
+    ``LoopedParts`` in a loop writing each part's ``(n_k, n_out)`` sum in place."""
+    if isinstance(parts, LoopedParts):
+        zeros = jnp.zeros((parts.count, parts.width, g.shape[-1]), jnp.result_type(parts.dtype, g.dtype))
+        squares = lambda part, i: (batch_sum_squares(jnp.einsum("bti,btj->bij", part, g))[None], (i, 0, 0))  # noqa: E731
+        return parts.loop(squares, zeros).reshape(-1, g.shape[-1])
+    return _rows([batch_sum_squares(jnp.einsum("bti,btj->bij", p, g)) for p in parts])
 
 
 def batch_sum_squares(a, dtype=None) -> jax.Array:
