@@ -161,7 +161,7 @@ class Positions(NamedTuple):
         the small sums concatenated: never the whole per-example gradient (concatenating it
         cost 4× the squares at 3C3D's last convolution, ``benchmarks/bench_diagnostics.py``)."""
         if self.length > 1:
-            out = {key: self._kernel_squares(parts).reshape(shape) for key, parts, shape in self.kernels}
+            out = {key: _part_squares(parts, self.g).reshape(shape) for key, parts, shape in self.kernels}
             if self.bias is not None:
                 out[self.bias] = jnp.sum(jnp.square(self.g.sum(axis=1)), axis=0)
             return out
@@ -171,10 +171,6 @@ class Positions(NamedTuple):
         if self.bias is not None:
             out[self.bias] = g2.sum(axis=0)
         return out
-
-    def _kernel_squares(self, parts) -> jax.Array:
-        """``(Σ n_k, n_out)``: ``Σ_b`` of one kernel's squared per-example gradients, part by part."""
-        return _part_squares(parts, self.g)
 
     def column_squares(self) -> dict:
         """``sum_squares`` left unmultiplied, for a backward vmapped over the columns of a loss's
@@ -198,7 +194,7 @@ class Positions(NamedTuple):
                 out[self.bias] = g2.sum(axis=0)
             return out
         out = {key: ColumnSquares(parts, self.g, tuple(shape), positions=True) if _taps(parts)
-               else self._kernel_squares(parts).reshape(shape) for key, parts, shape in self.kernels}
+               else _part_squares(parts, self.g).reshape(shape) for key, parts, shape in self.kernels}
         if self.bias is not None:
             out[self.bias] = jnp.sum(jnp.square(self.g.sum(axis=1)), axis=0)
         return out
